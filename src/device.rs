@@ -1,0 +1,259 @@
+//! The core abstraction: a block device answers "where does this guest range live"
+//! ([`BlockDevice::map`]) and "what are its bytes" ([`BlockDevice::read_at`]).
+//!
+//! The convert engine asks `map` first and never reads what is zero or unallocated, so a
+//! 1 TiB image holding 2 GiB of data costs 2 GiB of work. `read_at` takes `&self` so
+//! several threads can read, decompress and convert at once.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::formats::Format;
+
+/// What a guest range is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MappingKind {
+    /// Guest data stored in the image; `host` is its offset in the image file when it is
+    /// stored uncompressed and contiguously (None for compressed or otherwise indirect data).
+    Data {
+        /// Host offset of the first byte of the range, when meaningful.
+        host: Option<u64>,
+    },
+    /// Explicitly recorded as zeros (qcow2 zero flag, vmdk zeroed grain, ...).
+    Zero,
+    /// Not allocated: reads as zeros (or from a backing image when one is attached).
+    Unallocated,
+}
+
+/// One contiguous guest range of a single [`MappingKind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    /// Guest offset of the range's start.
+    pub offset: u64,
+    /// Length in bytes, at least 1 and never past the virtual size.
+    pub len: u64,
+    /// What the range is.
+    pub kind: MappingKind,
+}
+
+impl Mapping {
+    /// True when the range reads as zeros without reading the image.
+    pub fn is_zero(&self) -> bool {
+        !matches!(self.kind, MappingKind::Data { .. })
+    }
+}
+
+/// Facts about an opened image, for `info` and `inspect`.
+#[derive(Debug, Clone, Default)]
+pub struct ImageInfo {
+    /// The qemu-img name of the format ("raw", "qcow2", "vpc", "vmdk", "vdi").
+    pub format: String,
+    /// Guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// Allocation unit (qcow2 cluster, vhd block, vmdk grain, vdi block), when the format has one.
+    pub cluster_size: Option<u64>,
+    /// Whether the image says it was not closed cleanly.
+    pub dirty: Option<bool>,
+    /// The backing/parent file the image names, if any (never opened unless allowed).
+    pub backing_file: Option<String>,
+    /// The format the image names for its backing file, if any.
+    pub backing_format: Option<String>,
+    /// Other files the image names (extents, data file), as written in the image.
+    pub referenced_files: Vec<String>,
+    /// qemu-img's `format-specific` object: {"type": ..., "data": {...}}.
+    pub format_specific: Option<serde_json::Value>,
+    /// Things worth telling a user that are not errors (dirty bit, unknown autoclear bits, ...).
+    pub warnings: Vec<String>,
+}
+
+/// A readable disk image of any format.
+pub trait BlockDevice: Send + Sync {
+    /// Guest-visible size in bytes.
+    fn virtual_size(&self) -> u64;
+
+    /// What the range starting at `offset` is, up to `max_len` bytes (the returned range
+    /// may be shorter; it is never empty when `offset < virtual_size` and `max_len > 0`).
+    fn map(&self, offset: u64, max_len: u64) -> Result<Mapping>;
+
+    /// Fill `buf` with guest bytes starting at `offset`. Reading past the virtual size is
+    /// an error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Facts about the image for `info`.
+    fn info(&self) -> ImageInfo;
+
+    /// The format of this device.
+    fn format(&self) -> Format;
+}
+
+/// Check that `[offset, offset+len)` lies inside a device of size `size`.
+pub fn check_guest_range(size: u64, offset: u64, len: usize) -> Result<()> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::arg(format!(
+            "guest read of {len} bytes at {offset:#x} runs past the virtual size {size}"
+        ))),
+    }
+}
+
+/// Read the whole guest range `[offset, offset+buf.len())` by walking `map` and reading
+/// only data ranges; zero and unallocated ranges are filled with zeros. Formats whose
+/// `read_at` is naturally expressed through `map` use this.
+pub fn read_via_map(
+    dev: &dyn BlockDevice,
+    buf: &mut [u8],
+    offset: u64,
+    mut read_data: impl FnMut(&mut [u8], u64) -> Result<()>,
+) -> Result<()> {
+    check_guest_range(dev.virtual_size(), offset, buf.len())?;
+    let mut done = 0usize;
+    while done < buf.len() {
+        let m = dev.map(offset + done as u64, (buf.len() - done) as u64)?;
+        let n = m.len.min((buf.len() - done) as u64) as usize;
+        let part = &mut buf[done..done + n];
+        if m.is_zero() {
+            part.fill(0);
+        } else {
+            read_data(part, m.offset)?;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// An image file opened for reading, with positional reads that are bounds-checked
+/// against the file's real length so a lying header yields an error naming the field.
+#[derive(Debug)]
+pub struct HostFile {
+    file: File,
+    len: u64,
+    path: PathBuf,
+}
+
+impl HostFile {
+    /// Open `path` read-only.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file =
+            File::open(path).map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+        Self::from_file(file, path)
+    }
+
+    /// Wrap an already opened file.
+    pub fn from_file(file: File, path: &Path) -> Result<Self> {
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("cannot stat image", e).with_path(path))?
+            .len();
+        Ok(HostFile {
+            file,
+            len,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The file's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// True for an empty file.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Read exactly `buf.len()` bytes at `offset`; `what` names the structure being read so
+    /// a short file yields "`what` at 0x.. runs past end of file (len ..)".
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
+        self.check_range(offset, buf.len() as u64, what)?;
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            Error::io(format!("reading {what}"), e)
+                .at(offset)
+                .with_path(&self.path)
+        })
+    }
+
+    /// Read `len` bytes at `offset` into a new buffer (after checking they lie in the file,
+    /// so the allocation is bounded by the real file size).
+    pub fn read_vec(&self, offset: u64, len: u64, what: &str) -> Result<Vec<u8>> {
+        self.check_range(offset, len, what)?;
+        let mut v = vec![0u8; len as usize];
+        self.read_exact_at(&mut v, offset, what)?;
+        Ok(v)
+    }
+
+    /// Error unless `[offset, offset+len)` lies inside the file.
+    pub fn check_range(&self, offset: u64, len: u64, what: &str) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::corrupt(format!(
+                "{what} ({len} bytes at {offset:#x}) runs past the end of the file ({} bytes)",
+                self.len
+            ))
+            .with_field(what.to_string())
+            .at(offset)
+            .with_path(&self.path)),
+        }
+    }
+}
+
+/// A `Read + Seek` view of any [`BlockDevice`]'s guest bytes, so callers can stream an
+/// image's content into anything that takes a reader (hashers, HTTP bodies, tar writers).
+pub struct DeviceReader<D: AsRef<dyn BlockDevice>> {
+    dev: D,
+    pos: u64,
+}
+
+impl<D: AsRef<dyn BlockDevice>> DeviceReader<D> {
+    /// A reader positioned at guest offset 0.
+    pub fn new(dev: D) -> Self {
+        DeviceReader { dev, pos: 0 }
+    }
+    /// Give back the device.
+    pub fn into_inner(self) -> D {
+        self.dev
+    }
+}
+
+impl<D: AsRef<dyn BlockDevice>> Read for DeviceReader<D> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let dev = self.dev.as_ref();
+        let size = dev.virtual_size();
+        if self.pos >= size || buf.is_empty() {
+            return Ok(0);
+        }
+        let n = (size - self.pos).min(buf.len() as u64) as usize;
+        dev.read_at(&mut buf[..n], self.pos)
+            .map_err(std::io::Error::other)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<D: AsRef<dyn BlockDevice>> Seek for DeviceReader<D> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        let size = self.dev.as_ref().virtual_size() as i128;
+        let new = match pos {
+            SeekFrom::Start(p) => p as i128,
+            SeekFrom::End(d) => size + d as i128,
+            SeekFrom::Current(d) => self.pos as i128 + d as i128,
+        };
+        if new < 0 || new > u64::MAX as i128 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seek out of range",
+            ));
+        }
+        self.pos = new as u64;
+        Ok(self.pos)
+    }
+}

@@ -1,0 +1,204 @@
+//! One error type for the whole crate: a small kind enum plus context.
+//!
+//! Every failure names what is wrong (field, offset, limit, path) so that a user
+//! who feeds us a broken or hostile image learns why it was refused, in one line.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// What class of failure this is; callers branch on this, never on message text.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The bytes are not a valid image of the expected format (bad magic, bad checksum, ...).
+    InvalidFormat,
+    /// A valid image that uses a feature this crate does not implement (encryption, ...).
+    Unsupported,
+    /// The image's metadata is inconsistent (tables past the end of file, overlapping, ...).
+    Corrupt,
+    /// The operating system failed a read or write.
+    Io,
+    /// A size or count exceeds a fixed safety limit or the file's real length.
+    LimitExceeded,
+    /// The image names another file (backing, extent, parent, data file) that we refuse to open.
+    UnsafeReference,
+    /// The caller asked for something invalid (unknown option, bad size, same input and output).
+    InvalidArgument,
+}
+
+impl ErrorKind {
+    /// Short lowercase name used in messages and JSON output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidFormat => "invalid format",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Corrupt => "corrupt image",
+            ErrorKind::Io => "I/O error",
+            ErrorKind::LimitExceeded => "limit exceeded",
+            ErrorKind::UnsafeReference => "unsafe reference",
+            ErrorKind::InvalidArgument => "invalid argument",
+        }
+    }
+}
+
+/// The crate's error: a kind, a message, and where it happened.
+#[derive(Debug, thiserror::Error)]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    path: Option<PathBuf>,
+    field: Option<String>,
+    offset: Option<u64>,
+    #[source]
+    source: Option<std::io::Error>,
+}
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A new error of `kind` with a human message; add context with the builder methods.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            path: None,
+            field: None,
+            offset: None,
+            source: None,
+        }
+    }
+    /// Shorthand for [`ErrorKind::InvalidFormat`].
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidFormat, message)
+    }
+    /// Shorthand for [`ErrorKind::Corrupt`].
+    pub fn corrupt(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Corrupt, message)
+    }
+    /// Shorthand for [`ErrorKind::Unsupported`].
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unsupported, message)
+    }
+    /// Shorthand for [`ErrorKind::LimitExceeded`].
+    pub fn limit(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::LimitExceeded, message)
+    }
+    /// Shorthand for [`ErrorKind::UnsafeReference`].
+    pub fn unsafe_ref(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::UnsafeReference, message)
+    }
+    /// Shorthand for [`ErrorKind::InvalidArgument`].
+    pub fn arg(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidArgument, message)
+    }
+    /// An I/O error with what we were doing when it happened.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        let mut e = Self::new(ErrorKind::Io, what);
+        e.source = Some(source);
+        e
+    }
+
+    /// Attach the image path (kept if already set: the innermost path is the precise one).
+    pub fn with_path(mut self, path: impl AsRef<Path>) -> Self {
+        if self.path.is_none() {
+            self.path = Some(path.as_ref().to_path_buf());
+        }
+        self
+    }
+    /// Attach the on-disk field name that is wrong.
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+    /// Attach the byte offset (host file offset unless the message says guest).
+    pub fn at(mut self, offset: u64) -> Self {
+        self.offset = Some(offset);
+        self
+    }
+
+    /// The class of failure.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+    /// The message without context.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+    /// The image path, when known.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+    /// The on-disk field, when known.
+    pub fn field(&self) -> Option<&str> {
+        self.field.as_deref()
+    }
+    /// The byte offset, when known.
+    pub fn offset(&self) -> Option<u64> {
+        self.offset
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(p) = &self.path {
+            write!(f, "{}: ", p.display())?;
+        }
+        write!(f, "{}: {}", self.kind.as_str(), self.message)?;
+        match (&self.field, self.offset) {
+            (Some(field), Some(off)) => write!(f, " (field {field} at offset {off:#x})")?,
+            (Some(field), None) => write!(f, " (field {field})")?,
+            (None, Some(off)) => write!(f, " (at offset {off:#x})")?,
+            (None, None) => {}
+        }
+        if let Some(src) = &self.source {
+            write!(f, ": {src}")?;
+        }
+        Ok(())
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::io("I/O failed", e)
+    }
+}
+
+/// Checked arithmetic that turns overflow into a [`ErrorKind::LimitExceeded`] error naming `what`.
+pub fn checked_mul(a: u64, b: u64, what: &str) -> Result<u64> {
+    a.checked_mul(b)
+        .ok_or_else(|| Error::limit(format!("{what}: {a} x {b} overflows 64 bits")))
+}
+
+/// Checked addition; see [`checked_mul`].
+pub fn checked_add(a: u64, b: u64, what: &str) -> Result<u64> {
+    a.checked_add(b)
+        .ok_or_else(|| Error::limit(format!("{what}: {a} + {b} overflows 64 bits")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_names_path_field_and_offset() {
+        let e = Error::corrupt("L1 table past end of file")
+            .with_field("l1_table_offset")
+            .at(0x28)
+            .with_path("/x/y.qcow2");
+        assert_eq!(
+            e.to_string(),
+            "/x/y.qcow2: corrupt image: L1 table past end of file (field l1_table_offset at offset 0x28)"
+        );
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn checked_ops_report_overflow() {
+        assert_eq!(
+            checked_mul(u64::MAX, 2, "size").unwrap_err().kind(),
+            ErrorKind::LimitExceeded
+        );
+        assert_eq!(checked_add(1, 2, "x").unwrap(), 3);
+    }
+}

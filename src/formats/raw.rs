@@ -1,0 +1,184 @@
+//! Raw images: the file's bytes are the guest's bytes.
+//!
+//! Reading asks the filesystem where the holes are (SEEK_DATA/SEEK_HOLE), so an all-hole
+//! 1 TiB file maps in one call; writing leaves zero ranges as holes.
+
+use std::fs::File;
+#[cfg(test)]
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+
+use crate::device::{check_guest_range, BlockDevice, HostFile, ImageInfo, Mapping, MappingKind};
+use crate::error::{Error, Result};
+use crate::formats::{CreateOptions, Format, OpenOptions, OptionHelp};
+use crate::writer::{write_all_at, ImageWriter};
+
+/// Options `-O raw` accepts.
+pub const CREATE_OPTIONS: &[OptionHelp] = &[OptionHelp {
+    name: "preallocation",
+    kind: "string",
+    help: "off (default: zero ranges stay holes) or falloc (reserve every block)",
+}];
+
+/// An opened raw image.
+#[derive(Debug)]
+pub struct RawImage {
+    file: HostFile,
+}
+
+/// Open a raw image (always succeeds for a readable file: any bytes are a raw disk).
+pub fn open(file: HostFile, _opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
+    Ok(Box::new(RawImage { file }))
+}
+
+/// `lseek(fd, offset, whence)`; None when the filesystem says there is no such region
+/// (ENXIO) or cannot tell (EINVAL on filesystems without SEEK_DATA support).
+fn seek_data_hole(file: &File, offset: u64, whence: libc::c_int) -> Option<u64> {
+    let off = i64::try_from(offset).ok()?;
+    // SAFETY: lseek on a valid descriptor has no memory effects; we only use pread elsewhere,
+    // so moving the file position is harmless.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    (r >= 0).then_some(r as u64)
+}
+
+impl BlockDevice for RawImage {
+    fn virtual_size(&self) -> u64 {
+        self.file.len()
+    }
+
+    fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
+        let size = self.file.len();
+        if offset >= size || max_len == 0 {
+            return Err(Error::arg(format!(
+                "map at {offset:#x} is outside the image (size {size})"
+            )));
+        }
+        let end = size.min(offset.saturating_add(max_len));
+        let f = self.file.file();
+        let data = |o, e| Mapping {
+            offset: o,
+            len: e - o,
+            kind: MappingKind::Data { host: Some(o) },
+        };
+        let Some(data_start) = seek_data_hole(f, offset, libc::SEEK_DATA) else {
+            // ENXIO: no data after offset (or no SEEK_DATA support: treat all as data).
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            if errno == Some(libc::ENXIO) {
+                return Ok(Mapping {
+                    offset,
+                    len: end - offset,
+                    kind: MappingKind::Unallocated,
+                });
+            }
+            return Ok(data(offset, end));
+        };
+        if data_start > offset {
+            return Ok(Mapping {
+                offset,
+                len: data_start.min(end) - offset,
+                kind: MappingKind::Unallocated,
+            });
+        }
+        let hole = seek_data_hole(f, offset, libc::SEEK_HOLE).unwrap_or(end);
+        Ok(data(offset, hole.clamp(offset + 1, end)))
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_guest_range(self.file.len(), offset, buf.len())?;
+        self.file.read_exact_at(buf, offset, "guest data")
+    }
+
+    fn info(&self) -> ImageInfo {
+        ImageInfo {
+            format: "raw".into(),
+            virtual_size: self.file.len(),
+            ..Default::default()
+        }
+    }
+
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+}
+
+/// Writes guest data at the same offsets; what is never written stays a hole.
+#[derive(Debug)]
+pub struct RawWriter {
+    file: File,
+    size: u64,
+}
+
+/// Make a raw writer; the file must be empty (so unwritten ranges are holes).
+pub fn create_writer(file: File, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+    match opts.str_option("preallocation").unwrap_or("off") {
+        "off" => {}
+        "falloc" => {
+            if opts.size > 0 {
+                let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, opts.size as i64) };
+                if r != 0 {
+                    return Err(Error::io(
+                        "preallocating output",
+                        std::io::Error::from_raw_os_error(r),
+                    ));
+                }
+            }
+        }
+        other => {
+            return Err(Error::arg(format!(
+                "option preallocation: '{other}' is not off or falloc"
+            )))
+        }
+    }
+    Ok(Box::new(RawWriter {
+        file,
+        size: opts.size,
+    }))
+}
+
+impl ImageWriter for RawWriter {
+    fn granularity(&self) -> u64 {
+        512
+    }
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        write_all_at(&self.file, data, offset, "guest data")
+    }
+    fn finish(self: Box<Self>) -> Result<()> {
+        self.file
+            .set_len(self.size)
+            .map_err(|e| Error::io("setting output length", e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("flushing output", e))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_map_as_unallocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.raw");
+        let f = File::create(&p).unwrap();
+        f.set_len(1 << 40).unwrap();
+        f.write_all_at(&[1u8; 4096], 1 << 30).unwrap();
+        drop(f);
+        let img = open(HostFile::open(&p).unwrap(), &OpenOptions::new()).unwrap();
+        let m = img.map(0, u64::MAX).unwrap();
+        assert_eq!(m.kind, MappingKind::Unallocated);
+        assert!(m.len <= 1 << 30 && m.len > 0);
+        let m = img.map(1 << 30, u64::MAX).unwrap();
+        assert!(matches!(m.kind, MappingKind::Data { .. }));
+        let m = img.map((1 << 30) + 4096, u64::MAX).unwrap();
+        assert!(m.offset + m.len == 1 << 40 || m.kind == MappingKind::Unallocated);
+        let mut b = [0u8; 8];
+        img.read_at(&mut b, 1 << 30).unwrap();
+        assert_eq!(b, [1u8; 8]);
+        assert!(img.read_at(&mut b, (1 << 40) - 4).is_err());
+    }
+}

@@ -1,0 +1,134 @@
+//! The write side: an [`ImageWriter`] receives guest data in ascending order and lays it
+//! out in its format; [`AtomicOutput`] makes every output appear whole or not at all.
+//!
+//! Ascending order is what lets a writer stream to a non-seekable sink; alignment to the
+//! writer's granularity is what keeps every writer simple (it never merges partial
+//! clusters). Ranges the engine never hands over are zeros.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// A per-granule transform (compression) the engine may run on worker threads.
+pub trait Encoder: Send + Sync {
+    /// Encode one granule of guest data at `offset`. `None` means "store it as is"
+    /// (compression did not shrink it); the engine then calls [`ImageWriter::write`].
+    fn encode(&self, offset: u64, data: &[u8]) -> Result<Option<Vec<u8>>>;
+}
+
+/// A sink for guest data in one image format.
+///
+/// The engine guarantees: calls come in strictly ascending, non-overlapping order; every
+/// `offset` is a multiple of [`granularity`](Self::granularity) and every length is too,
+/// except a run that ends at the virtual size; every range never written is guest zeros.
+pub trait ImageWriter: Send {
+    /// Allocation unit the writer wants data aligned to (a power of two, at least 512).
+    fn granularity(&self) -> u64;
+
+    /// The guest size the output will have (may be larger than asked, e.g. rounded up
+    /// to whole sectors or MiB for Azure).
+    fn virtual_size(&self) -> u64;
+
+    /// An encoder to run on worker threads, one granule at a time, when the writer
+    /// compresses. With an encoder, [`write_encoded`](Self::write_encoded) receives each
+    /// granule that encoded to `Some`.
+    fn encoder(&self) -> Option<Arc<dyn Encoder>> {
+        None
+    }
+
+    /// Write a run of guest data (one or more whole granules).
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()>;
+
+    /// Write one granule whose encoded form is `encoded` (`data` is the plain form).
+    fn write_encoded(&mut self, offset: u64, data: &[u8], encoded: Vec<u8>) -> Result<()> {
+        let _ = encoded;
+        self.write(offset, data)
+    }
+
+    /// Write the remaining metadata and flush. Nothing is valid until this returns Ok.
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// An output file written under a temporary sibling name and renamed into place by
+/// [`commit`](Self::commit); dropped without commit, the temporary file is removed, so a
+/// failed conversion leaves nothing behind.
+#[derive(Debug)]
+pub struct AtomicOutput {
+    tmp: PathBuf,
+    dest: PathBuf,
+    committed: bool,
+}
+
+impl AtomicOutput {
+    /// Create the temporary sibling of `dest` and return it with its open file.
+    pub fn create(dest: &Path) -> Result<(Self, File)> {
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = dest.file_name().ok_or_else(|| {
+            Error::arg(format!("output path {} has no file name", dest.display()))
+        })?;
+        for attempt in 0..100u32 {
+            let tmp = dir.join(format!(
+                ".{}.diskconv-{}-{}.tmp",
+                name.to_string_lossy(),
+                std::process::id(),
+                attempt
+            ));
+            match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+            {
+                Ok(f) => {
+                    return Ok((
+                        AtomicOutput {
+                            tmp,
+                            dest: dest.to_path_buf(),
+                            committed: false,
+                        },
+                        f,
+                    ))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(Error::io("cannot create temporary output file", e).with_path(&tmp))
+                }
+            }
+        }
+        Err(Error::arg("cannot find a free temporary file name").with_path(dest))
+    }
+
+    /// The temporary path being written.
+    pub fn temp_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Rename the temporary file over the destination.
+    pub fn commit(mut self) -> Result<()> {
+        std::fs::rename(&self.tmp, &self.dest).map_err(|e| {
+            Error::io("cannot rename temporary output into place", e).with_path(&self.dest)
+        })?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for AtomicOutput {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Positional write of all of `data` at `offset`, with the error naming what was written.
+pub fn write_all_at(file: &File, data: &[u8], offset: u64, what: &str) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(data, offset)
+        .map_err(|e| Error::io(format!("writing {what}"), e).at(offset))
+}
