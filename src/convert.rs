@@ -236,10 +236,10 @@ fn dispatch(
             let ustart = s / unit * unit;
             let uend = (ustart + unit).min(size);
             let pend = end.min(uend);
-            if cur.as_ref().is_some_and(|j| j.start != ustart) {
-                if !send(cur.take().expect("checked")) {
-                    return Ok(());
-                }
+            if cur.as_ref().is_some_and(|j| j.start != ustart)
+                && !send(cur.take().expect("checked"))
+            {
+                return Ok(());
             }
             let job = cur.get_or_insert_with(|| {
                 seq += 1;
