@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Time `diskconv convert` against `qemu-img convert` on the same inputs, in one run.
+# Prints wall time, peak RSS and the ratio (diskconv / qemu-img; below 1.00 means we win).
+#
+# usage: benches/vs-qemu-img.sh [SIZE_BYTES] [PAIRS...]
+#   SIZE_BYTES  workload size (default 2 GiB, the standard ../shared/tools/gen-workload.py one)
+#   PAIRS       subset of the pair names below (default: all)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=${1:-$((2 << 30))}
+shift || true
+WORK=${BENCH_WORK:-bench-work}
+mkdir -p "$WORK"
+cargo build --release --quiet
+DC=target/release/diskconv
+GEN=../shared/tools/gen-workload.py
+SRC="$WORK/workload-$SIZE.raw"
+[ -f "$SRC" ] || python3 "$GEN" "$SRC" "$SIZE"
+
+# Inputs in other formats, made by qemu-img so both tools read the same file.
+prep() { # name fmt opts...
+  local out="$WORK/in-$1-$SIZE"; shift
+  local fmt=$1; shift
+  [ -f "$out" ] || qemu-img convert -f raw -O "$fmt" "$@" "$SRC" "$out"
+  echo "$out"
+}
+
+# name | input fmt | input maker args | output fmt | convert flags
+PAIRS_ALL=(
+  "raw->qcow2|raw||qcow2|"
+  "qcow2->raw|qcow2||raw|"
+  "raw->qcow2-c|raw||qcow2|-c"
+  "qcow2c->raw|qcow2|-c|raw|"
+  "raw->vpc|raw||vpc|"
+  "raw->vpc-fixed|raw||vpc|-o subformat=fixed"
+  "vpc->raw|vpc||raw|"
+  "raw->vmdk|raw||vmdk|"
+  "raw->vmdk-stream|raw||vmdk|-o subformat=streamOptimized"
+  "vmdk->raw|vmdk||raw|"
+  "raw->vdi|raw||vdi|"
+  "vdi->raw|vdi||raw|"
+)
+want=("$@")
+
+measure() { # tool args... ; prints "seconds maxrss_kib"
+  local t; t=$(mktemp)
+  if /usr/bin/time -f "%e %M" -o "$t" "$@" >/dev/null 2>"$t.err"; then
+    cat "$t"
+  else
+    echo "FAIL FAIL"; sed 's/^/    /' "$t.err" | head -3 >&2
+  fi
+  rm -f "$t" "$t.err"
+}
+
+printf "%-18s %10s %10s %8s %10s %10s\n" pair "dc s" "qemu s" ratio "dc MiB" "qemu MiB"
+for p in "${PAIRS_ALL[@]}"; do
+  IFS='|' read -r name ifmt imk ofmt flags <<<"$p"
+  if [ ${#want[@]} -gt 0 ] && [[ ! " ${want[*]} " == *" $name "* ]]; then continue; fi
+  if [ "$ifmt" = raw ]; then in=$SRC; else
+    # shellcheck disable=SC2086
+    in=$(prep "$name" "$ifmt" $imk)
+  fi
+  cat "$in" >/dev/null # same warm page cache for both tools
+  o1="$WORK/out-dc"; o2="$WORK/out-qemu"; rm -f "$o1" "$o2"
+  # shellcheck disable=SC2086
+  read -r ts tm < <(measure qemu-img convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o2")
+  # shellcheck disable=SC2086
+  read -r ds dm < <(measure "$DC" convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o1")
+  if [ "$ds" = FAIL ] || [ "$ts" = FAIL ]; then
+    printf "%-18s %10s %10s %8s\n" "$name" "$ds" "$ts" "-"
+  else
+    ratio=$(python3 -c "print(f'{$ds/max($ts,0.01):.2f}')")
+    printf "%-18s %10s %10s %8s %10d %10d\n" "$name" "$ds" "$ts" "$ratio" $((dm / 1024)) $((tm / 1024))
+    # Same guest content, or the figure means nothing.
+    qemu-img compare -q -f "$ofmt" -F "$ofmt" "$o1" "$o2" || echo "    !! outputs differ for $name"
+  fi
+  rm -f "$o1" "$o2"
+done

@@ -1,0 +1,57 @@
+//! Peak memory of whole conversions, measured on the CLI in a child process (its own test
+//! binary, so no other test's children share the RUSAGE_CHILDREN maximum).
+mod common;
+use common::*;
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+
+fn child_peak_rss_kib() -> i64 {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes the struct we pass.
+    assert_eq!(
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) },
+        0
+    );
+    ru.ru_maxrss
+}
+
+#[test]
+fn converting_a_100_gib_mostly_empty_image_stays_under_64_mib() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("big.raw");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(100 << 30).unwrap();
+    let mut rng = Rng(5);
+    let mut chunk = vec![0u8; 4 << 20];
+    rng.fill(&mut chunk);
+    // 64 MiB of data spread over the 100 GiB.
+    for i in 0..16u64 {
+        f.write_all_at(&chunk, i * (6 << 30) + 12345 * 512).unwrap();
+    }
+    drop(f);
+    let bin = env!("CARGO_BIN_EXE_diskconv");
+    for fmt in ["raw", "qcow2", "vpc", "vmdk", "vdi"] {
+        let dst = dir.path().join(format!("out.{fmt}"));
+        let out = Command::new(bin)
+            .args(["convert", "-O", fmt, s(&src), s(&dst)])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            // Only a format not yet writable may fail.
+            assert!(err.contains("not supported yet"), "{fmt}: {err}");
+            continue;
+        }
+        let peak = child_peak_rss_kib();
+        assert!(
+            peak < 64 * 1024,
+            "peak RSS {peak} KiB after converting to {fmt}"
+        );
+        let dev = diskconv::open(&dst, &diskconv::OpenOptions::new()).unwrap();
+        assert_eq!(dev.virtual_size(), 100 << 30);
+        let mut b = vec![0u8; 4 << 20];
+        dev.read_at(&mut b, 6 * (6 << 30) + 12345 * 512).unwrap();
+        assert!(b == chunk, "{fmt}: data chunk differs");
+        std::fs::remove_file(&dst).unwrap();
+    }
+}
