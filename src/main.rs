@@ -148,6 +148,7 @@ fn run(cli: Cli) -> Result<()> {
             if progress && !quiet {
                 opts.progress = Some(reporter.as_ref());
             }
+            remove_temp_on_interrupt(&dst);
             diskconv::convert(&src, &dst, &opts)?;
             if progress && !quiet && !tty {
                 eprintln!();
@@ -180,6 +181,33 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// An interrupted conversion must leave nothing behind: on SIGINT/SIGTERM remove this
+/// process's temporary siblings of `dst` (named by `AtomicOutput` with our pid) and exit.
+fn remove_temp_on_interrupt(dst: &Path) {
+    let dir = match dst.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let prefix = format!(
+        ".{}.diskconv-{}-",
+        dst.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    );
+    let _ = ctrlc::set_handler(move || {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        eprintln!("\ndiskconv: interrupted; partial output removed");
+        std::process::exit(130);
+    });
+}
+
 /// qemu-img's non-terminal progress line, rewritten in place.
 fn print_progress(done: u64, total: u64) {
     let pct = if total == 0 {
@@ -206,19 +234,27 @@ fn actual_size(path: &Path) -> u64 {
 }
 
 fn info_json(path: &Path, info: &ImageInfo) -> serde_json::Value {
+    let file_len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let child = serde_json::json!({
+        "children": [],
+        "virtual-size": file_len,
+        "filename": path.display().to_string(),
+        "format": "file",
+        "actual-size": actual_size(path),
+        "format-specific": {"type": "file", "data": {}},
+        "dirty-flag": false,
+    });
     let mut v = serde_json::json!({
+        "children": [{"name": "file", "info": child}],
         "virtual-size": info.virtual_size,
         "filename": path.display().to_string(),
-        "format": info.format,
-        "actual-size": actual_size(path),
     });
     let m = v.as_object_mut().expect("object");
     if let Some(c) = info.cluster_size {
         m.insert("cluster-size".into(), c.into());
     }
-    if let Some(d) = info.dirty {
-        m.insert("dirty-flag".into(), d.into());
-    }
+    m.insert("format".into(), info.format.clone().into());
+    m.insert("actual-size".into(), actual_size(path).into());
     if let Some(b) = &info.backing_file {
         m.insert("backing-filename".into(), b.clone().into());
     }
@@ -228,6 +264,7 @@ fn info_json(path: &Path, info: &ImageInfo) -> serde_json::Value {
     if let Some(fs) = &info.format_specific {
         m.insert("format-specific".into(), fs.clone());
     }
+    m.insert("dirty-flag".into(), info.dirty.unwrap_or(false).into());
     v
 }
 
@@ -280,6 +317,13 @@ fn info_human(path: &Path, info: &ImageInfo) -> String {
         s += "Format specific information:\n";
         human_value(&mut s, data, 1);
     }
+    let file_len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    s += &format!(
+        "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({file_len} bytes)\n    disk size: {}\n",
+        path.display(),
+        human_size(file_len),
+        human_size(actual_size(path))
+    );
     for w in &info.warnings {
         s += &format!("warning: {w}\n");
     }
