@@ -504,6 +504,45 @@ fn small_crafted_image_reads_as_expected() {
     }
 }
 
+/// VirtualBox's own layout: its text lines, a 0x190 header with LCHS geometry, the map and
+/// the data area each aligned to 1 MiB.
+#[test]
+fn virtualbox_layout_and_texts_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    for text in [
+        "<<< Oracle VM VirtualBox Disk Image >>>\n",
+        "<<< Sun xVM VirtualBox Disk Image >>>\n",
+        "<<< innotek VirtualBox Disk Image >>>\n",
+    ] {
+        let mut h = header(3 * MIB, 3, 2);
+        h[..64].fill(0);
+        h[..text.len()].copy_from_slice(text.as_bytes());
+        put_u32(&mut h, 0x48, 0x190);
+        put_u32(&mut h, 0x154, MIB as u32);
+        put_u32(&mut h, 0x158, 2 * MIB as u32);
+        put_u32(&mut h, 0x1d4, 512);
+        h.resize(4 * MIB as usize, 0);
+        let map = MIB as usize;
+        put_u32(&mut h, map, 0xffff_ffff);
+        put_u32(&mut h, map + 4, 1);
+        put_u32(&mut h, map + 8, 0);
+        h[2 * MIB as usize..3 * MIB as usize].fill(0xaa);
+        h[3 * MIB as usize..].fill(0xbb);
+        let p = write_file(dir.path(), "vbox.vdi", &h);
+        assert_eq!(diskconv::probe(&p).unwrap(), Format::Vdi);
+        let dev = open_as(&p, Format::Vdi);
+        let all = read_all(dev.as_ref());
+        assert!(all[..MIB as usize].iter().all(|&b| b == 0));
+        assert!(all[MIB as usize..2 * MIB as usize]
+            .iter()
+            .all(|&b| b == 0xbb));
+        assert!(all[2 * MIB as usize..].iter().all(|&b| b == 0xaa));
+        if have_qemu() {
+            assert_reads_like_qemu(&p, Format::Vdi, dir.path());
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
 
