@@ -1,0 +1,211 @@
+//! Writing VDI images, dynamic (blocks appended in guest order as data arrives) or static
+//! (every block allocated, identity block map, unwritten blocks left as file holes).
+//!
+//! Layout is qemu's: 512-byte header, block map at 0x200, data right after the map
+//! (512-aligned). The header and map are written by `finish`, so the data streams out in
+//! one pass with one positional write per run of blocks.
+
+use std::fs::File;
+
+use super::header::{ImageType, VdiHeader, BLOCK_UNALLOCATED, DEFAULT_BLOCK_SIZE, SECTOR_SIZE};
+use super::reader::MAX_BMAP_BYTES;
+use crate::error::{Error, Result};
+use crate::writer::{write_all_at, ImageWriter};
+
+/// A VDI being written.
+#[derive(Debug)]
+pub struct VdiWriter {
+    file: File,
+    header: VdiHeader,
+    size: u64,
+    bmap: Vec<u32>,
+    /// Lowest guest offset the next write may start at (writes come in ascending order).
+    next: u64,
+}
+
+impl VdiWriter {
+    /// A writer for a `size`-byte guest (rounded up to whole sectors, as qemu does).
+    pub fn new(file: File, size: u64, fixed: bool) -> Result<Self> {
+        let size = size
+            .checked_next_multiple_of(u64::from(SECTOR_SIZE))
+            .ok_or_else(|| Error::arg(format!("VDI size {size} is too large")))?;
+        let bs = u64::from(DEFAULT_BLOCK_SIZE);
+        let blocks = size.div_ceil(bs);
+        // Our reader's table limit, so we never write an image we would refuse to read.
+        let max = MAX_BMAP_BYTES / 4 * bs;
+        if blocks * 4 > MAX_BMAP_BYTES {
+            return Err(Error::limit(format!(
+                "VDI size {size} exceeds the supported maximum of {max} bytes ({} blocks of 1 MiB)",
+                MAX_BMAP_BYTES / 4
+            )));
+        }
+        let image_type = if fixed {
+            ImageType::Static
+        } else {
+            ImageType::Dynamic
+        };
+        let header = VdiHeader::new(size, DEFAULT_BLOCK_SIZE, image_type)?;
+        let bmap = if fixed {
+            (0..blocks as u32).collect()
+        } else {
+            vec![BLOCK_UNALLOCATED; blocks as usize]
+        };
+        Ok(VdiWriter {
+            file,
+            header,
+            size,
+            bmap,
+            next: 0,
+        })
+    }
+
+    fn block_size(&self) -> u64 {
+        u64::from(self.header.block_size)
+    }
+}
+
+impl ImageWriter for VdiWriter {
+    fn granularity(&self) -> u64 {
+        self.block_size()
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let bs = self.block_size();
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= self.size);
+        let Some(end) = end.filter(|_| offset % bs == 0 && offset >= self.next) else {
+            return Err(Error::arg(format!(
+                "VDI writer got {} bytes at {offset:#x}: not block-aligned, out of order or past the size {}",
+                data.len(),
+                self.size
+            )));
+        };
+        let first = offset / bs;
+        let count = (data.len() as u64).div_ceil(bs);
+        let host_block = if self.header.image_type == ImageType::Static {
+            first
+        } else {
+            // Appended in guest order: the run's blocks are consecutive in the file too.
+            let start = u64::from(self.header.blocks_allocated);
+            for (k, e) in self.bmap[first as usize..(first + count) as usize]
+                .iter_mut()
+                .enumerate()
+            {
+                *e = (start + k as u64) as u32;
+            }
+            self.header.blocks_allocated += count as u32;
+            start
+        };
+        let host = u64::from(self.header.offset_data) + host_block * bs;
+        write_all_at(&self.file, data, host, "VDI data blocks")?;
+        // A partial last block closes the block: nothing may be written into it later.
+        self.next = end.next_multiple_of(bs);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        let h = &self.header;
+        write_all_at(&self.file, &h.to_bytes(), 0, "VDI header")?;
+        // The map, padded with zeros to whole sectors, written in bounded chunks.
+        let bmap_off = u64::from(h.offset_bmap);
+        let map_bytes = u64::from(h.offset_data) - bmap_off;
+        let mut chunk = Vec::with_capacity(1 << 20);
+        let mut written = 0u64;
+        for part in self.bmap.chunks(1 << 18) {
+            chunk.clear();
+            for e in part {
+                chunk.extend_from_slice(&e.to_le_bytes());
+            }
+            write_all_at(&self.file, &chunk, bmap_off + written, "VDI block map")?;
+            written += chunk.len() as u64;
+        }
+        if written < map_bytes {
+            let pad = vec![0u8; (map_bytes - written) as usize];
+            write_all_at(&self.file, &pad, bmap_off + written, "VDI block map")?;
+        }
+        // Whole blocks in the file (a partial last block and unwritten static blocks become
+        // zeros / holes), like qemu and VirtualBox.
+        let blocks = u64::from(h.blocks_allocated);
+        let len = u64::from(h.offset_data) + blocks * self.block_size();
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io("setting VDI file length", e))?;
+        // fdatasync: the data and the file length, not timestamps.
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("flushing VDI output", e))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{BlockDevice, HostFile, MappingKind};
+
+    fn write_image(path: &std::path::Path, size: u64, fixed: bool, writes: &[(u64, Vec<u8>)]) {
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .unwrap();
+        let mut w = Box::new(VdiWriter::new(f, size, fixed).unwrap());
+        for (o, d) in writes {
+            w.write(*o, d).unwrap();
+        }
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn dynamic_appends_blocks_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.vdi");
+        let mib = 1u64 << 20;
+        let size = 5 * mib + 1000; // rounds up to 5 MiB + 1024
+        let d1 = vec![7u8; 2 * mib as usize];
+        let d2 = vec![9u8; (mib + 1000) as usize];
+        write_image(&p, size, false, &[(mib, d1), (4 * mib, d2)]);
+        let img = super::super::reader::VdiImage::open(HostFile::open(&p).unwrap()).unwrap();
+        assert_eq!(img.virtual_size(), 5 * mib + 1024);
+        assert_eq!(img.header().blocks_allocated, 4);
+        let m = img.map(0, u64::MAX).unwrap();
+        assert_eq!((m.len, m.kind), (mib, MappingKind::Unallocated));
+        let m = img.map(mib, u64::MAX).unwrap();
+        assert_eq!(m.len, 2 * mib);
+        assert!(matches!(m.kind, MappingKind::Data { host: Some(0x400) }));
+        let mut b = vec![0u8; 4];
+        img.read_at(&mut b, 5 * mib + 999).unwrap();
+        assert_eq!(b, [9, 0, 0, 0]);
+        img.read_at(&mut b, 3 * mib - 2).unwrap();
+        assert_eq!(b, [7, 7, 0, 0]);
+    }
+
+    #[test]
+    fn out_of_order_or_unaligned_writes_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::create(dir.path().join("b.vdi")).unwrap();
+        let mut w = VdiWriter::new(f, 4 << 20, false).unwrap();
+        assert!(w.write(512, &[1; 512]).is_err());
+        w.write(1 << 20, &[1; 1 << 20]).unwrap();
+        assert!(w.write(0, &[1; 1 << 20]).is_err());
+        assert!(w.write(3 << 20, &[1; 2 << 20]).is_err());
+    }
+
+    #[test]
+    fn oversized_images_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::create(dir.path().join("c.vdi")).unwrap();
+        let e = VdiWriter::new(f, 1 << 50, false).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::LimitExceeded);
+    }
+}
