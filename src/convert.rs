@@ -34,6 +34,8 @@ pub struct ConvertOptions<'a> {
     pub threads: usize,
     /// Called as the conversion advances.
     pub progress: Option<ProgressFn<'a>>,
+    /// Flush the output to stable storage before renaming it into place.
+    pub sync: bool,
 }
 
 impl<'a> ConvertOptions<'a> {
@@ -46,6 +48,7 @@ impl<'a> ConvertOptions<'a> {
             min_sparse: 4096,
             threads: 0,
             progress: None,
+            sync: false,
         }
     }
 }
@@ -66,7 +69,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<()> {
     let (out, file) = AtomicOutput::create(dst)?;
     let writer = create_writer(opts.format, file, dst, &create)?;
     convert_device(dev.as_ref(), writer, opts).map_err(|e| e.with_path(dst))?;
-    out.commit()
+    out.commit(opts.sync)
 }
 
 fn refuse_same_file(src: &Path, dst: &Path) -> Result<()> {
@@ -139,6 +142,9 @@ pub fn convert_device(
         token_tx.send(()).expect("fresh channel has room");
     }
     let write_all = opts.min_sparse == 0;
+    // Unit buffers go back to the workers once written: fresh 1 MiB allocations cost page
+    // faults and TLB shootdowns on every unit. At most `in_flight` buffers ever exist.
+    let (pool_tx, pool_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
 
     std::thread::scope(|s| -> Result<()> {
         // Dispatcher: walk the map, cut into units, wait for a free slot per unit.
@@ -156,9 +162,19 @@ pub fn convert_device(
             let job_rx = job_rx.clone();
             let done_tx = done_tx.clone();
             let encoder = encoder.clone();
+            let pool_rx = pool_rx.clone();
             s.spawn(move || {
                 for job in job_rx.iter() {
-                    let r = work(src, job, gran, zero_block, write_all, encoder.as_deref());
+                    let buf = pool_rx.try_recv().unwrap_or_default();
+                    let r = work(
+                        src,
+                        job,
+                        buf,
+                        gran,
+                        zero_block,
+                        write_all,
+                        encoder.as_deref(),
+                    );
                     let failed = r.is_err();
                     if done_tx.send(r).is_err() || failed {
                         break;
@@ -184,6 +200,7 @@ pub fn convert_device(
                             None => writer.write(off, &d.buf[a..b])?,
                         }
                     }
+                    let _ = pool_tx.send(d.buf);
                     if let Some(p) = opts.progress {
                         p(d.end, size);
                     }
@@ -265,27 +282,33 @@ fn dispatch(
 fn work(
     src: &dyn BlockDevice,
     job: Job,
+    mut buf: Vec<u8>,
     gran: u64,
     zero_block: u64,
     write_all: bool,
     encoder: Option<&dyn Encoder>,
 ) -> Result<Done> {
     let len = (job.end - job.start) as usize;
-    let mut buf = vec![0u8; len];
+    buf.resize(len, 0);
     // Which zero blocks hold mapped data (only those can be non-zero).
     let block = if write_all { gran } else { zero_block };
     let nblocks = len.div_ceil(block as usize);
     let mut wanted = vec![write_all; nblocks];
+    // A reused buffer holds old bytes: zero what no data read overwrites.
+    let mut filled = 0usize;
     for &(off, plen, is_data) in &job.pieces {
         let a = (off - job.start) as usize;
         let b = a + plen as usize;
         if is_data {
+            buf[filled..a].fill(0);
+            filled = b;
             src.read_at(&mut buf[a..b], off)?;
             for w in &mut wanted[a / block as usize..b.div_ceil(block as usize)] {
                 *w = true;
             }
         }
     }
+    buf[filled..].fill(0);
     let mut runs: Vec<(usize, usize, Option<Vec<u8>>)> = Vec::new();
     for (i, want) in wanted.iter().enumerate() {
         if !want {

@@ -40,7 +40,7 @@ pub fn create(path: impl AsRef<Path>, format: Format, opts: &CreateOptions) -> R
     let (out, file) = AtomicOutput::create(path)?;
     let writer = formats::create_writer(format, file, path, opts)?;
     writer.finish().map_err(|e| e.with_path(path))?;
-    out.commit()
+    out.commit(true)
 }
 
 /// Detect the format of the image at `path`.

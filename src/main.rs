@@ -44,6 +44,10 @@ enum Cmd {
         /// Zero runs of at least SIZE stay unallocated (default 4k); 0 writes everything.
         #[arg(short = 'S', default_value = "4k")]
         sparse_size: String,
+        /// Output cache mode like qemu-img's: `unsafe` (default) skips the final flush;
+        /// any other mode (writeback, none, writethrough, directsync) flushes before the rename.
+        #[arg(short = 't', default_value = "unsafe")]
+        cache: String,
         /// Worker threads (0: one per core).
         #[arg(short = 'm', long = "threads", default_value_t = 0)]
         threads: usize,
@@ -104,6 +108,7 @@ fn run(cli: Cli) -> Result<()> {
             progress,
             quiet,
             sparse_size,
+            cache,
             threads,
             _unordered,
             allow_references,
@@ -130,6 +135,11 @@ fn run(cli: Cli) -> Result<()> {
             opts.create = create;
             opts.min_sparse = min_sparse;
             opts.threads = threads;
+            opts.sync = match cache.as_str() {
+                "unsafe" => false,
+                "writeback" | "none" | "writethrough" | "directsync" => true,
+                other => return Err(Error::arg(format!("-t: unknown cache mode '{other}'"))),
+            };
             let tty = std::io::stderr().is_terminal();
             let reporter: Box<dyn Fn(u64, u64) + Sync> = if tty {
                 let bar = indicatif::ProgressBar::new(100);

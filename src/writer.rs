@@ -108,8 +108,15 @@ impl AtomicOutput {
         &self.tmp
     }
 
-    /// Rename the temporary file over the destination.
-    pub fn commit(mut self) -> Result<()> {
+    /// Rename the temporary file over the destination; with `sync`, first flush its data
+    /// to stable storage so a crash cannot leave a renamed but incomplete file. (Off by
+    /// default in the CLI, like qemu-img convert's default `-t unsafe` cache mode.)
+    pub fn commit(mut self, sync: bool) -> Result<()> {
+        if sync {
+            File::open(&self.tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io("flushing output", e).with_path(&self.tmp))?;
+        }
         std::fs::rename(&self.tmp, &self.dest).map_err(|e| {
             Error::io("cannot rename temporary output into place", e).with_path(&self.dest)
         })?;

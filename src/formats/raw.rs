@@ -149,9 +149,6 @@ impl ImageWriter for RawWriter {
         self.file
             .set_len(self.size)
             .map_err(|e| Error::io("setting output length", e))?;
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io("flushing output", e))?;
         Ok(())
     }
 }

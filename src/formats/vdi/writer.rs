@@ -138,10 +138,6 @@ impl ImageWriter for VdiWriter {
         self.file
             .set_len(len)
             .map_err(|e| Error::io("setting VDI file length", e))?;
-        // fdatasync: the data and the file length, not timestamps.
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io("flushing VDI output", e))?;
         Ok(())
     }
 }
