@@ -223,9 +223,22 @@ fn open_sparse(
     warnings: &mut Vec<String>,
 ) -> Result<Sparse> {
     let hdr_at = footer.data_offset;
-    file.check_range(hdr_at, DYN_HEADER_SIZE as u64, "footer.data_offset")?;
+    // A header cut short by the end of the file reads as zero-padded, as qemu reads it; the
+    // checks below then name the first field that is wrong.
+    let avail = file
+        .len()
+        .saturating_sub(hdr_at)
+        .min(DYN_HEADER_SIZE as u64);
+    if avail < 64 {
+        file.check_range(hdr_at, DYN_HEADER_SIZE as u64, "footer.data_offset")?;
+    }
     let mut hbuf = [0u8; DYN_HEADER_SIZE];
-    file.read_exact_at(&mut hbuf, hdr_at, "VHD dynamic header")?;
+    file.read_exact_at(&mut hbuf[..avail as usize], hdr_at, "VHD dynamic header")?;
+    if avail < DYN_HEADER_SIZE as u64 {
+        warnings.push(format!(
+            "the dynamic header at {hdr_at:#x} is cut short by the end of the file"
+        ));
+    }
     let header = DynHeader::parse(&hbuf).map_err(|e| match e.field() {
         Some("dynamic_header.block_size") => e.at(hdr_at + BLOCK_SIZE_OFFSET as u64),
         _ => e.at(hdr_at),
