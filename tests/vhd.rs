@@ -257,6 +257,35 @@ fn azure_option_rounds_to_whole_mib_fixed() {
 }
 
 #[test]
+fn old_511_byte_footer_and_probing() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("p.raw");
+    make_raw(&raw, 1 << 20, 21);
+    let out = dir.path().join("p.vhd");
+    convert(&raw, &out, Format::Vhd, &[("subformat", "fixed")], false);
+    // Some old Virtual PC images lack the footer's last (reserved, zero) byte.
+    let mut b = std::fs::read(&out).unwrap();
+    b.pop();
+    let short = dir.path().join("short.vhd");
+    std::fs::write(&short, &b).unwrap();
+    assert_eq!(diskconv::probe(&short).unwrap(), Format::Vhd);
+    let dev = diskconv::open(&short, &OpenOptions::new()).unwrap();
+    assert!(!dev.info().warnings.is_empty());
+    assert_eq!(sha256_device(dev.as_ref()), sha256_file(&raw));
+    // A raw disk is not a VHD, even with the cookie in its last sector, unless the
+    // checksum is right too.
+    assert_eq!(diskconv::probe(&raw).unwrap(), Format::Raw);
+    let mut b = std::fs::read(&out).unwrap();
+    let n = b.len();
+    b[n - 512 + 200] ^= 0xff;
+    let bad = dir.path().join("bad.raw");
+    std::fs::write(&bad, &b).unwrap();
+    assert_eq!(diskconv::probe(&bad).unwrap(), Format::Raw);
+    let e = open_err(&bad, &vpc());
+    assert_eq!(e.field(), Some("footer.checksum"), "{e}");
+}
+
+#[test]
 fn maximum_size_is_enforced() {
     let dir = tempfile::tempdir().unwrap();
     let max = 0xff00_0000u64 * 512;

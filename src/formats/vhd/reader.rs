@@ -451,17 +451,20 @@ enum Local {
 impl Sparse {
     /// The sector bitmap of allocated block `blk`, through a bounded cache.
     fn bitmap(&self, file: &HostFile, blk: usize) -> Result<Arc<[u8]>> {
-        let mut cache = self
-            .bitmaps
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(b) = cache.get(&blk) {
+        let lock = || {
+            self.bitmaps
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        if let Some(b) = lock().get(&blk) {
             return Ok(b.clone());
         }
+        // Read without holding the lock so other threads' hits are not delayed by our I/O.
         let at = self.bat[blk] as u64 * 512;
         let v: Arc<[u8]> = file
             .read_vec(at, self.bitmap_size, "VHD block bitmap")?
             .into();
+        let mut cache = lock();
         if (cache.len() + 1) * self.bitmap_size as usize > BITMAP_CACHE_BYTES {
             cache.clear();
         }
