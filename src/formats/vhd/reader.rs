@@ -91,6 +91,12 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
     }
     let (footer, footer_at, mut warnings) = find_footer(&file)?;
     let size = virtual_size(&footer, calc)?;
+    if footer.saved_state != 0 {
+        warnings.push(
+            "the footer's saved-state flag is set (the image belongs to a saved virtual machine)"
+                .into(),
+        );
+    }
     let kind = match footer.disk_type {
         DiskType::Fixed => {
             // The guest data is everything before the footer.
