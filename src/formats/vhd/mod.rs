@@ -1,28 +1,59 @@
-//! vhd: not yet implemented (placeholder so the dispatch compiles; the format issue replaces it).
+//! VHD, which qemu calls "vpc": Microsoft's Virtual Hard Disk (Virtual PC, Hyper-V before
+//! VHDX, Disk2VHD, Azure).
+//!
+//! Read: fixed, dynamic and differencing images (the parent only through the reference
+//! gate). Write: fixed and dynamic at the exact size asked (see [`writer`]).
 
 use std::fs::File;
 
 use crate::device::{BlockDevice, HostFile};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::formats::{CreateOptions, OpenOptions, OptionHelp};
 use crate::writer::ImageWriter;
 
-/// Options `-O vhd` accepts.
-pub const CREATE_OPTIONS: &[OptionHelp] = &[];
+pub mod dynheader;
+pub mod footer;
+pub mod geometry;
+pub mod reader;
+pub mod writer;
 
-/// Does the start of a file look like vhd?
+/// Options `-O vpc` accepts.
+pub const CREATE_OPTIONS: &[OptionHelp] = &[
+    OptionHelp {
+        name: "subformat",
+        kind: "string",
+        help: "dynamic (default: only blocks holding data are stored) or fixed (raw data + footer)",
+    },
+    OptionHelp {
+        name: "force_size",
+        kind: "bool",
+        help: "accepted for qemu-img compatibility; the exact size is always kept",
+    },
+    OptionHelp {
+        name: "block_size",
+        kind: "size",
+        help: "dynamic block size, a power of two from 4k to 256M (default 2M; Hyper-V reads 512k and 2M)",
+    },
+    OptionHelp {
+        name: "azure",
+        kind: "bool",
+        help: "Azure upload: fixed subformat, size rounded up to a whole MiB",
+    },
+];
+
+/// Does this file look like a VHD? A dynamic or differencing VHD starts with the
+/// "conectix" cookie; a fixed one has a valid footer (cookie, checksum, disk type) in its
+/// last 512 bytes, which is checked in full so a raw disk rarely matches by accident.
 pub fn probe(head: &[u8], tail: &[u8]) -> bool {
-    head.starts_with(b"conectix") || tail.starts_with(b"conectix")
+    head.starts_with(footer::FOOTER_COOKIE) || reader::tail_is_footer(tail)
 }
 
-/// Open a vhd image.
-pub fn open(_file: HostFile, _opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
-    Err(Error::unsupported("vhd images are not supported yet"))
+/// Open a VHD image. Open options: `force_size_calc=chs|current_size` (like qemu's).
+pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
+    reader::open(file, opts)
 }
 
-/// Make a vhd writer.
-pub fn create_writer(_file: File, _opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
-    Err(Error::unsupported(
-        "writing vhd images is not supported yet",
-    ))
+/// Make a VHD writer; see [`writer`] for the options and size rules.
+pub fn create_writer(file: File, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+    writer::create_writer(file, opts)
 }

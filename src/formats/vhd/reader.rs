@@ -1,0 +1,722 @@
+//! Reading fixed, dynamic and differencing VHDs.
+//!
+//! Which bytes the guest sees follows qemu 10's vpc driver (so we read what qemu reads):
+//! the footer at the end decides a fixed disk, the copy at offset 0 a dynamic one; the
+//! virtual size comes from the CHS geometry for images made by Virtual PC ("vpc ") and
+//! old qemu ("qemu") and from current_size otherwise. Where qemu is lax we are strict but
+//! name the problem: the dynamic header checksum is verified, BAT entries must point at
+//! whole blocks inside the file, and a sector whose bitmap bit is clear reads as zero (or
+//! from the parent of a differencing disk), as the VHD specification says.
+
+use std::collections::HashMap;
+use std::os::unix::io::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use byteorder::{BigEndian, ByteOrder};
+
+use super::dynheader::{
+    self, platform, DynHeader, ParentLocator, BLOCK_SIZE_OFFSET, DYN_HEADER_SIZE,
+    MAX_TABLE_ENTRIES_OFFSET, TABLE_OFFSET_OFFSET,
+};
+use super::footer::{DiskType, Footer, FOOTER_COOKIE, FOOTER_SIZE};
+use super::geometry::{MAX_GEOMETRY_SECTORS, MAX_SECTORS};
+use crate::device::{check_guest_range, BlockDevice, HostFile, ImageInfo, Mapping, MappingKind};
+use crate::error::{checked_add, checked_mul, Error, Result};
+use crate::formats::{Format, OpenOptions};
+
+/// Largest BAT we load (entries x 4 bytes).
+pub const MAX_BAT_BYTES: u64 = 32 << 20;
+/// Largest parent locator we read.
+const MAX_LOCATOR_BYTES: u32 = 64 << 10;
+/// Bytes of sector bitmaps kept in memory at once.
+const BITMAP_CACHE_BYTES: usize = 4 << 20;
+/// BAT value of an unallocated block.
+const UNALLOCATED: u32 = u32::MAX;
+
+/// How the virtual size is derived (qemu's `force_size_calc` open option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SizeCalc {
+    /// By creator application, like qemu.
+    Auto,
+    /// CHS geometry (unless it is the maximum geometry).
+    Chs,
+    /// The footer's current_size.
+    CurrentSize,
+}
+
+/// Creator applications whose images are sized by current_size (qemu's table); every
+/// other creator's size comes from the geometry.
+const CURRENT_SIZE_CREATORS: [&[u8; 4]; 5] = [b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0"];
+
+/// The virtual size in bytes the footer describes, the way qemu 10 computes it.
+fn virtual_size(footer: &Footer, calc: SizeCalc) -> Result<u64> {
+    let use_chs = match calc {
+        SizeCalc::Auto => !CURRENT_SIZE_CREATORS.contains(&&footer.creator_app),
+        SizeCalc::Chs => true,
+        SizeCalc::CurrentSize => false,
+    };
+    let chs = footer.chs_sectors();
+    let sectors = if !use_chs || chs == MAX_GEOMETRY_SECTORS {
+        footer.current_size / 512
+    } else {
+        chs
+    };
+    if sectors > MAX_SECTORS {
+        return Err(Error::limit(format!(
+            "VHD virtual size of {sectors} sectors exceeds the format's maximum of {MAX_SECTORS} sectors (2040 GiB)"
+        ))
+        .with_field("footer.current_size"));
+    }
+    Ok(sectors * 512)
+}
+
+/// Open a VHD of any type.
+pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
+    let mut calc = SizeCalc::Auto;
+    for (k, v) in &opts.options {
+        match (k.as_str(), v.as_str()) {
+            ("force_size_calc", "chs") => calc = SizeCalc::Chs,
+            ("force_size_calc", "current_size") => calc = SizeCalc::CurrentSize,
+            ("force_size_calc", other) => {
+                return Err(Error::arg(format!(
+                    "invalid force_size_calc '{other}' (use chs or current_size)"
+                )))
+            }
+            (other, _) => {
+                return Err(Error::arg(format!(
+                    "format 'vpc' has no open option '{other}' (options: force_size_calc)"
+                )))
+            }
+        }
+    }
+    let (footer, footer_at, mut warnings) = find_footer(&file)?;
+    let size = virtual_size(&footer, calc)?;
+    if footer.saved_state != 0 {
+        warnings.push(
+            "the footer's saved-state flag is set (the image belongs to a saved virtual machine)"
+                .into(),
+        );
+    }
+    let kind = match footer.disk_type {
+        DiskType::Fixed => {
+            // The guest data is everything before the footer.
+            if size > footer_at {
+                return Err(Error::corrupt(format!(
+                    "fixed VHD claims {size} bytes but only {footer_at} bytes of data precede its footer"
+                ))
+                .with_field("footer.current_size")
+                .at(footer_at));
+            }
+            Kind::Fixed
+        }
+        DiskType::Dynamic | DiskType::Differencing => Kind::Sparse(Box::new(open_sparse(
+            &file,
+            &footer,
+            size,
+            opts,
+            &mut warnings,
+        )?)),
+    };
+    Ok(Box::new(VhdImage {
+        file,
+        footer,
+        size,
+        kind,
+        warnings,
+    }))
+}
+
+/// Find the footer that describes the image: a valid fixed footer at the end wins (a
+/// fixed disk's guest data may itself start with "conectix"); otherwise the copy at 0 of a
+/// dynamic disk, falling back to the end copy when the first is damaged. Returns the
+/// footer, its file offset, and warnings.
+fn find_footer(file: &HostFile) -> Result<(Footer, u64, Vec<String>)> {
+    let len = file.len();
+    if len < FOOTER_SIZE as u64 {
+        return Err(Error::invalid(format!(
+            "file of {len} bytes is too small for a VHD footer ({FOOTER_SIZE} bytes)"
+        ))
+        .with_field("footer"));
+    }
+    let tail_at = len - FOOTER_SIZE as u64;
+    let mut tail = [0u8; FOOTER_SIZE];
+    file.read_exact_at(&mut tail, tail_at, "VHD footer")?;
+    let mut head = [0u8; FOOTER_SIZE];
+    file.read_exact_at(&mut head, 0, "VHD footer copy")?;
+    let tail_res = Footer::parse(&tail).map_err(|e| e.at(tail_at));
+    if let Ok(f) = &tail_res {
+        if f.disk_type == DiskType::Fixed {
+            return Ok((f.clone(), tail_at, Vec::new()));
+        }
+    }
+    if head[..8] == FOOTER_COOKIE[..] {
+        match Footer::parse(&head) {
+            Ok(f) if f.disk_type != DiskType::Fixed => return Ok((f, 0, Vec::new())),
+            Ok(_) => {
+                return Err(match tail_res {
+                    Err(e) => e,
+                    Ok(_) => Error::invalid(
+                        "the footer copy at offset 0 says fixed but the footer at the end does not",
+                    )
+                    .with_field("footer.disk_type")
+                    .at(tail_at),
+                })
+            }
+            Err(e) => {
+                if let Ok(f) = tail_res {
+                    let w = format!(
+                        "the footer copy at offset 0 is damaged ({}); using the footer at the end",
+                        e.message()
+                    );
+                    return Ok((f, tail_at, vec![w]));
+                }
+                return Err(e.at(0));
+            }
+        }
+    }
+    if let Ok(f) = tail_res {
+        return Ok((
+            f,
+            tail_at,
+            vec!["no footer copy at offset 0; using the footer at the end".into()],
+        ));
+    }
+    // Some old Virtual PC fixed images carry a 511-byte footer (the last reserved byte
+    // missing); its checksum still covers the 511 bytes.
+    if tail[1..9] == FOOTER_COOKIE[..] {
+        let mut short = [0u8; FOOTER_SIZE];
+        short[..FOOTER_SIZE - 1].copy_from_slice(&tail[1..]);
+        if let Ok(f) = Footer::parse(&short) {
+            if f.disk_type == DiskType::Fixed {
+                return Ok((
+                    f,
+                    tail_at + 1,
+                    vec!["511-byte footer (old Virtual PC quirk)".into()],
+                ));
+            }
+        }
+    }
+    match tail_res {
+        Err(e) if tail[..8] == FOOTER_COOKIE[..] => Err(e),
+        _ => Err(Error::invalid(
+            "not a VHD: no 'conectix' footer at offset 0 or in the last 512 bytes",
+        )
+        .with_field("footer.cookie")),
+    }
+}
+
+/// Does this tail (the last up to 512 bytes of a file) hold a valid footer: cookie,
+/// checksum and a known disk type? Also accepts the 511-byte footer quirk.
+pub fn tail_is_footer(tail: &[u8]) -> bool {
+    if tail.len() < FOOTER_SIZE {
+        return false;
+    }
+    let t = &tail[tail.len() - FOOTER_SIZE..];
+    if Footer::parse(t).is_ok() {
+        return true;
+    }
+    let mut short = [0u8; FOOTER_SIZE];
+    short[..FOOTER_SIZE - 1].copy_from_slice(&t[1..]);
+    matches!(Footer::parse(&short), Ok(f) if f.disk_type == DiskType::Fixed)
+}
+
+/// Parse the dynamic header and BAT, and attach the parent of a differencing disk.
+fn open_sparse(
+    file: &HostFile,
+    footer: &Footer,
+    size: u64,
+    opts: &OpenOptions,
+    warnings: &mut Vec<String>,
+) -> Result<Sparse> {
+    let hdr_at = footer.data_offset;
+    // A header cut short by the end of the file reads as zero-padded, as qemu reads it; the
+    // checks below then name the first field that is wrong.
+    let avail = file
+        .len()
+        .saturating_sub(hdr_at)
+        .min(DYN_HEADER_SIZE as u64);
+    if avail < 64 {
+        file.check_range(hdr_at, DYN_HEADER_SIZE as u64, "footer.data_offset")?;
+    }
+    let mut hbuf = [0u8; DYN_HEADER_SIZE];
+    file.read_exact_at(&mut hbuf[..avail as usize], hdr_at, "VHD dynamic header")?;
+    if avail < DYN_HEADER_SIZE as u64 {
+        warnings.push(format!(
+            "the dynamic header at {hdr_at:#x} is cut short by the end of the file"
+        ));
+    }
+    let header = DynHeader::parse(&hbuf).map_err(|e| match e.field() {
+        Some("dynamic_header.block_size") => e.at(hdr_at + BLOCK_SIZE_OFFSET as u64),
+        _ => e.at(hdr_at),
+    })?;
+    let block_size = header.block_size as u64;
+    let bitmap_size = header.bitmap_size();
+    let needed = size.div_ceil(block_size);
+    let max_entries = header.max_table_entries as u64;
+    if max_entries < needed {
+        return Err(Error::corrupt(format!(
+            "VHD BAT has {max_entries} entries but {size} bytes in blocks of {block_size} need {needed}"
+        ))
+        .with_field("dynamic_header.max_table_entries")
+        .at(hdr_at + MAX_TABLE_ENTRIES_OFFSET as u64));
+    }
+    let bat_bytes = checked_mul(max_entries, 4, "BAT size")?;
+    if bat_bytes > MAX_BAT_BYTES {
+        return Err(Error::limit(format!(
+            "VHD max table entries {max_entries} too large: a BAT of {bat_bytes} bytes exceeds the {} MiB limit",
+            MAX_BAT_BYTES >> 20
+        ))
+        .with_field("dynamic_header.max_table_entries")
+        .at(hdr_at + MAX_TABLE_ENTRIES_OFFSET as u64));
+    }
+    file.check_range(
+        header.table_offset,
+        bat_bytes,
+        "dynamic_header.table_offset",
+    )
+    .map_err(|e| e.at(hdr_at + TABLE_OFFSET_OFFSET as u64))?;
+    let raw = file.read_vec(header.table_offset, needed * 4, "VHD BAT")?;
+    let mut bat = Vec::with_capacity(needed as usize);
+    let stride = checked_add(bitmap_size, block_size, "VHD block stride")?;
+    for (i, c) in raw.chunks_exact(4).enumerate() {
+        let e = BigEndian::read_u32(c);
+        if e != UNALLOCATED {
+            let start = e as u64 * 512;
+            // Every allocated block (bitmap + data) must lie inside the file, as qemu requires.
+            if start
+                .checked_add(stride)
+                .map_or(true, |end| end > file.len())
+            {
+                return Err(Error::corrupt(format!(
+                    "VHD BAT entry {i} points at sector {e} (offset {start:#x}): its bitmap and block ({stride} bytes) run past the end of the file ({} bytes)",
+                    file.len()
+                ))
+                .with_field(format!("BAT[{i}]"))
+                .at(header.table_offset + 4 * i as u64));
+            }
+        }
+        bat.push(e);
+    }
+
+    let mut parent_names = Vec::new();
+    let mut parent = None;
+    if footer.disk_type == DiskType::Differencing {
+        parent_names = parent_candidates(file, &header)?;
+        if parent_names.is_empty() {
+            return Err(Error::corrupt(
+                "differencing VHD names no parent (no locator and no parent name)",
+            )
+            .with_field("dynamic_header.parent_locator")
+            .at(hdr_at));
+        }
+        let mut first_err = None;
+        for name in &parent_names {
+            match opts.open_reference(file.path(), name, "parent_locator", Some(Format::Vhd)) {
+                Ok(p) => {
+                    parent = Some(p);
+                    break;
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if parent.is_none() {
+            return Err(first_err.expect("at least one candidate was tried"));
+        }
+        if let Some(p) = &parent {
+            if p.virtual_size() != size {
+                warnings.push(format!(
+                    "parent size {} differs from this image's size {size}",
+                    p.virtual_size()
+                ));
+            }
+        }
+    }
+    Ok(Sparse {
+        block_size,
+        bitmap_size,
+        bat,
+        bitmaps: Mutex::new(HashMap::new()),
+        parent,
+        parent_names,
+    })
+}
+
+/// The parent's names, best first: relative locators (W2ru, Wi2r), the header's parent
+/// name (same folder), then absolute ones (W2ku, Wi2k, MacX), which the reference gate
+/// refuses but which we still report.
+fn parent_candidates(file: &HostFile, header: &DynHeader) -> Result<Vec<String>> {
+    let mut relative = Vec::new();
+    let mut absolute = Vec::new();
+    for (i, l) in header.locators.iter().enumerate() {
+        if l.platform == platform::NONE || l.data_length == 0 {
+            continue;
+        }
+        let Some(text) = read_locator(file, l, i)? else {
+            continue;
+        };
+        let path = normalize_locator_path(&text);
+        if path.is_empty() {
+            continue;
+        }
+        match l.platform {
+            platform::W2RU | platform::WI2R => relative.push(path),
+            _ => absolute.push(path),
+        }
+    }
+    let mut out = relative;
+    if let Some(n) = header.parent_name() {
+        out.push(normalize_locator_path(&n));
+    }
+    out.extend(absolute);
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|p| seen.insert(p.clone()));
+    Ok(out)
+}
+
+/// The text of one locator, or None for platforms whose data is not a path (Mac alias).
+fn read_locator(file: &HostFile, l: &ParentLocator, i: usize) -> Result<Option<String>> {
+    let field = format!("parent_locator[{i}]");
+    if l.data_length > MAX_LOCATOR_BYTES {
+        return Err(Error::limit(format!(
+            "VHD parent locator {i} claims {} bytes (limit {MAX_LOCATOR_BYTES})",
+            l.data_length
+        ))
+        .with_field(field));
+    }
+    let data = match l.platform {
+        platform::W2RU | platform::W2KU | platform::WI2R | platform::WI2K | platform::MACX => {
+            file.read_vec(l.data_offset, l.data_length as u64, &field)?
+        }
+        _ => return Ok(None),
+    };
+    let text = match l.platform {
+        platform::W2RU | platform::W2KU => dynheader::decode_utf16_guess(&data, false),
+        _ => {
+            let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+            Some(String::from_utf8_lossy(&data[..end]).into_owned())
+        }
+    };
+    Ok(text.map(|t| {
+        if l.platform == platform::MACX {
+            t.strip_prefix("file://localhost")
+                .or_else(|| t.strip_prefix("file://"))
+                .unwrap_or(&t)
+                .to_string()
+        } else {
+            t
+        }
+    }))
+}
+
+/// Windows separators to '/', and a leading "./" dropped.
+fn normalize_locator_path(p: &str) -> String {
+    let p = p.trim_end_matches('\0').replace('\\', "/");
+    let mut s = p.as_str();
+    while let Some(rest) = s.strip_prefix("./") {
+        s = rest;
+    }
+    s.to_string()
+}
+
+/// An opened VHD.
+pub struct VhdImage {
+    file: HostFile,
+    footer: Footer,
+    size: u64,
+    kind: Kind,
+    warnings: Vec<String>,
+}
+
+enum Kind {
+    Fixed,
+    Sparse(Box<Sparse>),
+}
+
+/// The dynamic/differencing state: BAT, bitmap cache, parent.
+struct Sparse {
+    block_size: u64,
+    bitmap_size: u64,
+    /// One entry per block of the virtual size (entries past it are ignored).
+    bat: Vec<u32>,
+    bitmaps: Mutex<HashMap<usize, Arc<[u8]>>>,
+    parent: Option<Box<dyn BlockDevice>>,
+    parent_names: Vec<String>,
+}
+
+/// What a guest range is, before a parent is consulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Local {
+    /// Stored here at this host offset.
+    Data(u64),
+    /// Not stored here: zero, or the parent's bytes.
+    Absent,
+}
+
+impl Sparse {
+    /// The sector bitmap of allocated block `blk`, through a bounded cache.
+    fn bitmap(&self, file: &HostFile, blk: usize) -> Result<Arc<[u8]>> {
+        let lock = || {
+            self.bitmaps
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        if let Some(b) = lock().get(&blk) {
+            return Ok(b.clone());
+        }
+        // Read without holding the lock so other threads' hits are not delayed by our I/O.
+        let at = self.bat[blk] as u64 * 512;
+        let v: Arc<[u8]> = file
+            .read_vec(at, self.bitmap_size, "VHD block bitmap")?
+            .into();
+        let mut cache = lock();
+        if (cache.len() + 1) * self.bitmap_size as usize > BITMAP_CACHE_BYTES {
+            cache.clear();
+        }
+        cache.insert(blk, v.clone());
+        Ok(v)
+    }
+
+    /// The longest run from `offset` (< `end`) of one [`Local`] kind.
+    fn map_local(&self, file: &HostFile, offset: u64, end: u64) -> Result<(u64, Local)> {
+        let bs = self.block_size;
+        let blk = (offset / bs) as usize;
+        let entry = self.bat[blk];
+        if entry == UNALLOCATED {
+            let mut e = (blk as u64 + 1) * bs;
+            while e < end && self.bat[(e / bs) as usize] == UNALLOCATED {
+                e += bs;
+            }
+            return Ok((e.min(end) - offset, Local::Absent));
+        }
+        let block_start = blk as u64 * bs;
+        let block_end = (block_start + bs).min(end);
+        let bitmap = self.bitmap(file, blk)?;
+        let first = ((offset - block_start) / 512) as usize;
+        let last = (block_end - block_start).div_ceil(512) as usize;
+        let set = bit(&bitmap, first);
+        let mut s = first + 1;
+        while s < last {
+            if s % 8 == 0 && s + 8 <= last {
+                let byte = bitmap[s / 8];
+                if byte == if set { 0xff } else { 0 } {
+                    s += 8;
+                    continue;
+                }
+            }
+            if bit(&bitmap, s) != set {
+                break;
+            }
+            s += 1;
+        }
+        let run_end = (block_start + s as u64 * 512).min(block_end);
+        let kind = if set {
+            Local::Data(entry as u64 * 512 + self.bitmap_size + (offset - block_start))
+        } else {
+            Local::Absent
+        };
+        Ok((run_end - offset, kind))
+    }
+}
+
+/// Bit `i` of a VHD sector bitmap (most significant bit first).
+fn bit(bitmap: &[u8], i: usize) -> bool {
+    bitmap
+        .get(i / 8)
+        .is_some_and(|b| b & (0x80 >> (i % 8)) != 0)
+}
+
+/// `lseek` with SEEK_DATA/SEEK_HOLE; None when the filesystem cannot tell.
+fn seek(file: &HostFile, offset: u64, whence: libc::c_int) -> Option<u64> {
+    let off = i64::try_from(offset).ok()?;
+    // SAFETY: lseek has no memory effects; all our I/O is positional, so moving the file
+    // position is harmless.
+    let r = unsafe { libc::lseek(file.file().as_raw_fd(), off, whence) };
+    (r >= 0).then_some(r as u64)
+}
+
+impl VhdImage {
+    /// Fixed disks: data, except holes of the host file (found cheaply with SEEK_HOLE),
+    /// which read as zeros.
+    fn map_fixed(&self, offset: u64, end: u64) -> Mapping {
+        let data = |o: u64, e: u64| Mapping {
+            offset: o,
+            len: e - o,
+            kind: MappingKind::Data { host: Some(o) },
+        };
+        match seek(&self.file, offset, libc::SEEK_DATA) {
+            Some(d) if d > offset => Mapping {
+                offset,
+                len: d.min(end) - offset,
+                kind: MappingKind::Unallocated,
+            },
+            Some(_) => {
+                let h = seek(&self.file, offset, libc::SEEK_HOLE).unwrap_or(end);
+                data(offset, h.clamp(offset + 1, end))
+            }
+            // ENXIO means no data after offset (the footer is data, so this is rare).
+            None if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => {
+                Mapping {
+                    offset,
+                    len: end - offset,
+                    kind: MappingKind::Unallocated,
+                }
+            }
+            None => data(offset, end),
+        }
+    }
+}
+
+impl BlockDevice for VhdImage {
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
+        if offset >= self.size || max_len == 0 {
+            return Err(Error::arg(format!(
+                "map at {offset:#x} is outside the image (size {})",
+                self.size
+            )));
+        }
+        let end = self.size.min(offset.saturating_add(max_len));
+        let sp = match &self.kind {
+            Kind::Fixed => return Ok(self.map_fixed(offset, end)),
+            Kind::Sparse(sp) => sp,
+        };
+        let (len, local) = sp.map_local(&self.file, offset, end)?;
+        let kind = match local {
+            Local::Data(host) => MappingKind::Data { host: Some(host) },
+            Local::Absent => match &sp.parent {
+                Some(p) if offset < p.virtual_size() => {
+                    let plen = len.min(p.virtual_size() - offset);
+                    let m = p.map(offset, plen)?;
+                    let kind = match m.kind {
+                        MappingKind::Data { .. } => MappingKind::Data { host: None },
+                        k => k,
+                    };
+                    return Ok(Mapping {
+                        offset,
+                        len: m.len.clamp(1, plen),
+                        kind,
+                    });
+                }
+                _ => MappingKind::Unallocated,
+            },
+        };
+        Ok(Mapping { offset, len, kind })
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_guest_range(self.size, offset, buf.len())?;
+        let sp = match &self.kind {
+            Kind::Fixed => return self.file.read_exact_at(buf, offset, "guest data"),
+            Kind::Sparse(sp) => sp,
+        };
+        let end = offset + buf.len() as u64;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            let (len, local) = sp.map_local(&self.file, off, end)?;
+            let part = &mut buf[done..done + len as usize];
+            match local {
+                Local::Data(host) => self.file.read_exact_at(part, host, "guest data block")?,
+                Local::Absent => match &sp.parent {
+                    Some(p) if off < p.virtual_size() => {
+                        let n = (len.min(p.virtual_size() - off)) as usize;
+                        p.read_at(&mut part[..n], off)?;
+                        part[n..].fill(0);
+                    }
+                    _ => part.fill(0),
+                },
+            }
+            done += len as usize;
+        }
+        Ok(())
+    }
+
+    fn info(&self) -> ImageInfo {
+        let mut info = ImageInfo {
+            format: "vpc".into(),
+            virtual_size: self.size,
+            dirty: Some(false),
+            warnings: self.warnings.clone(),
+            ..Default::default()
+        };
+        if let Kind::Sparse(sp) = &self.kind {
+            info.cluster_size = Some(sp.block_size);
+            if self.footer.disk_type == DiskType::Differencing {
+                info.backing_file = sp.parent_names.first().cloned();
+                info.referenced_files = sp.parent_names.clone();
+            }
+        }
+        info
+    }
+
+    fn format(&self) -> Format {
+        Format::Vhd
+    }
+}
+
+impl std::fmt::Debug for VhdImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhdImage")
+            .field("path", &self.file.path())
+            .field("type", &self.footer.disk_type.name())
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_bits_are_msb_first() {
+        let b = [0x80u8, 0x01];
+        assert!(bit(&b, 0));
+        assert!(!bit(&b, 1));
+        assert!(bit(&b, 15));
+        assert!(!bit(&b, 16));
+    }
+
+    #[test]
+    fn locator_paths_are_normalized() {
+        assert_eq!(normalize_locator_path(".\\base.vhd"), "base.vhd");
+        assert_eq!(normalize_locator_path("C:\\x\\base.vhd"), "C:/x/base.vhd");
+    }
+
+    #[test]
+    fn size_rules_follow_qemu() {
+        let mut f = Footer::parse(&{
+            let mut b = [0u8; 512];
+            b[..8].copy_from_slice(FOOTER_COOKIE);
+            BigEndian::write_u32(&mut b[60..], 3);
+            let s = super::super::footer::vhd_checksum(&b);
+            BigEndian::write_u32(&mut b[64..], s);
+            b
+        })
+        .unwrap();
+        f.current_size = 10 << 20;
+        f.cylinders = 151;
+        f.heads = 4;
+        f.sectors_per_track = 17;
+        f.creator_app = *b"vpc ";
+        assert_eq!(
+            virtual_size(&f, SizeCalc::Auto).unwrap(),
+            151 * 4 * 17 * 512
+        );
+        assert_eq!(virtual_size(&f, SizeCalc::CurrentSize).unwrap(), 10 << 20);
+        f.creator_app = *b"win ";
+        assert_eq!(virtual_size(&f, SizeCalc::Auto).unwrap(), 10 << 20);
+        assert_eq!(virtual_size(&f, SizeCalc::Chs).unwrap(), 151 * 4 * 17 * 512);
+        f.cylinders = 65535;
+        f.heads = 16;
+        f.sectors_per_track = 255;
+        assert_eq!(virtual_size(&f, SizeCalc::Chs).unwrap(), 10 << 20);
+        f.current_size = 3 << 40;
+        assert!(virtual_size(&f, SizeCalc::Auto).is_err());
+    }
+}
