@@ -53,13 +53,22 @@ impl<'a> ConvertOptions<'a> {
     }
 }
 
+/// What a finished conversion has to tell.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConvertReport {
+    /// Guest size of the output (may exceed the source's when the format rounds up).
+    pub virtual_size: u64,
+    /// Notes from the writer (sizes rounded up, ...).
+    pub warnings: Vec<String>,
+}
+
 /// Size of a work unit when the writer's granule is smaller.
 const UNIT: u64 = 1 << 20;
 
 /// Convert the image at `src` into a new image at `dst`. The output is written to a
 /// temporary sibling and renamed at the end, so on error nothing is left at `dst`; `src`
 /// is only ever opened read-only.
-pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<()> {
+pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
     refuse_same_file(src, dst)?;
     let dev = open_with(src, &opts.open)?;
     let mut create = opts.create.clone();
@@ -68,8 +77,9 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<()> {
     }
     let (out, file) = AtomicOutput::create(dst)?;
     let writer = create_writer(opts.format, file, dst, &create)?;
-    convert_device(dev.as_ref(), writer, opts).map_err(|e| e.with_path(dst))?;
-    out.commit(opts.sync)
+    let report = convert_device(dev.as_ref(), writer, opts).map_err(|e| e.with_path(dst))?;
+    out.commit(opts.sync)?;
+    Ok(report)
 }
 
 fn refuse_same_file(src: &Path, dst: &Path) -> Result<()> {
@@ -110,7 +120,7 @@ pub fn convert_device(
     src: &dyn BlockDevice,
     mut writer: Box<dyn ImageWriter>,
     opts: &ConvertOptions,
-) -> Result<()> {
+) -> Result<ConvertReport> {
     let size = src.virtual_size().min(writer.virtual_size());
     let gran = writer.granularity().max(1);
     if !gran.is_power_of_two() {
@@ -215,11 +225,15 @@ pub fn convert_device(
         drop(token_tx);
         result
     })?;
+    let report = ConvertReport {
+        virtual_size: writer.virtual_size(),
+        warnings: writer.warnings(),
+    };
     writer.finish()?;
     if let Some(p) = opts.progress {
         p(size, size);
     }
-    Ok(())
+    Ok(report)
 }
 
 /// Walk `src`'s map over `[0, size)` and hand each unit that holds data (every unit when

@@ -23,7 +23,7 @@ pub mod writer;
 
 use std::path::Path;
 
-pub use convert::{convert, convert_device, ConvertOptions};
+pub use convert::{convert, convert_device, ConvertOptions, ConvertReport};
 pub use device::{BlockDevice, DeviceReader, ImageInfo, Mapping, MappingKind};
 pub use error::{Error, ErrorKind, Result};
 pub use formats::{CreateOptions, Format, OpenOptions};
@@ -34,13 +34,16 @@ pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Box<dyn BlockD
     formats::open_with(path.as_ref(), opts)
 }
 
-/// Create an empty image (all zeros) of `format` at `path`, atomically.
-pub fn create(path: impl AsRef<Path>, format: Format, opts: &CreateOptions) -> Result<()> {
+/// Create an empty image (all zeros) of `format` at `path`, atomically; returns the
+/// writer's notes (e.g. a size rounded up).
+pub fn create(path: impl AsRef<Path>, format: Format, opts: &CreateOptions) -> Result<Vec<String>> {
     let path = path.as_ref();
     let (out, file) = AtomicOutput::create(path)?;
     let writer = formats::create_writer(format, file, path, opts)?;
+    let warnings = writer.warnings();
     writer.finish().map_err(|e| e.with_path(path))?;
-    out.commit(true)
+    out.commit(true)?;
+    Ok(warnings)
 }
 
 /// Detect the format of the image at `path`.

@@ -159,9 +159,12 @@ fn run(cli: Cli) -> Result<()> {
                 opts.progress = Some(reporter.as_ref());
             }
             remove_temp_on_interrupt(&dst);
-            diskconv::convert(&src, &dst, &opts)?;
+            let report = diskconv::convert(&src, &dst, &opts)?;
             if progress && !quiet && !tty {
                 eprintln!();
+            }
+            for w in &report.warnings {
+                eprintln!("diskconv: note: {w}");
             }
             Ok(())
         }

@@ -47,6 +47,12 @@ pub trait ImageWriter: Send {
         self.write(offset, data)
     }
 
+    /// Things the user should know about the output that are not errors (e.g. "size
+    /// rounded up to a whole sector"); the CLI prints them as notes.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Write the remaining metadata and flush. Nothing is valid until this returns Ok.
     fn finish(self: Box<Self>) -> Result<()>;
 }

@@ -127,3 +127,20 @@ fn interrupted_conversion_leaves_nothing() {
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("big.raw")]);
 }
+
+#[test]
+fn writer_notes_reach_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("odd.raw");
+    make_raw(&src, 1000, 9);
+    let dst = dir.path().join("odd.vhd");
+    let o = dc(&["convert", "-O", "vpc", "-o", "azure=on", s(&src), s(&dst)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("note: Azure needs a whole number of MiB"),
+        "{err}"
+    );
+    let dev = diskconv::open(&dst, &diskconv::OpenOptions::new()).unwrap();
+    assert_eq!(dev.virtual_size(), 1 << 20);
+}

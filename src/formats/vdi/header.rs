@@ -132,10 +132,7 @@ impl VdiUuid {
 
     /// A fresh random (version 4) UUID, in VDI byte order.
     pub fn random() -> Self {
-        let mut rfc = random_bytes();
-        rfc[6] = (rfc[6] & 0x0f) | 0x40;
-        rfc[8] = (rfc[8] & 0x3f) | 0x80;
-        Self::from_rfc_bytes(rfc)
+        Self::from_rfc_bytes(crate::formats::random_uuid_v4())
     }
 
     /// Convert from RFC 4122 (big-endian fields) byte order.
@@ -163,30 +160,6 @@ impl std::fmt::Display for VdiUuid {
         }
         Ok(())
     }
-}
-
-/// 16 random bytes from the OS; if /dev/urandom is unreadable, from std's randomly keyed
-/// SipHash (uniqueness is all a UUID needs, not secrecy).
-fn random_bytes() -> [u8; 16] {
-    use std::io::Read;
-    let mut b = [0u8; 16];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_ok()
-    {
-        return b;
-    }
-    use std::hash::BuildHasher;
-    let s = std::collections::hash_map::RandomState::new();
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let a = s.hash_one((t, std::process::id(), 1u8));
-    let c = s.hash_one((t, std::process::id(), 2u8));
-    b[..8].copy_from_slice(&a.to_le_bytes());
-    b[8..].copy_from_slice(&c.to_le_bytes());
-    b
 }
 
 /// The VDI header. `parse` accepts only images we can read correctly; everything else

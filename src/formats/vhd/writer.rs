@@ -34,14 +34,16 @@ const BAT_OFFSET: u64 = (FOOTER_SIZE + DYN_HEADER_SIZE) as u64;
 const DATA_ALIGN: u64 = 4096;
 
 /// The parsed `-o` options.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Plan {
     fixed: bool,
     size: u64,
     block_size: u64,
+    /// Notes for the user (size rounding), passed on through `ImageWriter::warnings`.
+    notes: Vec<String>,
 }
 
-/// Parse and check the options; print notes for any rounding of the size.
+/// Parse and check the options; note any rounding of the size.
 fn plan(opts: &CreateOptions) -> Result<Plan> {
     let azure = opts.bool_option("azure")?.unwrap_or(false);
     // Accepted for qemu-img compatibility: the exact size is our default anyway.
@@ -81,16 +83,19 @@ fn plan(opts: &CreateOptions) -> Result<Plan> {
         None => DEFAULT_BLOCK_SIZE,
     };
     let mut size = opts.size;
+    let mut notes = Vec::new();
     if size % 512 != 0 {
         let up = size.div_ceil(512) * 512;
-        eprintln!(
-            "diskconv: note: VHD size {size} is not a multiple of 512; rounded up to {up} bytes"
-        );
+        notes.push(format!(
+            "VHD size {size} is not a multiple of 512; rounded up to {up} bytes"
+        ));
         size = up;
     }
     if azure && size % (1 << 20) != 0 {
         let up = size.div_ceil(1 << 20) << 20;
-        eprintln!("diskconv: note: Azure needs a whole number of MiB; size {size} rounded up to {up} bytes");
+        notes.push(format!(
+            "Azure needs a whole number of MiB; size {size} rounded up to {up} bytes"
+        ));
         size = up;
     }
     if size > MAX_SIZE {
@@ -111,27 +116,8 @@ fn plan(opts: &CreateOptions) -> Result<Plan> {
         fixed,
         size,
         block_size,
+        notes,
     })
-}
-
-/// 16 random bytes shaped as a version-4 UUID (from the kernel; time and pid as fallback).
-fn new_uuid() -> [u8; 16] {
-    use std::io::Read;
-    let mut u = [0u8; 16];
-    let ok = File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut u))
-        .is_ok();
-    if !ok {
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let mixed = t ^ ((std::process::id() as u128) << 64) ^ (&u as *const _ as usize as u128);
-        u = mixed.to_le_bytes();
-    }
-    u[6] = (u[6] & 0x0f) | 0x40;
-    u[8] = (u[8] & 0x3f) | 0x80;
-    u
 }
 
 /// The footer for an image of `size` bytes.
@@ -161,7 +147,7 @@ fn make_footer(size: u64, disk_type: DiskType) -> Footer {
         sectors_per_track: chs.sectors_per_track,
         disk_type,
         checksum: 0,
-        uuid: new_uuid(),
+        uuid: crate::formats::random_uuid_v4(),
         saved_state: 0,
     }
 }
@@ -170,9 +156,15 @@ fn make_footer(size: u64, disk_type: DiskType) -> Footer {
 pub fn create_writer(file: File, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
     let p = plan(opts)?;
     if p.fixed {
-        Ok(Box::new(FixedWriter { file, size: p.size }))
+        Ok(Box::new(FixedWriter {
+            file,
+            size: p.size,
+            notes: p.notes,
+        }))
     } else {
-        Ok(Box::new(DynamicWriter::new(file, p.size, p.block_size)))
+        let mut w = DynamicWriter::new(file, p.size, p.block_size);
+        w.notes = p.notes;
+        Ok(Box::new(w))
     }
 }
 
@@ -181,6 +173,7 @@ pub fn create_writer(file: File, opts: &CreateOptions) -> Result<Box<dyn ImageWr
 struct FixedWriter {
     file: File,
     size: u64,
+    notes: Vec<String>,
 }
 
 impl ImageWriter for FixedWriter {
@@ -190,16 +183,16 @@ impl ImageWriter for FixedWriter {
     fn virtual_size(&self) -> u64 {
         self.size
     }
+    fn warnings(&self) -> Vec<String> {
+        self.notes.clone()
+    }
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         write_all_at(&self.file, data, offset, "guest data")
     }
     fn finish(self: Box<Self>) -> Result<()> {
         let footer = make_footer(self.size, DiskType::Fixed).to_bytes();
         // Unwritten guest ranges stay holes; the footer write extends the file past them.
-        write_all_at(&self.file, &footer, self.size, "VHD footer")?;
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io("flushing output", e))
+        write_all_at(&self.file, &footer, self.size, "VHD footer")
     }
 }
 
@@ -215,6 +208,7 @@ struct DynamicWriter {
     next_free: u64,
     /// The block being filled and its sector bitmap.
     current: Option<(usize, Vec<u8>)>,
+    notes: Vec<String>,
 }
 
 impl DynamicWriter {
@@ -232,6 +226,7 @@ impl DynamicWriter {
             bat: vec![u32::MAX; entries],
             next_free,
             current: None,
+            notes: Vec::new(),
         }
     }
 
@@ -288,6 +283,9 @@ impl ImageWriter for DynamicWriter {
     }
     fn virtual_size(&self) -> u64 {
         self.size
+    }
+    fn warnings(&self) -> Vec<String> {
+        self.notes.clone()
     }
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         let end = offset
@@ -352,10 +350,7 @@ impl ImageWriter for DynamicWriter {
             "VHD dynamic header",
         )?;
         write_all_at(&self.file, &bat, BAT_OFFSET, "VHD BAT")?;
-        write_all_at(&self.file, &footer, self.next_free, "VHD footer")?;
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io("flushing output", e))
+        write_all_at(&self.file, &footer, self.next_free, "VHD footer")
     }
 }
 
