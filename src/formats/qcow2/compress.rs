@@ -155,11 +155,27 @@ pub fn compress(
             })
         }
         CompressionType::Zstd => {
-            let out = ruzstd::encoding::compress_to_vec(
-                input,
-                ruzstd::encoding::CompressionLevel::Fastest,
-            );
-            Ok((out.len() <= limit).then_some(out))
+            use ruzstd::encoding::{CompressionLevel, FrameCompressor, MatchGeneratorDriver};
+            type Zc = FrameCompressor<std::io::Cursor<Vec<u8>>, Vec<u8>, MatchGeneratorDriver>;
+            thread_local! {
+                // Reused per worker thread: building the matcher costs as much as a cluster.
+                static ENC: RefCell<Zc> = RefCell::new(Zc::new(CompressionLevel::Fastest));
+            }
+            ENC.with(|c| {
+                let mut c = c.borrow_mut();
+                let src = c
+                    .take_source()
+                    .map(|cur| cur.into_inner())
+                    .unwrap_or_default();
+                let mut src = src;
+                src.clear();
+                src.extend_from_slice(input);
+                c.set_source(std::io::Cursor::new(src));
+                c.set_drain(Vec::with_capacity(limit));
+                c.compress();
+                let out = c.take_drain().unwrap_or_default();
+                Ok((out.len() <= limit).then_some(out))
+            })
         }
     }
 }

@@ -403,6 +403,11 @@ impl ImageWriter for Qcow2Writer {
         let n = (data.len() as u64).div_ceil(self.cs);
         let host = self.refs.alloc(n) * self.cs;
         self.cfree = None;
+        if host + n * self.cs > 1 << 56 {
+            return Err(Error::limit(
+                "qcow2 data would lie beyond 64 PiB, which L2 entries cannot address",
+            ));
+        }
         write_all_at(&self.file, data, host, "guest data")?;
         let first = offset / self.cs;
         for i in 0..n {
