@@ -193,8 +193,36 @@ impl Header {
                 ))
             }
         }
-        h.validate()?;
+        h.validate().map_err(|e| h.name_unknown_features(buf, e))?;
         Ok(h)
+    }
+
+    /// Add the names the image's own feature name table gives to unknown incompatible
+    /// bits, so the error says what the image needs ("bit 5 (fancy thing)").
+    fn name_unknown_features(&self, buf: &[u8], e: Error) -> Error {
+        let unknown = self.incompatible_features & !INCOMPAT_KNOWN;
+        if unknown == 0 || e.field() != Some("incompatible_features") {
+            return e;
+        }
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&self.cluster_bits) {
+            return e;
+        }
+        let end = buf.len().min(self.cluster_size() as usize);
+        let Ok(ext) = Extensions::parse(&buf[..end], self.header_length as usize) else {
+            return e;
+        };
+        let names: Vec<String> = ext
+            .features
+            .iter()
+            .filter(|f| f.kind == 0 && f.bit < 64 && unknown & (1u64 << f.bit) != 0)
+            .map(|f| format!("bit {} ({})", f.bit, f.name))
+            .collect();
+        if names.is_empty() {
+            return e;
+        }
+        Error::unsupported(format!("{}: {}", e.message(), names.join(", ")))
+            .with_field("incompatible_features")
+            .at(72)
     }
 
     /// Check every field against qemu's rules; called by `parse`, and by the writer on
@@ -637,6 +665,21 @@ mod tests {
         h.incompatible_features |= 1 << 9;
         let e = Header::parse(&h.to_bytes()).unwrap_err();
         assert!(e.message().contains("bit(s) 9"), "{e}");
+        // The image's feature name table names the bit.
+        let mut named = h.to_bytes();
+        named.extend_from_slice(
+            &Extensions {
+                features: vec![FeatureName {
+                    kind: 0,
+                    bit: 9,
+                    name: "time travel".into(),
+                }],
+                ..Default::default()
+            }
+            .to_bytes(),
+        );
+        let e = Header::parse(&named).unwrap_err();
+        assert!(e.message().contains("bit 9 (time travel)"), "{e}");
         let mut h = sample();
         h.crypt_method = 2;
         let e = Header::parse(&h.to_bytes()).unwrap_err();
