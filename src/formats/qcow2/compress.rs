@@ -78,11 +78,6 @@ fn zstd_window(src: &[u8]) -> Result<u64> {
 }
 
 fn zstd_decompress(input: &[u8], out: &mut [u8]) -> Result<()> {
-    use ruzstd::decoding::{BlockDecodingStrategy, FrameDecoder};
-    use std::io::Read;
-    let err = |e: &dyn std::fmt::Display| {
-        Error::corrupt(format!("compressed cluster is not valid zstd data: {e}"))
-    };
     let mut src = input;
     let mut done = 0usize;
     while done < out.len() {
@@ -92,28 +87,52 @@ fn zstd_decompress(input: &[u8], out: &mut [u8]) -> Result<()> {
                 "compressed cluster asks for a zstd window of {window} bytes (limit {MAX_ZSTD_WINDOW})"
             )));
         }
-        let mut dec = FrameDecoder::new();
-        dec.init(&mut src).map_err(|e| err(&e))?;
+        DEC.with(|d| -> Result<()> {
+            let mut dec = d.borrow_mut();
+            decode_frame(&mut dec, &mut src, out, &mut done)
+        })?;
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// Reused per thread: a fresh decoder allocates its tables for every cluster.
+    static DEC: RefCell<ruzstd::decoding::FrameDecoder> =
+        RefCell::new(ruzstd::decoding::FrameDecoder::new());
+}
+
+/// Decode one zstd frame from `src` into `out[*done..]`.
+fn decode_frame(
+    dec: &mut ruzstd::decoding::FrameDecoder,
+    src: &mut &[u8],
+    out: &mut [u8],
+    done: &mut usize,
+) -> Result<()> {
+    use ruzstd::decoding::BlockDecodingStrategy;
+    use std::io::Read;
+    let err = |e: &dyn std::fmt::Display| {
+        Error::corrupt(format!("compressed cluster is not valid zstd data: {e}"))
+    };
+    dec.init(&mut *src).map_err(|e| err(&e))?;
+    loop {
+        let finished = dec
+            .decode_blocks(&mut *src, BlockDecodingStrategy::UptoBlocks(1))
+            .map_err(|e| err(&e))?;
         loop {
-            let finished = dec
-                .decode_blocks(&mut src, BlockDecodingStrategy::UptoBlocks(1))
-                .map_err(|e| err(&e))?;
-            loop {
-                let n = dec.read(&mut out[done..]).map_err(|e| err(&e))?;
-                done += n;
-                if n == 0 {
-                    break;
-                }
-            }
-            if dec.can_collect() > 0 {
-                return Err(Error::corrupt(format!(
-                    "compressed cluster decompresses to more than {} bytes",
-                    out.len()
-                )));
-            }
-            if finished {
+            let n = dec.read(&mut out[*done..]).map_err(|e| err(&e))?;
+            *done += n;
+            if n == 0 {
                 break;
             }
+        }
+        if dec.can_collect() > 0 {
+            return Err(Error::corrupt(format!(
+                "compressed cluster decompresses to more than {} bytes",
+                out.len()
+            )));
+        }
+        if finished {
+            break;
         }
     }
     Ok(())
