@@ -708,3 +708,29 @@ fn random_corruption_never_panics() {
         }
     }
 }
+
+#[test]
+fn sparse_terabyte_image_maps_in_few_steps() {
+    if !have_qemu() || !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tb.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&p), "4T"]);
+    qemu_io(&p, &["write -P 0x99 3T 128k"]);
+    let dev = open_as(&p, Format::Qcow2);
+    let t0 = Instant::now();
+    let m = dev.map(0, u64::MAX).unwrap();
+    assert_eq!((m.len, m.kind), (3 << 40, MappingKind::Unallocated));
+    let m = dev.map(3 << 40, u64::MAX).unwrap();
+    assert_eq!(m.len, 128 << 10);
+    assert!(matches!(m.kind, MappingKind::Data { host: Some(_) }));
+    let m = dev.map((3 << 40) + (128 << 10), u64::MAX).unwrap();
+    assert_eq!(m.offset + m.len, 4 << 40);
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    let out = dir.path().join("tb.copy.qcow2");
+    convert(&p, &out, Format::Qcow2, &[], false);
+    assert_qemu_check_clean(&out, Format::Qcow2);
+    assert_qemu_identical(&p, Format::Qcow2, &out, Format::Qcow2);
+    assert!(std::fs::metadata(&out).unwrap().len() < 4 << 20);
+}

@@ -317,7 +317,17 @@ impl Qcow2Image {
         let l1_index = off / span;
         let span_end = end.min((l1_index + 1) * span);
         let Some(table) = self.l2_table(l1_index)? else {
-            return Ok((span_end - off, Piece::Unallocated));
+            // Skip the following empty L1 entries too: a sparse image maps in one step.
+            let mut next = l1_index + 1;
+            while next * span < end
+                && self
+                    .l1
+                    .get(next as usize)
+                    .is_some_and(|e| e & OFFSET_MASK == 0)
+            {
+                next += 1;
+            }
+            return Ok((end.min(next * span) - off, Piece::Unallocated));
         };
         let cluster_end = |p: u64| (p / cs + 1) * cs;
         let (mut e, first) = self.classify(&table, off, span_end.min(cluster_end(off)))?;
@@ -439,11 +449,25 @@ impl BlockDevice for Qcow2Image {
             )));
         }
         let span = self.cs * self.l2_entries;
-        let limit = (offset / span + MAP_MAX_TABLES) * span;
-        let end = size.min(offset.saturating_add(max_len)).min(limit);
+        let end = size.min(offset.saturating_add(max_len));
         let mut cur = offset;
         let mut kind: Option<MappingKind> = None;
+        let mut tables = 0;
+        let mut last_table = None;
         while cur < end {
+            // Each L2 table walked costs a cluster read; stop after a bounded number.
+            let l1_index = cur / span;
+            let has_table = self
+                .l1
+                .get(l1_index as usize)
+                .is_some_and(|e| e & OFFSET_MASK != 0);
+            if has_table && last_table != Some(l1_index) {
+                last_table = Some(l1_index);
+                tables += 1;
+                if tables > MAP_MAX_TABLES {
+                    break;
+                }
+            }
             let (len, piece) = self.lookup(cur, end)?;
             if let Piece::Data(h) = piece {
                 self.data_source()
