@@ -174,11 +174,14 @@ pub fn compress(
             })
         }
         CompressionType::Zstd => {
-            use ruzstd::encoding::{CompressionLevel, FrameCompressor, MatchGeneratorDriver};
-            type Zc = FrameCompressor<std::io::Cursor<Vec<u8>>, Vec<u8>, MatchGeneratorDriver>;
+            use ruzstd::encoding::{CompressionLevel, FrameCompressor};
+            type Zc = FrameCompressor<std::io::Cursor<Vec<u8>>, Vec<u8>, ClusterMatcher>;
             thread_local! {
-                // Reused per worker thread: building the matcher costs as much as a cluster.
-                static ENC: RefCell<Zc> = RefCell::new(Zc::new(CompressionLevel::Fastest));
+                // Reused per worker thread: building the compressor costs as much as a cluster.
+                static ENC: RefCell<Zc> = RefCell::new(Zc::new_with_matcher(
+                    ClusterMatcher::default(),
+                    CompressionLevel::Fastest,
+                ));
             }
             ENC.with(|c| {
                 let mut c = c.borrow_mut();
@@ -196,6 +199,135 @@ pub fn compress(
                 Ok((out.len() <= limit).then_some(out))
             })
         }
+    }
+}
+
+/// Largest offset a match may use: a frame holds one cluster (at most 2 MiB).
+const ZSTD_WINDOW: u64 = 2 << 20;
+/// Hash table size (log2) of [`ClusterMatcher`].
+const HASH_BITS: u32 = 15;
+/// Shortest match worth a sequence.
+const MIN_MATCH: usize = 4;
+/// Largest block ruzstd's frame compressor hands to a matcher.
+const BLOCK: usize = 128 << 10;
+
+/// A greedy single-probe hash matcher (LZ4-like) for ruzstd's encoder. ruzstd's own
+/// matcher clears a 1 MiB table per frame and probes every position, which made zstd
+/// clusters about four times slower than qemu's libzstd; here the whole frame (one
+/// cluster) is the window and stale table entries are told apart by a running base, so
+/// nothing is cleared between clusters.
+#[derive(Default)]
+pub struct ClusterMatcher {
+    /// Everything committed in the current frame.
+    data: Vec<u8>,
+    /// Start of the last committed block in `data`.
+    last: usize,
+    /// hash -> `base` + position + 1; entries at or below `base` belong to older frames.
+    table: Vec<u32>,
+    base: u32,
+    spare: Vec<u8>,
+}
+
+fn read_u32(d: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes([d[i], d[i + 1], d[i + 2], d[i + 3]])
+}
+
+fn read_u64(d: &[u8], i: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[i..i + 8]);
+    u64::from_le_bytes(b)
+}
+
+impl ruzstd::encoding::Matcher for ClusterMatcher {
+    fn get_next_space(&mut self) -> Vec<u8> {
+        let mut v = std::mem::take(&mut self.spare);
+        v.clear();
+        v.resize(BLOCK, 0);
+        v
+    }
+
+    fn get_last_space(&mut self) -> &[u8] {
+        &self.data[self.last..]
+    }
+
+    fn commit_space(&mut self, space: Vec<u8>) {
+        self.last = self.data.len();
+        self.data.extend_from_slice(&space);
+        self.spare = space;
+    }
+
+    fn skip_matching(&mut self) {
+        // An RLE block: leaving its positions out of the table only costs matches.
+    }
+
+    fn start_matching(&mut self, mut handle: impl for<'a> FnMut(ruzstd::encoding::Sequence<'a>)) {
+        use ruzstd::encoding::Sequence;
+        if self.table.is_empty() {
+            self.table = vec![0; 1 << HASH_BITS];
+        }
+        let d = &self.data;
+        let table = &mut self.table;
+        let base = self.base as usize;
+        let end = d.len();
+        let mut anchor = self.last;
+        let mut i = self.last;
+        while i + MIN_MATCH <= end {
+            let v = read_u32(d, i);
+            let h = (v.wrapping_mul(2_654_435_761) >> (32 - HASH_BITS)) as usize;
+            let cand = table[h] as usize;
+            table[h] = (base + i + 1) as u32;
+            if cand > base {
+                let c = cand - base - 1;
+                if read_u32(d, c) == v {
+                    let mut len = MIN_MATCH;
+                    while i + len + 8 <= end {
+                        let x = read_u64(d, c + len) ^ read_u64(d, i + len);
+                        if x != 0 {
+                            len += (x.trailing_zeros() / 8) as usize;
+                            break;
+                        }
+                        len += 8;
+                    }
+                    if i + len + 8 > end {
+                        while i + len < end && d[c + len] == d[i + len] {
+                            len += 1;
+                        }
+                    }
+                    handle(Sequence::Triple {
+                        literals: &d[anchor..i],
+                        offset: i - c,
+                        match_len: len,
+                    });
+                    i += len;
+                    anchor = i;
+                    continue;
+                }
+            }
+            // Skip faster through data that does not match (incompressible clusters).
+            i += 1 + ((i - anchor) >> 6);
+        }
+        if anchor < end {
+            handle(Sequence::Literals {
+                literals: &d[anchor..end],
+            });
+        }
+    }
+
+    fn reset(&mut self, _level: ruzstd::encoding::CompressionLevel) {
+        // Move the base past every position of the finished frame instead of clearing.
+        let next = u64::from(self.base) + self.data.len() as u64 + 1;
+        if next + ZSTD_WINDOW + BLOCK as u64 >= u64::from(u32::MAX) {
+            self.table.fill(0);
+            self.base = 0;
+        } else {
+            self.base = next as u32;
+        }
+        self.data.clear();
+        self.last = 0;
+    }
+
+    fn window_size(&self) -> u64 {
+        ZSTD_WINDOW
     }
 }
 
