@@ -358,6 +358,32 @@ mod tests {
             );
             assert!(decompress(t, &[1, 2, 3], &mut out).is_err());
         }
+        // Many frames through the same per-thread compressor (stale hash entries must
+        // never produce a match), at every cluster size, with mixed content.
+        let mut x = 7u64;
+        for round in 0..40usize {
+            let cs = 512usize << (round % 13);
+            let mut data = vec![0u8; cs];
+            for (i, b) in data.iter_mut().enumerate() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = match (i / 700 + round) % 4 {
+                    0 => x as u8,
+                    1 => (i % 44) as u8,
+                    2 => 0,
+                    _ => (i / 3) as u8,
+                };
+            }
+            for t in [CompressionType::Zlib, CompressionType::Zstd] {
+                if let Some(c) = compress(t, &data, cs).unwrap() {
+                    assert!(c.len() < cs);
+                    let mut out = vec![0u8; cs];
+                    decompress(t, &c, &mut out).unwrap();
+                    assert!(out == data, "{t:?} round {round} cluster {cs}");
+                }
+            }
+        }
         // Random data does not shrink: stored as is.
         let mut x = 1u64;
         let noise: Vec<u8> = (0..4096)
