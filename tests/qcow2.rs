@@ -734,3 +734,40 @@ fn sparse_terabyte_image_maps_in_few_steps() {
     assert_qemu_identical(&p, Format::Qcow2, &out, Format::Qcow2);
     assert!(std::fs::metadata(&out).unwrap().len() < 4 << 20);
 }
+
+#[test]
+fn dirty_lazy_refcount_images_and_internal_snapshots_read_like_qemu() {
+    if !have_qemu() || !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A crash with lazy refcounts leaves the dirty bit set.
+    let lz = dir.path().join("lazy.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        s(&lz),
+        "1M",
+    ]);
+    let _ = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x61 0 64k", "-c", "flush"])
+        .args(["-c", "write -P 0x62 128k 64k", "-c", "abort", s(&lz)])
+        .output()
+        .unwrap();
+    let dev = open_as(&lz, Format::Qcow2);
+    assert_eq!(dev.info().dirty, Some(true));
+    assert_reads_like_qemu(&lz, Format::Qcow2, dir.path());
+
+    // Internal snapshots share clusters (no COPIED flag); only the active state is read.
+    let sn = dir.path().join("snap.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&sn), "1M"]);
+    qemu_io(&sn, &["write -P 1 0 128k"]);
+    qemu_img(&["snapshot", "-c", "s1", s(&sn)]);
+    qemu_io(&sn, &["write -P 2 64k 128k"]);
+    assert_reads_like_qemu(&sn, Format::Qcow2, dir.path());
+    let info = open_as(&sn, Format::Qcow2).info();
+    assert!(info.warnings.iter().any(|w| w.contains("snapshot")));
+}
