@@ -100,6 +100,15 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Qcow2Image> {
         Extensions::default()
     };
 
+    // The image's own tables are checked before any file it names is opened. Only the
+    // entries covering the virtual size are loaded (the rest may map VM state).
+    let needed = header.l1_entries_needed()?;
+    let l1_bytes = needed * 8;
+    file.check_range(header.l1_table_offset, l1_bytes, "L1 table")
+        .map_err(|e| e.with_field("l1_table_offset").at(40))?;
+    let raw = file.read_vec(header.l1_table_offset, l1_bytes, "L1 table")?;
+    let l1: Vec<u64> = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
+
     let backing_name = if header.backing_file_offset != 0 && header.backing_file_size != 0 {
         let raw = file.read_vec(
             header.backing_file_offset,
@@ -139,13 +148,6 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Qcow2Image> {
         }
         None => None,
     };
-
-    let needed = header.l1_entries_needed()?;
-    let l1_bytes = needed * 8;
-    file.check_range(header.l1_table_offset, l1_bytes, "L1 table")
-        .map_err(|e| e.with_field("l1_table_offset").at(40))?;
-    let raw = file.read_vec(header.l1_table_offset, l1_bytes, "L1 table")?;
-    let l1: Vec<u64> = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
 
     let l2_entries = header.l2_entries();
     let cap = (L2_CACHE_BYTES / cs).max(16) as usize;
