@@ -515,11 +515,7 @@ impl ImageWriter for Qcow2Writer {
         let total = self.refs.next * cs;
         self.file
             .set_len(total)
-            .map_err(|e| Error::io("setting output length", e))?;
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io("flushing output", e))?;
-        Ok(())
+            .map_err(|e| Error::io("setting output length", e))
     }
 }
 
