@@ -413,10 +413,17 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
     if magic32 == KDMV_MAGIC {
         let h = read_kdmv_header(&file)?;
         if h.capacity == 0 && h.desc_offset != 0 {
-            // A sparse file whose embedded descriptor lists the extents.
+            // Either a sparse file whose embedded descriptor lists the extents (qemu's
+            // reading), or an empty monolithic image (which qemu cannot open).
             let d = read_embedded_descriptor(&file, &h)?
                 .ok_or_else(|| Error::invalid("empty embedded descriptor"))?;
-            return open_descriptor(&path, d, opts);
+            let self_contained = matches!(
+                d.create_type.as_deref(),
+                Some("monolithicSparse" | "streamOptimized")
+            );
+            if !self_contained {
+                return open_descriptor(&path, d, opts);
+            }
         }
         let desc = read_embedded_descriptor(&file, &h).unwrap_or(None);
         let sparse = SparseExtent::from_kdmv(file.clone(), &h)?;
