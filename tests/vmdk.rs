@@ -596,3 +596,96 @@ proptest! {
         prop_assert!(a == std::fs::read(&back).unwrap());
     }
 }
+
+#[test]
+fn delta_disk_reads_through_its_parent_only_when_allowed() {
+    if !have_qemu()
+        || std::process::Command::new("qemu-io")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base_raw = d.join("base.raw");
+    make_raw(&base_raw, 4 << 20, 31);
+    let base = d.join("base.vmdk");
+    qemu_img(&["convert", "-f", "raw", "-O", "vmdk", s(&base_raw), s(&base)]);
+    let child = d.join("child.vmdk");
+    qemu_img(&[
+        "create",
+        "-f",
+        "vmdk",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        s(&child),
+    ]);
+    run(&[
+        "qemu-io",
+        "-c",
+        "write -P 0x55 1M 100k",
+        "-c",
+        "write -P 0x66 3000k 1k",
+        s(&child),
+    ]);
+    assert_eq!(err(open_vmdk(&child)).kind(), ErrorKind::UnsafeReference);
+    let dev = open_refs(&child).unwrap();
+    assert_eq!(dev.info().backing_file.as_deref(), Some("base.vmdk"));
+    let want = d.join("want.raw");
+    qemu_img(&["convert", "-f", "vmdk", "-O", "raw", s(&child), s(&want)]);
+    assert_eq!(sha256_device(dev.as_ref()), sha256_file(&want));
+    // A parent whose CID does not match is refused, as qemu does.
+    let mut b = std::fs::read(&child).unwrap();
+    let at = b.windows(10).position(|w| w == b"parentCID=").unwrap() + 10;
+    b[at..at + 8].copy_from_slice(b"12345678");
+    std::fs::write(&child, &b).unwrap();
+    assert_eq!(err(open_refs(&child)).field(), Some("parentCID"));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Damaged images never panic: every open, map and read returns Ok or an error.
+    #[test]
+    fn mutated_images_never_panic(
+        stream in any::<bool>(),
+        edits in proptest::collection::vec((0usize..4, any::<u32>(), any::<u8>()), 1..12),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut b, _) = small_sparse(dir.path(), stream);
+        let n = b.len();
+        for (zone, pos, val) in edits {
+            let at = match zone {
+                0 => pos as usize % 512,
+                1 => 512 + pos as usize % 2048,
+                2 => n - 1 - pos as usize % 2048,
+                _ => pos as usize % n,
+            };
+            b[at] = val;
+        }
+        let p = dir.path().join("m.vmdk");
+        std::fs::write(&p, &b).unwrap();
+        if let Ok(dev) = open_vmdk(&p) {
+            let size = dev.virtual_size();
+            let mut off = 0;
+            let mut buf = vec![0u8; 1 << 16];
+            for _ in 0..256 {
+                if off >= size {
+                    break;
+                }
+                match dev.map(off, size - off) {
+                    Ok(m) => {
+                        prop_assert!(m.len > 0 && m.offset == off);
+                        let k = m.len.min(buf.len() as u64) as usize;
+                        let _ = dev.read_at(&mut buf[..k], off);
+                        off += m.len;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+}

