@@ -12,8 +12,9 @@ use super::sparse::MAX_DESCRIPTOR_BYTES;
 
 /// Longest extent file name we accept (qemu reads at most 511 bytes).
 const MAX_NAME: usize = 4096;
-/// Most extent lines we accept (twoGbMaxExtent of a 62 TiB disk needs ~31000).
-const MAX_EXTENTS: usize = 65536;
+/// Most extent lines we accept (twoGbMaxExtent of a 16 TiB disk needs 8192; VMware's
+/// hosted disks stop at 2 TiB).
+pub const MAX_EXTENTS: usize = 8192;
 
 /// Access mode of an extent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,8 +19,11 @@ use super::sparse::{
     SESPARSE_MAGIC,
 };
 
-/// Grain tables kept in the cache before it is cleared (at 2 KiB each: 8 MiB).
+/// Grain tables cached per image before a cache is cleared (at 2 KiB each: 8 MiB),
+/// shared out between the extents of a multi-extent image.
 const GT_CACHE_TABLES: usize = 4096;
+/// Total grain directory bytes all extents of one image may load.
+const MAX_TOTAL_GD_BYTES: u64 = 4 * super::sparse::MAX_GD_BYTES;
 
 /// Where one grain lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +50,8 @@ struct SparseExtent {
     markers: bool,
     zero_grain: bool,
     cache: Mutex<HashMap<usize, Arc<Vec<u32>>>>,
+    /// Tables this extent may cache.
+    cache_cap: usize,
 }
 
 impl SparseExtent {
@@ -64,6 +69,7 @@ impl SparseExtent {
             markers: h.flags & FLAG_MARKERS != 0,
             zero_grain: h.flags & FLAG_ZERO_GRAIN != 0,
             cache: Mutex::new(HashMap::new()),
+            cache_cap: GT_CACHE_TABLES,
             file,
         })
     }
@@ -86,6 +92,7 @@ impl SparseExtent {
             markers: false,
             zero_grain: false,
             cache: Mutex::new(HashMap::new()),
+            cache_cap: GT_CACHE_TABLES,
             file,
         })
     }
@@ -110,7 +117,7 @@ impl SparseExtent {
                 .map_err(|e| e.with_field(format!("grain directory entry {i}")))?,
         );
         let mut c = self.cache.lock().expect("gt cache lock");
-        if c.len() >= GT_CACHE_TABLES {
+        if c.len() >= self.cache_cap {
             c.clear();
         }
         c.insert(i, t.clone());
@@ -406,8 +413,13 @@ fn read_embedded_descriptor(file: &HostFile, h: &SparseHeader) -> Result<Option<
     if h.desc_offset == 0 || h.desc_size == 0 {
         return Ok(None);
     }
-    let len = (h.desc_size * SECTOR).min(MAX_DESCRIPTOR_BYTES);
-    let raw = file.read_vec(h.desc_offset * SECTOR, len, "embedded descriptor")?;
+    let len = h.desc_size.saturating_mul(SECTOR).min(MAX_DESCRIPTOR_BYTES);
+    let off = h.desc_offset.checked_mul(SECTOR).ok_or_else(|| {
+        Error::corrupt("descriptorOffset overflows")
+            .with_field("descriptorOffset")
+            .at(28)
+    })?;
+    let raw = file.read_vec(off, len, "embedded descriptor")?;
     Descriptor::parse(&raw).map(Some)
 }
 
@@ -458,13 +470,19 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
             data: ExtentData::Sparse(sparse),
             info,
         };
-        return finish(
+        let mut img = finish(
             vec![ext],
             desc.unwrap_or_default(),
             Some(create_type),
             &path,
             opts,
-        );
+        )?;
+        if h.unclean_shutdown {
+            img.info
+                .warnings
+                .push("the header's uncleanShutdown flag is set (not closed cleanly)".into());
+        }
+        return Ok(Box::new(img));
     }
     if magic32 == COWD_MAGIC {
         let h = CowdHeader::parse(&head)?;
@@ -478,13 +496,13 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
             data: ExtentData::Sparse(sparse),
             info,
         };
-        return finish(
+        return Ok(Box::new(finish(
             vec![ext],
             Descriptor::default(),
             Some("vmfsSparse".into()),
             &path,
             opts,
-        );
+        )?));
     }
     if head.len() >= 8 && LE::read_u64(&head[..8]) == SESPARSE_MAGIC {
         return Err(Error::unsupported(
@@ -518,6 +536,8 @@ fn open_descriptor(
     }
     let mut extents = Vec::with_capacity(d.extents.len());
     let mut start = 0u64;
+    let cache_cap = (GT_CACHE_TABLES / d.extents.len()).max(16);
+    let mut gd_bytes = 0u64;
     for (i, e) in d.extents.iter().enumerate() {
         let field = format!("extent {i}");
         let declared = e.sectors.checked_mul(SECTOR).ok_or_else(|| {
@@ -571,8 +591,18 @@ fn open_descriptor(
                             .with_path(f.path()))
                     }
                 };
+                let mut sparse = sparse;
+                sparse.cache_cap = cache_cap;
+                gd_bytes += sparse.gd.len() as u64 * 4;
+                if gd_bytes > MAX_TOTAL_GD_BYTES {
+                    return Err(Error::limit(format!(
+                        "the extents' grain directories exceed {} MiB in total",
+                        MAX_TOTAL_GD_BYTES >> 20
+                    ))
+                    .with_field(field.clone()));
+                }
                 let info = extent_info(
-                    &f.path().to_string_lossy(),
+                    &name,
                     e.kind.name(),
                     sparse.size,
                     Some(sparse.grain),
@@ -603,7 +633,7 @@ fn open_descriptor(
             .ok_or_else(|| Error::limit("total extent size overflows 64 bits"))?;
     }
     let ct = d.create_type.clone();
-    finish(extents, d, ct, image, opts)
+    Ok(Box::new(finish(extents, d, ct, image, opts)?))
 }
 
 fn finish(
@@ -612,7 +642,7 @@ fn finish(
     create_type: Option<String>,
     image: &Path,
     opts: &OpenOptions,
-) -> Result<Box<dyn BlockDevice>> {
+) -> Result<VmdkImage> {
     // A delta disk reads unallocated grains from its parent, which is opened only
     // through the reference gate (refused by default) and must carry the CID recorded
     // as our parentCID, as qemu checks.
@@ -677,12 +707,12 @@ fn finish(
         format_specific: Some(serde_json::json!({"type": "vmdk", "data": data})),
         ..Default::default()
     };
-    Ok(Box::new(VmdkImage {
+    Ok(VmdkImage {
         size,
         extents,
         info,
         parent,
-    }))
+    })
 }
 
 impl VmdkImage {
