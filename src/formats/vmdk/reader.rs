@@ -14,9 +14,9 @@ use crate::formats::{Format, OpenOptions};
 
 use super::descriptor::{looks_like_descriptor, Access, Descriptor, ExtentType};
 use super::sparse::{
-    CowdHeader, Marker, SparseHeader, COWD_GTES_PER_GT, COWD_MAGIC, FLAG_MARKERS, FLAG_ZERO_GRAIN,
-    GD_AT_END, GTE_ZEROED, KDMV_MAGIC, MARKER_EOS, MARKER_FOOTER, MAX_DESCRIPTOR_BYTES, SECTOR,
-    SESPARSE_MAGIC,
+    CowdHeader, Marker, SeSparseHeader, SparseHeader, COWD_GTES_PER_GT, COWD_MAGIC, FLAG_MARKERS,
+    FLAG_ZERO_GRAIN, GD_AT_END, KDMV_MAGIC, MARKER_EOS, MARKER_FOOTER, MAX_DESCRIPTOR_BYTES,
+    SECTOR, SESPARSE_MAGIC,
 };
 
 /// Grain tables cached per image before a cache is cleared (at 2 KiB each: 8 MiB),
@@ -34,6 +34,24 @@ enum Grain {
     Data(u64),
     /// Compressed grain (its marker/header) at this host byte offset.
     Compressed(u64),
+    /// A grain table entry no valid image holds.
+    Bad(u64),
+}
+
+/// Grain table entries are normalized when a table is loaded: 0 unallocated, or one of
+/// these tags with the grain's host sector in the low bits.
+const TAG_DATA: u64 = 1 << 63;
+const TAG_ZERO: u64 = 1 << 62;
+const TAG_BAD: u64 = 3 << 62;
+const SECTOR_MASK: u64 = (1 << 62) - 1;
+
+/// How a sparse extent's grain table entries are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entries {
+    /// 32-bit sector numbers (KDMV, COWD); `zero_grain` makes 1 mean "zeroed".
+    Sector32 { zero_grain: bool },
+    /// ESXi seSparse 64-bit entries; allocated grains are counted from `grains` (sectors).
+    SeSparse { grains: u64, grain_sectors: u64 },
 }
 
 /// A sparse extent: grain directory loaded up front (bounded), grain tables cached.
@@ -48,8 +66,8 @@ struct SparseExtent {
     gd: Vec<u32>,
     compressed: bool,
     markers: bool,
-    zero_grain: bool,
-    cache: Mutex<HashMap<usize, Arc<Vec<u32>>>>,
+    entries: Entries,
+    cache: Mutex<HashMap<usize, Arc<Vec<u64>>>>,
     /// Tables this extent may cache.
     cache_cap: usize,
 }
@@ -67,7 +85,9 @@ impl SparseExtent {
             gd,
             compressed: h.compressed(),
             markers: h.flags & FLAG_MARKERS != 0,
-            zero_grain: h.flags & FLAG_ZERO_GRAIN != 0,
+            entries: Entries::Sector32 {
+                zero_grain: h.flags & FLAG_ZERO_GRAIN != 0,
+            },
             cache: Mutex::new(HashMap::new()),
             cache_cap: GT_CACHE_TABLES,
             file,
@@ -90,15 +110,76 @@ impl SparseExtent {
             gd,
             compressed: false,
             markers: false,
-            zero_grain: false,
+            entries: Entries::Sector32 { zero_grain: false },
             cache: Mutex::new(HashMap::new()),
             cache_cap: GT_CACHE_TABLES,
             file,
         })
     }
 
-    /// The grain table `i`, or None when its directory entry is 0 (all unallocated).
-    fn table(&self, i: usize) -> Result<Option<Arc<Vec<u32>>>> {
+    fn from_sesparse(file: Arc<HostFile>) -> Result<Self> {
+        let head = file.read_vec(0, 512, "seSparse header")?;
+        let h = SeSparseHeader::parse(&head).map_err(|e| e.with_path(file.path()))?;
+        let voff = h
+            .volatile_header_offset
+            .checked_mul(SECTOR)
+            .ok_or_else(|| {
+                Error::corrupt("seSparse volatile header offset overflows")
+                    .with_field("volatile_header_offset")
+            })?;
+        SeSparseHeader::check_volatile(&file.read_vec(voff, 512, "seSparse volatile header")?)?;
+        let entries = h.gd_entries()?;
+        if h.capacity.checked_mul(SECTOR).is_none() {
+            return Err(Error::limit("seSparse capacity overflows").with_field("capacity"));
+        }
+        let gd_off = h.grain_dir_offset.checked_mul(SECTOR).ok_or_else(|| {
+            Error::corrupt("seSparse grain directory offset overflows")
+                .with_field("grain_dir_offset")
+        })?;
+        let raw = file.read_vec(gd_off, entries * 8, "seSparse grain directory")?;
+        // Directory entries become grain table sectors (which qemu requires to fit 32 bits).
+        let mut gd = Vec::with_capacity(entries as usize);
+        for (i, c) in raw.chunks_exact(8).enumerate() {
+            let v = LE::read_u64(c);
+            if v == 0 {
+                gd.push(0);
+                continue;
+            }
+            let sector = (v & 0xffff_ffff_0000_0000 == 0x1000_0000_0000_0000)
+                .then(|| (v & 0xffff_ffff) * 64)
+                .and_then(|x| x.checked_add(h.grain_tables_offset))
+                .and_then(|x| u32::try_from(x).ok())
+                .filter(|&x| x != 0);
+            match sector {
+                Some(x) => gd.push(x),
+                None => {
+                    return Err(Error::corrupt(format!(
+                        "seSparse grain directory entry {i} is invalid ({v:#x})"
+                    ))
+                    .with_field("grain directory")
+                    .at(gd_off + i as u64 * 8))
+                }
+            }
+        }
+        Ok(SparseExtent {
+            size: h.capacity * SECTOR,
+            grain: h.grain_size * SECTOR,
+            gtes: 4096,
+            gd,
+            compressed: false,
+            markers: false,
+            entries: Entries::SeSparse {
+                grains: h.grains_offset,
+                grain_sectors: h.grain_size,
+            },
+            cache: Mutex::new(HashMap::new()),
+            cache_cap: GT_CACHE_TABLES,
+            file,
+        })
+    }
+
+    /// The grain table `i` (normalized entries), or None when its directory entry is 0.
+    fn table(&self, i: usize) -> Result<Option<Arc<Vec<u64>>>> {
         let Some(&sector) = self.gd.get(i) else {
             return Err(Error::corrupt(format!(
                 "grain directory has no entry {i} for the extent's capacity"
@@ -112,10 +193,49 @@ impl SparseExtent {
             return Ok(Some(t.clone()));
         }
         let off = u64::from(sector) * SECTOR;
-        let t = Arc::new(
-            read_u32s(&self.file, off, self.gtes, "grain table")
-                .map_err(|e| e.with_field(format!("grain directory entry {i}")))?,
-        );
+        let field = || format!("grain directory entry {i}");
+        let t: Vec<u64> = match self.entries {
+            Entries::Sector32 { zero_grain } => {
+                read_u32s(&self.file, off, self.gtes, "grain table")
+                    .map_err(|e| e.with_field(field()))?
+                    .into_iter()
+                    .map(|r| match r {
+                        0 => 0,
+                        1 if zero_grain => TAG_ZERO,
+                        r => TAG_DATA | u64::from(r),
+                    })
+                    .collect()
+            }
+            Entries::SeSparse {
+                grains,
+                grain_sectors,
+            } => {
+                let raw = self
+                    .file
+                    .read_vec(off, self.gtes * 8, "grain table")
+                    .map_err(|e| e.with_field(field()))?;
+                raw.chunks_exact(8)
+                    .map(|c| {
+                        let v = LE::read_u64(c);
+                        match v >> 60 {
+                            0 if v == 0 => 0,
+                            1 | 2 => TAG_ZERO,
+                            3 => {
+                                let cluster = ((v & 0x0fff_0000_0000_0000) >> 48)
+                                    | ((v & 0x0000_ffff_ffff_ffff) << 12);
+                                cluster
+                                    .checked_mul(grain_sectors)
+                                    .and_then(|x| x.checked_add(grains))
+                                    .filter(|x| *x <= SECTOR_MASK / SECTOR)
+                                    .map_or(TAG_BAD | (v & SECTOR_MASK), |x| TAG_DATA | x)
+                            }
+                            _ => TAG_BAD | (v & SECTOR_MASK),
+                        }
+                    })
+                    .collect()
+            }
+        };
+        let t = Arc::new(t);
         let mut c = self.cache.lock().expect("gt cache lock");
         if c.len() >= self.cache_cap {
             c.clear();
@@ -124,12 +244,15 @@ impl SparseExtent {
         Ok(Some(t))
     }
 
-    fn classify(&self, gte: u32) -> Grain {
-        match gte {
-            0 => Grain::Unallocated,
-            GTE_ZEROED if self.zero_grain => Grain::Zero,
-            s if self.compressed => Grain::Compressed(u64::from(s) * SECTOR),
-            s => Grain::Data(u64::from(s) * SECTOR),
+    fn classify(&self, e: u64) -> Grain {
+        if e == 0 {
+            return Grain::Unallocated;
+        }
+        match e & !SECTOR_MASK {
+            TAG_ZERO => Grain::Zero,
+            TAG_DATA if self.compressed => Grain::Compressed((e & SECTOR_MASK) * SECTOR),
+            TAG_DATA => Grain::Data((e & SECTOR_MASK) * SECTOR),
+            _ => Grain::Bad(e & SECTOR_MASK),
         }
     }
 
@@ -138,7 +261,14 @@ impl SparseExtent {
         let Some(t) = self.table((g / self.gtes) as usize)? else {
             return Ok(Grain::Unallocated);
         };
-        Ok(self.classify(t[(g % self.gtes) as usize]))
+        match self.classify(t[(g % self.gtes) as usize]) {
+            Grain::Bad(v) => Err(Error::corrupt(format!(
+                "grain table entry for guest offset {off:#x} is invalid ({v:#x})"
+            ))
+            .with_field("grain table entry")
+            .with_path(self.file.path())),
+            g => Ok(g),
+        }
     }
 
     /// Map `[off, off+max)` (extent-relative, inside the extent): length and kind of the
@@ -147,7 +277,8 @@ impl SparseExtent {
         let end = self.size.min(off.saturating_add(max));
         let first = self.grain_at(off)?;
         let kind_of = |g: Grain, at: u64| match g {
-            Grain::Unallocated => MappingKind::Unallocated,
+            // grain_at never returns Bad.
+            Grain::Unallocated | Grain::Bad(_) => MappingKind::Unallocated,
             Grain::Zero => MappingKind::Zero,
             Grain::Data(h) => MappingKind::Data {
                 host: in_main.then_some(h + at % self.grain),
@@ -505,9 +636,24 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
         )?));
     }
     if head.len() >= 8 && LE::read_u64(&head[..8]) == SESPARSE_MAGIC {
-        return Err(Error::unsupported(
-            "seSparse VMDK extents (ESXi 6.5+ snapshots) are not supported",
-        ));
+        // A bare seSparse extent (normally reached through its descriptor).
+        let sparse = SparseExtent::from_sesparse(file.clone())?;
+        let name = path.to_string_lossy().into_owned();
+        let info = extent_info(&name, "SESPARSE", sparse.size, Some(sparse.grain), false);
+        let ext = Extent {
+            start: 0,
+            size: sparse.size,
+            in_main: true,
+            data: ExtentData::Sparse(sparse),
+            info,
+        };
+        return Ok(Box::new(finish(
+            vec![ext],
+            Descriptor::default(),
+            Some("seSparse".into()),
+            &path,
+            opts,
+        )?));
     }
     if len > MAX_DESCRIPTOR_BYTES {
         return Err(Error::limit(format!(
@@ -612,10 +758,20 @@ fn open_descriptor(
                 (sparse.size, ExtentData::Sparse(sparse), info)
             }
             (ExtentType::SeSparse, _) => {
-                return Err(Error::unsupported(
-                    "seSparse VMDK extents (ESXi 6.5+ snapshots) are not supported",
-                )
-                .with_field(field))
+                let f = open_file()?;
+                let mut sparse =
+                    SparseExtent::from_sesparse(f).map_err(|e| e.with_field(field.clone()))?;
+                sparse.cache_cap = cache_cap;
+                gd_bytes += sparse.gd.len() as u64 * 4;
+                if gd_bytes > MAX_TOTAL_GD_BYTES {
+                    return Err(Error::limit(
+                        "the extents' grain directories are too big in total",
+                    )
+                    .with_field(field.clone()));
+                }
+                let info =
+                    extent_info(&name, e.kind.name(), sparse.size, Some(sparse.grain), false);
+                (sparse.size, ExtentData::Sparse(sparse), info)
             }
             (ExtentType::Other(t), _) => {
                 return Err(Error::unsupported(format!("VMDK extent type '{t}'")).with_field(field))
