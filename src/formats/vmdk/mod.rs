@@ -2,10 +2,11 @@
 //!
 //! Reads hosted sparse extents (`KDMV` v1-3, zeroed grains, redundant grain directory),
 //! streamOptimized files (VMware's marker layout with the header in the footer, and
-//! qemu's without markers), legacy `COWD` extents, and descriptor files concatenating
-//! FLAT / SPARSE / VMFS / ZERO extents, whose files are opened only through
-//! [`OpenOptions::open_reference_file`]. Writes monolithicSparse (default) and
-//! streamOptimized as VMware writes it.
+//! qemu's without markers), legacy `COWD` and ESXi seSparse extents, descriptor files
+//! concatenating FLAT / SPARSE / VMFS / SESPARSE / ZERO extents, and delta disks (read
+//! through their parent). Extent and parent files are opened only through the
+//! [`OpenOptions`] reference gate. Writes monolithicSparse (default) and streamOptimized
+//! as VMware writes it.
 
 use std::fs::File;
 

@@ -1,6 +1,8 @@
 //! Reading VMDK images: monolithic sparse files (hosted sparse and streamOptimized, with
-//! or without markers), legacy COWD extents, and descriptor files that concatenate FLAT,
-//! SPARSE, VMFS and ZERO extents (extent files opened only through the reference gate).
+//! or without markers), legacy COWD and ESXi seSparse extents, descriptor files that
+//! concatenate FLAT, SPARSE, VMFS, SESPARSE and ZERO extents, and delta disks reading
+//! through their parent. Every file named inside an image (extent, parent) is opened only
+//! through the reference gate.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,9 +21,9 @@ use super::sparse::{
     SECTOR, SESPARSE_MAGIC,
 };
 
-/// Grain tables cached per image before a cache is cleared (at 2 KiB each: 8 MiB),
-/// shared out between the extents of a multi-extent image.
-const GT_CACHE_TABLES: usize = 4096;
+/// Bytes of (normalized, 8 bytes per entry) grain tables cached per image before a
+/// cache is cleared, shared out between the extents of a multi-extent image.
+const GT_CACHE_BYTES: usize = 16 << 20;
 /// Total grain directory bytes all extents of one image may load.
 const MAX_TOTAL_GD_BYTES: u64 = 4 * super::sparse::MAX_GD_BYTES;
 
@@ -68,8 +70,8 @@ struct SparseExtent {
     markers: bool,
     entries: Entries,
     cache: Mutex<HashMap<usize, Arc<Vec<u64>>>>,
-    /// Tables this extent may cache.
-    cache_cap: usize,
+    /// How many extents share the image's grain table cache budget.
+    cache_share: usize,
 }
 
 impl SparseExtent {
@@ -89,7 +91,7 @@ impl SparseExtent {
                 zero_grain: h.flags & FLAG_ZERO_GRAIN != 0,
             },
             cache: Mutex::new(HashMap::new()),
-            cache_cap: GT_CACHE_TABLES,
+            cache_share: 1,
             file,
         })
     }
@@ -112,7 +114,7 @@ impl SparseExtent {
             markers: false,
             entries: Entries::Sector32 { zero_grain: false },
             cache: Mutex::new(HashMap::new()),
-            cache_cap: GT_CACHE_TABLES,
+            cache_share: 1,
             file,
         })
     }
@@ -173,7 +175,7 @@ impl SparseExtent {
                 grain_sectors: h.grain_size,
             },
             cache: Mutex::new(HashMap::new()),
-            cache_cap: GT_CACHE_TABLES,
+            cache_share: 1,
             file,
         })
     }
@@ -189,7 +191,7 @@ impl SparseExtent {
         if sector == 0 {
             return Ok(None);
         }
-        if let Some(t) = self.cache.lock().expect("gt cache lock").get(&i) {
+        if let Some(t) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&i) {
             return Ok(Some(t.clone()));
         }
         let off = u64::from(sector) * SECTOR;
@@ -236,8 +238,9 @@ impl SparseExtent {
             }
         };
         let t = Arc::new(t);
-        let mut c = self.cache.lock().expect("gt cache lock");
-        if c.len() >= self.cache_cap {
+        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let cap = (GT_CACHE_BYTES / (self.gtes as usize * 8) / self.cache_share).max(4);
+        if c.len() >= cap {
             c.clear();
         }
         c.insert(i, t.clone());
@@ -682,7 +685,7 @@ fn open_descriptor(
     }
     let mut extents = Vec::with_capacity(d.extents.len());
     let mut start = 0u64;
-    let cache_cap = (GT_CACHE_TABLES / d.extents.len()).max(16);
+    let cache_share = d.extents.len();
     let mut gd_bytes = 0u64;
     for (i, e) in d.extents.iter().enumerate() {
         let field = format!("extent {i}");
@@ -738,7 +741,7 @@ fn open_descriptor(
                     }
                 };
                 let mut sparse = sparse;
-                sparse.cache_cap = cache_cap;
+                sparse.cache_share = cache_share;
                 gd_bytes += sparse.gd.len() as u64 * 4;
                 if gd_bytes > MAX_TOTAL_GD_BYTES {
                     return Err(Error::limit(format!(
@@ -761,7 +764,7 @@ fn open_descriptor(
                 let f = open_file()?;
                 let mut sparse =
                     SparseExtent::from_sesparse(f).map_err(|e| e.with_field(field.clone()))?;
-                sparse.cache_cap = cache_cap;
+                sparse.cache_share = cache_share;
                 gd_bytes += sparse.gd.len() as u64 * 4;
                 if gd_bytes > MAX_TOTAL_GD_BYTES {
                     return Err(Error::limit(
@@ -851,7 +854,6 @@ fn finish(
         .filter(|f| !f.is_empty())
         .map(str::to_string)
         .collect::<Vec<_>>();
-    let _ = image;
     let info = ImageInfo {
         format: "vmdk".into(),
         virtual_size: size,

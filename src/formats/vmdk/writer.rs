@@ -174,12 +174,15 @@ impl VmdkOptions {
     /// The embedded descriptor text.
     pub fn descriptor(&self, create_type: &str, extent_name: &str) -> String {
         let heads: u64 = if self.adapter == "ide" { 16 } else { 255 };
-        let cylinders = self.capacity * SECTOR / (63 * heads * SECTOR);
-        let encoding = if self.subformat == Subformat::StreamOptimized {
-            "encoding=\"UTF-8\"\n"
+        let stream = self.subformat == Subformat::StreamOptimized;
+        let cylinders = if stream {
+            // VMware's own stream writer: rounded up, at least 1, capped at 65535.
+            self.capacity.div_ceil(63 * heads).clamp(1, 65535)
         } else {
-            ""
+            // qemu's formula, for byte-for-byte familiar monolithicSparse descriptors.
+            self.capacity / (63 * heads)
         };
+        let encoding = if stream { "encoding=\"UTF-8\"\n" } else { "" };
         format!(
             "# Disk DescriptorFile\nversion=1\n{encoding}CID={:08x}\nparentCID=ffffffff\ncreateType=\"{create_type}\"\n\n\
              # Extent description\nRW {} SPARSE \"{extent_name}\"\n\n\
