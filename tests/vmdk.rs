@@ -774,3 +774,47 @@ fn sesparse_extent_reads_like_qemu() {
         ErrorKind::Corrupt
     );
 }
+
+#[test]
+fn legacy_cowd_extent_reads_like_qemu() {
+    use diskconv::formats::vmdk::sparse::CowdHeader;
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.vmdk");
+    let h = CowdHeader {
+        version: 1,
+        flags: 3,
+        capacity: 4096,
+        grain_size: 8,
+        gd_offset: 4,
+        gd_entries: 1,
+    };
+    let f = std::fs::File::create(&p).unwrap();
+    f.write_all_at(&h.to_bytes(), 0).unwrap();
+    // qemu insists on finding a CID in the text at 0x200.
+    f.write_all_at(b"CID=12345678\nparentCID=ffffffff\n", 512)
+        .unwrap();
+    f.write_all_at(&5u32.to_le_bytes(), 4 * 512).unwrap();
+    let mut expect = vec![0u8; 4096 * 512];
+    let mut rng = Rng(11);
+    for (i, g) in [0u64, 3, 4, 511].iter().enumerate() {
+        let sector = 37 + 8 * i as u32;
+        f.write_all_at(&sector.to_le_bytes(), 5 * 512 + g * 4)
+            .unwrap();
+        let mut b = vec![0u8; 4096];
+        rng.fill(&mut b);
+        f.write_all_at(&b, u64::from(sector) * 512).unwrap();
+        expect[(g * 4096) as usize..(g * 4096 + 4096) as usize].copy_from_slice(&b);
+    }
+    drop(f);
+    let dev = open_vmdk(&p).unwrap();
+    let mut got = vec![1u8; expect.len()];
+    dev.read_at(&mut got, 0).unwrap();
+    assert!(got == expect);
+    // Grains 3 and 4 are host-contiguous: one mapping.
+    let m = dev.map(3 * 4096, 1 << 20).unwrap();
+    assert_eq!(m.len, 8192);
+    if have_qemu() {
+        assert_reads_like_qemu(&p, Format::Vmdk, dir.path());
+    }
+}
