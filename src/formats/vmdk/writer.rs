@@ -183,10 +183,22 @@ impl VmdkOptions {
             self.capacity / (63 * heads)
         };
         let encoding = if stream { "encoding=\"UTF-8\"\n" } else { "" };
+        // VMware's stream writer also records a content id the importers may compare.
+        let long_id = if stream {
+            format!(
+                "ddb.longContentID = \"{:08x}{:08x}{:08x}{:08x}\"\n",
+                new_cid(),
+                new_cid(),
+                new_cid(),
+                new_cid()
+            )
+        } else {
+            String::new()
+        };
         format!(
             "# Disk DescriptorFile\nversion=1\n{encoding}CID={:08x}\nparentCID=ffffffff\ncreateType=\"{create_type}\"\n\n\
              # Extent description\nRW {} SPARSE \"{extent_name}\"\n\n\
-             # The Disk Data Base\n#DDB\n\n\
+             # The Disk Data Base\n#DDB\n\n{long_id}\
              ddb.virtualHWVersion = \"{}\"\nddb.geometry.cylinders = \"{cylinders}\"\n\
              ddb.geometry.heads = \"{heads}\"\nddb.geometry.sectors = \"63\"\n\
              ddb.adapterType = \"{}\"\nddb.toolsVersion = \"{}\"\n",
