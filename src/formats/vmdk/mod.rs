@@ -1,28 +1,49 @@
-//! vmdk: not yet implemented (placeholder so the dispatch compiles; the format issue replaces it).
+//! VMDK (VMware virtual disk).
+//!
+//! Reads hosted sparse extents (`KDMV` v1-3, zeroed grains, redundant grain directory),
+//! streamOptimized files (VMware's marker layout with the header in the footer, and
+//! qemu's without markers), legacy `COWD` and ESXi seSparse extents, descriptor files
+//! concatenating FLAT / SPARSE / VMFS / SESPARSE / ZERO extents, and delta disks (read
+//! through their parent). Extent and parent files are opened only through the
+//! [`OpenOptions`] reference gate. Writes monolithicSparse (default) and streamOptimized
+//! as VMware writes it.
 
 use std::fs::File;
 
 use crate::device::{BlockDevice, HostFile};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::formats::{CreateOptions, OpenOptions, OptionHelp};
 use crate::writer::ImageWriter;
 
-/// Options `-O vmdk` accepts.
-pub const CREATE_OPTIONS: &[OptionHelp] = &[];
+pub mod descriptor;
+pub mod reader;
+pub mod sparse;
+pub mod stream;
+pub mod writer;
 
-/// Does the start of a file look like vmdk?
+use writer::{Subformat, VmdkOptions};
+
+/// Options `-O vmdk` accepts.
+pub const CREATE_OPTIONS: &[OptionHelp] = writer::CREATE_OPTIONS;
+
+/// Does the start of a file look like vmdk? (`KDMV`/`COWD` magic, or descriptor text
+/// whose first line after comments is `version=N`, as qemu probes.)
 pub fn probe(head: &[u8]) -> bool {
-    head.starts_with(b"KDMV") || head.starts_with(b"# Disk DescriptorFile")
+    head.starts_with(b"KDMV")
+        || head.starts_with(b"COWD")
+        || descriptor::looks_like_descriptor(head)
 }
 
 /// Open a vmdk image.
-pub fn open(_file: HostFile, _opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
-    Err(Error::unsupported("vmdk images are not supported yet"))
+pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
+    reader::open(file, opts)
 }
 
-/// Make a vmdk writer.
-pub fn create_writer(_file: File, _opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
-    Err(Error::unsupported(
-        "writing vmdk images is not supported yet",
-    ))
+/// Make a vmdk writer (`subformat=monolithicSparse` or `streamOptimized`).
+pub fn create_writer(file: File, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+    let o = VmdkOptions::parse(opts)?;
+    Ok(match o.subformat {
+        Subformat::MonolithicSparse => Box::new(writer::SparseWriter::new(file, o)?),
+        Subformat::StreamOptimized => Box::new(stream::StreamWriter::new(file, o)?),
+    })
 }
