@@ -455,7 +455,7 @@ pub fn create_writer(
         Format::Raw => raw::create_writer(file, opts),
         Format::Qcow2 => qcow2::create_writer(file, opts),
         Format::Vhd => vhd::create_writer(file, opts),
-        Format::Vmdk => vmdk::create_writer(file, opts),
+        Format::Vmdk => vmdk::create_writer(file, path, opts),
         Format::Vdi => vdi::create_writer(file, opts),
     };
     w.map_err(|e| e.with_path(path))

@@ -39,9 +39,14 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
     reader::open(file, opts)
 }
 
-/// Make a vmdk writer (`subformat=monolithicSparse` or `streamOptimized`).
-pub fn create_writer(file: File, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
-    let o = VmdkOptions::parse(opts)?;
+/// Make a vmdk writer (`subformat=monolithicSparse` or `streamOptimized`) for an output
+/// that will be renamed to `dest` (named in the embedded descriptor).
+pub fn create_writer(
+    file: File,
+    dest: &std::path::Path,
+    opts: &CreateOptions,
+) -> Result<Box<dyn ImageWriter>> {
+    let o = VmdkOptions::parse(opts, dest)?;
     Ok(match o.subformat {
         Subformat::MonolithicSparse => Box::new(writer::SparseWriter::new(file, o)?),
         Subformat::StreamOptimized => Box::new(stream::StreamWriter::new(file, o)?),

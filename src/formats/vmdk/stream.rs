@@ -22,7 +22,7 @@ use super::sparse::{
     FLAG_NL_DETECT, GD_AT_END, GTES_PER_GT, MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT,
     SECTOR,
 };
-use super::writer::{output_name, VmdkOptions, GRAIN_SECTORS};
+use super::writer::{VmdkOptions, GRAIN_SECTORS};
 
 const GRAIN: u64 = GRAIN_SECTORS * SECTOR;
 const GT_BYTES: u64 = GTES_PER_GT as u64 * 4;
@@ -109,7 +109,7 @@ pub struct StreamWriter {
 impl StreamWriter {
     /// Write the header and descriptor and return the writer.
     pub fn new(file: File, opts: VmdkOptions) -> Result<Self> {
-        let desc = opts.descriptor("streamOptimized", &output_name(&file));
+        let desc = opts.descriptor("streamOptimized", &opts.extent_name);
         let desc_sectors = (desc.len() as u64).div_ceil(SECTOR).max(1);
         let overhead = (1 + desc_sectors).next_multiple_of(GRAIN_SECTORS);
         let gd_entries = opts
@@ -257,11 +257,7 @@ impl ImageWriter for StreamWriter {
             size: 0,
             kind: MARKER_EOS,
         };
-        self.append(&eos.to_bytes(), "end-of-stream marker")?;
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io("flushing output", e))?;
-        Ok(())
+        self.append(&eos.to_bytes(), "end-of-stream marker")
     }
 }
 

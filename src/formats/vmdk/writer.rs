@@ -85,11 +85,14 @@ pub struct VmdkOptions {
     pub level: u32,
     /// Capacity in sectors (the size rounded up to whole sectors).
     pub capacity: u64,
+    /// The output's file name, for the descriptor's extent line.
+    pub extent_name: String,
 }
 
 impl VmdkOptions {
-    /// Parse and check `opts` the way qemu-img does.
-    pub fn parse(opts: &CreateOptions) -> Result<Self> {
+    /// Parse and check `opts` the way qemu-img does; `dest` is the output path (its file
+    /// name goes into the descriptor's extent line).
+    pub fn parse(opts: &CreateOptions, dest: &std::path::Path) -> Result<Self> {
         let subformat = match opts.str_option("subformat").unwrap_or("monolithicSparse") {
             "monolithicSparse" => Subformat::MonolithicSparse,
             "streamOptimized" => Subformat::StreamOptimized,
@@ -168,6 +171,7 @@ impl VmdkOptions {
             zeroed_grain: opts.bool_option("zeroed_grain")?.unwrap_or(false),
             level,
             capacity,
+            extent_name: extent_name(dest),
         })
     }
 
@@ -223,40 +227,19 @@ fn check_text(key: &str, v: &str) -> Result<()> {
 
 /// A content id that is neither of the reserved values 0xffffffff / 0xfffffffe.
 fn new_cid() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    let v = h.finish() as u32;
-    if v >= 0xffff_fffe {
-        0x1234_5678
-    } else {
-        v
-    }
+    let b = crate::formats::random_uuid_v4();
+    let v = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    // 0xfffffffe/0xffffffff mean "no parent" / "unset" in CID fields.
+    v & 0x7fff_ffff
 }
 
-/// The name the output file will have, recovered from the temporary file the core opened
-/// (`.NAME.diskconv-PID-N.tmp`), for the descriptor's extent line.
-pub fn output_name(file: &File) -> String {
-    use std::os::unix::io::AsRawFd;
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()));
-    let name = link
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
-    let name = match name {
-        Some(n) => match n
-            .strip_prefix('.')
-            .and_then(|r| r.rfind(".diskconv-").map(|i| r[..i].to_string()))
-        {
-            Some(orig) => orig,
-            None => n,
-        },
-        None => String::new(),
-    };
+/// The descriptor's extent name for an output at `dest`: its file name, unless that cannot
+/// stand between the descriptor's quotes.
+fn extent_name(dest: &std::path::Path) -> String {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if name.is_empty() || name.contains('"') || name.chars().any(char::is_control) {
         "disk.vmdk".to_string()
     } else {
@@ -316,7 +299,7 @@ impl SparseWriter {
     /// A writer over the empty `file`.
     pub fn new(file: File, opts: VmdkOptions) -> Result<Self> {
         let layout = Layout::new(opts.capacity);
-        let desc = opts.descriptor("monolithicSparse", &output_name(&file));
+        let desc = opts.descriptor("monolithicSparse", &opts.extent_name);
         if desc.len() as u64 > DESC_SECTORS * SECTOR {
             return Err(Error::arg("descriptor does not fit in 20 sectors"));
         }
@@ -417,11 +400,7 @@ impl ImageWriter for SparseWriter {
         }
         self.file
             .set_len(self.next_sector * SECTOR)
-            .map_err(|e| Error::io("setting output length", e))?;
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io("flushing output", e))?;
-        Ok(())
+            .map_err(|e| Error::io("setting output length", e))
     }
 }
 
@@ -442,21 +421,21 @@ mod tests {
     #[test]
     fn options_are_checked() {
         let o = CreateOptions::new(1 << 20);
-        let v = VmdkOptions::parse(&o).unwrap();
+        let v = VmdkOptions::parse(&o, std::path::Path::new("x.vmdk")).unwrap();
         assert_eq!((v.adapter.as_str(), v.hwversion.as_str()), ("ide", "4"));
         let o = CreateOptions::new(1 << 20)
             .option("compat6", "on")
             .option("hwversion", "7");
-        assert!(VmdkOptions::parse(&o).is_err());
+        assert!(VmdkOptions::parse(&o, std::path::Path::new("x.vmdk")).is_err());
         let o = CreateOptions::new(1 << 20).option("adapter_type", "scsi");
-        assert!(VmdkOptions::parse(&o).is_err());
+        assert!(VmdkOptions::parse(&o, std::path::Path::new("x.vmdk")).is_err());
         let o = CreateOptions::new(1 << 20).option("subformat", "streamOptimized");
-        let v = VmdkOptions::parse(&o).unwrap();
+        let v = VmdkOptions::parse(&o, std::path::Path::new("x.vmdk")).unwrap();
         assert_eq!(v.adapter, "lsilogic");
         assert!(v
             .descriptor("streamOptimized", "x.vmdk")
             .contains("createType=\"streamOptimized\""));
         let o = CreateOptions::new(1 << 20).option("toolsversion", "a\"b");
-        assert!(VmdkOptions::parse(&o).is_err());
+        assert!(VmdkOptions::parse(&o, std::path::Path::new("x.vmdk")).is_err());
     }
 }
