@@ -5,7 +5,14 @@ use common::*;
 use diskconv::{ConvertOptions, Format, OpenOptions};
 
 /// (label, format, options, compress)
-const TARGETS: &[(&str, Format, &[(&str, &str)], bool)] = &[
+type Target = (
+    &'static str,
+    Format,
+    &'static [(&'static str, &'static str)],
+    bool,
+);
+
+const TARGETS: &[Target] = &[
     ("raw", Format::Raw, &[], false),
     ("qcow2", Format::Qcow2, &[], false),
     (
@@ -34,11 +41,7 @@ const TARGETS: &[(&str, Format, &[(&str, &str)], bool)] = &[
     ("vdi-static", Format::Vdi, &[("static", "on")], false),
 ];
 
-fn convert_to(
-    src: &std::path::Path,
-    dst: &std::path::Path,
-    t: &(&str, Format, &[(&str, &str)], bool),
-) {
+fn convert_to(src: &std::path::Path, dst: &std::path::Path, t: &Target) {
     let mut o = ConvertOptions::new(t.1);
     for (k, v) in t.2 {
         o.create.options.insert(k.to_string(), v.to_string());
