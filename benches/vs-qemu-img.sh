@@ -2,6 +2,10 @@
 # Time `diskconv convert` against `qemu-img convert` on the same inputs, in one run.
 # Prints wall time, peak RSS and the ratio (diskconv / qemu-img; below 1.00 means we win).
 #
+# Each tool runs ROUNDS times (default 3), alternating, after `sync` and with its previous
+# output removed, so neither pays for the other's page-cache writeback; the best time and
+# the highest peak RSS are reported.
+#
 # usage: benches/vs-qemu-img.sh [SIZE_BYTES] [PAIRS...]
 #   SIZE_BYTES  workload size (default 2 GiB, the standard ../shared/tools/gen-workload.py one)
 #   PAIRS       subset of the pair names below (default: all)
@@ -10,6 +14,7 @@ cd "$(dirname "$0")/.."
 SIZE=${1:-$((2 << 30))}
 shift || true
 WORK=${BENCH_WORK:-bench-work}
+ROUNDS=${ROUNDS:-3}
 mkdir -p "$WORK"
 cargo build --release --quiet
 DC=target/release/diskconv
@@ -52,6 +57,10 @@ measure() { # tool args... ; prints "seconds maxrss_kib"
   rm -f "$t" "$t.err"
 }
 
+best() { # the smaller of two times (the first may be empty)
+  if [ -z "$1" ]; then echo "$2"; else python3 -c "print(min($1, $2))"; fi
+}
+
 printf "%-18s %10s %10s %8s %10s %10s\n" pair "dc s" "qemu s" ratio "dc MiB" "qemu MiB"
 for p in "${PAIRS_ALL[@]}"; do
   IFS='|' read -r name ifmt imk ofmt flags <<<"$p"
@@ -61,11 +70,20 @@ for p in "${PAIRS_ALL[@]}"; do
     in=$(prep "$name" "$ifmt" $imk)
   fi
   cat "$in" >/dev/null # same warm page cache for both tools
-  o1="$WORK/out-dc"; o2="$WORK/out-qemu"; rm -f "$o1" "$o2"
-  # shellcheck disable=SC2086
-  read -r ts tm < <(measure qemu-img convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o2")
-  # shellcheck disable=SC2086
-  read -r ds dm < <(measure "$DC" convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o1")
+  o1="$WORK/out-dc"; o2="$WORK/out-qemu"
+  ds=""; ts=""; dm=0; tm=0
+  for _ in $(seq "$ROUNDS"); do
+    rm -f "$o1" "$o2"; sync
+    # shellcheck disable=SC2086
+    read -r s m < <(measure qemu-img convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o2")
+    [ "$s" = FAIL ] && { ts=FAIL; break; }
+    ts=$(best "$ts" "$s"); tm=$((m > tm ? m : tm))
+    rm -f "$o1"; sync
+    # shellcheck disable=SC2086
+    read -r s m < <(measure "$DC" convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o1")
+    [ "$s" = FAIL ] && { ds=FAIL; break; }
+    ds=$(best "$ds" "$s"); dm=$((m > dm ? m : dm))
+  done
   if [ "$ds" = FAIL ] || [ "$ts" = FAIL ]; then
     printf "%-18s %10s %10s %8s\n" "$name" "$ds" "$ts" "-"
   else
