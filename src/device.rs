@@ -99,6 +99,18 @@ pub fn check_guest_range(size: u64, offset: u64, len: usize) -> Result<()> {
     }
 }
 
+/// Check a `map(offset, max_len)` request against a device of `size` bytes and return the
+/// end of the range it may answer for (`offset + max_len`, clipped to the size). Every
+/// format's `map` starts with this so the contract is enforced in one place.
+pub fn map_end(size: u64, offset: u64, max_len: u64) -> Result<u64> {
+    if offset >= size || max_len == 0 {
+        return Err(Error::arg(format!(
+            "map at {offset:#x} is outside the image (size {size})"
+        )));
+    }
+    Ok(size.min(offset.saturating_add(max_len)))
+}
+
 /// Read the whole guest range `[offset, offset+buf.len())` by walking `map` and reading
 /// only data ranges; zero and unallocated ranges are filled with zeros. Formats whose
 /// `read_at` is naturally expressed through `map` use this.

@@ -48,12 +48,7 @@ impl BlockDevice for RawImage {
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
         let size = self.file.len();
-        if offset >= size || max_len == 0 {
-            return Err(Error::arg(format!(
-                "map at {offset:#x} is outside the image (size {size})"
-            )));
-        }
-        let end = size.min(offset.saturating_add(max_len));
+        let end = crate::device::map_end(size, offset, max_len)?;
         let f = self.file.file();
         let data = |o, e| Mapping {
             offset: o,

@@ -445,13 +445,8 @@ impl BlockDevice for Qcow2Image {
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
         let size = self.size;
-        if offset >= size || max_len == 0 {
-            return Err(Error::arg(format!(
-                "map at {offset:#x} is outside the image (size {size})"
-            )));
-        }
+        let end = crate::device::map_end(size, offset, max_len)?;
         let span = self.cs * self.l2_entries;
-        let end = size.min(offset.saturating_add(max_len));
         let mut cur = offset;
         let mut kind: Option<MappingKind> = None;
         let mut tables = 0;

@@ -133,13 +133,7 @@ impl BlockDevice for VdiImage {
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
-        if offset >= self.size || max_len == 0 {
-            return Err(Error::arg(format!(
-                "map at {offset:#x} is outside the image (size {})",
-                self.size
-            )));
-        }
-        let end = self.size.min(offset.saturating_add(max_len));
+        let end = crate::device::map_end(self.size, offset, max_len)?;
         let bs = self.block_size();
         let mut i = (offset >> self.block_shift) as usize;
         let first = classify(self.bmap[i]);

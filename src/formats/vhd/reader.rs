@@ -574,13 +574,7 @@ impl BlockDevice for VhdImage {
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
-        if offset >= self.size || max_len == 0 {
-            return Err(Error::arg(format!(
-                "map at {offset:#x} is outside the image (size {})",
-                self.size
-            )));
-        }
-        let end = self.size.min(offset.saturating_add(max_len));
+        let end = crate::device::map_end(self.size, offset, max_len)?;
         let sp = match &self.kind {
             Kind::Fixed => return Ok(self.map_fixed(offset, end)),
             Kind::Sparse(sp) => sp,

@@ -912,13 +912,7 @@ impl VmdkImage {
 impl VmdkImage {
     /// This image's own mapping (no parent lookup).
     fn map_own(&self, offset: u64, max_len: u64) -> Result<Mapping> {
-        if offset >= self.size || max_len == 0 {
-            return Err(Error::arg(format!(
-                "map at {offset:#x} is outside the image (size {})",
-                self.size
-            )));
-        }
-        let end = self.size.min(offset.saturating_add(max_len));
+        let end = crate::device::map_end(self.size, offset, max_len)?;
         let mut i = self.extent_index(offset);
         let e = &self.extents[i];
         let (mut len, kind) = self.map_in(e, offset - e.start, end - offset)?;
