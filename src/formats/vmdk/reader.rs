@@ -621,42 +621,12 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
     if magic32 == COWD_MAGIC {
         let h = CowdHeader::parse(&head)?;
         let sparse = SparseExtent::from_cowd(file.clone(), &h)?;
-        let name = path.to_string_lossy().into_owned();
-        let info = extent_info(&name, "", sparse.size, Some(sparse.grain), false);
-        let ext = Extent {
-            start: 0,
-            size: sparse.size,
-            in_main: true,
-            data: ExtentData::Sparse(sparse),
-            info,
-        };
-        return Ok(Box::new(finish(
-            vec![ext],
-            Descriptor::default(),
-            Some("vmfsSparse".into()),
-            &path,
-            opts,
-        )?));
+        return bare_sparse(sparse, "", "vmfsSparse", &path, opts);
     }
     if head.len() >= 8 && LE::read_u64(&head[..8]) == SESPARSE_MAGIC {
         // A bare seSparse extent (normally reached through its descriptor).
         let sparse = SparseExtent::from_sesparse(file.clone())?;
-        let name = path.to_string_lossy().into_owned();
-        let info = extent_info(&name, "SESPARSE", sparse.size, Some(sparse.grain), false);
-        let ext = Extent {
-            start: 0,
-            size: sparse.size,
-            in_main: true,
-            data: ExtentData::Sparse(sparse),
-            info,
-        };
-        return Ok(Box::new(finish(
-            vec![ext],
-            Descriptor::default(),
-            Some("seSparse".into()),
-            &path,
-            opts,
-        )?));
+        return bare_sparse(sparse, "SESPARSE", "seSparse", &path, opts);
     }
     if len > MAX_DESCRIPTOR_BYTES {
         return Err(Error::limit(format!(
@@ -793,6 +763,33 @@ fn open_descriptor(
     }
     let ct = d.create_type.clone();
     Ok(Box::new(finish(extents, d, ct, image, opts)?))
+}
+
+/// An image made of one sparse extent file opened directly (COWD, bare seSparse), with
+/// no descriptor.
+fn bare_sparse(
+    sparse: SparseExtent,
+    extent_type: &str,
+    create_type: &str,
+    path: &Path,
+    opts: &OpenOptions,
+) -> Result<Box<dyn BlockDevice>> {
+    let name = path.to_string_lossy().into_owned();
+    let info = extent_info(&name, extent_type, sparse.size, Some(sparse.grain), false);
+    let ext = Extent {
+        start: 0,
+        size: sparse.size,
+        in_main: true,
+        data: ExtentData::Sparse(sparse),
+        info,
+    };
+    Ok(Box::new(finish(
+        vec![ext],
+        Descriptor::default(),
+        Some(create_type.into()),
+        path,
+        opts,
+    )?))
 }
 
 fn finish(
