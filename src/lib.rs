@@ -18,6 +18,8 @@ pub mod convert;
 pub mod device;
 pub mod error;
 pub mod formats;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inspect;
 pub mod probe;
 pub mod writer;
