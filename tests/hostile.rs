@@ -1205,3 +1205,50 @@ fn inspect_cli_exit_codes() {
     let run = run_bounded(&["inspect", sb.root.join("missing").to_str().unwrap()]);
     assert_eq!(run.code, Some(1));
 }
+
+// ---------------------------------------------------------------------------------------
+// Real images: inspect never panics, refuses what qemu-img cannot open, flags formats we
+// do not read, and passes every image a reader exists for.
+
+#[test]
+fn inspect_judges_the_shared_corpus() {
+    let Some(dir) = common::corpus_dir() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    for e in common::corpus_entries(&dir) {
+        let path = common::corpus_file(&dir, &e.file, tmp.path());
+        let word = e.format.split(['/', ' ']).next().unwrap();
+        let claim = Format::from_name(word).ok();
+        let start = Instant::now();
+        let i = diskconv::inspect(&path, claim).unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}: inspect took {:?}",
+            e.file,
+            start.elapsed()
+        );
+        let what = format!("{}: {:?}", e.file, i.findings);
+        serde_json::to_string(&i).unwrap();
+        if e.expected_sha().is_none() {
+            assert!(
+                !i.safe,
+                "{what}: qemu-img cannot open it, inspect calls it safe"
+            );
+        } else if word == "vhdx" {
+            assert!(i.has(FindingKind::ForeignFormat) && !i.safe, "{what}");
+        } else if i.opened_as.is_some() {
+            assert!(i.safe, "{what}");
+            assert_eq!(i.virtual_size, e.virtual_size, "{what}");
+            assert_eq!(i.map.as_ref().map(|m| m.complete), Some(true), "{what}");
+        } else {
+            // No reader yet on this branch: the placeholder's Unsupported is the only
+            // complaint allowed.
+            for f in i.unsafe_findings() {
+                assert_eq!(f.kind, FindingKind::OpenFailed, "{what}");
+                let k = f.error.as_ref().map(|e| e.kind.as_str());
+                assert_eq!(k, Some("Unsupported"), "{what}");
+            }
+        }
+    }
+}
