@@ -365,7 +365,8 @@ fn open_and_collect(
 ) -> Option<Box<dyn BlockDevice>> {
     match crate::open(path, &OpenOptions::new().format(fmt)) {
         Ok(dev) => {
-            info_findings(&dev.info(), found);
+            let own_name = path.file_name().and_then(|n| n.to_str());
+            info_findings(&dev.info(), own_name, found);
             Some(dev)
         }
         Err(e) => {
@@ -409,8 +410,10 @@ fn error_findings(e: &Error, stage: &str) -> Vec<Finding> {
     out
 }
 
-/// Findings from what an opened image says about itself.
-fn info_findings(info: &ImageInfo, found: &mut Vec<Finding>) {
+/// Findings from what an opened image says about itself. `own_name` is the image's file
+/// name: a monolithicSparse vmdk's embedded descriptor lists the image itself as its
+/// extent, which names no other file.
+fn info_findings(info: &ImageInfo, own_name: Option<&str>, found: &mut Vec<Finding>) {
     let mut named: Vec<&str> = Vec::new();
     if let Some(b) = &info.backing_file {
         let fmt = info
@@ -425,7 +428,8 @@ fn info_findings(info: &ImageInfo, found: &mut Vec<Finding>) {
         named.push(b);
     }
     for r in &info.referenced_files {
-        if !named.contains(&r.as_str()) {
+        let is_self = own_name.is_some_and(|own| r == own || r.strip_prefix("./") == Some(own));
+        if !is_self && !named.contains(&r.as_str()) {
             found.push(Finding::new(
                 FindingKind::NamesOtherFiles,
                 format!("names the file '{r}'"),
@@ -612,7 +616,7 @@ mod tests {
     fn info_reveals_references_and_flags() {
         let info = ImageInfo {
             backing_file: Some("/etc/passwd".into()),
-            referenced_files: vec!["/etc/passwd".into(), "x.raw".into()],
+            referenced_files: vec!["/etc/passwd".into(), "x.raw".into(), "y.raw".into()],
             dirty: Some(true),
             format_specific: Some(serde_json::json!({"type": "qcow2", "data": {
                 "data-file": "d.raw", "encrypt": {"format": "luks"}, "corrupt": true}})),
@@ -620,7 +624,7 @@ mod tests {
             ..Default::default()
         };
         let mut f = Vec::new();
-        info_findings(&info, &mut f);
+        info_findings(&info, Some("x.raw"), &mut f);
         let kinds: Vec<FindingKind> = f.iter().map(|f| f.kind).collect();
         use FindingKind::*;
         assert_eq!(
