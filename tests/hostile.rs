@@ -442,6 +442,8 @@ struct Vhd {
     locators: Vec<([u8; 4], String)>,
     /// Make the file at least this long (sparse), footer at the end.
     min_len: u64,
+    /// Allocated blocks: (block index, block_size bytes of guest data).
+    blocks: Vec<(u32, Vec<u8>)>,
 }
 
 impl Vhd {
@@ -454,6 +456,7 @@ impl Vhd {
             parent_name: None,
             locators: Vec::new(),
             min_len: 0,
+            blocks: Vec::new(),
         }
     }
 
@@ -464,7 +467,7 @@ impl Vhd {
         // one stays a sparse hole of zeros, which is what the limit tests want.
         let bat_len = (self.max_table_entries as u64 * 4).div_ceil(512) * 512;
         let bat_written = bat_len.min(1 << 20);
-        let bat = vec![0xffu8; bat_written as usize];
+        let mut bat = vec![0xffu8; bat_written as usize];
         let mut loc_data = Vec::new();
         let loc_base = bat_offset + bat_len;
         let mut h = vec![0u8; 1024];
@@ -475,7 +478,8 @@ impl Vhd {
         put_be32(&mut h, 28, self.max_table_entries);
         put_be32(&mut h, 32, self.block_size);
         if self.disk_type == 4 {
-            h[40..56].copy_from_slice(&[0x17; 16]);
+            // The parent's unique id: every footer this builder writes carries 0x42s.
+            h[40..56].copy_from_slice(&[0x42; 16]);
         }
         if let Some(name) = &self.parent_name {
             let mut at = 64;
@@ -497,7 +501,18 @@ impl Vhd {
         }
         let c = vhd_checksum(&h);
         put_be32(&mut h, 36, c);
-        let end = (loc_base + loc_data.len() as u64).max(self.min_len);
+        // Allocated blocks: a sector bitmap (all present) then the data.
+        let bitmap_len = (self.block_size as u64 / 512).div_ceil(8).div_ceil(512) * 512;
+        let mut block_data = Vec::new();
+        let blocks_base = loc_base + loc_data.len() as u64;
+        for (idx, data) in &self.blocks {
+            assert_eq!(data.len() as u64, self.block_size as u64);
+            let at = blocks_base + block_data.len() as u64;
+            put_be32(&mut bat, *idx as usize * 4, (at / 512) as u32);
+            block_data.resize(block_data.len() + bitmap_len as usize, 0xff);
+            block_data.extend_from_slice(data);
+        }
+        let end = (blocks_base + block_data.len() as u64).max(self.min_len);
         sparse_file(
             path,
             end + 512,
@@ -506,6 +521,7 @@ impl Vhd {
                 (512, &h),
                 (bat_offset, &bat),
                 (loc_base, &loc_data),
+                (blocks_base, &block_data),
                 (end, &footer),
             ],
         );
@@ -680,6 +696,13 @@ fn builder_baselines_are_valid_images() {
     let p = sb.img.join("base.vhd");
     Vhd::dynamic(4 << 20, 2 << 20).write(&p);
     qemu_accepts(&p, "vpc");
+    let p = sb.img.join("data.vhd");
+    let mut v = Vhd::dynamic(4 << 20, 2 << 20);
+    v.blocks = vec![(1, vec![0x3c; 2 << 20])];
+    v.write(&p);
+    qemu_accepts(&p, "vpc");
+    let out = common::qemu_img(&["map", "--output=json", "-f", "vpc", p.to_str().unwrap()]);
+    assert!(out.contains("\"start\": 2097152, \"length\": 2097152, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true"), "{out}");
     let p = sb.img.join("base.vmdk");
     VmdkSparse {
         capacity: 128,
@@ -715,7 +738,14 @@ fn builder_baselines_are_valid_images() {
 #[test]
 fn qcow2_backing_file_naming_a_host_file_is_refused() {
     let sb = sandbox();
-    for name in [sb.secret.to_str().unwrap().to_string(), "../secret".into()] {
+    let abs = sb.secret.to_str().unwrap().to_string();
+    for name in [
+        abs.clone(),
+        "../secret".into(),
+        format!("json:{{\"file.filename\":\"{abs}\"}}"),
+        format!("file:{abs}"),
+        "nbd://127.0.0.1:10809/secret".into(),
+    ] {
         let p = sb.img.join("backing.qcow2");
         let mut q = Qcow2::valid(1 << 20, 4);
         q.backing = Some(name.clone());
@@ -906,6 +936,95 @@ fn opt_in_follows_relative_references_inside_the_folder() {
     let (err, bytes) = read_everything(&img, &allowed().format(Format::Qcow2));
     assert!(err.is_none(), "qcow2 with in-folder data file: {err:?}");
     assert!(bytes[..65536].iter().all(|&b| b == 0x5c));
+}
+
+#[test]
+fn opt_in_follows_a_relative_vhd_parent_inside_the_folder() {
+    let sb = sandbox();
+    let parent = sb.img.join("parent.vhd");
+    let mut v = Vhd::dynamic(4 << 20, 2 << 20);
+    v.blocks = vec![(1, vec![0x3c; 2 << 20])];
+    v.write(&parent);
+    let child = sb.img.join("child.vhd");
+    let mut c = Vhd::dynamic(4 << 20, 2 << 20);
+    c.disk_type = 4;
+    c.parent_name = Some("parent.vhd".into());
+    c.locators = vec![(*b"W2ru", "parent.vhd".into())];
+    c.write(&child);
+    assert_refused(
+        &child,
+        &OpenOptions::new().format(Format::Vhd),
+        &[ErrorKind::UnsafeReference],
+        "vhd parent without opt-in",
+    );
+    let (err, bytes) = read_everything(&child, &allowed().format(Format::Vhd));
+    assert!(err.is_none(), "vhd with in-folder parent: {err:?}");
+    assert_eq!(bytes.len(), 4 << 20);
+    assert!(bytes[..2 << 20].iter().all(|&b| b == 0));
+    assert!(
+        bytes[2 << 20..].iter().all(|&b| b == 0x3c),
+        "parent data shows through"
+    );
+}
+
+#[test]
+fn reference_chains_are_bounded_and_cycles_refused() {
+    if !common::have_qemu() {
+        return;
+    }
+    let sb = sandbox();
+    let d = &sb.img;
+    let p = |n: usize| d.join(format!("c{n}.qcow2"));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    common::qemu_img(&["create", "-q", "-f", "qcow2", &s(&p(0)), "1M"]);
+    for n in 1..=17 {
+        let back = format!("c{}.qcow2", n - 1);
+        common::qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &back,
+            "-F",
+            "qcow2",
+            &s(&p(n)),
+            "1M",
+        ]);
+    }
+    // 16 images in a chain open (the top plus 15 backing files); 18 do not.
+    let (err, _) = read_everything(&p(15), &allowed().format(Format::Qcow2));
+    assert!(err.is_none(), "a chain of 16: {err:?}");
+    assert_refused(
+        &p(17),
+        &allowed().format(Format::Qcow2),
+        &[ErrorKind::LimitExceeded],
+        "a chain of 18",
+    );
+    // a -> b -> a
+    let a = d.join("a.qcow2");
+    let b = d.join("b.qcow2");
+    for (me, other) in [(&a, "b.qcow2"), (&b, "a.qcow2")] {
+        common::qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            other,
+            "-F",
+            "qcow2",
+            &s(me),
+            "1M",
+        ]);
+    }
+    assert_refused(
+        &a,
+        &allowed().format(Format::Qcow2),
+        &[ErrorKind::UnsafeReference],
+        "a backing cycle",
+    );
 }
 
 // ---------------------------------------------------------------------------------------
