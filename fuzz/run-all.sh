@@ -27,7 +27,7 @@ for t in "${targets[@]}"; do
     # -timeout: one input taking over 10 s is a hang.
     cargo fuzz run -O "$t" "work/$t" "corpus/$t" -- \
         -max_total_time="$secs" -max_len=262144 -rss_limit_mb=2048 -malloc_limit_mb=256 -timeout=10 \
-        -print_final_stats=1 >"$log" 2>&1
+        -dict=diskconv.dict -print_final_stats=1 >"$log" 2>&1
     rc=$?
     last=$(grep -E '^#[0-9]+' "$log" | tail -1)
     execs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$')
