@@ -13,6 +13,7 @@
 //! warnings, and qemu's `format-specific` keys `data-file`, `encrypt`, `corrupt`) and from
 //! `map()`, so each format reader is inspected as soon as it exists.
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -253,6 +254,12 @@ pub fn inspect_with(
     limits: &InspectLimits,
 ) -> Result<Inspection> {
     let path = path.as_ref();
+    // Opening a FIFO or socket would block or fail oddly; say what it is instead.
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Error::io("cannot inspect image", e).with_path(path))?;
+    if !(meta.is_file() || meta.file_type().is_block_device()) {
+        return Err(Error::arg("not a regular file (a folder, FIFO or socket)").with_path(path));
+    }
     let file = HostFile::open(path)?;
     let file_size = file.len();
     let report: ProbeReport = probe_report(&file)?;
@@ -596,6 +603,19 @@ mod tests {
         assert_eq!(v["foreign_signatures"][0], "vhdx");
         assert_eq!(v["findings"][0]["kind"], "ForeignFormat");
         assert_eq!(v["claimed_format"], "raw");
+    }
+
+    #[test]
+    fn folders_and_fifos_are_not_inspected() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = inspect(dir.path(), None).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = inspect(&fifo, Some(Format::Raw)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     }
 
     #[test]
