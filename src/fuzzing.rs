@@ -194,4 +194,15 @@ mod tests {
         exercise(b"", Some(Format::Raw));
         exercise(b"QFI\xfb\0\0\0\x03", None);
     }
+
+    #[test]
+    fn the_input_file_reaches_every_entry_point() {
+        let input = InputFile::new(b"QFI\xfb\0\0\0\x03").unwrap();
+        let i = crate::inspect(input.path(), Some(Format::Raw)).unwrap();
+        assert_eq!(i.file_size, 8);
+        assert_eq!(i.detected_format, Some(Format::Qcow2));
+        assert_eq!(crate::probe(input.path()).unwrap(), Format::Qcow2);
+        let dev = crate::open(input.path(), &OpenOptions::new().format(Format::Raw)).unwrap();
+        assert_eq!(dev.virtual_size(), 8);
+    }
 }
