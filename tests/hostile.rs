@@ -426,7 +426,8 @@ fn vhd_footer(size: u64, disk_type: u32, data_offset: u64) -> Vec<u8> {
     put_be64(&mut f, 48, size);
     put_be32(&mut f, 56, vhd_geometry(size));
     put_be32(&mut f, 60, disk_type);
-    f[68..84].copy_from_slice(&[0x42; 16]);
+    // Unique id: 0x42s, except a differencing child's (its parent's is 0x42s).
+    f[68..84].copy_from_slice(&[if disk_type == 4 { 0x43 } else { 0x42 }; 16]);
     let c = vhd_checksum(&f);
     put_be32(&mut f, 64, c);
     f
@@ -438,7 +439,7 @@ struct Vhd {
     block_size: u32,
     max_table_entries: u32,
     parent_name: Option<String>,
-    /// (platform code, path) locators; the path is stored UTF-16LE.
+    /// (platform code, path) locators.
     locators: Vec<([u8; 4], String)>,
     /// Make the file at least this long (sparse), footer at the end.
     min_len: u64,
@@ -489,7 +490,12 @@ impl Vhd {
             }
         }
         for (i, (code, p)) in self.locators.iter().enumerate() {
-            let mut data: Vec<u8> = p.encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
+            // Windows locators are UTF-16LE; MacX is a UTF-8 file:// URL.
+            let mut data: Vec<u8> = if code == b"MacX" {
+                p.as_bytes().to_vec()
+            } else {
+                p.encode_utf16().flat_map(|u| u.to_le_bytes()).collect()
+            };
             let len = data.len() as u32;
             data.resize(512, 0);
             let e = 576 + i * 24;
