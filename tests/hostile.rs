@@ -772,6 +772,11 @@ fn qcow2_backing_file_naming_a_host_file_is_refused() {
             &[ErrorKind::UnsafeReference],
             &what,
         );
+        let i = diskconv::inspect(&p, Some(Format::Qcow2)).unwrap();
+        assert!(
+            i.has(FindingKind::NamesOtherFiles) && !i.safe,
+            "{what}: {i:?}"
+        );
     }
 }
 
@@ -803,7 +808,10 @@ fn qcow2_external_data_file_naming_a_host_file_is_refused() {
                 );
             }
             let i = diskconv::inspect(&p, Some(Format::Qcow2)).unwrap();
-            assert!(!i.safe, "{what}: inspect says safe");
+            assert!(
+                i.has(FindingKind::NamesOtherFiles) && !i.safe,
+                "{what}: {i:?}"
+            );
         }
     }
 }
@@ -865,6 +873,11 @@ fn vhd_differencing_parent_naming_a_host_file_is_refused() {
                 &what,
             );
         }
+        let i = diskconv::inspect(&p, Some(Format::Vhd)).unwrap();
+        assert!(
+            i.has(FindingKind::NamesOtherFiles) && !i.safe,
+            "{what}: {i:?}"
+        );
     }
 }
 
