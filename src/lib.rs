@@ -18,6 +18,9 @@ pub mod convert;
 pub mod device;
 pub mod error;
 pub mod formats;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod inspect;
 pub mod probe;
 pub mod writer;
 
@@ -27,6 +30,7 @@ pub use convert::{convert, convert_device, ConvertOptions, ConvertReport};
 pub use device::{BlockDevice, DeviceReader, ImageInfo, Mapping, MappingKind};
 pub use error::{Error, ErrorKind, Result};
 pub use formats::{CreateOptions, Format, OpenOptions};
+pub use inspect::{inspect, Finding, FindingKind, Inspection};
 pub use writer::{AtomicOutput, ImageWriter};
 
 /// Open the image at `path` for reading: the format named in `opts`, or the probed one.

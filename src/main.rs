@@ -77,6 +77,19 @@ enum Cmd {
         /// Image.
         image: PathBuf,
     },
+    /// Check an uploaded image before accepting it: detected format vs the claim, and
+    /// every safety finding. Never opens files the image names. Exit status 0 only for a
+    /// safe image of the claimed format, 2 for an unsafe one, 1 on errors.
+    Inspect {
+        /// The format the image is claimed to be.
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// human or json.
+        #[arg(long = "output", default_value = "human")]
+        output: String,
+        /// Image.
+        image: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -191,6 +204,29 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Inspect {
+            format,
+            output,
+            image,
+        } => {
+            let claim = format.as_deref().map(Format::from_name).transpose()?;
+            let insp = diskconv::inspect(&image, claim)?;
+            match output.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&insp).expect("json")),
+                "human" => print!("{}", inspection_human(&insp)),
+                other => {
+                    return Err(Error::arg(format!(
+                        "--output must be human or json, not '{other}'"
+                    )))
+                }
+            }
+            if !insp.safe {
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                std::process::exit(2);
+            }
+            Ok(())
+        }
     }
 }
 
@@ -219,6 +255,39 @@ fn remove_temp_on_interrupt(dst: &Path) {
         eprintln!("\ndiskconv: interrupted; partial output removed");
         std::process::exit(130);
     });
+}
+
+fn inspection_human(i: &diskconv::Inspection) -> String {
+    let fmt = |f: Option<Format>| f.map(|f| f.name().to_string());
+    let mut s = format!("image: {}\nfile size: {}\n", i.path, i.file_size);
+    s += &format!(
+        "claimed format: {}\n",
+        fmt(i.claimed_format).unwrap_or_else(|| "(none)".into())
+    );
+    let detected = fmt(i.detected_format).unwrap_or_else(|| {
+        let names: Vec<&str> = i.matching_formats.iter().map(|f| f.name()).collect();
+        format!("ambiguous ({})", names.join(", "))
+    });
+    s += &format!("detected format: {detected}\n");
+    if let Some(v) = i.virtual_size {
+        s += &format!("virtual size: {} ({v} bytes)\n", human_size(v));
+    }
+    if let Some(m) = &i.map {
+        s += &format!(
+            "map: {} calls, {}; data {} B, zero {} B, unallocated {} B\n",
+            m.calls,
+            if m.complete { "complete" } else { "incomplete" },
+            m.data_bytes,
+            m.zero_bytes,
+            m.unallocated_bytes
+        );
+    }
+    s += &format!("verdict: {}\n", if i.safe { "safe" } else { "UNSAFE" });
+    for f in &i.findings {
+        let class = if f.kind.is_unsafe() { "unsafe" } else { "info" };
+        s += &format!("[{class}] {:?}: {}\n", f.kind, f.detail);
+    }
+    s
 }
 
 /// qemu-img's non-terminal progress line, rewritten in place.

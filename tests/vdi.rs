@@ -408,8 +408,8 @@ fn hostile_headers_fail_fast_with_named_fields() {
 
     // Block size 0, not a power of two, absurdly large.
     for (bs, kind) in [
-        (0u32, ErrorKind::Corrupt),
-        (3 << 19, ErrorKind::Corrupt),
+        (0u32, ErrorKind::InvalidFormat),
+        (3 << 19, ErrorKind::InvalidFormat),
         (1 << 31, ErrorKind::Unsupported),
     ] {
         let mut h = header(MIB, 1, 0);

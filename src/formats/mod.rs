@@ -214,6 +214,17 @@ impl OpenOptions {
         if !resolved.starts_with(&root) {
             return Err(refuse(&format!("resolves outside {}", root.display())));
         }
+        // Only regular files: opening a FIFO blocks forever and a device reads host
+        // state; both can arrive inside an uploaded archive (an OVA is a tar). A folder
+        // ("." names the image's own folder) is no image either.
+        let meta = std::fs::metadata(&resolved).map_err(|e| {
+            Error::io(format!("{field} names '{name}', which cannot be opened"), e).with_path(image)
+        })?;
+        if !meta.is_file() {
+            return Err(refuse(
+                "it is not a regular file (a folder, FIFO or device)",
+            ));
+        }
         if self.chain.contains(&resolved) {
             return Err(refuse(
                 "the chain of referenced images loops back on itself",
@@ -239,10 +250,19 @@ impl OpenOptions {
         format: Option<Format>,
     ) -> Result<Box<dyn BlockDevice>> {
         let path = self.resolve_reference(image, name, field)?;
+        let me = image.canonicalize().ok();
+        if me.as_ref() == Some(&path) {
+            // Caught at once rather than one level down, where the chain would see it.
+            return Err(Error::unsafe_ref(format!(
+                "{field} names '{name}': the image names itself"
+            ))
+            .with_field(field.to_string())
+            .with_path(image));
+        }
         let mut child = self.clone();
         child.format = format;
         child.options.clear();
-        if let Ok(me) = image.canonicalize() {
+        if let Some(me) = me {
             if child.chain.is_empty() {
                 child.chain.push(me);
             }
@@ -521,5 +541,28 @@ mod tests {
             o.resolve_reference(&img, "link", "f").unwrap_err().kind(),
             crate::ErrorKind::UnsafeReference
         );
+        // Not regular files: the folder itself, a FIFO (opening it would block forever).
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let fifo = std::ffi::CString::new(dir.path().join("fifo").to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        for bad in [".", "sub", "./", "fifo"] {
+            assert_eq!(
+                o.resolve_reference(&img, bad, "f").unwrap_err().kind(),
+                crate::ErrorKind::UnsafeReference,
+                "{bad}"
+            );
+        }
+        // An image naming itself as its backing file is refused at once.
+        assert_eq!(
+            o.open_reference(&img, "a.img", "backing_file", Some(Format::Raw))
+                .err()
+                .unwrap()
+                .kind(),
+            crate::ErrorKind::UnsafeReference
+        );
+        assert!(o
+            .open_reference(&img, "b.img", "backing_file", Some(Format::Raw))
+            .is_ok());
     }
 }

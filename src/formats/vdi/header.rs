@@ -367,11 +367,13 @@ impl VdiHeader {
         }
         let bs = h.block_size;
         if bs == 0 || !bs.is_power_of_two() {
-            return Err(bad(
-                "block_size",
-                0x178,
-                format!("VDI block size {bs} is not a power of two"),
-            ));
+            // A malformed header, like the other formats' block-size checks (not a table
+            // inconsistency): InvalidFormat.
+            return Err(
+                Error::invalid(format!("VDI block size {bs} is not a power of two"))
+                    .with_field("block_size")
+                    .at(0x178),
+            );
         }
         if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
             return Err(unsupported(
@@ -537,8 +539,8 @@ mod tests {
             (0x4c, 9, "image_type", ErrorKind::Corrupt),
             (0x4c, 4, "image_type", ErrorKind::Unsupported),
             (0x168, 4096, "sector_size", ErrorKind::Unsupported),
-            (0x178, 0, "block_size", ErrorKind::Corrupt),
-            (0x178, 3 << 19, "block_size", ErrorKind::Corrupt),
+            (0x178, 0, "block_size", ErrorKind::InvalidFormat),
+            (0x178, 3 << 19, "block_size", ErrorKind::InvalidFormat),
             (0x178, 1 << 31, "block_size", ErrorKind::Unsupported),
             (0x17c, 512, "block_extra", ErrorKind::Unsupported),
             (0x180, 1, "disk_size", ErrorKind::Corrupt),

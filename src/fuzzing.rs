@@ -1,0 +1,208 @@
+//! The fuzz targets' shared entry point, public so `cargo test` replays the fuzz corpora
+//! through exactly the code the fuzzer runs (tests/fuzz_corpus.rs). Not a stable API.
+//!
+//! [`exercise`] treats its input as an image file and does everything a consumer would:
+//! probe, open (references refused), `info()`, walk the whole map, read every data range
+//! and some zero ranges. Errors are fine; panics, hangs and unbounded memory are bugs,
+//! and so is a reader breaking the [`BlockDevice`] contract, which is asserted here so the
+//! fuzzer reports it.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::io::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::device::{BlockDevice, MappingKind};
+use crate::formats::{Format, OpenOptions};
+use crate::inspect::{inspect_with, InspectLimits};
+
+/// Most `map()` calls per input.
+pub const MAX_MAP_CALLS: u64 = 10_000;
+/// Largest single read.
+pub const READ_CHUNK: usize = 1 << 20;
+/// Most guest bytes read per input.
+pub const MAX_READ_TOTAL: u64 = 4 << 20;
+/// How much of each zero/unallocated range is read back to check it is zeros.
+const ZERO_CHECK: u64 = 4096;
+
+/// Feed `data` to the readers: as `format` when given (never probing), otherwise through
+/// the probe, the probing open, and [`inspect`](crate::inspect()).
+pub fn exercise(data: &[u8], format: Option<Format>) {
+    let Some(input) = InputFile::new(data) else {
+        return; // no memory file or temp file available: nothing to test
+    };
+    let path = input.path();
+    match format {
+        Some(fmt) => {
+            if let Ok(dev) = crate::open(path, &OpenOptions::new().format(fmt)) {
+                assert_eq!(dev.format(), fmt, "opened as {fmt}, device says otherwise");
+                exercise_device(dev.as_ref());
+            }
+        }
+        None => {
+            let probed = crate::probe(path);
+            if let Ok(dev) = crate::open(path, &OpenOptions::new()) {
+                if let Ok(f) = &probed {
+                    assert_eq!(dev.format(), *f, "probe and open disagree");
+                }
+                exercise_device(dev.as_ref());
+            }
+            let limits = InspectLimits {
+                max_map_calls: MAX_MAP_CALLS,
+                max_map_time: Duration::from_secs(2),
+            };
+            for claim in [None, Some(Format::Raw)] {
+                if let Ok(i) = inspect_with(path, claim, &limits) {
+                    assert_eq!(i.safe, i.is_safe());
+                    serde_json::to_string(&i).expect("inspection serializes");
+                    if let (Ok(f), Some(d)) = (&probed, i.detected_format) {
+                        assert_eq!(*f, d, "probe and inspect disagree");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Everything a consumer does with an opened device, within fixed bounds.
+pub fn exercise_device(dev: &dyn BlockDevice) {
+    let info = dev.info();
+    let _ = serde_json::to_string(&info.format_specific);
+    let size = dev.virtual_size();
+    let mut buf = vec![0u8; READ_CHUNK.min(64 << 10)];
+    let mut budget = MAX_READ_TOTAL;
+    let mut off = 0u64;
+    let mut calls = 0u64;
+    while off < size && calls < MAX_MAP_CALLS {
+        calls += 1;
+        let m = match dev.map(off, size - off) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = e.to_string();
+                break;
+            }
+        };
+        assert_eq!(m.offset, off, "map returned a range starting elsewhere");
+        assert!(
+            m.len >= 1 && m.len <= size - off,
+            "map at {off:#x} returned {} bytes (size {size})",
+            m.len
+        );
+        let want = match m.kind {
+            MappingKind::Data { .. } => m.len.min(budget),
+            MappingKind::Zero | MappingKind::Unallocated => m.len.min(budget).min(ZERO_CHECK),
+        };
+        budget -= want;
+        let mut done = 0u64;
+        while done < want {
+            let n = (want - done).min(buf.len() as u64) as usize;
+            match dev.read_at(&mut buf[..n], off + done) {
+                Ok(()) => {
+                    if m.is_zero() {
+                        assert!(
+                            buf[..n].iter().all(|&b| b == 0),
+                            "range mapped as {:?} at {:#x} reads non-zero",
+                            m.kind,
+                            off + done
+                        );
+                    }
+                }
+                Err(e) => {
+                    let _ = e.to_string();
+                    break;
+                }
+            }
+            done += n as u64;
+        }
+        off += m.len;
+    }
+    // One read across mapping boundaries, one at the last byte, one past the end.
+    let n = (size.min(buf.len() as u64)) as usize;
+    let _ = dev.read_at(&mut buf[..n], 0);
+    if size > 0 {
+        let _ = dev.read_at(&mut buf[..1], size - 1);
+    }
+    assert!(
+        dev.read_at(&mut buf[..1], size).is_err(),
+        "reading past the virtual size must fail"
+    );
+}
+
+/// The input as a file: an anonymous memory file (no cleanup, no name clashes between
+/// fuzzing processes), reached through its /proc path so the normal open path is used.
+struct InputFile {
+    _file: File,
+    path: PathBuf,
+    remove: bool,
+}
+
+impl InputFile {
+    fn new(data: &[u8]) -> Option<Self> {
+        // SAFETY: memfd_create takes a NUL-terminated name and flags; on success we own
+        // the returned descriptor and hand it to File, which closes it.
+        let fd = unsafe { libc::memfd_create(c"diskconv-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd >= 0 {
+            // SAFETY: fd is a fresh descriptor we own.
+            let mut file = unsafe { File::from_raw_fd(fd) };
+            file.write_all(data).ok()?;
+            return Some(InputFile {
+                _file: file,
+                path: PathBuf::from(format!("/proc/self/fd/{fd}")),
+                remove: false,
+            });
+        }
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "diskconv-fuzz-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut file = File::create(&path).ok()?;
+        file.write_all(data).ok()?;
+        Some(InputFile {
+            _file: file,
+            path,
+            remove: true,
+        })
+    }
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for InputFile {
+    fn drop(&mut self) {
+        if self.remove {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exercises_raw_and_probe_without_panicking() {
+        let mut img = vec![0u8; 70_000];
+        img[100] = 1;
+        exercise(&img, Some(Format::Raw));
+        exercise(&img, None);
+        exercise(b"", None);
+        exercise(b"", Some(Format::Raw));
+        exercise(b"QFI\xfb\0\0\0\x03", None);
+    }
+
+    #[test]
+    fn the_input_file_reaches_every_entry_point() {
+        let input = InputFile::new(b"QFI\xfb\0\0\0\x03").unwrap();
+        let i = crate::inspect(input.path(), Some(Format::Raw)).unwrap();
+        assert_eq!(i.file_size, 8);
+        assert_eq!(i.detected_format, Some(Format::Qcow2));
+        assert_eq!(crate::probe(input.path()).unwrap(), Format::Qcow2);
+        let dev = crate::open(input.path(), &OpenOptions::new().format(Format::Raw)).unwrap();
+        assert_eq!(dev.virtual_size(), 8);
+    }
+}
