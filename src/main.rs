@@ -166,7 +166,22 @@ fn run(cli: Cli) -> Result<()> {
                     bar.set_position(done.saturating_mul(100).checked_div(total).unwrap_or(100))
                 })
             } else {
-                Box::new(print_progress)
+                // Like qemu-img: a new line of figures only after another 1% or at the end.
+                let last = std::sync::atomic::AtomicU64::new(u64::MAX);
+                Box::new(move |done: u64, total: u64| {
+                    let hundredths = done
+                        .saturating_mul(10_000)
+                        .checked_div(total)
+                        .unwrap_or(10_000);
+                    let prev = last.load(std::sync::atomic::Ordering::Relaxed);
+                    if prev == u64::MAX
+                        || hundredths >= prev + 100
+                        || (done == total && hundredths != prev)
+                    {
+                        last.store(hundredths, std::sync::atomic::Ordering::Relaxed);
+                        print_progress(done, total);
+                    }
+                })
             };
             if progress && !quiet {
                 opts.progress = Some(reporter.as_ref());
