@@ -49,6 +49,9 @@ want=("$@")
 
 measure() { # tool args... ; prints "seconds maxrss_kib"
   local t; t=$(mktemp)
+  # This machine's kernel reclaims idle page cache within seconds: re-read the input so
+  # every run starts from the same warm cache.
+  cat "$in" >/dev/null
   if /usr/bin/time -f "%e %M" -o "$t" "$@" >/dev/null 2>"$t.err"; then
     cat "$t"
   else
