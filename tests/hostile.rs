@@ -145,6 +145,24 @@ fn assert_refused(path: &Path, opts: &OpenOptions, kinds: &[ErrorKind], what: &s
     }
 }
 
+/// The reference classes' common assertion: opening `path` as `fmt` is refused as an
+/// unsafe reference with and without the opt-in (and, with `probe`, when probed too),
+/// never yielding the secret, and `inspect` flags the image as naming other files.
+fn assert_reference_refused(path: &Path, fmt: Format, probe: bool, what: &str) {
+    let kinds = [ErrorKind::UnsafeReference];
+    for opts in [OpenOptions::new(), allowed()] {
+        assert_refused(path, &opts.format(fmt), &kinds, what);
+    }
+    if probe {
+        assert_refused(path, &OpenOptions::new(), &kinds, what);
+    }
+    let i = diskconv::inspect(path, Some(fmt)).unwrap();
+    assert!(
+        i.has(FindingKind::NamesOtherFiles) && !i.safe,
+        "{what}: {i:?}"
+    );
+}
+
 /// Opt-in options (references confined to the image's folder).
 fn allowed() -> OpenOptions {
     OpenOptions::new().allow_references(true, None)
@@ -757,26 +775,7 @@ fn qcow2_backing_file_naming_a_host_file_is_refused() {
         q.backing = Some(name.clone());
         q.write(&p);
         let what = format!("qcow2 backing '{name}'");
-        for opts in [OpenOptions::new(), allowed()] {
-            assert_refused(
-                &p,
-                &opts.format(Format::Qcow2),
-                &[ErrorKind::UnsafeReference],
-                &what,
-            );
-        }
-        // Probing must not change that.
-        assert_refused(
-            &p,
-            &OpenOptions::new(),
-            &[ErrorKind::UnsafeReference],
-            &what,
-        );
-        let i = diskconv::inspect(&p, Some(Format::Qcow2)).unwrap();
-        assert!(
-            i.has(FindingKind::NamesOtherFiles) && !i.safe,
-            "{what}: {i:?}"
-        );
+        assert_reference_refused(&p, Format::Qcow2, true, &what);
     }
 }
 
@@ -799,19 +798,7 @@ fn qcow2_external_data_file_naming_a_host_file_is_refused() {
             q.pieces.push((4 << 16, l2));
             q.write(&p);
             let what = format!("qcow2 data file '{name}' (data-file-raw {})", raw_bit != 0);
-            for opts in [OpenOptions::new(), allowed()] {
-                assert_refused(
-                    &p,
-                    &opts.format(Format::Qcow2),
-                    &[ErrorKind::UnsafeReference],
-                    &what,
-                );
-            }
-            let i = diskconv::inspect(&p, Some(Format::Qcow2)).unwrap();
-            assert!(
-                i.has(FindingKind::NamesOtherFiles) && !i.safe,
-                "{what}: {i:?}"
-            );
+            assert_reference_refused(&p, Format::Qcow2, false, &what);
         }
     }
 }
@@ -824,25 +811,7 @@ fn vmdk_flat_extent_naming_a_host_file_is_refused() {
         let d = vmdk_descriptor("monolithicFlat", &[format!("RW 2048 FLAT \"{name}\" 0")]);
         std::fs::write(&p, d).unwrap();
         let what = format!("vmdk FLAT extent '{name}'");
-        for opts in [OpenOptions::new(), allowed()] {
-            assert_refused(
-                &p,
-                &opts.format(Format::Vmdk),
-                &[ErrorKind::UnsafeReference],
-                &what,
-            );
-        }
-        assert_refused(
-            &p,
-            &OpenOptions::new(),
-            &[ErrorKind::UnsafeReference],
-            &what,
-        );
-        let i = diskconv::inspect(&p, Some(Format::Vmdk)).unwrap();
-        assert!(
-            i.has(FindingKind::NamesOtherFiles) && !i.safe,
-            "{what}: {i:?}"
-        );
+        assert_reference_refused(&p, Format::Vmdk, true, &what);
     }
 }
 
@@ -865,19 +834,7 @@ fn vhd_differencing_parent_naming_a_host_file_is_refused() {
             "vhd parent locator {} '{name}'",
             String::from_utf8_lossy(&code)
         );
-        for opts in [OpenOptions::new(), allowed()] {
-            assert_refused(
-                &p,
-                &opts.format(Format::Vhd),
-                &[ErrorKind::UnsafeReference],
-                &what,
-            );
-        }
-        let i = diskconv::inspect(&p, Some(Format::Vhd)).unwrap();
-        assert!(
-            i.has(FindingKind::NamesOtherFiles) && !i.safe,
-            "{what}: {i:?}"
-        );
+        assert_reference_refused(&p, Format::Vhd, false, &what);
     }
 }
 
