@@ -47,15 +47,16 @@ PAIRS_ALL=(
 )
 want=("$@")
 
-measure() { # tool args... ; prints "seconds maxrss_kib"
+measure() { # tool args... ; prints "wall_seconds maxrss_kib cpu_seconds"
   local t; t=$(mktemp)
   # This machine's kernel reclaims idle page cache within seconds: re-read the input so
   # every run starts from the same warm cache.
   cat "$in" >/dev/null
-  if /usr/bin/time -f "%e %M" -o "$t" "$@" >/dev/null 2>"$t.err"; then
-    cat "$t"
+  if /usr/bin/time -f "%e %M %U %S" -o "$t" "$@" >/dev/null 2>"$t.err"; then
+    read -r e m u s <"$t"
+    echo "$e $m $(python3 -c "print(round($u + $s, 2))")"
   else
-    echo "FAIL FAIL"; sed 's/^/    /' "$t.err" | head -3 >&2
+    echo "FAIL FAIL FAIL"; sed 's/^/    /' "$t.err" | head -3 >&2
   fi
   rm -f "$t" "$t.err"
 }
@@ -64,7 +65,9 @@ best() { # the smaller of two times (the first may be empty)
   if [ -z "$1" ]; then echo "$2"; else python3 -c "print(min($1, $2))"; fi
 }
 
-printf "%-18s %10s %10s %8s %10s %10s\n" pair "dc s" "qemu s" ratio "dc MiB" "qemu MiB"
+# Wall time is the figure that counts; CPU time (user+sys) is printed beside it because it
+# is far less disturbed by other load on the machine.
+printf "%-18s %8s %8s %6s %8s %8s %6s %7s %7s\n" pair "dc s" "qemu s" ratio "dc cpu" "qemu cpu" ratio "dc MiB" "qemu MiB"
 for p in "${PAIRS_ALL[@]}"; do
   IFS='|' read -r name ifmt imk ofmt flags <<<"$p"
   if [ ${#want[@]} -gt 0 ] && [[ ! " ${want[*]} " == *" $name "* ]]; then continue; fi
@@ -74,7 +77,7 @@ for p in "${PAIRS_ALL[@]}"; do
   fi
   cat "$in" >/dev/null # same warm page cache for both tools
   o1="$WORK/out-dc"; o2="$WORK/out-qemu"
-  ds=""; ts=""; dm=0; tm=0
+  ds=""; ts=""; dm=0; tm=0; dc=""; tc=""
   # One uncounted warm-up run of each: the first write of a pair pays for the kernel
   # reclaiming page cache, whichever tool goes first.
   rm -f "$o1" "$o2"; sync
@@ -85,20 +88,21 @@ for p in "${PAIRS_ALL[@]}"; do
   for _ in $(seq "$ROUNDS"); do
     rm -f "$o1" "$o2"; sync
     # shellcheck disable=SC2086
-    read -r s m < <(measure qemu-img convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o2")
+    read -r s m c < <(measure qemu-img convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o2")
     [ "$s" = FAIL ] && { ts=FAIL; break; }
-    ts=$(best "$ts" "$s"); tm=$((m > tm ? m : tm))
+    ts=$(best "$ts" "$s"); tm=$((m > tm ? m : tm)); tc=$(best "$tc" "$c")
     rm -f "$o1"; sync
     # shellcheck disable=SC2086
-    read -r s m < <(measure "$DC" convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o1")
+    read -r s m c < <(measure "$DC" convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o1")
     [ "$s" = FAIL ] && { ds=FAIL; break; }
-    ds=$(best "$ds" "$s"); dm=$((m > dm ? m : dm))
+    ds=$(best "$ds" "$s"); dm=$((m > dm ? m : dm)); dc=$(best "$dc" "$c")
   done
   if [ "$ds" = FAIL ] || [ "$ts" = FAIL ]; then
-    printf "%-18s %10s %10s %8s\n" "$name" "$ds" "$ts" "-"
+    printf "%-18s %8s %8s %6s\n" "$name" "$ds" "$ts" "-"
   else
     ratio=$(python3 -c "print(f'{$ds/max($ts,0.01):.2f}')")
-    printf "%-18s %10s %10s %8s %10d %10d\n" "$name" "$ds" "$ts" "$ratio" $((dm / 1024)) $((tm / 1024))
+    cratio=$(python3 -c "print(f'{$dc/max($tc,0.01):.2f}')")
+    printf "%-18s %8s %8s %6s %8s %8s %6s %7d %7d\n" "$name" "$ds" "$ts" "$ratio" "$dc" "$tc" "$cratio" $((dm / 1024)) $((tm / 1024))
     # Same guest content, or the figure means nothing.
     qemu-img compare -q -f "$ofmt" -F "$ofmt" "$o1" "$o2" || echo "    !! outputs differ for $name"
   fi
