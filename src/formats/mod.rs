@@ -171,7 +171,7 @@ impl OpenOptions {
         };
         if !self.allow_references {
             return Err(refuse(
-                "refusing to open files named inside an image (allow references to opt in)",
+                "refusing to open files named inside an image (opt in with --allow-references, or OpenOptions::allow_references)",
             ));
         }
         if name.is_empty() || name.contains('\0') {

@@ -124,6 +124,10 @@ pub fn create_writer(file: File, opts: &CreateOptions) -> Result<Box<dyn ImageWr
             )))
         }
     }
+    // Set the length first, like qemu-img: guest data then lands inside the file instead of
+    // extending it past holes write after write, which costs the filesystem far more.
+    file.set_len(opts.size)
+        .map_err(|e| Error::io("setting output length", e))?;
     Ok(Box::new(RawWriter {
         file,
         size: opts.size,

@@ -156,6 +156,10 @@ fn make_footer(size: u64, disk_type: DiskType) -> Footer {
 pub fn create_writer(file: File, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
     let p = plan(opts)?;
     if p.fixed {
+        // The data area's length up front (see the raw writer: in-file writes are cheaper
+        // than extending ones); the footer then extends it by 512 bytes.
+        file.set_len(p.size)
+            .map_err(|e| Error::io("setting output length", e))?;
         Ok(Box::new(FixedWriter {
             file,
             size: p.size,
