@@ -44,7 +44,7 @@ const FOREIGN: &[(&str, usize, &[u8])] = &[
     ("cloop", 0, b"#!/bin/sh\n#V2.0 Format\n"),
 ];
 
-/// Names (qemu's) of foreign formats whose signature `head`/`tail` carry; see [`FOREIGN`].
+/// Names (qemu's) of foreign formats whose signature `head`/`tail` carry (the table of magics qemu would honour).
 /// The dmg "koly" trailer counts too.
 pub fn foreign_signatures(head: &[u8], tail: &[u8]) -> Vec<&'static str> {
     let mut found: Vec<&'static str> = FOREIGN

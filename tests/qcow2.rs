@@ -727,7 +727,7 @@ fn sparse_terabyte_image_maps_in_few_steps() {
     assert!(matches!(m.kind, MappingKind::Data { host: Some(_) }));
     let m = dev.map((3 << 40) + (128 << 10), u64::MAX).unwrap();
     assert_eq!(m.offset + m.len, 4 << 40);
-    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert!(t0.elapsed() < Duration::from_secs(10));
     let out = dir.path().join("tb.copy.qcow2");
     convert(&p, &out, Format::Qcow2, &[], false);
     assert_qemu_check_clean(&out, Format::Qcow2);

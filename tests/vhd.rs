@@ -342,7 +342,7 @@ fn corpus_vhds() {
             (m.len, m.kind),
             (dev.virtual_size(), MappingKind::Unallocated)
         );
-        assert!(t.elapsed().as_millis() < 500);
+        assert!(t.elapsed().as_secs() < 10);
         let mut b = vec![1u8; 4096];
         dev.read_at(&mut b, dev.virtual_size() - 4096).unwrap();
         assert!(b.iter().all(|&x| x == 0));
@@ -373,7 +373,7 @@ fn corpus_vhds() {
     let p = corpus_file(&c, "afl5.img.bz2", tmp.path());
     let t = std::time::Instant::now();
     let e = open_err(&p, &OpenOptions::new());
-    assert!(t.elapsed().as_millis() < 500);
+    assert!(t.elapsed().as_secs() < 10);
     assert_eq!(e.kind(), ErrorKind::InvalidFormat, "{e}");
     assert!(e.to_string().contains("checksum"), "{e}");
     // With its dynamic header checksum repaired (qemu does not check it), the BAT size
@@ -428,7 +428,7 @@ fn hostile_inputs_fail_cleanly() {
         std::fs::write(&p, &b).unwrap();
         let t = std::time::Instant::now();
         let e = open_err(&p, &OpenOptions::new());
-        assert!(t.elapsed().as_millis() < 500, "{name} took too long");
+        assert!(t.elapsed().as_secs() < 10, "{name} took too long");
         e
     };
 

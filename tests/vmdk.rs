@@ -386,7 +386,7 @@ fn corpus_vmdks_read_bit_exact_or_fail_cleanly() {
             None => {
                 let t = std::time::Instant::now();
                 let err = open_vmdk(&p).err().expect("must fail like qemu-img");
-                assert!(t.elapsed().as_millis() < 500, "{}", e.file);
+                assert!(t.elapsed().as_secs() < 10, "{}", e.file);
                 assert!(
                     matches!(
                         err.kind(),
@@ -493,7 +493,7 @@ fn bad_inputs_fail_cleanly() {
     std::fs::write(&p, &h).unwrap();
     let t = std::time::Instant::now();
     assert!(open_vmdk(&p).is_err());
-    assert!(t.elapsed().as_millis() < 200);
+    assert!(t.elapsed().as_secs() < 10);
 
     // Descriptor over 1 MiB.
     let mut big = b"# Disk DescriptorFile\nversion=1\n".to_vec();
@@ -561,7 +561,7 @@ fn empty_sparse_image_maps_as_one_run() {
     let t = std::time::Instant::now();
     let m = dev.map(0, 1 << 40).unwrap();
     assert_eq!((m.len, m.kind), (1 << 40, MappingKind::Unallocated));
-    assert!(t.elapsed().as_millis() < 2000);
+    assert!(t.elapsed().as_secs() < 10);
     if have_qemu() {
         assert_qemu_check_clean(&p, Format::Vmdk);
     }

@@ -1,7 +1,7 @@
 //! The VMDK text descriptor: header keys (version, CID, parentCID, createType), extent
 //! lines (`RW 2048 SPARSE "x.vmdk"`, `RW 2048 FLAT "x-flat.vmdk" 0`) and `ddb.*` keys.
 //!
-//! The text is at most [`MAX_DESCRIPTOR_BYTES`](super::sparse::MAX_DESCRIPTOR_BYTES); an
+//! The text is at most [`super::sparse::MAX_DESCRIPTOR_BYTES`]; an
 //! embedded descriptor ends at its first NUL byte.
 
 use std::collections::BTreeMap;
