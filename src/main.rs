@@ -202,7 +202,8 @@ fn run(cli: Cli) -> Result<()> {
             allow_references,
             image,
         } => {
-            let opts = open_options(format.as_deref(), allow_references)?;
+            // Like qemu-img info: backing and parent images are named, never opened.
+            let opts = open_options(format.as_deref(), allow_references)?.without_backing();
             let dev = diskconv::open(&image, &opts)?;
             let info = dev.info();
             match output.as_str() {

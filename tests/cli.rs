@@ -144,3 +144,38 @@ fn writer_notes_reach_stderr() {
     let dev = diskconv::open(&dst, &diskconv::OpenOptions::new()).unwrap();
     assert_eq!(dev.virtual_size(), 1 << 20);
 }
+
+#[test]
+fn info_names_backing_files_without_opening_them() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let over = dir.path().join("over.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&over),
+    ]);
+    // Make the backing file unreadable as an image: info must not care.
+    std::fs::write(&base, b"not an image").unwrap();
+    let o = dc(&["info", "--output=json", s(&over)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["backing-filename"], "base.qcow2");
+    assert_eq!(v["backing-filename-format"], "qcow2");
+    // Converting still refuses the reference without the opt-in.
+    let out = dir.path().join("out.raw");
+    let o = dc(&["convert", "-O", "raw", s(&over), s(&out)]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unsafe reference"));
+    assert!(!out.exists());
+}

@@ -616,6 +616,20 @@ fn differencing_child_reads_through_its_parent_only_when_allowed() {
     assert_eq!(e.kind(), ErrorKind::UnsafeReference);
     assert!(e.to_string().contains("parent.vhd"), "{e}");
     assert_eq!(e.field(), Some("parent_locator"));
+    // Without backing (how `info` opens): the parent is named, not opened, and only the
+    // child's own sectors read as data.
+    let nb = OpenOptions::new().without_backing();
+    let dev = diskconv::open(&c, &nb).unwrap();
+    assert_eq!(dev.info().backing_file.as_deref(), Some("parent.vhd"));
+    let own = read_all(dev.as_ref());
+    for i in (0..size).step_by(4096) {
+        if child[i..i + 4096].iter().any(|&b| b != 0) {
+            assert!(
+                own[i..i + 4096] == child[i..i + 4096],
+                "child sector at {i}"
+            );
+        }
+    }
 
     let allowed = OpenOptions::new().allow_references(true, None);
     let dev = diskconv::open(&c, &allowed).unwrap();

@@ -129,6 +129,12 @@ pub struct OpenOptions {
     pub reference_root: Option<PathBuf>,
     /// Format-specific open options (e.g. `force_size_calc` for vpc), like qemu's `-o`.
     pub options: BTreeMap<String, String>,
+    /// Open without attaching backing or parent images (qemu's "no backing" open, used by
+    /// `info`): their names are still reported, nothing they name is opened, and ranges
+    /// they would supply read as unallocated. Never use this to convert: the backing
+    /// image's data would be missing. Files that hold the image's own data (vmdk extents,
+    /// qcow2 external data files) still go through the reference gate.
+    pub no_backing: bool,
     /// Files already open in this chain (for cycle detection and the depth limit).
     chain: Vec<PathBuf>,
 }
@@ -151,6 +157,11 @@ impl OpenOptions {
     pub fn allow_references(mut self, allow: bool, root: Option<PathBuf>) -> Self {
         self.allow_references = allow;
         self.reference_root = root;
+        self
+    }
+    /// Open without attaching backing or parent images (see [`OpenOptions::no_backing`]).
+    pub fn without_backing(mut self) -> Self {
+        self.no_backing = true;
         self
     }
     /// Set a format-specific open option.

@@ -136,6 +136,7 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Qcow2Image> {
     };
 
     let backing = match &backing_name {
+        Some(_) if opts.no_backing => None,
         Some(name) => {
             let fmt = match ext.backing_format.as_deref() {
                 Some(f) => Some(Format::from_name(f).map_err(|_| {

@@ -310,7 +310,7 @@ fn open_sparse(
             .at(hdr_at));
         }
         let mut first_err = None;
-        for name in &parent_names {
+        for name in parent_names.iter().take_while(|_| !opts.no_backing) {
             match opts.open_reference(file.path(), name, "parent_locator", Some(Format::Vhd)) {
                 Ok(p) => {
                     parent = Some(p);
@@ -321,8 +321,8 @@ fn open_sparse(
                 }
             }
         }
-        if parent.is_none() {
-            return Err(first_err.expect("at least one candidate was tried"));
+        if let Some(e) = first_err.filter(|_| parent.is_none()) {
+            return Err(e);
         }
         if let Some(p) = &parent {
             if p.virtual_size() != size {

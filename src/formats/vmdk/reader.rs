@@ -804,6 +804,7 @@ fn finish(
     // as our parentCID, as qemu checks.
     let parent = match &d.parent_hint {
         None => None,
+        Some(_) if opts.no_backing => None,
         Some(hint) => {
             let p = opts.open_reference(image, hint, "parentFileNameHint", Some(Format::Vmdk))?;
             let pcid = p
