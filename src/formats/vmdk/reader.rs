@@ -457,6 +457,27 @@ struct Extent {
     info: serde_json::Value,
 }
 
+impl Extent {
+    /// The only extent of an image that is one sparse file (`path`), covering it all.
+    fn whole_file(sparse: SparseExtent, extent_type: &str, path: &Path) -> Extent {
+        let name = path.to_string_lossy().into_owned();
+        let info = extent_info(
+            &name,
+            extent_type,
+            sparse.size,
+            Some(sparse.grain),
+            sparse.compressed,
+        );
+        Extent {
+            start: 0,
+            size: sparse.size,
+            in_main: true,
+            data: ExtentData::Sparse(sparse),
+            info,
+        }
+    }
+}
+
 /// An opened VMDK image (one or more extents).
 pub struct VmdkImage {
     size: u64,
@@ -589,23 +610,8 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
         } else {
             "monolithicSparse".to_string()
         };
-        let name = path.to_string_lossy().into_owned();
-        let info = extent_info(
-            &name,
-            "",
-            sparse.size,
-            Some(sparse.grain),
-            sparse.compressed,
-        );
-        let ext = Extent {
-            start: 0,
-            size: sparse.size,
-            in_main: true,
-            data: ExtentData::Sparse(sparse),
-            info,
-        };
         let mut img = finish(
-            vec![ext],
+            vec![Extent::whole_file(sparse, "", &path)],
             desc.unwrap_or_default(),
             Some(create_type),
             &path,
@@ -774,17 +780,8 @@ fn bare_sparse(
     path: &Path,
     opts: &OpenOptions,
 ) -> Result<Box<dyn BlockDevice>> {
-    let name = path.to_string_lossy().into_owned();
-    let info = extent_info(&name, extent_type, sparse.size, Some(sparse.grain), false);
-    let ext = Extent {
-        start: 0,
-        size: sparse.size,
-        in_main: true,
-        data: ExtentData::Sparse(sparse),
-        info,
-    };
     Ok(Box::new(finish(
-        vec![ext],
+        vec![Extent::whole_file(sparse, extent_type, path)],
         Descriptor::default(),
         Some(create_type.into()),
         path,
