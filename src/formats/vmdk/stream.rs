@@ -265,6 +265,18 @@ impl ImageWriter for StreamWriter {
 mod tests {
     use super::*;
 
+    /// Inflate the zlib payload of grain record `rec` (marker `m`) into `out`; bytes produced.
+    fn inflate(rec: &[u8], m: &Marker, out: &mut [u8]) -> u64 {
+        let mut z = flate2::Decompress::new(true);
+        z.decompress(
+            &rec[12..12 + m.size as usize],
+            out,
+            flate2::FlushDecompress::Finish,
+        )
+        .unwrap();
+        z.total_out()
+    }
+
     #[test]
     fn grain_record_inflates_back() {
         let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
@@ -273,24 +285,11 @@ mod tests {
         let m = Marker::parse(&rec).unwrap();
         assert_eq!(m.val, 3 * GRAIN_SECTORS);
         let mut out = vec![0u8; 65536];
-        let mut z = flate2::Decompress::new(true);
-        z.decompress(
-            &rec[12..12 + m.size as usize],
-            &mut out,
-            flate2::FlushDecompress::Finish,
-        )
-        .unwrap();
+        assert_eq!(inflate(&rec, &m, &mut out), 65536);
         assert_eq!(out, data);
         // Partial last grain: padded to a whole sector.
         let rec = encode_grain(0, &data[..1000], 0).unwrap();
         let m = Marker::parse(&rec).unwrap();
-        let mut z = flate2::Decompress::new(true);
-        z.decompress(
-            &rec[12..12 + m.size as usize],
-            &mut out,
-            flate2::FlushDecompress::Finish,
-        )
-        .unwrap();
-        assert_eq!(z.total_out(), 1024);
+        assert_eq!(inflate(&rec, &m, &mut out), 1024);
     }
 }
