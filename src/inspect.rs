@@ -186,7 +186,8 @@ pub struct Inspection {
     /// The format the caller claimed, if any.
     #[serde(serialize_with = "ser_format")]
     pub claimed_format: Option<Format>,
-    /// The format probing detects: raw when no signature matches, None when several do.
+    /// The format probing detects: raw when no signature matches, None when several do or
+    /// the one that does is a format this crate does not read (`unsupported_format`).
     #[serde(serialize_with = "ser_format")]
     pub detected_format: Option<Format>,
     /// Every format of this crate whose signature the file carries.
@@ -194,6 +195,9 @@ pub struct Inspection {
     pub matching_formats: Vec<Format>,
     /// Foreign formats (qemu names) whose signature the file carries.
     pub foreign_signatures: Vec<String>,
+    /// The foreign format (qemu name) the file is, when that is what probing finds: a
+    /// format this crate does not read, which probing refuses (`detected_format` is None).
+    pub unsupported_format: Option<String>,
     /// Whether the detected format is the claimed one (None when nothing was claimed).
     pub format_matches_claim: Option<bool>,
     /// The format the image was opened as for size and map (the claim, else the
@@ -267,29 +271,40 @@ pub fn inspect_with(
     let detected = report.detected();
     let mut findings = Vec::new();
 
-    if detected.is_none() {
-        let names: Vec<&str> = report.matches.iter().map(|f| f.name()).collect();
+    let claims = report.claims();
+    if claims.len() > 1 {
         findings.push(Finding::new(
             FindingKind::Polyglot,
             format!(
                 "the file carries the signatures of several formats ({}): tools would disagree on what it is",
-                names.join(", ")
+                claims.join(", ")
             ),
         ));
     }
+    for (fmt, why) in &report.distrusted {
+        let mut f = Finding::new(FindingKind::Polyglot, why.clone());
+        f.format = Some(*fmt);
+        findings.push(f);
+    }
+    let unsupported = report.unsupported();
     for name in &report.foreign {
-        findings.push(Finding::new(
-            FindingKind::ForeignFormat,
+        let detail = if unsupported == Some(name) {
+            format!(
+                "the file is a {name} image, a format diskconv does not read (probing refuses it): a consumer that probes (qemu-img) reads it as {name}, never as a raw disk"
+            )
+        } else {
             format!(
                 "the file carries a {name} signature: a consumer that probes (qemu-img) would read it as {name}"
-            ),
-        ));
+            )
+        };
+        findings.push(Finding::new(FindingKind::ForeignFormat, detail));
     }
     let format_matches_claim = claimed_format.map(|c| detected == Some(c));
     if let (Some(claim), Some(false)) = (claimed_format, format_matches_claim) {
-        let what = match detected {
-            Some(d) => format!("detected {d}"),
-            None => "the format is ambiguous".to_string(),
+        let what = match (detected, unsupported) {
+            (Some(d), _) => format!("detected {d}"),
+            (None, Some(name)) => format!("the file is a {name} image"),
+            (None, None) => "the format is ambiguous".to_string(),
         };
         findings.push(Finding::new(
             FindingKind::FormatMismatch,
@@ -347,6 +362,7 @@ pub fn inspect_with(
         detected_format: detected,
         matching_formats: report.matches.clone(),
         foreign_signatures: report.foreign.iter().map(|s| s.to_string()).collect(),
+        unsupported_format: unsupported.map(str::to_string),
         format_matches_claim,
         opened_as,
         virtual_size,

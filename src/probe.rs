@@ -1,12 +1,20 @@
 //! Format detection. Used only when the caller did not name the format: a named format
 //! is never second-guessed (a raw guest disk holding a qcow2 header stays raw).
 //!
-//! Rules: every format's signature is checked; exactly one match is that format, none is
-//! raw, several is an error (a polyglot: a file that one tool reads as qcow2 and another
-//! as vmdk is how format-confusion attacks work). The one expected nesting is a VHD
-//! footer at the end of a file that is otherwise raw: that is a fixed VHD, not a polyglot,
-//! because raw has no signature to collide with. A VHD footer on a file that also carries
-//! another format's header is still ambiguous.
+//! Rules: every format's signature is checked, ours and those of the formats qemu-img
+//! reads and we do not (vhdx, qcow v1, qed, luks, parallels, dmg, bochs, cloop). Exactly
+//! one of ours is that format; exactly one foreign one is refused with an error naming it
+//! (converting a vhdx container's own bytes as the guest disk would be silent garbage);
+//! none is raw; several is an error (a polyglot: a file that one tool reads as qcow2 and
+//! another as vmdk is how format-confusion attacks work).
+//!
+//! The one expected nesting is a VHD footer at the end of a file that is otherwise raw:
+//! that is a fixed VHD, not a polyglot, because raw has no signature to collide with. It
+//! counts only when the file has a fixed VHD's shape (the footer's current_size is the
+//! length of the data before it): a guest writes its own last sector and could otherwise
+//! make its disk read as any size it likes. A footer without that shape is reported as
+//! distrusted (inspect calls it a polyglot); the file is raw, unless another signature is
+//! present too, which stays ambiguous.
 
 use std::path::Path;
 
@@ -18,93 +26,214 @@ use crate::formats::Format;
 /// first line.
 pub const PROBE_HEAD: u64 = 64 * 1024;
 
-/// How many trailing bytes probing reads (a VHD footer).
+/// How many trailing bytes probing reads (a VHD footer, a dmg "koly" trailer).
 pub const PROBE_TAIL: u64 = 512;
 
-/// Every non-raw format whose signature `head`/`tail` carry.
-pub fn matching_formats(head: &[u8], tail: &[u8]) -> Vec<Format> {
+/// Every non-raw format of this crate whose signature `head`/`tail` of a file of
+/// `file_len` bytes carry.
+pub fn matching_formats(head: &[u8], tail: &[u8], file_len: u64) -> Vec<Format> {
     Format::ALL
         .iter()
         .copied()
-        .filter(|f| f.probe(head, tail))
+        .filter(|f| f.probe(head, tail, file_len))
         .collect()
 }
 
-/// Signatures of formats this crate does not read but qemu-img would probe, named by
-/// qemu's format name. A file claimed as raw (or as one of ours) that carries one of these
-/// is dangerous to accept: a consumer that probes would read it as that format, and
-/// several of them (qed, vhdx, qcow v1, parallels) can name backing files.
-const FOREIGN: &[(&str, usize, &[u8])] = &[
-    ("qed", 0, b"QED\0"),
-    ("vhdx", 0, b"vhdxfile"),
-    ("luks", 0, b"LUKS\xba\xbe"),
-    ("bochs", 0, b"Bochs Virtual HD Image"),
-    ("parallels", 0, b"WithoutFreeSpace"),
-    ("parallels", 0, b"WithouFreSpacExt"),
-    ("cloop", 0, b"#!/bin/sh\n#V2.0 Format\n"),
+/// A format qemu-img probes that this crate does not read.
+struct Foreign {
+    /// qemu's name for it.
+    name: &'static str,
+    /// The signature, for messages.
+    signature: &'static str,
+    /// Does the file (its first and last bytes) carry the signature?
+    found: fn(head: &[u8], tail: &[u8]) -> bool,
+}
+
+/// The cloop 2.0 header: a shell script that mounts the image (qemu's `cloop_probe`).
+const CLOOP_MAGIC: &[u8] =
+    b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n";
+
+/// The magics of qemu's `*_probe` functions (block/vhdx.c, qcow.c, qed.c, crypto.c,
+/// parallels.c, dmg.c, bochs.c, cloop.c). We match the magic alone where qemu also checks a
+/// version field (luks version 1, parallels version 2, bochs type and version): a file
+/// carrying the magic with another version is no more a plain disk, and refusing it only
+/// costs `-f raw`. qcow v1 shares qcow2's magic and is told apart by its version, as qemu
+/// does. Several of these formats can name backing files.
+const FOREIGN: &[Foreign] = &[
+    Foreign {
+        name: "vhdx",
+        signature: "'vhdxfile' at offset 0",
+        found: |h, _| h.starts_with(b"vhdxfile"),
+    },
+    Foreign {
+        name: "qcow",
+        signature: "'QFI\\xfb' version 1 at offset 0",
+        found: |h, _| h.starts_with(b"QFI\xfb") && h.get(4..8) == Some(&[0, 0, 0, 1]),
+    },
+    Foreign {
+        name: "qed",
+        signature: "'QED\\0' at offset 0",
+        found: |h, _| h.starts_with(b"QED\0"),
+    },
+    Foreign {
+        name: "luks",
+        signature: "'LUKS\\xba\\xbe' at offset 0",
+        found: |h, _| h.starts_with(b"LUKS\xba\xbe"),
+    },
+    Foreign {
+        name: "parallels",
+        signature: "'WithoutFreeSpace' or 'WithouFreSpacExt' at offset 0",
+        found: |h, _| h.starts_with(b"WithoutFreeSpace") || h.starts_with(b"WithouFreSpacExt"),
+    },
+    Foreign {
+        name: "dmg",
+        signature: "a 'koly' trailer in the last 512 bytes",
+        found: |_, t| t.len() == PROBE_TAIL as usize && t.starts_with(b"koly"),
+    },
+    Foreign {
+        name: "bochs",
+        signature: "'Bochs Virtual HD Image' at offset 0",
+        found: |h, _| h.starts_with(b"Bochs Virtual HD Image\0"),
+    },
+    Foreign {
+        name: "cloop",
+        signature: "the cloop 2.0 shell header at offset 0",
+        found: |h, _| h.starts_with(CLOOP_MAGIC),
+    },
 ];
 
-/// Names (qemu's) of foreign formats whose signature `head`/`tail` carry (the table of magics qemu would honour).
-/// The dmg "koly" trailer counts too.
+/// Names (qemu's) of foreign formats whose signature `head`/`tail` carry.
 pub fn foreign_signatures(head: &[u8], tail: &[u8]) -> Vec<&'static str> {
     let mut found: Vec<&'static str> = FOREIGN
         .iter()
-        .filter(|(_, at, magic)| head.get(*at..).is_some_and(|h| h.starts_with(magic)))
-        .map(|(name, _, _)| *name)
+        .filter(|f| (f.found)(head, tail))
+        .map(|f| f.name)
         .collect();
-    if tail.len() == PROBE_TAIL as usize && tail.starts_with(b"koly") {
-        found.push("dmg");
-    }
     found.dedup();
     found
 }
 
-/// What probing a file found: every signature, ours and foreign.
+/// The signature of foreign format `name`, for messages.
+fn foreign_signature(name: &str) -> &'static str {
+    FOREIGN
+        .iter()
+        .find(|f| f.name == name)
+        .map_or("its signature", |f| f.signature)
+}
+
+/// What probing a file found: every signature, ours and foreign, trusted or not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeReport {
     /// Formats of this crate whose signature the file carries (never raw).
     pub matches: Vec<Format>,
-    /// Foreign formats (qemu names) whose signature the file carries.
+    /// Foreign formats (qemu names) whose signature the file carries. A file named
+    /// `*.dmg` counts as dmg when it carries no other signature: qemu probes dmg by name.
     pub foreign: Vec<&'static str>,
+    /// Signatures of our formats found but not trusted, each with the reason (a VHD
+    /// footer in the last sector of a file without a fixed VHD's length).
+    pub distrusted: Vec<(Format, String)>,
 }
 
 impl ProbeReport {
-    /// The detected format: the single match, raw when there is none, None when ambiguous.
+    /// Judge the first bytes `head` and last bytes `tail` of a file of `file_len` bytes
+    /// named `file_name`.
+    pub fn from_bytes(head: &[u8], tail: &[u8], file_len: u64, file_name: Option<&str>) -> Self {
+        let mut foreign = foreign_signatures(head, tail);
+        let mut matches = matching_formats(head, tail, file_len);
+        if foreign.contains(&"qcow") {
+            // qcow v1 carries qcow2's magic; its version says which it is.
+            matches.retain(|&f| f != Format::Qcow2);
+        }
+        let distrusted: Vec<(Format, String)> = Format::ALL
+            .iter()
+            .filter_map(|&f| f.distrusted_signature(head, tail, file_len).map(|d| (f, d)))
+            .collect();
+        if matches.is_empty()
+            && foreign.is_empty()
+            && file_name.is_some_and(|n| n.to_ascii_lowercase().ends_with(".dmg"))
+        {
+            foreign.push("dmg");
+        }
+        ProbeReport {
+            matches,
+            foreign,
+            distrusted,
+        }
+    }
+
+    /// The names of every format that claims the file: ours, foreign, and a distrusted
+    /// signature when something else claims the file too (beside another format's header
+    /// a footer is no longer the expected nesting of a fixed VHD on raw data).
+    pub fn claims(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = self.matches.iter().map(|f| f.name()).collect();
+        names.extend(self.foreign.iter().copied());
+        if !names.is_empty() {
+            for (f, _) in &self.distrusted {
+                if !names.contains(&f.name()) {
+                    names.push(f.name());
+                }
+            }
+        }
+        names
+    }
+
+    /// The detected format of this crate: the single format claiming the file, raw when
+    /// none does; None when several claim it or the one that does is foreign (see
+    /// [`unsupported`](Self::unsupported)).
     pub fn detected(&self) -> Option<Format> {
-        match self.matches.as_slice() {
-            [] => Some(Format::Raw),
-            [one] => Some(*one),
+        if self.claims().len() > 1 || !self.foreign.is_empty() {
+            return None;
+        }
+        Some(self.matches.first().copied().unwrap_or(Format::Raw))
+    }
+
+    /// The foreign format (qemu's name) the file is, when that is the only claim.
+    pub fn unsupported(&self) -> Option<&'static str> {
+        match (self.claims().len(), self.foreign.as_slice()) {
+            (1, [one]) => Some(*one),
             _ => None,
         }
+    }
+
+    /// The format probing settles on, or the error saying why it cannot: the file is a
+    /// format we do not read, or several formats claim it.
+    pub fn decide(&self) -> Result<Format> {
+        if let Some(f) = self.detected() {
+            return Ok(f);
+        }
+        if let Some(name) = self.unsupported() {
+            return Err(Error::unsupported(format!(
+                "the file is a {name} image ({}): {name} images are not supported yet; \
+                 use -f raw to read the file's bytes as a disk",
+                foreign_signature(name)
+            )));
+        }
+        Err(Error::invalid(format!(
+            "ambiguous image: it matches several formats ({}); name the format with -f",
+            self.claims().join(", ")
+        )))
     }
 }
 
 /// Read the probe window of `file` (the first [`PROBE_HEAD`] bytes and the last
 /// [`PROBE_TAIL`]) and report every signature found.
 pub fn probe_report(file: &HostFile) -> Result<ProbeReport> {
-    let head_len = file.len().min(PROBE_HEAD);
+    let len = file.len();
+    let head_len = len.min(PROBE_HEAD);
     let head = file.read_vec(0, head_len, "probe header")?;
-    let tail_len = file.len().min(PROBE_TAIL);
-    let tail = file.read_vec(file.len() - tail_len, tail_len, "probe footer")?;
-    Ok(ProbeReport {
-        matches: matching_formats(&head, &tail),
-        foreign: foreign_signatures(&head, &tail),
-    })
+    let tail_len = len.min(PROBE_TAIL);
+    let tail = file.read_vec(len - tail_len, tail_len, "probe footer")?;
+    let name = file.path().file_name().and_then(|n| n.to_str());
+    Ok(ProbeReport::from_bytes(&head, &tail, len, name))
 }
 
 /// Decide the format of `file`: the single format whose signature it carries, raw when
-/// none does, and an error naming them when several do (a polyglot), except that a
-/// VHD footer at the end of an otherwise raw file is a VHD.
+/// none does; an error naming the format when it is one qemu-img reads and we do not,
+/// and an error naming them when several claim it (a polyglot).
 pub fn probe_file(file: &HostFile) -> Result<Format> {
-    let report = probe_report(file)?;
-    report.detected().ok_or_else(|| {
-        let names: Vec<&str> = report.matches.iter().map(|f| f.name()).collect();
-        Error::invalid(format!(
-            "ambiguous image: it matches several formats ({}); name the format with -f",
-            names.join(", ")
-        ))
-        .with_path(file.path())
-    })
+    probe_report(file)?
+        .decide()
+        .map_err(|e| e.with_path(file.path()))
 }
 
 /// Detect the format of the image at `path` (see [`probe_file`]).
@@ -177,7 +306,11 @@ mod tests {
         );
         let f = HostFile::open(&p).unwrap();
         let r = probe_report(&f).unwrap();
-        assert_eq!(r.matches, vec![Format::Qcow2, Format::Vhd]);
+        // The footer does not fit the file's length, so it is distrusted, but beside a
+        // qcow2 header it still makes the file ambiguous.
+        assert_eq!(r.matches, vec![Format::Qcow2]);
+        assert_eq!(r.distrusted.len(), 1);
+        assert_eq!(r.claims(), vec!["qcow2", "vpc"]);
         assert_eq!(r.detected(), None);
     }
 
@@ -209,5 +342,96 @@ mod tests {
         assert_eq!(foreign_signatures(&[0u8; 16], &tail), vec!["dmg"]);
         assert!(foreign_signatures(b"QED", &[]).is_empty());
         assert_eq!(foreign_signatures(b"QED\0xyz", &[]), vec!["qed"]);
+    }
+
+    /// Every signature qemu-img probes and we do not read is refused by name; the same
+    /// bytes one byte off are raw.
+    #[test]
+    fn foreign_formats_are_refused_by_name() {
+        let mut cases: Vec<(&str, Vec<u8>, Vec<u8>)> = Vec::new();
+        let head = |magic: &[u8]| {
+            let mut h = magic.to_vec();
+            h.resize(4096, 0);
+            h
+        };
+        cases.push(("vhdx", head(b"vhdxfile"), vec![]));
+        cases.push(("qcow", head(b"QFI\xfb\0\0\0\x01"), vec![]));
+        cases.push(("qed", head(b"QED\0"), vec![]));
+        cases.push(("luks", head(b"LUKS\xba\xbe\0\x01"), vec![]));
+        cases.push(("luks", head(b"LUKS\xba\xbe\0\x02"), vec![]));
+        cases.push(("parallels", head(b"WithoutFreeSpace\x02\0\0\0"), vec![]));
+        cases.push(("parallels", head(b"WithouFreSpacExt\x02\0\0\0"), vec![]));
+        cases.push(("bochs", head(b"Bochs Virtual HD Image\0"), vec![]));
+        cases.push(("cloop", head(CLOOP_MAGIC), vec![]));
+        let mut koly = b"koly".to_vec();
+        koly.resize(512, 0);
+        cases.push(("dmg", vec![0u8; 4096], koly));
+        for (name, h, t) in cases {
+            let len = (h.len() + t.len()) as u64;
+            let r = ProbeReport::from_bytes(&h, &t, len, Some("image"));
+            assert_eq!(r.foreign, vec![name]);
+            assert!(r.matches.is_empty(), "{name}: {r:?}");
+            assert_eq!(r.detected(), None);
+            assert_eq!(r.unsupported(), Some(name));
+            let e = r.decide().unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Unsupported);
+            let want = format!(
+                "{name} images are not supported yet; use -f raw to read the file's bytes as a disk"
+            );
+            assert!(e.message().contains(&want), "{e}");
+            // Shifted by one byte the magic is gone: raw.
+            let mut shifted = vec![0u8];
+            shifted.extend_from_slice(&h);
+            let r = ProbeReport::from_bytes(&shifted, &[], len + 1, Some("image"));
+            assert_eq!(r.decide().unwrap(), Format::Raw, "{name} shifted");
+        }
+        // qcow2 (version 2 and 3) is still ours.
+        for v in [2u8, 3] {
+            let h = head(&[b'Q', b'F', b'I', 0xfb, 0, 0, 0, v]);
+            let r = ProbeReport::from_bytes(&h, &[], 4096, None);
+            assert_eq!(r.decide().unwrap(), Format::Qcow2);
+        }
+        // qemu probes dmg by name too: a file named *.dmg with no other signature.
+        let r = ProbeReport::from_bytes(&[0u8; 4096], &[0u8; 512], 4608, Some("disk.DMG"));
+        assert_eq!(r.unsupported(), Some("dmg"));
+        let r = ProbeReport::from_bytes(&qcow2_magic(), &[0u8; 512], 4608, Some("disk.dmg"));
+        assert_eq!(r.decide().unwrap(), Format::Qcow2);
+        // A foreign signature beside one of ours is ambiguous.
+        let mut tail = b"koly".to_vec();
+        tail.resize(512, 0);
+        let r = ProbeReport::from_bytes(&qcow2_magic(), &tail, 8192, None);
+        let e = r.decide().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidFormat);
+        assert!(e.message().contains("qcow2, dmg"), "{e}");
+    }
+
+    #[test]
+    fn a_footer_that_does_not_fit_the_file_is_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let footer = vhd_footer(); // fixed, current_size 8192
+                                   // The right shape: 8192 bytes of data before it.
+        let mut bytes = vec![0x5au8; 8192];
+        bytes.extend_from_slice(&footer);
+        let p = write(dir.path(), "fixed.vhd", &bytes);
+        assert_eq!(probe(&p).unwrap(), Format::Vhd);
+        // One sector more or less of data: raw, with the footer reported.
+        for data in [8192 + 512, 8192 - 512, 512] {
+            let mut bytes = vec![0x5au8; data];
+            bytes.extend_from_slice(&footer);
+            let p = write(dir.path(), "guest.raw", &bytes);
+            assert_eq!(probe(&p).unwrap(), Format::Raw, "{data}");
+            let r = probe_report(&HostFile::open(&p).unwrap()).unwrap();
+            assert_eq!(r.distrusted.len(), 1);
+            assert_eq!(r.distrusted[0].0, Format::Vhd);
+            assert!(r.distrusted[0].1.contains("8192-byte disk"), "{r:?}");
+        }
+        // A dynamic footer at the end with no copy at offset 0: raw too.
+        let mut f = crate::formats::vhd::footer::Footer::parse(&footer).unwrap();
+        f.disk_type = crate::formats::vhd::footer::DiskType::Dynamic;
+        f.data_offset = 512;
+        let mut bytes = vec![0u8; 8192];
+        bytes.extend_from_slice(&f.to_bytes());
+        let p = write(dir.path(), "dyn-tail.raw", &bytes);
+        assert_eq!(probe(&p).unwrap(), Format::Raw);
     }
 }

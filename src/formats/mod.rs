@@ -70,14 +70,25 @@ impl Format {
     }
 
     /// Does `head` (the first bytes of a file, up to 64 KiB) and `tail` (its last 512
-    /// bytes, or fewer for a short file) look like this format? Raw always answers false.
-    pub fn probe(self, head: &[u8], tail: &[u8]) -> bool {
+    /// bytes, or fewer for a short file) of a file of `file_len` bytes look like this
+    /// format? Raw always answers false.
+    pub fn probe(self, head: &[u8], tail: &[u8], file_len: u64) -> bool {
         match self {
             Format::Raw => false,
             Format::Qcow2 => qcow2::probe(head),
-            Format::Vhd => vhd::probe(head, tail),
+            Format::Vhd => vhd::probe(head, tail, file_len),
             Format::Vmdk => vmdk::probe(head),
             Format::Vdi => vdi::probe(head),
+        }
+    }
+
+    /// A signature of this format that the file carries but that [`probe`](Self::probe)
+    /// does not trust (a VHD footer in the last sector of a file that does not have a
+    /// fixed VHD's length), described; None when there is none.
+    pub fn distrusted_signature(self, head: &[u8], tail: &[u8], file_len: u64) -> Option<String> {
+        match self {
+            Format::Vhd => vhd::distrusted_footer(head, tail, file_len),
+            _ => None,
         }
     }
 

@@ -42,10 +42,22 @@ pub const CREATE_OPTIONS: &[OptionHelp] = &[
 ];
 
 /// Does this file look like a VHD? A dynamic or differencing VHD starts with the
-/// "conectix" cookie; a fixed one has a valid footer (cookie, checksum, disk type) in its
-/// last 512 bytes, which is checked in full so a raw disk rarely matches by accident.
-pub fn probe(head: &[u8], tail: &[u8]) -> bool {
-    head.starts_with(footer::FOOTER_COOKIE) || reader::tail_is_footer(tail)
+/// "conectix" cookie. A fixed one has only its footer, in the last 512 bytes, and a raw
+/// guest disk can hold exactly those bytes (the guest writes its own last sector), so a
+/// footer there counts only when the file has the shape a fixed VHD has: a valid footer
+/// (cookie, checksum) of disk type fixed whose current_size is the length of the data
+/// before it (see [`reader::trusted_tail_footer`]). `file_len` is the whole file's length.
+pub fn probe(head: &[u8], tail: &[u8], file_len: u64) -> bool {
+    head.starts_with(footer::FOOTER_COOKIE) || reader::trusted_tail_footer(tail, file_len)
+}
+
+/// A VHD footer in the last sector that [`probe`] does not trust, described for the
+/// caller (the probe reads such a file as raw; `inspect` reports it as a polyglot).
+pub fn distrusted_footer(head: &[u8], tail: &[u8], file_len: u64) -> Option<String> {
+    if probe(head, tail, file_len) {
+        return None;
+    }
+    reader::describe_distrusted_tail_footer(tail, file_len)
 }
 
 /// Open a VHD image. Open options: `force_size_calc=chs|current_size` (like qemu's).

@@ -205,19 +205,59 @@ fn find_footer(file: &HostFile) -> Result<(Footer, u64, Vec<String>)> {
     }
 }
 
-/// Does this tail (the last up to 512 bytes of a file) hold a valid footer: cookie,
-/// checksum and a known disk type? Also accepts the 511-byte footer quirk.
-pub fn tail_is_footer(tail: &[u8]) -> bool {
-    if tail.len() < FOOTER_SIZE {
-        return false;
+/// The valid footer that ends a file whose last bytes are `tail` (the 512-byte footer, or
+/// the 511-byte quirk of old Virtual PC fixed images), and how many bytes precede it.
+fn tail_footer(tail: &[u8], file_len: u64) -> Option<(Footer, u64)> {
+    if tail.len() < FOOTER_SIZE || file_len < FOOTER_SIZE as u64 {
+        return None;
     }
     let t = &tail[tail.len() - FOOTER_SIZE..];
-    if Footer::parse(t).is_ok() {
-        return true;
+    if let Ok(f) = Footer::parse(t) {
+        return Some((f, file_len - FOOTER_SIZE as u64));
     }
     let mut short = [0u8; FOOTER_SIZE];
     short[..FOOTER_SIZE - 1].copy_from_slice(&t[1..]);
-    matches!(Footer::parse(&short), Ok(f) if f.disk_type == DiskType::Fixed)
+    match Footer::parse(&short) {
+        Ok(f) if f.disk_type == DiskType::Fixed => Some((f, file_len - FOOTER_SIZE as u64 + 1)),
+        _ => None,
+    }
+}
+
+/// Does the file (of `file_len` bytes, ending with `tail`) have the shape of a fixed VHD:
+/// a valid footer of disk type fixed whose current_size is exactly the number of bytes
+/// before it? Every fixed-VHD producer (Virtual PC, Hyper-V, Azure, VirtualBox, qemu)
+/// writes that shape. A guest can write a valid footer into its own last sector but cannot
+/// change the length of its disk, so a footer claiming another size, or a dynamic type
+/// with no copy at offset 0, is guest data and the file is probed as raw.
+pub fn trusted_tail_footer(tail: &[u8], file_len: u64) -> bool {
+    matches!(tail_footer(tail, file_len),
+        Some((f, data_len)) if f.disk_type == DiskType::Fixed && f.current_size == data_len)
+}
+
+/// Why a valid footer at the end of a file is not trusted (see [`trusted_tail_footer`]),
+/// or None when there is no such footer or it is trusted.
+pub fn describe_distrusted_tail_footer(tail: &[u8], file_len: u64) -> Option<String> {
+    let (f, data_len) = tail_footer(tail, file_len)?;
+    if f.disk_type == DiskType::Fixed && f.current_size == data_len {
+        return None;
+    }
+    Some(match f.disk_type {
+        DiskType::Fixed => format!(
+            "the last sector holds a valid fixed-VHD footer (creator '{}') claiming a {}-byte disk, \
+             but {data_len} bytes precede it: probed as raw, while a tool that trusts footers \
+             would read a different disk",
+            f.creator_app_str().escape_default(),
+            f.current_size
+        ),
+        t => format!(
+            "the last sector holds a valid {} VHD footer (creator '{}') but the file does not \
+             start with its copy: probed as raw, while a tool that trusts footers would read a \
+             {} VHD (name the format, -f vpc, to read a VHD whose first footer copy is damaged)",
+            t.name(),
+            f.creator_app_str().escape_default(),
+            t.name()
+        ),
+    })
 }
 
 /// Parse the dynamic header and BAT, and attach the parent of a differencing disk.
