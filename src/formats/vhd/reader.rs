@@ -3,7 +3,11 @@
 //! Which bytes the guest sees follows qemu 10's vpc driver (so we read what qemu reads):
 //! the footer at the end decides a fixed disk, the copy at offset 0 a dynamic one; the
 //! virtual size comes from the CHS geometry for images made by Virtual PC ("vpc ") and
-//! old qemu ("qemu") and from current_size otherwise. Where qemu is lax we are strict but
+//! old qemu ("qemu") and from current_size for every other creator (Hyper-V, Azure,
+//! VirtualBox, Disk2vhd, XenServer, new qemu, and any we do not know), as qemu 10 does.
+//! One exception, where qemu drops guest data and we do not: when the geometry gives
+//! less than current_size and the bytes between the two hold data (see [`open`]). Where
+//! qemu is lax we are strict but
 //! name the problem: the dynamic header checksum is verified, BAT entries must point at
 //! whole blocks inside the file, and a sector whose bitmap bit is clear reads as zero (or
 //! from the parent of a differencing disk), as the VHD specification says.
@@ -44,14 +48,24 @@ enum SizeCalc {
     CurrentSize,
 }
 
-/// Creator applications whose images are sized by current_size (qemu's table); every
-/// other creator's size comes from the geometry.
-const CURRENT_SIZE_CREATORS: [&[u8; 4]; 5] = [b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0"];
+/// Creator applications whose images are sized by their CHS geometry: Virtual PC and
+/// qemu before 2.5 (qemu 10's `vpc_ignore_current_size`). Every other creator is sized by
+/// current_size, the known ones ("win " Hyper-V, "wa\0\0" Azure, "vbox" VirtualBox,
+/// "d2v " Disk2vhd, "qem2" qemu, "tap\0" XenServer, "CTXS" XenConverter) and unknown ones
+/// alike: a geometry rounds down, so trusting it cuts the tail of the disk (where a
+/// backup GPT lives).
+const CHS_CREATORS: [&[u8; 4]; 2] = [b"vpc ", b"qemu"];
+
+/// How many guest bytes past the geometry's size [`holds_data`] reads before it gives up
+/// and counts the rest as data (real images differ by under one cylinder, about 2 MiB).
+const DATA_SCAN_LIMIT: u64 = 64 << 20;
+/// Most `map` calls [`holds_data`] makes before it counts the rest as data.
+const DATA_SCAN_MAX_CALLS: u64 = 100_000;
 
 /// The virtual size in bytes the footer describes, the way qemu 10 computes it.
 fn virtual_size(footer: &Footer, calc: SizeCalc) -> Result<u64> {
     let use_chs = match calc {
-        SizeCalc::Auto => !CURRENT_SIZE_CREATORS.contains(&&footer.creator_app),
+        SizeCalc::Auto => CHS_CREATORS.contains(&&footer.creator_app),
         SizeCalc::Chs => true,
         SizeCalc::CurrentSize => false,
     };
@@ -70,7 +84,60 @@ fn virtual_size(footer: &Footer, calc: SizeCalc) -> Result<u64> {
     Ok(sectors * 512)
 }
 
+/// current_size in whole sectors, when that is more than `size` (the geometry's size)
+/// and within the format's limit: the size that keeps the bytes the geometry would drop.
+fn wider_size(footer: &Footer, size: u64) -> Option<u64> {
+    let cur = footer.current_size / 512;
+    (cur <= MAX_SECTORS && cur * 512 > size).then_some(cur * 512)
+}
+
+/// Do guest bytes `from..to` of `img` hold anything but zeros? Unallocated ranges and
+/// host-file holes are skipped; past [`DATA_SCAN_LIMIT`] bytes read or
+/// [`DATA_SCAN_MAX_CALLS`] map calls the answer is yes, since what was not looked at may
+/// be data and must not be dropped.
+fn holds_data(img: &VhdImage, from: u64, to: u64) -> Result<bool> {
+    let mut buf = vec![0u8; (1 << 20).min(to - from) as usize];
+    let (mut off, mut read, mut calls) = (from, 0u64, 0u64);
+    while off < to {
+        calls += 1;
+        if calls > DATA_SCAN_MAX_CALLS {
+            return Ok(true);
+        }
+        let m = img.map(off, to - off)?;
+        if let MappingKind::Data { .. } = m.kind {
+            let end = off + m.len;
+            let mut o = off;
+            while o < end {
+                let n = (end - o).min(buf.len() as u64);
+                read += n;
+                if read > DATA_SCAN_LIMIT {
+                    return Ok(true);
+                }
+                let part = &mut buf[..n as usize];
+                img.read_at(part, o)?;
+                if part.iter().any(|&b| b != 0) {
+                    return Ok(true);
+                }
+                o += n;
+            }
+        }
+        off += m.len;
+    }
+    Ok(false)
+}
+
 /// Open a VHD of any type.
+///
+/// The size is qemu 10's (see [`virtual_size`]) with one deliberate difference: when the
+/// geometry rule (a "vpc " or "qemu" creator) gives less than current_size and guest bytes
+/// between the two sizes hold data (non-zero bytes in the file of a fixed disk, or in
+/// allocated sectors of a dynamic one), the size is current_size, with a warning. qemu-img
+/// drops those bytes without a word; a converter must never drop data that the image
+/// stores, and a geometry only ever rounds the disk down. Real Virtual PC images keep
+/// zeros there (the guest never saw past the geometry), so they read exactly as qemu reads
+/// them. `force_size_calc=chs` still reads the geometry's size, with a warning when that
+/// drops data. A fixed image's current_size is also checked against the bytes before its
+/// footer, which it equals in every fixed VHD a tool writes.
 pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
     let mut calc = SizeCalc::Auto;
     for (k, v) in &opts.options {
@@ -97,6 +164,7 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
                 .into(),
         );
     }
+    let mut wider = wider_size(&footer, size);
     let kind = match footer.disk_type {
         DiskType::Fixed => {
             // The guest data is everything before the footer.
@@ -107,23 +175,49 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
                 .with_field("footer.current_size")
                 .at(footer_at));
             }
+            if footer.current_size != footer_at {
+                warnings.push(format!(
+                    "fixed VHD: current_size is {} bytes but {footer_at} bytes of data precede the footer",
+                    footer.current_size
+                ));
+            }
+            wider = wider.filter(|&w| w <= footer_at);
             Kind::Fixed
         }
-        DiskType::Dynamic | DiskType::Differencing => Kind::Sparse(Box::new(open_sparse(
-            &file,
-            &footer,
-            size,
-            opts,
-            &mut warnings,
-        )?)),
+        DiskType::Dynamic | DiskType::Differencing => {
+            let sp = open_sparse(&file, &footer, size, wider, opts, &mut warnings)?;
+            // The BAT may cover less than current_size; nothing is stored past it.
+            wider = wider
+                .map(|w| w.min(sp.bat.len() as u64 * sp.block_size))
+                .filter(|&w| w > size);
+            Kind::Sparse(Box::new(sp))
+        }
     };
-    Ok(Box::new(VhdImage {
+    let mut img = VhdImage {
         file,
         footer,
         size,
         kind,
         warnings,
-    }))
+    };
+    if let Some(w) = wider {
+        img.size = w;
+        let data = holds_data(&img, size, w)?;
+        let creator = img.footer.creator_app_str().escape_default().to_string();
+        match (data, calc) {
+            (false, _) => img.size = size,
+            (true, SizeCalc::Chs) => {
+                img.size = size;
+                img.warnings.push(format!(
+                    "force_size_calc=chs reads the geometry's {size} bytes; the image stores data up to its current_size of {w} bytes, which is not read"
+                ));
+            }
+            (true, _) => img.warnings.push(format!(
+                "creator '{creator}' sizes by CHS geometry ({size} bytes), but the image stores data past it up to its current_size of {w} bytes: reading {w} bytes so none is dropped (qemu-img reads {size}; force_size_calc=chs does too)"
+            )),
+        }
+    }
+    Ok(Box::new(img))
 }
 
 /// Find the footer that describes the image: a valid fixed footer at the end wins (a
@@ -261,10 +355,13 @@ pub fn describe_distrusted_tail_footer(tail: &[u8], file_len: u64) -> Option<Str
 }
 
 /// Parse the dynamic header and BAT, and attach the parent of a differencing disk.
+/// `size` is the virtual size, which the BAT must cover; `wider`, a larger size the
+/// caller may settle on (see [`open`]), is covered as far as the BAT reaches.
 fn open_sparse(
     file: &HostFile,
     footer: &Footer,
     size: u64,
+    wider: Option<u64>,
     opts: &OpenOptions,
     warnings: &mut Vec<String>,
 ) -> Result<Sparse> {
@@ -315,8 +412,9 @@ fn open_sparse(
         "dynamic_header.table_offset",
     )
     .map_err(|e| e.at(hdr_at + TABLE_OFFSET_OFFSET as u64))?;
-    let raw = file.read_vec(header.table_offset, needed * 4, "VHD BAT")?;
-    let mut bat = Vec::with_capacity(needed as usize);
+    let loaded = wider.map_or(needed, |w| w.div_ceil(block_size).min(max_entries));
+    let raw = file.read_vec(header.table_offset, loaded * 4, "VHD BAT")?;
+    let mut bat = Vec::with_capacity(loaded as usize);
     let stride = checked_add(bitmap_size, block_size, "VHD block stride")?;
     for (i, c) in raw.chunks_exact(4).enumerate() {
         let e = BigEndian::read_u32(c);
@@ -478,7 +576,7 @@ enum Kind {
 struct Sparse {
     block_size: u64,
     bitmap_size: u64,
-    /// One entry per block of the virtual size (entries past it are ignored).
+    /// One entry per block of the virtual size (or of the wider size `open` considered).
     bat: Vec<u32>,
     bitmaps: Mutex<HashMap<usize, Arc<[u8]>>>,
     parent: Option<Box<dyn BlockDevice>>,
@@ -743,8 +841,18 @@ mod tests {
             151 * 4 * 17 * 512
         );
         assert_eq!(virtual_size(&f, SizeCalc::CurrentSize).unwrap(), 10 << 20);
-        f.creator_app = *b"win ";
-        assert_eq!(virtual_size(&f, SizeCalc::Auto).unwrap(), 10 << 20);
+        f.creator_app = *b"qemu";
+        assert_eq!(
+            virtual_size(&f, SizeCalc::Auto).unwrap(),
+            151 * 4 * 17 * 512
+        );
+        // Everyone else, known or not, by current_size (qemu 10's rule).
+        for creator in [
+            b"vbox", b"wa\0\0", b"d2v ", b"qem2", b"CTXS", b"tap\0", b"xyz!", b"win ",
+        ] {
+            f.creator_app = *creator;
+            assert_eq!(virtual_size(&f, SizeCalc::Auto).unwrap(), 10 << 20);
+        }
         assert_eq!(virtual_size(&f, SizeCalc::Chs).unwrap(), 151 * 4 * 17 * 512);
         f.cylinders = 65535;
         f.heads = 16;

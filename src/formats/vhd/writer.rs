@@ -103,6 +103,13 @@ fn plan(opts: &CreateOptions) -> Result<Plan> {
             "VHD size {size} exceeds the format's maximum of {MAX_SIZE} bytes (2040 GiB)"
         )));
     }
+    if fixed && size == 0 {
+        // The file would be the footer alone, at offset 0, where qemu and Virtual PC look
+        // for a dynamic disk's footer copy: they then fail to find its dynamic header.
+        return Err(Error::arg(
+            "a fixed VHD of 0 bytes cannot be written: its file would be the footer alone, which qemu-img and Virtual PC take for a dynamic disk's header copy and cannot open; use subformat=dynamic for an empty disk",
+        ));
+    }
     if !fixed {
         let entries = size.div_ceil(block_size);
         if entries * 4 > MAX_BAT_BYTES {
