@@ -517,11 +517,14 @@ fn hostile_inputs_fail_cleanly() {
         b.extend_from_slice(&f.to_bytes());
         let p = dir.path().join(name);
         std::fs::write(&p, &b).unwrap();
-        let e = open_err(&p, &OpenOptions::new());
+        let e = open_err(&p, &vpc());
         assert!(
             matches!(e.kind(), ErrorKind::LimitExceeded | ErrorKind::Corrupt),
             "{name}: {e}"
         );
+        // Probed, a footer that does not fit the file's length is not trusted: raw.
+        let dev = diskconv::open(&p, &OpenOptions::new()).unwrap();
+        assert_eq!((dev.format(), dev.virtual_size()), (Format::Raw, 1024));
     }
     // Tiny and empty files given as vpc.
     for (name, content) in [("empty.vhd", &b""[..]), ("tiny.vhd", &b"conectix"[..])] {
@@ -700,4 +703,240 @@ mod props {
             prop_assert!(std::fs::read(&back).unwrap() == expect);
         }
     }
+}
+
+/// Rewrite the footer at `at` in `img`: creator application and CHS geometry, checksum
+/// recomputed (as a VHD made by another tool would carry them).
+fn patch_footer(img: &mut [u8], at: usize, creator: &[u8; 4], chs: (u16, u8, u8)) {
+    let f = &mut img[at..at + 512];
+    assert_eq!(&f[..8], b"conectix");
+    f[28..32].copy_from_slice(creator);
+    f[56..58].copy_from_slice(&chs.0.to_be_bytes());
+    f[58] = chs.1;
+    f[59] = chs.2;
+    rewrite_checksum(f, 64);
+}
+
+/// Item 1 of issue 10: the virtual size by creator application. qemu-made fixed and
+/// dynamic images of 8 MiB (current_size 8 MiB) get the geometry the VHD spec's
+/// algorithm gives for that size (8,355,840 bytes: what VirtualBox and Azure write) and
+/// each creator in turn. Every creator but "vpc " and "qemu" is sized by current_size,
+/// as qemu 10 reads them: size and guest bytes equal qemu-img's, and the source's.
+///
+/// "vpc " and "qemu" are sized by the geometry, like qemu-img, while the 32 KiB between
+/// the two sizes hold only zeros (as in every real Virtual PC image). When they hold data
+/// (here a backup-GPT-like tail) qemu-img drops it, exit 0; we read current_size, keep
+/// it and warn: a converter never drops bytes the image stores. qemu-img's bytes are then
+/// a prefix of ours. `force_size_calc=chs` still reads the geometry's size.
+#[test]
+fn every_creator_is_sized_like_qemu_and_no_stored_data_is_dropped() {
+    if !have_qemu() {
+        return;
+    }
+    use diskconv::formats::vhd::geometry::Chs;
+    let dir = tempfile::tempdir().unwrap();
+    let size: u64 = 8 << 20;
+    let g = Chs::from_sectors(size / 512);
+    let chs_size = g.sectors() * 512;
+    assert_eq!(chs_size, 8_355_840);
+    let geometry = (g.cylinders, g.heads, g.sectors_per_track);
+
+    // Two guests: one whose last 32 KiB (past the geometry) hold data, one with zeros there.
+    let tail = dir.path().join("tail.raw");
+    make_raw(&tail, size, 61);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&tail).unwrap();
+        f.write_all_at(b"EFI PART backup header", size - 512)
+            .unwrap();
+    }
+    let notail = dir.path().join("notail.raw");
+    make_raw(&notail, size, 62);
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&notail)
+            .unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(
+            &vec![0u8; (size - chs_size) as usize + 4096],
+            chs_size - 4096,
+        )
+        .unwrap();
+    }
+
+    let creators: [&[u8; 4]; 11] = [
+        b"vbox", b"wa\0\0", b"win ", b"d2v ", b"qem2", b"vpc ", b"qemu", b"vs  ", b"CTXS",
+        b"tap\0", b"zzz9",
+    ];
+    for sub in ["fixed", "dynamic"] {
+        for src in [&tail, &notail] {
+            let src_bytes = std::fs::read(src).unwrap();
+            let made = dir.path().join(format!("made-{sub}.vhd"));
+            qemu_img(&[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vpc",
+                "-o",
+                &format!("subformat={sub},force_size=on"),
+                s(src),
+                s(&made),
+            ]);
+            let base = std::fs::read(&made).unwrap();
+            for creator in creators {
+                let name = String::from_utf8_lossy(creator)
+                    .escape_default()
+                    .to_string();
+                let what = format!("{sub}, creator '{name}', {}", src.display());
+                let mut b = base.clone();
+                let n = b.len();
+                patch_footer(&mut b, n - 512, creator, geometry);
+                if sub == "dynamic" {
+                    patch_footer(&mut b, 0, creator, geometry);
+                }
+                let img = dir.path().join("patched.vhd");
+                std::fs::write(&img, &b).unwrap();
+
+                let q = qemu_info(&img, Format::Vhd)["virtual-size"]
+                    .as_u64()
+                    .unwrap();
+                let by_chs = creator == b"vpc " || creator == b"qemu";
+                assert_eq!(q, if by_chs { chs_size } else { size }, "qemu-img, {what}");
+                let dev = open_as(&img, Format::Vhd);
+                let ours = read_all(dev.as_ref());
+                if by_chs && src == &tail {
+                    // qemu-img drops the tail; we keep it, and say so.
+                    assert_eq!(dev.virtual_size(), size, "{what}");
+                    assert!(ours == src_bytes, "{what}: guest bytes");
+                    let w = dev.info().warnings.join("; ");
+                    assert!(w.contains("none is dropped"), "{what}: {w}");
+                    let qraw = dir.path().join("q.raw");
+                    qemu_img(&["convert", "-f", "vpc", "-O", "raw", s(&img), s(&qraw)]);
+                    let qb = std::fs::read(&qraw).unwrap();
+                    assert_eq!(qb.len() as u64, chs_size);
+                    assert!(ours[..qb.len()] == qb[..], "{what}: qemu's is our prefix");
+                    // force_size_calc=chs reads what qemu reads.
+                    let forced =
+                        diskconv::open(&img, &vpc().option("force_size_calc", "chs")).unwrap();
+                    assert_eq!(forced.virtual_size(), chs_size, "{what}");
+                    assert!(read_all(forced.as_ref()) == qb, "{what}");
+                } else {
+                    assert_eq!(dev.virtual_size(), q, "{what}");
+                    assert!(ours[..] == src_bytes[..q as usize], "{what}: guest bytes");
+                    assert_reads_like_qemu(&img, Format::Vhd, dir.path());
+                }
+                // force_size_calc=current_size reads all of it, for every creator.
+                let cur =
+                    diskconv::open(&img, &vpc().option("force_size_calc", "current_size")).unwrap();
+                assert_eq!(cur.virtual_size(), size, "{what}");
+                // Fixed ones probe as VHDs whatever the creator.
+                if sub == "fixed" {
+                    assert_eq!(diskconv::probe(&img).unwrap(), Format::Vhd, "{what}");
+                }
+            }
+        }
+    }
+}
+
+/// The issue's own numbers: a 64 MiB fixed VHD made by VirtualBox (creator "vbox", spec
+/// geometry) read as 67,055,616 bytes before; it is 64 MiB, as qemu-img 10 reads it.
+#[test]
+fn virtualbox_fixed_64m_keeps_its_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let size: u64 = 64 << 20;
+    let raw = dir.path().join("vbox.raw");
+    std::fs::File::create(&raw).unwrap().set_len(size).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+        f.write_all_at(b"EFI PART", size - 512).unwrap();
+    }
+    let img = dir.path().join("vbox.vhd");
+    convert(&raw, &img, Format::Vhd, &[("subformat", "fixed")], false);
+    let mut b = std::fs::read(&img).unwrap();
+    let n = b.len();
+    let g = diskconv::formats::vhd::geometry::Chs::from_sectors(size / 512);
+    assert_eq!(g.sectors() * 512, 67_055_616);
+    patch_footer(
+        &mut b,
+        n - 512,
+        b"vbox",
+        (g.cylinders, g.heads, g.sectors_per_track),
+    );
+    std::fs::write(&img, &b).unwrap();
+    let dev = diskconv::open(&img, &OpenOptions::new()).unwrap();
+    assert_eq!(dev.format(), Format::Vhd);
+    assert_eq!(dev.virtual_size(), size);
+    assert!(dev.info().warnings.is_empty(), "{:?}", dev.info().warnings);
+    assert_eq!(sha256_device(dev.as_ref()), sha256_file(&raw));
+    if have_qemu() {
+        assert_eq!(qemu_info(&img, Format::Vhd)["virtual-size"], size);
+        assert_reads_like_qemu(&img, Format::Vhd, dir.path());
+    }
+}
+
+/// Item 9 (vpc): a zero-byte source. Dynamic gives an image qemu-img opens (0 bytes; it
+/// has no `check` for vpc); fixed is refused before any output exists, because its file
+/// would be the footer alone, which qemu-img reads as a dynamic disk's copy and cannot
+/// open (qemu-img itself writes such a file).
+#[test]
+fn zero_byte_source_to_vpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.raw");
+    std::fs::write(&empty, b"").unwrap();
+    let dynamic = dir.path().join("empty-dyn.vhd");
+    convert(
+        &empty,
+        &dynamic,
+        Format::Vhd,
+        &[("subformat", "dynamic")],
+        false,
+    );
+    let dev = open_as(&dynamic, Format::Vhd);
+    assert_eq!(dev.virtual_size(), 0);
+    assert_eq!(diskconv::probe(&dynamic).unwrap(), Format::Vhd);
+    if have_qemu() {
+        let q = qemu_info(&dynamic, Format::Vhd);
+        assert_eq!(q["virtual-size"], 0);
+        assert_eq!(q["format"], "vpc");
+        assert_reads_like_qemu(&dynamic, Format::Vhd, dir.path());
+        // qemu-img has no check for vpc: it says so (exit 63) rather than complaining
+        // about the image.
+        let o = std::process::Command::new("qemu-img")
+            .args(["check", "-f", "vpc", s(&dynamic)])
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("does not support checks"),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    for opts in [&[("subformat", "fixed")][..], &[("azure", "on")][..]] {
+        let fixed = dir.path().join("empty-fixed.vhd");
+        let mut o = ConvertOptions::new(Format::Vhd);
+        for (k, v) in opts {
+            o.create.options.insert(k.to_string(), v.to_string());
+        }
+        let e = diskconv::convert(&empty, &fixed, &o).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        assert!(e.to_string().contains("subformat=dynamic"), "{e}");
+        assert!(!fixed.exists());
+        let e = diskconv::create(
+            &fixed,
+            Format::Vhd,
+            &CreateOptions::new(0).option("subformat", "fixed"),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        assert!(!fixed.exists());
+    }
+    // Leftover temporaries: none.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
 }
