@@ -128,8 +128,9 @@ fn holds_data(img: &VhdImage, from: u64, to: u64) -> Result<bool> {
 
 /// Open a VHD of any type.
 ///
-/// The size is qemu 10's (see [`virtual_size`]) with one deliberate difference: when the
-/// geometry rule (a "vpc " or "qemu" creator) gives less than current_size and guest bytes
+/// The size is qemu 10's (by creator application, `CHS_CREATORS` above) with one
+/// deliberate difference: when the geometry rule (a "vpc " or "qemu" creator, unless
+/// `force_size_calc` says otherwise) gives less than current_size and guest bytes
 /// between the two sizes hold data (non-zero bytes in the file of a fixed disk, or in
 /// allocated sectors of a dynamic one), the size is current_size, with a warning. qemu-img
 /// drops those bytes without a word; a converter must never drop data that the image
