@@ -822,9 +822,16 @@ fn every_creator_is_sized_like_qemu_and_no_stored_data_is_dropped() {
                         diskconv::open(&img, &vpc().option("force_size_calc", "chs")).unwrap();
                     assert_eq!(forced.virtual_size(), chs_size, "{what}");
                     assert!(read_all(forced.as_ref()) == qb, "{what}");
+                    let w = forced.info().warnings.join("; ");
+                    assert!(w.contains("which is not read"), "{what}: {w}");
                 } else {
                     assert_eq!(dev.virtual_size(), q, "{what}");
                     assert!(ours[..] == src_bytes[..q as usize], "{what}: guest bytes");
+                    assert!(
+                        dev.info().warnings.is_empty(),
+                        "{what}: {:?}",
+                        dev.info().warnings
+                    );
                     assert_reads_like_qemu(&img, Format::Vhd, dir.path());
                 }
                 // force_size_calc=current_size reads all of it, for every creator.
