@@ -119,6 +119,34 @@ fn fixed_vhds_of_the_right_shape_still_probe() {
     let short = dir.path().join("short.vhd");
     std::fs::write(&short, &b).unwrap();
     assert_eq!(diskconv::probe(&short).unwrap(), Format::Vhd);
+    // Old qemu ("qemu" creator) wrote the size asked as current_size and the geometry's,
+    // larger, as the data: its rule (the geometry) fits the file, so it is a VHD. The same
+    // footer from a creator sized by current_size does not fit: raw.
+    let chs_size = 5_257_216u64; // 151/4/17, what the spec's algorithm gives for 5 MiB
+    let exact = dir.path().join("chs.vhd");
+    diskconv::create(
+        &exact,
+        Format::Vhd,
+        &diskconv::CreateOptions::new(chs_size).option("subformat", "fixed"),
+    )
+    .unwrap();
+    for (creator, want) in [(b"qemu", Format::Vhd), (b"win ", Format::Raw)] {
+        let mut b = std::fs::read(&exact).unwrap();
+        let n = b.len();
+        let f = &mut b[n - 512..];
+        f[28..32].copy_from_slice(creator);
+        f[48..56].copy_from_slice(&(5u64 << 20).to_be_bytes());
+        f[64..68].fill(0);
+        let sum = !f.iter().fold(0u32, |a, &x| a.wrapping_add(x as u32));
+        f[64..68].copy_from_slice(&sum.to_be_bytes());
+        let p = dir.path().join("old-qemu.vhd");
+        std::fs::write(&p, &b).unwrap();
+        assert_eq!(diskconv::probe(&p).unwrap(), want);
+        if want == Format::Vhd {
+            let dev = diskconv::open(&p, &OpenOptions::new()).unwrap();
+            assert_eq!(dev.virtual_size(), chs_size);
+        }
+    }
     if have_qemu() {
         for force in ["on", "off"] {
             let q = dir.path().join(format!("q-{force}.vhd"));

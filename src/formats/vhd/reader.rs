@@ -319,21 +319,29 @@ fn tail_footer(tail: &[u8], file_len: u64) -> Option<(Footer, u64)> {
 }
 
 /// Does the file (of `file_len` bytes, ending with `tail`) have the shape of a fixed VHD:
-/// a valid footer of disk type fixed whose current_size is exactly the number of bytes
-/// before it? Every fixed-VHD producer (Virtual PC, Hyper-V, Azure, VirtualBox, qemu)
-/// writes that shape. A guest can write a valid footer into its own last sector but cannot
-/// change the length of its disk, so a footer claiming another size, or a dynamic type
-/// with no copy at offset 0, is guest data and the file is probed as raw.
+/// a valid footer of disk type fixed whose size is exactly the number of bytes before it
+/// (its current_size, or the size its creator's rule gives, which old qemu fixed images
+/// need)? Every fixed-VHD producer (Virtual PC, Hyper-V, Azure, VirtualBox, qemu) writes
+/// that shape. A guest can write a valid footer into its own last sector but cannot change
+/// the length of its disk, so a footer claiming another size, or a dynamic type with no
+/// copy at offset 0, is guest data and the file is probed as raw. With the shape, reading
+/// the file as that VHD gives the bytes before the footer, at their own offsets.
 pub fn trusted_tail_footer(tail: &[u8], file_len: u64) -> bool {
-    matches!(tail_footer(tail, file_len),
-        Some((f, data_len)) if f.disk_type == DiskType::Fixed && f.current_size == data_len)
+    tail_footer(tail, file_len).is_some_and(|(f, data_len)| fits(&f, data_len))
+}
+
+/// Does fixed footer `f` describe exactly the `data_len` bytes before it?
+fn fits(f: &Footer, data_len: u64) -> bool {
+    f.disk_type == DiskType::Fixed
+        && (f.current_size == data_len
+            || virtual_size(f, SizeCalc::Auto).is_ok_and(|s| s == data_len))
 }
 
 /// Why a valid footer at the end of a file is not trusted (see [`trusted_tail_footer`]),
 /// or None when there is no such footer or it is trusted.
 pub fn describe_distrusted_tail_footer(tail: &[u8], file_len: u64) -> Option<String> {
     let (f, data_len) = tail_footer(tail, file_len)?;
-    if f.disk_type == DiskType::Fixed && f.current_size == data_len {
+    if fits(&f, data_len) {
         return None;
     }
     Some(match f.disk_type {
