@@ -288,7 +288,9 @@ pub fn inspect_with(
     }
     let unsupported = report.unsupported();
     for name in &report.foreign {
-        let detail = if unsupported == Some(name) {
+        let detail = if *name == "dmg" && report.dmg_by_name {
+            "the file's name ends in .dmg, so a consumer that probes (qemu-img) reads it as dmg, never as a raw disk; probing refuses it".to_string()
+        } else if unsupported == Some(name) {
             format!(
                 "the file is a {name} image, a format diskconv does not read (probing refuses it): a consumer that probes (qemu-img) reads it as {name}, never as a raw disk"
             )

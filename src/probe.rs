@@ -129,6 +129,8 @@ pub struct ProbeReport {
     /// Foreign formats (qemu names) whose signature the file carries. A file named
     /// `*.dmg` counts as dmg when it carries no other signature: qemu probes dmg by name.
     pub foreign: Vec<&'static str>,
+    /// Whether `foreign` holds dmg for the file's name alone (no "koly" trailer).
+    pub dmg_by_name: bool,
     /// Signatures of our formats found but not trusted, each with the reason (a VHD
     /// footer in the last sector of a file without a fixed VHD's length).
     pub distrusted: Vec<(Format, String)>,
@@ -148,15 +150,16 @@ impl ProbeReport {
             .iter()
             .filter_map(|&f| f.distrusted_signature(head, tail, file_len).map(|d| (f, d)))
             .collect();
-        if matches.is_empty()
+        let dmg_by_name = matches.is_empty()
             && foreign.is_empty()
-            && file_name.is_some_and(|n| n.to_ascii_lowercase().ends_with(".dmg"))
-        {
+            && file_name.is_some_and(|n| n.to_ascii_lowercase().ends_with(".dmg"));
+        if dmg_by_name {
             foreign.push("dmg");
         }
         ProbeReport {
             matches,
             foreign,
+            dmg_by_name,
             distrusted,
         }
     }
@@ -202,10 +205,14 @@ impl ProbeReport {
             return Ok(f);
         }
         if let Some(name) = self.unsupported() {
-            return Err(Error::unsupported(format!(
-                "the file is a {name} image ({}): {name} images are not supported yet; \
-                 use -f raw to read the file's bytes as a disk",
+            let why = if self.dmg_by_name {
+                "its name ends in .dmg, which qemu-img probes as dmg"
+            } else {
                 foreign_signature(name)
+            };
+            return Err(Error::unsupported(format!(
+                "the file is a {name} image ({why}): {name} images are not supported yet; \
+                 use -f raw to read the file's bytes as a disk"
             )));
         }
         Err(Error::invalid(format!(
@@ -394,6 +401,9 @@ mod tests {
         // qemu probes dmg by name too: a file named *.dmg with no other signature.
         let r = ProbeReport::from_bytes(&[0u8; 4096], &[0u8; 512], 4608, Some("disk.DMG"));
         assert_eq!(r.unsupported(), Some("dmg"));
+        assert!(r.dmg_by_name);
+        let e = r.decide().unwrap_err();
+        assert!(e.message().contains("name ends in .dmg"), "{e}");
         let r = ProbeReport::from_bytes(&qcow2_magic(), &[0u8; 512], 4608, Some("disk.dmg"));
         assert_eq!(r.decide().unwrap(), Format::Qcow2);
         // A foreign signature beside one of ours is ambiguous.
