@@ -195,6 +195,9 @@ pub struct Inspection {
     pub matching_formats: Vec<Format>,
     /// Foreign formats (qemu names) whose signature the file carries.
     pub foreign_signatures: Vec<String>,
+    /// Every format (qemu names) that claims the file; several make it ambiguous (see
+    /// [`ProbeReport::claims`]).
+    pub claiming_formats: Vec<String>,
     /// The foreign format (qemu name) the file is, when that is what probing finds: a
     /// format this crate does not read, which probing refuses (`detected_format` is None).
     pub unsupported_format: Option<String>,
@@ -364,6 +367,7 @@ pub fn inspect_with(
         detected_format: detected,
         matching_formats: report.matches.clone(),
         foreign_signatures: report.foreign.iter().map(|s| s.to_string()).collect(),
+        claiming_formats: claims.iter().map(|s| s.to_string()).collect(),
         unsupported_format: unsupported.map(str::to_string),
         format_matches_claim,
         opened_as,

@@ -282,11 +282,7 @@ fn inspection_human(i: &diskconv::Inspection) -> String {
     );
     let detected = fmt(i.detected_format).unwrap_or_else(|| match &i.unsupported_format {
         Some(name) => format!("{name} (not supported)"),
-        None => {
-            let mut names: Vec<&str> = i.matching_formats.iter().map(|f| f.name()).collect();
-            names.extend(i.foreign_signatures.iter().map(String::as_str));
-            format!("ambiguous ({})", names.join(", "))
-        }
+        None => format!("ambiguous ({})", i.claiming_formats.join(", ")),
     });
     s += &format!("detected format: {detected}\n");
     if let Some(v) = i.virtual_size {

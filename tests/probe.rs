@@ -317,3 +317,30 @@ fn corpus_vhdx_images_are_refused() {
         std::fs::remove_file(&p).unwrap();
     }
 }
+
+/// A footer that does not fit the file, beside another format's header, still makes the
+/// file ambiguous (it is no longer a fixed VHD's footer on raw data), and inspect names
+/// both formats.
+#[test]
+fn a_distrusted_footer_beside_a_header_is_ambiguous() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = b"QFI\xfb\0\0\0\x03".to_vec();
+    b.resize(64 << 10, 0);
+    b.extend_from_slice(&fixed_footer(1 << 20));
+    let p = dir.path().join("poly");
+    std::fs::write(&p, &b).unwrap();
+    let e = diskconv::probe(&p).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidFormat);
+    assert!(e.message().contains("(qcow2, vpc)"), "{e}");
+    let i = diskconv::inspect(&p, None).unwrap();
+    assert_eq!(i.claiming_formats, vec!["qcow2", "vpc"]);
+    assert!(!i.safe);
+    let run = cli(&["inspect", s(&p)]);
+    assert_eq!(run.code, Some(2));
+    assert!(
+        run.stdout
+            .contains("detected format: ambiguous (qcow2, vpc)"),
+        "{}",
+        run.stdout
+    );
+}
