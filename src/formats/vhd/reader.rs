@@ -49,8 +49,8 @@ enum SizeCalc {
 }
 
 /// Creator applications whose images are sized by their CHS geometry: Virtual PC and
-/// qemu before 2.5 (qemu 10's `vpc_ignore_current_size`). Every other creator is sized by
-/// current_size, the known ones ("win " Hyper-V, "wa\0\0" Azure, "vbox" VirtualBox,
+/// old qemu, before it wrote "qem2" (qemu 10's `vpc_ignore_current_size`). Every other
+/// creator is sized by current_size, the known ones ("win " Hyper-V, "wa\0\0" Azure, "vbox" VirtualBox,
 /// "d2v " Disk2vhd, "qem2" qemu, "tap\0" XenServer, "CTXS" XenConverter) and unknown ones
 /// alike: a geometry rounds down, so trusting it cuts the tail of the disk (where a
 /// backup GPT lives).
