@@ -58,6 +58,13 @@ enum Cmd {
         /// confined to its folder.
         #[arg(long = "allow-references", alias = "allow-backing")]
         allow_references: bool,
+        /// Write into the existing DST in place instead of creating it (-O raw: a file
+        /// or block device at least SRC's size).
+        #[arg(short = 'n')]
+        existing_target: bool,
+        /// With -n: DST already reads as zeros, so zero ranges are not written.
+        #[arg(long = "target-is-zero")]
+        target_is_zero: bool,
         /// Input image.
         src: PathBuf,
         /// Output image.
@@ -125,6 +132,8 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             _unordered,
             allow_references,
+            existing_target,
+            target_is_zero,
             src,
             dst,
         } => {
@@ -148,6 +157,8 @@ fn run(cli: Cli) -> Result<()> {
             opts.create = create;
             opts.min_sparse = min_sparse;
             opts.threads = threads;
+            opts.existing_target = existing_target;
+            opts.target_is_zero = target_is_zero;
             opts.sync = match cache.as_str() {
                 "unsafe" => false,
                 "writeback" | "none" | "writethrough" | "directsync" => true,
@@ -247,27 +258,10 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// An interrupted conversion must leave nothing behind: on SIGINT/SIGTERM remove this
-/// process's temporary siblings of `dst` (named by `AtomicOutput` with our pid) and exit.
-fn remove_temp_on_interrupt(dst: &Path) {
-    let dir = match dst.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let prefix = format!(
-        ".{}.diskconv-{}-",
-        dst.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    );
+/// process's temporary output files (wherever a symlinked DST put them) and exit.
+fn remove_temp_on_interrupt(_dst: &Path) {
     let _ = ctrlc::set_handler(move || {
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
+        diskconv::writer::remove_temporaries();
         eprintln!("\ndiskconv: interrupted; partial output removed");
         std::process::exit(130);
     });
