@@ -325,13 +325,29 @@ fn actual_size(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The host file's length and qemu's protocol name for it: a block device's metadata
+/// says 0 bytes, so it is sized by opening it.
+fn host_file(path: &Path) -> (u64, &'static str) {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_block_device() => (
+            std::fs::File::open(path)
+                .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+                .unwrap_or(0),
+            "host_device",
+        ),
+        Ok(m) => (m.len(), "file"),
+        Err(_) => (0, "file"),
+    }
+}
+
 fn info_json(path: &Path, info: &ImageInfo) -> serde_json::Value {
-    let file_len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let (file_len, protocol) = host_file(path);
     let child = serde_json::json!({
         "children": [],
         "virtual-size": file_len,
         "filename": path.display().to_string(),
-        "format": "file",
+        "format": protocol,
         "actual-size": actual_size(path),
         "format-specific": {"type": "file", "data": {}},
         "dirty-flag": false,
@@ -409,9 +425,9 @@ fn info_human(path: &Path, info: &ImageInfo) -> String {
         s += "Format specific information:\n";
         human_value(&mut s, data, 1);
     }
-    let file_len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let (file_len, protocol) = host_file(path);
     s += &format!(
-        "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({file_len} bytes)\n    disk size: {}\n",
+        "Child node '/file':\n    filename: {}\n    protocol type: {protocol}\n    file length: {} ({file_len} bytes)\n    disk size: {}\n",
         path.display(),
         human_size(file_len),
         human_size(actual_size(path))
