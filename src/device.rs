@@ -153,8 +153,18 @@ impl HostFile {
         // Refused before opening too: opening a FIFO waits for a writer, and opening a
         // character device can have effects. O_NONBLOCK keeps a path swapped for a FIFO
         // after this check from blocking; from_file then refuses it on the descriptor.
-        if let Ok(m) = std::fs::metadata(path) {
-            check_source_type(&m, path)?;
+        match std::fs::metadata(path) {
+            Ok(m) => check_source_type(&m, path)?,
+            // qemu-img and many tools take "-" for standard input: say why we do not.
+            Err(_) if path == Path::new("-") => {
+                return Err(Error::arg(
+                    "standard input cannot be read as an image: images are read at random \
+                     offsets and need a known size, so no format can be read from a pipe; \
+                     save the stream to a file first",
+                )
+                .with_path(path))
+            }
+            Err(_) => {}
         }
         let file = std::fs::OpenOptions::new()
             .read(true)

@@ -203,10 +203,11 @@ fn pipes_char_devices_and_sockets_are_refused_as_sources() {
             .unwrap();
         assert_eq!(e.kind(), diskconv::ErrorKind::InvalidArgument, "{e}");
     }
-    // A pipe on stdin, as `cat x | diskconv convert /dev/stdin out` gives it.
+    // A pipe on stdin, as `cat x | diskconv convert /dev/stdin out` gives it, or "-".
     let raw = sample(dir.path(), "a.raw", 1 << 20);
     for args in [
         vec!["convert", "-O", "raw", "/dev/stdin", s(&out)],
+        vec!["convert", "-f", "raw", "-O", "raw", "-", s(&out)],
         vec!["info", "/dev/stdin"],
     ] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_diskconv"))
@@ -222,7 +223,12 @@ fn pipes_char_devices_and_sockets_are_refused_as_sources() {
         });
         let o = child.wait_with_output().unwrap();
         feeder.join().unwrap();
-        assert_fails_with(&o, &["FIFO or pipe", "no format can be read"]);
+        let pipe = if args.contains(&"-") {
+            "standard input"
+        } else {
+            "FIFO or pipe"
+        };
+        assert_fails_with(&o, &[pipe, "no format can be read"]);
         assert!(!out.exists());
     }
 }
