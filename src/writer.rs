@@ -401,6 +401,10 @@ pub enum OutputKind {
     BlockDevice,
     /// A FIFO or character device (`/dev/stdout`), written sequentially.
     Stream,
+    /// A regular file named through an open descriptor (`/dev/stdout` redirected to a
+    /// file, `/proc/self/fd/N`): truncated and written in place, since a rename would
+    /// not reach the descriptor's file.
+    Descriptor,
 }
 
 /// How to open a destination.
@@ -503,6 +507,20 @@ impl Output {
                 "the output is a socket; write to a file, a block device, a FIFO or a character device",
             )
             .with_path(dest));
+        }
+        if ft.is_file() && !opts.existing && through_descriptor(dest) {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(dest)
+                .map_err(io_err("cannot open the output for writing", dest))?;
+            let handle = file
+                .try_clone()
+                .map_err(io_err("cannot open the output for writing", dest))?;
+            return Ok((
+                out(OutputKind::Descriptor, None, Some(handle), None, None),
+                file.into(),
+            ));
         }
         if ft.is_file() && !opts.existing {
             let target = if std::fs::symlink_metadata(dest)
@@ -610,6 +628,10 @@ impl Output {
             return a.commit(sync);
         }
         let (Some(file), Some(track)) = (&self.file, &self.track) else {
+            if let (Some(file), true) = (&self.file, sync) {
+                file.sync_all()
+                    .map_err(io_err("flushing output", &self.dest))?;
+            }
             return Ok(());
         };
         let mut t = track.lock().unwrap_or_else(|p| p.into_inner());
@@ -650,6 +672,26 @@ impl Output {
             }
         }
     }
+}
+
+/// Whether `dest` reaches its file through a descriptor link (`/dev/stdout`,
+/// `/dev/fd/N`, `/proc/<pid>/fd/N`), whose target names are not real paths.
+fn through_descriptor(dest: &Path) -> bool {
+    let mut p = dest.to_path_buf();
+    for _ in 0..40 {
+        if p.starts_with("/proc") || p.starts_with("/dev/fd") {
+            return true;
+        }
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => match std::fs::read_link(&p) {
+                Ok(t) if t.is_absolute() => p = t,
+                Ok(t) => p = parent_dir(&p).join(t),
+                Err(_) => return false,
+            },
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// Follow a chain of symlinks ending at a name that does not exist yet (a dangling

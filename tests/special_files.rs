@@ -412,6 +412,21 @@ fn dev_stdout_as_destination_writes_to_the_pipe() {
         o.stdout == std::fs::read(&file).unwrap(),
         "stdout bytes differ"
     );
+    // /dev/stdout redirected to a file: that file gets the image (a rename could not
+    // reach the descriptor), and /dev/stdout stays what it is.
+    let redirected = dir.path().join("redirected.raw");
+    std::fs::write(&redirected, b"old").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_diskconv"))
+        .args(["convert", "-O", "raw", s(&raw), "/dev/stdout"])
+        .stdout(std::fs::File::create(&redirected).unwrap())
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    assert!(std::fs::read(&redirected).unwrap() == std::fs::read(&file).unwrap());
+    assert!(std::fs::symlink_metadata("/dev/stdout")
+        .unwrap()
+        .file_type()
+        .is_symlink());
     // /dev/stdout redirected to a pipe whose reader is gone: an error, never exit 0.
     let mut child = Command::new(env!("CARGO_BIN_EXE_diskconv"))
         .args(["convert", "-O", "raw", s(&raw), "/dev/stdout"])
