@@ -275,8 +275,8 @@ fn write_zeros(mut w: impl Write, mut n: u64) -> std::io::Result<()> {
 }
 
 impl Sink {
-    /// True when this is a fresh, empty regular file (where options such as
-    /// preallocation apply and unwritten ranges are holes).
+    /// The file, when this is a fresh, empty regular file (where options such as
+    /// preallocation apply and unwritten ranges are holes); None in place or on a stream.
     pub fn fresh_file(&self) -> Option<&File> {
         self.track.is_none().then_some(&self.file)
     }
@@ -811,6 +811,38 @@ mod tests {
             w.iter().map(|(a, b)| (*a, *b)).collect::<Vec<_>>(),
             [(0, 40), (45, 70)]
         );
+    }
+
+    #[test]
+    fn a_stream_fills_gaps_pads_its_length_and_refuses_going_back() {
+        use std::io::Read;
+        use std::os::unix::io::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills two descriptors, each then owned by one File.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let (mut rd, wr) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        let reader = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            rd.read_to_end(&mut v).unwrap();
+            v
+        });
+        let path = PathBuf::from(format!("/proc/self/fd/{}", wr.as_raw_fd()));
+        let (out, sink) = Output::open(&path, &OutputOptions::default()).unwrap();
+        drop(wr);
+        assert_eq!(out.kind(), OutputKind::Stream);
+        sink.set_len(20).unwrap();
+        sink.write_all_at(b"ab", 0).unwrap();
+        sink.write_all_at(b"cd", 10).unwrap();
+        let e = sink.write_all_at(b"x", 5).unwrap_err();
+        assert!(e.to_string().contains("cannot be written to a pipe"), "{e}");
+        assert!(sink.set_len(4).is_err());
+        drop(sink);
+        out.finish(true).unwrap();
+        let got = reader.join().unwrap();
+        let mut want = vec![0u8; 20];
+        want[..2].copy_from_slice(b"ab");
+        want[10..12].copy_from_slice(b"cd");
+        assert_eq!(got, want);
     }
 
     #[test]
