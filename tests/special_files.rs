@@ -764,3 +764,45 @@ fn destination_names_up_to_name_max_work() {
         "no temporaries left"
     );
 }
+
+#[test]
+fn an_interrupted_conversion_through_a_symlink_leaves_nothing_at_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("big.raw");
+    std::fs::File::create(&src)
+        .unwrap()
+        .set_len(64 << 30)
+        .unwrap();
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = dir.path().join("out.raw");
+    std::os::unix::fs::symlink(real.join("out.raw"), &link).unwrap();
+    // -S 0 writes every byte, so the temporary file lives long enough to be seen.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_diskconv"))
+        .args(["convert", "-S", "0", "-O", "raw", s(&src), s(&link)])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait (hang guard: minutes) until the temporary file exists next to the target.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while std::fs::read_dir(&real).unwrap().count() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no temporary file appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert_eq!(
+        std::fs::read_dir(&real).unwrap().count(),
+        0,
+        "temporary file left"
+    );
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
