@@ -146,19 +146,69 @@ pub struct HostFile {
 }
 
 impl HostFile {
-    /// Open `path` read-only.
+    /// Open `path` read-only: a regular file or a block device (see
+    /// [`from_file`](Self::from_file) for what is refused).
     pub fn open(path: &Path) -> Result<Self> {
-        let file =
-            File::open(path).map_err(|e| Error::io("cannot open image", e).with_path(path))?;
-        Self::from_file(file, path)
+        use std::os::unix::fs::OpenOptionsExt;
+        // Refused before opening too: opening a FIFO waits for a writer, and opening a
+        // character device can have effects. O_NONBLOCK keeps a path swapped for a FIFO
+        // after this check from blocking; from_file then refuses it on the descriptor.
+        match std::fs::metadata(path) {
+            Ok(m) => check_source_type(&m, path)?,
+            // qemu-img and many tools take "-" for standard input: say why we do not.
+            Err(_) if path == Path::new("-") => {
+                return Err(Error::arg(
+                    "standard input cannot be read as an image: images are read at random \
+                     offsets and need a known size, so no format can be read from a pipe; \
+                     save the stream to a file first",
+                )
+                .with_path(path))
+            }
+            Err(_) => {}
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| Error::io("cannot open image", e).with_path(path))?;
+        let hf = Self::from_file(file, path)?;
+        use std::os::unix::io::AsRawFd;
+        let fd = hf.file.as_raw_fd();
+        // SAFETY: fcntl on a valid descriptor, clearing one status flag.
+        unsafe {
+            let fl = libc::fcntl(fd, libc::F_GETFL);
+            if fl >= 0 {
+                libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK);
+            }
+        }
+        Ok(hf)
     }
 
-    /// Wrap an already opened file.
+    /// Wrap an already opened file: a regular file, or a block device (sized by seeking
+    /// to its end, since its metadata says 0). A folder, FIFO, character device or socket
+    /// is refused: images are read at random offsets and need a known size, and an
+    /// unknown length must never read as an empty image.
     pub fn from_file(file: File, path: &Path) -> Result<Self> {
-        let len = file
+        let meta = file
             .metadata()
-            .map_err(|e| Error::io("cannot stat image", e).with_path(path))?
-            .len();
+            .map_err(|e| Error::io("cannot stat image", e).with_path(path))?;
+        check_source_type(&meta, path)?;
+        let len = if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: lseek on a valid descriptor; reads are positional, so moving the
+            // file position is harmless.
+            let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+            if end < 0 {
+                return Err(Error::io(
+                    "cannot find the size of the block device",
+                    std::io::Error::last_os_error(),
+                )
+                .with_path(path));
+            }
+            end as u64
+        } else {
+            meta.len()
+        };
         Ok(HostFile {
             file,
             len,
@@ -216,6 +266,31 @@ impl HostFile {
             .with_path(&self.path)),
         }
     }
+}
+
+/// Refuse a source that is neither a regular file nor a block device, naming what it is.
+fn check_source_type(meta: &std::fs::Metadata, path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    let what = if t.is_file() || t.is_block_device() {
+        return Ok(());
+    } else if t.is_dir() {
+        return Err(Error::arg("is a directory, not a disk image").with_path(path));
+    } else if t.is_fifo() {
+        "a FIFO or pipe"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    };
+    Err(Error::arg(format!(
+        "is {what}, not a regular file or block device: images are read at random offsets \
+         and need a known size, so no format can be read from a pipe or character device; \
+         save the stream to a file first"
+    ))
+    .with_path(path))
 }
 
 /// A `Read + Seek` view of any [`BlockDevice`]'s guest bytes, so callers can stream an

@@ -26,27 +26,35 @@ pub mod writer;
 
 use std::path::Path;
 
-pub use convert::{convert, convert_device, ConvertOptions, ConvertReport};
+pub use convert::{convert, convert_device, convert_to_path, ConvertOptions, ConvertReport};
 pub use device::{BlockDevice, DeviceReader, ImageInfo, Mapping, MappingKind};
 pub use error::{Error, ErrorKind, Result};
 pub use formats::{CreateOptions, Format, OpenOptions};
 pub use inspect::{inspect, Finding, FindingKind, Inspection};
-pub use writer::{AtomicOutput, ImageWriter};
+pub use writer::{AtomicOutput, ImageWriter, Output, OutputKind, OutputOptions};
 
 /// Open the image at `path` for reading: the format named in `opts`, or the probed one.
 pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
     formats::open_with(path.as_ref(), opts)
 }
 
-/// Create an empty image (all zeros) of `format` at `path`, atomically; returns the
-/// writer's notes (e.g. a size rounded up).
+/// Create an empty image (all zeros) of `format` at `path`; returns the writer's notes
+/// (e.g. a size rounded up). A file is made atomically; a block device is written in
+/// place and zeroed (see [`Output`]).
 pub fn create(path: impl AsRef<Path>, format: Format, opts: &CreateOptions) -> Result<Vec<String>> {
     let path = path.as_ref();
-    let (out, file) = AtomicOutput::create(path)?;
-    let writer = formats::create_writer(format, file, path, opts)?;
+    let (out, sink) = Output::open(path, &OutputOptions::default())?;
+    let writer = formats::create_writer(format, sink, path, opts)?;
+    if out.kind() == OutputKind::Stream && !writer.streams() {
+        return Err(Error::arg(format!(
+            "this {format} image cannot be written to a pipe or character device; outputs that can: {}",
+            formats::STREAMING_OUTPUTS
+        ))
+        .with_path(path));
+    }
     let warnings = writer.warnings();
     writer.finish().map_err(|e| e.with_path(path))?;
-    out.commit(true)?;
+    out.finish(true)?;
     Ok(warnings)
 }
 

@@ -58,6 +58,13 @@ enum Cmd {
         /// confined to its folder.
         #[arg(long = "allow-references", alias = "allow-backing")]
         allow_references: bool,
+        /// Write into the existing DST in place instead of creating it (-O raw: a file
+        /// or block device at least SRC's size).
+        #[arg(short = 'n')]
+        existing_target: bool,
+        /// With -n: DST already reads as zeros, so zero ranges are not written.
+        #[arg(long = "target-is-zero")]
+        target_is_zero: bool,
         /// Input image.
         src: PathBuf,
         /// Output image.
@@ -125,6 +132,8 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             _unordered,
             allow_references,
+            existing_target,
+            target_is_zero,
             src,
             dst,
         } => {
@@ -148,6 +157,8 @@ fn run(cli: Cli) -> Result<()> {
             opts.create = create;
             opts.min_sparse = min_sparse;
             opts.threads = threads;
+            opts.existing_target = existing_target;
+            opts.target_is_zero = target_is_zero;
             opts.sync = match cache.as_str() {
                 "unsafe" => false,
                 "writeback" | "none" | "writethrough" | "directsync" => true,
@@ -247,27 +258,10 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// An interrupted conversion must leave nothing behind: on SIGINT/SIGTERM remove this
-/// process's temporary siblings of `dst` (named by `AtomicOutput` with our pid) and exit.
-fn remove_temp_on_interrupt(dst: &Path) {
-    let dir = match dst.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let prefix = format!(
-        ".{}.diskconv-{}-",
-        dst.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    );
+/// process's temporary output files (wherever a symlinked DST put them) and exit.
+fn remove_temp_on_interrupt(_dst: &Path) {
     let _ = ctrlc::set_handler(move || {
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
+        diskconv::writer::remove_temporaries();
         eprintln!("\ndiskconv: interrupted; partial output removed");
         std::process::exit(130);
     });
@@ -331,13 +325,29 @@ fn actual_size(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The host file's length and qemu's protocol name for it: a block device's metadata
+/// says 0 bytes, so it is sized by opening it.
+fn host_file(path: &Path) -> (u64, &'static str) {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_block_device() => (
+            std::fs::File::open(path)
+                .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+                .unwrap_or(0),
+            "host_device",
+        ),
+        Ok(m) => (m.len(), "file"),
+        Err(_) => (0, "file"),
+    }
+}
+
 fn info_json(path: &Path, info: &ImageInfo) -> serde_json::Value {
-    let file_len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let (file_len, protocol) = host_file(path);
     let child = serde_json::json!({
         "children": [],
         "virtual-size": file_len,
         "filename": path.display().to_string(),
-        "format": "file",
+        "format": protocol,
         "actual-size": actual_size(path),
         "format-specific": {"type": "file", "data": {}},
         "dirty-flag": false,
@@ -415,9 +425,9 @@ fn info_human(path: &Path, info: &ImageInfo) -> String {
         s += "Format specific information:\n";
         human_value(&mut s, data, 1);
     }
-    let file_len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let (file_len, protocol) = host_file(path);
     s += &format!(
-        "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({file_len} bytes)\n    disk size: {}\n",
+        "Child node '/file':\n    filename: {}\n    protocol type: {protocol}\n    file length: {} ({file_len} bytes)\n    disk size: {}\n",
         path.display(),
         human_size(file_len),
         human_size(actual_size(path))

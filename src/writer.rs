@@ -5,9 +5,14 @@
 //! writer's granularity is what keeps every writer simple (it never merges partial
 //! clusters). Ranges the engine never hands over are zeros.
 
+use std::collections::BTreeMap;
 use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 
@@ -53,6 +58,13 @@ pub trait ImageWriter: Send {
         Vec::new()
     }
 
+    /// Whether this writer's host writes only ever move forward (each at or past the end
+    /// of the previous one, [`Sink::set_len`] never below it), so that it can write to a
+    /// pipe or character device. Checked before any data is read.
+    fn streams(&self) -> bool {
+        false
+    }
+
     /// Write the remaining metadata and flush. Nothing is valid until this returns Ok.
     fn finish(self: Box<Self>) -> Result<()>;
 }
@@ -60,34 +72,70 @@ pub trait ImageWriter: Send {
 /// An output file written under a temporary sibling name and renamed into place by
 /// [`commit`](Self::commit); dropped without commit, the temporary file is removed, so a
 /// failed conversion leaves nothing behind.
+///
+/// The temporary name is short (`.diskconv-<pid>-<n>.tmp`) so that any destination name
+/// the filesystem accepts (up to NAME_MAX) works, and every error names the destination,
+/// never the hidden temporary path.
 #[derive(Debug)]
 pub struct AtomicOutput {
     tmp: PathBuf,
     dest: PathBuf,
+    /// The name errors give (the path the user named, which may be a symlink to `dest`).
+    shown: PathBuf,
     committed: bool,
 }
 
+/// Temporary files of this process not yet committed or removed, for
+/// [`remove_temporaries`].
+static LIVE_TEMPORARIES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Remove every temporary output file this process has not committed yet. Meant for a
+/// signal handler (SIGINT, SIGTERM) that exits the process without unwinding, so that
+/// an interrupted conversion leaves nothing behind.
+pub fn remove_temporaries() {
+    let live = match LIVE_TEMPORARIES.lock() {
+        Ok(g) => g.clone(),
+        Err(p) => p.into_inner().clone(),
+    };
+    for p in live {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+fn forget_temporary(tmp: &Path) {
+    let mut g = LIVE_TEMPORARIES.lock().unwrap_or_else(|p| p.into_inner());
+    g.retain(|p| p != tmp);
+}
+
 impl AtomicOutput {
-    /// Create the temporary sibling of `dest` and return it with its open file.
+    /// Create the temporary sibling of `dest` and return it with its open file. The
+    /// folder `dest` names must exist; `dest` itself is not looked at (see
+    /// [`Output::open`] for symlinks, devices and existing files).
     pub fn create(dest: &Path) -> Result<(Self, File)> {
-        let dir = match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = dest.file_name().ok_or_else(|| {
+        Self::create_with_mode(dest, dest, 0o666)
+    }
+
+    fn create_with_mode(dest: &Path, shown: &Path, mode: u32) -> Result<(Self, File)> {
+        use std::os::unix::fs::OpenOptionsExt;
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let dir = parent_dir(dest);
+        dest.file_name().ok_or_else(|| {
             Error::arg(format!("output path {} has no file name", dest.display()))
         })?;
-        for attempt in 0..100u32 {
-            let tmp = dir.join(format!(
-                ".{}.diskconv-{}-{}.tmp",
-                name.to_string_lossy(),
-                std::process::id(),
-                attempt
-            ));
+        for _ in 0..100u32 {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let tmp = dir.join(format!(".diskconv-{}-{n}.tmp", std::process::id()));
+            // Registered before it exists, so a signal arriving right after the open
+            // still finds it.
+            LIVE_TEMPORARIES
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(tmp.clone());
             match std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(mode)
                 .open(&tmp)
             {
                 Ok(f) => {
@@ -95,18 +143,26 @@ impl AtomicOutput {
                         AtomicOutput {
                             tmp,
                             dest: dest.to_path_buf(),
+                            shown: shown.to_path_buf(),
                             committed: false,
                         },
                         f,
                     ))
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {
-                    return Err(Error::io("cannot create temporary output file", e).with_path(&tmp))
+                    forget_temporary(&tmp);
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        continue;
+                    }
+                    return Err(Error::io(
+                        format!("cannot create the output file in {}", dir.display()),
+                        e,
+                    )
+                    .with_path(shown));
                 }
             }
         }
-        Err(Error::arg("cannot find a free temporary file name").with_path(dest))
+        Err(Error::arg("cannot find a free temporary file name").with_path(shown))
     }
 
     /// The temporary path being written.
@@ -121,12 +177,13 @@ impl AtomicOutput {
         if sync {
             File::open(&self.tmp)
                 .and_then(|f| f.sync_all())
-                .map_err(|e| Error::io("flushing output", e).with_path(&self.tmp))?;
+                .map_err(|e| Error::io("flushing output", e).with_path(&self.shown))?;
         }
         std::fs::rename(&self.tmp, &self.dest).map_err(|e| {
-            Error::io("cannot rename temporary output into place", e).with_path(&self.dest)
+            Error::io("cannot rename the finished output into place", e).with_path(&self.shown)
         })?;
         self.committed = true;
+        forget_temporary(&self.tmp);
         Ok(())
     }
 }
@@ -135,13 +192,683 @@ impl Drop for AtomicOutput {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_file(&self.tmp);
+            forget_temporary(&self.tmp);
         }
     }
 }
 
+fn parent_dir(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// Positional write of all of `data` at `offset`, with the error naming what was written.
-pub fn write_all_at(file: &File, data: &[u8], offset: u64, what: &str) -> Result<()> {
-    use std::os::unix::fs::FileExt;
+pub fn write_all_at(file: &Sink, data: &[u8], offset: u64, what: &str) -> Result<()> {
     file.write_all_at(data, offset)
         .map_err(|e| Error::io(format!("writing {what}"), e).at(offset))
+}
+
+/// Where a writer's bytes go: a fresh file, an existing file or block device written in
+/// place, or a stream (a FIFO or character device).
+///
+/// Writers see one file API (positional writes, `set_len`, `sync_all`) whatever the
+/// destination. A fresh file passes straight through. In place, the sink records which
+/// ranges were written so that [`Output::finish`] can zero the rest: a writer may rely on
+/// unwritten ranges reading as zeros, as they do in a new file, but a block device holds
+/// old data there. A stream turns forward positional writes into sequential ones, filling
+/// gaps with zeros, and refuses a write behind what it has already sent.
+#[derive(Debug)]
+pub struct Sink {
+    file: File,
+    track: Option<Arc<Mutex<Track>>>,
+}
+
+#[derive(Debug)]
+enum Track {
+    InPlace {
+        /// Bytes a block device holds; None for a regular file, which grows.
+        capacity: Option<u64>,
+        /// The length asked for with `set_len` (the destination is never shrunk).
+        len: u64,
+        /// Written ranges, start -> end, merged when they touch.
+        written: BTreeMap<u64, u64>,
+    },
+    Stream {
+        /// Bytes sent so far.
+        pos: u64,
+        /// The length the stream will have once finished (zeros past `pos`).
+        len: u64,
+    },
+}
+
+impl From<File> for Sink {
+    fn from(file: File) -> Self {
+        Sink { file, track: None }
+    }
+}
+
+fn too_small(capacity: u64, needed: u64) -> std::io::Error {
+    std::io::Error::other(format!(
+        "the block device holds {capacity} bytes but the output needs {needed} bytes"
+    ))
+}
+
+fn stream_backwards(offset: u64, pos: u64) -> std::io::Error {
+    std::io::Error::other(format!(
+        "the writer went back to offset {offset:#x} after sending {pos:#x} bytes; \
+         this output format cannot be written to a pipe or character device"
+    ))
+}
+
+/// Zeros for padding streams and filling gaps in place.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+fn write_zeros(mut w: impl Write, mut n: u64) -> std::io::Result<()> {
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        w.write_all(&ZEROS[..k])?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+impl Sink {
+    /// The file, when this is a fresh, empty regular file (where options such as
+    /// preallocation apply and unwritten ranges are holes); None in place or on a stream.
+    pub fn fresh_file(&self) -> Option<&File> {
+        self.track.is_none().then_some(&self.file)
+    }
+
+    /// Write all of `data` at `offset`.
+    pub fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        let Some(track) = &self.track else {
+            return self.file.write_all_at(data, offset);
+        };
+        let mut t = track.lock().unwrap_or_else(|p| p.into_inner());
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| std::io::Error::other("write past 2^64"))?;
+        match &mut *t {
+            Track::InPlace {
+                capacity, written, ..
+            } => {
+                if let Some(cap) = *capacity {
+                    if end > cap {
+                        return Err(too_small(cap, end));
+                    }
+                }
+                self.file.write_all_at(data, offset)?;
+                record(written, offset, end);
+                Ok(())
+            }
+            Track::Stream { pos, len } => {
+                if offset < *pos {
+                    return Err(stream_backwards(offset, *pos));
+                }
+                write_zeros(&self.file, offset - *pos)?;
+                (&self.file).write_all(data)?;
+                *pos = end;
+                *len = (*len).max(end);
+                Ok(())
+            }
+        }
+    }
+
+    /// Set the output's length, like [`File::set_len`]. In place, a block device is
+    /// never resized (an error names both sizes when it is too small) and an existing
+    /// file is never shrunk; on a stream, the length may not go below what was sent.
+    pub fn set_len(&self, len: u64) -> std::io::Result<()> {
+        let Some(track) = &self.track else {
+            return self.file.set_len(len);
+        };
+        let mut t = track.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *t {
+            Track::InPlace {
+                capacity, len: l, ..
+            } => {
+                match *capacity {
+                    Some(cap) if len > cap => return Err(too_small(cap, len)),
+                    Some(_) => {}
+                    None => {
+                        if len > self.file.metadata()?.len() {
+                            self.file.set_len(len)?;
+                        }
+                    }
+                }
+                *l = len;
+                Ok(())
+            }
+            Track::Stream { pos, len: l } => {
+                if len < *pos {
+                    return Err(stream_backwards(len, *pos));
+                }
+                *l = len;
+                Ok(())
+            }
+        }
+    }
+
+    /// Flush written data to stable storage (a no-op on a stream).
+    pub fn sync_all(&self) -> std::io::Result<()> {
+        match &self.track {
+            Some(t)
+                if matches!(
+                    *t.lock().unwrap_or_else(|p| p.into_inner()),
+                    Track::Stream { .. }
+                ) =>
+            {
+                Ok(())
+            }
+            _ => self.file.sync_all(),
+        }
+    }
+}
+
+/// Add `[start, end)` to the merged set of written ranges.
+fn record(written: &mut BTreeMap<u64, u64>, mut start: u64, mut end: u64) {
+    if start == end {
+        return;
+    }
+    // Merge with a range that starts at or before `start` and reaches it.
+    if let Some((&s, &e)) = written.range(..=start).next_back() {
+        if e >= start {
+            start = s;
+            end = end.max(e);
+            written.remove(&s);
+        }
+    }
+    // Swallow ranges that start inside the new one.
+    while let Some((&s, &e)) = written.range(start..=end).next() {
+        end = end.max(e);
+        written.remove(&s);
+    }
+    written.insert(start, end);
+}
+
+/// What kind of destination an [`Output`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    /// A new file, created under a temporary name and renamed into place.
+    New,
+    /// An existing regular file, replaced atomically (a new inode with the old file's
+    /// mode, owner and group).
+    Replace,
+    /// An existing regular file written in place (`-n`).
+    ExistingFile,
+    /// A block device, written in place.
+    BlockDevice,
+    /// A FIFO or character device (`/dev/stdout`), written sequentially.
+    Stream,
+    /// A regular file named through an open descriptor (`/dev/stdout` redirected to a
+    /// file, `/proc/self/fd/N`): truncated and written in place, since a rename would
+    /// not reach the descriptor's file.
+    Descriptor,
+}
+
+/// How to open a destination.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OutputOptions {
+    /// Write into the existing destination instead of creating it (qemu-img's `-n`):
+    /// it must exist, and a regular file is written in place, not replaced.
+    pub existing: bool,
+    /// The destination already reads as zeros (qemu-img's `--target-is-zero`, only with
+    /// `existing`): ranges the writer leaves unwritten are not zeroed.
+    pub target_is_zero: bool,
+}
+
+/// A destination opened for writing, checked before any input is read: a new or replaced
+/// regular file goes through [`AtomicOutput`]; a block device, an existing file under
+/// `-n`, a FIFO or a character device is written in place. Nothing but the destination's
+/// own name is ever replaced: a symlink is followed and the file it points to is
+/// replaced, the link stays.
+#[derive(Debug)]
+pub struct Output {
+    dest: PathBuf,
+    kind: OutputKind,
+    atomic: Option<AtomicOutput>,
+    /// A second handle on the in-place or stream destination, to finish it after the
+    /// writer (which owns the [`Sink`]) is gone.
+    file: Option<File>,
+    track: Option<Arc<Mutex<Track>>>,
+    zero_fill: bool,
+    existing_len: Option<u64>,
+}
+
+fn io_err(what: &str, dest: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.to_string();
+    let dest = dest.to_path_buf();
+    move |e| Error::io(what, e).with_path(dest)
+}
+
+/// Size of an open block device (seeking to its end, which every block driver supports).
+fn device_size(file: &File) -> std::io::Result<u64> {
+    // SAFETY: lseek on a valid descriptor; positional I/O elsewhere ignores the position.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r as u64)
+}
+
+impl Output {
+    /// Check and open the destination `dest`, before anything is read: a folder, a
+    /// missing or unwritable parent folder, a socket, or `-n` on a missing file fail at
+    /// once, naming `dest`. Returns the output and the [`Sink`] to give the writer.
+    pub fn open(dest: &Path, opts: &OutputOptions) -> Result<(Output, Sink)> {
+        let meta = match std::fs::metadata(dest) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io("cannot open the output", e).with_path(dest)),
+        };
+        let out = |kind, atomic, file, track, existing_len| Output {
+            dest: dest.to_path_buf(),
+            kind,
+            atomic,
+            file,
+            track,
+            zero_fill: !opts.target_is_zero,
+            existing_len,
+        };
+        let Some(meta) = meta else {
+            if opts.existing {
+                return Err(Error::arg(
+                    "-n: the output does not exist (it must be created beforehand)",
+                )
+                .with_path(dest));
+            }
+            let target = resolve_missing(dest)?;
+            let dir = parent_dir(&target);
+            match std::fs::metadata(&dir) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(
+                        Error::arg(format!("{} is not a folder", dir.display())).with_path(dest)
+                    )
+                }
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("cannot create the output in {}", dir.display()),
+                        e,
+                    )
+                    .with_path(dest))
+                }
+            }
+            let (a, f) = AtomicOutput::create_with_mode(&target, dest, 0o666)?;
+            return Ok((out(OutputKind::New, Some(a), None, None, None), f.into()));
+        };
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            return Err(Error::arg("the output is a directory").with_path(dest));
+        }
+        if ft.is_socket() {
+            return Err(Error::arg(
+                "the output is a socket; write to a file, a block device, a FIFO or a character device",
+            )
+            .with_path(dest));
+        }
+        if ft.is_file() && !opts.existing && through_descriptor(dest) {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(dest)
+                .map_err(io_err("cannot open the output for writing", dest))?;
+            let handle = file
+                .try_clone()
+                .map_err(io_err("cannot open the output for writing", dest))?;
+            return Ok((
+                out(OutputKind::Descriptor, None, Some(handle), None, None),
+                file.into(),
+            ));
+        }
+        if ft.is_file() && !opts.existing {
+            let target = if std::fs::symlink_metadata(dest)
+                .map(|m| m.file_type().is_symlink())
+                .unwrap_or(false)
+            {
+                dest.canonicalize()
+                    .map_err(io_err("cannot resolve the output's symlink", dest))?
+            } else {
+                dest.to_path_buf()
+            };
+            let c = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+                .map_err(|_| Error::arg("output path contains a NUL byte").with_path(dest))?;
+            // SAFETY: access with a valid NUL-terminated path.
+            if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+                return Err(Error::io(
+                    "the output exists and is not writable",
+                    std::io::Error::last_os_error(),
+                )
+                .with_path(dest));
+            }
+            // 0600 until the old mode is copied, so a private file's new content is
+            // never readable by others, not even briefly.
+            let (a, f) = AtomicOutput::create_with_mode(&target, dest, 0o600)?;
+            copy_owner_and_mode(&f, &meta).map_err(io_err(
+                "cannot give the new output the old file's mode",
+                dest,
+            ))?;
+            return Ok((
+                out(OutputKind::Replace, Some(a), None, None, None),
+                f.into(),
+            ));
+        }
+        // In place: an existing file under -n, a block device, a FIFO or a character
+        // device. Opening a FIFO waits for its reader, as any writer does.
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut oo = std::fs::OpenOptions::new();
+        oo.write(true).custom_flags(libc::O_NOCTTY);
+        if ft.is_block_device() {
+            // O_EXCL on a block device: refuse one that is mounted or otherwise held.
+            oo.custom_flags(libc::O_NOCTTY | libc::O_EXCL);
+        }
+        let file = oo
+            .open(dest)
+            .map_err(io_err("cannot open the output for writing", dest))?;
+        let now = file
+            .metadata()
+            .map_err(io_err("cannot stat the output", dest))?;
+        if now.file_type() != ft || now.ino() != meta.ino() || now.dev() != meta.dev() {
+            return Err(Error::arg("the output changed while it was being opened").with_path(dest));
+        }
+        let (kind, track, existing_len) = if ft.is_block_device() || ft.is_file() {
+            let (kind, capacity, len) = if ft.is_block_device() {
+                let size =
+                    device_size(&file).map_err(io_err("cannot size the block device", dest))?;
+                (OutputKind::BlockDevice, Some(size), size)
+            } else {
+                (OutputKind::ExistingFile, None, now.len())
+            };
+            let t = Track::InPlace {
+                capacity,
+                len: 0,
+                written: BTreeMap::new(),
+            };
+            (kind, t, Some(len))
+        } else {
+            (OutputKind::Stream, Track::Stream { pos: 0, len: 0 }, None)
+        };
+        let track = Arc::new(Mutex::new(track));
+        let handle = file
+            .try_clone()
+            .map_err(io_err("cannot open the output for writing", dest))?;
+        let sink = Sink {
+            file,
+            track: Some(track.clone()),
+        };
+        Ok((
+            out(kind, None, Some(handle), Some(track), existing_len),
+            sink,
+        ))
+    }
+
+    /// What kind of destination this is.
+    pub fn kind(&self) -> OutputKind {
+        self.kind
+    }
+
+    /// The destination's size when it is written in place (a block device's size, an
+    /// existing file's length); None for new, replaced and stream outputs.
+    pub fn existing_len(&self) -> Option<u64> {
+        self.existing_len
+    }
+
+    /// The destination as given.
+    pub fn path(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Complete the output after the writer finished: rename a new or replaced file into
+    /// place, zero what the writer left unwritten in place (unless the target is known to
+    /// be zero), pad a stream to its final length. With `sync`, flush to stable storage
+    /// first. Dropped without this, a new or replaced file leaves nothing behind.
+    pub fn finish(self, sync: bool) -> Result<()> {
+        if let Some(a) = self.atomic {
+            return a.commit(sync);
+        }
+        let (Some(file), Some(track)) = (&self.file, &self.track) else {
+            if let (Some(file), true) = (&self.file, sync) {
+                file.sync_all()
+                    .map_err(io_err("flushing output", &self.dest))?;
+            }
+            return Ok(());
+        };
+        let mut t = track.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *t {
+            Track::Stream { pos, len } => {
+                write_zeros(file, *len - *pos)
+                    .map_err(io_err("writing the output's last zeros", &self.dest))?;
+                *pos = *len;
+                Ok(())
+            }
+            Track::InPlace { len, written, .. } => {
+                let bound = written.values().next_back().copied().unwrap_or(0).max(*len);
+                if self.zero_fill {
+                    let block = self.kind == OutputKind::BlockDevice;
+                    let mut at = 0u64;
+                    let mut gaps: Vec<(u64, u64)> = Vec::new();
+                    for (&s, &e) in written.iter() {
+                        if s > at {
+                            gaps.push((at, s.min(bound)));
+                        }
+                        at = e;
+                    }
+                    if at < bound {
+                        gaps.push((at, bound));
+                    }
+                    for (s, e) in gaps {
+                        zero_range(file, block, s, e).map_err(io_err(
+                            "zeroing unwritten ranges of the output",
+                            &self.dest,
+                        ))?;
+                    }
+                }
+                if sync {
+                    file.sync_all()
+                        .map_err(io_err("flushing output", &self.dest))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Whether `dest` reaches its file through a descriptor link (`/dev/stdout`,
+/// `/dev/fd/N`, `/proc/<pid>/fd/N`), whose target names are not real paths.
+fn through_descriptor(dest: &Path) -> bool {
+    let mut p = dest.to_path_buf();
+    for _ in 0..40 {
+        if p.starts_with("/proc") || p.starts_with("/dev/fd") {
+            return true;
+        }
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => match std::fs::read_link(&p) {
+                Ok(t) if t.is_absolute() => p = t,
+                Ok(t) => p = parent_dir(&p).join(t),
+                Err(_) => return false,
+            },
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Follow a chain of symlinks ending at a name that does not exist yet (a dangling
+/// link), so the new file is created where the link points and the link stays a link.
+fn resolve_missing(dest: &Path) -> Result<PathBuf> {
+    let mut p = dest.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let t = std::fs::read_link(&p)
+                    .map_err(io_err("cannot read the output's symlink", dest))?;
+                p = if t.is_absolute() {
+                    t
+                } else {
+                    parent_dir(&p).join(t)
+                };
+            }
+            Ok(_) => return Ok(p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(p),
+            Err(e) => return Err(Error::io("cannot open the output", e).with_path(dest)),
+        }
+    }
+    Err(Error::arg("too many levels of symbolic links").with_path(dest))
+}
+
+/// Give `file` the owner, group and permission bits of `old` (the file it replaces).
+/// An owner we may not set (not root) is left as ours, and then set-id bits are dropped:
+/// they must never pass to a file owned by someone else.
+fn copy_owner_and_mode(file: &File, old: &std::fs::Metadata) -> std::io::Result<()> {
+    let fd = file.as_raw_fd();
+    let mut mode = old.mode() & 0o7777;
+    // SAFETY: fchown on a valid descriptor.
+    if unsafe { libc::fchown(fd, old.uid(), old.gid()) } != 0 {
+        // SAFETY: as above; uid -1 leaves the owner unchanged.
+        let _ = unsafe { libc::fchown(fd, u32::MAX, old.gid()) };
+        mode &= 0o777;
+    }
+    // SAFETY: fchmod on a valid descriptor.
+    if unsafe { libc::fchmod(fd, mode) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Make `[start, end)` of an in-place destination read as zeros: BLKZEROOUT on a block
+/// device, a punched hole in a file, plain zero writes where neither is supported.
+fn zero_range(file: &File, block: bool, start: u64, end: u64) -> std::io::Result<()> {
+    if start >= end {
+        return Ok(());
+    }
+    let fd = file.as_raw_fd();
+    if block {
+        // The ioctl takes whole 512-byte sectors; unaligned edges are written.
+        let a = start.next_multiple_of(512);
+        let b = end / 512 * 512;
+        if a < b {
+            let range: [u64; 2] = [a, b - a];
+            // SAFETY: BLKZEROOUT reads a [u64; 2] (start, length) from the pointer.
+            let r = unsafe { libc::ioctl(fd, libc::_IO(0x12, 127), range.as_ptr()) };
+            if r == 0 {
+                write_zeros_at(file, start, a)?;
+                return write_zeros_at(file, b, end);
+            }
+        }
+    } else {
+        let (Ok(s), Ok(l)) = (i64::try_from(start), i64::try_from(end - start)) else {
+            return write_zeros_at(file, start, end);
+        };
+        // SAFETY: fallocate on a valid descriptor; KEEP_SIZE never changes the length.
+        let r = unsafe {
+            libc::fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                s,
+                l,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+    }
+    write_zeros_at(file, start, end)
+}
+
+fn write_zeros_at(file: &File, mut at: u64, end: u64) -> std::io::Result<()> {
+    while at < end {
+        let k = (end - at).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..k], at)?;
+        at += k as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_ranges_merge() {
+        let mut w = BTreeMap::new();
+        record(&mut w, 0, 10);
+        record(&mut w, 10, 20);
+        record(&mut w, 30, 40);
+        assert_eq!(
+            w.iter().map(|(a, b)| (*a, *b)).collect::<Vec<_>>(),
+            [(0, 20), (30, 40)]
+        );
+        record(&mut w, 15, 35);
+        assert_eq!(
+            w.iter().map(|(a, b)| (*a, *b)).collect::<Vec<_>>(),
+            [(0, 40)]
+        );
+        record(&mut w, 50, 60);
+        record(&mut w, 45, 70);
+        record(&mut w, 5, 6);
+        assert_eq!(
+            w.iter().map(|(a, b)| (*a, *b)).collect::<Vec<_>>(),
+            [(0, 40), (45, 70)]
+        );
+    }
+
+    #[test]
+    fn a_stream_fills_gaps_pads_its_length_and_refuses_going_back() {
+        use std::io::Read;
+        use std::os::unix::io::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills two descriptors, each then owned by one File.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let (mut rd, wr) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        let reader = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            rd.read_to_end(&mut v).unwrap();
+            v
+        });
+        let path = PathBuf::from(format!("/proc/self/fd/{}", wr.as_raw_fd()));
+        let (out, sink) = Output::open(&path, &OutputOptions::default()).unwrap();
+        drop(wr);
+        assert_eq!(out.kind(), OutputKind::Stream);
+        sink.set_len(20).unwrap();
+        sink.write_all_at(b"ab", 0).unwrap();
+        sink.write_all_at(b"cd", 10).unwrap();
+        let e = sink.write_all_at(b"x", 5).unwrap_err();
+        assert!(e.to_string().contains("cannot be written to a pipe"), "{e}");
+        assert!(sink.set_len(4).is_err());
+        drop(sink);
+        out.finish(true).unwrap();
+        let got = reader.join().unwrap();
+        let mut want = vec![0u8; 20];
+        want[..2].copy_from_slice(b"ab");
+        want[10..12].copy_from_slice(b"cd");
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn in_place_file_zeroes_what_was_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        std::fs::write(&p, vec![0xaau8; 8192]).unwrap();
+        let opts = OutputOptions {
+            existing: true,
+            target_is_zero: false,
+        };
+        let (out, sink) = Output::open(&p, &opts).unwrap();
+        assert_eq!(out.kind(), OutputKind::ExistingFile);
+        assert_eq!(out.existing_len(), Some(8192));
+        sink.set_len(6000).unwrap();
+        sink.write_all_at(&[1u8; 100], 1000).unwrap();
+        drop(sink);
+        out.finish(false).unwrap();
+        let b = std::fs::read(&p).unwrap();
+        assert_eq!(b.len(), 8192, "an existing file is never shrunk");
+        assert!(b[..1000].iter().all(|&x| x == 0));
+        assert!(b[1000..1100].iter().all(|&x| x == 1));
+        assert!(b[1100..6000].iter().all(|&x| x == 0));
+        assert!(
+            b[6000..].iter().all(|&x| x == 0xaa),
+            "past the image: untouched"
+        );
+    }
 }

@@ -4,7 +4,6 @@
 //! outside its folder knows its on-disk layout.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::device::{BlockDevice, HostFile};
@@ -485,14 +484,34 @@ pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>
     dev.map_err(|e| e.with_path(path))
 }
 
-/// Make a writer of `format` over the (temporary) output `file` at `path`.
+/// The outputs that can be written to a pipe or character device, for error messages
+/// (each such writer answers true to [`ImageWriter::streams`]).
+pub const STREAMING_OUTPUTS: &str =
+    "raw, vpc with -o subformat=fixed, vmdk with -o subformat=streamOptimized";
+
+/// Whether `format` can be written into an existing image in place (`-n`): only raw
+/// today, whose in-place image is the guest bytes themselves.
+pub fn check_in_place(format: Format) -> Result<()> {
+    match format {
+        Format::Raw => Ok(()),
+        other => Err(Error::unsupported(format!(
+            "-n (write into an existing image) is supported for -O raw only (files and block \
+             devices), not {other}"
+        ))),
+    }
+}
+
+/// Make a writer of `format` over the output `file` (a fresh file, or a
+/// [`Sink`](crate::writer::Sink) from [`Output::open`](crate::writer::Output::open)) for
+/// the destination `path`.
 pub fn create_writer(
     format: Format,
-    file: File,
+    file: impl Into<crate::writer::Sink>,
     path: &Path,
     opts: &CreateOptions,
 ) -> Result<Box<dyn ImageWriter>> {
     opts.check_known(format)?;
+    let file = file.into();
     let w = match format {
         Format::Raw => raw::create_writer(file, opts),
         Format::Qcow2 => qcow2::create_writer(file, opts),

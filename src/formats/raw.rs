@@ -1,7 +1,8 @@
 //! Raw images: the file's bytes are the guest's bytes.
 //!
 //! Reading asks the filesystem where the holes are (SEEK_DATA/SEEK_HOLE), so an all-hole
-//! 1 TiB file maps in one call; writing leaves zero ranges as holes.
+//! 1 TiB file maps in one call; writing leaves zero ranges as holes. A block device has
+//! no holes we can see: every range of it is data (zero detection still drops zeros).
 
 use std::fs::File;
 #[cfg(test)]
@@ -11,7 +12,7 @@ use std::os::unix::io::AsRawFd;
 use crate::device::{check_guest_range, BlockDevice, HostFile, ImageInfo, Mapping, MappingKind};
 use crate::error::{Error, Result};
 use crate::formats::{CreateOptions, Format, OpenOptions, OptionHelp};
-use crate::writer::{write_all_at, ImageWriter};
+use crate::writer::{write_all_at, ImageWriter, Sink};
 
 /// Options `-O raw` accepts.
 pub const CREATE_OPTIONS: &[OptionHelp] = &[OptionHelp {
@@ -24,11 +25,24 @@ pub const CREATE_OPTIONS: &[OptionHelp] = &[OptionHelp {
 #[derive(Debug)]
 pub struct RawImage {
     file: HostFile,
+    /// Whether SEEK_DATA/SEEK_HOLE describe the file (false for a block device, where
+    /// the answer would be a guess).
+    holes: bool,
 }
 
 /// Open a raw image (always succeeds for a readable file: any bytes are a raw disk).
 pub fn open(file: HostFile, _opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
-    Ok(Box::new(RawImage { file }))
+    use std::os::unix::fs::FileTypeExt;
+    let block = file
+        .file()
+        .metadata()
+        .map_err(|e| Error::io("cannot stat image", e))?
+        .file_type()
+        .is_block_device();
+    Ok(Box::new(RawImage {
+        file,
+        holes: !block,
+    }))
 }
 
 /// `lseek(fd, offset, whence)`; None when the filesystem says there is no such region
@@ -55,6 +69,9 @@ impl BlockDevice for RawImage {
             len: e - o,
             kind: MappingKind::Data { host: Some(o) },
         };
+        if !self.holes {
+            return Ok(data(offset, end));
+        }
         let Some(data_start) = seek_data_hole(f, offset, libc::SEEK_DATA) else {
             // ENXIO: no data after offset (or no SEEK_DATA support: treat all as data).
             let errno = std::io::Error::last_os_error().raw_os_error();
@@ -99,16 +116,18 @@ impl BlockDevice for RawImage {
 /// Writes guest data at the same offsets; what is never written stays a hole.
 #[derive(Debug)]
 pub struct RawWriter {
-    file: File,
+    file: Sink,
     size: u64,
 }
 
-/// Make a raw writer; the file must be empty (so unwritten ranges are holes).
-pub fn create_writer(file: File, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+/// Make a raw writer; the file must be empty (so unwritten ranges are holes) or an
+/// in-place [`Sink`], which zeroes what is not written.
+pub fn create_writer(file: Sink, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
     match opts.str_option("preallocation").unwrap_or("off") {
         "off" => {}
         "falloc" => {
-            if opts.size > 0 {
+            // Only a fresh file needs reserving: a device or existing file has its blocks.
+            if let (true, Some(file)) = (opts.size > 0, file.fresh_file()) {
                 let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, opts.size as i64) };
                 if r != 0 {
                     return Err(Error::io(
@@ -143,6 +162,9 @@ impl ImageWriter for RawWriter {
     }
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         write_all_at(&self.file, data, offset, "guest data")
+    }
+    fn streams(&self) -> bool {
+        true
     }
     fn finish(self: Box<Self>) -> Result<()> {
         self.file

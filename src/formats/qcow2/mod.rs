@@ -5,8 +5,6 @@
 //! `header.rs` holds the on-disk header and extensions, `reader.rs` the L1/L2 walk,
 //! `writer.rs` the streaming writer, `compress.rs` the per-cluster codecs.
 
-use std::fs::File;
-
 use crate::device::{BlockDevice, HostFile};
 use crate::error::Result;
 use crate::formats::{CreateOptions, OpenOptions, OptionHelp};
@@ -34,6 +32,9 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
 }
 
 /// Make a qcow2 writer over the empty `file`.
-pub fn create_writer(file: File, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+pub fn create_writer(
+    file: crate::writer::Sink,
+    opts: &CreateOptions,
+) -> Result<Box<dyn ImageWriter>> {
     writer::create_writer(file, opts)
 }

@@ -10,7 +10,6 @@
 //! neither errors nor leaks.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::sync::Arc;
 
 use byteorder::{BigEndian, ByteOrder};
@@ -20,7 +19,7 @@ use super::header::*;
 use super::reader::{COMPRESSED, COPIED};
 use crate::error::{Error, Result};
 use crate::formats::{CreateOptions, OptionHelp};
-use crate::writer::{write_all_at, Encoder, ImageWriter};
+use crate::writer::{write_all_at, Encoder, ImageWriter, Sink};
 
 /// Options `-O qcow2` accepts.
 pub const CREATE_OPTIONS: &[OptionHelp] = &[
@@ -115,7 +114,7 @@ impl Encoder for ClusterEncoder {
 
 /// The qcow2 image writer.
 pub struct Qcow2Writer {
-    file: File,
+    file: Sink,
     size: u64,
     cluster_bits: u32,
     cs: u64,
@@ -138,7 +137,7 @@ pub struct Qcow2Writer {
 }
 
 /// Make a qcow2 writer over `file` (empty) from `opts`.
-pub fn create_writer(file: File, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+pub fn create_writer(file: Sink, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
     let version = match opts.str_option("compat").unwrap_or("1.1") {
         "1.1" | "v3" => 3,
         "0.10" | "v2" => 2,

@@ -8,8 +8,6 @@
 //! (as qemu does for images VBoxManage convertfromraw made) and when writing (as qemu-img
 //! does), so we and qemu always agree on the virtual size.
 
-use std::fs::File;
-
 use crate::device::{BlockDevice, HostFile};
 use crate::error::{Error, Result};
 use crate::formats::{CreateOptions, OpenOptions, OptionHelp};
@@ -48,7 +46,10 @@ pub fn open(file: HostFile, _opts: &OpenOptions) -> Result<Box<dyn BlockDevice>>
 }
 
 /// Make a vdi writer.
-pub fn create_writer(file: File, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+pub fn create_writer(
+    file: crate::writer::Sink,
+    opts: &CreateOptions,
+) -> Result<Box<dyn ImageWriter>> {
     if opts.compress {
         return Err(Error::unsupported("vdi images cannot be compressed"));
     }

@@ -5,17 +5,15 @@
 //! (512-aligned). The header and map are written by `finish`, so the data streams out in
 //! one pass with one positional write per run of blocks.
 
-use std::fs::File;
-
 use super::header::{ImageType, VdiHeader, BLOCK_UNALLOCATED, DEFAULT_BLOCK_SIZE, SECTOR_SIZE};
 use super::reader::MAX_BMAP_BYTES;
 use crate::error::{Error, Result};
-use crate::writer::{write_all_at, ImageWriter};
+use crate::writer::{write_all_at, ImageWriter, Sink};
 
 /// A VDI being written.
 #[derive(Debug)]
 pub struct VdiWriter {
-    file: File,
+    file: Sink,
     header: VdiHeader,
     size: u64,
     bmap: Vec<u32>,
@@ -25,7 +23,7 @@ pub struct VdiWriter {
 
 impl VdiWriter {
     /// A writer for a `size`-byte guest (rounded up to whole sectors, as qemu does).
-    pub fn new(file: File, size: u64, fixed: bool) -> Result<Self> {
+    pub fn new(file: Sink, size: u64, fixed: bool) -> Result<Self> {
         let size = size
             .checked_next_multiple_of(u64::from(SECTOR_SIZE))
             .ok_or_else(|| Error::arg(format!("VDI size {size} is too large")))?;
@@ -146,6 +144,7 @@ impl ImageWriter for VdiWriter {
 mod tests {
     use super::*;
     use crate::device::{BlockDevice, HostFile, MappingKind};
+    use std::fs::File;
 
     fn write_image(path: &std::path::Path, size: u64, fixed: bool, writes: &[(u64, Vec<u8>)]) {
         let f = File::options()
@@ -155,7 +154,7 @@ mod tests {
             .truncate(true)
             .open(path)
             .unwrap();
-        let mut w = Box::new(VdiWriter::new(f, size, fixed).unwrap());
+        let mut w = Box::new(VdiWriter::new(f.into(), size, fixed).unwrap());
         for (o, d) in writes {
             w.write(*o, d).unwrap();
         }
@@ -190,7 +189,7 @@ mod tests {
     fn out_of_order_or_unaligned_writes_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let f = File::create(dir.path().join("b.vdi")).unwrap();
-        let mut w = VdiWriter::new(f, 4 << 20, false).unwrap();
+        let mut w = VdiWriter::new(f.into(), 4 << 20, false).unwrap();
         assert!(w.write(512, &[1; 512]).is_err());
         w.write(1 << 20, &[1; 1 << 20]).unwrap();
         assert!(w.write(0, &[1; 1 << 20]).is_err());
@@ -201,7 +200,7 @@ mod tests {
     fn oversized_images_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let f = File::create(dir.path().join("c.vdi")).unwrap();
-        let e = VdiWriter::new(f, 1 << 50, false).unwrap_err();
+        let e = VdiWriter::new(f.into(), 1 << 50, false).unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::LimitExceeded);
     }
 }

@@ -4,8 +4,6 @@
 //! Read: fixed, dynamic and differencing images (the parent only through the reference
 //! gate). Write: fixed and dynamic at the exact size asked (see [`writer`]).
 
-use std::fs::File;
-
 use crate::device::{BlockDevice, HostFile};
 use crate::error::Result;
 use crate::formats::{CreateOptions, OpenOptions, OptionHelp};
@@ -66,6 +64,9 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
 }
 
 /// Make a VHD writer; see [`writer`] for the options and size rules.
-pub fn create_writer(file: File, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+pub fn create_writer(
+    file: crate::writer::Sink,
+    opts: &CreateOptions,
+) -> Result<Box<dyn ImageWriter>> {
     writer::create_writer(file, opts)
 }

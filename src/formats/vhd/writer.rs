@@ -12,7 +12,6 @@
 //! data goes straight to the file, and only the BAT and the current block's bitmap are
 //! held in memory; the footer copy, dynamic header and BAT are written at finish.
 
-use std::fs::File;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::dynheader::{self, DynHeader, ParentLocator, DYN_HEADER_SIZE};
@@ -21,7 +20,7 @@ use super::geometry::{Chs, MAX_SIZE};
 use super::reader::MAX_BAT_BYTES;
 use crate::error::{Error, Result};
 use crate::formats::CreateOptions;
-use crate::writer::{write_all_at, ImageWriter};
+use crate::writer::{write_all_at, ImageWriter, Sink};
 
 /// Default dynamic block size, as every VHD producer uses.
 pub const DEFAULT_BLOCK_SIZE: u64 = 2 << 20;
@@ -160,7 +159,7 @@ fn make_footer(size: u64, disk_type: DiskType) -> Footer {
 }
 
 /// Make a VHD writer (see the module docs for the options).
-pub fn create_writer(file: File, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+pub fn create_writer(file: Sink, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
     let p = plan(opts)?;
     if p.fixed {
         // The data area's length up front (see the raw writer: in-file writes are cheaper
@@ -182,7 +181,7 @@ pub fn create_writer(file: File, opts: &CreateOptions) -> Result<Box<dyn ImageWr
 /// Fixed VHD: the guest bytes, then the footer.
 #[derive(Debug)]
 struct FixedWriter {
-    file: File,
+    file: Sink,
     size: u64,
     notes: Vec<String>,
 }
@@ -200,6 +199,9 @@ impl ImageWriter for FixedWriter {
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         write_all_at(&self.file, data, offset, "guest data")
     }
+    fn streams(&self) -> bool {
+        true
+    }
     fn finish(self: Box<Self>) -> Result<()> {
         let footer = make_footer(self.size, DiskType::Fixed).to_bytes();
         // Unwritten guest ranges stay holes; the footer write extends the file past them.
@@ -210,7 +212,7 @@ impl ImageWriter for FixedWriter {
 /// Dynamic VHD, blocks appended in guest order.
 #[derive(Debug)]
 struct DynamicWriter {
-    file: File,
+    file: Sink,
     size: u64,
     block_size: u64,
     bitmap_size: u64,
@@ -223,7 +225,7 @@ struct DynamicWriter {
 }
 
 impl DynamicWriter {
-    fn new(file: File, size: u64, block_size: u64) -> Self {
+    fn new(file: Sink, size: u64, block_size: u64) -> Self {
         let entries = size.div_ceil(block_size) as usize;
         let bitmap_size = dynheader::bitmap_size(block_size as u32);
         let bat_end = BAT_OFFSET + (entries as u64 * 4).div_ceil(512) * 512;

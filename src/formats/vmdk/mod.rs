@@ -8,8 +8,6 @@
 //! [`OpenOptions`] reference gate. Writes monolithicSparse (default) and streamOptimized
 //! as VMware writes it.
 
-use std::fs::File;
-
 use crate::device::{BlockDevice, HostFile};
 use crate::error::Result;
 use crate::formats::{CreateOptions, OpenOptions, OptionHelp};
@@ -42,7 +40,7 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
 /// Make a vmdk writer (`subformat=monolithicSparse` or `streamOptimized`) for an output
 /// that will be renamed to `dest` (named in the embedded descriptor).
 pub fn create_writer(
-    file: File,
+    file: crate::writer::Sink,
     dest: &std::path::Path,
     opts: &CreateOptions,
 ) -> Result<Box<dyn ImageWriter>> {

@@ -9,13 +9,12 @@
 //! in the engine's [`Encoder`] hook on worker threads; this writer only appends.
 
 use std::cell::RefCell;
-use std::fs::File;
 use std::sync::Arc;
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
 use crate::error::{Error, Result};
-use crate::writer::{write_all_at, Encoder, ImageWriter};
+use crate::writer::{write_all_at, Encoder, ImageWriter, Sink};
 
 use super::sparse::{
     Marker, SparseHeader, CHECK_BYTES, COMPRESSION_DEFLATE, FLAG_COMPRESSED, FLAG_MARKERS,
@@ -95,7 +94,7 @@ impl Encoder for GrainEncoder {
 /// The streamOptimized writer.
 #[derive(Debug)]
 pub struct StreamWriter {
-    file: File,
+    file: Sink,
     opts: VmdkOptions,
     header: SparseHeader,
     /// Next byte to write (always a sector multiple).
@@ -108,7 +107,7 @@ pub struct StreamWriter {
 
 impl StreamWriter {
     /// Write the header and descriptor and return the writer.
-    pub fn new(file: File, opts: VmdkOptions) -> Result<Self> {
+    pub fn new(file: Sink, opts: VmdkOptions) -> Result<Self> {
         let desc = opts.descriptor("streamOptimized", &opts.extent_name);
         let desc_sectors = (desc.len() as u64).div_ceil(SECTOR).max(1);
         let overhead = (1 + desc_sectors).next_multiple_of(GRAIN_SECTORS);
@@ -212,6 +211,10 @@ impl ImageWriter for StreamWriter {
 
     fn encoder(&self) -> Option<Arc<dyn Encoder>> {
         Some(self.encoder.clone())
+    }
+
+    fn streams(&self) -> bool {
+        true
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {

@@ -2,13 +2,11 @@
 //! grain directory and tables, grain directory and tables, then grains), plus the create
 //! options and the embedded descriptor shared with the streamOptimized writer.
 
-use std::fs::File;
-
 use byteorder::{ByteOrder, LittleEndian as LE};
 
 use crate::error::{Error, Result};
 use crate::formats::{CreateOptions, OptionHelp};
-use crate::writer::{write_all_at, ImageWriter};
+use crate::writer::{write_all_at, ImageWriter, Sink};
 
 use super::sparse::{
     SparseHeader, CHECK_BYTES, FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN, GTES_PER_GT,
@@ -286,7 +284,7 @@ impl Layout {
 /// each grain table is written (twice) as soon as the guest offsets move past it.
 #[derive(Debug)]
 pub struct SparseWriter {
-    file: File,
+    file: Sink,
     opts: VmdkOptions,
     layout: Layout,
     next_sector: u64,
@@ -297,7 +295,7 @@ pub struct SparseWriter {
 
 impl SparseWriter {
     /// A writer over the empty `file`.
-    pub fn new(file: File, opts: VmdkOptions) -> Result<Self> {
+    pub fn new(file: Sink, opts: VmdkOptions) -> Result<Self> {
         let layout = Layout::new(opts.capacity);
         let desc = opts.descriptor("monolithicSparse", &opts.extent_name);
         if desc.len() as u64 > DESC_SECTORS * SECTOR {
