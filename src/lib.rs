@@ -26,7 +26,7 @@ pub mod writer;
 
 use std::path::Path;
 
-pub use convert::{convert, convert_device, ConvertOptions, ConvertReport};
+pub use convert::{convert, convert_device, ConvertOptions, ConvertReport, UnreadableRange};
 pub use device::{BlockDevice, DeviceReader, ImageInfo, Mapping, MappingKind};
 pub use error::{Error, ErrorKind, Result};
 pub use formats::{CreateOptions, Format, OpenOptions};
