@@ -8,11 +8,15 @@ use clap::{Parser, Subcommand};
 use diskconv::formats::parse_size;
 use diskconv::{ConvertOptions, CreateOptions, Error, Format, ImageInfo, OpenOptions, Result};
 
+/// qemu-img's names, listed in `--help` so users need not guess (`vhd` is accepted for `vpc`).
+const FORMATS_HELP: &str = "Supported formats: raw qcow2 vpc (alias vhd) vmdk vdi";
+
 #[derive(Parser)]
 #[command(
     name = "diskconv",
     version,
-    about = "Convert and inspect disk images (raw, qcow2, vpc/vhd, vmdk, vdi)"
+    about = "Convert and inspect disk images (raw, qcow2, vpc/vhd, vmdk, vdi)",
+    after_help = FORMATS_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -22,32 +26,50 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Convert SRC into a new image DST of format -O.
+    #[command(
+        override_usage = "diskconv convert [OPTIONS] SRC DST\n       diskconv convert -O FMT -o help",
+        after_help = FORMATS_HELP
+    )]
     Convert {
         /// Input format (never probed when given).
         #[arg(short = 'f')]
         src_format: Option<String>,
-        /// Output format.
+        /// Output format (default raw).
         #[arg(short = 'O', default_value = "raw")]
         out_format: String,
-        /// Output options, key=value[,key=value...]; `-o help` lists them.
+        /// Output options, key=value[,key=value...]; `-o help` lists them (no SRC or DST needed).
         #[arg(short = 'o')]
         options: Vec<String>,
-        /// Compress the output (qcow2, streamOptimized vmdk).
+        /// Compress the output (qcow2, streamOptimized vmdk; an error for raw, vpc, vdi).
         #[arg(short = 'c')]
         compress: bool,
-        /// Show progress.
+        /// Show progress on stdout, like qemu-img.
         #[arg(short = 'p')]
         progress: bool,
-        /// Quiet (accepted for compatibility).
+        /// Quiet: no progress and no notes (errors are still printed).
         #[arg(short = 'q')]
         quiet: bool,
-        /// Zero runs of at least SIZE stay unallocated (default 4k); 0 writes everything.
-        #[arg(short = 'S', default_value = "4k")]
+        /// Zero runs of at least SIZE inside data stay unallocated (default 4k; a multiple
+        /// of 512 up to 16M); 0 writes everything. Holes of the source are never written.
+        #[arg(short = 'S', default_value = "4k", allow_hyphen_values = true)]
         sparse_size: String,
         /// Output cache mode like qemu-img's: `unsafe` (default) skips the final flush;
         /// any other mode (writeback, none, writethrough, directsync) flushes before the rename.
         #[arg(short = 't', default_value = "unsafe")]
         cache: String,
+        /// Source cache mode (accepted for qemu-img compatibility; the source is only read).
+        #[arg(short = 'T', default_value = "writeback")]
+        src_cache: String,
+        /// Accepted for qemu-img compatibility: the source is opened read-only and never locked.
+        #[arg(short = 'U', long = "force-share")]
+        _force_share: bool,
+        /// Continue past unreadable source ranges: they are written as zeros and each is
+        /// reported on stderr.
+        #[arg(long = "salvage")]
+        salvage: bool,
+        /// Limit writing to RATE bytes per second (suffixes k, M, G, ...).
+        #[arg(short = 'r', long = "rate", allow_hyphen_values = true)]
+        rate: Option<String>,
         /// Worker threads (0: one per core).
         #[arg(short = 'm', long = "threads", default_value_t = 0)]
         threads: usize,
@@ -59,9 +81,30 @@ enum Cmd {
         #[arg(long = "allow-references", alias = "allow-backing")]
         allow_references: bool,
         /// Input image.
-        src: PathBuf,
+        #[arg(value_name = "SRC")]
+        src: Option<PathBuf>,
         /// Output image.
+        #[arg(value_name = "DST")]
         dst: Option<PathBuf>,
+    },
+    /// Create an empty image FILE of SIZE bytes (suffixes k, M, G, T, ...), like qemu-img create.
+    #[command(after_help = FORMATS_HELP)]
+    Create {
+        /// Image format (default raw).
+        #[arg(short = 'f', default_value = "raw")]
+        format: String,
+        /// Format options, key=value[,key=value...]; `-o help` lists them.
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Quiet: do not print the "Formatting" line.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Image to create (replaced if it exists).
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Guest size.
+        #[arg(value_name = "SIZE")]
+        size: Option<String>,
     },
     /// Show facts about an image.
     Info {
@@ -93,7 +136,15 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit 1 like qemu-img's, not clap's 2; --help and --version exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -111,6 +162,101 @@ fn open_options(format: Option<&str>, allow: bool) -> Result<OpenOptions> {
     Ok(o)
 }
 
+/// qemu-img's `cvtnum`: a size with an optional suffix, 0 up to i64::MAX, and its two
+/// messages.
+fn cvtnum(name: &str, arg: &str) -> Result<u64> {
+    let range = || {
+        Error::arg(format!(
+            "Invalid {name} specified. Must be between 0 and {}.",
+            i64::MAX
+        ))
+    };
+    if let Some(rest) = arg.trim_start().strip_prefix('-') {
+        return Err(if parse_size(rest).is_ok() {
+            range()
+        } else {
+            Error::arg(format!("Invalid {name} specified: '{arg}'."))
+        });
+    }
+    match parse_size(arg) {
+        Ok(v) if v > i64::MAX as u64 => Err(range()),
+        Ok(v) => Ok(v),
+        Err(_) => Err(Error::arg(format!("Invalid {name} specified: '{arg}'."))),
+    }
+}
+
+/// Largest `-S` qemu-img accepts: its 16 MiB copy buffer.
+const MAX_SPARSE_SIZE: u64 = 32768 * 512;
+
+/// `-S` as qemu-img checks it: a multiple of 512 up to 16 MiB, or 0.
+fn sparse_size_arg(arg: &str) -> Result<u64> {
+    let v = cvtnum("buffer size for sparse output", arg)?;
+    if v % 512 != 0 || v > MAX_SPARSE_SIZE {
+        return Err(Error::arg(format!(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to {MAX_SPARSE_SIZE}. Select 0 to disable sparse detection (fully allocates output)."
+        )));
+    }
+    Ok(v)
+}
+
+/// The cache modes qemu-img knows (`-t`, `-T`); anything else is its "Invalid ..." error.
+fn check_cache_mode(mode: &str, what: &str) -> Result<()> {
+    match mode {
+        "unsafe" | "writeback" | "none" | "off" | "writethrough" | "directsync" => Ok(()),
+        other => Err(Error::arg(format!("Invalid {what}: {other}"))),
+    }
+}
+
+/// qemu-img create's first line: `Formatting 'FILE', fmt=FMT` and the options in the
+/// order qemu's drivers list them, with their defaults, then any other option given.
+fn formatting_line(file: &Path, format: Format, opts: &CreateOptions) -> String {
+    let size = opts.size.to_string();
+    let order: &[(&str, Option<&str>)] = match format {
+        Format::Raw => &[("size", None), ("preallocation", None)],
+        Format::Qcow2 => &[
+            ("cluster_size", Some("65536")),
+            ("extended_l2", Some("off")),
+            ("preallocation", None),
+            ("compression_type", Some("zlib")),
+            ("size", None),
+            ("backing_file", None),
+            ("backing_fmt", None),
+            ("compat", None),
+            ("lazy_refcounts", Some("off")),
+            ("refcount_bits", Some("16")),
+        ],
+        Format::Vhd => &[("size", None), ("subformat", None), ("force_size", None)],
+        Format::Vmdk => &[
+            ("size", None),
+            ("adapter_type", None),
+            ("backing_file", None),
+            ("compat6", Some("off")),
+            ("hwversion", Some("undefined")),
+            ("toolsversion", None),
+            ("subformat", None),
+            ("zeroed_grain", None),
+        ],
+        Format::Vdi => &[("size", None), ("static", Some("off"))],
+    };
+    let mut line = format!("Formatting '{}', fmt={format}", file.display());
+    for (k, default) in order {
+        let v = if *k == "size" {
+            Some(size.as_str())
+        } else {
+            opts.str_option(k).or(*default)
+        };
+        if let Some(v) = v {
+            line += &format!(" {k}={v}");
+        }
+    }
+    for (k, v) in &opts.options {
+        if !order.iter().any(|(o, _)| o == k) {
+            line += &format!(" {k}={v}");
+        }
+    }
+    line
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Convert {
@@ -122,6 +268,10 @@ fn run(cli: Cli) -> Result<()> {
             quiet,
             sparse_size,
             cache,
+            src_cache,
+            _force_share,
+            salvage,
+            rate,
             threads,
             _unordered,
             allow_references,
@@ -136,26 +286,34 @@ fn run(cli: Cli) -> Result<()> {
             for o in &options {
                 create.parse_option_string(o)?;
             }
+            // qemu-img checks -S and -r while parsing flags, before `-o help`.
+            let min_sparse = sparse_size_arg(&sparse_size)?;
+            let rate_limit = rate.as_deref().map(|r| cvtnum("rate limit", r)).transpose()?;
             if create.options.contains_key("help") || create.options.contains_key("?") {
                 print_option_help(format);
                 return Ok(());
             }
-            let dst = dst.ok_or_else(|| Error::arg("convert needs SRC and DST"))?;
-            let min_sparse =
-                parse_size(&sparse_size).map_err(|e| Error::arg(format!("-S: {}", e.message())))?;
+            check_cache_mode(&src_cache, "source cache option")?;
+            let (Some(src), Some(dst)) = (src, dst) else {
+                return Err(Error::arg(
+                    "convert needs SRC and DST (diskconv convert --help)",
+                ));
+            };
             let mut opts = ConvertOptions::new(format);
             opts.open = open_options(src_format.as_deref(), allow_references)?;
             opts.create = create;
             opts.min_sparse = min_sparse;
             opts.threads = threads;
-            opts.sync = match cache.as_str() {
-                "unsafe" => false,
-                "writeback" | "none" | "writethrough" | "directsync" => true,
-                other => return Err(Error::arg(format!("-t: unknown cache mode '{other}'"))),
-            };
-            let tty = std::io::stderr().is_terminal();
+            opts.salvage = salvage;
+            opts.rate_limit = rate_limit.unwrap_or(0);
+            check_cache_mode(&cache, "cache option")?;
+            opts.sync = cache != "unsafe";
+            let tty = std::io::stdout().is_terminal();
             let reporter: Box<dyn Fn(u64, u64) + Sync> = if tty {
-                let bar = indicatif::ProgressBar::new(100);
+                let bar = indicatif::ProgressBar::with_draw_target(
+                    Some(100),
+                    indicatif::ProgressDrawTarget::stdout(),
+                );
                 bar.set_style(
                     indicatif::ProgressStyle::with_template(
                         "{bar:40} {percent:>3}% {elapsed_precise}",
@@ -183,16 +341,58 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 })
             };
-            if progress && !quiet {
+            let progress = progress && !quiet;
+            if progress {
                 opts.progress = Some(reporter.as_ref());
             }
             remove_temp_on_interrupt(&dst);
-            let report = diskconv::convert(&src, &dst, &opts)?;
-            if progress && !quiet && !tty {
-                eprintln!();
+            let report = diskconv::convert(&src, &dst, &opts);
+            if progress && !tty {
+                println!();
             }
-            for w in &report.warnings {
-                eprintln!("diskconv: note: {w}");
+            let report = report?;
+            // Reported even with -q, as qemu-img's --salvage warnings are: data was lost.
+            for u in &report.unreadable {
+                eprintln!(
+                    "diskconv: warning: could not read {} bytes at offset {} ({:#x}); wrote zeros: {}",
+                    u.len, u.offset, u.offset, u.error
+                );
+            }
+            if !quiet {
+                for w in &report.warnings {
+                    eprintln!("diskconv: note: {w}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Create {
+            format,
+            options,
+            quiet,
+            file,
+            size,
+        } => {
+            let format = Format::from_name(&format)?;
+            let mut create = CreateOptions::default();
+            for o in &options {
+                create.parse_option_string(o)?;
+            }
+            if create.options.contains_key("help") || create.options.contains_key("?") {
+                print_option_help(format);
+                return Ok(());
+            }
+            let file = file.ok_or_else(|| Error::arg("Expecting image file name"))?;
+            let size = size.ok_or_else(|| {
+                Error::arg("Image creation needs a size parameter").with_path(&file)
+            })?;
+            create.size = cvtnum("image size", &size)?;
+            if !quiet {
+                println!("{}", formatting_line(&file, format, &create));
+            }
+            for w in diskconv::create(&file, format, &create)? {
+                if !quiet {
+                    eprintln!("diskconv: note: {w}");
+                }
             }
             Ok(())
         }
@@ -246,8 +446,10 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// An interrupted conversion must leave nothing behind: on SIGINT/SIGTERM remove this
-/// process's temporary siblings of `dst` (named by `AtomicOutput` with our pid) and exit.
+/// An interrupted conversion must leave nothing behind: on SIGINT/SIGTERM/SIGHUP remove
+/// this process's temporary siblings of `dst` (named by `AtomicOutput` with our pid), then
+/// die of the same signal, as qemu-img does (it has no handler), so a parent sees the
+/// signal (a shell reports 130 for SIGINT, 143 for SIGTERM).
 fn remove_temp_on_interrupt(dst: &Path) {
     let dir = match dst.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -260,7 +462,7 @@ fn remove_temp_on_interrupt(dst: &Path) {
             .unwrap_or_default(),
         std::process::id()
     );
-    let _ = ctrlc::set_handler(move || {
+    on_termination_signal(move || {
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
                 if e.file_name().to_string_lossy().starts_with(&prefix) {
@@ -269,7 +471,49 @@ fn remove_temp_on_interrupt(dst: &Path) {
             }
         }
         eprintln!("\ndiskconv: interrupted; partial output removed");
-        std::process::exit(130);
+    });
+}
+
+/// Write end of the pipe the signal handler reports on (-1 until installed).
+static SIGNAL_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn note_signal(sig: libc::c_int) {
+    // Only async-signal-safe work here: one write(2); the thread below does the rest.
+    let fd = SIGNAL_PIPE.load(std::sync::atomic::Ordering::Relaxed);
+    let b = sig as u8;
+    // SAFETY: writing one byte from a valid local to a pipe fd we own.
+    unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
+}
+
+/// Run `cleanup` on a thread when SIGINT, SIGTERM or SIGHUP arrives, then terminate the
+/// process by that signal (default action restored and the signal raised again).
+fn on_termination_signal(cleanup: impl FnOnce() + Send + 'static) {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe(2) fills the two-element array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return;
+    }
+    SIGNAL_PIPE.store(fds[1], std::sync::atomic::Ordering::Relaxed);
+    let signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+    for sig in signals {
+        // SAFETY: installing a handler that only calls write(2).
+        unsafe { libc::signal(sig, note_signal as *const () as libc::sighandler_t) };
+    }
+    std::thread::spawn(move || {
+        let mut b = [0u8; 1];
+        // SAFETY: reading one byte into a valid buffer from the pipe's read end.
+        let n = unsafe { libc::read(fds[0], b.as_mut_ptr().cast(), 1) };
+        if n != 1 {
+            return;
+        }
+        let sig = libc::c_int::from(b[0]);
+        cleanup();
+        // SAFETY: restoring the default action and raising the signal ends the process.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+        std::process::exit(128 + sig);
     });
 }
 
@@ -306,14 +550,17 @@ fn inspection_human(i: &diskconv::Inspection) -> String {
     s
 }
 
-/// qemu-img's non-terminal progress line, rewritten in place.
+/// qemu-img's non-terminal progress line on stdout, rewritten in place.
 fn print_progress(done: u64, total: u64) {
+    use std::io::Write;
     let pct = if total == 0 {
         100.0
     } else {
         done as f64 * 100.0 / total as f64
     };
-    eprint!("\r    ({pct:.2}/100%)");
+    let mut out = std::io::stdout().lock();
+    let _ = write!(out, "    ({pct:.2}/100%)\r");
+    let _ = out.flush();
 }
 
 fn print_option_help(format: Format) {
