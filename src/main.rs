@@ -288,7 +288,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             // qemu-img checks -S and -r while parsing flags, before `-o help`.
             let min_sparse = sparse_size_arg(&sparse_size)?;
-            let rate_limit = rate.as_deref().map(|r| cvtnum("rate limit", r)).transpose()?;
+            let rate_limit = rate
+                .as_deref()
+                .map(|r| cvtnum("rate limit", r))
+                .transpose()?;
             if create.options.contains_key("help") || create.options.contains_key("?") {
                 print_option_help(format);
                 return Ok(());
@@ -578,8 +581,32 @@ fn actual_size(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The file's length as qemu's file driver reports it: rounded up to whole sectors.
+fn file_length(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .map(|m| m.len().next_multiple_of(512))
+        .unwrap_or(0)
+}
+
+/// qemu's `full-backing-filename`: the backing name joined to the image's folder as
+/// given on the command line (not canonicalized), absolute names unchanged.
+fn full_backing_filename(image: &Path, backing: &str) -> String {
+    let b = Path::new(backing);
+    match image.parent() {
+        Some(dir) if !b.is_absolute() && !dir.as_os_str().is_empty() => {
+            dir.join(b).display().to_string()
+        }
+        _ => backing.to_string(),
+    }
+}
+
+/// Format-specific keys kept out of the human output: qemu-img 10 prints no such lines
+/// (its vmdk driver has no adapter type or hardware version), so scripts that diff the
+/// two outputs would trip on them. `--output=json` keeps them.
+const JSON_ONLY_KEYS: &[&str] = &["adapter-type", "hwversion"];
+
 fn info_json(path: &Path, info: &ImageInfo) -> serde_json::Value {
-    let file_len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let file_len = file_length(path);
     let child = serde_json::json!({
         "children": [],
         "virtual-size": file_len,
@@ -600,14 +627,18 @@ fn info_json(path: &Path, info: &ImageInfo) -> serde_json::Value {
     }
     m.insert("format".into(), info.format.clone().into());
     m.insert("actual-size".into(), actual_size(path).into());
-    if let Some(b) = &info.backing_file {
-        m.insert("backing-filename".into(), b.clone().into());
-    }
     if let Some(b) = &info.backing_format {
         m.insert("backing-filename-format".into(), b.clone().into());
     }
     if let Some(fs) = &info.format_specific {
         m.insert("format-specific".into(), fs.clone());
+    }
+    if let Some(b) = &info.backing_file {
+        m.insert(
+            "full-backing-filename".into(),
+            full_backing_filename(path, b).into(),
+        );
+        m.insert("backing-filename".into(), b.clone().into());
     }
     m.insert("dirty-flag".into(), info.dirty.unwrap_or(false).into());
     v
@@ -650,7 +681,12 @@ fn info_human(path: &Path, info: &ImageInfo) -> String {
         s += &format!("cluster_size: {c}\n");
     }
     if let Some(b) = &info.backing_file {
-        s += &format!("backing file: {b}\n");
+        let full = full_backing_filename(path, b);
+        if full == *b {
+            s += &format!("backing file: {b}\n");
+        } else {
+            s += &format!("backing file: {b} (actual path: {full})\n");
+        }
     }
     if let Some(b) = &info.backing_format {
         s += &format!("backing file format: {b}\n");
@@ -659,10 +695,14 @@ fn info_human(path: &Path, info: &ImageInfo) -> String {
         s += "dirty flag: true\n";
     }
     if let Some(data) = info.format_specific.as_ref().and_then(|f| f.get("data")) {
+        let mut data = data.clone();
+        if let Some(m) = data.as_object_mut() {
+            m.retain(|k, _| !JSON_ONLY_KEYS.contains(&k.as_str()));
+        }
         s += "Format specific information:\n";
-        human_value(&mut s, data, 1);
+        human_value(&mut s, &data, 1);
     }
-    let file_len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let file_len = file_length(path);
     s += &format!(
         "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({file_len} bytes)\n    disk size: {}\n",
         path.display(),

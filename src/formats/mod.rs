@@ -484,10 +484,9 @@ pub fn create_writer(
     opts.check_known(format)?;
     // qemu-img's check, per driver: only qcow2 and vmdk take compressed writes.
     if opts.compress && !matches!(format, Format::Qcow2 | Format::Vmdk) {
-        return Err(Error::unsupported(
-            "Compression not supported for this file format",
-        )
-        .with_path(path));
+        return Err(
+            Error::unsupported("Compression not supported for this file format").with_path(path),
+        );
     }
     let w = match format {
         Format::Raw => raw::create_writer(file, opts),

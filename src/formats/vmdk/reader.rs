@@ -442,8 +442,14 @@ fn read_u32s(file: &HostFile, off: u64, n: u64, what: &str) -> Result<Vec<u32>> 
 #[derive(Debug)]
 enum ExtentData {
     Sparse(SparseExtent),
-    Flat { file: Arc<HostFile>, offset: u64 },
+    Flat {
+        file: Arc<HostFile>,
+        offset: u64,
+    },
     Zero,
+    /// Described from the descriptor only: opened for `info` (no backing) while the
+    /// reference gate refuses the extent's file. Mapping or reading it is an error.
+    Unopened(String),
 }
 
 #[derive(Debug)]
@@ -672,6 +678,25 @@ fn open_descriptor(
         let open_file = || -> Result<Arc<HostFile>> {
             Ok(Arc::new(opts.open_reference_file(image, &name, &field)?))
         };
+        if opts.no_backing && !matches!(e.kind, ExtentType::Zero | ExtentType::Other(_)) {
+            // `info` describes extents like qemu-img info even when their files may not be
+            // opened: name, type and the descriptor's size.
+            if let Err(err) = opts.resolve_reference(image, &name, &field) {
+                if err.kind() == crate::ErrorKind::UnsafeReference && e.access != Access::NoAccess {
+                    extents.push(Extent {
+                        start,
+                        size: declared,
+                        data: ExtentData::Unopened(err.to_string()),
+                        in_main: false,
+                        info: extent_info(&name, e.kind.name(), declared, None, false),
+                    });
+                    start = start
+                        .checked_add(declared)
+                        .ok_or_else(|| Error::limit("total extent size overflows 64 bits"))?;
+                    continue;
+                }
+            }
+        }
         let (size, data, info) = match (&e.kind, e.access) {
             (_, Access::NoAccess) | (ExtentType::Zero, _) => (
                 declared,
@@ -900,6 +925,7 @@ impl VmdkImage {
                 }
             }
             ExtentData::Sparse(s) => s.map(rel, max, e.in_main),
+            ExtentData::Unopened(why) => Err(Error::unsafe_ref(why.clone())),
         }
     }
 }
@@ -953,6 +979,7 @@ impl VmdkImage {
                     part[avail..].fill(0);
                 }
                 ExtentData::Sparse(s) => s.read(part, rel)?,
+                ExtentData::Unopened(why) => return Err(Error::unsafe_ref(why.clone())),
             }
             done += n;
         }
