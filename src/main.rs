@@ -11,6 +11,9 @@ use diskconv::{ConvertOptions, CreateOptions, Error, Format, ImageInfo, OpenOpti
 /// qemu-img's names, listed in `--help` so users need not guess (`vhd` is accepted for `vpc`).
 const FORMATS_HELP: &str = "Supported formats: raw qcow2 vpc (alias vhd) vmdk vdi";
 
+/// `convert --help`'s description of its two files, which clap cannot list as required.
+const CONVERT_ARGS_HELP: &str = "Arguments:\n  SRC  Input image\n  DST  Output image\n\nSupported formats: raw qcow2 vpc (alias vhd) vmdk vdi";
+
 #[derive(Parser)]
 #[command(
     name = "diskconv",
@@ -28,7 +31,8 @@ enum Cmd {
     /// Convert SRC into a new image DST of format -O.
     #[command(
         override_usage = "diskconv convert [OPTIONS] SRC DST\n       diskconv convert -O FMT -o help",
-        after_help = FORMATS_HELP
+        after_help = CONVERT_ARGS_HELP,
+        args_override_self = true
     )]
     Convert {
         /// Input format (never probed when given).
@@ -80,15 +84,21 @@ enum Cmd {
         /// confined to its folder.
         #[arg(long = "allow-references", alias = "allow-backing")]
         allow_references: bool,
+        // Both required except with `-o help`, which qemu-img also runs without files;
+        // hidden because clap would list optional positionals as [SRC] [DST].
         /// Input image.
-        #[arg(value_name = "SRC")]
+        #[arg(value_name = "SRC", hide = true)]
         src: Option<PathBuf>,
         /// Output image.
-        #[arg(value_name = "DST")]
+        #[arg(value_name = "DST", hide = true)]
         dst: Option<PathBuf>,
     },
     /// Create an empty image FILE of SIZE bytes (suffixes k, M, G, T, ...), like qemu-img create.
-    #[command(after_help = FORMATS_HELP)]
+    #[command(
+        override_usage = "diskconv create [-f FMT] [-o OPTIONS] [-q] FILE SIZE",
+        after_help = FORMATS_HELP,
+        args_override_self = true
+    )]
     Create {
         /// Image format (default raw).
         #[arg(short = 'f', default_value = "raw")]
@@ -100,10 +110,10 @@ enum Cmd {
         #[arg(short = 'q')]
         quiet: bool,
         /// Image to create (replaced if it exists).
-        #[arg(value_name = "FILE")]
+        #[arg(value_name = "FILE", hide = true)]
         file: Option<PathBuf>,
         /// Guest size.
-        #[arg(value_name = "SIZE")]
+        #[arg(value_name = "SIZE", hide = true)]
         size: Option<String>,
     },
     /// Show facts about an image.
@@ -241,9 +251,11 @@ fn formatting_line(file: &Path, format: Format, opts: &CreateOptions) -> String 
     let mut line = format!("Formatting '{}', fmt={format}", file.display());
     for (k, default) in order {
         let v = if *k == "size" {
-            Some(size.as_str())
+            Some(size.clone())
         } else {
-            opts.str_option(k).or(*default)
+            opts.str_option(k)
+                .map(|v| option_shown(format, k, v))
+                .or(default.map(str::to_string))
         };
         if let Some(v) = v {
             line += &format!(" {k}={v}");
@@ -251,10 +263,25 @@ fn formatting_line(file: &Path, format: Format, opts: &CreateOptions) -> String 
     }
     for (k, v) in &opts.options {
         if !order.iter().any(|(o, _)| o == k) {
-            line += &format!(" {k}={v}");
+            line += &format!(" {k}={}", option_shown(format, k, v));
         }
     }
     line
+}
+
+/// An option value as qemu prints it: sizes in bytes, booleans as on/off.
+fn option_shown(format: Format, key: &str, v: &str) -> String {
+    let kind = format
+        .create_options()
+        .iter()
+        .find(|o| o.name == key)
+        .map(|o| o.kind);
+    match kind {
+        Some("size") => parse_size(v).map_or(v.to_string(), |n| n.to_string()),
+        Some("bool") => diskconv::formats::parse_bool(key, v)
+            .map_or(v.to_string(), |b| if b { "on" } else { "off" }.to_string()),
+        _ => v.to_string(),
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {
