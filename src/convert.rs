@@ -589,11 +589,14 @@ mod tests {
         }
     }
 
+    /// Every (offset, data) a writer received, in order.
+    type Writes = Vec<(u64, Vec<u8>)>;
+
     /// Records every write.
     struct Rec {
         gran: u64,
         size: u64,
-        writes: Arc<Mutex<Vec<(u64, Vec<u8>)>>>,
+        writes: Arc<Mutex<Writes>>,
     }
 
     impl ImageWriter for Rec {
@@ -612,11 +615,7 @@ mod tests {
         }
     }
 
-    fn run(
-        src: &Mem,
-        gran: u64,
-        opts: &ConvertOptions,
-    ) -> Result<(Vec<(u64, Vec<u8>)>, ConvertReport)> {
+    fn run(src: &Mem, gran: u64, opts: &ConvertOptions) -> Result<(Writes, ConvertReport)> {
         let writes = Arc::new(Mutex::new(Vec::new()));
         let w = Rec {
             gran,
