@@ -80,11 +80,14 @@ fn large_sparse_sizes_keep_source_holes_as_holes() {
         (Format::Raw, ""),
         (Format::Qcow2, ""),
         (Format::Vdi, "static=on"),
+        (Format::Vdi, ""),
         (Format::Vhd, "subformat=fixed"),
+        (Format::Vhd, ""),
+        (Format::Vmdk, ""),
     ] {
         for sz in ["4k", "64k", "1M", "16M"] {
-            let ours = dir.path().join(format!("d{sz}.{}", fmt.name()));
-            let theirs = dir.path().join(format!("q{sz}.{}", fmt.name()));
+            let ours = dir.path().join(format!("d{sz}{opts}.{}", fmt.name()));
+            let theirs = dir.path().join(format!("q{sz}{opts}.{}", fmt.name()));
             let mut a = vec!["convert", "-O", fmt.name(), "-S", sz];
             if !opts.is_empty() {
                 a.extend(["-o", opts]);

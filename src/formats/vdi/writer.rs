@@ -98,7 +98,7 @@ impl ImageWriter for VdiWriter {
         };
         if self.header.image_type == ImageType::Static {
             let host = u64::from(self.header.offset_data) + offset;
-            write_all_at(&self.file, data, host, "VDI data")?;
+            write_nonzero_at(&self.file, data, host)?;
             self.next = end.next_multiple_of(gran);
             return Ok(());
         }
@@ -114,7 +114,7 @@ impl ImageWriter for VdiWriter {
         }
         self.header.blocks_allocated += count as u32;
         let host = u64::from(self.header.offset_data) + host_block * bs;
-        write_all_at(&self.file, data, host, "VDI data blocks")?;
+        write_nonzero_at(&self.file, data, host)?;
         // A partial last block closes the block: nothing may be written into it later.
         self.next = end.next_multiple_of(bs);
         Ok(())
@@ -149,6 +149,32 @@ impl ImageWriter for VdiWriter {
             .map_err(|e| Error::io("setting VDI file length", e))?;
         Ok(())
     }
+}
+
+/// Write `data` at `host`, skipping all-zero 4 KiB pieces: the file region is new (its
+/// length is only set by `finish`), so what is skipped stays a hole and reads as zeros.
+/// A block with 4 KiB of data then costs 4 KiB on disk, not the whole 1 MiB block.
+fn write_nonzero_at(file: &File, data: &[u8], host: u64) -> Result<()> {
+    const PIECE: usize = 4096;
+    let mut run: Option<usize> = None;
+    let mut at = 0usize;
+    while at < data.len() {
+        let end = (at + PIECE).min(data.len());
+        let zero = data[at..end].iter().all(|&b| b == 0);
+        match (zero, run) {
+            (false, None) => run = Some(at),
+            (true, Some(start)) => {
+                write_all_at(file, &data[start..at], host + start as u64, "VDI data")?;
+                run = None;
+            }
+            _ => {}
+        }
+        at = end;
+    }
+    if let Some(start) = run {
+        write_all_at(file, &data[start..], host + start as u64, "VDI data")?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -229,6 +255,36 @@ mod tests {
         w.write(1024, &[1; 512]).unwrap();
         assert!(w.write(512, &[1; 512]).is_err());
         assert!(w.write(1600, &[1; 512]).is_err());
+    }
+
+    #[test]
+    fn dynamic_blocks_cost_only_their_nonzero_pieces() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.vdi");
+        let mib = 1u64 << 20;
+        let mut block = vec![0u8; mib as usize];
+        block[8192..12288].fill(3);
+        block[mib as usize - 1] = 4;
+        write_image(
+            &p,
+            8 * mib,
+            false,
+            &[(2 * mib, block.clone()), (5 * mib, block)],
+        );
+        let blocks = std::fs::metadata(&p).unwrap().blocks() * 512;
+        assert!(
+            blocks < 256 << 10,
+            "{blocks} bytes allocated for 16 KiB of data"
+        );
+        let img = super::super::reader::VdiImage::open(HostFile::open(&p).unwrap()).unwrap();
+        assert_eq!(img.header().blocks_allocated, 2);
+        let mut b = vec![9u8; mib as usize];
+        img.read_at(&mut b, 5 * mib).unwrap();
+        assert!(b[..8192].iter().all(|&x| x == 0));
+        assert!(b[8192..12288].iter().all(|&x| x == 3));
+        assert!(b[12288..mib as usize - 1].iter().all(|&x| x == 0));
+        assert_eq!(b[mib as usize - 1], 4);
     }
 
     #[test]
