@@ -117,6 +117,7 @@ enum Cmd {
         size: Option<String>,
     },
     /// Show facts about an image.
+    #[command(args_override_self = true)]
     Info {
         /// Image format (never probed when given).
         #[arg(short = 'f')]
@@ -127,6 +128,9 @@ enum Cmd {
         /// Allow opening files named inside the image, confined to its folder.
         #[arg(long = "allow-references", alias = "allow-backing")]
         allow_references: bool,
+        /// Accepted for qemu-img compatibility: the image is opened read-only and never locked.
+        #[arg(short = 'U', long = "force-share")]
+        _force_share: bool,
         /// Image.
         image: PathBuf,
     },
@@ -430,6 +434,7 @@ fn run(cli: Cli) -> Result<()> {
             format,
             output,
             allow_references,
+            _force_share,
             image,
         } => {
             // Like qemu-img info: backing and parent images are named, never opened.

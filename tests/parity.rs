@@ -756,6 +756,8 @@ fn info_describes_vmdk_extents_without_opening_them() {
         if matches!(sub, "monolithicSparse" | "streamOptimized") {
             assert_eq!(h, text(&qemu(&["info", s(&img)]).stdout), "{sub}");
         }
+        // -U is accepted as qemu-img info accepts it.
+        ok(&dc(&["info", "-U", "--force-share", s(&img)]));
         // json keeps them.
         assert_eq!(ours["format-specific"]["data"]["adapter-type"], "ide");
         // Converting still needs the opt-in for the extents.
