@@ -2,10 +2,13 @@
 //!
 //! Shape: a dispatcher walks the source's map and cuts the data ranges into work units
 //! (1 MiB, or one writer granule when larger); a pool of workers reads each unit, drops
-//! all-zero granules and runs the writer's encoder (compression); the calling thread puts
-//! results back in ascending order and hands them to the writer. Zero and unallocated
-//! ranges are never read. A fixed number of units is in flight at once, so memory stays
-//! bounded whatever the image size.
+//! all-zero blocks (`-S`) and runs the writer's encoder (compression); the calling thread
+//! puts results back in ascending order and hands them to the writer. Zero and
+//! unallocated ranges are never read, and never written: only granules that overlap a
+//! data range reach the writer, whatever `-S` is (except `-S 0`, which writes everything).
+//! A fixed number of units is in flight at once, so memory stays bounded whatever the
+//! image size. With `salvage`, ranges that cannot be read become zeros and are reported;
+//! with a rate limit, the writer side sleeps between units.
 
 use std::collections::BTreeMap;
 use std::path::Path;
