@@ -385,7 +385,8 @@ fn run(cli: Cli) -> Result<()> {
                 println!();
             }
             let report = report?;
-            // Reported even with -q, as qemu-img's --salvage warnings are: data was lost.
+            // Printed even with -q (where qemu-img hides its --salvage warnings): they say
+            // which guest bytes were lost, and a quiet script still needs to know.
             for u in &report.unreadable {
                 eprintln!(
                     "diskconv: warning: could not read {} bytes at offset {} ({:#x}); wrote zeros: {}",
