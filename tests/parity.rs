@@ -550,6 +550,23 @@ fn salvage_writes_zeros_for_unreadable_ranges_like_qemu() {
         "{e}"
     );
     assert_eq!(e.lines().count(), 1, "one line per range: {e}");
+    // Still reported with -q: the lines say which guest bytes were lost.
+    let quiet = dir.path().join("quiet.raw");
+    let o = dc(&[
+        "convert",
+        "-q",
+        "--salvage",
+        "-O",
+        "raw",
+        s(&img),
+        s(&quiet),
+    ]);
+    ok(&o);
+    assert!(
+        text(&o.stderr).contains("wrote zeros"),
+        "{}",
+        text(&o.stderr)
+    );
     ok(&qemu(&[
         "convert",
         "--salvage",
