@@ -657,10 +657,20 @@ fn delta_disk_reads_through_its_parent_only_when_allowed() {
     assert_eq!(sha256_device(dev.as_ref()), sha256_file(&want));
     // A parent whose CID does not match is refused, as qemu does.
     let mut b = std::fs::read(&child).unwrap();
+    // qemu writes the id without leading zeros: change each digit, keep the length.
     let at = b.windows(10).position(|w| w == b"parentCID=").unwrap() + 10;
-    b[at..at + 8].copy_from_slice(b"12345678");
+    let end = at + b[at..].iter().position(|&c| c == b'\n').unwrap();
+    for c in &mut b[at..end] {
+        *c = if *c == b'1' { b'2' } else { b'1' };
+    }
     std::fs::write(&child, &b).unwrap();
     assert_eq!(err(open_refs(&child)).field(), Some("parentCID"));
+    // A parentCID that no longer parses (here: its line run into the next) is an error
+    // too, never a delta disk read without its parent.
+    b[end] = b' ';
+    std::fs::write(&child, &b).unwrap();
+    let e = err(open_refs(&child));
+    assert!(e.message().contains("names a parent"), "{e}");
 }
 
 proptest! {

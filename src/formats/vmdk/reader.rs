@@ -584,6 +584,15 @@ fn read_embedded_descriptor(file: &HostFile, h: &SparseHeader) -> Result<Option<
     Descriptor::parse(&raw).map(Some)
 }
 
+/// Whether the embedded descriptor's text mentions a parent file at all.
+fn embedded_descriptor_names_parent(file: &HostFile, h: &SparseHeader) -> bool {
+    let len = h.desc_size.saturating_mul(SECTOR).min(MAX_DESCRIPTOR_BYTES);
+    h.desc_offset
+        .checked_mul(SECTOR)
+        .and_then(|off| file.read_vec(off, len, "embedded descriptor").ok())
+        .is_some_and(|raw| raw.windows(18).any(|w| w == b"parentFileNameHint"))
+}
+
 /// Open a VMDK image.
 pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
     let file = Arc::new(file);
@@ -609,7 +618,20 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
                 return open_descriptor(&path, d, opts);
             }
         }
-        let desc = read_embedded_descriptor(&file, &h).unwrap_or(None);
+        // A descriptor we cannot parse is ignored (the grains are all in this file),
+        // unless it names a parent: reading a delta disk without its parent would give
+        // the parent's ranges as zeros, silently.
+        let desc = match read_embedded_descriptor(&file, &h) {
+            Ok(d) => d,
+            Err(e) if embedded_descriptor_names_parent(&file, &h) => {
+                return Err(Error::corrupt(format!(
+                    "the embedded descriptor names a parent image but cannot be read: {}",
+                    e.message()
+                ))
+                .with_field(e.field().unwrap_or("descriptor").to_string()))
+            }
+            Err(_) => None,
+        };
         let sparse = SparseExtent::from_kdmv(file.clone(), &h)?;
         let create_type = if sparse.compressed {
             "streamOptimized".to_string()
