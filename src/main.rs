@@ -599,10 +599,18 @@ fn print_progress(done: u64, total: u64) {
     let _ = out.flush();
 }
 
+/// `-o help` in qemu-img's layout: `  name=<type>` padded to 22 columns, ` - `, the help.
 fn print_option_help(format: Format) {
-    println!("Supported options for {format}:");
+    println!("Supported {format} options:");
     for o in format.create_options() {
-        println!("  {:<24} <{}>  {}", o.name, o.kind, o.help);
+        let kind = match o.kind {
+            "string" => "str",
+            "number" => "num",
+            "bool" => "bool (on/off)",
+            k => k,
+        };
+        let left = format!("{}=<{kind}>", o.name);
+        println!("  {left:<22} - {}", o.help);
     }
 }
 
