@@ -201,6 +201,10 @@ pub fn convert_device(
     let in_flight = threads * 2 + 2;
     let unreadable: Unreadable = std::sync::Mutex::new(Vec::new());
     let mut limiter = RateLimiter::new(opts.rate_limit);
+    // Like qemu-img, progress starts with a 0% report.
+    if let Some(p) = opts.progress {
+        p(0, size);
+    }
 
     let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(in_flight);
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Result<Done>>();

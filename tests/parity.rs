@@ -385,6 +385,7 @@ fn progress_goes_to_stdout_and_quiet_silences_it() {
     let o = dc(&["convert", "-p", "-O", "raw", s(&src), s(&dst)]);
     ok(&o);
     let out = text(&o.stdout);
+    assert!(out.starts_with("    (0.00/100%)\r"), "{out:?}");
     assert!(out.contains("    (100.00/100%)\r"), "{out:?}");
     assert_eq!(text(&o.stderr), "");
     if have_qemu() {
