@@ -807,16 +807,24 @@ fn info_prints_full_backing_filename_like_qemu() {
     std::fs::create_dir(dir.path().join("sub")).unwrap();
     let base = dir.path().join("base.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        s(&dir.path().join("base.vmdk")),
+        "1M",
+    ]);
     let abs = s(&base).to_string();
-    for (over, backing) in [
-        ("top.qcow2", "base.qcow2"),
-        ("sub/top.qcow2", "../base.qcow2"),
-        ("abs.qcow2", abs.as_str()),
+    for (over, backing, fmt) in [
+        ("top.qcow2", "base.qcow2", "qcow2"),
+        ("sub/top.qcow2", "../base.qcow2", "qcow2"),
+        ("abs.qcow2", abs.as_str(), "qcow2"),
+        // A vmdk delta disk names its parent the same way.
+        ("sub/delta.vmdk", "../base.vmdk", "vmdk"),
     ] {
         let o = Command::new("qemu-img")
-            .args([
-                "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing, over,
-            ])
+            .args(["create", "-q", "-f", fmt, "-F", fmt, "-b", backing, over])
             .current_dir(dir.path())
             .output()
             .unwrap();
