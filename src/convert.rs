@@ -2,10 +2,13 @@
 //!
 //! Shape: a dispatcher walks the source's map and cuts the data ranges into work units
 //! (1 MiB, or one writer granule when larger); a pool of workers reads each unit, drops
-//! all-zero granules and runs the writer's encoder (compression); the calling thread puts
-//! results back in ascending order and hands them to the writer. Zero and unallocated
-//! ranges are never read. A fixed number of units is in flight at once, so memory stays
-//! bounded whatever the image size.
+//! all-zero blocks (`-S`) and runs the writer's encoder (compression); the calling thread
+//! puts results back in ascending order and hands them to the writer. Zero and
+//! unallocated ranges are never read, and never written: only granules that overlap a
+//! data range reach the writer, whatever `-S` is (except `-S 0`, which writes everything).
+//! A fixed number of units is in flight at once, so memory stays bounded whatever the
+//! image size. With `salvage`, ranges that cannot be read become zeros and are reported;
+//! with a rate limit, the writer side sleeps between units.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,8 +30,11 @@ pub struct ConvertOptions<'a> {
     pub format: Format,
     /// Output options; `size` 0 means "the source's virtual size".
     pub create: CreateOptions,
-    /// Zero detection granularity (qemu-img's `-S`): aligned all-zero runs this long are
-    /// left unallocated. 0 writes everything, giving a fully allocated output.
+    /// Zero detection granularity (qemu-img's `-S`): aligned all-zero runs this long
+    /// inside the source's data ranges are left unallocated (checked in blocks of at most
+    /// 1 MiB, rounded up to the writer's granule). Zero and unallocated source ranges are
+    /// never written whatever its value, except 0, which writes everything and gives a
+    /// fully allocated output.
     pub min_sparse: u64,
     /// Worker threads; 0 means one per core.
     pub threads: usize,
@@ -42,6 +48,11 @@ pub struct ConvertOptions<'a> {
     /// With `existing_target`: the destination already reads as zeros, so ranges that
     /// are zero in the source are not written (qemu-img's `--target-is-zero`).
     pub target_is_zero: bool,
+    /// Keep going past source ranges that cannot be read (qemu-img's `--salvage`): they
+    /// are written as zeros and listed in [`ConvertReport::unreadable`].
+    pub salvage: bool,
+    /// Limit on guest bytes written per second (qemu-img's `-r`); 0 means no limit.
+    pub rate_limit: u64,
 }
 
 impl<'a> ConvertOptions<'a> {
@@ -57,6 +68,8 @@ impl<'a> ConvertOptions<'a> {
             sync: false,
             existing_target: false,
             target_is_zero: false,
+            salvage: false,
+            rate_limit: 0,
         }
     }
 }
@@ -68,7 +81,30 @@ pub struct ConvertReport {
     pub virtual_size: u64,
     /// Notes from the writer (sizes rounded up, ...).
     pub warnings: Vec<String>,
+    /// With [`ConvertOptions::salvage`]: the source ranges that could not be read or
+    /// mapped and were written as zeros, ascending and coalesced.
+    pub unreadable: Vec<UnreadableRange>,
 }
+
+/// A source range `--salvage` replaced with zeros.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreadableRange {
+    /// Guest offset of the first byte.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// The first error met in the range.
+    pub error: String,
+}
+
+/// Sectors are the smallest unit `--salvage` retries and gives up on, as in qemu-img.
+const SALVAGE_SECTOR: u64 = 512;
+/// Reads that fail are retried in pieces this long before going down to sectors, so a
+/// few bad sectors inside a 1 MiB unit cost a few dozen reads, not two thousand.
+const SALVAGE_STEP: u64 = 64 << 10;
+
+/// Ranges recorded by the dispatcher and the workers, coalesced at the end.
+type Unreadable = std::sync::Mutex<Vec<UnreadableRange>>;
 
 /// Size of a work unit when the writer's granule is smaller.
 const UNIT: u64 = 1 << 20;
@@ -182,6 +218,17 @@ struct Done {
     runs: Vec<(usize, usize, Option<Vec<u8>>)>,
 }
 
+/// How the workers treat a unit: fixed for one conversion.
+#[derive(Clone, Copy)]
+struct Plan {
+    gran: u64,
+    /// Zero detection block (a multiple of `gran`), 0 with `write_all`.
+    zero_block: u64,
+    /// `-S 0`: every granule is written, zero or not, mapped or not.
+    write_all: bool,
+    salvage: bool,
+}
+
 /// Stream `src` into `writer` and finish it.
 pub fn convert_device(
     src: &dyn BlockDevice,
@@ -196,11 +243,19 @@ pub fn convert_device(
         )));
     }
     let unit = UNIT.max(gran);
-    // Zero detection block: whole granules, at least -S bytes.
-    let zero_block = if opts.min_sparse == 0 {
+    let write_all = opts.min_sparse == 0;
+    // Zero detection block: whole granules, at least -S bytes, at most one unit (a
+    // larger -S only leaves fewer, longer zero runs inside data; never writes more).
+    let zero_block = if write_all {
         0
     } else {
-        opts.min_sparse.div_ceil(gran).max(1) * gran
+        (opts.min_sparse.div_ceil(gran).max(1) * gran).min(unit)
+    };
+    let plan = Plan {
+        gran,
+        zero_block,
+        write_all,
+        salvage: opts.salvage,
     };
     let encoder = writer.encoder();
     let threads = match opts.threads {
@@ -211,6 +266,12 @@ pub fn convert_device(
     }
     .clamp(1, 64);
     let in_flight = threads * 2 + 2;
+    let unreadable: Unreadable = std::sync::Mutex::new(Vec::new());
+    let mut limiter = RateLimiter::new(opts.rate_limit);
+    // Like qemu-img, progress starts with a 0% report.
+    if let Some(p) = opts.progress {
+        p(0, size);
+    }
 
     let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(in_flight);
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Result<Done>>();
@@ -218,7 +279,6 @@ pub fn convert_device(
     for _ in 0..in_flight {
         token_tx.send(()).expect("fresh channel has room");
     }
-    let write_all = opts.min_sparse == 0;
     // Unit buffers go back to the workers once written: fresh 1 MiB allocations cost page
     // faults and TLB shootdowns on every unit. At most `in_flight` buffers ever exist.
     let (pool_tx, pool_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
@@ -226,8 +286,9 @@ pub fn convert_device(
     std::thread::scope(|s| -> Result<()> {
         // Dispatcher: walk the map, cut into units, wait for a free slot per unit.
         let done_tx_d = done_tx.clone();
+        let unreadable_d = &unreadable;
         s.spawn(move || {
-            let r = dispatch(src, size, unit, write_all, |job| {
+            let r = dispatch(src, size, unit, plan, unreadable_d, |job| {
                 token_rx.recv().is_ok() && job_tx.send(job).is_ok()
             });
             if let Err(e) = r {
@@ -240,18 +301,11 @@ pub fn convert_device(
             let done_tx = done_tx.clone();
             let encoder = encoder.clone();
             let pool_rx = pool_rx.clone();
+            let unreadable = &unreadable;
             s.spawn(move || {
                 for job in job_rx.iter() {
                     let buf = pool_rx.try_recv().unwrap_or_default();
-                    let r = work(
-                        src,
-                        job,
-                        buf,
-                        gran,
-                        zero_block,
-                        write_all,
-                        encoder.as_deref(),
-                    );
+                    let r = work(src, job, buf, plan, encoder.as_deref(), unreadable);
                     let failed = r.is_err();
                     if done_tx.send(r).is_err() || failed {
                         break;
@@ -270,12 +324,14 @@ pub fn convert_device(
                 let d = r?;
                 pending.insert(d.seq, d);
                 while let Some(d) = pending.remove(&next) {
+                    let mut written = 0u64;
                     for (a, b, enc) in d.runs {
                         let off = d.start + a as u64;
                         match enc {
                             Some(e) => writer.write_encoded(off, &d.buf[a..b], e)?,
                             None => writer.write(off, &d.buf[a..b])?,
                         }
+                        written += (b - a) as u64;
                     }
                     let _ = pool_tx.send(d.buf);
                     if let Some(p) = opts.progress {
@@ -283,6 +339,7 @@ pub fn convert_device(
                     }
                     next += 1;
                     let _ = token_tx.send(());
+                    limiter.wrote(written);
                 }
             }
             Ok(())
@@ -295,6 +352,7 @@ pub fn convert_device(
     let report = ConvertReport {
         virtual_size: writer.virtual_size(),
         warnings: writer.warnings(),
+        unreadable: coalesce(unreadable.into_inner().unwrap_or_else(|e| e.into_inner())),
     };
     writer.finish()?;
     if let Some(p) = opts.progress {
@@ -303,29 +361,43 @@ pub fn convert_device(
     Ok(report)
 }
 
-/// Walk `src`'s map over `[0, size)` and hand each unit that holds data (every unit when
+/// Walk `src`'s map over `[0, size)` and hand each unit that holds data (every unit with
 /// `write_all`) to `send`, in ascending order. `send` returns false to stop.
 fn dispatch(
     src: &dyn BlockDevice,
     size: u64,
     unit: u64,
-    write_all: bool,
+    plan: Plan,
+    unreadable: &Unreadable,
     mut send: impl FnMut(Job) -> bool,
 ) -> Result<()> {
     let mut seq = 0u64;
     let mut cur: Option<Job> = None;
     let mut off = 0u64;
     while off < size {
-        let m = src.map(off, size - off)?;
-        if m.offset != off || m.len == 0 {
-            return Err(Error::corrupt(format!(
-                "map at guest offset {off:#x} returned the range {:#x}+{:#x}",
-                m.offset, m.len
-            )));
-        }
-        let end = off + m.len.min(size - off);
-        let is_data = matches!(m.kind, MappingKind::Data { .. });
-        if !is_data && !write_all {
+        let (end, is_data) = match src.map(off, size - off) {
+            Ok(m) => {
+                if m.offset != off || m.len == 0 {
+                    return Err(Error::corrupt(format!(
+                        "map at guest offset {off:#x} returned the range {:#x}+{:#x}",
+                        m.offset, m.len
+                    )));
+                }
+                (
+                    off + m.len.min(size - off),
+                    matches!(m.kind, MappingKind::Data { .. }),
+                )
+            }
+            // Like qemu-img --salvage: a sector whose status is unknown is read as data
+            // (the read may still succeed; if not, the worker records it).
+            Err(e) if plan.salvage => {
+                let end = (off / SALVAGE_SECTOR + 1) * SALVAGE_SECTOR;
+                record(unreadable, off, end.min(size) - off, &e);
+                (end.min(size), true)
+            }
+            Err(e) => return Err(e),
+        };
+        if !is_data && !plan.write_all {
             off = end;
             continue;
         }
@@ -360,21 +432,23 @@ fn dispatch(
 }
 
 /// Read a unit's data, find the granules to write and encode them.
+///
+/// Only granules that overlap a data range of the source are ever written (all of them
+/// with `write_all`); of those, a zero-detection block whose bytes are all zero is
+/// dropped whole. So a hole of the source stays a hole whatever `-S` is, and `-S` only
+/// decides which zero runs inside data are dropped.
 fn work(
     src: &dyn BlockDevice,
     job: Job,
     mut buf: Vec<u8>,
-    gran: u64,
-    zero_block: u64,
-    write_all: bool,
+    plan: Plan,
     encoder: Option<&dyn Encoder>,
+    unreadable: &Unreadable,
 ) -> Result<Done> {
     let len = (job.end - job.start) as usize;
     buf.resize(len, 0);
-    // Which zero blocks hold mapped data (only those can be non-zero).
-    let block = if write_all { gran } else { zero_block };
-    let nblocks = len.div_ceil(block as usize);
-    let mut wanted = vec![write_all; nblocks];
+    let gran = plan.gran as usize;
+    let mut has_data = vec![plan.write_all; len.div_ceil(gran)];
     // A reused buffer holds old bytes: zero what no data read overwrites.
     let mut filled = 0usize;
     for &(off, plen, is_data) in &job.pieces {
@@ -383,26 +457,31 @@ fn work(
         if is_data {
             buf[filled..a].fill(0);
             filled = b;
-            src.read_at(&mut buf[a..b], off)?;
-            for w in &mut wanted[a / block as usize..b.div_ceil(block as usize)] {
+            read_range(src, &mut buf[a..b], off, plan.salvage, unreadable)?;
+            for w in &mut has_data[a / gran..b.div_ceil(gran)] {
                 *w = true;
             }
         }
     }
     buf[filled..].fill(0);
     let mut runs: Vec<(usize, usize, Option<Vec<u8>>)> = Vec::new();
-    for (i, want) in wanted.iter().enumerate() {
-        if !want {
-            continue;
-        }
-        let a = i * block as usize;
-        let b = (a + block as usize).min(len);
-        if !write_all && is_zero(&buf[a..b]) {
-            continue;
-        }
-        match runs.last_mut() {
-            Some(last) if last.1 == a && encoder.is_none() => last.1 = b,
-            _ => runs.push((a, b, None)),
+    let mut push = |a: usize, b: usize| match runs.last_mut() {
+        Some(last) if last.1 == a => last.1 = b,
+        _ => runs.push((a, b, None)),
+    };
+    if plan.write_all {
+        push(0, len);
+    } else {
+        let zb = plan.zero_block as usize;
+        for a in (0..len).step_by(zb) {
+            let b = (a + zb).min(len);
+            let grans = a / gran..b.div_ceil(gran);
+            if !has_data[grans.clone()].contains(&true) || is_zero(&buf[a..b]) {
+                continue;
+            }
+            for g in grans.filter(|&g| has_data[g]) {
+                push(g * gran, ((g + 1) * gran).min(len));
+            }
         }
     }
     if let Some(enc) = encoder {
@@ -411,7 +490,7 @@ fn work(
         for (a, b, _) in runs {
             let mut g = a;
             while g < b {
-                let ge = (g + gran as usize).min(b);
+                let ge = (g + gran).min(b);
                 let e = enc.encode(job.start + g as u64, &buf[g..ge])?;
                 out.push((g, ge, e));
                 g = ge;
@@ -428,8 +507,340 @@ fn work(
     })
 }
 
+/// Read `buf.len()` guest bytes at `off`. With `salvage`, a failed read is retried in
+/// smaller pieces down to single sectors; sectors that still fail read as zeros and are
+/// recorded.
+fn read_range(
+    src: &dyn BlockDevice,
+    buf: &mut [u8],
+    off: u64,
+    salvage: bool,
+    unreadable: &Unreadable,
+) -> Result<()> {
+    let e = match src.read_at(buf, off) {
+        Ok(()) => return Ok(()),
+        Err(e) if !salvage => return Err(e),
+        Err(e) => e,
+    };
+    let step = if buf.len() as u64 > SALVAGE_STEP {
+        SALVAGE_STEP
+    } else if buf.len() as u64 > SALVAGE_SECTOR {
+        SALVAGE_SECTOR
+    } else {
+        buf.fill(0);
+        record(unreadable, off, buf.len() as u64, &e);
+        return Ok(());
+    };
+    // Pieces end on multiples of `step` in guest offsets, like the sectors they cover.
+    let mut p = 0usize;
+    while p < buf.len() {
+        let at = off + p as u64;
+        let q = (((at / step + 1) * step - off) as usize).min(buf.len());
+        read_range(src, &mut buf[p..q], at, true, unreadable)?;
+        p = q;
+    }
+    Ok(())
+}
+
+fn record(unreadable: &Unreadable, offset: u64, len: u64, e: &Error) {
+    let mut v = unreadable.lock().unwrap_or_else(|p| p.into_inner());
+    v.push(UnreadableRange {
+        offset,
+        len,
+        error: e.to_string(),
+    });
+}
+
+/// Sort ranges and merge touching or overlapping ones (keeping the first error).
+fn coalesce(mut v: Vec<UnreadableRange>) -> Vec<UnreadableRange> {
+    v.sort_by_key(|r| r.offset);
+    let mut out: Vec<UnreadableRange> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(last) if last.offset + last.len >= r.offset => {
+                last.len = last.len.max(r.offset + r.len - last.offset);
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// Keeps the average write rate at or under a limit by sleeping between units.
+struct RateLimiter {
+    rate: u64,
+    start: std::time::Instant,
+    bytes: u64,
+}
+
+impl RateLimiter {
+    fn new(rate: u64) -> Self {
+        RateLimiter {
+            rate,
+            start: std::time::Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    fn wrote(&mut self, n: u64) {
+        if self.rate == 0 || n == 0 {
+            return;
+        }
+        self.bytes += n;
+        let wait = rate_delay(self.bytes, self.rate, self.start.elapsed());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// How long to wait after `bytes` written in `elapsed` so the average stays at or
+/// under `rate` bytes per second.
+fn rate_delay(bytes: u64, rate: u64, elapsed: std::time::Duration) -> std::time::Duration {
+    let due = std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
+    due.saturating_sub(elapsed)
+}
+
 /// True when every byte is zero; word-at-a-time so it runs near memory speed.
 pub fn is_zero(buf: &[u8]) -> bool {
     let (pre, mid, post) = unsafe { buf.align_to::<u128>() };
     pre.iter().all(|&b| b == 0) && post.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Mapping;
+    use std::sync::{Arc, Mutex};
+
+    /// A source of `size` bytes whose map is `ranges` (offset, len, is_data) and whose
+    /// data reads from `bytes`; reads touching `bad` fail.
+    struct Mem {
+        bytes: Vec<u8>,
+        ranges: Vec<(u64, u64, bool)>,
+        bad: Option<(u64, u64)>,
+        bad_map: Option<u64>,
+    }
+
+    impl BlockDevice for Mem {
+        fn virtual_size(&self) -> u64 {
+            self.bytes.len() as u64
+        }
+        fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
+            if self.bad_map == Some(offset) {
+                return Err(Error::corrupt("bad table"));
+            }
+            let &(o, l, d) = self
+                .ranges
+                .iter()
+                .find(|(o, l, _)| offset >= *o && offset < o + l)
+                .expect("covered");
+            Ok(Mapping {
+                offset,
+                len: (o + l - offset).min(max_len),
+                kind: if d {
+                    MappingKind::Data { host: None }
+                } else {
+                    MappingKind::Unallocated
+                },
+            })
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            if let Some((b, l)) = self.bad {
+                if offset < b + l && b < offset + buf.len() as u64 {
+                    return Err(Error::corrupt("bad sector").at(offset));
+                }
+            }
+            let o = offset as usize;
+            buf.copy_from_slice(&self.bytes[o..o + buf.len()]);
+            Ok(())
+        }
+        fn info(&self) -> crate::device::ImageInfo {
+            crate::device::ImageInfo::default()
+        }
+        fn format(&self) -> Format {
+            Format::Raw
+        }
+    }
+
+    /// Every (offset, data) a writer received, in order.
+    type Writes = Vec<(u64, Vec<u8>)>;
+
+    /// Records every write.
+    struct Rec {
+        gran: u64,
+        size: u64,
+        writes: Arc<Mutex<Writes>>,
+    }
+
+    impl ImageWriter for Rec {
+        fn granularity(&self) -> u64 {
+            self.gran
+        }
+        fn virtual_size(&self) -> u64 {
+            self.size
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+            self.writes.lock().unwrap().push((offset, data.to_vec()));
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn run(src: &Mem, gran: u64, opts: &ConvertOptions) -> Result<(Writes, ConvertReport)> {
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let w = Rec {
+            gran,
+            size: src.virtual_size(),
+            writes: writes.clone(),
+        };
+        let r = convert_device(src, Box::new(w), opts)?;
+        let v = writes.lock().unwrap().clone();
+        Ok((v, r))
+    }
+
+    fn written(w: &[(u64, Vec<u8>)]) -> u64 {
+        w.iter().map(|(_, d)| d.len() as u64).sum()
+    }
+
+    /// 4 KiB of data every 256 KiB over 4 MiB, the rest unallocated.
+    fn holey() -> Mem {
+        let size = 4u64 << 20;
+        let mut bytes = vec![0u8; size as usize];
+        let mut ranges = Vec::new();
+        for o in (0..size).step_by(256 << 10) {
+            bytes[o as usize..o as usize + 4096].fill(0xab);
+            ranges.push((o, 4096, true));
+            ranges.push((o + 4096, (256 << 10) - 4096, false));
+        }
+        Mem {
+            bytes,
+            ranges,
+            bad: None,
+            bad_map: None,
+        }
+    }
+
+    #[test]
+    fn large_sparse_size_never_writes_source_holes() {
+        let src = holey();
+        for s in [4096u64, 64 << 10, 1 << 20, 16 << 20] {
+            let mut o = ConvertOptions::new(Format::Raw);
+            o.min_sparse = s;
+            let (w, _) = run(&src, 512, &o).unwrap();
+            assert_eq!(written(&w), 16 * 4096, "-S {s}");
+            for (off, d) in &w {
+                assert_eq!(off % (256 << 10), 0, "-S {s}");
+                assert!(d.iter().all(|&b| b == 0xab));
+            }
+        }
+        // A granule larger than the data is written whole, holes inside it as zeros.
+        let mut o = ConvertOptions::new(Format::Raw);
+        o.min_sparse = 1 << 20;
+        let (w, _) = run(&src, 64 << 10, &o).unwrap();
+        assert_eq!(written(&w), 16 * (64 << 10));
+        // -S 0 writes everything.
+        o.min_sparse = 0;
+        let (w, _) = run(&src, 512, &o).unwrap();
+        assert_eq!(written(&w), 4 << 20);
+    }
+
+    #[test]
+    fn zero_runs_inside_data_follow_sparse_size() {
+        // One data range of 1 MiB: 64 KiB of data, 128 KiB of zeros, data to the end.
+        let size = 1u64 << 20;
+        let mut bytes = vec![1u8; size as usize];
+        bytes[64 << 10..192 << 10].fill(0);
+        let src = Mem {
+            bytes,
+            ranges: vec![(0, size, true)],
+            bad: None,
+            bad_map: None,
+        };
+        let mut o = ConvertOptions::new(Format::Raw);
+        o.min_sparse = 64 << 10;
+        let (w, _) = run(&src, 512, &o).unwrap();
+        assert_eq!(written(&w), size - (128 << 10));
+        o.min_sparse = 256 << 10;
+        let (w, _) = run(&src, 512, &o).unwrap();
+        assert_eq!(written(&w), size);
+    }
+
+    #[test]
+    fn salvage_writes_zeros_for_unreadable_sectors_and_reports_them() {
+        let size = 2u64 << 20;
+        let src = Mem {
+            bytes: vec![7u8; size as usize],
+            ranges: vec![(0, size, true)],
+            bad: Some((0x10_0200, 1024)),
+            bad_map: None,
+        };
+        let mut o = ConvertOptions::new(Format::Raw);
+        let e = run(&src, 512, &o).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Corrupt);
+        o.salvage = true;
+        let (w, r) = run(&src, 512, &o).unwrap();
+        assert_eq!(
+            r.unreadable
+                .iter()
+                .map(|u| (u.offset, u.len))
+                .collect::<Vec<_>>(),
+            vec![(0x10_0200, 1024)]
+        );
+        // Everything is written (the zeros are shorter than -S), the bad sectors as zeros.
+        assert_eq!(written(&w), size);
+        for (off, d) in &w {
+            for (i, &b) in d.iter().enumerate() {
+                let at = off + i as u64;
+                let bad = (0x10_0200..0x10_0600).contains(&at);
+                assert_eq!(b, if bad { 0 } else { 7 }, "byte {at:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn salvage_reads_past_a_failing_map() {
+        let size = 1u64 << 20;
+        let src = Mem {
+            bytes: vec![3u8; size as usize],
+            ranges: vec![(0, 4096, true), (4096, size - 4096, true)],
+            bad: None,
+            bad_map: Some(4096),
+        };
+        let mut o = ConvertOptions::new(Format::Raw);
+        assert!(run(&src, 512, &o).is_err());
+        o.salvage = true;
+        let (w, r) = run(&src, 512, &o).unwrap();
+        assert_eq!(written(&w), size);
+        assert_eq!(r.unreadable.len(), 1);
+        assert_eq!((r.unreadable[0].offset, r.unreadable[0].len), (4096, 512));
+    }
+
+    #[test]
+    fn coalesce_merges_touching_ranges() {
+        let r = |offset, len| UnreadableRange {
+            offset,
+            len,
+            error: String::new(),
+        };
+        assert_eq!(
+            coalesce(vec![r(1024, 512), r(0, 512), r(512, 512), r(4096, 512)]),
+            vec![r(0, 1536), r(4096, 512)]
+        );
+    }
+
+    #[test]
+    fn rate_delay_keeps_the_average_under_the_limit() {
+        use std::time::Duration;
+        assert_eq!(
+            rate_delay(2 << 20, 1 << 20, Duration::from_millis(500)),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            rate_delay(1 << 20, 1 << 20, Duration::from_secs(3)),
+            Duration::ZERO
+        );
+    }
 }

@@ -263,7 +263,8 @@ mod tests {
         assert_eq!(i.detected_format, Some(Format::Qcow2));
         assert_eq!(crate::probe(input.path()).unwrap(), Format::Qcow2);
         let dev = crate::open(input.path(), &OpenOptions::new().format(Format::Raw)).unwrap();
-        assert_eq!(dev.virtual_size(), 8);
+        // A raw disk is whole sectors, as qemu reads it.
+        assert_eq!(dev.virtual_size(), 512);
     }
 
     #[test]

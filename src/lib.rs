@@ -26,7 +26,9 @@ pub mod writer;
 
 use std::path::Path;
 
-pub use convert::{convert, convert_device, convert_to_path, ConvertOptions, ConvertReport};
+pub use convert::{
+    convert, convert_device, convert_to_path, ConvertOptions, ConvertReport, UnreadableRange,
+};
 pub use device::{BlockDevice, DeviceReader, ImageInfo, Mapping, MappingKind};
 pub use error::{Error, ErrorKind, Result};
 pub use formats::{CreateOptions, Format, OpenOptions};

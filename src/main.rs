@@ -8,11 +8,18 @@ use clap::{Parser, Subcommand};
 use diskconv::formats::parse_size;
 use diskconv::{ConvertOptions, CreateOptions, Error, Format, ImageInfo, OpenOptions, Result};
 
+/// qemu-img's names, listed in `--help` so users need not guess (`vhd` is accepted for `vpc`).
+const FORMATS_HELP: &str = "Supported formats: raw qcow2 vpc (alias vhd) vmdk vdi";
+
+/// `convert --help`'s description of its two files, which clap cannot list as required.
+const CONVERT_ARGS_HELP: &str = "Arguments:\n  SRC  Input image\n  DST  Output image\n\nSupported formats: raw qcow2 vpc (alias vhd) vmdk vdi";
+
 #[derive(Parser)]
 #[command(
     name = "diskconv",
     version,
-    about = "Convert and inspect disk images (raw, qcow2, vpc/vhd, vmdk, vdi)"
+    about = "Convert and inspect disk images (raw, qcow2, vpc/vhd, vmdk, vdi)",
+    after_help = FORMATS_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -22,32 +29,51 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Convert SRC into a new image DST of format -O.
+    #[command(
+        override_usage = "diskconv convert [OPTIONS] SRC DST\n       diskconv convert -O FMT -o help",
+        after_help = CONVERT_ARGS_HELP,
+        args_override_self = true
+    )]
     Convert {
         /// Input format (never probed when given).
         #[arg(short = 'f')]
         src_format: Option<String>,
-        /// Output format.
+        /// Output format (default raw).
         #[arg(short = 'O', default_value = "raw")]
         out_format: String,
-        /// Output options, key=value[,key=value...]; `-o help` lists them.
+        /// Output options, key=value[,key=value...]; `-o help` lists them (no SRC or DST needed).
         #[arg(short = 'o')]
         options: Vec<String>,
-        /// Compress the output (qcow2, streamOptimized vmdk).
+        /// Compress the output (qcow2, streamOptimized vmdk; an error for raw, vpc, vdi).
         #[arg(short = 'c')]
         compress: bool,
-        /// Show progress.
+        /// Show progress on stdout, like qemu-img.
         #[arg(short = 'p')]
         progress: bool,
-        /// Quiet (accepted for compatibility).
+        /// Quiet: no progress and no notes (errors are still printed).
         #[arg(short = 'q')]
         quiet: bool,
-        /// Zero runs of at least SIZE stay unallocated (default 4k); 0 writes everything.
-        #[arg(short = 'S', default_value = "4k")]
+        /// Zero runs of at least SIZE inside data stay unallocated (default 4k; a multiple
+        /// of 512 up to 16M); 0 writes everything. Holes of the source are never written.
+        #[arg(short = 'S', default_value = "4k", allow_hyphen_values = true)]
         sparse_size: String,
         /// Output cache mode like qemu-img's: `unsafe` (default) skips the final flush;
         /// any other mode (writeback, none, writethrough, directsync) flushes before the rename.
         #[arg(short = 't', default_value = "unsafe")]
         cache: String,
+        /// Source cache mode (accepted for qemu-img compatibility; the source is only read).
+        #[arg(short = 'T', default_value = "writeback")]
+        src_cache: String,
+        /// Accepted for qemu-img compatibility: the source is opened read-only and never locked.
+        #[arg(short = 'U', long = "force-share")]
+        _force_share: bool,
+        /// Continue past unreadable source ranges: they are written as zeros and each is
+        /// reported on stderr.
+        #[arg(long = "salvage")]
+        salvage: bool,
+        /// Limit writing to RATE bytes per second (suffixes k, M, G, ...).
+        #[arg(short = 'r', long = "rate", allow_hyphen_values = true)]
+        rate: Option<String>,
         /// Worker threads (0: one per core).
         #[arg(short = 'm', long = "threads", default_value_t = 0)]
         threads: usize,
@@ -65,12 +91,40 @@ enum Cmd {
         /// With -n: DST already reads as zeros, so zero ranges are not written.
         #[arg(long = "target-is-zero")]
         target_is_zero: bool,
+        // Both required except with `-o help`, which qemu-img also runs without files;
+        // hidden because clap would list optional positionals as [SRC] [DST].
         /// Input image.
-        src: PathBuf,
+        #[arg(value_name = "SRC", hide = true)]
+        src: Option<PathBuf>,
         /// Output image.
+        #[arg(value_name = "DST", hide = true)]
         dst: Option<PathBuf>,
     },
+    /// Create an empty image FILE of SIZE bytes (suffixes k, M, G, T, ...), like qemu-img create.
+    #[command(
+        override_usage = "diskconv create [-f FMT] [-o OPTIONS] [-q] FILE SIZE",
+        after_help = FORMATS_HELP,
+        args_override_self = true
+    )]
+    Create {
+        /// Image format (default raw).
+        #[arg(short = 'f', default_value = "raw")]
+        format: String,
+        /// Format options, key=value[,key=value...]; `-o help` lists them.
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Quiet: do not print the "Formatting" line.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Image to create (replaced if it exists).
+        #[arg(value_name = "FILE", hide = true)]
+        file: Option<PathBuf>,
+        /// Guest size.
+        #[arg(value_name = "SIZE", hide = true)]
+        size: Option<String>,
+    },
     /// Show facts about an image.
+    #[command(args_override_self = true)]
     Info {
         /// Image format (never probed when given).
         #[arg(short = 'f')]
@@ -81,6 +135,9 @@ enum Cmd {
         /// Allow opening files named inside the image, confined to its folder.
         #[arg(long = "allow-references", alias = "allow-backing")]
         allow_references: bool,
+        /// Accepted for qemu-img compatibility: the image is opened read-only and never locked.
+        #[arg(short = 'U', long = "force-share")]
+        _force_share: bool,
         /// Image.
         image: PathBuf,
     },
@@ -100,7 +157,15 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit 1 like qemu-img's, not clap's 2; --help and --version exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -118,6 +183,118 @@ fn open_options(format: Option<&str>, allow: bool) -> Result<OpenOptions> {
     Ok(o)
 }
 
+/// qemu-img's `cvtnum`: a size with an optional suffix, 0 up to i64::MAX, and its two
+/// messages.
+fn cvtnum(name: &str, arg: &str) -> Result<u64> {
+    let range = || {
+        Error::arg(format!(
+            "Invalid {name} specified. Must be between 0 and {}.",
+            i64::MAX
+        ))
+    };
+    if let Some(rest) = arg.trim_start().strip_prefix('-') {
+        return Err(if parse_size(rest).is_ok() {
+            range()
+        } else {
+            Error::arg(format!("Invalid {name} specified: '{arg}'."))
+        });
+    }
+    match parse_size(arg) {
+        Ok(v) if v > i64::MAX as u64 => Err(range()),
+        Ok(v) => Ok(v),
+        Err(_) => Err(Error::arg(format!("Invalid {name} specified: '{arg}'."))),
+    }
+}
+
+/// Largest `-S` qemu-img accepts: its 16 MiB copy buffer.
+const MAX_SPARSE_SIZE: u64 = 32768 * 512;
+
+/// `-S` as qemu-img checks it: a multiple of 512 up to 16 MiB, or 0.
+fn sparse_size_arg(arg: &str) -> Result<u64> {
+    let v = cvtnum("buffer size for sparse output", arg)?;
+    if v % 512 != 0 || v > MAX_SPARSE_SIZE {
+        return Err(Error::arg(format!(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to {MAX_SPARSE_SIZE}. Select 0 to disable sparse detection (fully allocates output)."
+        )));
+    }
+    Ok(v)
+}
+
+/// The cache modes qemu-img knows (`-t`, `-T`); anything else is its "Invalid ..." error.
+fn check_cache_mode(mode: &str, what: &str) -> Result<()> {
+    match mode {
+        "unsafe" | "writeback" | "none" | "off" | "writethrough" | "directsync" => Ok(()),
+        other => Err(Error::arg(format!("Invalid {what}: {other}"))),
+    }
+}
+
+/// qemu-img create's first line: `Formatting 'FILE', fmt=FMT` and the options in the
+/// order qemu's drivers list them, with their defaults, then any other option given.
+fn formatting_line(file: &Path, format: Format, opts: &CreateOptions) -> String {
+    let size = opts.size.to_string();
+    let order: &[(&str, Option<&str>)] = match format {
+        Format::Raw => &[("size", None), ("preallocation", None)],
+        Format::Qcow2 => &[
+            ("cluster_size", Some("65536")),
+            ("extended_l2", Some("off")),
+            ("preallocation", None),
+            ("compression_type", Some("zlib")),
+            ("size", None),
+            ("backing_file", None),
+            ("backing_fmt", None),
+            ("compat", None),
+            ("lazy_refcounts", Some("off")),
+            ("refcount_bits", Some("16")),
+        ],
+        Format::Vhd => &[("size", None), ("subformat", None), ("force_size", None)],
+        Format::Vmdk => &[
+            ("size", None),
+            ("adapter_type", None),
+            ("backing_file", None),
+            ("compat6", Some("off")),
+            ("hwversion", Some("undefined")),
+            ("toolsversion", None),
+            ("subformat", None),
+            ("zeroed_grain", None),
+        ],
+        Format::Vdi => &[("size", None), ("static", Some("off"))],
+    };
+    let mut line = format!("Formatting '{}', fmt={format}", file.display());
+    for (k, default) in order {
+        let v = if *k == "size" {
+            Some(size.clone())
+        } else {
+            opts.str_option(k)
+                .map(|v| option_shown(format, k, v))
+                .or(default.map(str::to_string))
+        };
+        if let Some(v) = v {
+            line += &format!(" {k}={v}");
+        }
+    }
+    for (k, v) in &opts.options {
+        if !order.iter().any(|(o, _)| o == k) {
+            line += &format!(" {k}={}", option_shown(format, k, v));
+        }
+    }
+    line
+}
+
+/// An option value as qemu prints it: sizes in bytes, booleans as on/off.
+fn option_shown(format: Format, key: &str, v: &str) -> String {
+    let kind = format
+        .create_options()
+        .iter()
+        .find(|o| o.name == key)
+        .map(|o| o.kind);
+    match kind {
+        Some("size") => parse_size(v).map_or(v.to_string(), |n| n.to_string()),
+        Some("bool") => diskconv::formats::parse_bool(key, v)
+            .map_or(v.to_string(), |b| if b { "on" } else { "off" }.to_string()),
+        _ => v.to_string(),
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Convert {
@@ -129,6 +306,10 @@ fn run(cli: Cli) -> Result<()> {
             quiet,
             sparse_size,
             cache,
+            src_cache,
+            _force_share,
+            salvage,
+            rate,
             threads,
             _unordered,
             allow_references,
@@ -145,13 +326,22 @@ fn run(cli: Cli) -> Result<()> {
             for o in &options {
                 create.parse_option_string(o)?;
             }
+            // qemu-img checks -S and -r while parsing flags, before `-o help`.
+            let min_sparse = sparse_size_arg(&sparse_size)?;
+            let rate_limit = rate
+                .as_deref()
+                .map(|r| cvtnum("rate limit", r))
+                .transpose()?;
             if create.options.contains_key("help") || create.options.contains_key("?") {
                 print_option_help(format);
                 return Ok(());
             }
-            let dst = dst.ok_or_else(|| Error::arg("convert needs SRC and DST"))?;
-            let min_sparse =
-                parse_size(&sparse_size).map_err(|e| Error::arg(format!("-S: {}", e.message())))?;
+            check_cache_mode(&src_cache, "source cache option")?;
+            let (Some(src), Some(dst)) = (src, dst) else {
+                return Err(Error::arg(
+                    "convert needs SRC and DST (diskconv convert --help)",
+                ));
+            };
             let mut opts = ConvertOptions::new(format);
             opts.open = open_options(src_format.as_deref(), allow_references)?;
             opts.create = create;
@@ -159,14 +349,16 @@ fn run(cli: Cli) -> Result<()> {
             opts.threads = threads;
             opts.existing_target = existing_target;
             opts.target_is_zero = target_is_zero;
-            opts.sync = match cache.as_str() {
-                "unsafe" => false,
-                "writeback" | "none" | "writethrough" | "directsync" => true,
-                other => return Err(Error::arg(format!("-t: unknown cache mode '{other}'"))),
-            };
-            let tty = std::io::stderr().is_terminal();
+            opts.salvage = salvage;
+            opts.rate_limit = rate_limit.unwrap_or(0);
+            check_cache_mode(&cache, "cache option")?;
+            opts.sync = cache != "unsafe";
+            let tty = std::io::stdout().is_terminal();
             let reporter: Box<dyn Fn(u64, u64) + Sync> = if tty {
-                let bar = indicatif::ProgressBar::new(100);
+                let bar = indicatif::ProgressBar::with_draw_target(
+                    Some(100),
+                    indicatif::ProgressDrawTarget::stdout(),
+                );
                 bar.set_style(
                     indicatif::ProgressStyle::with_template(
                         "{bar:40} {percent:>3}% {elapsed_precise}",
@@ -194,16 +386,59 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 })
             };
-            if progress && !quiet {
+            let progress = progress && !quiet;
+            if progress {
                 opts.progress = Some(reporter.as_ref());
             }
             remove_temp_on_interrupt(&dst);
-            let report = diskconv::convert(&src, &dst, &opts)?;
-            if progress && !quiet && !tty {
-                eprintln!();
+            let report = diskconv::convert(&src, &dst, &opts);
+            if progress && !tty {
+                println!();
             }
-            for w in &report.warnings {
-                eprintln!("diskconv: note: {w}");
+            let report = report?;
+            // Printed even with -q (where qemu-img hides its --salvage warnings): they say
+            // which guest bytes were lost, and a quiet script still needs to know.
+            for u in &report.unreadable {
+                eprintln!(
+                    "diskconv: warning: could not read {} bytes at offset {} ({:#x}); wrote zeros: {}",
+                    u.len, u.offset, u.offset, u.error
+                );
+            }
+            if !quiet {
+                for w in &report.warnings {
+                    eprintln!("diskconv: note: {w}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Create {
+            format,
+            options,
+            quiet,
+            file,
+            size,
+        } => {
+            let format = Format::from_name(&format)?;
+            let mut create = CreateOptions::default();
+            for o in &options {
+                create.parse_option_string(o)?;
+            }
+            if create.options.contains_key("help") || create.options.contains_key("?") {
+                print_option_help(format);
+                return Ok(());
+            }
+            let file = file.ok_or_else(|| Error::arg("Expecting image file name"))?;
+            let size = size.ok_or_else(|| {
+                Error::arg("Image creation needs a size parameter").with_path(&file)
+            })?;
+            create.size = cvtnum("image size", &size)?;
+            if !quiet {
+                println!("{}", formatting_line(&file, format, &create));
+            }
+            for w in diskconv::create(&file, format, &create)? {
+                if !quiet {
+                    eprintln!("diskconv: note: {w}");
+                }
             }
             Ok(())
         }
@@ -211,6 +446,7 @@ fn run(cli: Cli) -> Result<()> {
             format,
             output,
             allow_references,
+            _force_share,
             image,
         } => {
             // Like qemu-img info: backing and parent images are named, never opened.
@@ -257,13 +493,57 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// An interrupted conversion must leave nothing behind: on SIGINT/SIGTERM remove this
-/// process's temporary output files (wherever a symlinked DST put them) and exit.
+/// An interrupted conversion must leave nothing behind: on SIGINT/SIGTERM/SIGHUP remove
+/// this process's temporary output files (wherever a symlinked DST put them), then die of
+/// the same signal, as qemu-img does (it has no handler), so a parent sees the signal (a
+/// shell reports 130 for SIGINT, 143 for SIGTERM).
 fn remove_temp_on_interrupt(_dst: &Path) {
-    let _ = ctrlc::set_handler(move || {
+    on_termination_signal(move || {
         diskconv::writer::remove_temporaries();
         eprintln!("\ndiskconv: interrupted; partial output removed");
-        std::process::exit(130);
+    });
+}
+
+/// Write end of the pipe the signal handler reports on (-1 until installed).
+static SIGNAL_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn note_signal(sig: libc::c_int) {
+    // Only async-signal-safe work here: one write(2); the thread below does the rest.
+    let fd = SIGNAL_PIPE.load(std::sync::atomic::Ordering::Relaxed);
+    let b = sig as u8;
+    // SAFETY: writing one byte from a valid local to a pipe fd we own.
+    unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
+}
+
+/// Run `cleanup` on a thread when SIGINT, SIGTERM or SIGHUP arrives, then terminate the
+/// process by that signal (default action restored and the signal raised again).
+fn on_termination_signal(cleanup: impl FnOnce() + Send + 'static) {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe(2) fills the two-element array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return;
+    }
+    SIGNAL_PIPE.store(fds[1], std::sync::atomic::Ordering::Relaxed);
+    let signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+    for sig in signals {
+        // SAFETY: installing a handler that only calls write(2).
+        unsafe { libc::signal(sig, note_signal as *const () as libc::sighandler_t) };
+    }
+    std::thread::spawn(move || {
+        let mut b = [0u8; 1];
+        // SAFETY: reading one byte into a valid buffer from the pipe's read end.
+        let n = unsafe { libc::read(fds[0], b.as_mut_ptr().cast(), 1) };
+        if n != 1 {
+            return;
+        }
+        let sig = libc::c_int::from(b[0]);
+        cleanup();
+        // SAFETY: restoring the default action and raising the signal ends the process.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+        std::process::exit(128 + sig);
     });
 }
 
@@ -300,20 +580,31 @@ fn inspection_human(i: &diskconv::Inspection) -> String {
     s
 }
 
-/// qemu-img's non-terminal progress line, rewritten in place.
+/// qemu-img's non-terminal progress line on stdout, rewritten in place.
 fn print_progress(done: u64, total: u64) {
+    use std::io::Write;
     let pct = if total == 0 {
         100.0
     } else {
         done as f64 * 100.0 / total as f64
     };
-    eprint!("\r    ({pct:.2}/100%)");
+    let mut out = std::io::stdout().lock();
+    let _ = write!(out, "    ({pct:.2}/100%)\r");
+    let _ = out.flush();
 }
 
+/// `-o help` in qemu-img's layout: `  name=<type>` padded to 22 columns, ` - `, the help.
 fn print_option_help(format: Format) {
-    println!("Supported options for {format}:");
+    println!("Supported {format} options:");
     for o in format.create_options() {
-        println!("  {:<24} <{}>  {}", o.name, o.kind, o.help);
+        let kind = match o.kind {
+            "string" => "str",
+            "number" => "num",
+            "bool" => "bool (on/off)",
+            k => k,
+        };
+        let left = format!("{}=<{kind}>", o.name);
+        println!("  {left:<22} - {}", o.help);
     }
 }
 
@@ -336,10 +627,28 @@ fn host_file(path: &Path) -> (u64, &'static str) {
                 .unwrap_or(0),
             "host_device",
         ),
-        Ok(m) => (m.len(), "file"),
+        // qemu's file driver reports a file's length rounded up to whole sectors.
+        Ok(m) => (m.len().next_multiple_of(512), "file"),
         Err(_) => (0, "file"),
     }
 }
+
+/// qemu's `full-backing-filename`: the backing name joined to the image's folder as
+/// given on the command line (not canonicalized), absolute names unchanged.
+fn full_backing_filename(image: &Path, backing: &str) -> String {
+    let b = Path::new(backing);
+    match image.parent() {
+        Some(dir) if !b.is_absolute() && !dir.as_os_str().is_empty() => {
+            dir.join(b).display().to_string()
+        }
+        _ => backing.to_string(),
+    }
+}
+
+/// Format-specific keys kept out of the human output: qemu-img 10 prints no such lines
+/// (its vmdk driver has no adapter type or hardware version), so scripts that diff the
+/// two outputs would trip on them. `--output=json` keeps them.
+const JSON_ONLY_KEYS: &[&str] = &["adapter-type", "hwversion"];
 
 fn info_json(path: &Path, info: &ImageInfo) -> serde_json::Value {
     let (file_len, protocol) = host_file(path);
@@ -363,14 +672,18 @@ fn info_json(path: &Path, info: &ImageInfo) -> serde_json::Value {
     }
     m.insert("format".into(), info.format.clone().into());
     m.insert("actual-size".into(), actual_size(path).into());
-    if let Some(b) = &info.backing_file {
-        m.insert("backing-filename".into(), b.clone().into());
-    }
     if let Some(b) = &info.backing_format {
         m.insert("backing-filename-format".into(), b.clone().into());
     }
     if let Some(fs) = &info.format_specific {
         m.insert("format-specific".into(), fs.clone());
+    }
+    if let Some(b) = &info.backing_file {
+        m.insert(
+            "full-backing-filename".into(),
+            full_backing_filename(path, b).into(),
+        );
+        m.insert("backing-filename".into(), b.clone().into());
     }
     m.insert("dirty-flag".into(), info.dirty.unwrap_or(false).into());
     v
@@ -413,7 +726,12 @@ fn info_human(path: &Path, info: &ImageInfo) -> String {
         s += &format!("cluster_size: {c}\n");
     }
     if let Some(b) = &info.backing_file {
-        s += &format!("backing file: {b}\n");
+        let full = full_backing_filename(path, b);
+        if full == *b {
+            s += &format!("backing file: {b}\n");
+        } else {
+            s += &format!("backing file: {b} (actual path: {full})\n");
+        }
     }
     if let Some(b) = &info.backing_format {
         s += &format!("backing file format: {b}\n");
@@ -422,8 +740,12 @@ fn info_human(path: &Path, info: &ImageInfo) -> String {
         s += "dirty flag: true\n";
     }
     if let Some(data) = info.format_specific.as_ref().and_then(|f| f.get("data")) {
+        let mut data = data.clone();
+        if let Some(m) = data.as_object_mut() {
+            m.retain(|k, _| !JSON_ONLY_KEYS.contains(&k.as_str()));
+        }
         s += "Format specific information:\n";
-        human_value(&mut s, data, 1);
+        human_value(&mut s, &data, 1);
     }
     let (file_len, protocol) = host_file(path);
     s += &format!(

@@ -202,15 +202,22 @@ fn our_images_are_read_by_qemu_and_check_clean() {
         make_raw(&src, size, 100 + si as u64);
         for (vi, opts) in variants.iter().enumerate() {
             let out = dir.path().join(format!("o{si}-{vi}.vmdk"));
+            if size == 0 {
+                // qemu reads capacity 0 as "the descriptor lists the extents" and
+                // refuses every empty VMDK, its own included: so we refuse to write one.
+                let mut o = diskconv::ConvertOptions::new(Format::Vmdk);
+                for (k, v) in opts.iter() {
+                    o.create.options.insert(k.to_string(), v.to_string());
+                }
+                let e = diskconv::convert(&src, &out, &o).unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+                assert!(!out.exists());
+                continue;
+            }
             convert(&src, &out, Format::Vmdk, opts, false);
             let dev = open_as(&out, Format::Vmdk);
             assert_eq!(dev.virtual_size(), size.div_ceil(512) * 512);
             assert_same_as_raw(dev.as_ref(), &src);
-            if size == 0 {
-                // qemu reads capacity 0 as "the descriptor lists the extents" and
-                // refuses every empty VMDK, its own included.
-                continue;
-            }
             assert_qemu_check_clean(&out, Format::Vmdk);
             assert_qemu_identical(&src, Format::Raw, &out, Format::Vmdk);
             let qi = qemu_info(&out, Format::Vmdk);
@@ -226,18 +233,28 @@ fn our_images_are_read_by_qemu_and_check_clean() {
 }
 
 #[test]
-fn compress_flag_needs_stream_subformat() {
+fn compress_flag_compresses_only_the_stream_subformat() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("a.raw");
     make_raw(&src, 1 << 20, 9);
     let out = dir.path().join("c.vmdk");
+    // Like qemu's vmdk driver: -c with monolithicSparse stores grains uncompressed, and
+    // the writer says so.
     let mut o = diskconv::ConvertOptions::new(Format::Vmdk);
     o.create.compress = true;
-    assert_eq!(
-        diskconv::convert(&src, &out, &o).unwrap_err().kind(),
-        ErrorKind::InvalidArgument
+    let r = diskconv::convert(&src, &out, &o).unwrap();
+    assert!(
+        r.warnings.iter().any(|w| w.contains("-c has no effect")),
+        "{r:?}"
     );
-    assert!(!out.exists());
+    assert_same_as_raw(open_as(&out, Format::Vmdk).as_ref(), &src);
+    let plain = dir.path().join("p.vmdk");
+    convert(&src, &plain, Format::Vmdk, &[], false);
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().len(),
+        std::fs::metadata(&plain).unwrap().len()
+    );
+    std::fs::remove_file(&out).unwrap();
     convert(
         &src,
         &out,
@@ -640,10 +657,20 @@ fn delta_disk_reads_through_its_parent_only_when_allowed() {
     assert_eq!(sha256_device(dev.as_ref()), sha256_file(&want));
     // A parent whose CID does not match is refused, as qemu does.
     let mut b = std::fs::read(&child).unwrap();
+    // qemu writes the id without leading zeros: change each digit, keep the length.
     let at = b.windows(10).position(|w| w == b"parentCID=").unwrap() + 10;
-    b[at..at + 8].copy_from_slice(b"12345678");
+    let end = at + b[at..].iter().position(|&c| c == b'\n').unwrap();
+    for c in &mut b[at..end] {
+        *c = if *c == b'1' { b'2' } else { b'1' };
+    }
     std::fs::write(&child, &b).unwrap();
     assert_eq!(err(open_refs(&child)).field(), Some("parentCID"));
+    // A parentCID that no longer parses (here: its line run into the next) is an error
+    // too, never a delta disk read without its parent.
+    b[end] = b' ';
+    std::fs::write(&child, &b).unwrap();
+    let e = err(open_refs(&child));
+    assert!(e.message().contains("names a parent"), "{e}");
 }
 
 proptest! {

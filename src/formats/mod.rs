@@ -511,6 +511,12 @@ pub fn create_writer(
     opts: &CreateOptions,
 ) -> Result<Box<dyn ImageWriter>> {
     opts.check_known(format)?;
+    // qemu-img's check, per driver: only qcow2 and vmdk take compressed writes.
+    if opts.compress && !matches!(format, Format::Qcow2 | Format::Vmdk) {
+        return Err(
+            Error::unsupported("Compression not supported for this file format").with_path(path),
+        );
+    }
     let file = file.into();
     let w = match format {
         Format::Raw => raw::create_writer(file, opts),

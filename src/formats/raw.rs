@@ -55,14 +55,32 @@ fn seek_data_hole(file: &File, offset: u64, whence: libc::c_int) -> Option<u64> 
     (r >= 0).then_some(r as u64)
 }
 
+impl RawImage {
+    /// The guest size: the file length rounded up to whole 512-byte sectors, as qemu's
+    /// file driver reports it (`info` and `convert` give 1024 for a 1000-byte file); the
+    /// bytes past the end of the file read as zeros.
+    fn size(&self) -> u64 {
+        self.file.len().next_multiple_of(512)
+    }
+}
+
 impl BlockDevice for RawImage {
     fn virtual_size(&self) -> u64 {
-        self.file.len()
+        self.size()
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
+        let end = crate::device::map_end(self.size(), offset, max_len)?;
         let size = self.file.len();
-        let end = crate::device::map_end(size, offset, max_len)?;
+        if offset >= size {
+            // The padding up to a whole sector.
+            return Ok(Mapping {
+                offset,
+                len: end - offset,
+                kind: MappingKind::Unallocated,
+            });
+        }
+        let end = end.min(size);
         let f = self.file.file();
         let data = |o, e| Mapping {
             offset: o,
@@ -96,14 +114,19 @@ impl BlockDevice for RawImage {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_guest_range(self.file.len(), offset, buf.len())?;
-        self.file.read_exact_at(buf, offset, "guest data")
+        check_guest_range(self.size(), offset, buf.len())?;
+        let len = self.file.len();
+        let inside = len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        self.file
+            .read_exact_at(&mut buf[..inside], offset, "guest data")?;
+        buf[inside..].fill(0);
+        Ok(())
     }
 
     fn info(&self) -> ImageInfo {
         ImageInfo {
             format: "raw".into(),
-            virtual_size: self.file.len(),
+            virtual_size: self.size(),
             ..Default::default()
         }
     }
@@ -143,14 +166,16 @@ pub fn create_writer(file: Sink, opts: &CreateOptions) -> Result<Box<dyn ImageWr
             )))
         }
     }
+    // Whole sectors, as qemu-img creates raw files (1000 bytes asked make 1024).
+    let size = opts
+        .size
+        .checked_next_multiple_of(512)
+        .ok_or_else(|| Error::arg(format!("raw size {} is too large", opts.size)))?;
     // Set the length first, like qemu-img: guest data then lands inside the file instead of
     // extending it past holes write after write, which costs the filesystem far more.
-    file.set_len(opts.size)
+    file.set_len(size)
         .map_err(|e| Error::io("setting output length", e))?;
-    Ok(Box::new(RawWriter {
-        file,
-        size: opts.size,
-    }))
+    Ok(Box::new(RawWriter { file, size }))
 }
 
 impl ImageWriter for RawWriter {
@@ -198,5 +223,25 @@ mod tests {
         img.read_at(&mut b, 1 << 30).unwrap();
         assert_eq!(b, [1u8; 8]);
         assert!(img.read_at(&mut b, (1 << 40) - 4).is_err());
+    }
+
+    #[test]
+    fn a_partial_last_sector_reads_as_a_whole_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("odd.raw");
+        std::fs::write(&p, vec![9u8; 1000]).unwrap();
+        let img = open(HostFile::open(&p).unwrap(), &OpenOptions::new()).unwrap();
+        assert_eq!(img.virtual_size(), 1024);
+        assert_eq!(img.info().virtual_size, 1024);
+        let m = img.map(0, u64::MAX).unwrap();
+        assert!(matches!(m.kind, MappingKind::Data { .. }));
+        assert_eq!(m.len, 1000);
+        let m = img.map(1000, u64::MAX).unwrap();
+        assert_eq!((m.len, m.kind), (24, MappingKind::Unallocated));
+        let mut b = [1u8; 32];
+        img.read_at(&mut b, 992).unwrap();
+        assert_eq!(&b[..8], &[9u8; 8]);
+        assert!(b[8..].iter().all(|&x| x == 0));
+        assert!(img.read_at(&mut b, 1000).is_err());
     }
 }

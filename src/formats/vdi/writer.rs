@@ -64,7 +64,14 @@ impl VdiWriter {
 
 impl ImageWriter for VdiWriter {
     fn granularity(&self) -> u64 {
-        self.block_size()
+        // A static image's blocks are all mapped (identity), so any sector can be written
+        // in place and what is never written stays a hole; a dynamic image allocates
+        // whole blocks.
+        if self.header.image_type == ImageType::Static {
+            u64::from(SECTOR_SIZE)
+        } else {
+            self.block_size()
+        }
     }
 
     fn virtual_size(&self) -> u64 {
@@ -76,34 +83,36 @@ impl ImageWriter for VdiWriter {
             return Ok(());
         }
         let bs = self.block_size();
+        let gran = self.granularity();
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|&e| e <= self.size);
-        let Some(end) = end.filter(|_| offset % bs == 0 && offset >= self.next) else {
+        let Some(end) = end.filter(|_| offset % gran == 0 && offset >= self.next) else {
             return Err(Error::arg(format!(
-                "VDI writer got {} bytes at {offset:#x}: not block-aligned, out of order or past the size {}",
+                "VDI writer got {} bytes at {offset:#x}: not aligned to {gran}, out of order or past the size {}",
                 data.len(),
                 self.size
             )));
         };
+        if self.header.image_type == ImageType::Static {
+            let host = u64::from(self.header.offset_data) + offset;
+            write_nonzero_at(&self.file, data, host)?;
+            self.next = end.next_multiple_of(gran);
+            return Ok(());
+        }
         let first = offset / bs;
         let count = (data.len() as u64).div_ceil(bs);
-        let host_block = if self.header.image_type == ImageType::Static {
-            first
-        } else {
-            // Appended in guest order: the run's blocks are consecutive in the file too.
-            let start = u64::from(self.header.blocks_allocated);
-            for (k, e) in self.bmap[first as usize..(first + count) as usize]
-                .iter_mut()
-                .enumerate()
-            {
-                *e = (start + k as u64) as u32;
-            }
-            self.header.blocks_allocated += count as u32;
-            start
-        };
+        // Appended in guest order: the run's blocks are consecutive in the file too.
+        let host_block = u64::from(self.header.blocks_allocated);
+        for (k, e) in self.bmap[first as usize..(first + count) as usize]
+            .iter_mut()
+            .enumerate()
+        {
+            *e = (host_block + k as u64) as u32;
+        }
+        self.header.blocks_allocated += count as u32;
         let host = u64::from(self.header.offset_data) + host_block * bs;
-        write_all_at(&self.file, data, host, "VDI data blocks")?;
+        write_nonzero_at(&self.file, data, host)?;
         // A partial last block closes the block: nothing may be written into it later.
         self.next = end.next_multiple_of(bs);
         Ok(())
@@ -138,6 +147,40 @@ impl ImageWriter for VdiWriter {
             .map_err(|e| Error::io("setting VDI file length", e))?;
         Ok(())
     }
+}
+
+/// Write `data` at `host`, skipping all-zero 4 KiB pieces: the file region is new (its
+/// length is only set by `finish`; a sink written in place zeroes what was never written),
+/// so what is skipped stays a hole and reads as zeros.
+/// A block with 4 KiB of data then costs 4 KiB on disk, not the whole 1 MiB block.
+fn write_nonzero_at(file: &Sink, data: &[u8], host: u64) -> Result<()> {
+    const PIECE: usize = 4096;
+    let mut run: Option<usize> = None;
+    let mut at = 0usize;
+    while at < data.len() {
+        let end = (at + PIECE).min(data.len());
+        let zero = all_zero(&data[at..end]);
+        match (zero, run) {
+            (false, None) => run = Some(at),
+            (true, Some(start)) => {
+                write_all_at(file, &data[start..at], host + start as u64, "VDI data")?;
+                run = None;
+            }
+            _ => {}
+        }
+        at = end;
+    }
+    if let Some(start) = run {
+        write_all_at(file, &data[start..], host + start as u64, "VDI data")?;
+    }
+    Ok(())
+}
+
+/// True when every byte is zero, 16 bytes at a time (this runs on the writer's thread).
+fn all_zero(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(16);
+    words.all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
+        && words.remainder().iter().all(|&x| x == 0)
 }
 
 #[cfg(test)]
@@ -183,6 +226,72 @@ mod tests {
         assert_eq!(b, [9, 0, 0, 0]);
         img.read_at(&mut b, 3 * mib - 2).unwrap();
         assert_eq!(b, [7, 7, 0, 0]);
+    }
+
+    #[test]
+    fn static_writes_sectors_in_place_and_leaves_the_rest_as_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.vdi");
+        let mib = 1u64 << 20;
+        write_image(
+            &p,
+            64 * mib,
+            true,
+            &[(4096, vec![5u8; 4096]), (40 * mib + 512, vec![6u8; 512])],
+        );
+        let meta = std::fs::metadata(&p).unwrap();
+        let img = super::super::reader::VdiImage::open(HostFile::open(&p).unwrap()).unwrap();
+        let data = u64::from(img.header().offset_data);
+        assert_eq!(meta.len(), data + 64 * mib);
+        // Header, map and the two written ranges: far less than the 64 MiB of blocks.
+        assert!(
+            meta.blocks() * 512 < mib,
+            "{} bytes allocated",
+            meta.blocks() * 512
+        );
+        let mut b = vec![0u8; 4];
+        img.read_at(&mut b, 8190).unwrap();
+        assert_eq!(b, [5, 5, 0, 0]);
+        img.read_at(&mut b, 40 * mib + 1022).unwrap();
+        assert_eq!(b, [6, 6, 0, 0]);
+        // Sector-aligned but still ascending only.
+        let f = File::create(dir.path().join("t.vdi")).unwrap();
+        let mut w = VdiWriter::new(f.into(), 4 * mib, true).unwrap();
+        assert_eq!(w.granularity(), 512);
+        w.write(1024, &[1; 512]).unwrap();
+        assert!(w.write(512, &[1; 512]).is_err());
+        assert!(w.write(1600, &[1; 512]).is_err());
+    }
+
+    #[test]
+    fn dynamic_blocks_cost_only_their_nonzero_pieces() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.vdi");
+        let mib = 1u64 << 20;
+        let mut block = vec![0u8; mib as usize];
+        block[8192..12288].fill(3);
+        block[mib as usize - 1] = 4;
+        write_image(
+            &p,
+            8 * mib,
+            false,
+            &[(2 * mib, block.clone()), (5 * mib, block)],
+        );
+        let blocks = std::fs::metadata(&p).unwrap().blocks() * 512;
+        assert!(
+            blocks < 256 << 10,
+            "{blocks} bytes allocated for 16 KiB of data"
+        );
+        let img = super::super::reader::VdiImage::open(HostFile::open(&p).unwrap()).unwrap();
+        assert_eq!(img.header().blocks_allocated, 2);
+        let mut b = vec![9u8; mib as usize];
+        img.read_at(&mut b, 5 * mib).unwrap();
+        assert!(b[..8192].iter().all(|&x| x == 0));
+        assert!(b[8192..12288].iter().all(|&x| x == 3));
+        assert!(b[12288..mib as usize - 1].iter().all(|&x| x == 0));
+        assert_eq!(b[mib as usize - 1], 4);
     }
 
     #[test]

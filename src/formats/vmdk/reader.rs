@@ -442,8 +442,14 @@ fn read_u32s(file: &HostFile, off: u64, n: u64, what: &str) -> Result<Vec<u32>> 
 #[derive(Debug)]
 enum ExtentData {
     Sparse(SparseExtent),
-    Flat { file: Arc<HostFile>, offset: u64 },
+    Flat {
+        file: Arc<HostFile>,
+        offset: u64,
+    },
     Zero,
+    /// Described from the descriptor only: opened for `info` (no backing) while the
+    /// reference gate refuses the extent's file. Mapping or reading it is an error.
+    Unopened(String),
 }
 
 #[derive(Debug)]
@@ -578,6 +584,15 @@ fn read_embedded_descriptor(file: &HostFile, h: &SparseHeader) -> Result<Option<
     Descriptor::parse(&raw).map(Some)
 }
 
+/// Whether the embedded descriptor's text mentions a parent file at all.
+fn embedded_descriptor_names_parent(file: &HostFile, h: &SparseHeader) -> bool {
+    let len = h.desc_size.saturating_mul(SECTOR).min(MAX_DESCRIPTOR_BYTES);
+    h.desc_offset
+        .checked_mul(SECTOR)
+        .and_then(|off| file.read_vec(off, len, "embedded descriptor").ok())
+        .is_some_and(|raw| raw.windows(18).any(|w| w == b"parentFileNameHint"))
+}
+
 /// Open a VMDK image.
 pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
     let file = Arc::new(file);
@@ -603,7 +618,20 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
                 return open_descriptor(&path, d, opts);
             }
         }
-        let desc = read_embedded_descriptor(&file, &h).unwrap_or(None);
+        // A descriptor we cannot parse is ignored (the grains are all in this file),
+        // unless it names a parent: reading a delta disk without its parent would give
+        // the parent's ranges as zeros, silently.
+        let desc = match read_embedded_descriptor(&file, &h) {
+            Ok(d) => d,
+            Err(e) if embedded_descriptor_names_parent(&file, &h) => {
+                return Err(Error::corrupt(format!(
+                    "the embedded descriptor names a parent image but cannot be read: {}",
+                    e.message()
+                ))
+                .with_field(e.field().unwrap_or("descriptor").to_string()))
+            }
+            Err(_) => None,
+        };
         let sparse = SparseExtent::from_kdmv(file.clone(), &h)?;
         let create_type = if sparse.compressed {
             "streamOptimized".to_string()
@@ -672,6 +700,25 @@ fn open_descriptor(
         let open_file = || -> Result<Arc<HostFile>> {
             Ok(Arc::new(opts.open_reference_file(image, &name, &field)?))
         };
+        if opts.no_backing && !matches!(e.kind, ExtentType::Zero | ExtentType::Other(_)) {
+            // `info` describes extents like qemu-img info even when their files may not be
+            // opened: name, type and the descriptor's size.
+            if let Err(err) = opts.resolve_reference(image, &name, &field) {
+                if err.kind() == crate::ErrorKind::UnsafeReference && e.access != Access::NoAccess {
+                    extents.push(Extent {
+                        start,
+                        size: declared,
+                        data: ExtentData::Unopened(err.to_string()),
+                        in_main: false,
+                        info: extent_info(&name, e.kind.name(), declared, None, false),
+                    });
+                    start = start
+                        .checked_add(declared)
+                        .ok_or_else(|| Error::limit("total extent size overflows 64 bits"))?;
+                    continue;
+                }
+            }
+        }
         let (size, data, info) = match (&e.kind, e.access) {
             (_, Access::NoAccess) | (ExtentType::Zero, _) => (
                 declared,
@@ -900,6 +947,7 @@ impl VmdkImage {
                 }
             }
             ExtentData::Sparse(s) => s.map(rel, max, e.in_main),
+            ExtentData::Unopened(why) => Err(Error::unsafe_ref(why.clone())),
         }
     }
 }
@@ -953,6 +1001,7 @@ impl VmdkImage {
                     part[avail..].fill(0);
                 }
                 ExtentData::Sparse(s) => s.read(part, rel)?,
+                ExtentData::Unopened(why) => return Err(Error::unsafe_ref(why.clone())),
             }
             done += n;
         }

@@ -85,6 +85,8 @@ pub struct VmdkOptions {
     pub capacity: u64,
     /// The output's file name, for the descriptor's extent line.
     pub extent_name: String,
+    /// `-c` was asked for a subformat whose grains are never compressed.
+    pub uncompressed_c: bool,
 }
 
 impl VmdkOptions {
@@ -146,9 +148,15 @@ impl VmdkOptions {
                 }
             },
         };
-        if opts.compress && subformat != Subformat::StreamOptimized {
+        // Like qemu's vmdk driver, which compresses only the grains of a compressed
+        // (streamOptimized) extent: `-c` with monolithicSparse is accepted and the
+        // grains are stored as they are. The writer says so in a note.
+        let uncompressed_c = opts.compress && subformat != Subformat::StreamOptimized;
+        if opts.size == 0 {
+            // qemu-img creates such a file but neither it nor VMware can open it: an
+            // extent of 0 sectors is refused by both.
             return Err(Error::arg(
-                "vmdk compression (-c) needs -o subformat=streamOptimized",
+                "a vmdk cannot be 0 bytes: qemu-img and VMware refuse to open an extent of 0 sectors",
             ));
         }
         let capacity = opts.size.div_ceil(SECTOR);
@@ -170,6 +178,7 @@ impl VmdkOptions {
             level,
             capacity,
             extent_name: extent_name(dest),
+            uncompressed_c,
         })
     }
 
@@ -352,6 +361,16 @@ impl ImageWriter for SparseWriter {
 
     fn virtual_size(&self) -> u64 {
         self.opts.capacity * SECTOR
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        if self.opts.uncompressed_c {
+            vec![
+                "-c has no effect on subformat monolithicSparse: like qemu-img, only streamOptimized grains are compressed".to_string(),
+            ]
+        } else {
+            Vec::new()
+        }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
