@@ -1,4 +1,5 @@
-//! The streaming convert engine: any [`BlockDevice`] into any [`ImageWriter`].
+//! The streaming convert engine: any [`BlockDevice`] into any [`ImageWriter`]. It knows no
+//! format and no path: opening files and committing the output is [`crate::ops::convert`]'s.
 //!
 //! Shape: a dispatcher walks the source's map and cuts the data ranges into work units
 //! (1 MiB, or one writer granule when larger); a pool of workers reads each unit, drops
@@ -7,13 +8,12 @@
 //! ranges are never read. A fixed number of units is in flight at once, so memory stays
 //! bounded whatever the image size.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-
 use crate::device::{BlockDevice, MappingKind};
 use crate::error::{Error, Result};
-use crate::formats::{create_writer, open_with, CreateOptions, Format, OpenOptions};
-use crate::writer::{AtomicOutput, Encoder, ImageWriter};
+use crate::format::Format;
+use crate::options::{CreateOptions, OpenOptions};
+use crate::writer::{Encoder, ImageWriter};
+use std::collections::BTreeMap;
 
 /// Progress callback: (guest bytes done, total guest bytes).
 pub type ProgressFn<'a> = &'a (dyn Fn(u64, u64) + Sync);
@@ -64,36 +64,6 @@ pub struct ConvertReport {
 
 /// Size of a work unit when the writer's granule is smaller.
 const UNIT: u64 = 1 << 20;
-
-/// Convert the image at `src` into a new image at `dst`. The output is written to a
-/// temporary sibling and renamed at the end, so on error nothing is left at `dst`; `src`
-/// is only ever opened read-only.
-pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
-    refuse_same_file(src, dst)?;
-    let dev = open_with(src, &opts.open)?;
-    let mut create = opts.create.clone();
-    if create.size == 0 {
-        create.size = dev.virtual_size();
-    }
-    let (out, file) = AtomicOutput::create(dst)?;
-    let writer = create_writer(opts.format, file, dst, &create)?;
-    let report = convert_device(dev.as_ref(), writer, opts).map_err(|e| e.with_path(dst))?;
-    out.commit(opts.sync)?;
-    Ok(report)
-}
-
-fn refuse_same_file(src: &Path, dst: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    if let (Ok(a), Ok(b)) = (std::fs::metadata(src), std::fs::metadata(dst)) {
-        if a.dev() == b.dev() && a.ino() == b.ino() {
-            return Err(Error::arg(
-                "output is the same file as the input; refusing to overwrite it",
-            )
-            .with_path(dst));
-        }
-    }
-    Ok(())
-}
 
 /// One unit of work: the guest range `[start, end)` and the source mappings inside it.
 struct Job {

@@ -12,7 +12,7 @@ use std::fs::File;
 
 use crate::device::{BlockDevice, HostFile};
 use crate::error::Result;
-use crate::formats::{CreateOptions, OpenOptions, OptionHelp};
+use crate::options::{CreateOptions, OpenOptions, OptionHelp};
 use crate::writer::ImageWriter;
 
 pub mod descriptor;
