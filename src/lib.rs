@@ -15,7 +15,7 @@
 //!   [`writer`] ([`ImageWriter`], [`AtomicOutput`]) and [`convert`](mod@convert) (the engine,
 //!   [`convert_device`], which knows no format and no path);
 //! - [`formats`]: one folder per format and the dispatch from a [`Format`] to it;
-//! - [`probe`] and [`inspect`]: detection and the safety inspection;
+//! - [`probe`](mod@probe) and [`inspect`](mod@inspect): detection and the safety inspection;
 //! - [`ops`]: the commands as functions over files ([`convert()`], [`resize()`]), which the
 //!   CLI calls.
 //!
