@@ -11,12 +11,12 @@
 //! with a rate limit, the writer side sleeps between units.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use crate::device::{BlockDevice, MappingKind};
 use crate::error::{Error, Result};
-use crate::formats::{create_writer, open_with, CreateOptions, Format, OpenOptions};
-use crate::writer::{Encoder, ImageWriter, Output, OutputKind, OutputOptions, Sink};
+use crate::format::Format;
+use crate::options::{CreateOptions, OpenOptions};
+use crate::writer::{Encoder, ImageWriter};
 
 /// Progress callback: (guest bytes done, total guest bytes).
 pub type ProgressFn<'a> = &'a (dyn Fn(u64, u64) + Sync);
@@ -108,95 +108,6 @@ type Unreadable = std::sync::Mutex<Vec<UnreadableRange>>;
 
 /// Size of a work unit when the writer's granule is smaller.
 const UNIT: u64 = 1 << 20;
-
-/// Convert the image at `src` into the image `dst`; `src` is only ever opened read-only.
-///
-/// `dst` is checked and opened before `src` is opened, so a bad destination (a folder, a
-/// missing or read-only folder) fails before anything is read. A new or existing regular
-/// file is written to a temporary sibling and renamed at the end (through a symlink, at
-/// the file it points to), so on error nothing is left at `dst`. A block device is written
-/// in place and must be large enough; a FIFO or character device (`/dev/stdout`) is
-/// written sequentially, for output formats that stream. See [`Output`].
-pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
-    refuse_same_file(src, dst)?;
-    let (out, sink) = open_output(dst, opts)?;
-    let dev = open_with(src, &opts.open)?;
-    convert_into(dev.as_ref(), out, sink, opts)
-}
-
-/// [`convert`] from an already opened device into the image `dst`.
-pub fn convert_to_path(
-    src: &dyn BlockDevice,
-    dst: &Path,
-    opts: &ConvertOptions,
-) -> Result<ConvertReport> {
-    let (out, sink) = open_output(dst, opts)?;
-    convert_into(src, out, sink, opts)
-}
-
-fn open_output(dst: &Path, opts: &ConvertOptions) -> Result<(Output, Sink)> {
-    if opts.target_is_zero && !opts.existing_target {
-        return Err(Error::arg("--target-is-zero requires use of -n flag"));
-    }
-    if opts.existing_target {
-        crate::formats::check_in_place(opts.format).map_err(|e| e.with_path(dst))?;
-    }
-    Output::open(
-        dst,
-        &OutputOptions {
-            existing: opts.existing_target,
-            target_is_zero: opts.target_is_zero,
-        },
-    )
-}
-
-fn convert_into(
-    dev: &dyn BlockDevice,
-    out: Output,
-    sink: Sink,
-    opts: &ConvertOptions,
-) -> Result<ConvertReport> {
-    let dst = out.path().to_path_buf();
-    let mut create = opts.create.clone();
-    if create.size == 0 {
-        create.size = dev.virtual_size();
-    }
-    if let (true, Some(len)) = (opts.existing_target, out.existing_len()) {
-        if len < create.size {
-            return Err(Error::arg(format!(
-                "output file is smaller than input file ({len} bytes, the input needs {})",
-                create.size
-            ))
-            .with_path(&dst));
-        }
-    }
-    let writer = create_writer(opts.format, sink, &dst, &create)?;
-    if out.kind() == OutputKind::Stream && !writer.streams() {
-        return Err(Error::arg(format!(
-            "this {} output cannot be written to a pipe or character device (it writes out of \
-             order); outputs that can: {}",
-            opts.format,
-            crate::formats::STREAMING_OUTPUTS
-        ))
-        .with_path(&dst));
-    }
-    let report = convert_device(dev, writer, opts).map_err(|e| e.with_path(&dst))?;
-    out.finish(opts.sync)?;
-    Ok(report)
-}
-
-fn refuse_same_file(src: &Path, dst: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    if let (Ok(a), Ok(b)) = (std::fs::metadata(src), std::fs::metadata(dst)) {
-        if a.dev() == b.dev() && a.ino() == b.ino() {
-            return Err(Error::arg(
-                "output is the same file as the input; refusing to overwrite it",
-            )
-            .with_path(dst));
-        }
-    }
-    Ok(())
-}
 
 /// One unit of work: the guest range `[start, end)` and the source mappings inside it.
 struct Job {

@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::formats::Format;
+use crate::format::Format;
 
 /// What a guest range is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -343,4 +343,23 @@ impl<D: AsRef<dyn BlockDevice>> Seek for DeviceReader<D> {
         self.pos = new as u64;
         Ok(self.pos)
     }
+}
+
+/// The in-place side of a format, beside [`BlockDevice`]: operations that change an image
+/// that already holds data (resize today; check-and-repair and discard for in-place
+/// sparsify to come). Each format implements it in its own folder, reached through
+/// [`crate::formats::open_editor`].
+///
+/// Contract: an implementation validates everything before its first write, and orders
+/// its writes (new tables written and flushed first, one switching write last) so that a
+/// failure at any write leaves the image reading exactly as before or exactly as after.
+/// All writes go through an [`EditFile`](crate::writer::EditFile), whose fault hook lets
+/// tests fail every write in turn and prove it.
+pub trait ImageEditor: Send {
+    /// Current guest size in bytes.
+    fn virtual_size(&self) -> u64;
+
+    /// Change the guest size to `new_size`: growing adds space that reads as zeros;
+    /// shrinking drops the tail and needs [`ResizeOptions::shrink`](crate::options::ResizeOptions::shrink).
+    fn resize(&mut self, new_size: u64, opts: &crate::options::ResizeOptions) -> Result<()>;
 }

@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::device::{BlockDevice, MappingKind};
-use crate::formats::{Format, OpenOptions};
+use crate::format::Format;
 use crate::inspect::{inspect_with, InspectLimits};
+use crate::options::OpenOptions;
 
 /// Most `map()` calls per input.
 pub const MAX_MAP_CALLS: u64 = 10_000;

@@ -21,7 +21,8 @@ use serde::{Serialize, Serializer};
 
 use crate::device::{BlockDevice, HostFile, ImageInfo, MappingKind};
 use crate::error::{Error, ErrorKind, Result};
-use crate::formats::{Format, OpenOptions};
+use crate::format::Format;
+use crate::options::OpenOptions;
 use crate::probe::{probe_report, ProbeReport};
 
 /// Virtual sizes above this are reported as [`FindingKind::VirtualSizeSuspicious`]: no

@@ -5,6 +5,20 @@
 //! Files named inside an image (backing files, extents, parents) are never opened unless
 //! the caller opts in with [`OpenOptions::allow_references`].
 //!
+//! # Where things live
+//! Everything below is re-exported at the crate root; the modules are floors, each
+//! importing only from the floors under it (`tests/layering.rs` keeps it so):
+//! - the core: [`error`] (one [`Error`]), [`format`](mod@format) ([`Format`] and its qemu-img names),
+//!   [`options`] ([`OpenOptions`], [`CreateOptions`], [`ResizeOptions`], [`parse_size`]),
+//!   [`references`] (the gate deciding which files named inside an image may be opened),
+//!   [`device`] ([`BlockDevice`], the read side, and [`ImageEditor`], the in-place side),
+//!   [`writer`] ([`ImageWriter`], [`AtomicOutput`]) and [`convert`](mod@convert) (the engine,
+//!   [`convert_device`], which knows no format and no path);
+//! - [`formats`]: one folder per format and the dispatch from a [`Format`] to it;
+//! - [`probe`](mod@probe) and [`inspect`](mod@inspect): detection and the safety inspection;
+//! - [`ops`]: the commands as functions over files ([`convert()`], [`resize()`]), which the
+//!   CLI calls.
+//!
 //! ```no_run
 //! use diskconv::{open, OpenOptions, DeviceReader};
 //! let dev = open("disk.qcow2", &OpenOptions::new())?;
@@ -14,26 +28,37 @@
 //! ```
 #![warn(missing_docs)]
 
+// The core: imports nothing from the floors above it (a test keeps it so).
 pub mod convert;
 pub mod device;
 pub mod error;
+pub mod format;
+pub mod options;
+pub mod references;
+pub mod writer;
+// The formats, one folder each, behind one dispatch.
 pub mod formats;
+// Detection, inspection and the commands, over the formats.
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inspect;
+pub mod ops;
 pub mod probe;
-pub mod writer;
 
 use std::path::Path;
 
-pub use convert::{
-    convert, convert_device, convert_to_path, ConvertOptions, ConvertReport, UnreadableRange,
-};
-pub use device::{BlockDevice, DeviceReader, ImageInfo, Mapping, MappingKind};
+pub use convert::{convert_device, ConvertOptions, ConvertReport, UnreadableRange};
+pub use device::{BlockDevice, DeviceReader, ImageEditor, ImageInfo, Mapping, MappingKind};
 pub use error::{Error, ErrorKind, Result};
-pub use formats::{CreateOptions, Format, OpenOptions};
+pub use format::Format;
 pub use inspect::{inspect, Finding, FindingKind, Inspection};
-pub use writer::{AtomicOutput, ImageWriter, Output, OutputKind, OutputOptions};
+pub use ops::convert::{convert, convert_to_path};
+pub use ops::resize::resize;
+pub use options::{
+    parse_bool, parse_size, CreateOptions, OpenOptions, OptionHelp, Preallocation, ResizeOptions,
+};
+pub use references::MAX_CHAIN_DEPTH;
+pub use writer::{random_uuid_v4, AtomicOutput, ImageWriter, Output, OutputKind, OutputOptions};
 
 /// Open the image at `path` for reading: the format named in `opts`, or the probed one.
 pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use diskconv::formats::parse_size;
+use diskconv::parse_size;
 use diskconv::{ConvertOptions, CreateOptions, Error, Format, ImageInfo, OpenOptions, Result};
 
 /// qemu-img's names, listed in `--help` so users need not guess (`vhd` is accepted for `vpc`).
@@ -289,7 +289,7 @@ fn option_shown(format: Format, key: &str, v: &str) -> String {
         .map(|o| o.kind);
     match kind {
         Some("size") => parse_size(v).map_or(v.to_string(), |n| n.to_string()),
-        Some("bool") => diskconv::formats::parse_bool(key, v)
+        Some("bool") => diskconv::parse_bool(key, v)
             .map_or(v.to_string(), |b| if b { "on" } else { "off" }.to_string()),
         _ => v.to_string(),
     }

@@ -20,7 +20,7 @@ use std::path::Path;
 
 use crate::device::HostFile;
 use crate::error::{Error, Result};
-use crate::formats::Format;
+use crate::format::Format;
 
 /// How many leading bytes probing reads: enough for every header and a vmdk descriptor's
 /// first line.
@@ -251,7 +251,7 @@ pub fn probe(path: &Path) -> Result<Format> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::formats::OpenOptions;
+    use crate::options::OpenOptions;
     use crate::{ErrorKind, MappingKind};
 
     fn qcow2_magic() -> Vec<u8> {

@@ -785,6 +785,105 @@ fn write_zeros_at(file: &File, mut at: u64, end: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A fresh random version-4 UUID in RFC 4122 byte order, for the formats that stamp one
+/// on each new image. Random bytes from the OS; if /dev/urandom is unreadable, from std's
+/// randomly keyed SipHash (uniqueness is all a UUID needs, not secrecy).
+pub fn random_uuid_v4() -> [u8; 16] {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_err()
+    {
+        use std::hash::BuildHasher;
+        let s = std::collections::hash_map::RandomState::new();
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let a = s.hash_one((t, std::process::id(), 1u8));
+        let c = s.hash_one((t, std::process::id(), 2u8));
+        b[..8].copy_from_slice(&a.to_le_bytes());
+        b[8..].copy_from_slice(&c.to_le_bytes());
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    b
+}
+
+/// The file an in-place operation ([`crate::device::ImageEditor`]) changes. Every mutation
+/// (write, length change, flush) goes through here and is counted, so a test can make the
+/// Nth one fail and check the image is still whole: crash safety proven, not argued.
+#[derive(Debug)]
+pub struct EditFile {
+    file: File,
+    path: PathBuf,
+    writes: u64,
+    fail_at: Option<u64>,
+}
+
+impl EditFile {
+    /// Wrap `file` (opened read-write at `path`); `fail_at` is the test hook (see
+    /// [`crate::options::ResizeOptions::fail_at_write`]).
+    pub fn new(file: File, path: &Path, fail_at: Option<u64>) -> Self {
+        EditFile {
+            file,
+            path: path.to_path_buf(),
+            writes: 0,
+            fail_at,
+        }
+    }
+
+    /// The file, for reads.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// How many mutations ran so far (the last failed one included).
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    fn step(&mut self, what: &str) -> Result<()> {
+        self.writes += 1;
+        if self.fail_at == Some(self.writes) {
+            return Err(Error::io(
+                format!("{what} (write {} failed by the test hook)", self.writes),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            )
+            .with_path(&self.path));
+        }
+        Ok(())
+    }
+
+    /// Write all of `data` at `offset`.
+    pub fn write_at(&mut self, data: &[u8], offset: u64, what: &str) -> Result<()> {
+        self.step(what)?;
+        self.file.write_all_at(data, offset).map_err(|e| {
+            Error::io(format!("writing {what}"), e)
+                .at(offset)
+                .with_path(&self.path)
+        })
+    }
+
+    /// Set the file's length.
+    pub fn set_len(&mut self, len: u64, what: &str) -> Result<()> {
+        self.step(what)?;
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io(what.to_string(), e).with_path(&self.path))
+    }
+
+    /// Flush data and metadata to stable storage: the barrier between "new tables
+    /// written" and "the switching write".
+    pub fn sync(&mut self, what: &str) -> Result<()> {
+        self.step(what)?;
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io(what.to_string(), e).with_path(&self.path))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

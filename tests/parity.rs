@@ -225,7 +225,7 @@ fn compress_with_monolithic_sparse_vmdk_stores_grains_as_qemu_does() {
 }
 
 fn size_bytes(s: &str) -> u64 {
-    diskconv::formats::parse_size(s).unwrap()
+    diskconv::parse_size(s).unwrap()
 }
 
 fn file_len(p: &Path) -> u64 {

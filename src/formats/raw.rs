@@ -8,11 +8,15 @@ use std::fs::File;
 #[cfg(test)]
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
+use std::path::Path;
 
-use crate::device::{check_guest_range, BlockDevice, HostFile, ImageInfo, Mapping, MappingKind};
+use crate::device::{
+    check_guest_range, BlockDevice, HostFile, ImageEditor, ImageInfo, Mapping, MappingKind,
+};
 use crate::error::{Error, Result};
-use crate::formats::{CreateOptions, Format, OpenOptions, OptionHelp};
-use crate::writer::{write_all_at, ImageWriter, Sink};
+use crate::format::Format;
+use crate::options::{CreateOptions, OpenOptions, OptionHelp, Preallocation, ResizeOptions};
+use crate::writer::{write_all_at, EditFile, ImageWriter, Sink};
 
 /// Options `-O raw` accepts.
 pub const CREATE_OPTIONS: &[OptionHelp] = &[OptionHelp {
@@ -195,6 +199,75 @@ impl ImageWriter for RawWriter {
         self.file
             .set_len(self.size)
             .map_err(|e| Error::io("setting output length", e))?;
+        Ok(())
+    }
+}
+
+/// The in-place side of a raw image: its length is its guest size.
+#[derive(Debug)]
+pub struct RawEditor {
+    file: EditFile,
+    len: u64,
+}
+
+/// Open a raw image for in-place changes. Only a regular file: a block device's size is
+/// the device's, changed by the tool that owns it (lvresize, rbd resize), never by us.
+pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<dyn ImageEditor>> {
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io("cannot stat the image", e).with_path(path))?;
+    if !meta.is_file() {
+        return Err(Error::unsupported(
+            "not a regular file: a block device's size is the device's (resize the device itself, e.g. with lvresize or rbd resize)",
+        )
+        .with_path(path));
+    }
+    Ok(Box::new(RawEditor {
+        file: EditFile::new(file, path, opts.fail_at_write),
+        len: meta.len(),
+    }))
+}
+
+/// Zeros written per call by `--preallocation=full`.
+const PREALLOC_CHUNK: usize = 1 << 20;
+
+impl ImageEditor for RawEditor {
+    fn virtual_size(&self) -> u64 {
+        self.len
+    }
+
+    fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
+        let old = self.len;
+        if new_size == old {
+            return Ok(());
+        }
+        if new_size < old && !opts.shrink {
+            return Err(Error::arg(
+                "Use the --shrink option to perform a shrink operation.",
+            ));
+        }
+        if new_size < old || opts.preallocation == Preallocation::Off {
+            // One length change: atomic, so the image is before or after, never between.
+            self.file.set_len(new_size, "setting the new length")?;
+        } else {
+            let zeros = vec![0u8; PREALLOC_CHUNK];
+            let mut off = old;
+            let r = (|| -> Result<()> {
+                while off < new_size {
+                    let n = (new_size - off).min(PREALLOC_CHUNK as u64) as usize;
+                    self.file
+                        .write_at(&zeros[..n], off, "preallocating new space")?;
+                    off += n as u64;
+                }
+                self.file.sync("flushing the new space")
+            })();
+            if let Err(e) = r {
+                // Back to "before": drop whatever part of the new tail was written.
+                let _ = self.file.file().set_len(old);
+                return Err(e);
+            }
+        }
+        self.len = new_size;
         Ok(())
     }
 }

@@ -7,7 +7,7 @@
 
 use crate::device::{BlockDevice, HostFile};
 use crate::error::Result;
-use crate::formats::{CreateOptions, OpenOptions, OptionHelp};
+use crate::options::{CreateOptions, OpenOptions, OptionHelp};
 use crate::writer::ImageWriter;
 
 pub mod compress;

@@ -13,7 +13,8 @@ use super::compress::decompress;
 use super::header::*;
 use crate::device::{check_guest_range, BlockDevice, HostFile, ImageInfo, Mapping, MappingKind};
 use crate::error::{Error, Result};
-use crate::formats::{Format, OpenOptions};
+use crate::format::Format;
+use crate::options::OpenOptions;
 
 /// Bits 9..=55 of L1 and standard L2 entries: the host offset.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;

@@ -18,7 +18,7 @@ use super::compress;
 use super::header::*;
 use super::reader::{COMPRESSED, COPIED};
 use crate::error::{Error, Result};
-use crate::formats::{CreateOptions, OptionHelp};
+use crate::options::{CreateOptions, OptionHelp};
 use crate::writer::{write_all_at, Encoder, ImageWriter, Sink};
 
 /// Options `-O qcow2` accepts.

@@ -132,7 +132,7 @@ impl VdiUuid {
 
     /// A fresh random (version 4) UUID, in VDI byte order.
     pub fn random() -> Self {
-        Self::from_rfc_bytes(crate::formats::random_uuid_v4())
+        Self::from_rfc_bytes(crate::writer::random_uuid_v4())
     }
 
     /// Convert from RFC 4122 (big-endian fields) byte order.

@@ -10,7 +10,7 @@
 
 use crate::device::{BlockDevice, HostFile};
 use crate::error::{Error, Result};
-use crate::formats::{CreateOptions, OpenOptions, OptionHelp};
+use crate::options::{CreateOptions, OpenOptions, OptionHelp};
 use crate::writer::ImageWriter;
 
 pub mod header;

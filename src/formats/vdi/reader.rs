@@ -6,7 +6,7 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 use super::header::{VdiHeader, BLOCK_DISCARDED, BLOCK_UNALLOCATED, HEADER_BLOCK};
 use crate::device::{read_via_map, BlockDevice, HostFile, ImageInfo, Mapping, MappingKind};
 use crate::error::{Error, Result};
-use crate::formats::Format;
+use crate::format::Format;
 
 /// Largest block map we load (8 Mi entries: 8 TiB in 1 MiB blocks).
 pub const MAX_BMAP_BYTES: u64 = 32 << 20;

@@ -26,7 +26,8 @@ use super::footer::{DiskType, Footer, FOOTER_COOKIE, FOOTER_SIZE};
 use super::geometry::{MAX_GEOMETRY_SECTORS, MAX_SECTORS};
 use crate::device::{check_guest_range, BlockDevice, HostFile, ImageInfo, Mapping, MappingKind};
 use crate::error::{checked_add, checked_mul, Error, Result};
-use crate::formats::{Format, OpenOptions};
+use crate::format::Format;
+use crate::options::OpenOptions;
 
 /// Largest BAT we load (entries x 4 bytes).
 pub const MAX_BAT_BYTES: u64 = 32 << 20;

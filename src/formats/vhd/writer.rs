@@ -19,7 +19,7 @@ use super::footer::{DiskType, Footer, FOOTER_SIZE, NO_DATA_OFFSET, VHD_EPOCH};
 use super::geometry::{Chs, MAX_SIZE};
 use super::reader::MAX_BAT_BYTES;
 use crate::error::{Error, Result};
-use crate::formats::CreateOptions;
+use crate::options::CreateOptions;
 use crate::writer::{write_all_at, ImageWriter, Sink};
 
 /// Default dynamic block size, as every VHD producer uses.
@@ -153,7 +153,7 @@ fn make_footer(size: u64, disk_type: DiskType) -> Footer {
         sectors_per_track: chs.sectors_per_track,
         disk_type,
         checksum: 0,
-        uuid: crate::formats::random_uuid_v4(),
+        uuid: crate::writer::random_uuid_v4(),
         saved_state: 0,
     }
 }

@@ -12,7 +12,8 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 
 use crate::device::{check_guest_range, BlockDevice, HostFile, ImageInfo, Mapping, MappingKind};
 use crate::error::{Error, Result};
-use crate::formats::{Format, OpenOptions};
+use crate::format::Format;
+use crate::options::OpenOptions;
 
 use super::descriptor::{looks_like_descriptor, Access, Descriptor, ExtentType};
 use super::sparse::{

@@ -5,7 +5,7 @@
 use byteorder::{ByteOrder, LittleEndian as LE};
 
 use crate::error::{Error, Result};
-use crate::formats::{CreateOptions, OptionHelp};
+use crate::options::{CreateOptions, OptionHelp};
 use crate::writer::{write_all_at, ImageWriter, Sink};
 
 use super::sparse::{
@@ -234,7 +234,7 @@ fn check_text(key: &str, v: &str) -> Result<()> {
 
 /// A content id that is neither of the reserved values 0xffffffff / 0xfffffffe.
 fn new_cid() -> u32 {
-    let b = crate::formats::random_uuid_v4();
+    let b = crate::writer::random_uuid_v4();
     let v = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     // 0xfffffffe/0xffffffff mean "no parent" / "unset" in CID fields.
     v & 0x7fff_ffff
