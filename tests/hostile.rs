@@ -709,6 +709,7 @@ fn qemu_accepts(path: &Path, fmt: &str) {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn builder_baselines_are_valid_images() {
     if !common::have_qemu() {
         return;
@@ -839,6 +840,7 @@ fn vhd_differencing_parent_naming_a_host_file_is_refused() {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn opt_in_follows_relative_references_inside_the_folder() {
     if !common::have_qemu() {
         return;
@@ -958,6 +960,7 @@ fn opt_in_follows_a_relative_vhd_parent_inside_the_folder() {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn reference_chains_are_bounded_and_cycles_refused() {
     if !common::have_qemu() {
         return;
@@ -1337,6 +1340,7 @@ fn inspect_cli_exit_codes() {
 // do not read, and passes every image a reader exists for.
 
 #[test]
+#[cfg_attr(no_bzip2, ignore = "needs bzip2 for the corpus: apt-get install bzip2")]
 fn inspect_judges_the_shared_corpus() {
     let Some(dir) = common::corpus_dir() else {
         return;

@@ -24,14 +24,6 @@ fn qemu_io(img: &Path, cmds: &[&str]) {
     run(&args);
 }
 
-fn have_qemu_io() -> bool {
-    Command::new("qemu-io")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
 /// `qemu-img convert -O qcow2 -o OPTS [-c] src dst`.
 fn qemu_make(src: &Path, dst: &Path, opts: &str, compress: bool) {
     let mut a = vec!["convert", "-f", "raw", "-O", "qcow2"];
@@ -68,6 +60,7 @@ fn read_be64(p: &Path, off: u64) -> u64 {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn reads_qemu_images_across_options() {
     if !have_qemu() {
         return;
@@ -116,6 +109,7 @@ fn reads_qemu_images_across_options() {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn reads_zero_clusters_subclusters_and_odd_sizes() {
     if !have_qemu() || !have_qemu_io() {
         return;
@@ -193,6 +187,7 @@ fn reads_zero_clusters_subclusters_and_odd_sizes() {
 /// Our writer over the option matrix: qemu-img check clean (no leaks), identical content,
 /// same virtual size, and our own reader agrees.
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn writer_output_is_clean_and_identical_for_qemu() {
     if !have_qemu() {
         return;
@@ -261,6 +256,7 @@ fn writer_output_is_clean_and_identical_for_qemu() {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn empty_and_zero_sized_images_are_valid() {
     if !have_qemu() {
         return;
@@ -382,6 +378,7 @@ proptest! {
 }
 
 #[test]
+#[cfg_attr(no_bzip2, ignore = "needs bzip2 for the corpus: apt-get install bzip2")]
 fn corpus_qcow2_reads_bit_exact() {
     let Some(dir) = corpus_dir() else { return };
     let tmp = tempfile::tempdir().unwrap();
@@ -548,6 +545,7 @@ fn hostile_images_fail_cleanly_and_fast() {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn backing_and_data_files_go_through_the_gate() {
     if !have_qemu() || !have_qemu_io() {
         return;
@@ -710,6 +708,7 @@ fn random_corruption_never_panics() {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn sparse_terabyte_image_maps_in_few_steps() {
     if !have_qemu() || !have_qemu_io() {
         return;
@@ -736,6 +735,7 @@ fn sparse_terabyte_image_maps_in_few_steps() {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn dirty_lazy_refcount_images_and_internal_snapshots_read_like_qemu() {
     if !have_qemu() || !have_qemu_io() {
         return;

@@ -37,6 +37,7 @@ fn read_all(dev: &dyn diskconv::BlockDevice) -> Vec<u8> {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn reads_qemu_made_images_bit_exact() {
     if !have_qemu() {
         return;
@@ -96,6 +97,7 @@ fn reads_qemu_made_images_bit_exact() {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn our_images_pass_qemu_check_and_compare() {
     if !have_qemu() {
         return;
@@ -282,6 +284,7 @@ fn compression_and_unknown_options_are_refused() {
 /// A qemu-made image whose map we rewrite: entries in reverse host order and a discarded
 /// block (qemu never writes either, VirtualBox does).
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn reordered_and_discarded_blocks_read_like_qemu() {
     if !have_qemu() {
         return;
@@ -311,6 +314,7 @@ fn reordered_and_discarded_blocks_read_like_qemu() {
 }
 
 #[test]
+#[cfg_attr(no_bzip2, ignore = "needs bzip2 for the corpus: apt-get install bzip2")]
 fn corpus_image_matches_manifest() {
     let Some(dir) = corpus_dir() else { return };
     let tmp = tempfile::tempdir().unwrap();

@@ -42,6 +42,7 @@ fn assert_map_tiles(dev: &dyn BlockDevice) {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn qemu_made_images_read_bit_exact() {
     if !have_qemu() {
         return;
@@ -157,6 +158,7 @@ fn check_our_output(raw: &Path, out: &Path, opts: &[(&str, &str)], want_size: u6
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn our_outputs_read_bit_exact_by_qemu_at_the_exact_size() {
     if !have_qemu() {
         return;
@@ -313,6 +315,7 @@ fn maximum_size_is_enforced() {
 }
 
 #[test]
+#[cfg_attr(no_bzip2, ignore = "needs bzip2 for the corpus: apt-get install bzip2")]
 fn corpus_vhds() {
     let Some(c) = corpus_dir() else { return };
     let tmp = tempfile::tempdir().unwrap();

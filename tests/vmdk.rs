@@ -64,6 +64,7 @@ fn assert_same_as_raw(dev: &dyn BlockDevice, raw: &Path) {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn qemu_made_images_read_bit_exact() {
     if !have_qemu() {
         return;
@@ -130,6 +131,7 @@ fn qemu_made_images_read_bit_exact() {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn qemu_split_images_with_several_extents() {
     if !have_qemu() {
         return;
@@ -168,6 +170,7 @@ fn qemu_split_images_with_several_extents() {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn our_images_are_read_by_qemu_and_check_clean() {
     if !have_qemu() {
         return;
@@ -367,6 +370,7 @@ fn stream_optimized_output_has_vmware_marker_stream() {
 }
 
 #[test]
+#[cfg_attr(no_bzip2, ignore = "needs bzip2 for the corpus: apt-get install bzip2")]
 fn corpus_vmdks_read_bit_exact_or_fail_cleanly() {
     let Some(dir) = corpus_dir() else { return };
     let tmp = tempfile::tempdir().unwrap();
@@ -598,13 +602,9 @@ proptest! {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
 fn delta_disk_reads_through_its_parent_only_when_allowed() {
-    if !have_qemu()
-        || std::process::Command::new("qemu-io")
-            .arg("--version")
-            .output()
-            .is_err()
-    {
+    if !have_qemu() || !have_qemu_io() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

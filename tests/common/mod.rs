@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests: qemu-img as the oracle, sample images,
-//! the shared corpus. Each test file uses the parts it needs.
+//! the corpus in tests/data, and counters of the work a test does. Each test file uses
+//! the parts it needs.
 #![allow(dead_code)]
 
 use std::io::Read;
@@ -10,17 +11,68 @@ use sha2::{Digest, Sha256};
 
 use diskconv::{BlockDevice, ConvertOptions, Format, OpenOptions};
 
-/// True when qemu-img is installed; tests that need it return early (with a note) when not.
-pub fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
+/// The install command named in every "oracle missing" message.
+pub const INSTALL_HINT: &str = "apt-get install qemu-utils bzip2 time (or run ./scripts/test, \
+     which installs them)";
+
+/// True when the oracles must be there: `CI` set (to anything but `false`/`0`) or
+/// `DISKCONV_REQUIRE_QEMU=1`. Then a missing tool fails the test that needs it instead of
+/// skipping it; build.rs reads the same variables to decide what cargo may ignore.
+pub fn oracles_required() -> bool {
+    let ci = std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"));
+    ci || std::env::var("DISKCONV_REQUIRE_QEMU").is_ok_and(|v| v == "1")
+}
+
+/// True when `tool --version` runs.
+fn tool_runs(tool: &str) -> bool {
+    Command::new(tool)
         .arg("--version")
         .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("qemu-img not found: skipping differential test");
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Whether `tool` is installed. Missing, it panics (the install command in the message)
+/// when the oracles are required or when build.rs saw it (`missing_at_build` false: the
+/// test was not marked ignored, so returning would count a test that did not run as
+/// passed); otherwise it notes the skip and returns false.
+#[track_caller]
+fn have_tool(tool: &str, missing_at_build: bool) -> bool {
+    if tool_runs(tool) {
+        return true;
     }
-    ok
+    assert!(
+        !oracles_required(),
+        "{tool} not found and CI or DISKCONV_REQUIRE_QEMU=1 is set: {INSTALL_HINT}"
+    );
+    assert!(
+        missing_at_build,
+        "{tool} not found, but it was there when the tests were built: {INSTALL_HINT}, \
+         or rebuild so the tests that need it are ignored"
+    );
+    eprintln!("{tool} not found: its part of this test is skipped ({INSTALL_HINT})");
+    false
+}
+
+/// True when qemu-img is installed. Tests that need it throughout carry
+/// `#[cfg_attr(no_qemu, ignore = "...")]` (build.rs), so without it cargo reports them as
+/// ignored; a test that only cross-checks with it runs its own part and skips the rest.
+/// With the oracles required (CI), a missing qemu-img fails the test.
+#[track_caller]
+pub fn have_qemu() -> bool {
+    have_tool("qemu-img", cfg!(no_qemu))
+}
+
+/// True when qemu-io (also from qemu-utils) is installed; same rules as [`have_qemu`].
+#[track_caller]
+pub fn have_qemu_io() -> bool {
+    have_tool("qemu-io", cfg!(no_qemu))
+}
+
+/// True when bzip2 (which unpacks the corpus's `.bz2` files) is installed; tests that need
+/// it carry `#[cfg_attr(no_bzip2, ignore = "...")]`.
+#[track_caller]
+pub fn have_bzip2() -> bool {
+    have_tool("bzip2", cfg!(no_bzip2))
 }
 
 /// Run a command, panic with its stderr unless it succeeds, return stdout.
@@ -227,15 +279,17 @@ pub fn qemu_info(img: &Path, fmt: Format) -> serde_json::Value {
     .unwrap()
 }
 
-/// The shared corpus folder, if present.
+/// The corpus of real images kept in the repository (tests/data/corpus: README.md says
+/// where each came from, MANIFEST.tsv what it must read as). Always there in a clone, so
+/// corpus tests never skip; the `.bz2` files need bzip2 (see [`have_bzip2`]).
 pub fn corpus_dir() -> Option<PathBuf> {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus");
-    if d.join("MANIFEST.tsv").exists() {
-        Some(d)
-    } else {
-        eprintln!("../shared/corpus absent: skipping corpus test");
-        None
-    }
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/corpus");
+    assert!(
+        d.join("MANIFEST.tsv").exists(),
+        "{} missing: the corpus is part of the repository",
+        d.display()
+    );
+    have_bzip2().then_some(d)
 }
 
 /// One MANIFEST.tsv row.
@@ -280,8 +334,8 @@ pub fn corpus_file(dir: &Path, name: &str, tmp: &Path) -> PathBuf {
         let o = Command::new("bzip2")
             .args(["-dc", s(&src)])
             .output()
-            .expect("bzip2");
-        assert!(o.status.success());
+            .unwrap_or_else(|e| panic!("bzip2 ({INSTALL_HINT}): {e}"));
+        assert!(o.status.success(), "bzip2 -dc {}: {:?}", src.display(), o.status);
         std::fs::write(&out, o.stdout).unwrap();
         out
     } else {
