@@ -33,6 +33,11 @@ pub use formats::{CreateOptions, Format, OpenOptions};
 pub use inspect::{inspect, Finding, FindingKind, Inspection};
 pub use writer::{AtomicOutput, ImageWriter};
 
+// The README's code example is compiled as a doctest, so it cannot drift from the API.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 /// Open the image at `path` for reading: the format named in `opts`, or the probed one.
 pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
     formats::open_with(path.as_ref(), opts)

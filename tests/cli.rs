@@ -146,7 +146,10 @@ fn writer_notes_reach_stderr() {
 }
 
 #[test]
-#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils")]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils"
+)]
 fn info_names_backing_files_without_opening_them() {
     if !have_qemu() {
         return;
