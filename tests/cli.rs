@@ -117,7 +117,12 @@ fn interrupted_conversion_leaves_nothing() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    // Interrupt once the temporary output exists (the handler is installed and writing
+    // has begun), not after a fixed sleep that a loaded machine may outlast.
+    let _guard = hang_guard("waiting for the temporary output");
+    while std::fs::read_dir(dir.path()).unwrap().count() < 2 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
     assert!(!status.success());
