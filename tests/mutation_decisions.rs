@@ -59,8 +59,14 @@ fn vhd_sector_bitmap_decides_which_sectors_hold_data() {
     let dev = open_as(&vhd, Format::Vhd);
     let mut sector = vec![1u8; 1024];
     dev.read_at(&mut sector, 0).unwrap();
-    assert!(sector[..512].iter().all(|&x| x == 0), "absent sector reads as zeros");
-    assert!(sector[512..].iter().all(|&x| x == 0x5a), "present sector reads its data");
+    assert!(
+        sector[..512].iter().all(|&x| x == 0),
+        "absent sector reads as zeros"
+    );
+    assert!(
+        sector[512..].iter().all(|&x| x == 0x5a),
+        "present sector reads its data"
+    );
 
     // qemu-img ignores the bitmap and reads the stale bytes: the documented difference.
     let q = dir.path().join("q.raw");
@@ -95,7 +101,14 @@ fn vmdk_descriptor_without_parent_cid_reads_its_extents() {
     let desc = std::fs::read_to_string(&vmdk).unwrap();
     std::fs::write(&vmdk, desc.replace("parentCID=", "pqrentCID=")).unwrap();
     let out = dir.path().join("out.raw");
-    let o = dc_convert(&["convert", "-f", "vmdk", "--allow-references", s(&vmdk), s(&out)]);
+    let o = dc_convert(&[
+        "convert",
+        "-f",
+        "vmdk",
+        "--allow-references",
+        s(&vmdk),
+        s(&out),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(sha256_file(&out), sha256_file(&raw));
 }
@@ -123,7 +136,10 @@ fn vmdk_unknown_create_type_is_refused() {
         s(&vmdk),
     ]);
     let desc = std::fs::read_to_string(&vmdk).unwrap();
-    for bad in ["createType=\"monolithicFlav\"", "createTypa=\"monolithicFlat\""] {
+    for bad in [
+        "createType=\"monolithicFlav\"",
+        "createTypa=\"monolithicFlat\"",
+    ] {
         std::fs::write(&vmdk, desc.replace("createType=\"monolithicFlat\"", bad)).unwrap();
         let opts = OpenOptions::new()
             .format(Format::Vmdk)
@@ -164,7 +180,7 @@ fn truncated_qcow2_is_corrupt_not_zero_filled() {
         Err(e) => e,
         Ok(dev) => {
             let mut buf = vec![0u8; 1 << 20];
-            dev.read_at(&mut buf, 0).err().expect("read past the end")
+            dev.read_at(&mut buf, 0).expect_err("read past the end")
         }
     };
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
