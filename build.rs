@@ -41,10 +41,12 @@ fn main() {
             true
         }
         None => {
-            // A path that does not exist keeps the script rerunning on every build, so
-            // installing the tool later is noticed without a `cargo clean`.
-            if let Some(dir) = env::var_os("PATH").and_then(|p| env::split_paths(&p).next()) {
-                println!("cargo:rerun-if-changed={}", dir.join(tool).display());
+            // Installing the tool changes one of these folders' mtime: the cfg is then
+            // recomputed without a `cargo clean` (and without rerunning on every build).
+            for dir in env::var_os("PATH").iter().flat_map(env::split_paths) {
+                if dir.is_dir() {
+                    println!("cargo:rerun-if-changed={}", dir.display());
+                }
             }
             false
         }
