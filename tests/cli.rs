@@ -74,6 +74,9 @@ fn info_json_has_qemu_keys_and_matches_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("a.raw");
     make_raw(&src, (2 << 20) + 512, 4);
+    // Settle the allocation first: until writeback, st_blocks (actual-size) can change
+    // between our info and qemu-img's (seen: 4 KiB apart on a busy machine).
+    std::fs::File::open(&src).unwrap().sync_all().unwrap();
     let o = dc(&["info", "--output=json", s(&src)]);
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
