@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
 # Time `diskconv convert` against `qemu-img convert` on the same inputs, in one run.
-# Prints wall time, peak RSS and the ratio (diskconv / qemu-img; below 1.00 means we win).
+# Prints median wall time, median CPU time, peak RSS and the ratios
+# (diskconv / qemu-img; below 1.00 means diskconv is faster).
 #
-# After one uncounted warm-up run each, each tool runs ROUNDS times (default 3), alternating, after `sync` and with its previous
-# output removed, so neither pays for the other's page-cache writeback; the best time and
-# the highest peak RSS are reported.
+# Every timed run writes a durable output: the old output is removed and everything dirty
+# is flushed (`rm -f OUT; sync`, untimed), then `CMD && sync` is timed, so each tool pays
+# for its own writeback and never for the other's. The tools alternate (qemu-img first in
+# odd rounds, diskconv first in even ones) after one uncounted warm-up run each, and the
+# median of ROUNDS runs (default 5) is printed, not the best.
 #
 # usage: benches/vs-qemu-img.sh [SIZE_BYTES] [PAIRS...]
-#   SIZE_BYTES  workload size (default 2 GiB, the standard ../shared/tools/gen-workload.py one)
+#   SIZE_BYTES  workload size (default 2 GiB: the standard workload of
+#               benches/gen-workload.py, deterministic for a given size)
 #   PAIRS       subset of the pair names below (default: all)
+# env: ROUNDS (default 5), BENCH_WORK (scratch folder, default bench-work/)
+# needs: qemu-img (apt-get install qemu-utils), GNU time (apt-get install time), python3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${1:-$((2 << 30))}
 shift || true
 WORK=${BENCH_WORK:-bench-work}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
+for tool in qemu-img python3 /usr/bin/time; do
+  command -v "$tool" >/dev/null || { echo "$tool not found: apt-get install qemu-utils time python3" >&2; exit 1; }
+done
 mkdir -p "$WORK"
 cargo build --release --quiet
 DC=target/release/diskconv
-GEN=../shared/tools/gen-workload.py
 SRC="$WORK/workload-$SIZE.raw"
-[ -f "$SRC" ] || python3 "$GEN" "$SRC" "$SIZE"
+[ -f "$SRC" ] || python3 benches/gen-workload.py "$SRC" "$SIZE"
 
 # Inputs in other formats, made by qemu-img so both tools read the same file.
 prep() { # name fmt opts...
@@ -47,27 +55,31 @@ PAIRS_ALL=(
 )
 want=("$@")
 
-measure() { # tool args... ; prints "wall_seconds maxrss_kib cpu_seconds"
+# One durable run: prints "wall_seconds cpu_seconds maxrss_kib", or "FAIL".
+# usage: measure OUT CMD...
+measure() {
+  local out=$1; shift
   local t; t=$(mktemp)
+  rm -f "$out"; sync
   # This machine's kernel reclaims idle page cache within seconds: re-read the input so
   # every run starts from the same warm cache.
   cat "$in" >/dev/null
-  if /usr/bin/time -f "%e %M %U %S" -o "$t" "$@" >/dev/null 2>"$t.err"; then
-    read -r e m u s <"$t"
-    echo "$e $m $(python3 -c "print(round($u + $s, 2))")"
+  if /usr/bin/time -f "%e %U %S %M" -o "$t" sh -c '"$@" && sync' sh "$@" >/dev/null 2>"$t.err"; then
+    read -r e u s m <"$t"
+    python3 -c "print($e, round($u + $s, 2), $m)"
   else
-    echo "FAIL FAIL FAIL"; sed 's/^/    /' "$t.err" | head -3 >&2
+    echo FAIL; sed 's/^/    /' "$t.err" | head -3 >&2
   fi
   rm -f "$t" "$t.err"
 }
 
-best() { # the smaller of two times (the first may be empty)
-  if [ -z "$1" ]; then echo "$2"; else python3 -c "print(min($1, $2))"; fi
-}
+# Median of the numbers given as arguments.
+median() { python3 -c 'import statistics, sys; print(statistics.median(map(float, sys.argv[1:])))' "$@"; }
+ratio() { python3 -c "print(f'{$1 / max($2, 0.01):.2f}')"; }
 
 # Wall time is the figure that counts; CPU time (user+sys) is printed beside it because it
 # is far less disturbed by other load on the machine.
-printf "%-18s %8s %8s %6s %8s %8s %6s %7s %7s\n" pair "dc s" "qemu s" ratio "dc cpu" "qemu cpu" ratio "dc MiB" "qemu MiB"
+printf "%-18s %8s %8s %6s %8s %8s %6s %7s %8s\n" pair "dc s" "qemu s" ratio "dc cpu" "qemu cpu" ratio "dc MiB" "qemu MiB"
 for p in "${PAIRS_ALL[@]}"; do
   IFS='|' read -r name ifmt imk ofmt flags <<<"$p"
   if [ ${#want[@]} -gt 0 ] && [[ ! " ${want[*]} " == *" $name "* ]]; then continue; fi
@@ -75,41 +87,34 @@ for p in "${PAIRS_ALL[@]}"; do
     # shellcheck disable=SC2086
     in=$(prep "$name" "$ifmt" $imk)
   fi
-  cat "$in" >/dev/null # same warm page cache for both tools
   o1="$WORK/out-dc"; o2="$WORK/out-qemu"
-  ds=""; ts=""; dm=0; tm=0; dc=""; tc=""
-  # One uncounted warm-up run of each: the first write of a pair pays for the kernel
-  # reclaiming page cache, whichever tool goes first.
-  rm -f "$o1" "$o2"; sync
-  # shellcheck disable=SC2086
-  measure qemu-img convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o2" >/dev/null
-  # shellcheck disable=SC2086
-  measure "$DC" convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o1" >/dev/null
-  run_qemu() {
-    rm -f "$o2"; sync
-    # shellcheck disable=SC2086
-    read -r s m c < <(measure qemu-img convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o2")
-    [ "$s" = FAIL ] && { ts=FAIL; return 1; }
-    ts=$(best "$ts" "$s"); tm=$((m > tm ? m : tm)); tc=$(best "$tc" "$c")
+  # shellcheck disable=SC2206
+  qemu_cmd=(qemu-img convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o2")
+  # shellcheck disable=SC2206
+  dc_cmd=("$DC" convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o1")
+  # Uncounted warm-up: the first write of a pair pays for the kernel reclaiming page
+  # cache, whichever tool goes first.
+  measure "$o2" "${qemu_cmd[@]}" >/dev/null
+  measure "$o1" "${dc_cmd[@]}" >/dev/null
+  dw=(); dcpu=(); dm=0; qw=(); qcpu=(); qm=0; failed=""
+  run() { # dc|qemu
+    local r
+    if [ "$1" = dc ]; then r=$(measure "$o1" "${dc_cmd[@]}"); else r=$(measure "$o2" "${qemu_cmd[@]}"); fi
+    [ "$r" = FAIL ] && { failed="$1"; return 1; }
+    read -r w c m <<<"$r"
+    if [ "$1" = dc ]; then dw+=("$w"); dcpu+=("$c"); dm=$((m > dm ? m : dm))
+    else qw+=("$w"); qcpu+=("$c"); qm=$((m > qm ? m : qm)); fi
   }
-  run_dc() {
-    rm -f "$o1"; sync
-    # shellcheck disable=SC2086
-    read -r s m c < <(measure "$DC" convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o1")
-    [ "$s" = FAIL ] && { ds=FAIL; return 1; }
-    ds=$(best "$ds" "$s"); dm=$((m > dm ? m : dm)); dc=$(best "$dc" "$c")
-  }
-  # The order alternates: whichever tool runs second finds the other's fresh output on
-  # disk, and on this machine that alone can slow a run several-fold.
   for r in $(seq "$ROUNDS"); do
-    if [ $((r % 2)) -eq 1 ]; then run_qemu && run_dc || break; else run_dc && run_qemu || break; fi
+    if [ $((r % 2)) -eq 1 ]; then run qemu && run dc || break; else run dc && run qemu || break; fi
   done
-  if [ "$ds" = FAIL ] || [ "$ts" = FAIL ]; then
-    printf "%-18s %8s %8s %6s\n" "$name" "$ds" "$ts" "-"
+  if [ -n "$failed" ]; then
+    printf "%-18s %s failed\n" "$name" "$failed"
   else
-    ratio=$(python3 -c "print(f'{$ds/max($ts,0.01):.2f}')")
-    cratio=$(python3 -c "print(f'{$dc/max($tc,0.01):.2f}')")
-    printf "%-18s %8s %8s %6s %8s %8s %6s %7d %7d\n" "$name" "$ds" "$ts" "$ratio" "$dc" "$tc" "$cratio" $((dm / 1024)) $((tm / 1024))
+    ds=$(median "${dw[@]}"); ts=$(median "${qw[@]}")
+    dc=$(median "${dcpu[@]}"); tc=$(median "${qcpu[@]}")
+    printf "%-18s %8.2f %8.2f %6s %8.2f %8.2f %6s %7d %8d\n" "$name" "$ds" "$ts" "$(ratio "$ds" "$ts")" \
+      "$dc" "$tc" "$(ratio "$dc" "$tc")" $((dm / 1024)) $((qm / 1024))
     # Same guest content, or the figure means nothing.
     qemu-img compare -q -f "$ofmt" -F "$ofmt" "$o1" "$o2" || echo "    !! outputs differ for $name"
   fi

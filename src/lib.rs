@@ -60,6 +60,11 @@ pub use options::{
 pub use references::MAX_CHAIN_DEPTH;
 pub use writer::{random_uuid_v4, AtomicOutput, ImageWriter, Output, OutputKind, OutputOptions};
 
+// The README's code example is compiled as a doctest, so it cannot drift from the API.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 /// Open the image at `path` for reading: the format named in `opts`, or the probed one.
 pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
     formats::open_with(path.as_ref(), opts)

@@ -6,7 +6,6 @@ use common::*;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use diskconv::{ErrorKind, Format, MappingKind, OpenOptions};
 use proptest::prelude::*;
@@ -22,14 +21,6 @@ fn qemu_io(img: &Path, cmds: &[&str]) {
     }
     args.push(s(img));
     run(&args);
-}
-
-fn have_qemu_io() -> bool {
-    Command::new("qemu-io")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
 }
 
 /// `qemu-img convert -O qcow2 -o OPTS [-c] src dst`.
@@ -48,7 +39,10 @@ fn qemu_make(src: &Path, dst: &Path, opts: &str, compress: bool) {
 }
 
 fn open_err(p: &Path) -> diskconv::Error {
-    match diskconv::open(p, &OpenOptions::new().format(Format::Qcow2)) {
+    let what = format!("refusing {}", p.display());
+    match within_small_file_budget(&what, p, || {
+        diskconv::open(p, &OpenOptions::new().format(Format::Qcow2))
+    }) {
         Ok(_) => panic!("{} opened but should not", p.display()),
         Err(e) => e,
     }
@@ -68,6 +62,10 @@ fn read_be64(p: &Path, off: u64) -> u64 {
 }
 
 #[test]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils"
+)]
 fn reads_qemu_images_across_options() {
     if !have_qemu() {
         return;
@@ -116,6 +114,10 @@ fn reads_qemu_images_across_options() {
 }
 
 #[test]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils"
+)]
 fn reads_zero_clusters_subclusters_and_odd_sizes() {
     if !have_qemu() || !have_qemu_io() {
         return;
@@ -193,6 +195,10 @@ fn reads_zero_clusters_subclusters_and_odd_sizes() {
 /// Our writer over the option matrix: qemu-img check clean (no leaks), identical content,
 /// same virtual size, and our own reader agrees.
 #[test]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils"
+)]
 fn writer_output_is_clean_and_identical_for_qemu() {
     if !have_qemu() {
         return;
@@ -261,6 +267,10 @@ fn writer_output_is_clean_and_identical_for_qemu() {
 }
 
 #[test]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils"
+)]
 fn empty_and_zero_sized_images_are_valid() {
     if !have_qemu() {
         return;
@@ -382,6 +392,7 @@ proptest! {
 }
 
 #[test]
+#[cfg_attr(no_bzip2, ignore = "needs bzip2 for the corpus: apt-get install bzip2")]
 fn corpus_qcow2_reads_bit_exact() {
     let Some(dir) = corpus_dir() else { return };
     let tmp = tempfile::tempdir().unwrap();
@@ -419,7 +430,7 @@ fn small_image(dir: &Path, name: &str) -> PathBuf {
 fn hostile_images_fail_cleanly_and_fast() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let t0 = Instant::now();
+    let _guard = hang_guard("hostile qcow2 images");
 
     // Truncated inside the header, and after the header cluster (L1 and data gone).
     let p = small_image(d, "trunc.qcow2");
@@ -539,15 +550,13 @@ fn hostile_images_fail_cleanly_and_fast() {
     let p = small_image(d, "ext.qcow2");
     patch(&p, 112 + 4, &0xffff_0000u32.to_be_bytes());
     assert_eq!(open_err(&p).kind(), ErrorKind::InvalidFormat);
-
-    assert!(
-        t0.elapsed() < Duration::from_secs(20),
-        "hostile images took {:?}",
-        t0.elapsed()
-    );
 }
 
 #[test]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils"
+)]
 fn backing_and_data_files_go_through_the_gate() {
     if !have_qemu() || !have_qemu_io() {
         return;
@@ -710,6 +719,10 @@ fn random_corruption_never_panics() {
 }
 
 #[test]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils"
+)]
 fn sparse_terabyte_image_maps_in_few_steps() {
     if !have_qemu() || !have_qemu_io() {
         return;
@@ -719,15 +732,17 @@ fn sparse_terabyte_image_maps_in_few_steps() {
     qemu_img(&["create", "-f", "qcow2", s(&p), "4T"]);
     qemu_io(&p, &["write -P 0x99 3T 128k"]);
     let dev = open_as(&p, Format::Qcow2);
-    let t0 = Instant::now();
-    let m = dev.map(0, u64::MAX).unwrap();
-    assert_eq!((m.len, m.kind), (3 << 40, MappingKind::Unallocated));
-    let m = dev.map(3 << 40, u64::MAX).unwrap();
-    assert_eq!(m.len, 128 << 10);
-    assert!(matches!(m.kind, MappingKind::Data { host: Some(_) }));
-    let m = dev.map((3 << 40) + (128 << 10), u64::MAX).unwrap();
-    assert_eq!(m.offset + m.len, 4 << 40);
-    assert!(t0.elapsed() < Duration::from_secs(10));
+    // Three map calls cover 4 TiB: they read the L2 table in use, not 64 Mi entries.
+    let (_, work) = measure("mapping 4 TiB", || {
+        let m = dev.map(0, u64::MAX).unwrap();
+        assert_eq!((m.len, m.kind), (3 << 40, MappingKind::Unallocated));
+        let m = dev.map(3 << 40, u64::MAX).unwrap();
+        assert_eq!(m.len, 128 << 10);
+        assert!(matches!(m.kind, MappingKind::Data { host: Some(_) }));
+        let m = dev.map((3 << 40) + (128 << 10), u64::MAX).unwrap();
+        assert_eq!(m.offset + m.len, 4 << 40);
+    });
+    assert_work_within("mapping 4 TiB", &work, 1 << 20, 1 << 20);
     let out = dir.path().join("tb.copy.qcow2");
     convert(&p, &out, Format::Qcow2, &[], false);
     assert_qemu_check_clean(&out, Format::Qcow2);
@@ -736,6 +751,10 @@ fn sparse_terabyte_image_maps_in_few_steps() {
 }
 
 #[test]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils"
+)]
 fn dirty_lazy_refcount_images_and_internal_snapshots_read_like_qemu() {
     if !have_qemu() || !have_qemu_io() {
         return;

@@ -42,6 +42,10 @@ fn assert_map_tiles(dev: &dyn BlockDevice) {
 }
 
 #[test]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils"
+)]
 fn qemu_made_images_read_bit_exact() {
     if !have_qemu() {
         return;
@@ -157,6 +161,10 @@ fn check_our_output(raw: &Path, out: &Path, opts: &[(&str, &str)], want_size: u6
 }
 
 #[test]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils"
+)]
 fn our_outputs_read_bit_exact_by_qemu_at_the_exact_size() {
     if !have_qemu() {
         return;
@@ -313,6 +321,7 @@ fn maximum_size_is_enforced() {
 }
 
 #[test]
+#[cfg_attr(no_bzip2, ignore = "needs bzip2 for the corpus: apt-get install bzip2")]
 fn corpus_vhds() {
     let Some(c) = corpus_dir() else { return };
     let tmp = tempfile::tempdir().unwrap();
@@ -336,13 +345,13 @@ fn corpus_vhds() {
         let p = corpus_file(&c, &e.file, tmp.path());
         let dev = open_as(&p, Format::Vhd);
         assert_eq!(Some(dev.virtual_size()), e.virtual_size, "{name}");
-        let t = std::time::Instant::now();
-        let m = dev.map(0, u64::MAX).unwrap();
+        // One call answers for all 127 GiB from the BAT already read at open.
+        let (m, work) = measure(name, || dev.map(0, u64::MAX).unwrap());
         assert_eq!(
             (m.len, m.kind),
             (dev.virtual_size(), MappingKind::Unallocated)
         );
-        assert!(t.elapsed().as_secs() < 10);
+        assert_work_within(name, &work, 1 << 20, 1 << 20);
         let mut b = vec![1u8; 4096];
         dev.read_at(&mut b, dev.virtual_size() - 4096).unwrap();
         assert!(b.iter().all(|&x| x == 0));
@@ -371,9 +380,7 @@ fn corpus_vhds() {
 
     // AFL-fuzzed: over a billion BAT entries in a 1 KiB file. Fails at once, no allocation.
     let p = corpus_file(&c, "afl5.img.bz2", tmp.path());
-    let t = std::time::Instant::now();
-    let e = open_err(&p, &OpenOptions::new());
-    assert!(t.elapsed().as_secs() < 10);
+    let e = within_small_file_budget("afl5.img", &p, || open_err(&p, &OpenOptions::new()));
     assert_eq!(e.kind(), ErrorKind::InvalidFormat, "{e}");
     assert!(e.to_string().contains("checksum"), "{e}");
     // With its dynamic header checksum repaired (qemu does not check it), the BAT size
@@ -426,10 +433,7 @@ fn hostile_inputs_fail_cleanly() {
         f(&mut b);
         let p = dir.path().join(name);
         std::fs::write(&p, &b).unwrap();
-        let t = std::time::Instant::now();
-        let e = open_err(&p, &OpenOptions::new());
-        assert!(t.elapsed().as_secs() < 10, "{name} took too long");
-        e
+        within_small_file_budget(name, &p, || open_err(&p, &OpenOptions::new()))
     };
 
     // Footer checksum mismatch (both copies, so the end copy cannot stand in).

@@ -64,6 +64,10 @@ fn assert_same_as_raw(dev: &dyn BlockDevice, raw: &Path) {
 }
 
 #[test]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils"
+)]
 fn qemu_made_images_read_bit_exact() {
     if !have_qemu() {
         return;
@@ -130,6 +134,10 @@ fn qemu_made_images_read_bit_exact() {
 }
 
 #[test]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils"
+)]
 fn qemu_split_images_with_several_extents() {
     if !have_qemu() {
         return;
@@ -168,6 +176,10 @@ fn qemu_split_images_with_several_extents() {
 }
 
 #[test]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils"
+)]
 fn our_images_are_read_by_qemu_and_check_clean() {
     if !have_qemu() {
         return;
@@ -384,6 +396,7 @@ fn stream_optimized_output_has_vmware_marker_stream() {
 }
 
 #[test]
+#[cfg_attr(no_bzip2, ignore = "needs bzip2 for the corpus: apt-get install bzip2")]
 fn corpus_vmdks_read_bit_exact_or_fail_cleanly() {
     let Some(dir) = corpus_dir() else { return };
     let tmp = tempfile::tempdir().unwrap();
@@ -401,9 +414,9 @@ fn corpus_vmdks_read_bit_exact_or_fail_cleanly() {
                 seen += 1;
             }
             None => {
-                let t = std::time::Instant::now();
-                let err = open_vmdk(&p).err().expect("must fail like qemu-img");
-                assert!(t.elapsed().as_secs() < 10, "{}", e.file);
+                let err = within_small_file_budget(&e.file, &p, || open_vmdk(&p))
+                    .err()
+                    .expect("must fail like qemu-img");
                 assert!(
                     matches!(
                         err.kind(),
@@ -508,9 +521,7 @@ fn bad_inputs_fail_cleanly() {
     h[12..20].copy_from_slice(&(1u64 << 41).to_le_bytes());
     let p = d.join("huge.vmdk");
     std::fs::write(&p, &h).unwrap();
-    let t = std::time::Instant::now();
-    assert!(open_vmdk(&p).is_err());
-    assert!(t.elapsed().as_secs() < 10);
+    assert!(within_small_file_budget("huge.vmdk", &p, || open_vmdk(&p)).is_err());
 
     // Descriptor over 1 MiB.
     let mut big = b"# Disk DescriptorFile\nversion=1\n".to_vec();
@@ -575,10 +586,18 @@ fn empty_sparse_image_maps_as_one_run() {
     diskconv::create(&p, Format::Vmdk, &diskconv::CreateOptions::new(1 << 40)).unwrap();
     assert!(std::fs::metadata(&p).unwrap().len() < 300 << 20);
     let dev = open_vmdk(&p).unwrap();
-    let t = std::time::Instant::now();
-    let m = dev.map(0, 1 << 40).unwrap();
+    // One call answers for the whole TiB, reading each of its 32768 grain tables (2 KiB,
+    // all present, all empty) once, with one read call each.
+    let (m, work) = measure("mapping an empty TiB", || dev.map(0, 1 << 40).unwrap());
     assert_eq!((m.len, m.kind), (1 << 40, MappingKind::Unallocated));
-    assert!(t.elapsed().as_secs() < 10);
+    let tables = (1u64 << 40) / (512 * 65536);
+    assert_work_within(
+        "mapping an empty TiB",
+        &work,
+        tables * 2048 + (1 << 20),
+        32 << 20,
+    );
+    assert!(work.io.reads <= tables + 64, "{work:?}");
     if have_qemu() {
         assert_qemu_check_clean(&p, Format::Vmdk);
     }
@@ -615,13 +634,12 @@ proptest! {
 }
 
 #[test]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io: apt-get install qemu-utils"
+)]
 fn delta_disk_reads_through_its_parent_only_when_allowed() {
-    if !have_qemu()
-        || std::process::Command::new("qemu-io")
-            .arg("--version")
-            .output()
-            .is_err()
-    {
+    if !have_qemu() || !have_qemu_io() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,64 @@
+//! Tells the integration tests which of their external oracles are missing, so a test that
+//! cannot run is reported by cargo as *ignored* rather than counted as passed.
+//!
+//! Sets `--cfg no_qemu` when `qemu-img` or `qemu-io` is not on PATH and `--cfg no_bzip2`
+//! when `bzip2` is not, but only when the tools are not required: with `CI` set (to
+//! anything but `false`/`0`) or `DISKCONV_REQUIRE_QEMU=1` nothing is ignored, so the tests
+//! run and fail with the install command. The library and the binary never look at these.
+
+use std::env;
+use std::path::PathBuf;
+
+fn find_on_path(tool: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH")?;
+    env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn required() -> bool {
+    let ci = env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"));
+    ci || env::var("DISKCONV_REQUIRE_QEMU").is_ok_and(|v| v == "1")
+}
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    for var in ["PATH", "CI", "DISKCONV_REQUIRE_QEMU"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    println!("cargo:rustc-check-cfg=cfg(no_qemu)");
+    println!("cargo:rustc-check-cfg=cfg(no_bzip2)");
+    let required = required();
+    let have = |tool: &str| match find_on_path(tool) {
+        Some(p) => {
+            // Rerun when the tool is removed or replaced, so the cfg never goes stale.
+            println!("cargo:rerun-if-changed={}", p.display());
+            true
+        }
+        None => {
+            // Installing the tool changes one of these folders' mtime: the cfg is then
+            // recomputed without a `cargo clean` (and without rerunning on every build).
+            for dir in env::var_os("PATH").iter().flat_map(env::split_paths) {
+                if dir.is_dir() {
+                    println!("cargo:rerun-if-changed={}", dir.display());
+                }
+            }
+            false
+        }
+    };
+    let qemu = have("qemu-img") & have("qemu-io");
+    let bzip2 = have("bzip2");
+    if !required {
+        if !qemu {
+            println!("cargo:rustc-cfg=no_qemu");
+        }
+        if !bzip2 {
+            println!("cargo:rustc-cfg=no_bzip2");
+        }
+    }
+}
