@@ -317,8 +317,6 @@ KNOWN = [
     ("c", r"^vmdk-(sparse|stream)$",
      r"Invalid argument|invalid VMDK image descriptor|Unsupported image type", r"",
      "VMDK sparse file with a damaged embedded descriptor: accepted"),
-    ("c", r"^vmdk-flat$", r"Unsupported image type|invalid VMDK image descriptor", r"",
-     "VMDK createType unknown or missing: open, diskconv should refuse"),
     ("c", r"^vmdk-flat$", r"Could not open .*: Invalid argument$", r"",
      "VMDK descriptor without parentCID: accepted"),
 ]

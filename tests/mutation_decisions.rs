@@ -115,10 +115,9 @@ fn vmdk_descriptor_without_parent_cid_reads_its_extents() {
 
 /// MUTATION.md "VMDK createType unknown or missing": VMware and qemu-img refuse a
 /// descriptor whose createType they do not know, since the type says how to read the
-/// extents; diskconv reads the extent lines anyway. Open: to be fixed in
-/// src/formats/vmdk, then this test runs.
+/// extents; diskconv refuses exactly the types qemu-img refuses.
 #[test]
-#[ignore = "open bug (tests/MUTATION.md): diskconv accepts an unknown VMDK createType"]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn vmdk_unknown_create_type_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("g.raw");

@@ -70,6 +70,7 @@ fn names(dir: &Path) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn large_sparse_sizes_keep_source_holes_as_holes() {
     if !have_qemu() {
         return;
@@ -175,6 +176,7 @@ fn compress_is_refused_where_qemu_refuses_it() {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn compress_with_monolithic_sparse_vmdk_stores_grains_as_qemu_does() {
     if !have_qemu() {
         return;
@@ -279,6 +281,7 @@ fn zero_byte_vmdk_is_refused_because_qemu_cannot_open_one() {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn static_vdi_leaves_unwritten_blocks_as_holes() {
     if !have_qemu() {
         return;
@@ -534,6 +537,7 @@ fn qcow2_with_unreadable_cluster(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn salvage_writes_zeros_for_unreadable_ranges_like_qemu() {
     if !have_qemu() {
         return;
@@ -718,6 +722,7 @@ fn vmdk_specific(v: &serde_json::Value) -> serde_json::Value {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn info_describes_vmdk_extents_without_opening_them() {
     if !have_qemu() {
         return;
@@ -799,6 +804,7 @@ fn info_describes_vmdk_extents_without_opening_them() {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn info_prints_full_backing_filename_like_qemu() {
     if !have_qemu() {
         return;

@@ -277,6 +277,7 @@ fn every_foreign_signature_is_refused_by_name() {
 /// The foreign formats qemu-img can make: it says what they are, and we refuse each by
 /// that name.
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn qemu_made_foreign_images_are_refused_by_name() {
     if !have_qemu() {
         return;

@@ -733,6 +733,7 @@ fn patch_footer(img: &mut [u8], at: usize, creator: &[u8; 4], chs: (u16, u8, u8)
 /// it and warn: a converter never drops bytes the image stores. qemu-img's bytes are then
 /// a prefix of ours. `force_size_calc=chs` still reads the geometry's size.
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn every_creator_is_sized_like_qemu_and_no_stored_data_is_dropped() {
     if !have_qemu() {
         return;
