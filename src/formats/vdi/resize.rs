@@ -57,7 +57,7 @@ fn is_data(e: u32) -> bool {
 
 /// Take an exclusive advisory lock for the editor's lifetime (it is released when the file
 /// closes), refusing an image another process holds, as qemu-img's image locking does.
-pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
     // SAFETY: flock on a valid descriptor has no memory effects.
     let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if r != 0 {
