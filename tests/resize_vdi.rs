@@ -228,11 +228,43 @@ fn a_failure_at_any_write_leaves_before_or_after() {
             "{name}: {grow_fit} {grow_move} {shrink}"
         );
     }
+    // A static image grown with preallocation=full: the new blocks are written zeros.
+    let (_, st) = srcs.iter().find(|(n, _)| n == "qemu-static").unwrap();
+    let img = dir.path().join("full.vdi");
+    std::fs::copy(st, &img).unwrap();
+    let full = ResizeOptions {
+        preallocation: diskconv::Preallocation::Full,
+        ..opts(false)
+    };
+    diskconv::resize(&img, 12 * MIB, &full).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(std::fs::metadata(&img).unwrap().blocks() * 512 >= 12 * MIB);
+    let expect = dir.path().join("full.raw");
+    resized_raw(&raw, 12 * MIB, &expect);
+    assert_image_is(&img, &expect);
+
     // A shrink that must move kept blocks into dropped ones' slots: the reversed image's
     // last guest block holds data block 0.
     let (_, rev) = &srcs[2];
     let shrink_move = sweep(rev, &raw, 2 * MIB, dir.path(), "rev-shrink-move");
     assert!(shrink_move >= 6, "{shrink_move} writes");
+}
+
+#[test]
+fn corpus_vdi_grows_and_shrinks() {
+    if !have_qemu() {
+        return;
+    }
+    let Some(corpus) = corpus_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.vdi");
+    std::fs::copy(corpus.join("bwlehrpool-image-default.vdi"), &img).unwrap();
+    let raw = dir.path().join("c.raw");
+    qemu_img(&["convert", "-f", "vdi", "-O", "raw", s(&img), s(&raw)]);
+    // 1 GiB in 1024 blocks: the map's 4 KiB fill its room, so any grow moves blocks.
+    for size in [1536 * MIB, 700 * MIB + 512] {
+        step(&img, &raw, size);
+    }
 }
 
 #[test]
@@ -258,6 +290,13 @@ fn bad_sizes_and_tables_are_refused_before_any_write() {
             "{size} changed the file"
         );
     }
+    let full = ResizeOptions {
+        preallocation: diskconv::Preallocation::Full,
+        ..opts(false)
+    };
+    let e = diskconv::resize(&img, 8 * MIB, &full).unwrap_err();
+    assert!(e.to_string().contains("preallocation"), "{e}");
+    assert_eq!(std::fs::read(&img).unwrap(), before);
     let e = diskconv::resize(&img, 9 << 40, &opts(false)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::LimitExceeded);
     assert!(e.to_string().contains(&(8u64 << 40).to_string()), "{e}");

@@ -35,7 +35,7 @@ use super::header::{
 use super::reader::{VdiImage, MAX_BMAP_BYTES};
 use crate::device::{HostFile, ImageEditor};
 use crate::error::{Error, Result};
-use crate::options::ResizeOptions;
+use crate::options::{Preallocation, ResizeOptions};
 use crate::writer::EditFile;
 
 /// qemu's `VDI_BLOCKS_IN_IMAGE_MAX`: the most blocks qemu opens.
@@ -218,7 +218,27 @@ impl VdiEditor {
         h
     }
 
-    fn grow(&mut self, new_size: u64) -> Result<()> {
+    /// Make the file `to` bytes long: holes, or (`full`) written zeros so the space is
+    /// reserved on the host.
+    fn extend(&mut self, to: u64, full: bool) -> Result<()> {
+        let mut off = self.file_len()?;
+        if !full {
+            if to > off {
+                self.file.set_len(to, "extending the VDI data area")?;
+            }
+            return Ok(());
+        }
+        let zeros = vec![0u8; self.bs() as usize];
+        while off < to {
+            let n = (to - off).min(self.bs());
+            self.file
+                .write_at(&zeros[..n as usize], off, "preallocating VDI blocks")?;
+            off += n;
+        }
+        Ok(())
+    }
+
+    fn grow(&mut self, new_size: u64, full: bool) -> Result<()> {
         let bs = self.bs();
         let old_size = self.header.virtual_size();
         let d = u64::from(self.header.offset_data);
@@ -278,8 +298,8 @@ impl VdiEditor {
                 )?;
             }
             let data_end = self.host(d, n_alloc_new);
-            if fixed && data_end > self.file_len()? {
-                self.file.set_len(data_end, "extending the VDI data area")?;
+            if fixed {
+                self.extend(data_end, full)?;
             }
             if total > bii {
                 let mut b = vec![0u8; ((total - bii) * 4) as usize];
@@ -344,9 +364,7 @@ impl VdiEditor {
             )?;
         }
         let data_end = d_new + n_alloc_new * bs;
-        if data_end > self.file_len()? {
-            self.file.set_len(data_end, "extending the VDI data area")?;
-        }
+        self.extend(data_end, full && fixed)?;
         self.file.sync("flushing the moved VDI data blocks")?;
         let mut h = self.resized_header(disk_size, total as u32, n_alloc_new as u32);
         h.offset_data = d_new32;
@@ -455,6 +473,13 @@ impl ImageEditor for VdiEditor {
             }
             return self.shrink(new_size);
         }
-        self.grow(new_size)
+        let full = opts.preallocation == Preallocation::Full;
+        if full && self.header.image_type != ImageType::Static {
+            return Err(Error::unsupported(
+                "preallocation=full is not supported for dynamic VDIs (blocks are allocated as the guest writes them; a static VDI preallocates)",
+            )
+            .with_path(&self.path));
+        }
+        self.grow(new_size, full)
     }
 }
