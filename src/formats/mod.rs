@@ -150,6 +150,9 @@ pub fn open_editor(
 ) -> Result<Box<dyn ImageEditor>> {
     match format {
         Format::Raw => raw::open_editor(file, path, opts),
+        Format::Vhd => vhd::open_editor(file, path, opts),
+        Format::Vmdk => vmdk::open_editor(file, path, opts),
+        Format::Vdi => vdi::open_editor(file, path, opts),
         other => Err(Error::unsupported(format!(
             "resizing {other} images in place is not supported yet (convert it with diskconv convert, or resize a raw copy)"
         ))

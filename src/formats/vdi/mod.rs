@@ -15,9 +15,11 @@ use crate::writer::ImageWriter;
 
 pub mod header;
 pub mod reader;
+pub mod resize;
 pub mod writer;
 
 pub use reader::VdiImage;
+pub use resize::open_editor;
 pub use writer::VdiWriter;
 
 /// Options `-O vdi` accepts.

@@ -184,6 +184,20 @@ impl DynHeader {
         b
     }
 
+    /// `raw` (a stored dynamic header) with a new BAT size and its checksum redone, every
+    /// other byte kept. All changed bytes lie in its first sector, so writing that sector
+    /// alone switches the header in one atomic step.
+    pub fn with_max_table_entries(
+        raw: &[u8; DYN_HEADER_SIZE],
+        entries: u32,
+    ) -> [u8; DYN_HEADER_SIZE] {
+        let mut b = *raw;
+        BigEndian::write_u32(&mut b[off::MAX_TABLE_ENTRIES..], entries);
+        let sum = checksum_without_field(&b, off::CHECKSUM);
+        BigEndian::write_u32(&mut b[off::CHECKSUM..], sum);
+        b
+    }
+
     /// Bytes of one block's sector bitmap: one bit per sector, padded to whole sectors.
     pub fn bitmap_size(&self) -> u64 {
         bitmap_size(self.block_size)

@@ -6,6 +6,7 @@
 
 use byteorder::{BigEndian, ByteOrder};
 
+use super::geometry::Chs;
 use crate::error::{Error, Result};
 
 /// Size of the footer on disk.
@@ -213,6 +214,20 @@ impl Footer {
         b[off::UUID..off::UUID + 16].copy_from_slice(&self.uuid);
         b[off::SAVED_STATE] = self.saved_state;
         let sum = vhd_checksum(&b);
+        BigEndian::write_u32(&mut b[off::CHECKSUM..], sum);
+        b
+    }
+
+    /// `raw` (a stored footer) with a new current size and CHS geometry and its checksum
+    /// redone; every other byte, reserved ones included, stays as stored (a resize changes
+    /// the size, not the image's identity or creator).
+    pub fn resized(raw: &[u8; FOOTER_SIZE], current_size: u64, chs: Chs) -> [u8; FOOTER_SIZE] {
+        let mut b = *raw;
+        BigEndian::write_u64(&mut b[off::CURRENT_SIZE..], current_size);
+        BigEndian::write_u16(&mut b[off::CYLINDERS..], chs.cylinders);
+        b[off::HEADS] = chs.heads;
+        b[off::SECTORS] = chs.sectors_per_track;
+        let sum = checksum_without_field(&b, off::CHECKSUM);
         BigEndian::write_u32(&mut b[off::CHECKSUM..], sum);
         b
     }

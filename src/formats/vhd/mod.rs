@@ -13,7 +13,10 @@ pub mod dynheader;
 pub mod footer;
 pub mod geometry;
 pub mod reader;
+pub mod resize;
 pub mod writer;
+
+pub use resize::open_editor;
 
 /// Options `-O vpc` accepts.
 pub const CREATE_OPTIONS: &[OptionHelp] = &[

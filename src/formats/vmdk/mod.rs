@@ -15,10 +15,12 @@ use crate::writer::ImageWriter;
 
 pub mod descriptor;
 pub mod reader;
+pub mod resize;
 pub mod sparse;
 pub mod stream;
 pub mod writer;
 
+pub use resize::open_editor;
 use writer::{Subformat, VmdkOptions};
 
 /// Options `-O vmdk` accepts.

@@ -1,0 +1,531 @@
+//! Resizing fixed and dynamic VHDs in place, both directions; differencing ones refused.
+//!
+//! A dynamic VHD carries its footer twice: a copy at offset 0, which qemu and we read, and
+//! the one at the end, which the specification calls authoritative. Each is written whole
+//! (one sector, its own checksum), the tail first and the head last, and each alone always
+//! describes a valid image: everything a new footer needs (the longer BAT, the dynamic
+//! header that counts it, moved blocks) is written and flushed before either footer, and
+//! everything it makes obsolete is dropped only after both.
+//!
+//! * Fixed grow: a copy of the old footer goes to the new end first (the image still reads
+//!   as before, its data area just longer), then the old footer's sector and any stale
+//!   bytes are zeroed, then the new footer overwrites that copy.
+//! * Fixed shrink: the new footer overwrites the old one in place (a data area longer than
+//!   the size is valid), then is written at the new end, then the file is truncated.
+//! * Dynamic grow: stale blocks past the old size are unmapped and a partial last block's
+//!   tail zeroed. When the BAT must grow past the blocks that follow it, those blocks are
+//!   copied to the end of the file (behind a footer copy written there first), flushed,
+//!   and each BAT entry switched with one 4-byte write, as Hyper-V moves them; then the new
+//!   entries, the dynamic header (one sector holds every changed field), the footers.
+//! * Dynamic shrink: the footers first, then the dropped blocks are unmapped, then the file
+//!   is truncated behind a footer written at the new end when the tail held only them.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use byteorder::{BigEndian, ByteOrder};
+
+use super::dynheader::{DynHeader, DYN_HEADER_SIZE};
+use super::footer::{DiskType, Footer, FOOTER_SIZE};
+use super::geometry::{Chs, MAX_SIZE};
+use super::reader::MAX_BAT_BYTES;
+use crate::device::{HostFile, ImageEditor};
+use crate::error::{Error, Result};
+use crate::options::{OpenOptions, Preallocation, ResizeOptions};
+use crate::writer::EditFile;
+
+/// BAT value of an unallocated block.
+const UNALLOCATED: u32 = u32::MAX;
+/// Bytes of zeros written per call.
+const ZERO_CHUNK: u64 = 1 << 20;
+const SECTOR: u64 = 512;
+
+/// Take an exclusive advisory lock for the editor's lifetime (released when the file
+/// closes), refusing an image another process holds, as qemu-img's image locking does.
+fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+    // SAFETY: flock on a valid descriptor has no memory effects.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        let what = if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            "Failed to get \"write\" lock: the image is in use by another process"
+        } else {
+            "cannot lock the image"
+        };
+        return Err(Error::io(what, e).with_path(path));
+    }
+    Ok(())
+}
+
+/// An opened VHD, ready to change size.
+#[derive(Debug)]
+pub struct VhdEditor {
+    file: EditFile,
+    path: PathBuf,
+    size: u64,
+    /// The footer the image is read by, as stored (the head copy of a dynamic disk).
+    footer_raw: [u8; FOOTER_SIZE],
+    layout: Layout,
+}
+
+#[derive(Debug)]
+enum Layout {
+    Fixed { footer_at: u64 },
+    Dynamic(Box<Dynamic>),
+}
+
+#[derive(Debug)]
+struct Dynamic {
+    hdr_at: u64,
+    hdr_raw: [u8; DYN_HEADER_SIZE],
+    hdr: DynHeader,
+    /// All `max_table_entries` entries.
+    bat: Vec<u32>,
+    /// Where the tail footer is.
+    tail_at: u64,
+}
+
+impl Dynamic {
+    fn stride(&self) -> u64 {
+        self.hdr.bitmap_size() + u64::from(self.hdr.block_size)
+    }
+    fn bat_end(&self, entries: u64) -> u64 {
+        self.hdr.table_offset + (entries * 4).next_multiple_of(SECTOR)
+    }
+    /// End of the last structure or block before the tail footer.
+    fn data_end(&self) -> u64 {
+        let blocks = self
+            .bat
+            .iter()
+            .filter(|&&e| e != UNALLOCATED)
+            .map(|&e| u64::from(e) * SECTOR + self.stride())
+            .max()
+            .unwrap_or(0);
+        blocks
+            .max(self.hdr_at + DYN_HEADER_SIZE as u64)
+            .max(self.bat_end(self.bat.len() as u64))
+    }
+}
+
+/// Open a VHD for resizing: the reader's checks first (without opening any parent), then
+/// the layout the editor relies on: a whole footer at the end, blocks that overlap neither
+/// each other nor the headers and BAT.
+pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<dyn ImageEditor>> {
+    lock_exclusive(&file, path)?;
+    let dup = || {
+        file.try_clone()
+            .map_err(|e| Error::io("cannot duplicate the image's descriptor", e).with_path(path))
+    };
+    let host = HostFile::from_file(dup()?, path)?;
+    let len = host.len();
+    if len < FOOTER_SIZE as u64 {
+        return Err(Error::invalid(format!(
+            "file of {len} bytes is too small for a VHD footer ({FOOTER_SIZE} bytes)"
+        ))
+        .with_path(path));
+    }
+    let mut tail = [0u8; FOOTER_SIZE];
+    host.read_exact_at(&mut tail, len - FOOTER_SIZE as u64, "VHD footer")?;
+    let mut head = [0u8; FOOTER_SIZE];
+    host.read_exact_at(&mut head, 0, "VHD footer copy")?;
+    let no_tail = || {
+        Error::unsupported(
+            "the VHD has no whole 512-byte footer in its last sector; convert it (diskconv convert) to rewrite it",
+        )
+        .with_field("footer")
+        .at(len - FOOTER_SIZE as u64)
+        .with_path(path)
+    };
+    let tail_footer = Footer::parse(&tail);
+    let (footer_raw, footer) = match &tail_footer {
+        Ok(f) if f.disk_type == DiskType::Fixed => (tail, f.clone()),
+        _ => match Footer::parse(&head) {
+            Ok(f) if f.disk_type != DiskType::Fixed => (head, f),
+            _ => return Err(no_tail()),
+        },
+    };
+    if footer.disk_type == DiskType::Differencing {
+        return Err(Error::unsupported(
+            "differencing VHDs cannot be resized: their size is their parent's, and a grown child would read its new space from a parent that has none (resize the parent, or make a standalone copy with diskconv convert --target-size)",
+        )
+        .with_field("footer.disk_type")
+        .with_path(path));
+    }
+    // Only now the reader's checks (parents are never opened: differencing was refused).
+    let size = super::reader::open(
+        HostFile::from_file(dup()?, path)?,
+        &OpenOptions::new().without_backing(),
+    )?
+    .virtual_size();
+    let layout = if footer.disk_type == DiskType::Fixed {
+        Layout::Fixed {
+            footer_at: len - FOOTER_SIZE as u64,
+        }
+    } else {
+        if tail_footer.is_err() {
+            return Err(no_tail());
+        }
+        let hdr_at = footer.data_offset;
+        let mut hdr_raw = [0u8; DYN_HEADER_SIZE];
+        host.read_exact_at(&mut hdr_raw, hdr_at, "VHD dynamic header")?;
+        let hdr = DynHeader::parse(&hdr_raw).map_err(|e| e.at(hdr_at).with_path(path))?;
+        let entries = u64::from(hdr.max_table_entries);
+        let raw = host.read_vec(hdr.table_offset, entries * 4, "VHD BAT")?;
+        let bat: Vec<u32> = raw.chunks_exact(4).map(BigEndian::read_u32).collect();
+        let d = Dynamic {
+            hdr_at,
+            hdr_raw,
+            hdr,
+            bat,
+            tail_at: len - FOOTER_SIZE as u64,
+        };
+        check_layout(&d, path)?;
+        Layout::Dynamic(Box::new(d))
+    };
+    Ok(Box::new(VhdEditor {
+        file: EditFile::new(file, path, opts.fail_at_write),
+        path: path.to_path_buf(),
+        size,
+        footer_raw,
+        layout,
+    }))
+}
+
+/// Blocks must not overlap each other, the footer copy, the dynamic header, the BAT or
+/// the tail footer: moving one must never clobber another.
+fn check_layout(d: &Dynamic, path: &Path) -> Result<()> {
+    let mut spans: Vec<(u64, u64, String)> = vec![
+        (0, FOOTER_SIZE as u64, "the footer copy".into()),
+        (
+            d.hdr_at,
+            d.hdr_at + DYN_HEADER_SIZE as u64,
+            "the dynamic header".into(),
+        ),
+        (
+            d.hdr.table_offset,
+            d.hdr.table_offset + d.bat.len() as u64 * 4,
+            "the BAT".into(),
+        ),
+        (
+            d.tail_at,
+            d.tail_at + FOOTER_SIZE as u64,
+            "the tail footer".into(),
+        ),
+    ];
+    for (i, &e) in d.bat.iter().enumerate() {
+        if e != UNALLOCATED {
+            let s = u64::from(e) * SECTOR;
+            spans.push((s, s + d.stride(), format!("block {i}")));
+        }
+    }
+    spans.sort();
+    for w in spans.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(Error::corrupt(format!(
+                "VHD {} (at {:#x}) overlaps {} (at {:#x}); resizing would damage it",
+                w[1].2, w[1].0, w[0].2, w[0].0
+            ))
+            .with_field("BAT")
+            .at(w[1].0)
+            .with_path(path));
+        }
+    }
+    Ok(())
+}
+
+impl VhdEditor {
+    fn new_footer(&self, size: u64) -> [u8; FOOTER_SIZE] {
+        Footer::resized(&self.footer_raw, size, Chs::for_exact_size(size / SECTOR))
+    }
+
+    fn zero(&mut self, from: u64, to: u64) -> Result<()> {
+        let zeros = vec![0u8; ZERO_CHUNK as usize];
+        let mut off = from;
+        while off < to {
+            let n = (to - off).min(ZERO_CHUNK);
+            self.file
+                .write_at(&zeros[..n as usize], off, "zeroing newly exposed VHD bytes")?;
+            off += n;
+        }
+        Ok(())
+    }
+
+    fn resize_fixed(
+        &mut self,
+        new_size: u64,
+        footer_at: u64,
+        prealloc: Preallocation,
+    ) -> Result<()> {
+        let old = self.size;
+        let new = self.new_footer(new_size);
+        if new_size > old {
+            if new_size > footer_at {
+                // The image still reads as before with its footer here; the old one and the
+                // stale bytes behind the old size can then be zeroed.
+                let copy = self.footer_raw;
+                self.file
+                    .write_at(&copy, new_size, "writing a VHD footer copy at the new end")?;
+            }
+            let to = match prealloc {
+                Preallocation::Full => new_size,
+                Preallocation::Off => new_size.min(footer_at + FOOTER_SIZE as u64),
+            };
+            self.zero(old, to)?;
+            self.file.sync("flushing the VHD's new space")?;
+        }
+        if new_size >= footer_at {
+            self.file
+                .write_at(&new, new_size, "writing the resized VHD footer")?;
+            self.file.sync("flushing the VHD footer")?;
+        } else {
+            self.file
+                .write_at(&new, footer_at, "writing the resized VHD footer in place")?;
+            self.file.sync("flushing the VHD footer")?;
+            self.file
+                .write_at(&new, new_size, "writing the VHD footer at the new end")?;
+            self.file.sync("flushing the VHD footer")?;
+            self.file
+                .set_len(new_size + FOOTER_SIZE as u64, "truncating the VHD")?;
+        }
+        self.footer_raw = new;
+        self.layout = Layout::Fixed {
+            footer_at: new_size,
+        };
+        Ok(())
+    }
+
+    fn write_entries(
+        &mut self,
+        d: &Dynamic,
+        first: u64,
+        entries: &[u32],
+        what: &str,
+    ) -> Result<()> {
+        let mut b = vec![0u8; entries.len() * 4];
+        for (c, &e) in b.chunks_exact_mut(4).zip(entries) {
+            BigEndian::write_u32(c, e);
+        }
+        self.file.write_at(&b, d.hdr.table_offset + first * 4, what)
+    }
+
+    fn switch_footers(&mut self, tail_at: u64, new: &[u8; FOOTER_SIZE]) -> Result<()> {
+        self.file
+            .write_at(new, tail_at, "writing the resized VHD footer")?;
+        self.file.sync("flushing the VHD footer")?;
+        self.file
+            .write_at(new, 0, "writing the resized VHD footer copy at offset 0")?;
+        self.file.sync("flushing the VHD footer copy")
+    }
+
+    fn grow_dynamic(&mut self, new_size: u64, mut d: Box<Dynamic>) -> Result<Box<Dynamic>> {
+        let bs = u64::from(d.hdr.block_size);
+        let old = self.size;
+        let old_needed = old.div_ceil(bs);
+        let new_e = new_size.div_ceil(bs);
+        let max_e = d.bat.len() as u64;
+        let mut dirty = false;
+
+        // Blocks a shrink left mapped past the old size would surface: unmap them.
+        let stale_end = new_e.min(max_e);
+        if (old_needed..stale_end).any(|i| d.bat[i as usize] != UNALLOCATED) {
+            let cleared = vec![UNALLOCATED; (stale_end - old_needed) as usize];
+            self.write_entries(&d, old_needed, &cleared, "unmapping stale VHD blocks")?;
+            d.bat[old_needed as usize..stale_end as usize].fill(UNALLOCATED);
+            dirty = true;
+        }
+        // The bytes of a partial last block past the old size.
+        if old % bs != 0 {
+            let e = d.bat[(old_needed - 1) as usize];
+            if e != UNALLOCATED {
+                let data = u64::from(e) * SECTOR + d.hdr.bitmap_size();
+                self.zero(data + old % bs, data + bs)?;
+                dirty = true;
+            }
+        }
+
+        let mut tail_at = d.tail_at;
+        if new_e > max_e {
+            let bat_end = d.bat_end(new_e);
+            let hdr_end = d.hdr_at + DYN_HEADER_SIZE as u64;
+            if d.hdr_at < bat_end && hdr_end > d.hdr.table_offset {
+                return Err(Error::unsupported(format!(
+                    "the VHD's dynamic header (at {:#x}) follows its BAT: the BAT cannot grow to {new_e} entries there",
+                    d.hdr_at
+                ))
+                .with_path(&self.path));
+            }
+            let stride = d.stride();
+            let mut movers: Vec<(usize, u64)> = d
+                .bat
+                .iter()
+                .enumerate()
+                .filter(|&(_, &e)| e != UNALLOCATED)
+                .map(|(i, &e)| (i, u64::from(e) * SECTOR))
+                .filter(|&(_, s)| s < bat_end && s + stride > d.hdr.table_offset)
+                .collect();
+            movers.sort_by_key(|&(_, s)| s);
+            let dest0 = tail_at.max(bat_end);
+            let new_tail = dest0 + movers.len() as u64 * stride;
+            if (new_tail + FOOTER_SIZE as u64) / SECTOR > u64::from(u32::MAX) {
+                return Err(Error::limit(format!(
+                    "moving the VHD's blocks out of the BAT's way would put one past the 2 TiB a BAT entry can address (at {new_tail:#x})"
+                ))
+                .with_path(&self.path));
+            }
+            if new_tail > tail_at {
+                let copy = self.footer_raw;
+                self.file
+                    .write_at(&copy, new_tail, "writing a VHD footer copy at the new end")?;
+            }
+            for (j, &(_, src)) in movers.iter().enumerate() {
+                let mut buf = vec![0u8; stride as usize];
+                self.file.file().read_exact_at(&mut buf, src).map_err(|e| {
+                    Error::io("reading a VHD block to move", e)
+                        .at(src)
+                        .with_path(&self.path)
+                })?;
+                self.file.write_at(
+                    &buf,
+                    dest0 + j as u64 * stride,
+                    "copying a VHD block out of the BAT's way",
+                )?;
+            }
+            self.file.sync("flushing the moved VHD blocks")?;
+            for (j, &(i, _)) in movers.iter().enumerate() {
+                let sector = ((dest0 + j as u64 * stride) / SECTOR) as u32;
+                self.write_entries(
+                    &d,
+                    i as u64,
+                    &[sector],
+                    "pointing a BAT entry at its moved block",
+                )?;
+                d.bat[i] = sector;
+            }
+            if !movers.is_empty() {
+                self.file.sync("flushing the BAT")?;
+            }
+            // The new entries and the BAT's sector padding, unallocated.
+            let pad = ((bat_end - d.hdr.table_offset) / 4 - max_e) as usize;
+            self.write_entries(
+                &d,
+                max_e,
+                &vec![UNALLOCATED; pad],
+                "writing the new BAT entries",
+            )?;
+            self.file.sync("flushing the BAT")?;
+            let hdr = DynHeader::with_max_table_entries(&d.hdr_raw, new_e as u32);
+            self.file.write_at(
+                &hdr[..SECTOR as usize],
+                d.hdr_at,
+                "writing the VHD dynamic header",
+            )?;
+            self.file.sync("flushing the VHD dynamic header")?;
+            d.hdr_raw = hdr;
+            d.hdr.max_table_entries = new_e as u32;
+            d.bat.resize(new_e as usize, UNALLOCATED);
+            tail_at = new_tail;
+            dirty = false;
+        }
+        if dirty {
+            self.file.sync("flushing the VHD blocks")?;
+        }
+        let new = self.new_footer(new_size);
+        self.switch_footers(tail_at, &new)?;
+        self.footer_raw = new;
+        d.tail_at = tail_at;
+        Ok(d)
+    }
+
+    fn shrink_dynamic(&mut self, new_size: u64, mut d: Box<Dynamic>) -> Result<Box<Dynamic>> {
+        let bs = u64::from(d.hdr.block_size);
+        let new_e = new_size.div_ceil(bs) as usize;
+        let new = self.new_footer(new_size);
+        self.switch_footers(d.tail_at, &new)?;
+        self.footer_raw = new;
+        // The dropped blocks are invisible now: unmap them, then give back the file's tail.
+        if d.bat[new_e..].iter().any(|&e| e != UNALLOCATED) {
+            let cleared = vec![UNALLOCATED; d.bat.len() - new_e];
+            self.write_entries(&d, new_e as u64, &cleared, "unmapping dropped VHD blocks")?;
+            d.bat[new_e..].fill(UNALLOCATED);
+            self.file.sync("flushing the BAT")?;
+        }
+        let end = d.data_end();
+        if end < d.tail_at {
+            self.file
+                .write_at(&new, end, "writing the VHD footer at the new end")?;
+            self.file.sync("flushing the VHD footer")?;
+            self.file
+                .set_len(end + FOOTER_SIZE as u64, "truncating the VHD")?;
+            d.tail_at = end;
+        }
+        Ok(d)
+    }
+}
+
+impl ImageEditor for VhdEditor {
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
+        if new_size == 0 || new_size % SECTOR != 0 {
+            return Err(Error::arg(format!(
+                "new VHD size {new_size} is not a positive multiple of {SECTOR} bytes"
+            ))
+            .with_path(&self.path));
+        }
+        if new_size > MAX_SIZE {
+            return Err(Error::limit(format!(
+                "new VHD size {new_size} exceeds the format's maximum of {MAX_SIZE} bytes (2040 GiB)"
+            ))
+            .with_path(&self.path));
+        }
+        if let Layout::Dynamic(d) = &self.layout {
+            let entries = new_size.div_ceil(u64::from(d.hdr.block_size));
+            if entries * 4 > MAX_BAT_BYTES {
+                return Err(Error::limit(format!(
+                    "new VHD size {new_size} in blocks of {} bytes needs a BAT of {} bytes, over the {MAX_BAT_BYTES}-byte limit",
+                    d.hdr.block_size,
+                    entries * 4
+                ))
+                .with_path(&self.path));
+            }
+            if opts.preallocation == Preallocation::Full {
+                return Err(Error::unsupported(
+                    "preallocation=full is not supported for dynamic VHDs (new blocks are allocated as the guest writes them)",
+                )
+                .with_path(&self.path));
+            }
+        }
+        let old = self.size;
+        if new_size == old {
+            return Ok(());
+        }
+        if new_size < old && !opts.shrink {
+            return Err(Error::arg(
+                "Use the --shrink option to perform a shrink operation.",
+            ));
+        }
+        let layout = std::mem::replace(&mut self.layout, Layout::Fixed { footer_at: 0 });
+        let r = match layout {
+            Layout::Fixed { footer_at } => {
+                self.layout = Layout::Fixed { footer_at };
+                self.resize_fixed(new_size, footer_at, opts.preallocation)
+            }
+            Layout::Dynamic(d) => {
+                // On failure the editor is spent: its view of the file may be stale.
+                let r = if new_size > old {
+                    self.grow_dynamic(new_size, d)
+                } else {
+                    self.shrink_dynamic(new_size, d)
+                };
+                r.map(|d| self.layout = Layout::Dynamic(d))
+            }
+        };
+        if r.is_ok() {
+            self.size = new_size;
+        }
+        r
+    }
+}

@@ -1,0 +1,506 @@
+//! Resizing monolithicSparse VMDKs in place, both directions.
+//!
+//! The size lives in three places: the sparse header's capacity (what qemu and we read),
+//! the embedded descriptor's extent line and its `ddb.geometry.cylinders` (what VMware
+//! reads). The header sector and the descriptor that follows it are rewritten together in
+//! one positional write, the switch; everything the new size needs is written and flushed
+//! before it:
+//!
+//! * grain table entries a shrink left past the old size are cleared (in both the grain
+//!   directory's and the redundant directory's tables) and a partial last grain's tail
+//!   zeroed, so the new space reads as zeros;
+//! * the grain tables for the new directory entries are appended (empty, so the new space
+//!   is unallocated; qemu and VMware need the tables to exist before they write a grain),
+//!   one set for each directory;
+//! * the new directory entries go into the directories' last sector when they fit there,
+//!   else both directories are written anew at the end of the file and the switch points
+//!   the header at them.
+//!
+//! Shrinking is the switch alone: grains past the new end stay in the file, unreachable,
+//! and are cleared by a later grow before they could surface.
+//!
+//! streamOptimized images (compressed grains, written once in order), descriptor files
+//! with flat or split extents, and delta disks are refused with the reason; `diskconv
+//! convert --target-size` writes a resized copy of any of them.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use byteorder::{ByteOrder, LittleEndian as LE};
+
+use super::descriptor::{Descriptor, ExtentType};
+use super::sparse::{SparseHeader, FLAG_MARKERS, FLAG_RGD, GD_AT_END, KDMV_MAGIC, SECTOR};
+use crate::device::{HostFile, ImageEditor};
+use crate::error::{Error, Result};
+use crate::options::{OpenOptions, Preallocation, ResizeOptions};
+use crate::writer::EditFile;
+
+/// Largest monolithicSparse guest: grain table entries are 32-bit sector numbers, so no
+/// grain may start at or past 2 TiB (VMware's own limit, 2 TiB less one sector).
+pub const MAX_SIZE: u64 = (1 << 41) - SECTOR;
+
+/// How to write a resized copy instead, for the refusals.
+const CONVERT_HINT: &str =
+    "write a resized copy with diskconv convert --target-size SIZE -O vmdk IN OUT";
+
+fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+    // SAFETY: flock on a valid descriptor has no memory effects.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        let what = if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            "Failed to get \"write\" lock: the image is in use by another process"
+        } else {
+            "cannot lock the image"
+        };
+        return Err(Error::io(what, e).with_path(path));
+    }
+    Ok(())
+}
+
+/// An opened monolithicSparse VMDK, ready to change size.
+#[derive(Debug)]
+pub struct VmdkEditor {
+    file: EditFile,
+    path: PathBuf,
+    header: SparseHeader,
+    /// The descriptor text as stored (up to its first NUL).
+    desc: String,
+    /// Grain directory and redundant directory (empty when there is none).
+    gd: Vec<u32>,
+    rgd: Vec<u32>,
+}
+
+fn refuse(what: &str, path: &Path) -> Error {
+    Error::unsupported(format!(
+        "{what}: only monolithicSparse VMDKs are resized in place; {CONVERT_HINT}"
+    ))
+    .with_path(path)
+}
+
+/// Open a monolithicSparse VMDK for resizing; everything else is refused with the reason.
+/// The reader's checks run first, then every directory entry is checked to name a whole
+/// grain table inside the file, before any write.
+pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<dyn ImageEditor>> {
+    lock_exclusive(&file, path)?;
+    let dup = || {
+        file.try_clone()
+            .map_err(|e| Error::io("cannot duplicate the image's descriptor", e).with_path(path))
+    };
+    let host = HostFile::from_file(dup()?, path)?;
+    let len = host.len();
+    let head = host.read_vec(0, len.min(512), "VMDK header")?;
+    if head.len() < 512 || LE::read_u32(&head[..4]) != KDMV_MAGIC {
+        let kind = match Descriptor::parse(&head) {
+            Ok(d) if d.create_type.is_some() => format!(
+                "a {} VMDK keeps its data in extent files named by this descriptor",
+                d.create_type.unwrap_or_default()
+            ),
+            _ => "this VMDK is not a hosted sparse extent (KDMV)".to_string(),
+        };
+        return Err(refuse(&kind, path));
+    }
+    let header = SparseHeader::parse(&head).map_err(|e| e.with_path(path))?;
+    if header.compressed() || header.flags & FLAG_MARKERS != 0 || header.gd_offset == GD_AT_END {
+        return Err(refuse(
+            "a streamOptimized VMDK is written once, in order, with compressed grains and no room to grow its tables",
+            path,
+        ));
+    }
+    if header.desc_offset == 0 || header.desc_size == 0 {
+        return Err(refuse(
+            "this sparse extent has no embedded descriptor (it belongs to a split or descriptor-file VMDK)",
+            path,
+        ));
+    }
+    let raw = host.read_vec(
+        header.desc_offset * SECTOR,
+        header.desc_size * SECTOR,
+        "embedded descriptor",
+    )?;
+    let d = Descriptor::parse(&raw).map_err(|e| e.with_path(path))?;
+    match d.create_type.as_deref() {
+        Some("monolithicSparse") => {}
+        other => {
+            return Err(refuse(
+                &format!(
+                    "createType {:?} keeps its data elsewhere",
+                    other.unwrap_or("(none)")
+                ),
+                path,
+            ))
+        }
+    }
+    if d.parent_cid.is_some_and(|c| c != u32::MAX) || d.parent_hint.is_some() {
+        return Err(refuse(
+            "a delta disk's size is its parent's (a grown delta would read new space from a parent that has none)",
+            path,
+        ));
+    }
+    if d.extents.len() != 1
+        || d.extents[0].kind != ExtentType::Sparse
+        || d.extents[0].sectors != header.capacity
+    {
+        return Err(refuse(
+            &format!(
+                "the embedded descriptor lists {} extents, not one SPARSE extent of the header's {} sectors",
+                d.extents.len(),
+                header.capacity
+            ),
+            path,
+        ));
+    }
+    if header.desc_offset != 1 {
+        return Err(refuse(
+            &format!(
+                "the embedded descriptor sits at sector {}, not right after the header, so the two cannot switch in one write",
+                header.desc_offset
+            ),
+            path,
+        ));
+    }
+    super::reader::open(
+        HostFile::from_file(dup()?, path)?,
+        &OpenOptions::new().without_backing(),
+    )?;
+    header.validate(len).map_err(|e| e.with_path(path))?;
+    let entries = header.gd_entries()?;
+    let load = |at: u64, field: &str| -> Result<Vec<u32>> {
+        let raw = host.read_vec(at * SECTOR, entries * 4, "grain directory")?;
+        let gd: Vec<u32> = raw.chunks_exact(4).map(LE::read_u32).collect();
+        let gt_bytes = u64::from(header.num_gtes_per_gt) * 4;
+        for (i, &e) in gd.iter().enumerate() {
+            if e != 0 && u64::from(e) * SECTOR + gt_bytes > len {
+                return Err(Error::corrupt(format!(
+                    "{field} entry {i} names a grain table at sector {e}, past the end of the file"
+                ))
+                .with_field(field.to_string())
+                .at(at * SECTOR + 4 * i as u64)
+                .with_path(path));
+            }
+        }
+        Ok(gd)
+    };
+    let gd = load(header.gd_offset, "gdOffset")?;
+    let rgd = if header.flags & FLAG_RGD != 0 && header.rgd_offset != 0 {
+        load(header.rgd_offset, "rgdOffset")?
+    } else {
+        Vec::new()
+    };
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    Ok(Box::new(VmdkEditor {
+        file: EditFile::new(file, path, opts.fail_at_write),
+        path: path.to_path_buf(),
+        header,
+        desc: String::from_utf8_lossy(&raw[..end]).into_owned(),
+        gd,
+        rgd,
+    }))
+}
+
+/// `text` with the extent line's size and `ddb.geometry.cylinders` made to describe
+/// `sectors`, every other line as it was. Cylinders follow our writer (and qemu):
+/// sectors / (heads x sectors per track), from the descriptor's own heads and sectors.
+pub fn resized_descriptor(text: &str, sectors: u64) -> Result<String> {
+    let d = Descriptor::parse(text.as_bytes())?;
+    let num = |k: &str, def: u64| d.ddb(k).and_then(|v| v.trim().parse().ok()).unwrap_or(def);
+    let heads: u64 = num("geometry.heads", 16).max(1);
+    let spt: u64 = num("geometry.sectors", 63).max(1);
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut extents = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim_start();
+        let first = t.split_whitespace().next().unwrap_or("");
+        if matches!(first, "RW" | "RDONLY" | "NOACCESS") {
+            // "RW <sectors> SPARSE "name"": replace the second token only.
+            let rest = t[first.len()..].trim_start();
+            let size_len = rest.find(char::is_whitespace).unwrap_or(rest.len());
+            out.push_str(&format!("{first} {sectors}{}", &rest[size_len..]));
+            extents += 1;
+            continue;
+        }
+        if let Some((k, _)) = t.split_once('=') {
+            if k.trim() == "ddb.geometry.cylinders" {
+                let nl = if line.ends_with('\n') { "\n" } else { "" };
+                out.push_str(&format!(
+                    "ddb.geometry.cylinders = \"{}\"{nl}",
+                    sectors / (heads * spt)
+                ));
+                continue;
+            }
+        }
+        out.push_str(line);
+    }
+    if extents != 1 {
+        return Err(Error::unsupported(format!(
+            "the descriptor has {extents} extent lines, expected one"
+        )));
+    }
+    Ok(out)
+}
+
+impl VmdkEditor {
+    fn grain_bytes(&self) -> u64 {
+        self.header.grain_size * SECTOR
+    }
+    fn gt_bytes(&self) -> u64 {
+        u64::from(self.header.num_gtes_per_gt) * 4
+    }
+    /// Guest bytes one grain table covers.
+    fn gt_span(&self) -> u64 {
+        u64::from(self.header.num_gtes_per_gt) * self.grain_bytes()
+    }
+
+    fn file_len(&self) -> Result<u64> {
+        Ok(self
+            .file
+            .file()
+            .metadata()
+            .map_err(|e| Error::io("cannot stat the image", e).with_path(&self.path))?
+            .len())
+    }
+
+    fn read_gt(&self, sector: u32) -> Result<Vec<u32>> {
+        let mut b = vec![0u8; self.gt_bytes() as usize];
+        let at = u64::from(sector) * SECTOR;
+        self.file.file().read_exact_at(&mut b, at).map_err(|e| {
+            Error::io("reading a VMDK grain table", e)
+                .at(at)
+                .with_path(&self.path)
+        })?;
+        Ok(b.chunks_exact(4).map(LE::read_u32).collect())
+    }
+
+    /// The switch: the header sector and the descriptor after it, in one write.
+    fn switch(&mut self, header: &SparseHeader, desc: &str) -> Result<()> {
+        let room = (header.desc_size * SECTOR) as usize;
+        if desc.len() > room {
+            return Err(Error::limit(format!(
+                "the resized descriptor needs {} bytes, more than its {room}-byte space",
+                desc.len()
+            ))
+            .with_path(&self.path));
+        }
+        let mut buf = vec![0u8; SECTOR as usize + room];
+        buf[..SECTOR as usize].copy_from_slice(&header.to_bytes());
+        // Bytes of the header sector past the fields (VMware's padding) stay as stored.
+        let mut old = [0u8; SECTOR as usize];
+        self.file
+            .file()
+            .read_exact_at(&mut old, 0)
+            .map_err(|e| Error::io("reading the VMDK header", e).with_path(&self.path))?;
+        buf[79..SECTOR as usize].copy_from_slice(&old[79..]);
+        buf[SECTOR as usize..SECTOR as usize + desc.len()].copy_from_slice(desc.as_bytes());
+        self.file
+            .write_at(&buf, 0, "writing the VMDK header and descriptor")?;
+        self.file.sync("flushing the VMDK header and descriptor")
+    }
+
+    fn grow(&mut self, new_size: u64) -> Result<()> {
+        let old = self.header.capacity * SECTOR;
+        let g = self.grain_bytes();
+        let span = self.gt_span();
+        let old_gde = self.gd.len() as u64;
+        let new_gde = new_size.div_ceil(span);
+        let per_gt = u64::from(self.header.num_gtes_per_gt);
+        let redundant = !self.rgd.is_empty();
+        // Everything appended must stay below what 32-bit sector numbers address.
+        let sets = if redundant { 2 } else { 1 };
+        let worst_end = self.file_len()?.next_multiple_of(SECTOR)
+            + sets
+                * (new_gde.saturating_sub(old_gde) * self.gt_bytes()
+                    + (new_gde * 4).next_multiple_of(SECTOR));
+        if worst_end / SECTOR > u64::from(u32::MAX) {
+            return Err(Error::limit(format!(
+                "the grown VMDK's tables would end at {worst_end:#x}, past the 2 TiB its 32-bit sector numbers address"
+            ))
+            .with_path(&self.path));
+        }
+
+        // Grains a shrink left mapped past the old size (in tables that exist) would
+        // surface: clear them in both sets of tables; zero a partial last grain's tail.
+        let first = old.div_ceil(g);
+        let last = (new_size.div_ceil(g)).min(old_gde * per_gt);
+        let mut dirty = false;
+        let dirs: Vec<Vec<u32>> = if redundant {
+            vec![self.gd.clone(), self.rgd.clone()]
+        } else {
+            vec![self.gd.clone()]
+        };
+        let mut t = first;
+        while t < last {
+            let gi = (t / per_gt) as usize;
+            let lo = (t % per_gt) as usize;
+            let hi = ((last - gi as u64 * per_gt).min(per_gt)) as usize;
+            for dir in &dirs {
+                if dir[gi] == 0 {
+                    continue;
+                }
+                let gt = self.read_gt(dir[gi])?;
+                if gt[lo..hi].iter().any(|&e| e != 0) {
+                    let at = u64::from(dir[gi]) * SECTOR + lo as u64 * 4;
+                    let zeros = vec![0u8; (hi - lo) * 4];
+                    self.file
+                        .write_at(&zeros, at, "clearing stale VMDK grain table entries")?;
+                    dirty = true;
+                }
+            }
+            t = (gi as u64 + 1) * per_gt;
+        }
+        if old % g != 0 {
+            let gi = ((old / g) / per_gt) as usize;
+            if self.gd[gi] != 0 {
+                let gt = self.read_gt(self.gd[gi])?;
+                let e = gt[((old / g) % per_gt) as usize];
+                if e > 1 {
+                    let at = u64::from(e) * SECTOR;
+                    let zeros = vec![0u8; (g - old % g) as usize];
+                    self.file
+                        .write_at(&zeros, at + old % g, "zeroing a VMDK grain's tail")?;
+                    dirty = true;
+                }
+            }
+        }
+
+        let mut header = self.header;
+        header.capacity = new_size / SECTOR;
+        let mut gd = self.gd.clone();
+        let mut rgd = self.rgd.clone();
+        if new_gde > old_gde {
+            // Empty grain tables for the new entries, appended: the file grows by holes.
+            let m = new_gde - old_gde;
+            let gtb = self.gt_bytes();
+            let end = self.file_len()?.next_multiple_of(SECTOR);
+            for j in 0..m {
+                gd.push(((end + j * gtb) / SECTOR) as u32);
+                if redundant {
+                    rgd.push(((end + (m + j) * gtb) / SECTOR) as u32);
+                }
+            }
+            let mut tail = end + sets * m * gtb;
+            let dir_room = (old_gde * 4).next_multiple_of(SECTOR);
+            let dir_bytes = |d: &[u32]| {
+                let mut b = vec![0u8; (d.len() * 4).next_multiple_of(SECTOR as usize)];
+                for (c, &e) in b.chunks_exact_mut(4).zip(d) {
+                    LE::write_u32(c, e);
+                }
+                b
+            };
+            if new_gde * 4 <= dir_room {
+                let at = |off: u64| off * SECTOR + old_gde * 4;
+                let b = dir_bytes(&gd[old_gde as usize..]);
+                let n = ((new_gde - old_gde) * 4) as usize;
+                self.file
+                    .set_len(tail, "appending empty VMDK grain tables")?;
+                self.file.write_at(
+                    &b[..n],
+                    at(self.header.gd_offset),
+                    "writing new grain directory entries",
+                )?;
+                if redundant {
+                    let b = dir_bytes(&rgd[old_gde as usize..]);
+                    self.file.write_at(
+                        &b[..n],
+                        at(self.header.rgd_offset),
+                        "writing new redundant grain directory entries",
+                    )?;
+                }
+            } else {
+                // Both directories anew at the end; the switch points the header there.
+                let b = dir_bytes(&gd);
+                header.gd_offset = tail / SECTOR;
+                self.file
+                    .write_at(&b, tail, "writing the grown grain directory")?;
+                tail += b.len() as u64;
+                if redundant {
+                    let b = dir_bytes(&rgd);
+                    header.rgd_offset = tail / SECTOR;
+                    self.file
+                        .write_at(&b, tail, "writing the grown redundant grain directory")?;
+                }
+            }
+            dirty = true;
+        }
+        if dirty {
+            self.file.sync("flushing the new VMDK tables")?;
+        }
+        let desc = resized_descriptor(&self.desc, header.capacity)?;
+        self.switch(&header, &desc)?;
+        self.header = header;
+        self.desc = desc;
+        self.gd = gd;
+        self.rgd = rgd;
+        Ok(())
+    }
+}
+
+impl ImageEditor for VmdkEditor {
+    fn virtual_size(&self) -> u64 {
+        self.header.capacity * SECTOR
+    }
+
+    fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
+        if new_size == 0 || new_size % SECTOR != 0 {
+            return Err(Error::arg(format!(
+                "new VMDK size {new_size} is not a positive multiple of {SECTOR} bytes"
+            ))
+            .with_path(&self.path));
+        }
+        if new_size > MAX_SIZE {
+            return Err(Error::limit(format!(
+                "new VMDK size {new_size} exceeds the monolithicSparse maximum of {MAX_SIZE} bytes (2 TiB less one sector)"
+            ))
+            .with_path(&self.path));
+        }
+        if opts.preallocation == Preallocation::Full {
+            return Err(Error::unsupported(
+                "preallocation=full is not supported for sparse VMDKs (grains are allocated as the guest writes them)",
+            )
+            .with_path(&self.path));
+        }
+        let old = self.virtual_size();
+        if new_size == old {
+            return Ok(());
+        }
+        if new_size < old {
+            if !opts.shrink {
+                return Err(Error::arg(
+                    "Use the --shrink option to perform a shrink operation.",
+                ));
+            }
+            let mut header = self.header;
+            header.capacity = new_size / SECTOR;
+            let desc = resized_descriptor(&self.desc, header.capacity)?;
+            self.switch(&header, &desc)?;
+            self.gd.truncate(new_size.div_ceil(self.gt_span()) as usize);
+            if !self.rgd.is_empty() {
+                self.rgd.truncate(self.gd.len());
+            }
+            self.header = header;
+            self.desc = desc;
+            return Ok(());
+        }
+        self.grow(new_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptor_lines_change_and_nothing_else() {
+        let text = "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType=\"monolithicSparse\"\n\n# Extent description\nRW 14336 SPARSE \"a.vmdk\"\n\n# The Disk Data Base\n#DDB\n\nddb.virtualHWVersion = \"4\"\nddb.geometry.cylinders = \"14\"\nddb.geometry.heads = \"16\"\nddb.geometry.sectors = \"63\"\nddb.adapterType = \"ide\"\n";
+        let out = resized_descriptor(text, 2_097_152).unwrap();
+        assert!(out.contains("RW 2097152 SPARSE \"a.vmdk\"\n"), "{out}");
+        assert!(out.contains("ddb.geometry.cylinders = \"2080\"\n"), "{out}");
+        assert_eq!(
+            out.replace("2097152", "14336")
+                .replace("\"2080\"", "\"14\""),
+            text
+        );
+        let d = Descriptor::parse(out.as_bytes()).unwrap();
+        assert_eq!(d.total_sectors().unwrap(), 2_097_152);
+    }
+}
