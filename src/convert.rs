@@ -53,6 +53,13 @@ pub struct ConvertOptions<'a> {
     pub salvage: bool,
     /// Limit on guest bytes written per second (qemu-img's `-r`); 0 means no limit.
     pub rate_limit: u64,
+    /// Give the output this virtual size instead of the source's (`--target-size`):
+    /// growing pads with unallocated space; shrinking is refused unless the dropped tail
+    /// of the source reads as zeros, or [`shrink`](Self::shrink) allows dropping it.
+    pub target_size: Option<u64>,
+    /// With [`target_size`](Self::target_size) below the source's size: drop the
+    /// source's tail even where it holds data.
+    pub shrink: bool,
 }
 
 impl<'a> ConvertOptions<'a> {
@@ -70,6 +77,8 @@ impl<'a> ConvertOptions<'a> {
             target_is_zero: false,
             salvage: false,
             rate_limit: 0,
+            target_size: None,
+            shrink: false,
         }
     }
 }

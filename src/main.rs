@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use diskconv::parse_size;
-use diskconv::{ConvertOptions, CreateOptions, Error, Format, ImageInfo, OpenOptions, Result};
+use diskconv::{
+    ConvertOptions, CreateOptions, Error, Format, ImageInfo, OpenOptions, Preallocation,
+    ResizeOptions, Result,
+};
 
 /// qemu-img's names, listed in `--help` so users need not guess (`vhd` is accepted for `vpc`).
 const FORMATS_HELP: &str = "Supported formats: raw qcow2 vpc (alias vhd) vmdk vdi";
@@ -71,6 +74,13 @@ enum Cmd {
         /// reported on stderr.
         #[arg(long = "salvage")]
         salvage: bool,
+        /// Give the output this virtual size (growing pads with unallocated space;
+        /// shrinking needs a zero tail, or --shrink).
+        #[arg(long = "target-size")]
+        target_size: Option<String>,
+        /// With --target-size below the source's size: drop its tail even if it holds data.
+        #[arg(long = "shrink")]
+        shrink: bool,
         /// Limit writing to RATE bytes per second (suffixes k, M, G, ...).
         #[arg(short = 'r', long = "rate", allow_hyphen_values = true)]
         rate: Option<String>,
@@ -122,6 +132,31 @@ enum Cmd {
         /// Guest size.
         #[arg(value_name = "SIZE", hide = true)]
         size: Option<String>,
+    },
+    /// Change an image's virtual size in place, like qemu-img resize: SIZE is absolute or
+    /// +SIZE/-SIZE relative (suffixes k, M, G, T, ...). Shrinking needs --shrink.
+    #[command(
+        override_usage = "diskconv resize [-f FMT] [--shrink] [--preallocation=off|full] [-q] IMG [+ | -]SIZE",
+        args_override_self = true
+    )]
+    Resize {
+        /// Image format (never probed when given).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Allow a size below the current one: data past it is lost.
+        #[arg(long = "shrink")]
+        shrink: bool,
+        /// off (new space unallocated) or full (new space written with zeros).
+        #[arg(long = "preallocation", default_value = "off")]
+        preallocation: String,
+        /// Quiet: do not print "Image resized.".
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Image.
+        image: PathBuf,
+        /// New size: SIZE, +SIZE or -SIZE.
+        #[arg(allow_hyphen_values = true)]
+        size: String,
     },
     /// Show facts about an image.
     #[command(args_override_self = true)]
@@ -309,6 +344,8 @@ fn run(cli: Cli) -> Result<()> {
             src_cache,
             _force_share,
             salvage,
+            target_size,
+            shrink,
             rate,
             threads,
             _unordered,
@@ -350,6 +387,11 @@ fn run(cli: Cli) -> Result<()> {
             opts.existing_target = existing_target;
             opts.target_is_zero = target_is_zero;
             opts.salvage = salvage;
+            opts.target_size = target_size
+                .as_deref()
+                .map(|t| cvtnum("target size", t))
+                .transpose()?;
+            opts.shrink = shrink;
             opts.rate_limit = rate_limit.unwrap_or(0);
             check_cache_mode(&cache, "cache option")?;
             opts.sync = cache != "unsafe";
@@ -439,6 +481,45 @@ fn run(cli: Cli) -> Result<()> {
                 if !quiet {
                     eprintln!("diskconv: note: {w}");
                 }
+            }
+            Ok(())
+        }
+        Cmd::Resize {
+            format,
+            shrink,
+            preallocation,
+            quiet,
+            image,
+            size,
+        } => {
+            let format = format.as_deref().map(Format::from_name).transpose()?;
+            let preallocation = match preallocation.as_str() {
+                "off" => Preallocation::Off,
+                "full" => Preallocation::Full,
+                other => {
+                    return Err(Error::arg(format!(
+                        "Invalid preallocation mode: '{other}' (diskconv resize takes off or full)"
+                    )))
+                }
+            };
+            let new_size = resize_target(&image, format, &size)?;
+            let opts = ResizeOptions {
+                format,
+                shrink,
+                preallocation,
+                ..Default::default()
+            };
+            if let Err(e) = diskconv::resize(&image, new_size, &opts) {
+                if !shrink && e.message().contains("--shrink") {
+                    // qemu-img's words, in its order: the refusal, then why it matters.
+                    eprintln!("diskconv: Use the --shrink option to perform a shrink operation.");
+                    eprintln!("diskconv: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.");
+                    std::process::exit(1);
+                }
+                return Err(e);
+            }
+            if !quiet {
+                println!("Image resized.");
             }
             Ok(())
         }
@@ -802,4 +883,30 @@ mod tests {
         assert_eq!(human_size(104857600), "100 MiB");
         assert_eq!(human_size(2621440000), "2.44 GiB");
     }
+}
+
+/// The absolute size `arg` asks for: `SIZE`, or `+SIZE`/`-SIZE` relative to the image's
+/// current virtual size (read by opening it, without backing files).
+fn resize_target(image: &Path, format: Option<Format>, arg: &str) -> Result<u64> {
+    let (sign, num) = match arg.as_bytes().first() {
+        Some(b'+') => (1i8, &arg[1..]),
+        Some(b'-') => (-1, &arg[1..]),
+        _ => (0, arg),
+    };
+    let n = cvtnum("image size", num)?;
+    if sign == 0 {
+        return Ok(n);
+    }
+    let mut o = OpenOptions::new().without_backing();
+    if let Some(f) = format {
+        o = o.format(f);
+    }
+    let current = diskconv::open(image, &o)?.virtual_size();
+    let new = if sign > 0 {
+        current.checked_add(n)
+    } else {
+        current.checked_sub(n)
+    };
+    new.filter(|&v| v > 0)
+        .ok_or_else(|| Error::arg("New image size must be positive").with_path(image))
 }

@@ -126,6 +126,7 @@ fn qemu_io_write(img: &Path, off: u64, data: &[u8]) {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn grow_and_shrink_round_trips() {
     if !have_qemu() {
         return;
@@ -210,6 +211,7 @@ fn sweep(src: &Path, before_raw: &Path, new_size: u64, dir: &Path, tag: &str) ->
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn a_failure_at_any_write_leaves_before_or_after() {
     if !have_qemu() {
         return;
@@ -251,6 +253,7 @@ fn a_failure_at_any_write_leaves_before_or_after() {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn corpus_vdi_grows_and_shrinks() {
     if !have_qemu() {
         return;

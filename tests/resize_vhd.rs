@@ -213,6 +213,7 @@ fn sources(dir: &Path, raw: &Path) -> Vec<(String, PathBuf)> {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn grow_and_shrink_round_trips() {
     if !have_qemu() {
         return;
@@ -308,6 +309,7 @@ fn tail_footer_alone_is_valid(img: &Path, dir: &Path, before: &Expect, after: &E
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn a_failure_at_any_write_leaves_before_or_after() {
     if !have_qemu() {
         return;
@@ -362,6 +364,7 @@ fn a_failure_at_any_write_leaves_before_or_after() {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn corpus_vhds_resize() {
     if !have_qemu() {
         return;

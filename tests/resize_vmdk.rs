@@ -239,6 +239,7 @@ fn assert_unallocated(img: &Path, from: u64, to: u64) {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn grow_and_shrink_round_trips() {
     if !have_qemu() {
         return;
@@ -322,6 +323,7 @@ fn sweep(src: &Path, before: &Expect, new_size: u64, dir: &Path, tag: &str) -> u
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn a_failure_at_any_write_leaves_before_or_after() {
     if !have_qemu() {
         return;
@@ -360,6 +362,7 @@ fn a_failure_at_any_write_leaves_before_or_after() {
 }
 
 #[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
 fn other_subformats_and_bad_sizes_are_refused() {
     if !have_qemu() {
         return;

@@ -58,6 +58,10 @@ fn convert_into(
 ) -> Result<ConvertReport> {
     let dst = out.path().to_path_buf();
     let mut create = opts.create.clone();
+    if let Some(target) = opts.target_size {
+        check_target_size(dev, target, opts.shrink).map_err(|e| e.with_path(&dst))?;
+        create.size = target;
+    }
     if create.size == 0 {
         create.size = dev.virtual_size();
     }
@@ -93,6 +97,41 @@ fn refuse_same_file(src: &Path, dst: &Path) -> Result<()> {
             )
             .with_path(dst));
         }
+    }
+    Ok(())
+}
+
+/// May the output be `target` bytes long? Growing always; shrinking only when the source's
+/// tail past `target` reads as zeros (unallocated, zero, or data that is all zero bytes),
+/// or `shrink` says to drop it. Runs before any output is written, in bounded memory.
+fn check_target_size(dev: &dyn BlockDevice, target: u64, shrink: bool) -> Result<()> {
+    if target == 0 {
+        return Err(Error::arg("--target-size must be positive"));
+    }
+    let size = dev.virtual_size();
+    if target >= size || shrink {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = target;
+    while off < size {
+        let m = dev.map(off, size - off)?;
+        let end = (m.offset + m.len).min(size);
+        if matches!(m.kind, crate::device::MappingKind::Data { .. }) {
+            let mut at = off;
+            while at < end {
+                let n = (end - at).min(buf.len() as u64) as usize;
+                dev.read_at(&mut buf[..n], at)?;
+                if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+                    return Err(Error::arg(format!(
+                        "--target-size {target} would drop data: the source holds non-zero bytes at guest offset {:#x} (its size is {size}); pass --shrink to drop them",
+                        at + i as u64
+                    )));
+                }
+                at += n as u64;
+            }
+        }
+        off = end;
     }
     Ok(())
 }
