@@ -113,6 +113,7 @@ pub fn open_editor(
 ) -> Result<Box<dyn ImageEditor>> {
     match format {
         Format::Raw => raw::open_editor(file, path, opts),
+        Format::Qcow2 => qcow2::open_editor(file, path, opts),
         other => Err(Error::unsupported(format!(
             "resizing {other} images in place is not supported yet (convert it with diskconv convert, or resize a raw copy)"
         ))

@@ -110,10 +110,10 @@ mod tests {
     #[test]
     fn formats_without_an_editor_say_so() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("a.qcow2");
-        crate::create(&p, Format::Qcow2, &crate::CreateOptions::new(1 << 20)).unwrap();
+        let p = dir.path().join("a.vdi");
+        crate::create(&p, Format::Vdi, &crate::CreateOptions::new(1 << 20)).unwrap();
         let e = resize(&p, 2 << 20, &ResizeOptions::default()).unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::Unsupported);
-        assert!(e.to_string().contains("qcow2"), "{e}");
+        assert!(e.to_string().contains("vdi"), "{e}");
     }
 }

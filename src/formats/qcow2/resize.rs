@@ -1,0 +1,796 @@
+//! Resizing qcow2 (v2 and v3) in place.
+//!
+//! Every resize is one transaction that never writes over a cluster the current image
+//! uses. The new metadata — an L1 table, the boundary L2 table, the refcount blocks whose
+//! counts change and a refcount table pointing at them — goes into clusters that are free
+//! in the current image (refcount 0), is flushed, and then one write of header bytes
+//! 24..60 (size, l1_size, l1_table_offset, refcount_table_offset, refcount_table_clusters)
+//! switches from the old state to the new one. Before that write the new clusters are
+//! unreferenced with refcount 0; after it the old L1, L2, refcount blocks and table are
+//! unreferenced with refcount 0 in the new refcounts. So a failure at any write leaves
+//! an image that reads exactly as before or exactly as after and that `qemu-img check`
+//! finds clean — no leaks either, which qemu's own in-place ordering (refcounts first,
+//! then the tables) would leave.
+//!
+//! When nothing is freed and the L1 table already has room (in its entries or in the
+//! unused tail of its last cluster), only the header changes. Shrinking frees the data
+//! and L2 clusters past the new end (clusters are kept up to the one holding the new
+//! end, as qemu does), then truncates the file where its tail became free. Images this
+//! cannot keep consistent are refused before anything is written: internal snapshots,
+//! encryption, external data files, a backing file, persistent bitmaps, and images
+//! marked dirty or corrupt.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use byteorder::{BigEndian, ByteOrder};
+
+use super::compress::decompress;
+use super::header::*;
+use super::reader::{self, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use crate::device::{HostFile, ImageEditor};
+use crate::error::{Error, Result};
+use crate::options::{OpenOptions, Preallocation, ResizeOptions};
+use crate::writer::EditFile;
+
+/// The header bytes the switching write covers: size, crypt_method, l1_size,
+/// l1_table_offset, refcount_table_offset, refcount_table_clusters. They sit in the first
+/// sector, so the write is atomic on every disk and filesystem qemu supports.
+const SWITCH_START: usize = 24;
+const SWITCH_END: usize = 60;
+
+/// A qcow2 image opened for in-place changes.
+#[derive(Debug)]
+pub struct Qcow2Editor {
+    file: EditFile,
+    host: HostFile,
+    path: PathBuf,
+    header: Header,
+}
+
+/// Open a qcow2 image for resizing: lock it, parse and validate the header and the
+/// active L1 table with the reader, and refuse what a resize cannot keep consistent.
+pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<dyn ImageEditor>> {
+    lock(&file, path)?;
+    let clone = file
+        .try_clone()
+        .map_err(|e| Error::io("cannot duplicate the image's descriptor", e).with_path(path))?;
+    let host = HostFile::from_file(clone, path)?;
+    // The reader's checks (header fields, extensions, L1 inside the file) run first.
+    let check = HostFile::from_file(
+        file.try_clone()
+            .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?,
+        path,
+    )?;
+    let header = Header::parse(&host.read_vec(0, host.len().min(64 << 10), "qcow2 header")?)
+        .map_err(|e| e.with_path(path))?;
+    refuse_unsupported(&header, path)?;
+    let image = reader::open(check, &OpenOptions::new().without_backing())?;
+    if let Some(b) = &image.extensions().bitmaps {
+        if b.nb_bitmaps > 0 {
+            return Err(Error::unsupported(format!(
+                "the image has {} persistent dirty bitmap(s); resizing it would leave them the old size (remove them with qemu-img bitmap --remove first)",
+                b.nb_bitmaps
+            ))
+            .with_path(path));
+        }
+    }
+    drop(image);
+    Ok(Box::new(Qcow2Editor {
+        file: EditFile::new(file, path, opts.fail_at_write),
+        host,
+        path: path.to_path_buf(),
+        header,
+    }))
+}
+
+/// Take an exclusive advisory lock for the whole edit: a second diskconv on the same
+/// image is refused instead of interleaving its writes with ours.
+fn lock(file: &File, path: &Path) -> Result<()> {
+    // SAFETY: flock on a valid descriptor has no memory effects.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::io(
+                "the image is in use: another process holds its lock (is another diskconv resizing it?)",
+                e,
+            )
+            .with_path(path));
+        }
+        return Err(Error::io("cannot lock the image", e).with_path(path));
+    }
+    Ok(())
+}
+
+fn refuse_unsupported(h: &Header, path: &Path) -> Result<()> {
+    let why = if h.incompatible_features & INCOMPAT_DIRTY != 0 {
+        Some("the image is marked dirty (its refcounts may be stale): run qemu-img check -r all first".to_string())
+    } else if h.incompatible_features & INCOMPAT_CORRUPT != 0 {
+        Some("the image is marked corrupt: run qemu-img check -r all first".to_string())
+    } else if h.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+        Some("the image keeps its data in an external data file; resizing it is not supported".to_string())
+    } else if h.nb_snapshots > 0 {
+        Some(format!(
+            "Can't resize an image which has snapshots ({} internal snapshot(s)); delete them with qemu-img snapshot -d, or convert with diskconv convert --target-size",
+            h.nb_snapshots
+        ))
+    } else if h.backing_file_offset != 0 && h.backing_file_size != 0 {
+        Some("the image has a backing file: grown space would show the backing file's data; resizing overlays is not supported (convert with diskconv convert --target-size)".to_string())
+    } else {
+        None
+    };
+    match why {
+        Some(m) => Err(Error::unsupported(m).with_path(path)),
+        None => Ok(()),
+    }
+}
+
+/// The refcounts: the current (old) table and blocks, read on demand, and the copies of
+/// the blocks this transaction changes.
+struct Refs {
+    order: u32,
+    cs: u64,
+    /// Entries per refcount block.
+    rb_entries: u64,
+    table: Vec<u64>,
+    table_offset: u64,
+    table_clusters: u64,
+    old: HashMap<u64, Vec<u8>>,
+    new: BTreeMap<u64, Vec<u8>>,
+}
+
+impl Refs {
+    fn load(host: &HostFile, h: &Header) -> Result<Refs> {
+        let cs = h.cluster_size();
+        let bytes = u64::from(h.refcount_table_clusters) * cs;
+        if bytes == 0 || bytes > MAX_REFTABLE_BYTES {
+            return Err(Error::corrupt(format!(
+                "refcount table of {} clusters is outside 1..={} MiB",
+                h.refcount_table_clusters,
+                MAX_REFTABLE_BYTES >> 20
+            ))
+            .with_field("refcount_table_clusters")
+            .at(56));
+        }
+        if h.refcount_table_offset % cs != 0 || h.refcount_table_offset == 0 {
+            return Err(Error::corrupt(format!(
+                "refcount_table_offset {:#x} is not a cluster-aligned offset past the header",
+                h.refcount_table_offset
+            ))
+            .with_field("refcount_table_offset")
+            .at(48));
+        }
+        host.check_range(h.refcount_table_offset, bytes, "refcount table")
+            .map_err(|e| e.with_field("refcount_table_offset").at(48))?;
+        let raw = host.read_vec(h.refcount_table_offset, bytes, "refcount table")?;
+        let table: Vec<u64> = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
+        for (i, &e) in table.iter().enumerate() {
+            let at = h.refcount_table_offset + i as u64 * 8;
+            if e & 0x1ff != 0 || (e != 0 && e % cs != 0) {
+                return Err(Error::corrupt(format!(
+                    "refcount table entry {i} ({e:#x}) is not cluster aligned"
+                ))
+                .at(at));
+            }
+            if e != 0 {
+                host.check_range(e, cs, "refcount block")
+                    .map_err(|err| err.with_field(format!("refcount table entry {i}")).at(at))?;
+            }
+        }
+        Ok(Refs {
+            order: h.refcount_order,
+            cs,
+            rb_entries: (cs * 8) >> h.refcount_order,
+            table,
+            table_offset: h.refcount_table_offset,
+            table_clusters: u64::from(h.refcount_table_clusters),
+            old: HashMap::new(),
+            new: BTreeMap::new(),
+        })
+    }
+
+    fn max(&self) -> u64 {
+        if self.order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1u32 << self.order)) - 1
+        }
+    }
+
+    fn old_block(&mut self, host: &HostFile, i: u64) -> Result<Option<&Vec<u8>>> {
+        let off = match self.table.get(i as usize) {
+            Some(&o) if o != 0 => o,
+            _ => return Ok(None),
+        };
+        if !self.old.contains_key(&i) {
+            let b = host.read_vec(off, self.cs, "refcount block")?;
+            self.old.insert(i, b);
+        }
+        Ok(self.old.get(&i))
+    }
+
+    /// The refcount of cluster `c` in the image as it is on disk.
+    fn get_old(&mut self, host: &HostFile, c: u64) -> Result<u64> {
+        let (i, j) = (c / self.rb_entries, c % self.rb_entries);
+        let order = self.order;
+        let Some(b) = self.old_block(host, i)? else {
+            return Ok(0);
+        };
+        Ok(decode(order, b, j))
+    }
+
+    /// Change cluster `c`'s refcount by `delta` in the new state.
+    fn add(&mut self, host: &HostFile, c: u64, delta: i64) -> Result<()> {
+        let (i, j) = (c / self.rb_entries, c % self.rb_entries);
+        if !self.new.contains_key(&i) {
+            let b = match self.old_block(host, i)? {
+                Some(b) => b.clone(),
+                None => vec![0u8; self.cs as usize],
+            };
+            self.new.insert(i, b);
+        }
+        let max = self.max();
+        let order = self.order;
+        let cs = self.cs;
+        let b = self.new.get_mut(&i).expect("just inserted");
+        let cur = decode(order, b, j);
+        let next = if delta < 0 {
+            cur.checked_sub(delta.unsigned_abs())
+        } else {
+            cur.checked_add(delta as u64).filter(|&v| v <= max)
+        };
+        let Some(next) = next else {
+            return Err(Error::corrupt(format!(
+                "refcount of the cluster at {:#x} is {cur}; it cannot change by {delta} (the refcounts do not match the tables: run qemu-img check -r all)",
+                c * cs
+            )));
+        };
+        encode(order, b, j, next);
+        Ok(())
+    }
+}
+
+/// Refcount `j` of a block with `1 << order`-bit entries (sub-byte widths are packed
+/// from the low bits up, as qemu does).
+fn decode(order: u32, b: &[u8], j: u64) -> u64 {
+    let j = j as usize;
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per = 8 / bits;
+            u64::from((b[j / per] >> (bits * (j % per))) & ((1u16 << bits) - 1) as u8)
+        }
+        3 => u64::from(b[j]),
+        4 => u64::from(BigEndian::read_u16(&b[j * 2..])),
+        5 => u64::from(BigEndian::read_u32(&b[j * 4..])),
+        _ => BigEndian::read_u64(&b[j * 8..]),
+    }
+}
+
+fn encode(order: u32, b: &mut [u8], j: u64, v: u64) {
+    let j = j as usize;
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per = 8 / bits;
+            let shift = bits * (j % per);
+            let mask = (((1u16 << bits) - 1) as u8) << shift;
+            b[j / per] = (b[j / per] & !mask) | ((v as u8) << shift);
+        }
+        3 => b[j] = v as u8,
+        4 => BigEndian::write_u16(&mut b[j * 2..], v as u16),
+        5 => BigEndian::write_u32(&mut b[j * 4..], v as u32),
+        _ => BigEndian::write_u64(&mut b[j * 8..], v),
+    }
+}
+
+/// Where new clusters go: the first run that is free in the old image (refcount 0) and
+/// not yet taken by this transaction, searching from `start`.
+struct Alloc {
+    start: u64,
+    taken: BTreeSet<u64>,
+}
+
+impl Alloc {
+    fn run(&mut self, refs: &mut Refs, host: &HostFile, n: u64) -> Result<u64> {
+        let mut c = self.start.max(1);
+        'search: loop {
+            for k in 0..n {
+                let x = c + k;
+                if self.taken.contains(&x) || refs.get_old(host, x)? != 0 {
+                    c = x + 1;
+                    continue 'search;
+                }
+            }
+            for k in 0..n {
+                self.taken.insert(c + k);
+            }
+            return Ok(c);
+        }
+    }
+}
+
+/// What one resize writes: new tables and where.
+struct Plan {
+    writes: Vec<(u64, Vec<u8>)>,
+    header: Header,
+}
+
+impl Qcow2Editor {
+    fn cs(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    fn span(&self) -> u64 {
+        self.cs() * self.header.l2_entries()
+    }
+
+    fn read_l1(&self) -> Result<Vec<u64>> {
+        let h = &self.header;
+        if h.l1_size == 0 {
+            return Ok(Vec::new());
+        }
+        let bytes = u64::from(h.l1_size) * 8;
+        self.host
+            .check_range(h.l1_table_offset, bytes, "L1 table")
+            .map_err(|e| e.with_field("l1_table_offset").at(40))?;
+        let raw = self.host.read_vec(h.l1_table_offset, bytes, "L1 table")?;
+        Ok(raw.chunks_exact(8).map(BigEndian::read_u64).collect())
+    }
+
+    fn read_l2(&self, l1_index: usize, entry: u64) -> Result<Vec<u64>> {
+        let off = entry & OFFSET_MASK;
+        let at = self.header.l1_table_offset + l1_index as u64 * 8;
+        if off % self.cs() != 0 {
+            return Err(Error::corrupt(format!(
+                "L2 table offset {off:#x} (L1 entry {l1_index}) is not cluster aligned"
+            ))
+            .at(at));
+        }
+        self.host
+            .check_range(off, self.cs(), "L2 table")
+            .map_err(|e| e.with_field(format!("L1 entry {l1_index}")).at(at))?;
+        let raw = self.host.read_vec(off, self.cs(), "L2 table")?;
+        Ok(raw.chunks_exact(8).map(BigEndian::read_u64).collect())
+    }
+
+    /// Decrement the refcounts of what one L2 entry (`words`: one or two u64) maps.
+    fn free_entry(&self, refs: &mut Refs, words: &[u64]) -> Result<()> {
+        let e = words[0];
+        let cs = self.cs();
+        if e & COMPRESSED != 0 {
+            let shift = 62 - (self.header.cluster_bits - 8);
+            let coffset = e & ((1u64 << shift) - 1);
+            let nsect = ((e >> shift) & ((1u64 << (self.header.cluster_bits - 8)) - 1)) + 1;
+            let start = coffset & !511;
+            let end = start + nsect * 512;
+            for c in start / cs..end.div_ceil(cs) {
+                refs.add(&self.host, c, -1)?;
+            }
+        } else if e & OFFSET_MASK != 0 {
+            refs.add(&self.host, (e & OFFSET_MASK) / cs, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Build the new state for `new_size`. Returns None when only the header changes
+    /// (the plan then holds no writes but the header).
+    fn plan(&self, new_size: u64, alloc_at_end: bool) -> Result<Plan> {
+        let h = &self.header;
+        let cs = self.cs();
+        let span = self.span();
+        let words = (h.l2_entry_size() / 8) as usize;
+        let old_size = h.size;
+        let old_l1 = self.read_l1()?;
+        let new_needed = new_size.div_ceil(span);
+        if new_needed * 8 > MAX_L1_BYTES {
+            return Err(Error::limit(format!(
+                "Failed to grow the L1 table: File too large (a qcow2 image with {cs}-byte clusters holds at most {} bytes: {} L1 entries of {span} bytes, the {} MiB L1 limit)",
+                (MAX_L1_BYTES / 8) * span,
+                MAX_L1_BYTES / 8,
+                MAX_L1_BYTES >> 20
+            )));
+        }
+        let mut refs = Refs::load(&self.host, h)?;
+        let file_clusters = self.host.len().div_ceil(cs);
+        let mut alloc = Alloc {
+            start: if alloc_at_end { file_clusters } else { 1 },
+            taken: BTreeSet::new(),
+        };
+        let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+
+        // Drop every mapping from the cluster after the last kept guest byte on: on a
+        // shrink that is the dropped tail; on a grow it is normally nothing, and when an
+        // image maps clusters past its end they must not reappear as guest data.
+        let keep = min(old_size, new_size).div_ceil(cs) * cs;
+        let mut new_l1 = old_l1.clone();
+        let mut l1_changed = false;
+        let first_whole = keep.div_ceil(span) as usize;
+        for (i, &e) in old_l1.iter().enumerate().skip(first_whole) {
+            if e & OFFSET_MASK == 0 {
+                continue;
+            }
+            let l2 = self.read_l2(i, e)?;
+            for w in l2.chunks_exact(words) {
+                self.free_entry(&mut refs, w)?;
+            }
+            refs.add(&self.host, (e & OFFSET_MASK) / cs, -1)?;
+            new_l1[i] = 0;
+            l1_changed = true;
+        }
+        if keep % span != 0 {
+            let i = (keep / span) as usize;
+            if let Some(&e) = old_l1.get(i).filter(|e| *e & OFFSET_MASK != 0) {
+                let mut l2 = self.read_l2(i, e)?;
+                let from = ((keep % span) / cs) as usize * words;
+                let mut changed = false;
+                for k in (from..l2.len()).step_by(words) {
+                    if l2[k..k + words].iter().any(|&w| w != 0) {
+                        self.free_entry(&mut refs, &l2[k..k + words])?;
+                        l2[k..k + words].fill(0);
+                        changed = true;
+                    }
+                }
+                if changed {
+                    refs.add(&self.host, (e & OFFSET_MASK) / cs, -1)?;
+                    if l2.iter().all(|&w| w == 0) {
+                        new_l1[i] = 0;
+                    } else {
+                        let c = alloc.run(&mut refs, &self.host, 1)?;
+                        refs.add(&self.host, c, 1)?;
+                        let mut b = vec![0u8; cs as usize];
+                        for (k, w) in l2.iter().enumerate() {
+                            BigEndian::write_u64(&mut b[k * 8..], *w);
+                        }
+                        writes.push((c * cs, b));
+                        new_l1[i] = (c * cs) | COPIED;
+                    }
+                    l1_changed = true;
+                }
+            }
+        }
+
+        let mut header = h.clone();
+        header.size = new_size;
+        let old_l1_clusters = (u64::from(h.l1_size) * 8).div_ceil(cs);
+        let capacity = if h.l1_table_offset != 0 {
+            old_l1_clusters * cs / 8
+        } else {
+            0
+        };
+        if !l1_changed && new_needed <= u64::from(h.l1_size) {
+            // Header only.
+        } else if !l1_changed && new_needed <= capacity {
+            // The unused tail of the L1's last cluster takes the new entries; it is
+            // unread by the current image, so zeroing it first is safe.
+            let from = u64::from(h.l1_size) * 8;
+            let len = (new_needed * 8 - from) as usize;
+            writes.push((h.l1_table_offset + from, vec![0u8; len]));
+            header.l1_size = new_needed as u32;
+        } else {
+            let n = (new_needed * 8).div_ceil(cs).max(1);
+            let c = alloc.run(&mut refs, &self.host, n)?;
+            for k in 0..n {
+                refs.add(&self.host, c + k, 1)?;
+            }
+            let mut b = vec![0u8; (n * cs) as usize];
+            for (k, e) in new_l1.iter().take(new_needed as usize).enumerate() {
+                BigEndian::write_u64(&mut b[k * 8..], *e);
+            }
+            writes.push((c * cs, b));
+            if h.l1_table_offset != 0 {
+                for k in 0..old_l1_clusters {
+                    refs.add(&self.host, h.l1_table_offset / cs + k, -1)?;
+                }
+            }
+            header.l1_size = new_needed as u32;
+            header.l1_table_offset = c * cs;
+        }
+
+        if !refs.new.is_empty() {
+            let (rt_offset, rt_clusters, mut rt_writes) =
+                self.finish_refcounts(&mut refs, &mut alloc)?;
+            header.refcount_table_offset = rt_offset;
+            header.refcount_table_clusters = rt_clusters;
+            writes.append(&mut rt_writes);
+        }
+        Ok(Plan { writes, header })
+    }
+
+    /// Place the changed refcount blocks and a new refcount table in free clusters and
+    /// count those clusters too (a fixed point: a new block's own cluster may fall in a
+    /// block not yet changed). The old table and the replaced blocks are freed.
+    fn finish_refcounts(
+        &self,
+        refs: &mut Refs,
+        alloc: &mut Alloc,
+    ) -> Result<(u64, u32, Vec<(u64, Vec<u8>)>)> {
+        let cs = self.cs();
+        let base_new = refs.new.clone();
+        let base_taken = alloc.taken.clone();
+        let mut want: BTreeSet<u64> = BTreeSet::new();
+        for (i, b) in &base_new {
+            if b.iter().any(|&x| x != 0) {
+                want.insert(*i);
+            }
+        }
+        for _round in 0..64 {
+            refs.new = base_new.clone();
+            alloc.taken = base_taken.clone();
+            let max_index = want.iter().next_back().copied().unwrap_or(0);
+            let entries = (refs.table.len() as u64).max(max_index + 1);
+            let rt_clusters = (entries * 8).div_ceil(cs).max(refs.table_clusters);
+            if rt_clusters * cs > MAX_REFTABLE_BYTES {
+                return Err(Error::limit(format!(
+                    "the refcount table would need {rt_clusters} clusters, past qemu's {} MiB limit",
+                    MAX_REFTABLE_BYTES >> 20
+                )));
+            }
+            let rt = alloc.run(refs, &self.host, rt_clusters)?;
+            let mut locs = BTreeMap::new();
+            for &i in &want {
+                locs.insert(i, alloc.run(refs, &self.host, 1)?);
+            }
+            for k in 0..rt_clusters {
+                refs.add(&self.host, rt + k, 1)?;
+            }
+            for &c in locs.values() {
+                refs.add(&self.host, c, 1)?;
+            }
+            for k in 0..refs.table_clusters {
+                refs.add(&self.host, refs.table_offset / cs + k, -1)?;
+            }
+            // Every changed block replaces its old copy, which becomes free; freeing it
+            // may change yet another block.
+            let mut released = BTreeSet::new();
+            loop {
+                let pending: Vec<u64> = refs
+                    .new
+                    .keys()
+                    .copied()
+                    .filter(|i| !released.contains(i))
+                    .collect();
+                if pending.is_empty() {
+                    break;
+                }
+                for i in pending {
+                    released.insert(i);
+                    if let Some(&o) = refs.table.get(i as usize).filter(|o| **o != 0) {
+                        refs.add(&self.host, o / cs, -1)?;
+                    }
+                }
+            }
+            let nonzero: BTreeSet<u64> = refs
+                .new
+                .iter()
+                .filter(|(_, b)| b.iter().any(|&x| x != 0))
+                .map(|(i, _)| *i)
+                .collect();
+            let fits = nonzero
+                .iter()
+                .next_back()
+                .is_none_or(|&m| m < rt_clusters * cs / 8);
+            if nonzero.is_subset(&want) && fits {
+                let mut table = refs.table.clone();
+                table.resize((rt_clusters * cs / 8) as usize, 0);
+                for i in refs.new.keys() {
+                    table[*i as usize] = locs.get(i).map_or(0, |c| c * cs);
+                }
+                let mut tb = vec![0u8; (rt_clusters * cs) as usize];
+                for (k, e) in table.iter().enumerate() {
+                    BigEndian::write_u64(&mut tb[k * 8..], *e);
+                }
+                let mut writes = vec![(rt * cs, tb)];
+                for (i, c) in &locs {
+                    writes.push((c * cs, refs.new[i].clone()));
+                }
+                return Ok((rt * cs, rt_clusters as u32, writes));
+            }
+            want.extend(nonzero);
+        }
+        Err(Error::corrupt(
+            "the refcount blocks did not settle on a layout (refcount structure inconsistent)",
+        ))
+    }
+
+    /// The L2 entry of the cluster holding guest byte `guest` (None: unmapped).
+    fn entry_of(&self, l1: &[u64], guest: u64) -> Result<Option<Vec<u64>>> {
+        let span = self.span();
+        let i = (guest / span) as usize;
+        let Some(&e) = l1.get(i).filter(|e| *e & OFFSET_MASK != 0) else {
+            return Ok(None);
+        };
+        let l2 = self.read_l2(i, e)?;
+        let words = (self.header.l2_entry_size() / 8) as usize;
+        let k = ((guest % span) / self.cs()) as usize * words;
+        Ok(Some(l2[k..k + words].to_vec()))
+    }
+
+    /// Bytes of the cluster holding guest byte `from` that lie at and after `from`, as
+    /// (host offset, bytes) when they are an uncompressed cluster's and not all zero.
+    fn stale_tail(&self, l1: &[u64], from: u64, growing: bool) -> Result<Option<(u64, usize)>> {
+        let cs = self.cs();
+        if from % cs == 0 {
+            return Ok(None);
+        }
+        let Some(w) = self.entry_of(l1, from)? else {
+            return Ok(None);
+        };
+        let e = w[0];
+        let in_cluster = from % cs;
+        if e & COMPRESSED != 0 {
+            if !growing {
+                // Past the end after a shrink; a later grow checks it again.
+                return Ok(None);
+            }
+            if !growing {
+                // Past the end after a shrink; a later grow checks it again.
+                return Ok(None);
+            }
+            let shift = 62 - (self.header.cluster_bits - 8);
+            let coffset = e & ((1u64 << shift) - 1);
+            let nsect = ((e >> shift) & ((1u64 << (self.header.cluster_bits - 8)) - 1)) + 1;
+            let flen = self.host.len();
+            let n = (nsect * 512 - (coffset & 511)).min(flen.saturating_sub(coffset));
+            let input = self.host.read_vec(coffset, n, "compressed cluster")?;
+            let mut out = vec![0u8; cs as usize];
+            decompress(self.header.compression(), &input, &mut out).map_err(|e| e.at(coffset))?;
+            if out[in_cluster as usize..].iter().any(|&b| b != 0) {
+                return Err(Error::unsupported(format!(
+                    "the last cluster (guest offset {:#x}) is compressed and holds data past the current end; growing would expose it (convert the image with diskconv convert --target-size instead)",
+                    from - in_cluster
+                )));
+            }
+            return Ok(None);
+        }
+        let host = e & OFFSET_MASK;
+        if host == 0 || (!self.header.extended_l2() && e & ZERO != 0) {
+            return Ok(None);
+        }
+        let start = host + in_cluster;
+        let end = (host + cs).min(self.host.len());
+        if end <= start {
+            return Ok(None);
+        }
+        let tail = self.host.read_vec(start, end - start, "last data cluster")?;
+        if tail.iter().all(|&b| b == 0) {
+            return Ok(None);
+        }
+        Ok(Some((start, tail.len())))
+    }
+
+    /// Last cluster with a nonzero refcount in the image as it now is on disk.
+    fn last_used_cluster(&self) -> Result<u64> {
+        let refs = Refs::load(&self.host, &self.header)?;
+        let mut refs = refs;
+        let mut c = self.host.len().div_ceil(self.cs());
+        while c > 1 {
+            c -= 1;
+            if refs.get_old(&self.host, c)? != 0 {
+                return Ok(c);
+            }
+        }
+        Ok(0)
+    }
+
+    fn switch(&mut self, header: &Header) -> Result<()> {
+        let b = header.to_bytes();
+        self.file.write_at(
+            &b[SWITCH_START..SWITCH_END],
+            SWITCH_START as u64,
+            "writing the qcow2 header (size, L1 and refcount table)",
+        )
+    }
+}
+
+fn min(a: u64, b: u64) -> u64 {
+    a.min(b)
+}
+
+/// Merge writes that touch back to back, so the whole new metadata usually goes out in
+/// a few large writes.
+fn coalesce(mut writes: Vec<(u64, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> {
+    writes.sort_by_key(|w| w.0);
+    let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (off, data) in writes {
+        if let Some(last) = out.last_mut() {
+            if last.0 + last.1.len() as u64 == off {
+                last.1.extend_from_slice(&data);
+                continue;
+            }
+        }
+        out.push((off, data));
+    }
+    out
+}
+
+impl ImageEditor for Qcow2Editor {
+    fn virtual_size(&self) -> u64 {
+        self.header.size & !511
+    }
+
+    fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
+        if new_size % 512 != 0 {
+            return Err(Error::arg("The new size must be a multiple of 512").with_path(&self.path));
+        }
+        if new_size == 0 {
+            return Err(Error::arg("New image size must be positive").with_path(&self.path));
+        }
+        let old = self.header.size;
+        if new_size == old {
+            return Ok(());
+        }
+        let shrinking = new_size < old;
+        if shrinking && !opts.shrink {
+            return Err(Error::arg(
+                "Use the --shrink option to perform a shrink operation.",
+            ));
+        }
+        if shrinking && opts.preallocation != Preallocation::Off {
+            return Err(Error::arg(
+                "Preallocation can't be used for shrinking an image",
+            ));
+        }
+        if opts.preallocation == Preallocation::Full {
+            return Err(Error::unsupported(
+                "preallocation=full is not supported for qcow2 resize (new space is left unallocated with preallocation=off)",
+            ));
+        }
+        let old_len = self.host.len();
+        let l1 = self.read_l1()?;
+        // Grown space must read as zeros: bytes past the old end in its last cluster are
+        // zeroed first (the current image never reads them).
+        let grow_tail = if shrinking {
+            None
+        } else {
+            self.stale_tail(&l1, old, true)?
+        };
+        let plan = self.plan(new_size, !shrinking)?;
+        let writes = coalesce(plan.writes);
+        let before = (|| -> Result<()> {
+            if let Some((off, n)) = grow_tail {
+                self.file
+                    .write_at(&vec![0u8; n], off, "zeroing the last cluster's tail")?;
+            }
+            for (off, data) in &writes {
+                self.file.write_at(data, *off, "writing new qcow2 tables")?;
+            }
+            if grow_tail.is_some() || !writes.is_empty() {
+                self.file.sync("flushing the new qcow2 tables")?;
+            }
+            self.switch(&plan.header)
+        })();
+        if let Err(e) = before {
+            // Nothing refers to what was written: give the file its old length back.
+            let _ = self.file.file().set_len(old_len);
+            return Err(e);
+        }
+        self.header = plan.header;
+        // The file grew by the new tables: read it at its new length from here on.
+        self.host = HostFile::from_file(
+            self.file
+                .file()
+                .try_clone()
+                .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?,
+            &self.path,
+        )?;
+        self.file.sync("flushing the qcow2 header")?;
+        if shrinking {
+            // The image is the new one now. Its last cluster's bytes past the new end
+            // are zeroed (a later grow must not show them), and a free tail is cut off.
+            let l1 = self.read_l1()?;
+            if let Some((off, n)) = self.stale_tail(&l1, new_size, false)? {
+                self.file
+                    .write_at(&vec![0u8; n], off, "zeroing past the new end")?;
+            }
+            let keep = (self.last_used_cluster()? + 1) * self.cs();
+            if keep < self.host.len() {
+                self.file.set_len(keep, "truncating the freed tail")?;
+            }
+        }
+        Ok(())
+    }
+}
