@@ -461,9 +461,12 @@ impl Qcow2Editor {
         } else {
             0
         };
-        if !l1_changed && new_needed <= u64::from(h.l1_size) {
+        // A shrink also moves an L1 that would keep clusters it no longer needs (after
+        // a large grow), so the file can be cut back.
+        let l1_oversized = new_size < old_size && (new_needed * 8).div_ceil(cs) < old_l1_clusters;
+        if !l1_changed && new_needed <= u64::from(h.l1_size) && !l1_oversized {
             // Header only.
-        } else if !l1_changed && new_needed <= capacity {
+        } else if !l1_changed && new_needed <= capacity && !l1_oversized {
             // The unused tail of the L1's last cluster takes the new entries; it is
             // unread by the current image, so zeroing it first is safe.
             let from = u64::from(h.l1_size) * 8;
@@ -517,12 +520,25 @@ impl Qcow2Editor {
                 want.insert(*i);
             }
         }
+        // Table entries needed: the changed blocks that stay, and every block not
+        // changed (it keeps its entry). A shrink may so get a smaller table.
+        let old_table = refs.table.clone();
+        let needed_entries = |want: &BTreeSet<u64>, changed: &BTreeMap<u64, Vec<u8>>| -> u64 {
+            let kept = old_table
+                .iter()
+                .enumerate()
+                .filter(|(i, e)| **e != 0 && !changed.contains_key(&(*i as u64)))
+                .map(|(i, _)| i as u64 + 1)
+                .max()
+                .unwrap_or(0);
+            kept.max(want.iter().next_back().map_or(0, |m| m + 1)).max(1)
+        };
+        let mut min_entries = 1;
         for _round in 0..64 {
             refs.new = base_new.clone();
             alloc.taken = base_taken.clone();
-            let max_index = want.iter().next_back().copied().unwrap_or(0);
-            let entries = (refs.table.len() as u64).max(max_index + 1);
-            let rt_clusters = (entries * 8).div_ceil(cs).max(refs.table_clusters);
+            let entries = needed_entries(&want, &refs.new).max(min_entries);
+            let rt_clusters = (entries * 8).div_ceil(cs);
             if rt_clusters * cs > MAX_REFTABLE_BYTES {
                 return Err(Error::limit(format!(
                     "the refcount table would need {rt_clusters} clusters, past qemu's {} MiB limit",
@@ -569,15 +585,16 @@ impl Qcow2Editor {
                 .filter(|(_, b)| b.iter().any(|&x| x != 0))
                 .map(|(i, _)| *i)
                 .collect();
-            let fits = nonzero
-                .iter()
-                .next_back()
-                .is_none_or(|&m| m < rt_clusters * cs / 8);
+            let final_entries = needed_entries(&nonzero, &refs.new);
+            let fits = final_entries <= rt_clusters * cs / 8;
             if nonzero.is_subset(&want) && fits {
                 let mut table = refs.table.clone();
                 table.resize((rt_clusters * cs / 8) as usize, 0);
+                table.resize((rt_clusters * cs / 8) as usize, 0);
                 for i in refs.new.keys() {
-                    table[*i as usize] = locs.get(i).map_or(0, |c| c * cs);
+                    if let Some(t) = table.get_mut(*i as usize) {
+                        *t = locs.get(i).map_or(0, |c| c * cs);
+                    }
                 }
                 let mut tb = vec![0u8; (rt_clusters * cs) as usize];
                 for (k, e) in table.iter().enumerate() {
@@ -590,6 +607,7 @@ impl Qcow2Editor {
                 return Ok((rt * cs, rt_clusters as u32, writes));
             }
             want.extend(nonzero);
+            min_entries = min_entries.max(final_entries);
         }
         Err(Error::corrupt(
             "the refcount blocks did not settle on a layout (refcount structure inconsistent)",
