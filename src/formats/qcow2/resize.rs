@@ -222,6 +222,18 @@ impl Refs {
         Ok(decode(order, b, j))
     }
 
+    /// Copy block `i` into the new state unchanged (so it gets a new place).
+    fn touch(&mut self, host: &HostFile, i: u64) -> Result<()> {
+        if !self.new.contains_key(&i) {
+            let b = match self.old_block(host, i)? {
+                Some(b) => b.clone(),
+                None => vec![0u8; self.cs as usize],
+            };
+            self.new.insert(i, b);
+        }
+        Ok(())
+    }
+
     /// Change cluster `c`'s refcount by `delta` in the new state.
     fn add(&mut self, host: &HostFile, c: u64, delta: i64) -> Result<()> {
         let (i, j) = (c / self.rb_entries, c % self.rb_entries);
@@ -378,7 +390,9 @@ impl Qcow2Editor {
 
     /// Build the new state for `new_size`. Returns None when only the header changes
     /// (the plan then holds no writes but the header).
-    fn plan(&self, new_size: u64, alloc_at_end: bool) -> Result<Plan> {
+    /// `relocate_above`: also move the L1 table and the refcount blocks that lie past
+    /// this cluster (to let the file be cut back after a shrink).
+    fn plan(&self, new_size: u64, alloc_at_end: bool, relocate_above: Option<u64>) -> Result<Plan> {
         let h = &self.header;
         let cs = self.cs();
         let span = self.span();
@@ -463,7 +477,11 @@ impl Qcow2Editor {
         };
         // A shrink also moves an L1 that would keep clusters it no longer needs (after
         // a large grow), so the file can be cut back.
-        let l1_oversized = new_size < old_size && (new_needed * 8).div_ceil(cs) < old_l1_clusters;
+        let l1_oversized = (new_size < old_size
+            && (new_needed * 8).div_ceil(cs) < old_l1_clusters)
+            || relocate_above.is_some_and(|m| {
+                h.l1_table_offset != 0 && h.l1_table_offset / cs + old_l1_clusters > m + 1
+            });
         if !l1_changed && new_needed <= u64::from(h.l1_size) && !l1_oversized {
             // Header only.
         } else if !l1_changed && new_needed <= capacity && !l1_oversized {
@@ -493,6 +511,13 @@ impl Qcow2Editor {
             header.l1_table_offset = c * cs;
         }
 
+        if let Some(m) = relocate_above {
+            for i in 0..refs.table.len() as u64 {
+                if refs.table[i as usize] / cs > m {
+                    refs.touch(&self.host, i)?;
+                }
+            }
+        }
         if !refs.new.is_empty() {
             let (rt_offset, rt_clusters, mut rt_writes) =
                 self.finish_refcounts(&mut refs, &mut alloc)?;
@@ -680,18 +705,64 @@ impl Qcow2Editor {
         Ok(Some((start, tail.len())))
     }
 
-    /// Last cluster with a nonzero refcount in the image as it now is on disk.
-    fn last_used_cluster(&self) -> Result<u64> {
-        let refs = Refs::load(&self.host, &self.header)?;
-        let mut refs = refs;
-        let mut c = self.host.len().div_ceil(self.cs());
+    /// The last cluster with a nonzero refcount in the image as it now is on disk, and
+    /// the last one that is not the L1 table, the refcount table or a refcount block.
+    fn last_used_clusters(&self) -> Result<(u64, u64)> {
+        let h = &self.header;
+        let cs = self.cs();
+        let mut refs = Refs::load(&self.host, h)?;
+        let mut meta = BTreeSet::new();
+        let l1 = h.l1_table_offset / cs;
+        meta.extend(l1..l1 + (u64::from(h.l1_size) * 8).div_ceil(cs));
+        let rt = h.refcount_table_offset / cs;
+        meta.extend(rt..rt + u64::from(h.refcount_table_clusters));
+        meta.extend(refs.table.iter().filter(|&&o| o != 0).map(|o| o / cs));
+        let mut last = None;
+        let mut c = self.host.len().div_ceil(cs);
         while c > 1 {
             c -= 1;
             if refs.get_old(&self.host, c)? != 0 {
-                return Ok(c);
+                last.get_or_insert(c);
+                if !meta.contains(&c) {
+                    return Ok((last.unwrap_or(c), c));
+                }
             }
         }
-        Ok(0)
+        Ok((last.unwrap_or(0), 0))
+    }
+
+    /// Write a plan's tables, flush, switch the header, flush. A failure before the
+    /// switch gives the file its old length back (nothing refers to what was written).
+    fn commit(&mut self, plan: Plan, grow_tail: Option<(u64, usize)>) -> Result<()> {
+        let old_len = self.host.len();
+        let writes = coalesce(plan.writes);
+        let before = (|| -> Result<()> {
+            if let Some((off, n)) = grow_tail {
+                self.file
+                    .write_at(&vec![0u8; n], off, "zeroing the last cluster's tail")?;
+            }
+            for (off, data) in &writes {
+                self.file.write_at(data, *off, "writing new qcow2 tables")?;
+            }
+            if grow_tail.is_some() || !writes.is_empty() {
+                self.file.sync("flushing the new qcow2 tables")?;
+            }
+            self.switch(&plan.header)
+        })();
+        if let Err(e) = before {
+            let _ = self.file.file().set_len(old_len);
+            return Err(e);
+        }
+        self.header = plan.header;
+        // The file grew by the new tables: read it at its new length from here on.
+        self.host = HostFile::from_file(
+            self.file
+                .file()
+                .try_clone()
+                .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?,
+            &self.path,
+        )?;
+        self.file.sync("flushing the qcow2 header")
     }
 
     fn switch(&mut self, header: &Header) -> Result<()> {
@@ -757,7 +828,6 @@ impl ImageEditor for Qcow2Editor {
                 "preallocation=full is not supported for qcow2 resize (new space is left unallocated with preallocation=off)",
             ));
         }
-        let old_len = self.host.len();
         let l1 = self.read_l1()?;
         // Grown space must read as zeros: bytes past the old end in its last cluster are
         // zeroed first (the current image never reads them).
@@ -766,45 +836,25 @@ impl ImageEditor for Qcow2Editor {
         } else {
             self.stale_tail(&l1, old, true)?
         };
-        let plan = self.plan(new_size, !shrinking)?;
-        let writes = coalesce(plan.writes);
-        let before = (|| -> Result<()> {
-            if let Some((off, n)) = grow_tail {
-                self.file
-                    .write_at(&vec![0u8; n], off, "zeroing the last cluster's tail")?;
-            }
-            for (off, data) in &writes {
-                self.file.write_at(data, *off, "writing new qcow2 tables")?;
-            }
-            if grow_tail.is_some() || !writes.is_empty() {
-                self.file.sync("flushing the new qcow2 tables")?;
-            }
-            self.switch(&plan.header)
-        })();
-        if let Err(e) = before {
-            // Nothing refers to what was written: give the file its old length back.
-            let _ = self.file.file().set_len(old_len);
-            return Err(e);
-        }
-        self.header = plan.header;
-        // The file grew by the new tables: read it at its new length from here on.
-        self.host = HostFile::from_file(
-            self.file
-                .file()
-                .try_clone()
-                .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?,
-            &self.path,
-        )?;
-        self.file.sync("flushing the qcow2 header")?;
+        let plan = self.plan(new_size, !shrinking, None)?;
+        self.commit(plan, grow_tail)?;
         if shrinking {
             // The image is the new one now. Its last cluster's bytes past the new end
-            // are zeroed (a later grow must not show them), and a free tail is cut off.
+            // are zeroed (a later grow must not show them).
             let l1 = self.read_l1()?;
             if let Some((off, n)) = self.stale_tail(&l1, new_size, false)? {
                 self.file
                     .write_at(&vec![0u8; n], off, "zeroing past the new end")?;
             }
-            let keep = (self.last_used_cluster()? + 1) * self.cs();
+            // Tables that now sit past the last data (the L1 of an earlier large grow,
+            // or copies this shrink had to append) move down, in one more transaction
+            // of the same kind, so the free tail can be cut off.
+            let (last, last_data) = self.last_used_clusters()?;
+            if last > last_data + 1 {
+                let plan = self.plan(new_size, false, Some(last_data))?;
+                self.commit(plan, None)?;
+            }
+            let keep = (self.last_used_clusters()?.0 + 1) * self.cs();
             if keep < self.host.len() {
                 self.file.set_len(keep, "truncating the freed tail")?;
             }
