@@ -274,6 +274,15 @@ fn a_failure_at_any_write_leaves_the_image_before_or_after() {
         assert!(grow >= 4, "a moving grow writes tables, flushes, then the header");
         let shrink = sweep(d, &img, &raw, (300 << 10) + 512, true);
         assert!(shrink >= 4);
+        // A shrink after a large grow: the freed tail lies under the big L1 table, so a
+        // second transaction moves the tables down before the file is cut.
+        let big = d.join("big.qcow2");
+        std::fs::copy(&img, &big).unwrap();
+        diskconv::resize(&big, 4 << 30, &opts()).unwrap();
+        let n = sweep(d, &big, &raw, 1 << 20, true);
+        assert!(n >= 8, "two transactions: {n}");
+        let cut = d.join("sweep.qcow2");
+        assert!(std::fs::metadata(&cut).unwrap().len() < std::fs::metadata(&img).unwrap().len() + (64 << 10));
         // 64 KiB clusters: the L1 fits, only the header changes.
         let img = qemu_qcow2(d, &raw, "img64.qcow2", &format!("compat={compat}"));
         // 400 MiB still fits the one L1 entry: header write, flush.
@@ -431,4 +440,79 @@ fn grown_space_reads_as_zeros_even_after_a_shrink_into_a_cluster() {
     diskconv::resize(&img, 1 << 20, &opts()).unwrap();
     assert_qemu_check_clean(&img, Format::Qcow2);
     assert_qemu_identical(&img, Format::Qcow2, &exp, Format::Raw);
+}
+
+#[test]
+fn full_preallocation_allocates_zeroed_clusters_like_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let raw = sample_raw(d, "src.raw", (1 << 20) + 1024, true, 9);
+    for o in [
+        "cluster_size=64k,compat=1.1",
+        "cluster_size=512,compat=0.10",
+        "cluster_size=16k,extended_l2=on",
+    ] {
+        let img = qemu_qcow2(d, &raw, "img.qcow2", o);
+        let new = (3 << 20) + 512;
+        let full = ResizeOptions {
+            preallocation: diskconv::Preallocation::Full,
+            ..opts()
+        };
+        let ours = d.join("full.qcow2");
+        std::fs::copy(&img, &ours).unwrap();
+        let len_before = std::fs::metadata(&ours).unwrap().len();
+        diskconv::resize(&ours, new, &full).unwrap();
+        assert_resized(d, &ours, &raw, new);
+        // The new space is allocated: the file grew by at least its size, and every
+        // range past the old end maps as data.
+        assert!(std::fs::metadata(&ours).unwrap().len() >= len_before + new - raw_len(&raw));
+        let dev = diskconv::open(&ours, &OpenOptions::new().format(Format::Qcow2)).unwrap();
+        let mut off = raw_len(&raw).div_ceil(1 << 16) * (1 << 16);
+        while off < new {
+            let m = dev.map(off, new - off).unwrap();
+            assert!(
+                matches!(m.kind, diskconv::MappingKind::Data { .. }),
+                "{o}: {m:?} at {off:#x}"
+            );
+            off += m.len;
+        }
+        let theirs = d.join("theirs.qcow2");
+        std::fs::copy(&img, &theirs).unwrap();
+        qemu_img(&["resize", "--preallocation=full", s(&theirs), &new.to_string()]);
+        assert_qemu_identical(&ours, Format::Qcow2, &theirs, Format::Qcow2);
+        // Crash safety holds for it too.
+        let n = {
+            let before = expected_raw(d, &raw, raw_len(&raw), "b.raw");
+            let after = expected_raw(d, &raw, new, "a.raw");
+            let mut n = 1;
+            loop {
+                std::fs::copy(&img, &ours).unwrap();
+                let r = diskconv::resize(
+                    &ours,
+                    new,
+                    &ResizeOptions {
+                        fail_at_write: Some(n),
+                        ..full.clone()
+                    },
+                );
+                assert_qemu_check_clean(&ours, Format::Qcow2);
+                let size = qemu_virtual_size(&ours);
+                let exp = if size == new { &after } else { &before };
+                assert_qemu_identical(&ours, Format::Qcow2, exp, Format::Raw);
+                if r.is_ok() {
+                    break n;
+                }
+                n += 1;
+                assert!(n < 200);
+            }
+        };
+        assert!(n >= 5, "{o}: {n}");
+    }
+}
+
+fn raw_len(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().len()
 }

@@ -40,6 +40,8 @@ use crate::writer::EditFile;
 /// sector, so the write is atomic on every disk and filesystem qemu supports.
 const SWITCH_START: usize = 24;
 const SWITCH_END: usize = 60;
+/// Zeros written per call by preallocation=full.
+const PREALLOC_CHUNK: u64 = 1 << 20;
 
 /// A qcow2 image opened for in-place changes.
 #[derive(Debug)]
@@ -328,6 +330,8 @@ impl Alloc {
 /// What one resize writes: new tables and where.
 struct Plan {
     writes: Vec<(u64, Vec<u8>)>,
+    /// Host ranges to fill with zeros (preallocated data clusters).
+    zeros: Vec<(u64, u64)>,
     header: Header,
 }
 
@@ -392,7 +396,13 @@ impl Qcow2Editor {
     /// (the plan then holds no writes but the header).
     /// `relocate_above`: also move the L1 table and the refcount blocks that lie past
     /// this cluster (to let the file be cut back after a shrink).
-    fn plan(&self, new_size: u64, alloc_at_end: bool, relocate_above: Option<u64>) -> Result<Plan> {
+    fn plan(
+        &self,
+        new_size: u64,
+        alloc_at_end: bool,
+        relocate_above: Option<u64>,
+        prealloc: bool,
+    ) -> Result<Plan> {
         let h = &self.header;
         let cs = self.cs();
         let span = self.span();
@@ -467,6 +477,66 @@ impl Qcow2Editor {
             }
         }
 
+        // preallocation=full: every cluster of the new space that is not mapped gets a
+        // data cluster of zeros, in one run at the end, and its L2 entry.
+        let mut zeros = Vec::new();
+        if prealloc && new_size > old_size {
+            let first = old_size / cs;
+            let end = new_size.div_ceil(cs);
+            let mut tables: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+            let mut todo = Vec::new();
+            for c in first..end {
+                let i = (c * cs / span) as usize;
+                if let std::collections::btree_map::Entry::Vacant(v) = tables.entry(i) {
+                    let t = match old_l1.get(i).filter(|e| *e & OFFSET_MASK != 0) {
+                        Some(&e) => self.read_l2(i, e)?,
+                        None => vec![0u64; (cs / 8) as usize],
+                    };
+                    v.insert(t);
+                }
+                let k = ((c * cs % span) / cs) as usize * words;
+                if tables[&i][k..k + words].iter().all(|&w| w == 0) {
+                    todo.push((i, k));
+                }
+            }
+            if !todo.is_empty() {
+                let n = todo.len() as u64;
+                let run = alloc.run(&mut refs, &self.host, n)?;
+                for (j, (i, k)) in todo.iter().enumerate() {
+                    let host = (run + j as u64) * cs;
+                    refs.add(&self.host, run + j as u64, 1)?;
+                    let t = tables.get_mut(i).expect("loaded");
+                    t[*k] = host | COPIED;
+                    if words == 2 {
+                        // Every subcluster allocated (and zero on disk).
+                        t[*k + 1] = 0xffff_ffff;
+                    }
+                }
+                zeros.push((run * cs, n * cs));
+                let changed: BTreeSet<usize> = todo.iter().map(|t| t.0).collect();
+                for (i, t) in tables {
+                    if !changed.contains(&i) {
+                        continue;
+                    }
+                    if let Some(&e) = old_l1.get(i).filter(|e| *e & OFFSET_MASK != 0) {
+                        refs.add(&self.host, (e & OFFSET_MASK) / cs, -1)?;
+                    }
+                    let c = alloc.run(&mut refs, &self.host, 1)?;
+                    refs.add(&self.host, c, 1)?;
+                    let mut b = vec![0u8; cs as usize];
+                    for (k, w) in t.iter().enumerate() {
+                        BigEndian::write_u64(&mut b[k * 8..], *w);
+                    }
+                    writes.push((c * cs, b));
+                    if new_l1.len() <= i {
+                        new_l1.resize(i + 1, 0);
+                    }
+                    new_l1[i] = (c * cs) | COPIED;
+                    l1_changed = true;
+                }
+            }
+        }
+
         let mut header = h.clone();
         header.size = new_size;
         let old_l1_clusters = (u64::from(h.l1_size) * 8).div_ceil(cs);
@@ -525,7 +595,11 @@ impl Qcow2Editor {
             header.refcount_table_clusters = rt_clusters;
             writes.append(&mut rt_writes);
         }
-        Ok(Plan { writes, header })
+        Ok(Plan {
+            writes,
+            zeros,
+            header,
+        })
     }
 
     /// Place the changed refcount blocks and a new refcount table in free clusters and
@@ -744,7 +818,17 @@ impl Qcow2Editor {
             for (off, data) in &writes {
                 self.file.write_at(data, *off, "writing new qcow2 tables")?;
             }
-            if grow_tail.is_some() || !writes.is_empty() {
+            for &(off, len) in &plan.zeros {
+                let chunk = vec![0u8; len.min(PREALLOC_CHUNK) as usize];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(PREALLOC_CHUNK) as usize;
+                    self.file
+                        .write_at(&chunk[..n], off + done, "preallocating new clusters")?;
+                    done += n as u64;
+                }
+            }
+            if grow_tail.is_some() || !writes.is_empty() || !plan.zeros.is_empty() {
                 self.file.sync("flushing the new qcow2 tables")?;
             }
             self.switch(&plan.header)
@@ -823,11 +907,6 @@ impl ImageEditor for Qcow2Editor {
                 "Preallocation can't be used for shrinking an image",
             ));
         }
-        if opts.preallocation == Preallocation::Full {
-            return Err(Error::unsupported(
-                "preallocation=full is not supported for qcow2 resize (new space is left unallocated with preallocation=off)",
-            ));
-        }
         let l1 = self.read_l1()?;
         // Grown space must read as zeros: bytes past the old end in its last cluster are
         // zeroed first (the current image never reads them).
@@ -836,7 +915,12 @@ impl ImageEditor for Qcow2Editor {
         } else {
             self.stale_tail(&l1, old, true)?
         };
-        let plan = self.plan(new_size, !shrinking, None)?;
+        let plan = self.plan(
+            new_size,
+            !shrinking,
+            None,
+            opts.preallocation == Preallocation::Full,
+        )?;
         self.commit(plan, grow_tail)?;
         if shrinking {
             // The image is the new one now. Its last cluster's bytes past the new end
@@ -851,7 +935,7 @@ impl ImageEditor for Qcow2Editor {
             // of the same kind, so the free tail can be cut off.
             let (last, last_data) = self.last_used_clusters()?;
             if last > last_data + 1 {
-                let plan = self.plan(new_size, false, Some(last_data))?;
+                let plan = self.plan(new_size, false, Some(last_data), false)?;
                 self.commit(plan, None)?;
             }
             let keep = (self.last_used_clusters()?.0 + 1) * self.cs();
