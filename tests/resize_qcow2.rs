@@ -42,7 +42,15 @@ fn sample_raw(dir: &Path, name: &str, size: u64, data: bool, seed: u64) -> PathB
 fn qemu_qcow2(dir: &Path, raw: &Path, name: &str, o: &str) -> PathBuf {
     let p = dir.join(name);
     qemu_img(&[
-        "convert", "-f", "raw", "-O", "qcow2", "-o", o, s(raw), s(&p),
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        o,
+        s(raw),
+        s(&p),
     ]);
     p
 }
@@ -57,12 +65,21 @@ fn qemu_virtual_size(img: &Path) -> u64 {
 /// from there to `new` (checked through the map, so a 64 GiB tail costs nothing).
 fn assert_guest(img: &Path, raw: &Path, new: u64) {
     let dev = diskconv::open(img, &OpenOptions::new().format(Format::Qcow2)).unwrap();
-    assert_eq!(dev.virtual_size(), new, "our virtual size of {}", img.display());
+    assert_eq!(
+        dev.virtual_size(),
+        new,
+        "our virtual size of {}",
+        img.display()
+    );
     let before = std::fs::read(raw).unwrap();
     let kept = (before.len() as u64).min(new) as usize;
     let mut buf = vec![0u8; kept];
     dev.read_at(&mut buf, 0).unwrap();
-    assert!(buf == before[..kept], "kept guest bytes of {}", img.display());
+    assert!(
+        buf == before[..kept],
+        "kept guest bytes of {}",
+        img.display()
+    );
     let mut off = kept as u64;
     let mut chunk = vec![0u8; 1 << 20];
     while off < new {
@@ -173,7 +190,12 @@ fn grow_moves_the_l1_table_of_a_512_byte_cluster_image_to_64_gib() {
     let d = dir.path();
     let raw = sample_raw(d, "src.raw", 1 << 20, true, 3);
     for compat in ["0.10", "1.1"] {
-        let img = qemu_qcow2(d, &raw, "img.qcow2", &format!("cluster_size=512,compat={compat}"));
+        let img = qemu_qcow2(
+            d,
+            &raw,
+            "img.qcow2",
+            &format!("cluster_size=512,compat={compat}"),
+        );
         let new = 64 << 30;
         compare_with_qemu(d, &img, &raw, new, false);
         // And back down to the original size.
@@ -243,7 +265,10 @@ fn sweep(dir: &Path, img: &Path, raw: &Path, new: u64, shrink: bool) -> u64 {
         assert_qemu_check_clean(&work, Format::Qcow2);
         let size = qemu_virtual_size(&work);
         let exp = if size == new { &after } else { &before };
-        assert!(size == new || size == old, "size {size} after failing write {n}");
+        assert!(
+            size == new || size == old,
+            "size {size} after failing write {n}"
+        );
         assert_qemu_identical(&work, Format::Qcow2, exp, Format::Raw);
         assert_guest(&work, raw, size);
         match r {
@@ -269,9 +294,17 @@ fn a_failure_at_any_write_leaves_the_image_before_or_after() {
     for compat in ["0.10", "1.1"] {
         // 512 B clusters: growing to 1 GiB moves the L1 table and needs new refcount
         // blocks and a bigger refcount table.
-        let img = qemu_qcow2(d, &raw, "img.qcow2", &format!("cluster_size=512,compat={compat}"));
+        let img = qemu_qcow2(
+            d,
+            &raw,
+            "img.qcow2",
+            &format!("cluster_size=512,compat={compat}"),
+        );
         let grow = sweep(d, &img, &raw, 1 << 30, false);
-        assert!(grow >= 4, "a moving grow writes tables, flushes, then the header");
+        assert!(
+            grow >= 4,
+            "a moving grow writes tables, flushes, then the header"
+        );
         let shrink = sweep(d, &img, &raw, (300 << 10) + 512, true);
         assert!(shrink >= 4);
         // A shrink after a large grow: the freed tail lies under the big L1 table, so a
@@ -282,7 +315,10 @@ fn a_failure_at_any_write_leaves_the_image_before_or_after() {
         let n = sweep(d, &big, &raw, 1 << 20, true);
         assert!(n >= 8, "two transactions: {n}");
         let cut = d.join("sweep.qcow2");
-        assert!(std::fs::metadata(&cut).unwrap().len() < std::fs::metadata(&img).unwrap().len() + (64 << 10));
+        assert!(
+            std::fs::metadata(&cut).unwrap().len()
+                < std::fs::metadata(&img).unwrap().len() + (64 << 10)
+        );
         // 64 KiB clusters: the L1 fits, only the header changes.
         let img = qemu_qcow2(d, &raw, "img64.qcow2", &format!("compat={compat}"));
         // 400 MiB still fits the one L1 entry: header write, flush.
@@ -305,7 +341,11 @@ fn refusals_name_the_reason_and_touch_nothing() {
     let sum = sha256_file(&img);
     let e = diskconv::resize(&img, (2 << 20) + 1, &opts()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
-    assert!(e.to_string().contains("The new size must be a multiple of 512"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("The new size must be a multiple of 512"),
+        "{e}"
+    );
     let e = diskconv::resize(&img, 512 << 10, &opts()).unwrap_err();
     assert!(e.to_string().contains("--shrink"), "{e}");
     let e = diskconv::resize(&img, 0, &shrink_opts()).unwrap_err();
@@ -322,7 +362,11 @@ fn refusals_name_the_reason_and_touch_nothing() {
         },
     )
     .unwrap_err();
-    assert!(e.to_string().contains("Preallocation can't be used for shrinking"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("Preallocation can't be used for shrinking"),
+        "{e}"
+    );
     assert_eq!(sha256_file(&img), sum);
 
     // Internal snapshots.
@@ -337,21 +381,45 @@ fn refusals_name_the_reason_and_touch_nothing() {
     let base = d.join("base.qcow2");
     qemu_img(&["create", "-f", "qcow2", s(&base), "1M"]);
     let top = d.join("top.qcow2");
-    qemu_img(&["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", s(&top)]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
     let e = diskconv::resize(&top, 2 << 20, &opts()).unwrap_err();
     assert!(e.to_string().contains("backing file"), "{e}");
 
     // External data file.
     let ext = d.join("ext.qcow2");
-    qemu_img(&["create", "-f", "qcow2", "-o", "data_file=ext.data", s(&ext), "1M"]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=ext.data",
+        s(&ext),
+        "1M",
+    ]);
     let e = diskconv::resize(&ext, 2 << 20, &opts()).unwrap_err();
     assert!(e.to_string().contains("external data file"), "{e}");
 
     // Encrypted.
     let enc = d.join("enc.qcow2");
     qemu_img(&[
-        "create", "--object", "secret,id=sec0,data=123456", "-f", "qcow2", "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0", s(&enc), "1M",
+        "create",
+        "--object",
+        "secret,id=sec0,data=123456",
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0",
+        s(&enc),
+        "1M",
     ]);
     let e = diskconv::resize(&enc, 2 << 20, &opts()).unwrap_err();
     assert!(e.to_string().contains("encrypted"), "{e}");
@@ -360,7 +428,10 @@ fn refusals_name_the_reason_and_touch_nothing() {
     // features at byte 72.
     let dirty = d.join("dirty.qcow2");
     qemu_img(&["create", "-f", "qcow2", s(&dirty), "1M"]);
-    let f = std::fs::OpenOptions::new().write(true).open(&dirty).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&dirty)
+        .unwrap();
     f.write_all_at(&[0, 0, 0, 0, 0, 0, 0, 1], 72).unwrap();
     drop(f);
     let e = diskconv::resize(&dirty, 2 << 20, &opts()).unwrap_err();
@@ -436,7 +507,12 @@ fn grown_space_reads_as_zeros_even_after_a_shrink_into_a_cluster() {
     assert_qemu_identical(&img, Format::Qcow2, &exp, Format::Raw);
     // The same after qemu-img shrank it (qemu leaves the tail in place).
     let img = qemu_qcow2(d, &raw, "img2.qcow2", "cluster_size=64k");
-    qemu_img(&["resize", "--shrink", s(&img), &((1u64 << 19) + 512).to_string()]);
+    qemu_img(&[
+        "resize",
+        "--shrink",
+        s(&img),
+        &((1u64 << 19) + 512).to_string(),
+    ]);
     diskconv::resize(&img, 1 << 20, &opts()).unwrap();
     assert_qemu_check_clean(&img, Format::Qcow2);
     assert_qemu_identical(&img, Format::Qcow2, &exp, Format::Raw);
@@ -481,7 +557,12 @@ fn full_preallocation_allocates_zeroed_clusters_like_qemu_img() {
         }
         let theirs = d.join("theirs.qcow2");
         std::fs::copy(&img, &theirs).unwrap();
-        qemu_img(&["resize", "--preallocation=full", s(&theirs), &new.to_string()]);
+        qemu_img(&[
+            "resize",
+            "--preallocation=full",
+            s(&theirs),
+            &new.to_string(),
+        ]);
         assert_qemu_identical(&ours, Format::Qcow2, &theirs, Format::Qcow2);
         // Crash safety holds for it too.
         let n = {
@@ -515,4 +596,66 @@ fn full_preallocation_allocates_zeroed_clusters_like_qemu_img() {
 
 fn raw_len(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().len()
+}
+
+#[test]
+fn tables_that_do_not_validate_are_refused_before_any_write() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let raw = sample_raw(d, "src.raw", 2 << 20, true, 13);
+    let be64 = |f: &std::fs::File, off: u64| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, off).unwrap();
+        u64::from_be_bytes(b)
+    };
+
+    // Refcount table past the end of the file.
+    let img = qemu_qcow2(d, &raw, "rt.qcow2", "cluster_size=4k");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    f.write_all_at(&(1u64 << 40).to_be_bytes(), 48).unwrap();
+    drop(f);
+    let sum = sha256_file(&img);
+    let e = diskconv::resize(&img, 1 << 30, &opts()).unwrap_err();
+    assert!(e.to_string().contains("refcount"), "{e}");
+    assert_eq!(sha256_file(&img), sum);
+
+    // Refcounts that do not match the tables: a zeroed refcount block makes the shrink's
+    // frees underflow, which is found while planning.
+    let img = qemu_qcow2(d, &raw, "rb.qcow2", "cluster_size=4k");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let rt = be64(&f, 48);
+    let rb = be64(&f, rt);
+    f.write_all_at(&[0u8; 4096], rb).unwrap();
+    drop(f);
+    let sum = sha256_file(&img);
+    let e = diskconv::resize(&img, 1 << 20, &shrink_opts()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert_eq!(sha256_file(&img), sum);
+
+    // An L1 entry pointing past the end of the file.
+    let img = qemu_qcow2(d, &raw, "l1.qcow2", "cluster_size=4k");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let l1 = be64(&f, 40);
+    f.write_all_at(&((1u64 << 40) | (1 << 63)).to_be_bytes(), l1)
+        .unwrap();
+    drop(f);
+    let sum = sha256_file(&img);
+    let e = diskconv::resize(&img, 1 << 20, &shrink_opts()).unwrap_err();
+    assert!(e.to_string().contains("L1 entry"), "{e}");
+    assert_eq!(sha256_file(&img), sum);
 }

@@ -113,7 +113,10 @@ fn refuse_unsupported(h: &Header, path: &Path) -> Result<()> {
     } else if h.incompatible_features & INCOMPAT_CORRUPT != 0 {
         Some("the image is marked corrupt: run qemu-img check -r all first".to_string())
     } else if h.incompatible_features & INCOMPAT_DATA_FILE != 0 {
-        Some("the image keeps its data in an external data file; resizing it is not supported".to_string())
+        Some(
+            "the image keeps its data in an external data file; resizing it is not supported"
+                .to_string(),
+        )
     } else if h.nb_snapshots > 0 {
         Some(format!(
             "Can't resize an image which has snapshots ({} internal snapshot(s)); delete them with qemu-img snapshot -d, or convert with diskconv convert --target-size",
@@ -327,6 +330,9 @@ impl Alloc {
     }
 }
 
+/// Bytes to write at a host offset.
+type Write = (u64, Vec<u8>);
+
 /// What one resize writes: new tables and where.
 struct Plan {
     writes: Vec<(u64, Vec<u8>)>,
@@ -373,6 +379,20 @@ impl Qcow2Editor {
         Ok(raw.chunks_exact(8).map(BigEndian::read_u64).collect())
     }
 
+    /// A copied L2 table takes over its original's references, which is right only when
+    /// nothing else (a snapshot) shares the original.
+    fn unshared(&self, refs: &mut Refs, l1_entry: u64) -> Result<()> {
+        let off = l1_entry & OFFSET_MASK;
+        let n = refs.get_old(&self.host, off / self.cs())?;
+        if n != 1 {
+            return Err(Error::corrupt(format!(
+                "the L2 table at {off:#x} has refcount {n}, not 1, in an image without snapshots (run qemu-img check -r all)"
+            ))
+            .at(off));
+        }
+        Ok(())
+    }
+
     /// Decrement the refcounts of what one L2 entry (`words`: one or two u64) maps.
     fn free_entry(&self, refs: &mut Refs, words: &[u64]) -> Result<()> {
         let e = words[0];
@@ -392,8 +412,9 @@ impl Qcow2Editor {
         Ok(())
     }
 
-    /// Build the new state for `new_size`. Returns None when only the header changes
-    /// (the plan then holds no writes but the header).
+    /// Build the new state for `new_size`: the tables to write (in clusters free in the
+    /// current image) and the header that switches to them. When nothing is freed and
+    /// the L1 has room, the plan is the header alone.
     /// `relocate_above`: also move the L1 table and the refcount blocks that lie past
     /// this cluster (to let the file be cut back after a shrink).
     fn plan(
@@ -459,6 +480,7 @@ impl Qcow2Editor {
                     }
                 }
                 if changed {
+                    self.unshared(&mut refs, e)?;
                     refs.add(&self.host, (e & OFFSET_MASK) / cs, -1)?;
                     if l2.iter().all(|&w| w == 0) {
                         new_l1[i] = 0;
@@ -519,6 +541,7 @@ impl Qcow2Editor {
                         continue;
                     }
                     if let Some(&e) = old_l1.get(i).filter(|e| *e & OFFSET_MASK != 0) {
+                        self.unshared(&mut refs, e)?;
                         refs.add(&self.host, (e & OFFSET_MASK) / cs, -1)?;
                     }
                     let c = alloc.run(&mut refs, &self.host, 1)?;
@@ -547,8 +570,7 @@ impl Qcow2Editor {
         };
         // A shrink also moves an L1 that would keep clusters it no longer needs (after
         // a large grow), so the file can be cut back.
-        let l1_oversized = (new_size < old_size
-            && (new_needed * 8).div_ceil(cs) < old_l1_clusters)
+        let l1_oversized = (new_size < old_size && (new_needed * 8).div_ceil(cs) < old_l1_clusters)
             || relocate_above.is_some_and(|m| {
                 h.l1_table_offset != 0 && h.l1_table_offset / cs + old_l1_clusters > m + 1
             });
@@ -609,7 +631,7 @@ impl Qcow2Editor {
         &self,
         refs: &mut Refs,
         alloc: &mut Alloc,
-    ) -> Result<(u64, u32, Vec<(u64, Vec<u8>)>)> {
+    ) -> Result<(u64, u32, Vec<Write>)> {
         let cs = self.cs();
         let base_new = refs.new.clone();
         let base_taken = alloc.taken.clone();
@@ -630,7 +652,8 @@ impl Qcow2Editor {
                 .map(|(i, _)| i as u64 + 1)
                 .max()
                 .unwrap_or(0);
-            kept.max(want.iter().next_back().map_or(0, |m| m + 1)).max(1)
+            kept.max(want.iter().next_back().map_or(0, |m| m + 1))
+                .max(1)
         };
         let mut min_entries = 1;
         for _round in 0..64 {
@@ -772,7 +795,9 @@ impl Qcow2Editor {
         if end <= start {
             return Ok(None);
         }
-        let tail = self.host.read_vec(start, end - start, "last data cluster")?;
+        let tail = self
+            .host
+            .read_vec(start, end - start, "last data cluster")?;
         if tail.iter().all(|&b| b == 0) {
             return Ok(None);
         }
@@ -944,5 +969,55 @@ impl ImageEditor for Qcow2Editor {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refcounts_of_every_width_round_trip() {
+        for order in 0..=6u32 {
+            let bits = 1u32 << order;
+            let n = 4096 * 8 / u64::from(bits);
+            let mut b = vec![0u8; 4096];
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            for j in 0..n {
+                encode(order, &mut b, j, (j * 7 + 3) & max);
+            }
+            for j in 0..n {
+                assert_eq!(
+                    decode(order, &b, j),
+                    (j * 7 + 3) & max,
+                    "order {order} entry {j}"
+                );
+            }
+        }
+        // qemu packs sub-byte refcounts from the low bits: entry 0 of a 1-bit block is bit 0.
+        let mut b = vec![0u8; 1];
+        encode(0, &mut b, 0, 1);
+        assert_eq!(b[0], 1);
+        encode(2, &mut b, 1, 0xf);
+        assert_eq!(b[0], 0xf1);
+    }
+
+    #[test]
+    fn coalesce_merges_back_to_back_writes() {
+        let w = coalesce(vec![
+            (1024, vec![2; 512]),
+            (0, vec![1; 512]),
+            (512, vec![3; 512]),
+        ]);
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].0, 0);
+        assert_eq!(&w[0].1[..512], &[1u8; 512][..]);
+        assert_eq!(&w[0].1[512..1024], &[3u8; 512][..]);
+        let w = coalesce(vec![(0, vec![1; 512]), (4096, vec![1; 512])]);
+        assert_eq!(w.len(), 2);
     }
 }
