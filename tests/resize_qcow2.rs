@@ -329,6 +329,46 @@ fn a_failure_at_any_write_leaves_the_image_before_or_after() {
     }
 }
 
+fn be32_at(p: &Path, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    std::fs::File::open(p)
+        .unwrap()
+        .read_exact_at(&mut b, off)
+        .unwrap();
+    u32::from_be_bytes(b)
+}
+
+#[test]
+fn the_sweep_holds_when_the_refcount_table_itself_must_grow_and_for_our_images() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let raw = sample_raw(d, "src.raw", 1 << 20, true, 17);
+    // 512 B clusters: one refcount table cluster covers 8 MiB of file; the 8 MiB L1 of
+    // a 32 GiB image pushes the file past that, so the table moves and grows too.
+    let img = qemu_qcow2(d, &raw, "img.qcow2", "cluster_size=512");
+    assert_eq!(be32_at(&img, 56), 1);
+    sweep(d, &img, &raw, 32 << 30, false);
+    assert!(
+        be32_at(&d.join("sweep.qcow2"), 56) > 1,
+        "refcount table grew"
+    );
+    // Our writer's images with 1-bit and 64-bit refcounts and extended L2 entries.
+    for opt in [
+        vec![("cluster_size", "4k"), ("refcount_bits", "1")],
+        vec![("cluster_size", "4k"), ("refcount_bits", "64")],
+        vec![("cluster_size", "16k"), ("extended_l2", "on")],
+    ] {
+        let img = d.join("ours-made.qcow2");
+        let _ = std::fs::remove_file(&img);
+        convert(&raw, &img, Format::Qcow2, &opt, false);
+        sweep(d, &img, &raw, 8 << 30, false);
+        sweep(d, &img, &raw, (300 << 10) + 512, true);
+    }
+}
+
 #[test]
 fn refusals_name_the_reason_and_touch_nothing() {
     if !have_qemu() {

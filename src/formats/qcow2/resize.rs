@@ -15,7 +15,10 @@
 //! When nothing is freed and the L1 table already has room (in its entries or in the
 //! unused tail of its last cluster), only the header changes. Shrinking frees the data
 //! and L2 clusters past the new end (clusters are kept up to the one holding the new
-//! end, as qemu does), then truncates the file where its tail became free. Images this
+//! end, as qemu does), then truncates the file where its tail became free; tables that
+//! would keep the tail in use (the big L1 of an earlier grow) first move down in a
+//! second transaction of the same kind. `preallocation=full` allocates zeroed data
+//! clusters for the new space in the same transaction. Images this
 //! cannot keep consistent are refused before anything is written: internal snapshots,
 //! encryption, external data files, a backing file, persistent bitmaps, and images
 //! marked dirty or corrupt.
@@ -450,7 +453,7 @@ impl Qcow2Editor {
         // Drop every mapping from the cluster after the last kept guest byte on: on a
         // shrink that is the dropped tail; on a grow it is normally nothing, and when an
         // image maps clusters past its end they must not reappear as guest data.
-        let keep = min(old_size, new_size).div_ceil(cs) * cs;
+        let keep = old_size.min(new_size).div_ceil(cs) * cs;
         let mut new_l1 = old_l1.clone();
         let mut l1_changed = false;
         let first_whole = keep.div_ceil(span) as usize;
@@ -882,10 +885,6 @@ impl Qcow2Editor {
             "writing the qcow2 header (size, L1 and refcount table)",
         )
     }
-}
-
-fn min(a: u64, b: u64) -> u64 {
-    a.min(b)
 }
 
 /// Merge writes that touch back to back, so the whole new metadata usually goes out in
