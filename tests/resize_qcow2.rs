@@ -441,7 +441,7 @@ fn refusals_name_the_reason_and_touch_nothing() {
         "-f",
         "qcow2",
         "-o",
-        "data_file=ext.data",
+        &format!("data_file={}", s(&d.join("ext.data"))),
         s(&ext),
         "1M",
     ]);
