@@ -699,3 +699,38 @@ fn tables_that_do_not_validate_are_refused_before_any_write() {
     assert!(e.to_string().contains("L1 entry"), "{e}");
     assert_eq!(sha256_file(&img), sum);
 }
+
+#[test]
+fn compressed_and_metadata_preallocated_qemu_images_resize_like_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let size = (3 << 20) + 1536;
+    let raw = sample_raw(d, "src.raw", size, true, 21);
+    for (o, compress) in [
+        ("cluster_size=4k", true),
+        ("cluster_size=64k,compat=0.10", true),
+        ("cluster_size=64k,preallocation=metadata", false),
+        ("cluster_size=512,preallocation=metadata", false),
+    ] {
+        eprintln!("{o} compress={compress}");
+        let img = d.join("img.qcow2");
+        let mut args = vec!["convert", "-f", "raw", "-O", "qcow2", "-o", o];
+        if compress {
+            args.push("-c");
+        }
+        args.push(s(&raw));
+        args.push(s(&img));
+        qemu_img(&args);
+        for (new, shrink) in [
+            (size + (1 << 20), false),
+            (4 << 30, false),
+            ((1 << 20) + 4096, true),
+        ] {
+            compare_with_qemu(d, &img, &raw, new, shrink);
+        }
+        sweep(d, &img, &raw, (1 << 20) + 512, true);
+    }
+}
