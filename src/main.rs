@@ -872,19 +872,6 @@ fn scalar(v: &serde_json::Value) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::human_size;
-
-    #[test]
-    fn sizes_print_like_qemu() {
-        assert_eq!(human_size(1 << 30), "1 GiB");
-        assert_eq!(human_size(512), "512 B");
-        assert_eq!(human_size(104857600), "100 MiB");
-        assert_eq!(human_size(2621440000), "2.44 GiB");
-    }
-}
-
 /// The absolute size `arg` asks for: `SIZE`, or `+SIZE`/`-SIZE` relative to the image's
 /// current virtual size (read by opening it, without backing files).
 fn resize_target(image: &Path, format: Option<Format>, arg: &str) -> Result<u64> {
@@ -909,4 +896,17 @@ fn resize_target(image: &Path, format: Option<Format>, arg: &str) -> Result<u64>
     };
     new.filter(|&v| v > 0)
         .ok_or_else(|| Error::arg("New image size must be positive").with_path(image))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_size;
+
+    #[test]
+    fn sizes_print_like_qemu() {
+        assert_eq!(human_size(1 << 30), "1 GiB");
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(104857600), "100 MiB");
+        assert_eq!(human_size(2621440000), "2.44 GiB");
+    }
 }

@@ -207,3 +207,68 @@ fn convert_target_size_grows_and_shrinks_only_a_zero_tail() {
         std::fs::read(&src).unwrap()[..1 << 20].to_vec()
     );
 }
+
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
+fn every_format_resizes_from_the_cli() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("g.raw");
+    make_raw(&raw, 4 << 20, 11);
+    for (fmt, opts) in [
+        ("qcow2", ""),
+        ("qcow2", "compat=0.10,cluster_size=4096"),
+        ("vdi", ""),
+        ("vpc", "subformat=dynamic"),
+        ("vpc", "subformat=fixed"),
+        ("vmdk", ""),
+    ] {
+        let f = Format::from_name(fmt).unwrap();
+        let img = dir.path().join(format!("a.{fmt}"));
+        let mut args = vec!["convert", "-f", "raw", "-O", fmt];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([s(&raw), s(&img)]);
+        qemu_img(&args);
+        // qemu-img's vpc rounds 4 MiB up to a whole CHS geometry: relative sizes start
+        // from what the image holds.
+        let before = qemu_info(&img, f)["virtual-size"].as_u64().unwrap();
+        let r = diskconv(&["resize", "-f", fmt, s(&img), "+60M"]);
+        assert_eq!(r.code, Some(0), "{fmt} {opts}: {}", r.stderr);
+        assert_eq!(r.stdout, "Image resized.\n");
+        let grown = before + (60 << 20);
+        assert_eq!(qemu_info(&img, f)["virtual-size"], grown, "{fmt} {opts}");
+        assert_eq!(open_as(&img, f).virtual_size(), grown, "{fmt} {opts}");
+        let padded = dir.path().join("padded.raw");
+        copy(&raw, &padded);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&padded)
+            .unwrap()
+            .set_len(grown)
+            .unwrap();
+        assert_qemu_identical(&img, f, &padded, Format::Raw);
+        if matches!(fmt, "qcow2" | "vmdk" | "vdi") {
+            assert_qemu_check_clean(&img, f);
+        }
+        // Shrinking needs --shrink, and then keeps what lies before the new end.
+        let r = diskconv(&["resize", "-f", fmt, s(&img), "2M"]);
+        assert_eq!(r.code, Some(1), "{fmt} {opts}: {}", r.stderr);
+        let r = diskconv(&["resize", "-f", fmt, "--shrink", s(&img), "2M"]);
+        assert_eq!(r.code, Some(0), "{fmt} {opts}: {}", r.stderr);
+        let shrunk = qemu_info(&img, f)["virtual-size"].as_u64().unwrap();
+        assert_eq!(open_as(&img, f).virtual_size(), shrunk, "{fmt} {opts}");
+        assert!(
+            (2 << 20..(2 << 20) + (64 << 10)).contains(&shrunk),
+            "{fmt}: {shrunk}"
+        );
+        let head = dir.path().join("head.raw");
+        let mut want = std::fs::read(&raw).unwrap()[..2 << 20].to_vec();
+        want.resize(shrunk as usize, 0);
+        std::fs::write(&head, want).unwrap();
+        assert_qemu_identical(&img, f, &head, Format::Raw);
+    }
+}

@@ -140,8 +140,8 @@ pub fn create_writer(
     w.map_err(|e| e.with_path(path))
 }
 
-/// Open the image in `file` (at `path`, of `format`) for in-place changes. Formats whose
-/// folder has no editor yet are refused with the reason.
+/// Open the image in `file` (at `path`, of `format`) for in-place changes; each format's
+/// editor refuses the subformats it cannot change (with the reason and what to do instead).
 pub fn open_editor(
     format: Format,
     file: File,
@@ -150,12 +150,9 @@ pub fn open_editor(
 ) -> Result<Box<dyn ImageEditor>> {
     match format {
         Format::Raw => raw::open_editor(file, path, opts),
+        Format::Qcow2 => qcow2::open_editor(file, path, opts),
         Format::Vhd => vhd::open_editor(file, path, opts),
         Format::Vmdk => vmdk::open_editor(file, path, opts),
         Format::Vdi => vdi::open_editor(file, path, opts),
-        other => Err(Error::unsupported(format!(
-            "resizing {other} images in place is not supported yet (convert it with diskconv convert, or resize a raw copy)"
-        ))
-        .with_path(path)),
     }
 }

@@ -108,12 +108,15 @@ mod tests {
     }
 
     #[test]
-    fn formats_without_an_editor_say_so() {
+    fn subformats_without_an_editor_say_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("a.qcow2");
-        crate::create(&p, Format::Qcow2, &crate::CreateOptions::new(1 << 20)).unwrap();
+        let p = dir.path().join("a.vmdk");
+        let opts = crate::CreateOptions::new(1 << 20).option("subformat", "streamOptimized");
+        crate::create(&p, Format::Vmdk, &opts).unwrap();
+        let before = std::fs::read(&p).unwrap();
         let e = resize(&p, 2 << 20, &ResizeOptions::default()).unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::Unsupported);
-        assert!(e.to_string().contains("qcow2"), "{e}");
+        assert!(e.to_string().contains("--target-size"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), before);
     }
 }

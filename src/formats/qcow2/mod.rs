@@ -3,16 +3,20 @@
 //! optionally compressed.
 //!
 //! `header.rs` holds the on-disk header and extensions, `reader.rs` the L1/L2 walk,
-//! `writer.rs` the streaming writer, `compress.rs` the per-cluster codecs.
+//! `writer.rs` the streaming writer, `compress.rs` the per-cluster codecs, `resize.rs` the
+//! in-place resize.
 
-use crate::device::{BlockDevice, HostFile};
+use std::fs::File;
+
+use crate::device::{BlockDevice, HostFile, ImageEditor};
 use crate::error::Result;
-use crate::options::{CreateOptions, OpenOptions, OptionHelp};
+use crate::options::{CreateOptions, OpenOptions, OptionHelp, ResizeOptions};
 use crate::writer::ImageWriter;
 
 pub mod compress;
 pub mod header;
 pub mod reader;
+pub mod resize;
 pub mod writer;
 
 pub use reader::Qcow2Image;
@@ -37,4 +41,13 @@ pub fn create_writer(
     opts: &CreateOptions,
 ) -> Result<Box<dyn ImageWriter>> {
     writer::create_writer(file, opts)
+}
+
+/// Open a qcow2 image for in-place resizing (see [`resize`]).
+pub fn open_editor(
+    file: File,
+    path: &std::path::Path,
+    opts: &ResizeOptions,
+) -> Result<Box<dyn ImageEditor>> {
+    resize::open_editor(file, path, opts)
 }
