@@ -2,7 +2,7 @@
 //! cannot run is reported by cargo as *ignored* rather than counted as passed.
 //!
 //! Sets `--cfg no_qemu` when `qemu-img` or `qemu-io` is not on PATH and `--cfg no_bzip2`
-//! when `bzip2` is not, but only when the tools are not required: with `CI` set (to
+//! when `bzip2` is not (`no_strace` for `strace`, the crash tests' fault injector), but only when the tools are not required: with `CI` set (to
 //! anything but `false`/`0`) or `DISKCONV_REQUIRE_QEMU=1` nothing is ignored, so the tests
 //! run and fail with the install command. The library and the binary never look at these.
 
@@ -33,6 +33,7 @@ fn main() {
     }
     println!("cargo:rustc-check-cfg=cfg(no_qemu)");
     println!("cargo:rustc-check-cfg=cfg(no_bzip2)");
+    println!("cargo:rustc-check-cfg=cfg(no_strace)");
     let required = required();
     let have = |tool: &str| match find_on_path(tool) {
         Some(p) => {
@@ -53,12 +54,16 @@ fn main() {
     };
     let qemu = have("qemu-img") & have("qemu-io");
     let bzip2 = have("bzip2");
+    let strace = have("strace");
     if !required {
         if !qemu {
             println!("cargo:rustc-cfg=no_qemu");
         }
         if !bzip2 {
             println!("cargo:rustc-cfg=no_bzip2");
+        }
+        if !strace {
+            println!("cargo:rustc-cfg=no_strace");
         }
     }
 }

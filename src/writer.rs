@@ -811,6 +811,26 @@ pub fn random_uuid_v4() -> [u8; 16] {
     b
 }
 
+/// Take an exclusive advisory lock on an image for the whole of an in-place edit: a second
+/// diskconv on the same image is refused instead of interleaving its writes with ours. The
+/// format dispatch takes it for every editor, before the editor reads anything.
+pub fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+    // SAFETY: flock on a valid descriptor has no memory effects.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::io(
+                "Failed to get \"write\" lock: the image is in use by another process",
+                e,
+            )
+            .with_path(path));
+        }
+        return Err(Error::io("cannot lock the image", e).with_path(path));
+    }
+    Ok(())
+}
+
 /// The file an in-place operation ([`crate::device::ImageEditor`]) changes. Every mutation
 /// (write, length change, flush) goes through here and is counted, so a test can make the
 /// Nth one fail and check the image is still whole: crash safety proven, not argued.
@@ -860,7 +880,7 @@ impl EditFile {
     pub fn write_at(&mut self, data: &[u8], offset: u64, what: &str) -> Result<()> {
         self.step(what)?;
         self.file.write_all_at(data, offset).map_err(|e| {
-            Error::io(format!("writing {what}"), e)
+            Error::io(what.to_string(), e)
                 .at(offset)
                 .with_path(&self.path)
         })

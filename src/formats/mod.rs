@@ -148,6 +148,7 @@ pub fn open_editor(
     path: &Path,
     opts: &ResizeOptions,
 ) -> Result<Box<dyn ImageEditor>> {
+    crate::writer::lock_exclusive(&file, path)?;
     match format {
         Format::Raw => raw::open_editor(file, path, opts),
         Format::Qcow2 => qcow2::open_editor(file, path, opts),

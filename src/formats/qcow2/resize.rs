@@ -25,7 +25,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use byteorder::{BigEndian, ByteOrder};
@@ -58,7 +57,6 @@ pub struct Qcow2Editor {
 /// Open a qcow2 image for resizing: lock it, parse and validate the header and the
 /// active L1 table with the reader, and refuse what a resize cannot keep consistent.
 pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<dyn ImageEditor>> {
-    lock(&file, path)?;
     let clone = file
         .try_clone()
         .map_err(|e| Error::io("cannot duplicate the image's descriptor", e).with_path(path))?;
@@ -89,25 +87,6 @@ pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<
         path: path.to_path_buf(),
         header,
     }))
-}
-
-/// Take an exclusive advisory lock for the whole edit: a second diskconv on the same
-/// image is refused instead of interleaving its writes with ours.
-fn lock(file: &File, path: &Path) -> Result<()> {
-    // SAFETY: flock on a valid descriptor has no memory effects.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(Error::io(
-                "the image is in use: another process holds its lock (is another diskconv resizing it?)",
-                e,
-            )
-            .with_path(path));
-        }
-        return Err(Error::io("cannot lock the image", e).with_path(path));
-    }
-    Ok(())
 }
 
 fn refuse_unsupported(h: &Header, path: &Path) -> Result<()> {

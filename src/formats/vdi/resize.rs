@@ -24,7 +24,6 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use byteorder::{ByteOrder, LittleEndian as LE};
@@ -55,29 +54,9 @@ fn is_data(e: u32) -> bool {
     e != BLOCK_UNALLOCATED && e != BLOCK_DISCARDED
 }
 
-/// Take an exclusive advisory lock for the editor's lifetime (it is released when the file
-/// closes), refusing an image another process holds, as qemu-img's image locking does.
-fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
-    // SAFETY: flock on a valid descriptor has no memory effects.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(Error::io(
-                "Failed to get \"write\" lock: the image is in use by another process",
-                e,
-            )
-            .with_path(path));
-        }
-        return Err(Error::io("cannot lock the image", e).with_path(path));
-    }
-    Ok(())
-}
-
 /// Open a VDI for resizing: the reader's checks run first, then the whole block map is
 /// checked to be the permutation qemu-img check expects, all before any write.
 pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<dyn ImageEditor>> {
-    lock_exclusive(&file, path)?;
     let clone = file
         .try_clone()
         .map_err(|e| Error::io("cannot duplicate the image's descriptor", e).with_path(path))?;

@@ -22,7 +22,6 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use byteorder::{BigEndian, ByteOrder};
@@ -41,22 +40,6 @@ const UNALLOCATED: u32 = u32::MAX;
 /// Bytes of zeros written per call.
 const ZERO_CHUNK: u64 = 1 << 20;
 const SECTOR: u64 = 512;
-
-/// Take an exclusive advisory lock for the editor's lifetime (released when the file
-/// closes), refusing an image another process holds, as qemu-img's image locking does.
-fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
-    // SAFETY: flock on a valid descriptor has no memory effects.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        let what = if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            "Failed to get \"write\" lock: the image is in use by another process"
-        } else {
-            "cannot lock the image"
-        };
-        return Err(Error::io(what, e).with_path(path));
-    }
-    Ok(())
-}
 
 /// An opened VHD, ready to change size.
 #[derive(Debug)]
@@ -112,7 +95,6 @@ impl Dynamic {
 /// the layout the editor relies on: a whole footer at the end, blocks that overlap neither
 /// each other nor the headers and BAT.
 pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<dyn ImageEditor>> {
-    lock_exclusive(&file, path)?;
     let dup = || {
         file.try_clone()
             .map_err(|e| Error::io("cannot duplicate the image's descriptor", e).with_path(path))

@@ -25,7 +25,6 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use byteorder::{ByteOrder, LittleEndian as LE};
@@ -44,20 +43,6 @@ pub const MAX_SIZE: u64 = (1 << 41) - SECTOR;
 /// How to write a resized copy instead, for the refusals.
 const CONVERT_HINT: &str =
     "write a resized copy with diskconv convert --target-size SIZE -O vmdk IN OUT";
-
-fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
-    // SAFETY: flock on a valid descriptor has no memory effects.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        let what = if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            "Failed to get \"write\" lock: the image is in use by another process"
-        } else {
-            "cannot lock the image"
-        };
-        return Err(Error::io(what, e).with_path(path));
-    }
-    Ok(())
-}
 
 /// An opened monolithicSparse VMDK, ready to change size.
 #[derive(Debug)]
@@ -83,7 +68,6 @@ fn refuse(what: &str, path: &Path) -> Error {
 /// The reader's checks run first, then every directory entry is checked to name a whole
 /// grain table inside the file, before any write.
 pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<dyn ImageEditor>> {
-    lock_exclusive(&file, path)?;
     let dup = || {
         file.try_clone()
             .map_err(|e| Error::io("cannot duplicate the image's descriptor", e).with_path(path))
