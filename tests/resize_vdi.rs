@@ -3,35 +3,16 @@
 //! qemu-img check, info and compare and by our reader; the fault sweep over every write;
 //! bad sizes, bad tables and locked images refused without a write.
 mod common;
+use common::resize::*;
 use common::*;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use diskconv::{ErrorKind, Format, MappingKind, ResizeOptions};
+use diskconv::{ErrorKind, Format, ResizeOptions};
 
 const MIB: u64 = 1 << 20;
 const FMT: Format = Format::Vdi;
-
-fn opts(shrink: bool) -> ResizeOptions {
-    ResizeOptions {
-        format: Some(FMT),
-        shrink,
-        ..Default::default()
-    }
-}
-
-/// A raw guest of `size` bytes with a distinct pattern in each listed MiB block (the rest
-/// holes), so a block landing in the wrong place shows.
-fn guest(path: &Path, size: u64, blocks: &[u64]) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
-    for &b in blocks {
-        let mut buf = vec![0u8; MIB.min(size - b * MIB) as usize];
-        Rng(b * 7919 + 1).fill(&mut buf);
-        f.write_all_at(&buf, b * MIB).unwrap();
-    }
-}
 
 /// The raw a resize to `new_size` must give: the first bytes kept, the rest zeros.
 fn resized_raw(from: &Path, new_size: u64, to: &Path) {
@@ -63,26 +44,10 @@ fn assert_image_is(img: &Path, expect: &Path) {
 fn step(img: &Path, raw: &Path, new_size: u64) {
     let next = raw.with_extension("next");
     resized_raw(raw, new_size, &next);
-    diskconv::resize(img, new_size, &opts(true))
+    diskconv::resize(img, new_size, &resize_opts(FMT, true))
         .unwrap_or_else(|e| panic!("resize {} to {new_size}: {e}", img.display()));
     std::fs::rename(&next, raw).unwrap();
     assert_image_is(img, raw);
-}
-
-/// The whole guest range `[from, to)` maps as unallocated in our reader.
-fn assert_unallocated(img: &Path, from: u64, to: u64) {
-    let dev = open_as(img, FMT);
-    let mut off = from;
-    while off < to {
-        let m = dev.map(off, to - off).unwrap();
-        assert_eq!(
-            m.kind,
-            MappingKind::Unallocated,
-            "at {off:#x} of {}",
-            img.display()
-        );
-        off += m.len;
-    }
 }
 
 /// The images to resize: qemu-img dynamic and static, a qemu-io one whose blocks were
@@ -134,7 +99,7 @@ fn grow_and_shrink_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let raw0 = dir.path().join("guest.raw");
     // A partial last block (3.5 MiB), data in the first, second and last blocks.
-    guest(&raw0, 3 * MIB + MIB / 2, &[0, 1, 3]);
+    guest(&raw0, 3 * MIB + MIB / 2, &[0, 1, 3], 1);
     for (name, img) in sources(dir.path(), &raw0) {
         let raw = dir.path().join(format!("{name}.expect"));
         std::fs::copy(&raw0, &raw).unwrap();
@@ -142,7 +107,7 @@ fn grow_and_shrink_round_trips() {
         // Grow inside the block map's room: the new space is unallocated (dynamic).
         step(&img, &raw, 6 * MIB + 512);
         if !name.contains("static") {
-            assert_unallocated(&img, 4 * MIB, 6 * MIB + 512);
+            assert_unallocated(&img, FMT, 4 * MIB, 6 * MIB + 512);
         }
         // Grow past the room: the first data blocks move to the end of the file, and the
         // data area starts a whole block later.
@@ -158,7 +123,7 @@ fn grow_and_shrink_round_trips() {
         step(&img, &raw, 300 * MIB);
         assert_eq!(data_at(&img), before + MIB as u32, "{name}: offset_data");
         if !name.contains("static") {
-            assert_unallocated(&img, 4 * MIB, 300 * MIB);
+            assert_unallocated(&img, FMT, 4 * MIB, 300 * MIB);
             let len = std::fs::metadata(&img).unwrap().len();
             assert!(
                 len < 6 * MIB,
@@ -187,7 +152,7 @@ fn sweep(src: &Path, before_raw: &Path, new_size: u64, dir: &Path, tag: &str) ->
         std::fs::copy(src, &img).unwrap();
         let o = ResizeOptions {
             fail_at_write: Some(n),
-            ..opts(true)
+            ..resize_opts(FMT, true)
         };
         match diskconv::resize(&img, new_size, &o) {
             Ok(()) => {
@@ -218,7 +183,7 @@ fn a_failure_at_any_write_leaves_before_or_after() {
     }
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("guest.raw");
-    guest(&raw, 3 * MIB + MIB / 2, &[0, 1, 3]);
+    guest(&raw, 3 * MIB + MIB / 2, &[0, 1, 3], 1);
     let srcs = sources(dir.path(), &raw);
     // Our dynamic writer lays blocks out as qemu-img does; the other four differ.
     for (name, img) in srcs.iter().filter(|(n, _)| n != "ours-dyn") {
@@ -236,7 +201,7 @@ fn a_failure_at_any_write_leaves_before_or_after() {
     std::fs::copy(st, &img).unwrap();
     let full = ResizeOptions {
         preallocation: diskconv::Preallocation::Full,
-        ..opts(false)
+        ..resize_opts(FMT, false)
     };
     diskconv::resize(&img, 12 * MIB, &full).unwrap();
     use std::os::unix::fs::MetadataExt;
@@ -274,15 +239,15 @@ fn corpus_vdi_grows_and_shrinks() {
 fn bad_sizes_and_tables_are_refused_before_any_write() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("guest.raw");
-    guest(&raw, 3 * MIB, &[0, 2]);
+    guest(&raw, 3 * MIB, &[0, 2], 1);
     let img = dir.path().join("a.vdi");
     convert(&raw, &img, FMT, &[], false);
     let before = std::fs::read(&img).unwrap();
     let cases: &[(u64, ResizeOptions, &str)] = &[
-        (4 * MIB + 1, opts(false), "multiple of 512"),
-        (0, opts(false), "positive"),
-        (MIB, opts(false), "--shrink"),
-        (9 << 40, opts(false), "maximum"),
+        (4 * MIB + 1, resize_opts(FMT, false), "multiple of 512"),
+        (0, resize_opts(FMT, false), "positive"),
+        (MIB, resize_opts(FMT, false), "--shrink"),
+        (9 << 40, resize_opts(FMT, false), "maximum"),
     ];
     for (size, o, what) in cases {
         let e = diskconv::resize(&img, *size, o).unwrap_err();
@@ -295,12 +260,12 @@ fn bad_sizes_and_tables_are_refused_before_any_write() {
     }
     let full = ResizeOptions {
         preallocation: diskconv::Preallocation::Full,
-        ..opts(false)
+        ..resize_opts(FMT, false)
     };
     let e = diskconv::resize(&img, 8 * MIB, &full).unwrap_err();
     assert!(e.to_string().contains("preallocation"), "{e}");
     assert_eq!(std::fs::read(&img).unwrap(), before);
-    let e = diskconv::resize(&img, 9 << 40, &opts(false)).unwrap_err();
+    let e = diskconv::resize(&img, 9 << 40, &resize_opts(FMT, false)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::LimitExceeded);
     assert!(e.to_string().contains(&(8u64 << 40).to_string()), "{e}");
 
@@ -309,7 +274,7 @@ fn bad_sizes_and_tables_are_refused_before_any_write() {
     f.write_all_at(&0u32.to_le_bytes(), 0x200 + 8).unwrap();
     drop(f);
     let bad = std::fs::read(&img).unwrap();
-    let e = diskconv::resize(&img, 8 * MIB, &opts(false)).unwrap_err();
+    let e = diskconv::resize(&img, 8 * MIB, &resize_opts(FMT, false)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains("used twice"), "{e}");
     assert_eq!(std::fs::read(&img).unwrap(), bad);
@@ -319,17 +284,17 @@ fn bad_sizes_and_tables_are_refused_before_any_write() {
 fn an_image_in_use_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("guest.raw");
-    guest(&raw, 2 * MIB, &[0]);
+    guest(&raw, 2 * MIB, &[0], 1);
     let img = dir.path().join("a.vdi");
     convert(&raw, &img, FMT, &[], false);
     let holder = std::fs::File::open(&img).unwrap();
     use std::os::unix::io::AsRawFd;
     assert_eq!(unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX) }, 0);
     let before = std::fs::read(&img).unwrap();
-    let e = diskconv::resize(&img, 4 * MIB, &opts(false)).unwrap_err();
+    let e = diskconv::resize(&img, 4 * MIB, &resize_opts(FMT, false)).unwrap_err();
     assert!(e.to_string().contains("lock"), "{e}");
     assert_eq!(std::fs::read(&img).unwrap(), before);
     drop(holder);
-    diskconv::resize(&img, 4 * MIB, &opts(false)).unwrap();
+    diskconv::resize(&img, 4 * MIB, &resize_opts(FMT, false)).unwrap();
     assert_eq!(open_as(&img, FMT).virtual_size(), 4 * MIB);
 }

@@ -5,103 +5,17 @@
 //! `qemu-img compare` / `convert -O raw` content, and by our reader. The fault sweep fails
 //! every write in turn; bad sizes, differencing disks and locked images are refused.
 mod common;
+use common::resize::*;
 use common::*;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use diskconv::formats::vhd::footer::{DiskType, Footer};
-use diskconv::{ErrorKind, Format, MappingKind, Preallocation, ResizeOptions};
+use diskconv::{ErrorKind, Format, Preallocation, ResizeOptions};
 
 const MIB: u64 = 1 << 20;
 const FMT: Format = Format::Vhd;
-
-fn opts(shrink: bool) -> ResizeOptions {
-    ResizeOptions {
-        format: Some(FMT),
-        shrink,
-        ..Default::default()
-    }
-}
-
-/// A raw guest of `size` bytes with a distinct pattern in each listed MiB (the rest holes).
-fn guest(path: &Path, size: u64, mibs: &[u64]) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
-    for &b in mibs {
-        let mut buf = vec![0u8; MIB.min(size - b * MIB) as usize];
-        Rng(b * 7919 + 3).fill(&mut buf);
-        f.write_all_at(&buf, b * MIB).unwrap();
-    }
-}
-
-/// An expected guest: a raw file and its digest (computed once: sweeps compare often).
-struct Expect {
-    raw: PathBuf,
-    sha: String,
-    size: u64,
-}
-
-/// Largest guest whose every byte the tests hash; larger ones (the corpus' 127 GiB disks)
-/// are judged by qemu-img compare, which skips holes, and by our map.
-const HASHED: u64 = 1 << 30;
-
-impl Expect {
-    fn of(raw: PathBuf) -> Self {
-        let size = std::fs::metadata(&raw).unwrap().len();
-        Expect {
-            sha: if size <= HASHED {
-                sha256_file(&raw)
-            } else {
-                String::new()
-            },
-            size,
-            raw,
-        }
-    }
-
-    /// The guest after a resize to `new_size`: the first bytes kept, the rest zeros. Only
-    /// the data ranges are copied, so a 127 GiB guest costs its data, not its size.
-    fn resized(&self, new_size: u64, to: PathBuf) -> Self {
-        use std::os::unix::io::AsRawFd;
-        let src = std::fs::File::open(&self.raw).unwrap();
-        let dst = std::fs::File::create(&to).unwrap();
-        dst.set_len(new_size).unwrap();
-        let end = new_size.min(self.size);
-        let seek = |off: u64, whence| {
-            let r = unsafe { libc::lseek(src.as_raw_fd(), off as i64, whence) };
-            if r < 0 {
-                end
-            } else {
-                (r as u64).min(end)
-            }
-        };
-        let mut off = 0;
-        let mut buf = vec![0u8; MIB as usize];
-        while off < end {
-            let data = seek(off, libc::SEEK_DATA);
-            if data >= end {
-                break;
-            }
-            let hole = seek(data, libc::SEEK_HOLE).max(data + 1).min(end);
-            let mut p = data;
-            while p < hole {
-                let n = (hole - p).min(MIB) as usize;
-                src.read_exact_at(&mut buf[..n], p).unwrap();
-                dst.write_all_at(&buf[..n], p).unwrap();
-                p += n as u64;
-            }
-            off = hole;
-        }
-        Expect::of(to)
-    }
-}
-
-/// The guest qemu reads from `img`.
-fn qemu_guest(img: &Path, to: PathBuf) -> Expect {
-    qemu_img(&["convert", "-f", "vpc", "-O", "raw", s(img), s(&to)]);
-    Expect::of(to)
-}
 
 /// Our reading and qemu's of `img` both equal `e`, and qemu-img info reports its size.
 /// Guests over 1 GiB (the corpus' 127 GiB disks) are compared by qemu-img compare and our
@@ -141,21 +55,6 @@ fn assert_image_is(img: &Path, e: &Expect) {
     }
     assert_eq!(qemu_info(img, FMT)["virtual-size"].as_u64(), Some(e.size));
     assert_qemu_identical(img, FMT, &e.raw, Format::Raw);
-}
-
-fn assert_unallocated(img: &Path, from: u64, to: u64) {
-    let dev = open_as(img, FMT);
-    let mut off = from;
-    while off < to {
-        let m = dev.map(off, to - off).unwrap();
-        assert_eq!(
-            m.kind,
-            MappingKind::Unallocated,
-            "at {off:#x} of {}",
-            img.display()
-        );
-        off += m.len;
-    }
 }
 
 /// Images of the guest in `raw`: qemu-img fixed and dynamic, each CHS-sized and with
@@ -220,10 +119,10 @@ fn grow_and_shrink_round_trips() {
     }
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("guest.raw");
-    guest(&raw, 7 * MIB, &[0, 1, 3, 6]);
+    guest(&raw, 7 * MIB, &[0, 1, 3, 6], 3);
     for (name, img) in sources(dir.path(), &raw) {
         let d = |s: &str| dir.path().join(format!("{name}.{s}"));
-        let mut e = qemu_guest(&img, d("0.raw"));
+        let mut e = qemu_guest(&img, FMT, d("0.raw"));
         let dynamic = name.contains("dyn") || name.contains("io");
         let steps: &[u64] = &[
             20 * MIB + 512,
@@ -235,11 +134,11 @@ fn grow_and_shrink_round_trips() {
         ];
         for (k, &size) in steps.iter().enumerate() {
             let next = e.resized(size, d(&format!("{}.raw", k + 1)));
-            diskconv::resize(&img, size, &opts(true))
+            diskconv::resize(&img, size, &resize_opts(FMT, true))
                 .unwrap_or_else(|err| panic!("{name}: resize to {size}: {err}"));
             assert_image_is(&img, &next);
             if dynamic && size > e.size {
-                assert_unallocated(&img, e.size.next_multiple_of(2 * MIB).min(size), size);
+                assert_unallocated(&img, FMT, e.size.next_multiple_of(2 * MIB).min(size), size);
             }
             e = next;
         }
@@ -316,10 +215,10 @@ fn a_failure_at_any_write_leaves_before_or_after() {
     }
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("guest.raw");
-    guest(&raw, 7 * MIB, &[0, 1, 3, 6]);
+    guest(&raw, 7 * MIB, &[0, 1, 3, 6], 3);
     let srcs = sources(dir.path(), &raw);
     let get = |n: &str| srcs.iter().find(|(x, _)| x == n).unwrap().1.clone();
-    let o = opts(true);
+    let o = resize_opts(FMT, true);
     let mut counts = Vec::new();
     for name in [
         "qemu-fixed",
@@ -329,7 +228,7 @@ fn a_failure_at_any_write_leaves_before_or_after() {
         "ours-dyn-64k",
     ] {
         let img = get(name);
-        let before = qemu_guest(&img, dir.path().join(format!("{name}.before.raw")));
+        let before = qemu_guest(&img, FMT, dir.path().join(format!("{name}.before.raw")));
         let t = |s: &str| format!("{name}-{s}");
         counts.push(sweep(&img, &before, 9 * MIB, dir.path(), &t("grow"), &o));
         counts.push(sweep(
@@ -377,14 +276,14 @@ fn corpus_vhds_resize() {
         "d2v-zerofilled.vhd.bz2",
     ] {
         let img = corpus_file(&corpus, name, dir.path());
-        let before = qemu_guest(&img, dir.path().join(format!("{name}.0.raw")));
+        let before = qemu_guest(&img, FMT, dir.path().join(format!("{name}.0.raw")));
         // Grow by more than the BAT's padding holds, then shrink below the original.
         for (k, size) in [before.size + 3 * 1024 * MIB, before.size / 2 + 512]
             .into_iter()
             .enumerate()
         {
             let next = before.resized(size, dir.path().join(format!("{name}.{k}.raw")));
-            diskconv::resize(&img, size, &opts(true))
+            diskconv::resize(&img, size, &resize_opts(FMT, true))
                 .unwrap_or_else(|e| panic!("{name}: resize to {size}: {e}"));
             assert_image_is(&img, &next);
         }
@@ -395,20 +294,20 @@ fn corpus_vhds_resize() {
 fn bad_sizes_differencing_and_locked_images_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("guest.raw");
-    guest(&raw, 3 * MIB, &[0, 2]);
+    guest(&raw, 3 * MIB, &[0, 2], 3);
     let img = dir.path().join("a.vhd");
     convert(&raw, &img, FMT, &[], false);
     let before = std::fs::read(&img).unwrap();
     let cases: &[(u64, ResizeOptions, &str)] = &[
-        (4 * MIB + 1, opts(false), "multiple of 512"),
-        (0, opts(false), "positive"),
-        (MIB, opts(false), "--shrink"),
-        (2041 << 30, opts(false), "2040 GiB"),
+        (4 * MIB + 1, resize_opts(FMT, false), "multiple of 512"),
+        (0, resize_opts(FMT, false), "positive"),
+        (MIB, resize_opts(FMT, false), "--shrink"),
+        (2041 << 30, resize_opts(FMT, false), "2040 GiB"),
         (
             8 * MIB,
             ResizeOptions {
                 preallocation: Preallocation::Full,
-                ..opts(false)
+                ..resize_opts(FMT, false)
             },
             "preallocation",
         ),
@@ -423,7 +322,7 @@ fn bad_sizes_differencing_and_locked_images_are_refused() {
         );
     }
     assert_eq!(
-        diskconv::resize(&img, 2041 << 30, &opts(false))
+        diskconv::resize(&img, 2041 << 30, &resize_opts(FMT, false))
             .unwrap_err()
             .kind(),
         ErrorKind::LimitExceeded
@@ -433,7 +332,7 @@ fn bad_sizes_differencing_and_locked_images_are_refused() {
     let holder = std::fs::File::open(&img).unwrap();
     use std::os::unix::io::AsRawFd;
     assert_eq!(unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX) }, 0);
-    let e = diskconv::resize(&img, 4 * MIB, &opts(false)).unwrap_err();
+    let e = diskconv::resize(&img, 4 * MIB, &resize_opts(FMT, false)).unwrap_err();
     assert!(e.to_string().contains("lock"), "{e}");
     drop(holder);
     assert_eq!(std::fs::read(&img).unwrap(), before);
@@ -448,7 +347,7 @@ fn bad_sizes_differencing_and_locked_images_are_refused() {
     b[..512].copy_from_slice(&fb);
     b[len - 512..].copy_from_slice(&fb);
     std::fs::write(&diff, &b).unwrap();
-    let e = diskconv::resize(&diff, 8 * MIB, &opts(false)).unwrap_err();
+    let e = diskconv::resize(&diff, 8 * MIB, &resize_opts(FMT, false)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     assert!(
         e.to_string().contains("differencing") && e.to_string().contains("parent"),
@@ -464,7 +363,7 @@ fn bad_sizes_differencing_and_locked_images_are_refused() {
     let first = u32::from_be_bytes(b[t..t + 4].try_into().unwrap());
     b[t + 4..t + 8].copy_from_slice(&(first + 1).to_be_bytes());
     std::fs::write(&bad, &b).unwrap();
-    let e = diskconv::resize(&bad, 8 * MIB, &opts(false)).unwrap_err();
+    let e = diskconv::resize(&bad, 8 * MIB, &resize_opts(FMT, false)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     assert_eq!(std::fs::read(&bad).unwrap(), b);
 }

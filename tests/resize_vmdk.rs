@@ -4,6 +4,7 @@
 //! redundant directory's consistency; the fault sweep; streamOptimized, flat, split and
 //! delta disks and bad sizes refused.
 mod common;
+use common::resize::*;
 use common::*;
 
 use std::os::unix::fs::FileExt;
@@ -15,89 +16,6 @@ use diskconv::{ErrorKind, Format, MappingKind, Preallocation, ResizeOptions};
 
 const MIB: u64 = 1 << 20;
 const FMT: Format = Format::Vmdk;
-/// Largest guest whose every byte the tests hash; larger ones are judged by qemu-img
-/// compare (which skips holes) and a read of every range we map as data.
-const HASHED: u64 = 1 << 30;
-
-fn opts(shrink: bool) -> ResizeOptions {
-    ResizeOptions {
-        format: Some(FMT),
-        shrink,
-        ..Default::default()
-    }
-}
-
-fn guest(path: &Path, size: u64, mibs: &[u64]) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
-    for &b in mibs {
-        let mut buf = vec![0u8; MIB.min(size - b * MIB) as usize];
-        Rng(b * 7919 + 5).fill(&mut buf);
-        f.write_all_at(&buf, b * MIB).unwrap();
-    }
-}
-
-struct Expect {
-    raw: PathBuf,
-    sha: String,
-    size: u64,
-}
-
-impl Expect {
-    fn of(raw: PathBuf) -> Self {
-        let size = std::fs::metadata(&raw).unwrap().len();
-        Expect {
-            sha: if size <= HASHED {
-                sha256_file(&raw)
-            } else {
-                String::new()
-            },
-            size,
-            raw,
-        }
-    }
-
-    /// The guest after a resize to `new_size`; only data ranges are copied (the big steps
-    /// are mostly holes).
-    fn resized(&self, new_size: u64, to: PathBuf) -> Self {
-        use std::os::unix::io::AsRawFd;
-        let src = std::fs::File::open(&self.raw).unwrap();
-        let dst = std::fs::File::create(&to).unwrap();
-        dst.set_len(new_size).unwrap();
-        let end = new_size.min(self.size);
-        let seek = |off: u64, whence| {
-            let r = unsafe { libc::lseek(src.as_raw_fd(), off as i64, whence) };
-            if r < 0 {
-                end
-            } else {
-                (r as u64).min(end)
-            }
-        };
-        let mut off = 0;
-        let mut buf = vec![0u8; MIB as usize];
-        while off < end {
-            let data = seek(off, libc::SEEK_DATA);
-            if data >= end {
-                break;
-            }
-            let hole = seek(data, libc::SEEK_HOLE).max(data + 1).min(end);
-            let mut p = data;
-            while p < hole {
-                let n = (hole - p).min(MIB) as usize;
-                src.read_exact_at(&mut buf[..n], p).unwrap();
-                dst.write_all_at(&buf[..n], p).unwrap();
-                p += n as u64;
-            }
-            off = hole;
-        }
-        Expect::of(to)
-    }
-}
-
-fn qemu_guest(img: &Path, to: PathBuf) -> Expect {
-    qemu_img(&["convert", "-f", "vmdk", "-O", "raw", s(img), s(&to)]);
-    Expect::of(to)
-}
 
 /// The grain directory and its redundant copy name tables of identical content (for the
 /// grains inside the capacity: entries past it are never read), and the descriptor's
@@ -247,10 +165,10 @@ fn grow_and_shrink_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("guest.raw");
     // The last MiB is partial: 7 MiB + 12 KiB ends inside a 64 KiB grain.
-    guest(&raw, 7 * MIB + 12288, &[0, 1, 3, 7]);
+    guest(&raw, 7 * MIB + 12288, &[0, 1, 3, 7], 5);
     for (name, img) in sources(dir.path(), &raw) {
         let d = |s: &str| dir.path().join(format!("{name}.{s}"));
-        let mut e = qemu_guest(&img, d("0.raw"));
+        let mut e = qemu_guest(&img, FMT, d("0.raw"));
         let steps: &[u64] = &[
             // Inside the first grain table's 32 MiB.
             20 * MIB + 512,
@@ -265,7 +183,7 @@ fn grow_and_shrink_round_trips() {
         ];
         for (k, &size) in steps.iter().enumerate() {
             let next = e.resized(size, d(&format!("{}.raw", k + 1)));
-            diskconv::resize(&img, size, &opts(true))
+            diskconv::resize(&img, size, &resize_opts(FMT, true))
                 .unwrap_or_else(|err| panic!("{name}: resize to {size}: {err}"));
             assert_image_is(&img, &next);
             if size > e.size {
@@ -276,7 +194,7 @@ fn grow_and_shrink_round_trips() {
         // qemu can write into space we added (its grain tables exist).
         let p = dir.path().join("w.vmdk");
         std::fs::copy(&img, &p).unwrap();
-        diskconv::resize(&p, 3 << 30, &opts(false)).unwrap();
+        diskconv::resize(&p, 3 << 30, &resize_opts(FMT, false)).unwrap();
         run(&[
             "qemu-io",
             "-f",
@@ -304,7 +222,7 @@ fn sweep(src: &Path, before: &Expect, new_size: u64, dir: &Path, tag: &str) -> u
         std::fs::copy(src, &img).unwrap();
         let fo = ResizeOptions {
             fail_at_write: Some(n),
-            ..opts(true)
+            ..resize_opts(FMT, true)
         };
         match diskconv::resize(&img, new_size, &fo) {
             Ok(()) => {
@@ -330,18 +248,18 @@ fn a_failure_at_any_write_leaves_before_or_after() {
     }
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("guest.raw");
-    guest(&raw, 7 * MIB + 12288, &[0, 1, 3, 7]);
+    guest(&raw, 7 * MIB + 12288, &[0, 1, 3, 7], 5);
     let srcs = sources(dir.path(), &raw);
     let mut counts = Vec::new();
     for (name, img) in srcs
         .iter()
         .filter(|(n, _)| n == "qemu" || n == "ours-zeroed")
     {
-        let before = qemu_guest(img, dir.path().join(format!("{name}.before.raw")));
+        let before = qemu_guest(img, FMT, dir.path().join(format!("{name}.before.raw")));
         // A shrink, then a grow over the grains it left: the stale-grain clearing runs.
         let shrunk = dir.path().join(format!("{name}.shrunk.vmdk"));
         std::fs::copy(img, &shrunk).unwrap();
-        diskconv::resize(&shrunk, 3 * MIB + 4096, &opts(true)).unwrap();
+        diskconv::resize(&shrunk, 3 * MIB + 4096, &resize_opts(FMT, true)).unwrap();
         let shrunk_e = before.resized(3 * MIB + 4096, dir.path().join(format!("{name}.s.raw")));
         let t = |s: &str| format!("{name}-{s}");
         counts.push(sweep(
@@ -369,7 +287,7 @@ fn other_subformats_and_bad_sizes_are_refused() {
     }
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("guest.raw");
-    guest(&raw, 3 * MIB, &[0, 2]);
+    guest(&raw, 3 * MIB, &[0, 2], 5);
     for (sub, what) in [
         ("streamOptimized", "streamOptimized"),
         ("monolithicFlat", "monolithicFlat"),
@@ -389,7 +307,7 @@ fn other_subformats_and_bad_sizes_are_refused() {
             s(&p),
         ]);
         let before = std::fs::read(&p).unwrap();
-        let e = diskconv::resize(&p, 8 * MIB, &opts(false)).unwrap_err();
+        let e = diskconv::resize(&p, 8 * MIB, &resize_opts(FMT, false)).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unsupported, "{sub}: {e}");
         let m = e.to_string();
         assert!(
@@ -413,20 +331,20 @@ fn other_subformats_and_bad_sizes_are_refused() {
         "vmdk",
         s(&child),
     ]);
-    let e = diskconv::resize(&child, 8 * MIB, &opts(false)).unwrap_err();
+    let e = diskconv::resize(&child, 8 * MIB, &resize_opts(FMT, false)).unwrap_err();
     assert!(e.to_string().contains("delta"), "{e}");
 
     let before = std::fs::read(&base).unwrap();
     let cases: &[(u64, ResizeOptions, &str)] = &[
-        (4 * MIB + 1, opts(false), "multiple of 512"),
-        (0, opts(false), "positive"),
-        (MIB, opts(false), "--shrink"),
-        (2 << 40, opts(false), "maximum"),
+        (4 * MIB + 1, resize_opts(FMT, false), "multiple of 512"),
+        (0, resize_opts(FMT, false), "positive"),
+        (MIB, resize_opts(FMT, false), "--shrink"),
+        (2 << 40, resize_opts(FMT, false), "maximum"),
         (
             8 * MIB,
             ResizeOptions {
                 preallocation: Preallocation::Full,
-                ..opts(false)
+                ..resize_opts(FMT, false)
             },
             "preallocation",
         ),
@@ -448,13 +366,13 @@ fn other_subformats_and_bad_sizes_are_refused() {
     let at = (h.gd_offset * 512) as usize;
     c[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
     std::fs::write(&bad, &c).unwrap();
-    assert!(diskconv::resize(&bad, 8 * MIB, &opts(false)).is_err());
+    assert!(diskconv::resize(&bad, 8 * MIB, &resize_opts(FMT, false)).is_err());
     assert_eq!(std::fs::read(&bad).unwrap(), c);
     // In use.
     let holder = std::fs::File::open(&base).unwrap();
     use std::os::unix::io::AsRawFd;
     assert_eq!(unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX) }, 0);
-    let e = diskconv::resize(&base, 8 * MIB, &opts(false)).unwrap_err();
+    let e = diskconv::resize(&base, 8 * MIB, &resize_opts(FMT, false)).unwrap_err();
     assert!(e.to_string().contains("lock"), "{e}");
     assert_eq!(std::fs::read(&base).unwrap(), before);
 }

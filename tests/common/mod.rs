@@ -3,6 +3,8 @@
 //! the parts it needs.
 #![allow(dead_code)]
 
+pub mod resize;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
