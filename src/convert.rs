@@ -16,7 +16,7 @@ use crate::device::{BlockDevice, MappingKind};
 use crate::error::{Error, Result};
 use crate::format::Format;
 use crate::options::{CreateOptions, OpenOptions};
-use crate::writer::{Encoder, ImageWriter};
+use crate::writer::{AllocationPlan, Encoder, ImageWriter};
 
 /// Progress callback: (guest bytes done, total guest bytes).
 pub type ProgressFn<'a> = &'a (dyn Fn(u64, u64) + Sync);
@@ -279,6 +279,62 @@ pub fn convert_device(
         p(size, size);
     }
     Ok(report)
+}
+
+/// Find the exact guest ranges [`convert_device`] will write for `src` into a writer of
+/// granule `granularity` under `opts` (its `min_sparse`, `threads` and `salvage`), by
+/// running the engine itself into a writer that keeps only the offsets: a writer that
+/// must place its metadata before its data (a sequential qcow2) lays it out from this.
+///
+/// Costs one read of the source's data ranges (zero detection needs the bytes); holes and
+/// zero ranges of the source are not read. The second pass writes exactly these ranges
+/// as long as the source does not change in between.
+pub fn plan_allocation(
+    src: &dyn BlockDevice,
+    granularity: u64,
+    opts: &ConvertOptions,
+) -> Result<AllocationPlan> {
+    /// Records the runs the engine hands over and drops their data.
+    struct Recorder {
+        gran: u64,
+        size: u64,
+        plan: std::sync::Arc<std::sync::Mutex<AllocationPlan>>,
+    }
+    impl ImageWriter for Recorder {
+        fn granularity(&self) -> u64 {
+            self.gran
+        }
+        fn virtual_size(&self) -> u64 {
+            self.size
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+            let mut p = self.plan.lock().unwrap_or_else(|e| e.into_inner());
+            p.push(offset, offset + data.len() as u64);
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+    }
+    let size = src.virtual_size();
+    let plan = std::sync::Arc::new(std::sync::Mutex::new(AllocationPlan {
+        granularity,
+        virtual_size: size,
+        ..AllocationPlan::default()
+    }));
+    let rec = Recorder {
+        gran: granularity,
+        size,
+        plan: plan.clone(),
+    };
+    // The planning pass reports no progress and is not rate limited: only the pass that
+    // writes is what the user waits on and limits.
+    let mut o = opts.clone();
+    o.progress = None;
+    o.rate_limit = 0;
+    convert_device(src, Box::new(rec), &o)?;
+    let plan = plan.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok(plan)
 }
 
 /// Walk `src`'s map over `[0, size)` and hand each unit that holds data (every unit with

@@ -140,6 +140,38 @@ pub fn create_writer(
     w.map_err(|e| e.with_path(path))
 }
 
+/// The granule an [`AllocationPlan`](crate::writer::AllocationPlan) must be made with
+/// ([`crate::convert::plan_allocation`]) for [`create_planned_writer`] to lay out a
+/// sequential `format` output with these options; None when the output needs no plan
+/// (every writer but uncompressed qcow2 either streams without one or cannot stream).
+pub fn plan_granularity(format: Format, opts: &CreateOptions) -> Result<Option<u64>> {
+    opts.check_known(format)?;
+    match format {
+        Format::Qcow2 => qcow2::plan_granularity(opts),
+        _ => Ok(None),
+    }
+}
+
+/// Make a writer of `format` whose layout follows `plan` where the format needs one to
+/// write strictly forward: uncompressed qcow2 gets the sequential writer (tables first,
+/// then data; [`ImageWriter::streams`] true, [`ImageWriter::output_len`] exact); every
+/// other format and option set gets the writer [`create_writer`] makes.
+pub fn create_planned_writer(
+    format: Format,
+    file: impl Into<crate::writer::Sink>,
+    path: &Path,
+    opts: &CreateOptions,
+    plan: &crate::writer::AllocationPlan,
+) -> Result<Box<dyn ImageWriter>> {
+    if plan_granularity(format, opts)
+        .map_err(|e| e.with_path(path))?
+        .is_none()
+    {
+        return create_writer(format, file, path, opts);
+    }
+    qcow2::create_stream_writer(file.into(), opts, plan).map_err(|e| e.with_path(path))
+}
+
 /// Open the image in `file` (at `path`, of `format`) for in-place changes; each format's
 /// editor refuses the subformats it cannot change (with the reason and what to do instead).
 pub fn open_editor(

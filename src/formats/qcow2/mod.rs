@@ -3,7 +3,8 @@
 //! optionally compressed.
 //!
 //! `header.rs` holds the on-disk header and extensions, `reader.rs` the L1/L2 walk,
-//! `writer.rs` the streaming writer, `compress.rs` the per-cluster codecs, `resize.rs` the
+//! `writer.rs` the file writer, `stream.rs` the
+//! sequential writer laid out from an allocation plan, `compress.rs` the per-cluster codecs, `resize.rs` the
 //! in-place resize.
 
 use std::fs::File;
@@ -17,6 +18,7 @@ pub mod compress;
 pub mod header;
 pub mod reader;
 pub mod resize;
+pub mod stream;
 pub mod writer;
 
 pub use reader::Qcow2Image;
@@ -41,6 +43,23 @@ pub fn create_writer(
     opts: &CreateOptions,
 ) -> Result<Box<dyn ImageWriter>> {
     writer::create_writer(file, opts)
+}
+
+/// Make a sequential qcow2 writer over `file` for exactly the writes of `plan`
+/// (uncompressed only).
+pub fn create_stream_writer(
+    file: crate::writer::Sink,
+    opts: &CreateOptions,
+    plan: &crate::writer::AllocationPlan,
+) -> Result<Box<dyn ImageWriter>> {
+    Ok(Box::new(stream::create_stream_writer(file, opts, plan)?))
+}
+
+/// The granule an allocation plan for this output must use: the cluster size, or None
+/// when the options ask for compression (which cannot be planned from the map alone).
+pub fn plan_granularity(opts: &CreateOptions) -> Result<Option<u64>> {
+    let p = writer::parse_options(opts)?;
+    Ok((!p.compress).then_some(p.cs))
 }
 
 /// Open a qcow2 image for in-place resizing (see [`resize`]).

@@ -136,8 +136,27 @@ pub struct Qcow2Writer {
     written_to: u64,
 }
 
-/// Make a qcow2 writer over `file` (empty) from `opts`.
-pub fn create_writer(file: Sink, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+/// The image shape `-o` asks for, checked: shared by the file writer and the sequential
+/// writer ([`super::stream`]) so both accept and refuse exactly the same options.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Params {
+    pub size: u64,
+    pub cluster_bits: u32,
+    pub cs: u64,
+    pub version: u32,
+    pub lazy_refcounts: bool,
+    pub ctype: CompressionType,
+    pub extended_l2: bool,
+    pub refcount_order: u32,
+    pub compress: bool,
+    /// Guest clusters one L2 table maps.
+    pub l2_entries: u64,
+    /// Entries of the L1 table.
+    pub l1_size: u64,
+}
+
+/// Check `opts` and work out the image shape.
+pub(super) fn parse_options(opts: &CreateOptions) -> Result<Params> {
     let version = match opts.str_option("compat").unwrap_or("1.1") {
         "1.1" | "v3" => 3,
         "0.10" | "v2" => 2,
@@ -225,6 +244,36 @@ pub fn create_writer(file: Sink, opts: &CreateOptions) -> Result<Box<dyn ImageWr
             MAX_L1_BYTES >> 20
         )));
     }
+    Ok(Params {
+        size,
+        cluster_bits,
+        cs,
+        version,
+        lazy_refcounts,
+        ctype,
+        extended_l2,
+        refcount_order: refcount_bits.trailing_zeros(),
+        compress: opts.compress,
+        l2_entries,
+        l1_size,
+    })
+}
+
+/// Make a qcow2 writer over `file` (empty) from `opts`.
+pub fn create_writer(file: Sink, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+    let Params {
+        size,
+        cluster_bits,
+        cs,
+        version,
+        lazy_refcounts,
+        ctype,
+        extended_l2,
+        refcount_order,
+        compress,
+        l2_entries,
+        l1_size,
+    } = parse_options(opts)?;
     let l1_clusters = (l1_size * 8).div_ceil(cs);
     let mut refs = Refcounts::default();
     refs.alloc(1 + l1_clusters);
@@ -237,8 +286,8 @@ pub fn create_writer(file: Sink, opts: &CreateOptions) -> Result<Box<dyn ImageWr
         lazy_refcounts,
         ctype,
         extended_l2,
-        refcount_order: refcount_bits.trailing_zeros(),
-        compress: opts.compress,
+        refcount_order,
+        compress,
         l1_offset: if l1_size == 0 { 0 } else { cs },
         l1_size,
         l2_entries,
@@ -335,45 +384,65 @@ impl Qcow2Writer {
             *run += 1;
         }
     }
+}
 
-    fn header(&self, reftable: u64, reftable_clusters: u64) -> Header {
-        let v3 = self.version >= 3;
+/// The header cluster's bytes (header, extensions and, when they fit, qemu's feature
+/// name table) for an image of shape `p` with its tables at these offsets.
+pub(super) fn header_bytes(
+    p: &Params,
+    l1_offset: u64,
+    reftable: u64,
+    reftable_clusters: u64,
+) -> Result<Vec<u8>> {
+    let h = {
+        let v3 = p.version >= 3;
         let mut incompat = 0;
-        if self.ctype == CompressionType::Zstd {
+        if p.ctype == CompressionType::Zstd {
             incompat |= INCOMPAT_COMPRESSION;
         }
-        if self.extended_l2 {
+        if p.extended_l2 {
             incompat |= INCOMPAT_EXTL2;
         }
         Header {
-            version: self.version,
+            version: p.version,
             backing_file_offset: 0,
             backing_file_size: 0,
-            cluster_bits: self.cluster_bits,
-            size: self.size,
+            cluster_bits: p.cluster_bits,
+            size: p.size,
             crypt_method: 0,
-            l1_size: self.l1_size as u32,
-            l1_table_offset: self.l1_offset,
+            l1_size: p.l1_size as u32,
+            l1_table_offset: l1_offset,
             refcount_table_offset: reftable,
             refcount_table_clusters: reftable_clusters as u32,
             nb_snapshots: 0,
             snapshots_offset: 0,
             incompatible_features: incompat,
-            compatible_features: if self.lazy_refcounts {
+            compatible_features: if p.lazy_refcounts {
                 COMPAT_LAZY_REFCOUNTS
             } else {
                 0
             },
             autoclear_features: 0,
-            refcount_order: self.refcount_order,
+            refcount_order: p.refcount_order,
             header_length: if v3 { V3_HEADER_LEN as u32 } else { 72 },
-            compression_type: if self.ctype == CompressionType::Zstd {
+            compression_type: if p.ctype == CompressionType::Zstd {
                 1
             } else {
                 0
             },
         }
+    };
+    h.validate()?;
+    let mut head = h.to_bytes();
+    let mut ext = Extensions::default();
+    if p.version >= 3 {
+        ext.features = Extensions::qemu_feature_table();
+        if (head.len() + ext.to_bytes().len()) as u64 > p.cs {
+            ext.features.clear();
+        }
     }
+    head.extend_from_slice(&ext.to_bytes());
+    Ok(head)
 }
 
 impl ImageWriter for Qcow2Writer {
@@ -499,17 +568,20 @@ impl ImageWriter for Qcow2Writer {
         }
         write_all_at(&self.file, &table, table_cluster * cs, "refcount table")?;
 
-        let h = self.header(table_cluster * cs, tclusters);
-        h.validate()?;
-        let mut head = h.to_bytes();
-        let mut ext = Extensions::default();
-        if self.version >= 3 {
-            ext.features = Extensions::qemu_feature_table();
-            if (head.len() + ext.to_bytes().len()) as u64 > cs {
-                ext.features.clear();
-            }
-        }
-        head.extend_from_slice(&ext.to_bytes());
+        let p = Params {
+            size: self.size,
+            cluster_bits: self.cluster_bits,
+            cs,
+            version: self.version,
+            lazy_refcounts: self.lazy_refcounts,
+            ctype: self.ctype,
+            extended_l2: self.extended_l2,
+            refcount_order: self.refcount_order,
+            compress: self.compress,
+            l2_entries: self.l2_entries,
+            l1_size: self.l1_size,
+        };
+        let head = header_bytes(&p, self.l1_offset, table_cluster * cs, tclusters)?;
         write_all_at(&self.file, &head, 0, "qcow2 header")?;
         let total = self.refs.next * cs;
         self.file
