@@ -131,7 +131,7 @@ pub fn create_stream_writer(
     let l2_start = l1_start + l1_clusters;
     let data_start = l2_start + l2_tables.len() as u64;
     let total = data_start + data;
-    if total.checked_mul(cs).is_none_or(|e| e > 1 << 56) {
+    if total.checked_mul(cs).map_or(true, |e| e > 1 << 56) {
         return Err(Error::limit(
             "qcow2 data would lie beyond 64 PiB, which L2 entries cannot address",
         ));
@@ -280,7 +280,7 @@ impl Qcow2StreamWriter {
                 let (a, b, host) = self.runs[k];
                 for g in a.max(lo)..b.min(hi) {
                     let at = ((g - lo) * words * 8) as usize;
-                    let entry = (host + g - a) * cs | COPIED;
+                    let entry = ((host + g - a) * cs) | COPIED;
                     BigEndian::write_u64(&mut cl[at..], entry);
                     if self.p.extended_l2 {
                         // Every subcluster allocated.
