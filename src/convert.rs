@@ -294,10 +294,25 @@ pub fn plan_allocation(
     granularity: u64,
     opts: &ConvertOptions,
 ) -> Result<AllocationPlan> {
+    plan_allocation_with(src, granularity, None, opts)
+}
+
+/// [`plan_allocation`] for a writer that encodes (compresses): the planning pass runs
+/// `encoder` too and records each encoded granule's length in
+/// [`AllocationPlan::encoded`], so a sequential writer can place every compressed
+/// cluster before the first byte. Costs a full compression pass on top of the one that
+/// writes.
+pub fn plan_allocation_with(
+    src: &dyn BlockDevice,
+    granularity: u64,
+    encoder: Option<std::sync::Arc<dyn Encoder>>,
+    opts: &ConvertOptions,
+) -> Result<AllocationPlan> {
     /// Records the runs the engine hands over and drops their data.
     struct Recorder {
         gran: u64,
         size: u64,
+        encoder: Option<std::sync::Arc<dyn Encoder>>,
         plan: std::sync::Arc<std::sync::Mutex<AllocationPlan>>,
     }
     impl ImageWriter for Recorder {
@@ -307,9 +322,20 @@ pub fn plan_allocation(
         fn virtual_size(&self) -> u64 {
             self.size
         }
+        fn encoder(&self) -> Option<std::sync::Arc<dyn Encoder>> {
+            self.encoder.clone()
+        }
         fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
             let mut p = self.plan.lock().unwrap_or_else(|e| e.into_inner());
             p.push(offset, offset + data.len() as u64);
+            Ok(())
+        }
+        fn write_encoded(&mut self, offset: u64, data: &[u8], encoded: Vec<u8>) -> Result<()> {
+            let len = u32::try_from(encoded.len())
+                .map_err(|_| Error::limit("an encoded granule is longer than 4 GiB"))?;
+            let mut p = self.plan.lock().unwrap_or_else(|e| e.into_inner());
+            p.push(offset, offset + data.len() as u64);
+            p.encoded.push((offset, len));
             Ok(())
         }
         fn finish(self: Box<Self>) -> Result<()> {
@@ -325,6 +351,7 @@ pub fn plan_allocation(
     let rec = Recorder {
         gran: granularity,
         size,
+        encoder,
         plan: plan.clone(),
     };
     // The planning pass reports no progress and is not rate limited: only the pass that

@@ -91,6 +91,10 @@ pub struct AllocationPlan {
     pub ranges: Vec<(u64, u64)>,
     /// Sum of the ranges' lengths.
     pub bytes: u64,
+    /// With an encoder (compression): the granules, by guest offset and ascending, that
+    /// encoded to `Some`, with their encoded length; every other granule of the ranges is
+    /// stored as is. Encoders are deterministic, so the writing pass gets these lengths.
+    pub encoded: Vec<(u64, u32)>,
 }
 
 impl AllocationPlan {

@@ -62,16 +62,17 @@ pub const CREATE_OPTIONS: &[OptionHelp] = &[
 
 /// Refcounts of every host cluster, as runs (allocation is strictly ascending, so the
 /// list only grows at its end).
-#[derive(Debug, Default)]
-struct Refcounts {
+#[derive(Debug, Default, Clone)]
+pub(super) struct Refcounts {
     /// (first cluster, cluster count, refcount)
-    runs: Vec<(u64, u64, u64)>,
-    next: u64,
+    pub runs: Vec<(u64, u64, u64)>,
+    /// The first cluster not allocated yet.
+    pub next: u64,
 }
 
 impl Refcounts {
     /// Allocate `n` clusters with refcount 1; returns the first.
-    fn alloc(&mut self, n: u64) -> u64 {
+    pub fn alloc(&mut self, n: u64) -> u64 {
         let first = self.next;
         match self.runs.last_mut() {
             Some((s, l, 1)) if *s + *l == first => *l += n,
@@ -81,11 +82,11 @@ impl Refcounts {
         first
     }
     /// Refcount of the last allocated cluster.
-    fn tail(&self) -> u64 {
+    pub fn tail(&self) -> u64 {
         self.runs.last().map_or(0, |r| r.2)
     }
     /// Add one reference to the last allocated cluster.
-    fn inc_tail(&mut self) {
+    pub fn inc_tail(&mut self) {
         let Some(last) = self.runs.last_mut() else {
             return;
         };
@@ -101,9 +102,9 @@ impl Refcounts {
 }
 
 /// Compresses one cluster on the engine's worker threads.
-struct ClusterEncoder {
-    ctype: CompressionType,
-    cluster_size: usize,
+pub(super) struct ClusterEncoder {
+    pub ctype: CompressionType,
+    pub cluster_size: usize,
 }
 
 impl Encoder for ClusterEncoder {
@@ -357,32 +358,45 @@ impl Qcow2Writer {
     /// Serialise refcount block `b` (covering clusters [b*E, (b+1)*E)) into `out`,
     /// advancing `run` through the run list.
     fn fill_block(&self, b: u64, run: &mut usize, out: &mut [u8]) {
-        let e = self.refcount_entries_per_block();
-        let (lo, hi) = (b * e, (b + 1) * e);
-        let bits = 1u64 << self.refcount_order;
-        out.fill(0);
-        let runs = &self.refs.runs;
-        while *run < runs.len() {
-            let (s, l, rc) = runs[*run];
-            let (a, z) = (s.max(lo), (s + l).min(hi));
-            for c in a..z {
-                let i = c - lo;
-                match bits {
-                    64 => BigEndian::write_u64(&mut out[(i * 8) as usize..], rc),
-                    32 => BigEndian::write_u32(&mut out[(i * 4) as usize..], rc as u32),
-                    16 => BigEndian::write_u16(&mut out[(i * 2) as usize..], rc as u16),
-                    8 => out[i as usize] = rc as u8,
-                    _ => {
-                        let bit = i * bits;
-                        out[(bit / 8) as usize] |= (rc as u8) << (bit % 8);
-                    }
+        fill_refcount_block(&self.refs.runs, self.refcount_order, self.cs, b, run, out);
+    }
+}
+
+/// Serialise refcount block `b` (covering clusters [b*E, (b+1)*E) for E entries of
+/// `2^order` bits in a `cs`-byte block) from the ascending run list `runs` into `out`,
+/// advancing `run` through the list (so consecutive blocks cost one pass in all).
+pub(super) fn fill_refcount_block(
+    runs: &[(u64, u64, u64)],
+    order: u32,
+    cs: u64,
+    b: u64,
+    run: &mut usize,
+    out: &mut [u8],
+) {
+    let e = (cs * 8) >> order;
+    let (lo, hi) = (b * e, (b + 1) * e);
+    let bits = 1u64 << order;
+    out.fill(0);
+    while *run < runs.len() {
+        let (s, l, rc) = runs[*run];
+        let (a, z) = (s.max(lo), (s + l).min(hi));
+        for c in a..z {
+            let i = c - lo;
+            match bits {
+                64 => BigEndian::write_u64(&mut out[(i * 8) as usize..], rc),
+                32 => BigEndian::write_u32(&mut out[(i * 4) as usize..], rc as u32),
+                16 => BigEndian::write_u16(&mut out[(i * 2) as usize..], rc as u16),
+                8 => out[i as usize] = rc as u8,
+                _ => {
+                    let bit = i * bits;
+                    out[(bit / 8) as usize] |= (rc as u8) << (bit % 8);
                 }
             }
-            if s + l > hi {
-                break;
-            }
-            *run += 1;
         }
+        if s + l > hi {
+            break;
+        }
+        *run += 1;
     }
 }
 
