@@ -45,8 +45,7 @@ pub fn create_writer(
     writer::create_writer(file, opts)
 }
 
-/// Make a sequential qcow2 writer over `file` for exactly the writes of `plan`
-/// (uncompressed only).
+/// Make a sequential qcow2 writer over `file` for exactly the writes of `plan`.
 pub fn create_stream_writer(
     file: crate::writer::Sink,
     opts: &CreateOptions,
@@ -55,11 +54,22 @@ pub fn create_stream_writer(
     Ok(Box::new(stream::create_stream_writer(file, opts, plan)?))
 }
 
-/// The granule an allocation plan for this output must use: the cluster size, or None
-/// when the options ask for compression (which cannot be planned from the map alone).
-pub fn plan_granularity(opts: &CreateOptions) -> Result<Option<u64>> {
+/// The granule an allocation plan for this output must use: the cluster size.
+pub fn plan_granularity(opts: &CreateOptions) -> Result<u64> {
+    Ok(writer::parse_options(opts)?.cs)
+}
+
+/// The encoder the planning pass must run to learn the compressed lengths (with `-c`).
+pub fn plan_encoder(
+    opts: &CreateOptions,
+) -> Result<Option<std::sync::Arc<dyn crate::writer::Encoder>>> {
     let p = writer::parse_options(opts)?;
-    Ok((!p.compress).then_some(p.cs))
+    Ok(p.compress.then(|| {
+        std::sync::Arc::new(writer::ClusterEncoder {
+            ctype: p.ctype,
+            cluster_size: p.cs as usize,
+        }) as std::sync::Arc<dyn crate::writer::Encoder>
+    }))
 }
 
 /// Open a qcow2 image for in-place resizing (see [`resize`]).

@@ -8,16 +8,26 @@
 //! twice. Every cluster up to the end is referenced once and has refcount 1, so
 //! `qemu-img check` finds neither errors nor leaks.
 //!
-//! Compressed output is refused: its table offsets depend on the compressed sizes.
+//! Compressed output takes two passes: the planning pass compresses every cluster once
+//! to learn its length ([`AllocationPlan::encoded`]), the tables are laid out from those
+//! lengths (compressed clusters packed back to back, sharing host clusters as the file
+//! writer does), and the writing pass compresses again, which gives the same bytes
+//! (the codecs are deterministic); a length that differs is an error, not a corrupt image.
+//! Compression thus costs twice its CPU time, and the output length is known only after
+//! the planning pass.
 
 use byteorder::{BigEndian, ByteOrder};
 
+use std::sync::Arc;
+
 use super::header::MAX_REFTABLE_BYTES;
-use super::reader::COPIED;
-use super::writer::{header_bytes, parse_options, Params};
+use super::reader::{COMPRESSED, COPIED};
+use super::writer::{
+    fill_refcount_block, header_bytes, parse_options, ClusterEncoder, Params, Refcounts,
+};
 use crate::error::{Error, Result};
 use crate::options::CreateOptions;
-use crate::writer::{write_all_at, AllocationPlan, ImageWriter, Sink};
+use crate::writer::{write_all_at, AllocationPlan, Encoder, ImageWriter, Sink};
 
 /// Metadata is sent in pieces of about this size, so a pipe sees few large writes while
 /// memory stays bounded whatever the tables' size.
@@ -37,41 +47,140 @@ struct Layout {
     total: u64,
 }
 
+/// Where one planned guest cluster's data goes, in bytes from the start of the data area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// A whole host cluster of its own.
+    Raw(u64),
+    /// Compressed: start and length, possibly sharing host clusters with its neighbours.
+    Compressed(u64, u64),
+}
+
+/// Walks the planned guest clusters in ascending order and places each one the way the
+/// file writer would: plain clusters on fresh host clusters, compressed ones packed back
+/// to back (a host cluster shared by as many as its refcount width allows). Run once to
+/// size the data area and learn its refcounts, again for the L2 tables, and again in
+/// lockstep with the engine's writes: the same walk gives the same places every time.
+#[derive(Clone)]
+struct Placer<'a> {
+    cs: u64,
+    max_rc: u64,
+    runs: &'a [(u64, u64)],
+    encoded: &'a [(u64, u32)],
+    /// Index into `runs` and the next guest cluster in it.
+    run: usize,
+    next: u64,
+    /// Index into `encoded`.
+    enc: usize,
+    refs: Refcounts,
+    /// Free byte in the last host cluster where compressed data may continue.
+    cfree: Option<u64>,
+}
+
+impl<'a> Placer<'a> {
+    fn new(p: &Params, runs: &'a [(u64, u64)], encoded: &'a [(u64, u32)]) -> Self {
+        Placer {
+            cs: p.cs,
+            max_rc: u64::MAX >> (64 - (1u32 << p.refcount_order)),
+            runs,
+            encoded,
+            run: 0,
+            next: runs.first().map_or(0, |r| r.0),
+            enc: 0,
+            refs: Refcounts::default(),
+            cfree: None,
+        }
+    }
+
+    /// The next planned guest cluster, not yet placed.
+    fn peek(&self) -> Option<u64> {
+        (self.run < self.runs.len()).then_some(self.next)
+    }
+
+    /// Place the next planned guest cluster.
+    fn place(&mut self) -> Option<(u64, Place)> {
+        let g = self.peek()?;
+        self.next += 1;
+        if self.next >= self.runs[self.run].1 {
+            self.run += 1;
+            if let Some(r) = self.runs.get(self.run) {
+                self.next = r.0;
+            }
+        }
+        let off = g * self.cs;
+        while self.enc < self.encoded.len() && self.encoded[self.enc].0 < off {
+            self.enc += 1;
+        }
+        let n = match self.encoded.get(self.enc) {
+            Some(&(o, n)) if o == off && n > 0 && u64::from(n) < self.cs => u64::from(n),
+            _ => {
+                self.cfree = None;
+                return Some((g, Place::Raw(self.refs.alloc(1) * self.cs)));
+            }
+        };
+        let cs = self.cs;
+        let start = match self.cfree {
+            Some(p) if self.refs.tail() < self.max_rc => {
+                self.refs.inc_tail();
+                let extra = (p + n - 1) / cs - p / cs;
+                if extra > 0 {
+                    self.refs.alloc(extra);
+                }
+                p
+            }
+            _ => self.refs.alloc(n.div_ceil(cs)) * cs,
+        };
+        let end = start + n;
+        self.cfree = (end % cs != 0).then_some(end);
+        Some((g, Place::Compressed(start, n)))
+    }
+}
+
 /// The sequential qcow2 writer.
 pub struct Qcow2StreamWriter {
     file: Sink,
     p: Params,
     lay: Layout,
-    /// Planned guest clusters as runs (first guest cluster, end, host cluster of the first).
-    runs: Vec<(u64, u64, u64)>,
+    /// Planned guest clusters as runs [first, end).
+    runs: Vec<(u64, u64)>,
+    /// Encoded lengths from the plan (compressed output only).
+    encoded: Vec<(u64, u32)>,
+    /// Refcounts of the whole file, as runs.
+    refcounts: Vec<(u64, u64, u64)>,
     /// L1 indices that have an L2 table, ascending.
     l2_tables: Vec<u64>,
     /// The header cluster's bytes, built up front so that a bad header fails before any
     /// byte is sent.
     head: Vec<u8>,
     head_written: bool,
-    /// Index into `runs` of the run the last write fell in.
-    cursor: usize,
+    /// Progress of the lockstep walk: planned clusters placed so far, the walk's state
+    /// kept as indices so the writer owns no borrow of itself.
+    walk: WalkState,
     /// Host end of what was written so far.
     pos: u64,
     /// Guest end of the last write (writes must ascend).
     written_to: u64,
 }
 
+/// A [`Placer`]'s position, saved between writes.
+#[derive(Clone, Default)]
+struct WalkState {
+    run: usize,
+    next: u64,
+    enc: usize,
+    refs: Refcounts,
+    cfree: Option<u64>,
+}
+
 /// Make a sequential qcow2 writer over `file` that will accept exactly the writes of
-/// `plan` (made with [`crate::convert::plan_allocation`] at the cluster size).
+/// `plan` (made with [`crate::convert::plan_allocation`] at the cluster size, or with
+/// [`crate::convert::plan_allocation_with`] and the writer's encoder for `-c`).
 pub fn create_stream_writer(
     file: Sink,
     opts: &CreateOptions,
     plan: &AllocationPlan,
 ) -> Result<Qcow2StreamWriter> {
     let p = parse_options(opts)?;
-    if p.compress {
-        return Err(Error::unsupported(
-            "compressed qcow2 cannot be written sequentially (its tables depend on the \
-             compressed sizes); write it to a regular file, or leave out -c",
-        ));
-    }
     let cs = p.cs;
     if plan.granularity != cs {
         return Err(Error::arg(format!(
@@ -80,33 +189,36 @@ pub fn create_stream_writer(
             plan.granularity
         )));
     }
+    if !p.compress && !plan.encoded.is_empty() {
+        return Err(Error::arg(
+            "the allocation plan holds compressed lengths but the output is not compressed",
+        ));
+    }
     let guest_clusters = p.size.div_ceil(cs);
-    let mut runs: Vec<(u64, u64, u64)> = Vec::new();
-    let mut data = 0u64;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
     for &(a, b) in &plan.ranges {
         let (a, b) = (a / cs, b.min(p.size).div_ceil(cs).min(guest_clusters));
         if a >= b {
             continue;
         }
         match runs.last_mut() {
-            Some(last) if last.1 >= a => {
-                data += b.saturating_sub(last.1);
-                last.1 = last.1.max(b);
-            }
-            _ => {
-                runs.push((a, b, data));
-                data += b - a;
-            }
+            Some(last) if last.1 >= a => last.1 = last.1.max(b),
+            _ => runs.push((a, b)),
         }
     }
     let mut l2_tables: Vec<u64> = Vec::new();
-    for &(a, b, _) in &runs {
+    for &(a, b) in &runs {
         for i in a / p.l2_entries..=(b - 1) / p.l2_entries {
             if l2_tables.last() != Some(&i) {
                 l2_tables.push(i);
             }
         }
     }
+    let mut placer = Placer::new(&p, &runs, &plan.encoded);
+    while placer.place().is_some() {}
+    let data = placer.refs.next;
+    let data_refs = placer.refs.runs;
+
     let l1_clusters = (p.l1_size * 8).div_ceil(cs);
     let fixed = 1 + l1_clusters + l2_tables.len() as u64 + data;
     let per_block = (cs * 8) >> p.refcount_order;
@@ -136,9 +248,17 @@ pub fn create_stream_writer(
             "qcow2 data would lie beyond 64 PiB, which L2 entries cannot address",
         ));
     }
-    for r in &mut runs {
-        r.2 += data_start;
+    if p.compress {
+        let shift = 62 - (p.cluster_bits - 8);
+        if total * cs > 1u64 << shift.min(56) {
+            return Err(Error::limit(format!(
+                "compressed data up to host offset {:#x} is beyond what a {cs}-byte-cluster descriptor can address",
+                total * cs
+            )));
+        }
     }
+    let mut refcounts = vec![(0, data_start, 1)];
+    refcounts.extend(data_refs.iter().map(|&(s, l, rc)| (s + data_start, l, rc)));
     let lay = Layout {
         reftable_clusters: tclusters,
         refblocks: blocks,
@@ -149,15 +269,21 @@ pub fn create_stream_writer(
         total,
     };
     let head = header_bytes(&p, lay.l1_start * cs, cs, tclusters)?;
+    let walk = WalkState {
+        next: runs.first().map_or(0, |r| r.0),
+        ..WalkState::default()
+    };
     Ok(Qcow2StreamWriter {
         file,
         p,
         lay,
         runs,
+        encoded: plan.encoded.clone(),
+        refcounts,
         l2_tables,
         head,
         head_written: false,
-        cursor: 0,
+        walk,
         pos: 0,
         written_to: 0,
     })
@@ -187,24 +313,21 @@ impl Emitter<'_> {
     }
 }
 
-/// Set the first `n` refcounts of the block `out` (entries `bits` wide) to 1.
-fn fill_ones(out: &mut [u8], n: u64, bits: u64) {
-    out.fill(0);
-    for i in 0..n {
-        match bits {
-            64 => BigEndian::write_u64(&mut out[(i * 8) as usize..], 1),
-            32 => BigEndian::write_u32(&mut out[(i * 4) as usize..], 1),
-            16 => BigEndian::write_u16(&mut out[(i * 2) as usize..], 1),
-            8 => out[i as usize] = 1,
-            _ => {
-                let bit = i * bits;
-                out[(bit / 8) as usize] |= 1 << (bit % 8);
+impl Qcow2StreamWriter {
+    /// The L2 entry of a placed cluster.
+    fn entry(&self, place: Place) -> u64 {
+        let base = self.lay.data_start * self.p.cs;
+        match place {
+            Place::Raw(h) => (base + h) | COPIED,
+            Place::Compressed(start, n) => {
+                let start = base + start;
+                let shift = 62 - (self.p.cluster_bits - 8);
+                let nsect = (start + n - 1) / 512 - start / 512;
+                COMPRESSED | (nsect << shift) | start
             }
         }
     }
-}
 
-impl Qcow2StreamWriter {
     /// Send every table, from the header to the last L2 table.
     fn write_head(&mut self) -> Result<()> {
         let cs = self.p.cs;
@@ -233,19 +356,17 @@ impl Qcow2StreamWriter {
         }
         em.flush("refcount table")?;
 
-        // Refcount blocks: every cluster of the file has refcount 1.
-        let bits = 1u64 << self.p.refcount_order;
-        let per_block = (cs * 8) / bits;
-        let mut full = vec![0u8; cs as usize];
-        fill_ones(&mut full, per_block, bits);
+        let mut run = 0usize;
         for b in 0..lay.refblocks {
-            let n = lay.total.saturating_sub(b * per_block).min(per_block);
-            if n == per_block {
-                em.put(&full, "refcount blocks")?;
-            } else {
-                fill_ones(&mut cl, n, bits);
-                em.put(&cl, "refcount blocks")?;
-            }
+            fill_refcount_block(
+                &self.refcounts,
+                self.p.refcount_order,
+                cs,
+                b,
+                &mut run,
+                &mut cl,
+            );
+            em.put(&cl, "refcount blocks")?;
         }
         em.flush("refcount blocks")?;
 
@@ -268,26 +389,18 @@ impl Qcow2StreamWriter {
         // L2 tables, each mapping the planned clusters of its range to their data.
         let l2e = self.p.l2_entries;
         let words = if self.p.extended_l2 { 2 } else { 1 };
-        let mut run = 0usize;
+        let mut placer = Placer::new(&self.p, &self.runs, &self.encoded);
         for &i in &self.l2_tables {
             cl.fill(0);
             let (lo, hi) = (i * l2e, (i + 1) * l2e);
-            while run < self.runs.len() && self.runs[run].1 <= lo {
-                run += 1;
-            }
-            let mut k = run;
-            while k < self.runs.len() && self.runs[k].0 < hi {
-                let (a, b, host) = self.runs[k];
-                for g in a.max(lo)..b.min(hi) {
-                    let at = ((g - lo) * words * 8) as usize;
-                    let entry = ((host + g - a) * cs) | COPIED;
-                    BigEndian::write_u64(&mut cl[at..], entry);
-                    if self.p.extended_l2 {
-                        // Every subcluster allocated.
-                        BigEndian::write_u64(&mut cl[at + 8..], 0xffff_ffff);
-                    }
+            while placer.peek().is_some_and(|g| g < hi) {
+                let (g, place) = placer.place().expect("peeked");
+                let at = ((g - lo) * words * 8) as usize;
+                BigEndian::write_u64(&mut cl[at..], self.entry(place));
+                if self.p.extended_l2 && matches!(place, Place::Raw(_)) {
+                    // Every subcluster allocated.
+                    BigEndian::write_u64(&mut cl[at + 8..], 0xffff_ffff);
                 }
-                k += 1;
             }
             em.put(&cl, "L2 table")?;
         }
@@ -316,6 +429,70 @@ impl Qcow2StreamWriter {
         self.pos = to;
         Ok(())
     }
+
+    /// Place the planned cluster at guest cluster `g`, skipping planned clusters before
+    /// it (plain ones are left as zeros; a skipped compressed one would leave an invalid
+    /// stream behind, so it is an error). With None, skip all that is left.
+    fn place_for(&mut self, g: Option<u64>) -> Result<Place> {
+        let end = g.is_none();
+        let g = g.unwrap_or(u64::MAX);
+        let w = std::mem::take(&mut self.walk);
+        let mut placer = Placer {
+            run: w.run,
+            next: w.next,
+            enc: w.enc,
+            refs: w.refs,
+            cfree: w.cfree,
+            ..Placer::new(&self.p, &self.runs, &self.encoded)
+        };
+        let r = loop {
+            match placer.peek() {
+                Some(n) if n < g => {
+                    if let Some((n, Place::Compressed(..))) = placer.place() {
+                        break Err(Error::arg(format!(
+                            "qcow2 writer: the compressed cluster at guest offset {:#x} was \
+                             planned but not written (did the source change between the two \
+                             passes?)",
+                            n * self.p.cs
+                        )));
+                    }
+                }
+                Some(n) if n == g => break Ok(placer.place().expect("peeked").1),
+                None if end => break Ok(Place::Raw(0)),
+                _ => {
+                    break Err(Error::arg(format!(
+                        "qcow2 writer: guest offset {:#x} is not in the allocation plan (did \
+                         the source change between the planning pass and the conversion?)",
+                        g * self.p.cs
+                    )))
+                }
+            }
+        };
+        self.walk = WalkState {
+            run: placer.run,
+            next: placer.next,
+            enc: placer.enc,
+            refs: placer.refs,
+            cfree: placer.cfree,
+        };
+        r
+    }
+
+    fn check_order(&mut self, offset: u64, len: usize) -> Result<()> {
+        let end = offset
+            .checked_add(len as u64)
+            .filter(|&e| e <= self.p.size && offset >= self.written_to && offset % self.p.cs == 0)
+            .ok_or_else(|| {
+                Error::arg(format!(
+                    "qcow2 writer: write of {len} bytes at {offset:#x} is out of order, unaligned or past the virtual size"
+                ))
+            })?;
+        self.written_to = end;
+        if !self.head_written {
+            self.write_head()?;
+        }
+        Ok(())
+    }
 }
 
 impl ImageWriter for Qcow2StreamWriter {
@@ -325,6 +502,15 @@ impl ImageWriter for Qcow2StreamWriter {
 
     fn virtual_size(&self) -> u64 {
         self.p.size
+    }
+
+    fn encoder(&self) -> Option<Arc<dyn Encoder>> {
+        self.p.compress.then(|| {
+            Arc::new(ClusterEncoder {
+                ctype: self.p.ctype,
+                cluster_size: self.p.cs as usize,
+            }) as Arc<dyn Encoder>
+        })
     }
 
     fn streams(&self) -> bool {
@@ -339,70 +525,76 @@ impl ImageWriter for Qcow2StreamWriter {
         if data.is_empty() {
             return Ok(());
         }
-        let cs = self.p.cs;
-        let end = offset
-            .checked_add(data.len() as u64)
-            .filter(|&e| e <= self.p.size && offset >= self.written_to && offset % cs == 0)
-            .ok_or_else(|| {
-                Error::arg(format!(
-                    "qcow2 writer: write of {} bytes at {offset:#x} is out of order, unaligned or past the virtual size",
-                    data.len()
-                ))
-            })?;
-        self.written_to = end;
-        if !self.head_written {
-            self.write_head()?;
-        }
+        self.check_order(offset, data.len())?;
+        let cs = self.p.cs as usize;
+        let base = self.lay.data_start * self.p.cs;
+        // Consecutive plain clusters land on consecutive host clusters: one write each run.
+        let mut piece: Option<(u64, usize, usize)> = None; // (host, from, to)
         let mut done = 0usize;
         while done < data.len() {
-            let at = offset + done as u64;
-            let g = at / cs;
-            while self.cursor < self.runs.len() && self.runs[self.cursor].1 <= g {
-                self.cursor += 1;
-            }
-            let Some(&(a, b, host)) = self.runs.get(self.cursor).filter(|r| r.0 <= g) else {
-                return Err(Error::arg(format!(
-                    "qcow2 writer: guest offset {at:#x} is not in the allocation plan (did the \
-                     source change between the planning pass and the conversion?)"
-                )));
+            let g = (offset + done as u64) / self.p.cs;
+            let n = cs.min(data.len() - done);
+            let h = match self.place_for(Some(g))? {
+                Place::Raw(h) => base + h,
+                Place::Compressed(..) => {
+                    return Err(Error::arg(format!(
+                        "qcow2 writer: guest offset {:#x} was planned compressed but came \
+                         uncompressed (compression is not deterministic?)",
+                        g * self.p.cs
+                    )))
+                }
             };
-            let n = ((b - g) * cs).min((data.len() - done) as u64) as usize;
-            let h = (host + g - a) * cs;
-            self.zeros_to(h)?;
-            write_all_at(&self.file, &data[done..done + n], h, "guest data")?;
-            self.pos = h + n as u64;
+            piece = match piece {
+                Some((ph, a, b)) if ph + (b - a) as u64 == h => Some((ph, a, done + n)),
+                other => {
+                    if let Some((ph, a, b)) = other {
+                        self.zeros_to(ph)?;
+                        write_all_at(&self.file, &data[a..b], ph, "guest data")?;
+                        self.pos = ph + (b - a) as u64;
+                    }
+                    Some((h, done, done + n))
+                }
+            };
             done += n;
         }
+        if let Some((ph, a, b)) = piece {
+            self.zeros_to(ph)?;
+            write_all_at(&self.file, &data[a..b], ph, "guest data")?;
+            self.pos = ph + (b - a) as u64;
+        }
         Ok(())
+    }
+
+    fn write_encoded(&mut self, offset: u64, data: &[u8], encoded: Vec<u8>) -> Result<()> {
+        self.check_order(offset, data.len())?;
+        let g = offset / self.p.cs;
+        let base = self.lay.data_start * self.p.cs;
+        match self.place_for(Some(g))? {
+            Place::Compressed(start, n) if n == encoded.len() as u64 => {
+                let h = base + start;
+                self.zeros_to(h)?;
+                write_all_at(&self.file, &encoded, h, "compressed cluster")?;
+                self.pos = h + n;
+                Ok(())
+            }
+            _ => Err(Error::arg(format!(
+                "qcow2 writer: the cluster at guest offset {offset:#x} compressed to {} bytes, \
+                 not the length the planning pass found (compression is not deterministic, or \
+                 the source changed between the passes)",
+                encoded.len()
+            ))),
+        }
     }
 
     fn finish(mut self: Box<Self>) -> Result<()> {
         if !self.head_written {
             self.write_head()?;
         }
+        self.place_for(None)?;
         let total = self.lay.total * self.p.cs;
         self.zeros_to(total)?;
         self.file
             .set_len(total)
             .map_err(|e| Error::io("setting output length", e))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refcount_ones_at_every_width() {
-        let mut b = vec![0u8; 16];
-        fill_ones(&mut b, 3, 1);
-        assert_eq!(b[0], 0b111);
-        fill_ones(&mut b, 2, 4);
-        assert_eq!(b[0], 0x11);
-        fill_ones(&mut b, 2, 16);
-        assert_eq!(&b[..4], &[0, 1, 0, 1]);
-        fill_ones(&mut b, 1, 64);
-        assert_eq!(&b[..8], &[0, 0, 0, 0, 0, 0, 0, 1]);
-        assert!(b[8..].iter().all(|&x| x == 0));
     }
 }
