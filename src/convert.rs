@@ -287,7 +287,8 @@ pub fn convert_device(
 /// must place its metadata before its data (a sequential qcow2) lays it out from this.
 ///
 /// Costs one read of the source's data ranges (zero detection needs the bytes); holes and
-/// zero ranges of the source are not read. The second pass writes exactly these ranges
+/// zero ranges of the source are not read, and with `-S 0` (everything written) nothing
+/// is. The second pass writes exactly these ranges
 /// as long as the source does not change in between.
 pub fn plan_allocation(
     src: &dyn BlockDevice,
@@ -343,6 +344,16 @@ pub fn plan_allocation_with(
         }
     }
     let size = src.virtual_size();
+    if opts.min_sparse == 0 && encoder.is_none() {
+        // `-S 0` writes every granule, so there is nothing to read to know it.
+        let mut plan = AllocationPlan {
+            granularity,
+            virtual_size: size,
+            ..AllocationPlan::default()
+        };
+        plan.push(0, size);
+        return Ok(plan);
+    }
     let plan = std::sync::Arc::new(std::sync::Mutex::new(AllocationPlan {
         granularity,
         virtual_size: size,
