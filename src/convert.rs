@@ -16,7 +16,7 @@ use crate::device::{BlockDevice, MappingKind};
 use crate::error::{Error, Result};
 use crate::format::Format;
 use crate::options::{CreateOptions, OpenOptions};
-use crate::writer::{Encoder, ImageWriter};
+use crate::writer::{AllocationPlan, Encoder, ImageWriter};
 
 /// Progress callback: (guest bytes done, total guest bytes).
 pub type ProgressFn<'a> = &'a (dyn Fn(u64, u64) + Sync);
@@ -279,6 +279,100 @@ pub fn convert_device(
         p(size, size);
     }
     Ok(report)
+}
+
+/// Find the exact guest ranges [`convert_device`] will write for `src` into a writer of
+/// granule `granularity` under `opts` (its `min_sparse`, `threads` and `salvage`), by
+/// running the engine itself into a writer that keeps only the offsets: a writer that
+/// must place its metadata before its data (a sequential qcow2) lays it out from this.
+///
+/// Costs one read of the source's data ranges (zero detection needs the bytes); holes and
+/// zero ranges of the source are not read, and with `-S 0` (everything written) nothing
+/// is. The second pass writes exactly these ranges
+/// as long as the source does not change in between.
+pub fn plan_allocation(
+    src: &dyn BlockDevice,
+    granularity: u64,
+    opts: &ConvertOptions,
+) -> Result<AllocationPlan> {
+    plan_allocation_with(src, granularity, None, opts)
+}
+
+/// [`plan_allocation`] for a writer that encodes (compresses): the planning pass runs
+/// `encoder` too and records each encoded granule's length in
+/// [`AllocationPlan::encoded`], so a sequential writer can place every compressed
+/// cluster before the first byte. Costs a full compression pass on top of the one that
+/// writes.
+pub fn plan_allocation_with(
+    src: &dyn BlockDevice,
+    granularity: u64,
+    encoder: Option<std::sync::Arc<dyn Encoder>>,
+    opts: &ConvertOptions,
+) -> Result<AllocationPlan> {
+    /// Records the runs the engine hands over and drops their data.
+    struct Recorder {
+        gran: u64,
+        size: u64,
+        encoder: Option<std::sync::Arc<dyn Encoder>>,
+        plan: std::sync::Arc<std::sync::Mutex<AllocationPlan>>,
+    }
+    impl ImageWriter for Recorder {
+        fn granularity(&self) -> u64 {
+            self.gran
+        }
+        fn virtual_size(&self) -> u64 {
+            self.size
+        }
+        fn encoder(&self) -> Option<std::sync::Arc<dyn Encoder>> {
+            self.encoder.clone()
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+            let mut p = self.plan.lock().unwrap_or_else(|e| e.into_inner());
+            p.push(offset, offset + data.len() as u64);
+            Ok(())
+        }
+        fn write_encoded(&mut self, offset: u64, data: &[u8], encoded: Vec<u8>) -> Result<()> {
+            let len = u32::try_from(encoded.len())
+                .map_err(|_| Error::limit("an encoded granule is longer than 4 GiB"))?;
+            let mut p = self.plan.lock().unwrap_or_else(|e| e.into_inner());
+            p.push(offset, offset + data.len() as u64);
+            p.encoded.push((offset, len));
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+    }
+    let size = src.virtual_size();
+    if opts.min_sparse == 0 && encoder.is_none() {
+        // `-S 0` writes every granule, so there is nothing to read to know it.
+        let mut plan = AllocationPlan {
+            granularity,
+            virtual_size: size,
+            ..AllocationPlan::default()
+        };
+        plan.push(0, size);
+        return Ok(plan);
+    }
+    let plan = std::sync::Arc::new(std::sync::Mutex::new(AllocationPlan {
+        granularity,
+        virtual_size: size,
+        ..AllocationPlan::default()
+    }));
+    let rec = Recorder {
+        gran: granularity,
+        size,
+        encoder,
+        plan: plan.clone(),
+    };
+    // The planning pass reports no progress and is not rate limited: only the pass that
+    // writes is what the user waits on and limits.
+    let mut o = opts.clone();
+    o.progress = None;
+    o.rate_limit = 0;
+    convert_device(src, Box::new(rec), &o)?;
+    let plan = plan.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok(plan)
 }
 
 /// Walk `src`'s map over `[0, size)` and hand each unit that holds data (every unit with

@@ -140,6 +140,54 @@ pub fn create_writer(
     w.map_err(|e| e.with_path(path))
 }
 
+/// The granule an [`AllocationPlan`](crate::writer::AllocationPlan) must be made with
+/// ([`crate::convert::plan_allocation`], or [`crate::convert::plan_allocation_with`] and
+/// [`plan_encoder`]) for [`create_planned_writer`] to lay out a sequential `format` output
+/// with these options; None when the output needs no plan (every writer but qcow2 either
+/// streams without one or cannot stream).
+pub fn plan_granularity(format: Format, opts: &CreateOptions) -> Result<Option<u64>> {
+    opts.check_known(format)?;
+    match format {
+        Format::Qcow2 => qcow2::plan_granularity(opts).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// The encoder the planning pass must run for a planned `format` output with these
+/// options (compressed qcow2, whose layout depends on every compressed length); None
+/// when the plan needs only the allocation.
+pub fn plan_encoder(
+    format: Format,
+    opts: &CreateOptions,
+) -> Result<Option<std::sync::Arc<dyn crate::writer::Encoder>>> {
+    opts.check_known(format)?;
+    match format {
+        Format::Qcow2 => qcow2::plan_encoder(opts),
+        _ => Ok(None),
+    }
+}
+
+/// Make a writer of `format` whose layout follows `plan` where the format needs one to
+/// write strictly forward: qcow2 gets the sequential writer (tables first, then data;
+/// [`ImageWriter::streams`] true, [`ImageWriter::output_len`] exact; compressed, the plan
+/// must hold the compressed lengths); every other format gets the writer
+/// [`create_writer`] makes.
+pub fn create_planned_writer(
+    format: Format,
+    file: impl Into<crate::writer::Sink>,
+    path: &Path,
+    opts: &CreateOptions,
+    plan: &crate::writer::AllocationPlan,
+) -> Result<Box<dyn ImageWriter>> {
+    if plan_granularity(format, opts)
+        .map_err(|e| e.with_path(path))?
+        .is_none()
+    {
+        return create_writer(format, file, path, opts);
+    }
+    qcow2::create_stream_writer(file.into(), opts, plan).map_err(|e| e.with_path(path))
+}
+
 /// Open the image in `file` (at `path`, of `format`) for in-place changes; each format's
 /// editor refuses the subformats it cannot change (with the reason and what to do instead).
 pub fn open_editor(

@@ -3,7 +3,8 @@
 //! optionally compressed.
 //!
 //! `header.rs` holds the on-disk header and extensions, `reader.rs` the L1/L2 walk,
-//! `writer.rs` the streaming writer, `compress.rs` the per-cluster codecs, `resize.rs` the
+//! `writer.rs` the file writer, `stream.rs` the
+//! sequential writer laid out from an allocation plan, `compress.rs` the per-cluster codecs, `resize.rs` the
 //! in-place resize.
 
 use std::fs::File;
@@ -17,6 +18,7 @@ pub mod compress;
 pub mod header;
 pub mod reader;
 pub mod resize;
+pub mod stream;
 pub mod writer;
 
 pub use reader::Qcow2Image;
@@ -41,6 +43,33 @@ pub fn create_writer(
     opts: &CreateOptions,
 ) -> Result<Box<dyn ImageWriter>> {
     writer::create_writer(file, opts)
+}
+
+/// Make a sequential qcow2 writer over `file` for exactly the writes of `plan`.
+pub fn create_stream_writer(
+    file: crate::writer::Sink,
+    opts: &CreateOptions,
+    plan: &crate::writer::AllocationPlan,
+) -> Result<Box<dyn ImageWriter>> {
+    Ok(Box::new(stream::create_stream_writer(file, opts, plan)?))
+}
+
+/// The granule an allocation plan for this output must use: the cluster size.
+pub fn plan_granularity(opts: &CreateOptions) -> Result<u64> {
+    Ok(writer::parse_options(opts)?.cs)
+}
+
+/// The encoder the planning pass must run to learn the compressed lengths (with `-c`).
+pub fn plan_encoder(
+    opts: &CreateOptions,
+) -> Result<Option<std::sync::Arc<dyn crate::writer::Encoder>>> {
+    let p = writer::parse_options(opts)?;
+    Ok(p.compress.then(|| {
+        std::sync::Arc::new(writer::ClusterEncoder {
+            ctype: p.ctype,
+            cluster_size: p.cs as usize,
+        }) as std::sync::Arc<dyn crate::writer::Encoder>
+    }))
 }
 
 /// Open a qcow2 image for in-place resizing (see [`resize`]).

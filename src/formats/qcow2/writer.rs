@@ -62,16 +62,17 @@ pub const CREATE_OPTIONS: &[OptionHelp] = &[
 
 /// Refcounts of every host cluster, as runs (allocation is strictly ascending, so the
 /// list only grows at its end).
-#[derive(Debug, Default)]
-struct Refcounts {
+#[derive(Debug, Default, Clone)]
+pub(super) struct Refcounts {
     /// (first cluster, cluster count, refcount)
-    runs: Vec<(u64, u64, u64)>,
-    next: u64,
+    pub runs: Vec<(u64, u64, u64)>,
+    /// The first cluster not allocated yet.
+    pub next: u64,
 }
 
 impl Refcounts {
     /// Allocate `n` clusters with refcount 1; returns the first.
-    fn alloc(&mut self, n: u64) -> u64 {
+    pub fn alloc(&mut self, n: u64) -> u64 {
         let first = self.next;
         match self.runs.last_mut() {
             Some((s, l, 1)) if *s + *l == first => *l += n,
@@ -81,11 +82,11 @@ impl Refcounts {
         first
     }
     /// Refcount of the last allocated cluster.
-    fn tail(&self) -> u64 {
+    pub fn tail(&self) -> u64 {
         self.runs.last().map_or(0, |r| r.2)
     }
     /// Add one reference to the last allocated cluster.
-    fn inc_tail(&mut self) {
+    pub fn inc_tail(&mut self) {
         let Some(last) = self.runs.last_mut() else {
             return;
         };
@@ -101,9 +102,9 @@ impl Refcounts {
 }
 
 /// Compresses one cluster on the engine's worker threads.
-struct ClusterEncoder {
-    ctype: CompressionType,
-    cluster_size: usize,
+pub(super) struct ClusterEncoder {
+    pub ctype: CompressionType,
+    pub cluster_size: usize,
 }
 
 impl Encoder for ClusterEncoder {
@@ -136,8 +137,27 @@ pub struct Qcow2Writer {
     written_to: u64,
 }
 
-/// Make a qcow2 writer over `file` (empty) from `opts`.
-pub fn create_writer(file: Sink, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+/// The image shape `-o` asks for, checked: shared by the file writer and the sequential
+/// writer ([`super::stream`]) so both accept and refuse exactly the same options.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Params {
+    pub size: u64,
+    pub cluster_bits: u32,
+    pub cs: u64,
+    pub version: u32,
+    pub lazy_refcounts: bool,
+    pub ctype: CompressionType,
+    pub extended_l2: bool,
+    pub refcount_order: u32,
+    pub compress: bool,
+    /// Guest clusters one L2 table maps.
+    pub l2_entries: u64,
+    /// Entries of the L1 table.
+    pub l1_size: u64,
+}
+
+/// Check `opts` and work out the image shape.
+pub(super) fn parse_options(opts: &CreateOptions) -> Result<Params> {
     let version = match opts.str_option("compat").unwrap_or("1.1") {
         "1.1" | "v3" => 3,
         "0.10" | "v2" => 2,
@@ -225,6 +245,36 @@ pub fn create_writer(file: Sink, opts: &CreateOptions) -> Result<Box<dyn ImageWr
             MAX_L1_BYTES >> 20
         )));
     }
+    Ok(Params {
+        size,
+        cluster_bits,
+        cs,
+        version,
+        lazy_refcounts,
+        ctype,
+        extended_l2,
+        refcount_order: refcount_bits.trailing_zeros(),
+        compress: opts.compress,
+        l2_entries,
+        l1_size,
+    })
+}
+
+/// Make a qcow2 writer over `file` (empty) from `opts`.
+pub fn create_writer(file: Sink, opts: &CreateOptions) -> Result<Box<dyn ImageWriter>> {
+    let Params {
+        size,
+        cluster_bits,
+        cs,
+        version,
+        lazy_refcounts,
+        ctype,
+        extended_l2,
+        refcount_order,
+        compress,
+        l2_entries,
+        l1_size,
+    } = parse_options(opts)?;
     let l1_clusters = (l1_size * 8).div_ceil(cs);
     let mut refs = Refcounts::default();
     refs.alloc(1 + l1_clusters);
@@ -237,8 +287,8 @@ pub fn create_writer(file: Sink, opts: &CreateOptions) -> Result<Box<dyn ImageWr
         lazy_refcounts,
         ctype,
         extended_l2,
-        refcount_order: refcount_bits.trailing_zeros(),
-        compress: opts.compress,
+        refcount_order,
+        compress,
         l1_offset: if l1_size == 0 { 0 } else { cs },
         l1_size,
         l2_entries,
@@ -308,72 +358,105 @@ impl Qcow2Writer {
     /// Serialise refcount block `b` (covering clusters [b*E, (b+1)*E)) into `out`,
     /// advancing `run` through the run list.
     fn fill_block(&self, b: u64, run: &mut usize, out: &mut [u8]) {
-        let e = self.refcount_entries_per_block();
-        let (lo, hi) = (b * e, (b + 1) * e);
-        let bits = 1u64 << self.refcount_order;
-        out.fill(0);
-        let runs = &self.refs.runs;
-        while *run < runs.len() {
-            let (s, l, rc) = runs[*run];
-            let (a, z) = (s.max(lo), (s + l).min(hi));
-            for c in a..z {
-                let i = c - lo;
-                match bits {
-                    64 => BigEndian::write_u64(&mut out[(i * 8) as usize..], rc),
-                    32 => BigEndian::write_u32(&mut out[(i * 4) as usize..], rc as u32),
-                    16 => BigEndian::write_u16(&mut out[(i * 2) as usize..], rc as u16),
-                    8 => out[i as usize] = rc as u8,
-                    _ => {
-                        let bit = i * bits;
-                        out[(bit / 8) as usize] |= (rc as u8) << (bit % 8);
-                    }
+        fill_refcount_block(&self.refs.runs, self.refcount_order, self.cs, b, run, out);
+    }
+}
+
+/// Serialise refcount block `b` (covering clusters [b*E, (b+1)*E) for E entries of
+/// `2^order` bits in a `cs`-byte block) from the ascending run list `runs` into `out`,
+/// advancing `run` through the list (so consecutive blocks cost one pass in all).
+pub(super) fn fill_refcount_block(
+    runs: &[(u64, u64, u64)],
+    order: u32,
+    cs: u64,
+    b: u64,
+    run: &mut usize,
+    out: &mut [u8],
+) {
+    let e = (cs * 8) >> order;
+    let (lo, hi) = (b * e, (b + 1) * e);
+    let bits = 1u64 << order;
+    out.fill(0);
+    while *run < runs.len() {
+        let (s, l, rc) = runs[*run];
+        let (a, z) = (s.max(lo), (s + l).min(hi));
+        for c in a..z {
+            let i = c - lo;
+            match bits {
+                64 => BigEndian::write_u64(&mut out[(i * 8) as usize..], rc),
+                32 => BigEndian::write_u32(&mut out[(i * 4) as usize..], rc as u32),
+                16 => BigEndian::write_u16(&mut out[(i * 2) as usize..], rc as u16),
+                8 => out[i as usize] = rc as u8,
+                _ => {
+                    let bit = i * bits;
+                    out[(bit / 8) as usize] |= (rc as u8) << (bit % 8);
                 }
             }
-            if s + l > hi {
-                break;
-            }
-            *run += 1;
         }
+        if s + l > hi {
+            break;
+        }
+        *run += 1;
     }
+}
 
-    fn header(&self, reftable: u64, reftable_clusters: u64) -> Header {
-        let v3 = self.version >= 3;
+/// The header cluster's bytes (header, extensions and, when they fit, qemu's feature
+/// name table) for an image of shape `p` with its tables at these offsets.
+pub(super) fn header_bytes(
+    p: &Params,
+    l1_offset: u64,
+    reftable: u64,
+    reftable_clusters: u64,
+) -> Result<Vec<u8>> {
+    let h = {
+        let v3 = p.version >= 3;
         let mut incompat = 0;
-        if self.ctype == CompressionType::Zstd {
+        if p.ctype == CompressionType::Zstd {
             incompat |= INCOMPAT_COMPRESSION;
         }
-        if self.extended_l2 {
+        if p.extended_l2 {
             incompat |= INCOMPAT_EXTL2;
         }
         Header {
-            version: self.version,
+            version: p.version,
             backing_file_offset: 0,
             backing_file_size: 0,
-            cluster_bits: self.cluster_bits,
-            size: self.size,
+            cluster_bits: p.cluster_bits,
+            size: p.size,
             crypt_method: 0,
-            l1_size: self.l1_size as u32,
-            l1_table_offset: self.l1_offset,
+            l1_size: p.l1_size as u32,
+            l1_table_offset: l1_offset,
             refcount_table_offset: reftable,
             refcount_table_clusters: reftable_clusters as u32,
             nb_snapshots: 0,
             snapshots_offset: 0,
             incompatible_features: incompat,
-            compatible_features: if self.lazy_refcounts {
+            compatible_features: if p.lazy_refcounts {
                 COMPAT_LAZY_REFCOUNTS
             } else {
                 0
             },
             autoclear_features: 0,
-            refcount_order: self.refcount_order,
+            refcount_order: p.refcount_order,
             header_length: if v3 { V3_HEADER_LEN as u32 } else { 72 },
-            compression_type: if self.ctype == CompressionType::Zstd {
+            compression_type: if p.ctype == CompressionType::Zstd {
                 1
             } else {
                 0
             },
         }
+    };
+    h.validate()?;
+    let mut head = h.to_bytes();
+    let mut ext = Extensions::default();
+    if p.version >= 3 {
+        ext.features = Extensions::qemu_feature_table();
+        if (head.len() + ext.to_bytes().len()) as u64 > p.cs {
+            ext.features.clear();
+        }
     }
+    head.extend_from_slice(&ext.to_bytes());
+    Ok(head)
 }
 
 impl ImageWriter for Qcow2Writer {
@@ -499,17 +582,20 @@ impl ImageWriter for Qcow2Writer {
         }
         write_all_at(&self.file, &table, table_cluster * cs, "refcount table")?;
 
-        let h = self.header(table_cluster * cs, tclusters);
-        h.validate()?;
-        let mut head = h.to_bytes();
-        let mut ext = Extensions::default();
-        if self.version >= 3 {
-            ext.features = Extensions::qemu_feature_table();
-            if (head.len() + ext.to_bytes().len()) as u64 > cs {
-                ext.features.clear();
-            }
-        }
-        head.extend_from_slice(&ext.to_bytes());
+        let p = Params {
+            size: self.size,
+            cluster_bits: self.cluster_bits,
+            cs,
+            version: self.version,
+            lazy_refcounts: self.lazy_refcounts,
+            ctype: self.ctype,
+            extended_l2: self.extended_l2,
+            refcount_order: self.refcount_order,
+            compress: self.compress,
+            l2_entries: self.l2_entries,
+            l1_size: self.l1_size,
+        };
+        let head = header_bytes(&p, self.l1_offset, table_cluster * cs, tclusters)?;
         write_all_at(&self.file, &head, 0, "qcow2 header")?;
         let total = self.refs.next * cs;
         self.file
