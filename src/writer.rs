@@ -110,6 +110,18 @@ impl AllocationPlan {
             _ => self.ranges.push((start, end)),
         }
     }
+
+    /// Drop what lies at or past `size` (an output smaller than its source, from
+    /// `--target-size`): the engine never writes there, so the layout must not plan it.
+    pub fn clip(&mut self, size: u64) {
+        let ranges = std::mem::take(&mut self.ranges);
+        self.bytes = 0;
+        for (a, b) in ranges {
+            self.push(a, b.min(size));
+        }
+        self.encoded.retain(|&(off, _)| off < size);
+        self.virtual_size = self.virtual_size.min(size);
+    }
 }
 
 /// An output file written under a temporary sibling name and renamed into place by

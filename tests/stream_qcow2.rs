@@ -387,3 +387,41 @@ fn a_sparse_tebibyte_streams_small_with_tables_sized_right() {
     convert(&raw, &classic, Format::Qcow2, &[], false);
     assert_eq!(std::fs::metadata(&classic).unwrap().len(), n);
 }
+
+/// From the command line: qcow2 (plain and `-c`) into a pipe, through /dev/stdout, is
+/// laid out from a first pass and comes out checked clean and identical to the source.
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
+fn cli_streams_qcow2_into_a_pipe() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    make_raw(&src, 3 << 20, 9);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    for extra in [
+        &[][..],
+        &["-c"][..],
+        &["-o", "cluster_size=4096,compat=0.10"][..],
+    ] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_diskconv"));
+        cmd.args(["convert", "-O", "qcow2"])
+            .args(extra)
+            .args([s(&src), "/dev/stdout"])
+            .stdout(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(child.stdout.as_mut().unwrap(), &mut bytes).unwrap();
+        assert!(child.wait().unwrap().success(), "{extra:?}");
+        let out = dir.path().join("out.qcow2");
+        std::fs::write(&out, &bytes).unwrap();
+        assert_qemu_check_clean(&out, Format::Qcow2);
+        assert_qemu_identical(&out, Format::Qcow2, &src, Format::Raw);
+    }
+}

@@ -99,7 +99,7 @@ pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>
 /// The outputs that can be written to a pipe or character device, for error messages
 /// (each such writer answers true to [`ImageWriter::streams`]).
 pub const STREAMING_OUTPUTS: &str =
-    "raw, vpc with -o subformat=fixed, vmdk with -o subformat=streamOptimized";
+    "raw, qcow2 (laid out from a first pass over the source), vpc with -o subformat=fixed, vmdk with -o subformat=streamOptimized";
 
 /// Whether `format` can be written into an existing image in place (`-n`): only raw
 /// today, whose in-place image is the guest bytes themselves.

@@ -3,10 +3,13 @@
 
 use std::path::Path;
 
-use crate::convert::{convert_device, ConvertOptions, ConvertReport};
+use crate::convert::{convert_device, plan_allocation_with, ConvertOptions, ConvertReport};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
-use crate::formats::{check_in_place, create_writer, open_with, STREAMING_OUTPUTS};
+use crate::formats::{
+    check_in_place, create_planned_writer, create_writer, open_with, plan_encoder,
+    plan_granularity, STREAMING_OUTPUTS,
+};
 use crate::writer::{Output, OutputKind, OutputOptions, Sink};
 
 /// Convert the image at `src` into the image `dst`; `src` is only ever opened read-only.
@@ -74,7 +77,25 @@ fn convert_into(
             .with_path(&dst));
         }
     }
-    let writer = create_writer(opts.format, sink, &dst, &create)?;
+    let planned = match out.kind() {
+        OutputKind::Stream => {
+            plan_granularity(opts.format, &create).map_err(|e| e.with_path(&dst))?
+        }
+        _ => None,
+    };
+    let writer = match planned {
+        // A stream cannot go back to fill in tables: plan the layout from the source
+        // first (one extra pass over its data ranges, twice the compression with -c),
+        // then write header, tables and data in ascending order.
+        Some(gran) => {
+            let encoder = plan_encoder(opts.format, &create).map_err(|e| e.with_path(&dst))?;
+            let mut plan =
+                plan_allocation_with(dev, gran, encoder, opts).map_err(|e| e.with_path(&dst))?;
+            plan.clip(create.size);
+            create_planned_writer(opts.format, sink, &dst, &create, &plan)?
+        }
+        None => create_writer(opts.format, sink, &dst, &create)?,
+    };
     if out.kind() == OutputKind::Stream && !writer.streams() {
         return Err(Error::arg(format!(
             "this {} output cannot be written to a pipe or character device (it writes out of \
