@@ -7,7 +7,7 @@ use crate::convert::{convert_device, ConvertOptions, ConvertReport};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::formats::{check_in_place, create_writer, open_with, STREAMING_OUTPUTS};
-use crate::writer::{Output, OutputKind, OutputOptions, Sink};
+use crate::writer::{ImageWriter, Output, OutputKind, OutputOptions, Sink};
 
 /// Convert the image at `src` into the image `dst`; `src` is only ever opened read-only.
 ///
@@ -50,12 +50,24 @@ fn open_output(dst: &Path, opts: &ConvertOptions) -> Result<(Output, Sink)> {
     )
 }
 
-fn convert_into(
+pub(crate) fn convert_into(
     dev: &dyn BlockDevice,
     out: Output,
     sink: Sink,
     opts: &ConvertOptions,
 ) -> Result<ConvertReport> {
+    let (out, writer) = prepare(dev, out, sink, opts)?;
+    run(dev, out, writer, opts)
+}
+
+/// Everything before the first guest byte is read: the target size checked, the writer
+/// made, a stream refused for a writer that cannot stream, the digests requested.
+pub(crate) fn prepare(
+    dev: &dyn BlockDevice,
+    mut out: Output,
+    sink: Sink,
+    opts: &ConvertOptions,
+) -> Result<(Output, Box<dyn ImageWriter>)> {
     let dst = out.path().to_path_buf();
     let mut create = opts.create.clone();
     if let Some(target) = opts.target_size {
@@ -76,15 +88,34 @@ fn convert_into(
     }
     let writer = create_writer(opts.format, sink, &dst, &create)?;
     if out.kind() == OutputKind::Stream && !writer.streams() {
-        return Err(Error::arg(format!(
-            "this {} output cannot be written to a pipe or character device (it writes out of \
-             order); outputs that can: {}",
-            opts.format, STREAMING_OUTPUTS
-        ))
-        .with_path(&dst));
+        return Err(refuse_stream(opts).with_path(&dst));
     }
-    let report = convert_device(dev, writer, opts).map_err(|e| e.with_path(&dst))?;
-    out.finish(opts.sync)?;
+    out.request_digests(&opts.digests);
+    Ok((out, writer))
+}
+
+/// The error for an output format that cannot be written to a stream.
+pub(crate) fn refuse_stream(opts: &ConvertOptions) -> Error {
+    Error::arg(format!(
+        "this {} output cannot be written to a pipe or character device (it writes out of \
+         order); outputs that can: {}",
+        opts.format, STREAMING_OUTPUTS
+    ))
+}
+
+/// Run the engine into a prepared writer and finish the output, filling the report's
+/// output length and digests.
+pub(crate) fn run(
+    dev: &dyn BlockDevice,
+    out: Output,
+    writer: Box<dyn ImageWriter>,
+    opts: &ConvertOptions,
+) -> Result<ConvertReport> {
+    let dst = out.path().to_path_buf();
+    let mut report = convert_device(dev, writer, opts).map_err(|e| e.with_path(&dst))?;
+    let done = out.finish(opts.sync)?;
+    report.size = done.len;
+    report.digests = done.digests;
     Ok(report)
 }
 
