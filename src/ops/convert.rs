@@ -86,11 +86,12 @@ pub(crate) fn prepare(
             .with_path(&dst));
         }
     }
+    // Before the writer is made: a header written by its constructor is output too.
+    out.request_digests(&opts.digests);
     let writer = create_writer(opts.format, sink, &dst, &create)?;
     if out.kind() == OutputKind::Stream && !writer.streams() {
         return Err(refuse_stream(opts).with_path(&dst));
     }
-    out.request_digests(&opts.digests);
     Ok((out, writer))
 }
 
