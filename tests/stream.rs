@@ -176,7 +176,12 @@ fn stdout_equals_file_output_digests_and_length_for_every_streaming_format() {
             ("sha256", "sha256sum"),
             ("sha512", "sha512sum"),
         ] {
-            assert_eq!(file_json["digests"][algo], tool_sum(tool, &file), "{}", c.name);
+            assert_eq!(
+                file_json["digests"][algo],
+                tool_sum(tool, &file),
+                "{}",
+                c.name
+            );
             assert_eq!(
                 stream_json["digests"][algo],
                 tool_sum(tool, &streamed),
@@ -243,7 +248,11 @@ fn a_reader_that_goes_away_stops_the_conversion_with_an_error() {
         let o = child.wait_with_output().unwrap();
         assert!(!o.status.success(), "{}", c.name);
         let e = String::from_utf8_lossy(&o.stderr);
-        assert!(e.contains("-:") && e.contains("Broken pipe"), "{}: {e}", c.name);
+        assert!(
+            e.contains("-:") && e.contains("Broken pipe"),
+            "{}: {e}",
+            c.name
+        );
     }
     // And through a shell, as users write it.
     let o = Command::new("bash")
@@ -267,7 +276,12 @@ fn a_full_device_stops_the_conversion_with_an_error_naming_it() {
     make_raw(&src, 8 << 20, 6);
     let o = dc()
         .args(["convert", "-O", "raw", s(&src), "-"])
-        .stdout(std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap())
+        .stdout(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+        )
         .output()
         .unwrap();
     assert!(!o.status.success());
@@ -279,7 +293,10 @@ fn a_full_device_stops_the_conversion_with_an_error_naming_it() {
         .unwrap();
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("/dev/full") && e.contains("No space left"), "{e}");
+    assert!(
+        e.contains("/dev/full") && e.contains("No space left"),
+        "{e}"
+    );
 }
 
 fn opts(format: Format, options: &str) -> ConvertOptions<'static> {
@@ -433,7 +450,11 @@ fn a_reader_dropped_half_way_leaves_no_thread_behind() {
         let mut r = ConvertedReader::new(dev.clone(), o).unwrap();
         let mut mib = vec![0u8; 1 << 20];
         r.read_exact(&mut mib).unwrap();
-        assert!(threads() > before, "{}: the conversion runs on threads", c.name);
+        assert!(
+            threads() > before,
+            "{}: the conversion runs on threads",
+            c.name
+        );
         drop(r);
         // Joined threads may linger in /proc for a moment after they exit; wait (a hang
         // guard, never a timing assertion) for the count to come back.
@@ -445,7 +466,11 @@ fn a_reader_dropped_half_way_leaves_no_thread_behind() {
             std::thread::sleep(std::time::Duration::from_millis(10));
             n = threads();
         }
-        assert_eq!(n, before, "{}: threads left after the reader was dropped", c.name);
+        assert_eq!(
+            n, before,
+            "{}: threads left after the reader was dropped",
+            c.name
+        );
     }
 }
 
