@@ -67,7 +67,7 @@ fn convert_args<'a>(c: &'a Case, src: &'a str, dst: &'a str) -> Vec<&'a str> {
 /// Blank the fields a fresh image of `format` gets anew (checked against a real diff of two
 /// conversions: a vhd footer's timestamp, checksum and unique id; a vmdk descriptor's CID,
 /// long content id and extent file name), so two conversions of one source compare equal byte for byte.
-fn mask(format: Format, img: &mut Vec<u8>) {
+fn mask(format: Format, img: &mut [u8]) {
     match format {
         Format::Vhd => {
             let f = img.len() - 512;
