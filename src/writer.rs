@@ -232,6 +232,38 @@ pub struct Sink {
     /// the [`StreamOut`] inside `track`.
     file: Option<File>,
     track: Option<Arc<Mutex<Track>>>,
+    /// Digests of a fresh file hashed on the way while its writes move forward (see
+    /// [`Output::request_digests`]).
+    follow: Option<Arc<Mutex<Follow>>>,
+}
+
+/// On-the-way digests of a fresh file: valid while every write starts at or past the end
+/// of the previous one (the bytes between are holes, hashed as zeros); dropped at the
+/// first write that goes back, and the finished file is read instead.
+#[derive(Debug)]
+struct Follow {
+    pos: u64,
+    digests: Option<Digester>,
+}
+
+impl Follow {
+    fn wrote(&mut self, data: &[u8], offset: u64) {
+        let Some(d) = &mut self.digests else {
+            return;
+        };
+        if offset < self.pos {
+            self.digests = None;
+            return;
+        }
+        let mut gap = offset - self.pos;
+        while gap > 0 {
+            let k = gap.min(ZEROS.len() as u64) as usize;
+            d.update(&ZEROS[..k]);
+            gap -= k as u64;
+        }
+        d.update(data);
+        self.pos = offset + data.len() as u64;
+    }
 }
 
 /// The sequential side of a stream output, shared by its [`Sink`] and its [`Output`] (which
@@ -285,6 +317,7 @@ impl From<File> for Sink {
         Sink {
             file: Some(file),
             track: None,
+            follow: None,
         }
     }
 }
@@ -470,7 +503,13 @@ impl Sink {
     /// Write all of `data` at `offset`.
     pub fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
         let Some(track) = &self.track else {
-            return self.file()?.write_all_at(data, offset);
+            self.file()?.write_all_at(data, offset)?;
+            if let Some(f) = &self.follow {
+                f.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .wrote(data, offset);
+            }
+            return Ok(());
         };
         let mut t = track.lock().unwrap_or_else(|p| p.into_inner());
         let end = offset
@@ -623,6 +662,8 @@ pub struct Output {
     existing_len: Option<u64>,
     /// Digests to compute (see [`request_digests`](Self::request_digests)).
     digests: Vec<DigestAlgo>,
+    /// A fresh file's on-the-way digests, shared with its sink.
+    follow: Option<Arc<Mutex<Follow>>>,
 }
 
 fn io_err(what: &str, dest: &Path) -> impl FnOnce(std::io::Error) -> Error {
@@ -660,6 +701,7 @@ impl Output {
             zero_fill: !opts.target_is_zero,
             existing_len,
             digests: Vec::new(),
+            follow: None,
         };
         let Some(meta) = meta else {
             if opts.existing {
@@ -798,6 +840,7 @@ impl Output {
         let sink = Sink {
             file,
             track: Some(track.clone()),
+            follow: None,
         };
         Ok((out(kind, None, handle, Some(track), existing_len), sink))
     }
@@ -820,24 +863,36 @@ impl Output {
             zero_fill: true,
             existing_len: None,
             digests: Vec::new(),
+            follow: None,
         };
         let sink = Sink {
             file: None,
             track: Some(track),
+            follow: None,
         };
         (out, sink)
     }
 
     /// Compute `algos` over the output's bytes, reported by [`finish`](Self::finish). Call
-    /// before anything is written. A stream hashes each byte as it is sent (on the thread
-    /// that writes); a file is read once when finished, since a writer may fill it out of
-    /// order.
-    pub fn request_digests(&mut self, algos: &[DigestAlgo]) {
+    /// before anything is written to `sink` (this output's). A stream hashes each byte as
+    /// it is sent, and so does a new file while its writer writes in order (raw, vpc
+    /// fixed, streamOptimized vmdk), on the thread that writes; a file written out of order
+    /// (qcow2, dynamic vpc, vdi, monolithicSparse vmdk) or in place is read once when
+    /// finished instead.
+    pub fn request_digests(&mut self, algos: &[DigestAlgo], sink: &mut Sink) {
         self.digests = algos.to_vec();
+        let fresh = (!algos.is_empty()).then(|| Digester::new(algos));
         if let Some(t) = &self.track {
             if let Track::Stream { out, .. } = &mut *t.lock().unwrap_or_else(|p| p.into_inner()) {
-                out.digests = (!algos.is_empty()).then(|| Digester::new(algos));
+                out.digests = fresh;
             }
+        } else if fresh.is_some() && sink.track.is_none() {
+            let f = Arc::new(Mutex::new(Follow {
+                pos: 0,
+                digests: fresh,
+            }));
+            sink.follow = Some(f.clone());
+            self.follow = Some(f);
         }
     }
 
@@ -863,9 +918,23 @@ impl Output {
     /// first. Dropped without this, a new or replaced file leaves nothing behind. Returns
     /// the output's length and the digests asked for.
     pub fn finish(self, sync: bool) -> Result<Finished> {
+        let followed = self.follow.as_ref().and_then(|f| {
+            let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+            let pos = f.pos;
+            f.digests.take().map(|d| (pos, d))
+        });
         let hashed = |file: &File, len: u64| -> Result<Finished> {
             let digests = if self.digests.is_empty() {
                 Vec::new()
+            } else if let Some((pos, mut d)) = followed.filter(|(pos, _)| *pos <= len) {
+                // The file's tail past the last write is a hole.
+                let mut gap = len - pos;
+                while gap > 0 {
+                    let k = gap.min(ZEROS.len() as u64) as usize;
+                    d.update(&ZEROS[..k]);
+                    gap -= k as u64;
+                }
+                d.finish()
             } else {
                 Digester::of_file(file, len, &self.digests)
                     .map_err(io_err(

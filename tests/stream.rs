@@ -526,3 +526,28 @@ fn a_1_tib_sparse_source_streams_as_stream_optimized_vmdk_in_bounded_memory() {
         "peak RSS {hwm} KiB streaming a 1 TiB source (limit 64 MiB)"
     );
 }
+
+#[test]
+fn digests_of_files_written_out_of_order_are_those_of_the_finished_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path());
+    for (fmt, opt) in [
+        ("qcow2", ""),
+        ("vpc", "subformat=dynamic"),
+        ("vdi", ""),
+        ("vmdk", ""),
+    ] {
+        let dst = dir.path().join(format!("o-{fmt}"));
+        let mut a = vec!["convert", "-O", fmt];
+        if !opt.is_empty() {
+            a.extend(["-o", opt]);
+        }
+        a.extend([s(&src), s(&dst), "--digest", "sha256,md5", "--output=json"]);
+        let o = dc().args(&a).output().unwrap();
+        ok(&o, fmt);
+        let j = json_of(&o.stdout);
+        assert_eq!(j["digests"]["sha256"], sha256_file(&dst), "{fmt}");
+        assert_eq!(j["digests"]["md5"], tool_sum("md5sum", &dst), "{fmt}");
+        assert_eq!(j["size"], std::fs::metadata(&dst).unwrap().len(), "{fmt}");
+    }
+}

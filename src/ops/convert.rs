@@ -87,7 +87,8 @@ pub(crate) fn prepare(
         }
     }
     // Before the writer is made: a header written by its constructor is output too.
-    out.request_digests(&opts.digests);
+    let mut sink = sink;
+    out.request_digests(&opts.digests, &mut sink);
     let writer = create_writer(opts.format, sink, &dst, &create)?;
     if out.kind() == OutputKind::Stream && !writer.streams() {
         return Err(refuse_stream(opts).with_path(&dst));
