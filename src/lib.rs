@@ -17,7 +17,7 @@
 //! - [`formats`]: one folder per format and the dispatch from a [`Format`] to it;
 //! - [`probe`](mod@probe) and [`inspect`](mod@inspect): detection and the safety inspection;
 //! - [`ops`]: the commands as functions over files ([`convert()`], [`resize()`]), which the
-//!   CLI calls.
+//!   CLI calls, and over streams ([`convert_to_writer`], [`ConvertedReader`]).
 //!
 //! ```no_run
 //! use diskconv::{open, OpenOptions, DeviceReader};
