@@ -551,3 +551,58 @@ fn digests_of_files_written_out_of_order_are_those_of_the_finished_file() {
         assert_eq!(j["size"], std::fs::metadata(&dst).unwrap().len(), "{fmt}");
     }
 }
+
+#[test]
+fn a_failing_conversion_reports_its_error_through_the_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("s.raw");
+    make_raw(&src, 8 << 20, 4);
+    let dev: Arc<dyn diskconv::BlockDevice> =
+        Arc::from(diskconv::open(&src, &diskconv::OpenOptions::new()).unwrap());
+    // Growing past the source is fine; a shrink that drops data fails before any byte.
+    let mut o = opts(Format::Raw, "");
+    o.target_size = Some(1 << 20);
+    let e = ConvertedReader::new(dev.clone(), o).unwrap_err();
+    assert!(e.to_string().contains("--target-size"), "{e}");
+    // A source that fails to read at 5 MiB: read gives the error after the bytes before
+    // it, and finish gives the conversion's own error.
+    struct Failing;
+    impl diskconv::BlockDevice for Failing {
+        fn virtual_size(&self) -> u64 {
+            16 << 20
+        }
+        fn map(&self, offset: u64, max_len: u64) -> diskconv::Result<diskconv::Mapping> {
+            Ok(diskconv::Mapping {
+                offset,
+                len: max_len.min((16 << 20) - offset),
+                kind: diskconv::MappingKind::Data { host: None },
+            })
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> diskconv::Result<()> {
+            if offset >= 5 << 20 {
+                return Err(diskconv::Error::corrupt("test: unreadable").at(offset));
+            }
+            buf.fill(7);
+            Ok(())
+        }
+        fn info(&self) -> diskconv::ImageInfo {
+            diskconv::ImageInfo::default()
+        }
+        fn format(&self) -> Format {
+            Format::Raw
+        }
+    }
+    let mut o = opts(Format::Raw, "");
+    o.threads = 1;
+    let mut r = ConvertedReader::new(Arc::new(Failing), o.clone()).unwrap();
+    let mut v = Vec::new();
+    let e = r.read_to_end(&mut v).unwrap_err();
+    assert!(e.to_string().contains("test: unreadable"), "{e}");
+    assert_eq!(v.len(), 5 << 20);
+    assert!(v.iter().all(|&b| b == 7));
+    let e = r.finish().unwrap_err();
+    assert!(e.to_string().contains("test: unreadable"), "{e}");
+    // Pushed, the same error, naming the output.
+    let e = diskconv::convert_to_writer(&Failing, std::io::sink(), &o).unwrap_err();
+    assert!(e.to_string().contains("test: unreadable"), "{e}");
+}

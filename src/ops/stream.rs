@@ -157,10 +157,12 @@ impl ConvertedReader {
     /// Read whatever is left (discarding it), wait for the conversion and return its
     /// report: the output length, the digests, the notes.
     pub fn finish(mut self) -> Result<ConvertReport> {
-        std::io::copy(&mut self, &mut std::io::sink())
-            .map_err(|e| Error::io("reading the converted image", e))?;
+        let copied = std::io::copy(&mut self, &mut std::io::sink());
         self.join();
-        self.result.take().expect("joined")
+        // The conversion's own (typed) error before the one `read` turned it into.
+        let report = self.result.take().expect("joined")?;
+        copied.map_err(|e| Error::io("reading the converted image", e))?;
+        Ok(report)
     }
 }
 
