@@ -52,6 +52,11 @@ PAIRS_ALL=(
   "vmdk->raw|vmdk||raw|"
   "raw->vdi|raw||vdi|"
   "vdi->raw|vdi||raw|"
+  # Convert and checksum, as an upload needs: diskconv streamed into sha256sum (no file),
+  # and to a file with --digest, against qemu-img to a file then sha256sum of it. Compared
+  # by their sha256, not by image.
+  "raw->stdout-sha256|raw||raw|"
+  "raw->file-digest|raw||raw|"
 )
 want=("$@")
 
@@ -92,6 +97,22 @@ for p in "${PAIRS_ALL[@]}"; do
   qemu_cmd=(qemu-img convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o2")
   # shellcheck disable=SC2206
   dc_cmd=("$DC" convert -f "$ifmt" -O "$ofmt" $flags "$in" "$o1")
+  digest_pair=""
+  case $name in
+    "raw->stdout-sha256" | "raw->file-digest")
+      digest_pair=1
+      # Each writes "HASH  -" to its OUT; the image files are OUT.img.
+      # shellcheck disable=SC2016
+      qemu_cmd=(bash -c 'rm -f "$2.img" && qemu-img convert -f raw -O raw "$1" "$2.img" && sha256sum <"$2.img" >"$2"' sh "$in" "$o2")
+      if [ "$name" = "raw->stdout-sha256" ]; then
+        # shellcheck disable=SC2016
+        dc_cmd=(bash -c 'set -o pipefail; "$3" convert -f raw -O raw "$1" - | sha256sum >"$2"' sh "$in" "$o1" "$DC")
+      else
+        # shellcheck disable=SC2016
+        dc_cmd=(bash -c 'set -o pipefail; rm -f "$2.img" && "$3" convert -f raw -O raw --digest sha256 --output=json "$1" "$2.img" | grep -o "\"sha256\": \"[0-9a-f]*\"" | cut -d\" -f4 | sed "s/\$/  -/" >"$2"' sh "$in" "$o1" "$DC")
+      fi
+      ;;
+  esac
   # Uncounted warm-up: the first write of a pair pays for the kernel reclaiming page
   # cache, whichever tool goes first.
   measure "$o2" "${qemu_cmd[@]}" >/dev/null
@@ -116,7 +137,11 @@ for p in "${PAIRS_ALL[@]}"; do
     printf "%-18s %8.2f %8.2f %6s %8.2f %8.2f %6s %7d %8d\n" "$name" "$ds" "$ts" "$(ratio "$ds" "$ts")" \
       "$dc" "$tc" "$(ratio "$dc" "$tc")" $((dm / 1024)) $((qm / 1024))
     # Same guest content, or the figure means nothing.
-    qemu-img compare -q -f "$ofmt" -F "$ofmt" "$o1" "$o2" || echo "    !! outputs differ for $name"
+    if [ -n "$digest_pair" ]; then
+      cmp -s "$o1" "$o2" || echo "    !! digests differ for $name: $(cat "$o1") vs $(cat "$o2")"
+    else
+      qemu-img compare -q -f "$ofmt" -F "$ofmt" "$o1" "$o2" || echo "    !! outputs differ for $name"
+    fi
   fi
-  rm -f "$o1" "$o2"
+  rm -f "$o1" "$o2" "$o1.img" "$o2.img"
 done

@@ -60,6 +60,10 @@ pub struct ConvertOptions<'a> {
     /// With [`target_size`](Self::target_size) below the source's size: drop the
     /// source's tail even where it holds data.
     pub shrink: bool,
+    /// Digests to compute over the output bytes (`--digest`), reported in
+    /// [`ConvertReport::digests`]: on a stream while it is sent, for a file by one read of
+    /// the finished output.
+    pub digests: Vec<crate::writer::DigestAlgo>,
 }
 
 impl<'a> ConvertOptions<'a> {
@@ -79,6 +83,7 @@ impl<'a> ConvertOptions<'a> {
             rate_limit: 0,
             target_size: None,
             shrink: false,
+            digests: Vec::new(),
         }
     }
 }
@@ -93,6 +98,14 @@ pub struct ConvertReport {
     /// With [`ConvertOptions::salvage`]: the source ranges that could not be read or
     /// mapped and were written as zeros, ascending and coalesced.
     pub unreadable: Vec<UnreadableRange>,
+    /// The output's length as the writer predicted it before the first byte
+    /// ([`ImageWriter::output_len`]); None for compressed outputs.
+    pub output_len: Option<u64>,
+    /// Bytes of output written (the whole output's length; filled by the commands in
+    /// [`crate::writer`]'s terms, 0 from [`convert_device`] alone).
+    pub size: u64,
+    /// The digests asked in [`ConvertOptions::digests`], lowercase hex.
+    pub digests: Vec<(crate::writer::DigestAlgo, String)>,
 }
 
 /// A source range `--salvage` replaced with zeros.
@@ -273,6 +286,8 @@ pub fn convert_device(
         virtual_size: writer.virtual_size(),
         warnings: writer.warnings(),
         unreadable: coalesce(unreadable.into_inner().unwrap_or_else(|e| e.into_inner())),
+        output_len: writer.output_len(),
+        ..Default::default()
     };
     writer.finish()?;
     if let Some(p) = opts.progress {

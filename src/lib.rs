@@ -17,7 +17,7 @@
 //! - [`formats`]: one folder per format and the dispatch from a [`Format`] to it;
 //! - [`probe`](mod@probe) and [`inspect`](mod@inspect): detection and the safety inspection;
 //! - [`ops`]: the commands as functions over files ([`convert()`], [`resize()`]), which the
-//!   CLI calls.
+//!   CLI calls, and over streams ([`convert_to_writer`], [`ConvertedReader`]).
 //!
 //! ```no_run
 //! use diskconv::{open, OpenOptions, DeviceReader};
@@ -54,11 +54,14 @@ pub use format::Format;
 pub use inspect::{inspect, Finding, FindingKind, Inspection};
 pub use ops::convert::{convert, convert_to_path};
 pub use ops::resize::resize;
+pub use ops::stream::{convert_to_writer, ConvertedReader};
 pub use options::{
     parse_bool, parse_size, CreateOptions, OpenOptions, OptionHelp, Preallocation, ResizeOptions,
 };
 pub use references::MAX_CHAIN_DEPTH;
-pub use writer::{random_uuid_v4, AtomicOutput, ImageWriter, Output, OutputKind, OutputOptions};
+pub use writer::{
+    random_uuid_v4, AtomicOutput, DigestAlgo, ImageWriter, Output, OutputKind, OutputOptions,
+};
 
 // The README's code example is compiled as a doctest, so it cannot drift from the API.
 #[doc = include_str!("../README.md")]

@@ -29,6 +29,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per process: the size of the largest variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Convert SRC into a new image DST of format -O.
@@ -101,12 +103,20 @@ enum Cmd {
         /// With -n: DST already reads as zeros, so zero ranges are not written.
         #[arg(long = "target-is-zero")]
         target_is_zero: bool,
+        /// Digests of the output, comma-separated: md5, sha1, sha256, sha512 (computed
+        /// while a stream is written; for a file, by one read of the finished output).
+        #[arg(long = "digest", value_name = "ALGOS")]
+        digest: Option<String>,
+        /// human, or json: format, virtual-size, size (bytes written), digests, filename
+        /// (on stderr when DST is `-`).
+        #[arg(long = "output", default_value = "human")]
+        output: String,
         // Both required except with `-o help`, which qemu-img also runs without files;
         // hidden because clap would list optional positionals as [SRC] [DST].
         /// Input image.
         #[arg(value_name = "SRC", hide = true)]
         src: Option<PathBuf>,
-        /// Output image.
+        /// Output image; `-` writes it to stdout (formats that stream only).
         #[arg(value_name = "DST", hide = true)]
         dst: Option<PathBuf>,
     },
@@ -352,6 +362,8 @@ fn run(cli: Cli) -> Result<()> {
             allow_references,
             existing_target,
             target_is_zero,
+            digest,
+            output,
             src,
             dst,
         } => {
@@ -374,6 +386,15 @@ fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             check_cache_mode(&src_cache, "source cache option")?;
+            let json = match output.as_str() {
+                "json" => true,
+                "human" => false,
+                other => {
+                    return Err(Error::arg(format!(
+                        "--output must be human or json, not '{other}'"
+                    )))
+                }
+            };
             let (Some(src), Some(dst)) = (src, dst) else {
                 return Err(Error::arg(
                     "convert needs SRC and DST (diskconv convert --help)",
@@ -395,11 +416,30 @@ fn run(cli: Cli) -> Result<()> {
             opts.rate_limit = rate_limit.unwrap_or(0);
             check_cache_mode(&cache, "cache option")?;
             opts.sync = cache != "unsafe";
-            let tty = std::io::stdout().is_terminal();
+            if let Some(d) = &digest {
+                opts.digests = diskconv::DigestAlgo::parse_list(d)?;
+            }
+            // With DST `-`, stdout carries the image: everything else goes to stderr.
+            let to_stdout = dst.as_os_str() == "-";
+            if to_stdout && std::io::stdout().is_terminal() {
+                return Err(Error::arg(
+                    "refusing to write a disk image to a terminal; redirect stdout or name a file",
+                )
+                .with_path("-"));
+            }
+            let tty = if to_stdout {
+                std::io::stderr().is_terminal()
+            } else {
+                std::io::stdout().is_terminal()
+            };
             let reporter: Box<dyn Fn(u64, u64) + Sync> = if tty {
                 let bar = indicatif::ProgressBar::with_draw_target(
                     Some(100),
-                    indicatif::ProgressDrawTarget::stdout(),
+                    if to_stdout {
+                        indicatif::ProgressDrawTarget::stderr()
+                    } else {
+                        indicatif::ProgressDrawTarget::stdout()
+                    },
                 );
                 bar.set_style(
                     indicatif::ProgressStyle::with_template(
@@ -424,7 +464,7 @@ fn run(cli: Cli) -> Result<()> {
                         || (done == total && hundredths != prev)
                     {
                         last.store(hundredths, std::sync::atomic::Ordering::Relaxed);
-                        print_progress(done, total);
+                        print_progress(done, total, to_stdout);
                     }
                 })
             };
@@ -433,9 +473,13 @@ fn run(cli: Cli) -> Result<()> {
                 opts.progress = Some(reporter.as_ref());
             }
             remove_temp_on_interrupt(&dst);
-            let report = diskconv::convert(&src, &dst, &opts);
+            let report = if to_stdout {
+                convert_to_stdout(&src, &opts)
+            } else {
+                diskconv::convert(&src, &dst, &opts)
+            };
             if progress && !tty {
-                println!();
+                side_println(to_stdout, "");
             }
             let report = report?;
             // Printed even with -q (where qemu-img hides its --salvage warnings): they say
@@ -450,6 +494,15 @@ fn run(cli: Cli) -> Result<()> {
                 for w in &report.warnings {
                     eprintln!("diskconv: note: {w}");
                 }
+            }
+            if json {
+                let text = serde_json::to_string_pretty(&convert_json(
+                    format,
+                    (!to_stdout).then_some(dst.as_path()),
+                    &report,
+                ))
+                .expect("json");
+                side_println(to_stdout, &text);
             }
             Ok(())
         }
@@ -661,17 +714,71 @@ fn inspection_human(i: &diskconv::Inspection) -> String {
     s
 }
 
-/// qemu-img's non-terminal progress line on stdout, rewritten in place.
-fn print_progress(done: u64, total: u64) {
+/// qemu-img's non-terminal progress line on stdout (stderr when stdout carries the image),
+/// rewritten in place.
+fn print_progress(done: u64, total: u64, to_stderr: bool) {
     use std::io::Write;
     let pct = if total == 0 {
         100.0
     } else {
         done as f64 * 100.0 / total as f64
     };
-    let mut out = std::io::stdout().lock();
-    let _ = write!(out, "    ({pct:.2}/100%)\r");
-    let _ = out.flush();
+    let line = format!("    ({pct:.2}/100%)\r");
+    if to_stderr {
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    } else {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(line.as_bytes());
+        let _ = out.flush();
+    }
+}
+
+/// A line on stdout, or on stderr when stdout carries the image.
+fn side_println(to_stderr: bool, s: &str) {
+    if to_stderr {
+        eprintln!("{s}");
+    } else {
+        println!("{s}");
+    }
+}
+
+/// `convert SRC -`: the image on stdout, written in order through the library's stream
+/// API; formats that cannot stream are refused before any data is read or written.
+fn convert_to_stdout(src: &Path, opts: &ConvertOptions) -> Result<diskconv::ConvertReport> {
+    use std::os::fd::AsFd;
+    let dev = diskconv::open(src, &opts.open)?;
+    // A descriptor of its own: unbuffered, whole runs per write(2), not std's line buffer.
+    let out = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::io("cannot use stdout", e).with_path("-"))?;
+    diskconv::convert_to_writer(dev.as_ref(), std::fs::File::from(out), opts)
+}
+
+/// What `convert --output=json` prints: what an image registry stores.
+fn convert_json(
+    format: Format,
+    file: Option<&Path>,
+    r: &diskconv::ConvertReport,
+) -> serde_json::Value {
+    let digests: serde_json::Map<String, serde_json::Value> = r
+        .digests
+        .iter()
+        .map(|(a, h)| (a.name().to_string(), serde_json::Value::from(h.as_str())))
+        .collect();
+    let mut v = serde_json::json!({
+        "format": format.name(),
+        "virtual-size": r.virtual_size,
+        "size": r.size,
+        "digests": digests,
+    });
+    if let Some(n) = r.output_len {
+        v["expected-size"] = n.into();
+    }
+    if let Some(f) = file {
+        v["filename"] = f.display().to_string().into();
+    }
+    v
 }
 
 /// `-o help` in qemu-img's layout: `  name=<type>` padded to 22 columns, ` - `, the help.

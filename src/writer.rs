@@ -65,9 +65,9 @@ pub trait ImageWriter: Send {
         false
     }
 
-    /// The exact number of bytes the finished output will have, when the writer knows it
-    /// before the first byte (an HTTP body's Content-Length); None when it depends on the
-    /// data (compressed outputs) or the writer does not say.
+    /// The exact number of bytes the output will have, known before the first byte is
+    /// written (an HTTP body's Content-Length, an uploader's part sizes); None when the
+    /// layout depends on the data (compressed outputs).
     fn output_len(&self) -> Option<u64> {
         None
     }
@@ -276,8 +276,69 @@ pub fn write_all_at(file: &Sink, data: &[u8], offset: u64, what: &str) -> Result
 /// gaps with zeros, and refuses a write behind what it has already sent.
 #[derive(Debug)]
 pub struct Sink {
-    file: File,
+    /// The file, for a fresh or in-place output; None on a stream, whose bytes go through
+    /// the [`StreamOut`] inside `track`.
+    file: Option<File>,
     track: Option<Arc<Mutex<Track>>>,
+    /// Digests of a fresh file hashed on the way while its writes move forward (see
+    /// [`Output::request_digests`]).
+    follow: Option<Arc<Mutex<Follow>>>,
+}
+
+/// On-the-way digests of a fresh file: valid while every write starts at or past the end
+/// of the previous one (the bytes between are holes, hashed as zeros); dropped at the
+/// first write that goes back, and the finished file is read instead.
+#[derive(Debug)]
+struct Follow {
+    pos: u64,
+    digests: Option<Digester>,
+}
+
+impl Follow {
+    fn wrote(&mut self, data: &[u8], offset: u64) {
+        let Some(d) = &mut self.digests else {
+            return;
+        };
+        if offset < self.pos {
+            self.digests = None;
+            return;
+        }
+        let mut gap = offset - self.pos;
+        while gap > 0 {
+            let k = gap.min(ZEROS.len() as u64) as usize;
+            d.update(&ZEROS[..k]);
+            gap -= k as u64;
+        }
+        d.update(data);
+        self.pos = offset + data.len() as u64;
+    }
+}
+
+/// The sequential side of a stream output, shared by its [`Sink`] and its [`Output`] (which
+/// pads the stream to its length once the writer is done).
+struct StreamOut {
+    w: Box<dyn Write + Send>,
+    /// Digests of every byte sent, zeros filling gaps included.
+    digests: Option<Digester>,
+}
+
+impl std::fmt::Debug for StreamOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamOut").finish_non_exhaustive()
+    }
+}
+
+impl Write for StreamOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.w.write(buf)?;
+        if let Some(d) = &mut self.digests {
+            d.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
+    }
 }
 
 #[derive(Debug)]
@@ -295,13 +356,158 @@ enum Track {
         pos: u64,
         /// The length the stream will have once finished (zeros past `pos`).
         len: u64,
+        out: StreamOut,
     },
 }
 
 impl From<File> for Sink {
     fn from(file: File) -> Self {
-        Sink { file, track: None }
+        Sink {
+            file: Some(file),
+            track: None,
+            follow: None,
+        }
     }
+}
+
+/// A digest algorithm `--digest` computes over the output bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DigestAlgo {
+    /// MD5 (OpenStack Glance's `checksum`).
+    Md5,
+    /// SHA-1.
+    Sha1,
+    /// SHA-256.
+    Sha256,
+    /// SHA-512 (Glance's `os_hash_value` with `os_hash_algo=sha512`).
+    Sha512,
+}
+
+impl DigestAlgo {
+    /// Every algorithm, in the order reports list them.
+    pub const ALL: [DigestAlgo; 4] = [
+        DigestAlgo::Md5,
+        DigestAlgo::Sha1,
+        DigestAlgo::Sha256,
+        DigestAlgo::Sha512,
+    ];
+
+    /// The name `--digest` takes and reports give (as md5sum & co. name them).
+    pub fn name(self) -> &'static str {
+        match self {
+            DigestAlgo::Md5 => "md5",
+            DigestAlgo::Sha1 => "sha1",
+            DigestAlgo::Sha256 => "sha256",
+            DigestAlgo::Sha512 => "sha512",
+        }
+    }
+
+    /// Parse a comma-separated list (`md5,sha256`); duplicates collapse, order is
+    /// [`ALL`](Self::ALL)'s.
+    pub fn parse_list(s: &str) -> Result<Vec<DigestAlgo>> {
+        let mut v = Vec::new();
+        for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let a = DigestAlgo::ALL
+                .into_iter()
+                .find(|a| a.name().eq_ignore_ascii_case(name))
+                .ok_or_else(|| {
+                    Error::arg(format!(
+                        "--digest: unknown algorithm '{name}' (known: md5, sha1, sha256, sha512)"
+                    ))
+                })?;
+            v.push(a);
+        }
+        if v.is_empty() {
+            return Err(Error::arg("--digest: no algorithm named"));
+        }
+        v.sort();
+        v.dedup();
+        Ok(v)
+    }
+
+    fn hasher(self) -> Box<dyn sha2::digest::DynDigest + Send> {
+        use sha2::Digest;
+        match self {
+            DigestAlgo::Md5 => Box::new(md5::Md5::new()),
+            DigestAlgo::Sha1 => Box::new(sha1::Sha1::new()),
+            DigestAlgo::Sha256 => Box::new(sha2::Sha256::new()),
+            DigestAlgo::Sha512 => Box::new(sha2::Sha512::new()),
+        }
+    }
+}
+
+impl std::fmt::Display for DigestAlgo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Running digests of one byte sequence (the RustCrypto implementations).
+pub struct Digester {
+    hashers: Vec<(DigestAlgo, Box<dyn sha2::digest::DynDigest + Send>)>,
+}
+
+impl std::fmt::Debug for Digester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let algos: Vec<_> = self.hashers.iter().map(|(a, _)| *a).collect();
+        f.debug_struct("Digester").field("algos", &algos).finish()
+    }
+}
+
+impl Digester {
+    /// Start the digests `algos` of an empty sequence.
+    pub fn new(algos: &[DigestAlgo]) -> Self {
+        Digester {
+            hashers: algos.iter().map(|&a| (a, a.hasher())).collect(),
+        }
+    }
+
+    /// Add `data` to every digest.
+    pub fn update(&mut self, data: &[u8]) {
+        for (_, h) in &mut self.hashers {
+            h.update(data);
+        }
+    }
+
+    /// The digests as lowercase hex, in the order asked.
+    pub fn finish(self) -> Vec<(DigestAlgo, String)> {
+        self.hashers
+            .into_iter()
+            .map(|(a, h)| {
+                let hex = h
+                    .finalize()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>();
+                (a, hex)
+            })
+            .collect()
+    }
+
+    /// Digests of the first `len` bytes of `file`, read once from the start (for outputs
+    /// written out of order, which cannot be hashed on the way).
+    pub fn of_file(file: &File, len: u64, algos: &[DigestAlgo]) -> std::io::Result<Self> {
+        let mut d = Digester::new(algos);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < len {
+            let n = (len - at).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], at)?;
+            d.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(d)
+    }
+}
+
+/// What [`Output::finish`] knows of the finished output.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Finished {
+    /// Bytes of output: those sent on a stream, the file's length, the image's extent
+    /// written in place.
+    pub len: u64,
+    /// The digests asked with [`Output::request_digests`], lowercase hex.
+    pub digests: Vec<(DigestAlgo, String)>,
 }
 
 fn too_small(capacity: u64, needed: u64) -> std::io::Error {
@@ -333,13 +539,25 @@ impl Sink {
     /// The file, when this is a fresh, empty regular file (where options such as
     /// preallocation apply and unwritten ranges are holes); None in place or on a stream.
     pub fn fresh_file(&self) -> Option<&File> {
-        self.track.is_none().then_some(&self.file)
+        self.track.is_none().then_some(self.file.as_ref()).flatten()
+    }
+
+    fn file(&self) -> std::io::Result<&File> {
+        self.file
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("a stream output has no file"))
     }
 
     /// Write all of `data` at `offset`.
     pub fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
         let Some(track) = &self.track else {
-            return self.file.write_all_at(data, offset);
+            self.file()?.write_all_at(data, offset)?;
+            if let Some(f) = &self.follow {
+                f.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .wrote(data, offset);
+            }
+            return Ok(());
         };
         let mut t = track.lock().unwrap_or_else(|p| p.into_inner());
         let end = offset
@@ -354,16 +572,16 @@ impl Sink {
                         return Err(too_small(cap, end));
                     }
                 }
-                self.file.write_all_at(data, offset)?;
+                self.file()?.write_all_at(data, offset)?;
                 record(written, offset, end);
                 Ok(())
             }
-            Track::Stream { pos, len } => {
+            Track::Stream { pos, len, out } => {
                 if offset < *pos {
                     return Err(stream_backwards(offset, *pos));
                 }
-                write_zeros(&self.file, offset - *pos)?;
-                (&self.file).write_all(data)?;
+                write_zeros(&mut *out, offset - *pos)?;
+                out.write_all(data)?;
                 *pos = end;
                 *len = (*len).max(end);
                 Ok(())
@@ -376,7 +594,7 @@ impl Sink {
     /// file is never shrunk; on a stream, the length may not go below what was sent.
     pub fn set_len(&self, len: u64) -> std::io::Result<()> {
         let Some(track) = &self.track else {
-            return self.file.set_len(len);
+            return self.file()?.set_len(len);
         };
         let mut t = track.lock().unwrap_or_else(|p| p.into_inner());
         match &mut *t {
@@ -387,15 +605,16 @@ impl Sink {
                     Some(cap) if len > cap => return Err(too_small(cap, len)),
                     Some(_) => {}
                     None => {
-                        if len > self.file.metadata()?.len() {
-                            self.file.set_len(len)?;
+                        let file = self.file()?;
+                        if len > file.metadata()?.len() {
+                            file.set_len(len)?;
                         }
                     }
                 }
                 *l = len;
                 Ok(())
             }
-            Track::Stream { pos, len: l } => {
+            Track::Stream { pos, len: l, .. } => {
                 if len < *pos {
                     return Err(stream_backwards(len, *pos));
                 }
@@ -416,7 +635,7 @@ impl Sink {
             {
                 Ok(())
             }
-            _ => self.file.sync_all(),
+            _ => self.file()?.sync_all(),
         }
     }
 }
@@ -489,6 +708,10 @@ pub struct Output {
     track: Option<Arc<Mutex<Track>>>,
     zero_fill: bool,
     existing_len: Option<u64>,
+    /// Digests to compute (see [`request_digests`](Self::request_digests)).
+    digests: Vec<DigestAlgo>,
+    /// A fresh file's on-the-way digests, shared with its sink.
+    follow: Option<Arc<Mutex<Follow>>>,
 }
 
 fn io_err(what: &str, dest: &Path) -> impl FnOnce(std::io::Error) -> Error {
@@ -525,6 +748,8 @@ impl Output {
             track,
             zero_fill: !opts.target_is_zero,
             existing_len,
+            digests: Vec::new(),
+            follow: None,
         };
         let Some(meta) = meta else {
             if opts.existing {
@@ -627,7 +852,7 @@ impl Output {
         if now.file_type() != ft || now.ino() != meta.ino() || now.dev() != meta.dev() {
             return Err(Error::arg("the output changed while it was being opened").with_path(dest));
         }
-        let (kind, track, existing_len) = if ft.is_block_device() || ft.is_file() {
+        let (kind, track, existing_len, file) = if ft.is_block_device() || ft.is_file() {
             let (kind, capacity, len) = if ft.is_block_device() {
                 let size =
                     device_size(&file).map_err(io_err("cannot size the block device", dest))?;
@@ -640,22 +865,83 @@ impl Output {
                 len: 0,
                 written: BTreeMap::new(),
             };
-            (kind, t, Some(len))
+            (kind, t, Some(len), Some(file))
         } else {
-            (OutputKind::Stream, Track::Stream { pos: 0, len: 0 }, None)
+            let t = Track::Stream {
+                pos: 0,
+                len: 0,
+                out: StreamOut {
+                    w: Box::new(file),
+                    digests: None,
+                },
+            };
+            (OutputKind::Stream, t, None, None)
         };
         let track = Arc::new(Mutex::new(track));
-        let handle = file
-            .try_clone()
-            .map_err(io_err("cannot open the output for writing", dest))?;
+        let handle = match &file {
+            Some(f) => Some(
+                f.try_clone()
+                    .map_err(io_err("cannot open the output for writing", dest))?,
+            ),
+            None => None,
+        };
         let sink = Sink {
             file,
             track: Some(track.clone()),
+            follow: None,
         };
-        Ok((
-            out(kind, None, Some(handle), Some(track), existing_len),
-            sink,
-        ))
+        Ok((out(kind, None, handle, Some(track), existing_len), sink))
+    }
+
+    /// A stream output over any [`Write`] (stdout, a socket, an HTTP body, a channel),
+    /// named `name` in errors. Like a FIFO: forward positional writes become sequential
+    /// ones, gaps and the tail are sent as zeros, a write behind what was sent is refused.
+    pub fn from_writer(name: &Path, w: Box<dyn Write + Send>) -> (Output, Sink) {
+        let track = Arc::new(Mutex::new(Track::Stream {
+            pos: 0,
+            len: 0,
+            out: StreamOut { w, digests: None },
+        }));
+        let out = Output {
+            dest: name.to_path_buf(),
+            kind: OutputKind::Stream,
+            atomic: None,
+            file: None,
+            track: Some(track.clone()),
+            zero_fill: true,
+            existing_len: None,
+            digests: Vec::new(),
+            follow: None,
+        };
+        let sink = Sink {
+            file: None,
+            track: Some(track),
+            follow: None,
+        };
+        (out, sink)
+    }
+
+    /// Compute `algos` over the output's bytes, reported by [`finish`](Self::finish). Call
+    /// before anything is written to `sink` (this output's). A stream hashes each byte as
+    /// it is sent, and so does a new file while its writer writes in order (raw, vpc
+    /// fixed, streamOptimized vmdk), on the thread that writes; a file written out of order
+    /// (qcow2, dynamic vpc, vdi, monolithicSparse vmdk) or in place is read once when
+    /// finished instead.
+    pub fn request_digests(&mut self, algos: &[DigestAlgo], sink: &mut Sink) {
+        self.digests = algos.to_vec();
+        let fresh = (!algos.is_empty()).then(|| Digester::new(algos));
+        if let Some(t) = &self.track {
+            if let Track::Stream { out, .. } = &mut *t.lock().unwrap_or_else(|p| p.into_inner()) {
+                out.digests = fresh;
+            }
+        } else if fresh.is_some() && sink.track.is_none() {
+            let f = Arc::new(Mutex::new(Follow {
+                pos: 0,
+                digests: fresh,
+            }));
+            sink.follow = Some(f.clone());
+            self.follow = Some(f);
+        }
     }
 
     /// What kind of destination this is.
@@ -677,27 +963,87 @@ impl Output {
     /// Complete the output after the writer finished: rename a new or replaced file into
     /// place, zero what the writer left unwritten in place (unless the target is known to
     /// be zero), pad a stream to its final length. With `sync`, flush to stable storage
-    /// first. Dropped without this, a new or replaced file leaves nothing behind.
-    pub fn finish(self, sync: bool) -> Result<()> {
+    /// first. Dropped without this, a new or replaced file leaves nothing behind. Returns
+    /// the output's length and the digests asked for.
+    pub fn finish(self, sync: bool) -> Result<Finished> {
+        let followed = self.follow.as_ref().and_then(|f| {
+            let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+            let pos = f.pos;
+            f.digests.take().map(|d| (pos, d))
+        });
+        let hashed = |file: &File, len: u64| -> Result<Finished> {
+            let digests = if self.digests.is_empty() {
+                Vec::new()
+            } else if let Some((pos, mut d)) = followed.filter(|(pos, _)| *pos <= len) {
+                // The file's tail past the last write is a hole.
+                let mut gap = len - pos;
+                while gap > 0 {
+                    let k = gap.min(ZEROS.len() as u64) as usize;
+                    d.update(&ZEROS[..k]);
+                    gap -= k as u64;
+                }
+                d.finish()
+            } else {
+                Digester::of_file(file, len, &self.digests)
+                    .map_err(io_err(
+                        "reading the finished output for its digests",
+                        &self.dest,
+                    ))?
+                    .finish()
+            };
+            Ok(Finished { len, digests })
+        };
         if let Some(a) = self.atomic {
-            return a.commit(sync);
+            let f = File::open(a.temp_path())
+                .map_err(io_err("cannot reopen the finished output", &self.dest))?;
+            let len = f
+                .metadata()
+                .map_err(io_err("cannot stat the output", &self.dest))?
+                .len();
+            let done = hashed(&f, len)?;
+            a.commit(sync)?;
+            return Ok(done);
         }
-        let (Some(file), Some(track)) = (&self.file, &self.track) else {
-            if let (Some(file), true) = (&self.file, sync) {
+        let Some(track) = &self.track else {
+            // A file named through a descriptor: its write-only handle is reopened for
+            // reading through the same name.
+            let Some(file) = &self.file else {
+                return Ok(Finished::default());
+            };
+            if sync {
                 file.sync_all()
                     .map_err(io_err("flushing output", &self.dest))?;
             }
-            return Ok(());
+            let len = file
+                .metadata()
+                .map_err(io_err("cannot stat the output", &self.dest))?
+                .len();
+            if self.digests.is_empty() {
+                return Ok(Finished {
+                    len,
+                    digests: Vec::new(),
+                });
+            }
+            let f = File::open(&self.dest)
+                .map_err(io_err("cannot reopen the finished output", &self.dest))?;
+            return hashed(&f, len);
         };
         let mut t = track.lock().unwrap_or_else(|p| p.into_inner());
         match &mut *t {
-            Track::Stream { pos, len } => {
-                write_zeros(file, *len - *pos)
+            Track::Stream { pos, len, out } => {
+                write_zeros(&mut *out, *len - *pos)
+                    .and_then(|()| out.flush())
                     .map_err(io_err("writing the output's last zeros", &self.dest))?;
                 *pos = *len;
-                Ok(())
+                Ok(Finished {
+                    len: *len,
+                    digests: out.digests.take().map(Digester::finish).unwrap_or_default(),
+                })
             }
             Track::InPlace { len, written, .. } => {
+                let Some(file) = &self.file else {
+                    return Err(Error::arg("an in-place output has no file").with_path(&self.dest));
+                };
                 let bound = written.values().next_back().copied().unwrap_or(0).max(*len);
                 if self.zero_fill {
                     let block = self.kind == OutputKind::BlockDevice;
@@ -723,7 +1069,15 @@ impl Output {
                     file.sync_all()
                         .map_err(io_err("flushing output", &self.dest))?;
                 }
-                Ok(())
+                if self.digests.is_empty() {
+                    return Ok(Finished {
+                        len: bound,
+                        digests: Vec::new(),
+                    });
+                }
+                let f = File::open(&self.dest)
+                    .map_err(io_err("cannot reopen the finished output", &self.dest))?;
+                hashed(&f, bound)
             }
         }
     }

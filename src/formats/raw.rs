@@ -195,6 +195,9 @@ impl ImageWriter for RawWriter {
     fn streams(&self) -> bool {
         true
     }
+    fn output_len(&self) -> Option<u64> {
+        Some(self.size)
+    }
     fn finish(self: Box<Self>) -> Result<()> {
         self.file
             .set_len(self.size)

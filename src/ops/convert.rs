@@ -10,7 +10,7 @@ use crate::formats::{
     check_in_place, create_planned_writer, create_writer, open_with, plan_encoder,
     plan_granularity, STREAMING_OUTPUTS,
 };
-use crate::writer::{Output, OutputKind, OutputOptions, Sink};
+use crate::writer::{ImageWriter, Output, OutputKind, OutputOptions, Sink};
 
 /// Convert the image at `src` into the image `dst`; `src` is only ever opened read-only.
 ///
@@ -53,12 +53,24 @@ fn open_output(dst: &Path, opts: &ConvertOptions) -> Result<(Output, Sink)> {
     )
 }
 
-fn convert_into(
+pub(crate) fn convert_into(
     dev: &dyn BlockDevice,
     out: Output,
     sink: Sink,
     opts: &ConvertOptions,
 ) -> Result<ConvertReport> {
+    let (out, writer) = prepare(dev, out, sink, opts)?;
+    run(dev, out, writer, opts)
+}
+
+/// Everything before the first guest byte is read: the target size checked, the writer
+/// made, a stream refused for a writer that cannot stream, the digests requested.
+pub(crate) fn prepare(
+    dev: &dyn BlockDevice,
+    mut out: Output,
+    sink: Sink,
+    opts: &ConvertOptions,
+) -> Result<(Output, Box<dyn ImageWriter>)> {
     let dst = out.path().to_path_buf();
     let mut create = opts.create.clone();
     if let Some(target) = opts.target_size {
@@ -77,6 +89,9 @@ fn convert_into(
             .with_path(&dst));
         }
     }
+    // Before the writer is made: a header written by its constructor is output too.
+    let mut sink = sink;
+    out.request_digests(&opts.digests, &mut sink);
     let planned = match out.kind() {
         OutputKind::Stream => {
             plan_granularity(opts.format, &create).map_err(|e| e.with_path(&dst))?
@@ -97,15 +112,33 @@ fn convert_into(
         None => create_writer(opts.format, sink, &dst, &create)?,
     };
     if out.kind() == OutputKind::Stream && !writer.streams() {
-        return Err(Error::arg(format!(
-            "this {} output cannot be written to a pipe or character device (it writes out of \
-             order); outputs that can: {}",
-            opts.format, STREAMING_OUTPUTS
-        ))
-        .with_path(&dst));
+        return Err(refuse_stream(opts).with_path(&dst));
     }
-    let report = convert_device(dev, writer, opts).map_err(|e| e.with_path(&dst))?;
-    out.finish(opts.sync)?;
+    Ok((out, writer))
+}
+
+/// The error for an output format that cannot be written to a stream.
+pub(crate) fn refuse_stream(opts: &ConvertOptions) -> Error {
+    Error::arg(format!(
+        "this {} output cannot be written to a pipe or character device (it writes out of \
+         order); outputs that can: {}",
+        opts.format, STREAMING_OUTPUTS
+    ))
+}
+
+/// Run the engine into a prepared writer and finish the output, filling the report's
+/// output length and digests.
+pub(crate) fn run(
+    dev: &dyn BlockDevice,
+    out: Output,
+    writer: Box<dyn ImageWriter>,
+    opts: &ConvertOptions,
+) -> Result<ConvertReport> {
+    let dst = out.path().to_path_buf();
+    let mut report = convert_device(dev, writer, opts).map_err(|e| e.with_path(&dst))?;
+    let done = out.finish(opts.sync)?;
+    report.size = done.len;
+    report.digests = done.digests;
     Ok(report)
 }
 

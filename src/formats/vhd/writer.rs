@@ -202,6 +202,9 @@ impl ImageWriter for FixedWriter {
     fn streams(&self) -> bool {
         true
     }
+    fn output_len(&self) -> Option<u64> {
+        self.size.checked_add(FOOTER_SIZE as u64)
+    }
     fn finish(self: Box<Self>) -> Result<()> {
         let footer = make_footer(self.size, DiskType::Fixed).to_bytes();
         // Unwritten guest ranges stay holes; the footer write extends the file past them.
