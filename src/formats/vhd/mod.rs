@@ -14,6 +14,7 @@ pub mod footer;
 pub mod geometry;
 pub mod reader;
 pub mod resize;
+pub mod stream;
 pub mod writer;
 
 pub use resize::open_editor;
@@ -72,4 +73,19 @@ pub fn create_writer(
     opts: &CreateOptions,
 ) -> Result<Box<dyn ImageWriter>> {
     writer::create_writer(file, opts)
+}
+
+/// The granule an allocation plan for this output must use: the block size of a dynamic
+/// VHD; None for a fixed one, which streams without a plan.
+pub fn plan_granularity(opts: &CreateOptions) -> Result<Option<u64>> {
+    stream::plan_granularity(opts)
+}
+
+/// Make a sequential dynamic VHD writer over `file` for the writes of `plan`.
+pub fn create_stream_writer(
+    file: crate::writer::Sink,
+    opts: &CreateOptions,
+    plan: &crate::writer::AllocationPlan,
+) -> Result<Box<dyn ImageWriter>> {
+    Ok(Box::new(stream::create_stream_writer(file, opts, plan)?))
 }

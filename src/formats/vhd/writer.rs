@@ -28,22 +28,22 @@ pub const DEFAULT_BLOCK_SIZE: u64 = 2 << 20;
 /// and qemu computes its padded size differently from the spec.
 pub const MIN_WRITE_BLOCK_SIZE: u64 = 4096;
 /// Where the BAT starts: after the footer copy and the dynamic header.
-const BAT_OFFSET: u64 = (FOOTER_SIZE + DYN_HEADER_SIZE) as u64;
+pub(super) const BAT_OFFSET: u64 = (FOOTER_SIZE + DYN_HEADER_SIZE) as u64;
 /// Data areas start on this boundary (good for the host file system).
 const DATA_ALIGN: u64 = 4096;
 
 /// The parsed `-o` options.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Plan {
-    fixed: bool,
-    size: u64,
-    block_size: u64,
+pub(super) struct Plan {
+    pub(super) fixed: bool,
+    pub(super) size: u64,
+    pub(super) block_size: u64,
     /// Notes for the user (size rounding), passed on through `ImageWriter::warnings`.
-    notes: Vec<String>,
+    pub(super) notes: Vec<String>,
 }
 
 /// Parse and check the options; note any rounding of the size.
-fn plan(opts: &CreateOptions) -> Result<Plan> {
+pub(super) fn plan(opts: &CreateOptions) -> Result<Plan> {
     let azure = opts.bool_option("azure")?.unwrap_or(false);
     // Accepted for qemu-img compatibility: the exact size is our default anyway.
     let _force_size = opts.bool_option("force_size")?;
@@ -127,7 +127,7 @@ fn plan(opts: &CreateOptions) -> Result<Plan> {
 }
 
 /// The footer for an image of `size` bytes.
-fn make_footer(size: u64, disk_type: DiskType) -> Footer {
+pub(super) fn make_footer(size: u64, disk_type: DiskType) -> Footer {
     let chs = Chs::for_exact_size(size / 512);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -231,9 +231,7 @@ impl DynamicWriter {
     fn new(file: Sink, size: u64, block_size: u64) -> Self {
         let entries = size.div_ceil(block_size) as usize;
         let bitmap_size = dynheader::bitmap_size(block_size as u32);
-        let bat_end = BAT_OFFSET + (entries as u64 * 4).div_ceil(512) * 512;
-        // Place the first bitmap so that data areas start on a 4 KiB boundary.
-        let next_free = (bat_end + bitmap_size).div_ceil(DATA_ALIGN) * DATA_ALIGN - bitmap_size;
+        let next_free = first_block_offset(entries, bitmap_size);
         DynamicWriter {
             file,
             size,
@@ -277,6 +275,41 @@ impl DynamicWriter {
         self.current = Some((blk, vec![0u8; self.bitmap_size as usize]));
         Ok(())
     }
+}
+
+/// Where the first block's bitmap goes in a dynamic VHD with `entries` BAT entries: after
+/// the BAT, placed so that data areas start on a 4 KiB boundary.
+pub(super) fn first_block_offset(entries: usize, bitmap_size: u64) -> u64 {
+    let bat_end = BAT_OFFSET + (entries as u64 * 4).div_ceil(512) * 512;
+    (bat_end + bitmap_size).div_ceil(DATA_ALIGN) * DATA_ALIGN - bitmap_size
+}
+
+/// The dynamic header of a VHD without a parent.
+pub(super) fn dyn_header_bytes(entries: usize, block_size: u64) -> Vec<u8> {
+    DynHeader {
+        data_offset: u64::MAX,
+        table_offset: BAT_OFFSET,
+        version: 0x0001_0000,
+        max_table_entries: entries as u32,
+        block_size: block_size as u32,
+        checksum: 0,
+        parent_uuid: [0; 16],
+        parent_timestamp: 0,
+        parent_name: [0; 512],
+        locators: [ParentLocator::default(); 8],
+    }
+    .to_bytes()
+    .to_vec()
+}
+
+/// The BAT padded to whole sectors with 0xff (unallocated), like qemu.
+pub(super) fn bat_bytes(bat: &[u32]) -> Vec<u8> {
+    let bat_len = (bat.len() * 4).div_ceil(512) * 512;
+    let mut out = vec![0xffu8; bat_len];
+    for (c, e) in out.chunks_exact_mut(4).zip(bat) {
+        c.copy_from_slice(&e.to_be_bytes());
+    }
+    out
 }
 
 /// Set bits `[from, to)` of a VHD sector bitmap (most significant bit first).
@@ -339,25 +372,8 @@ impl ImageWriter for DynamicWriter {
     fn finish(mut self: Box<Self>) -> Result<()> {
         self.flush_bitmap()?;
         let footer = make_footer(self.size, DiskType::Dynamic).to_bytes();
-        let header = DynHeader {
-            data_offset: u64::MAX,
-            table_offset: BAT_OFFSET,
-            version: 0x0001_0000,
-            max_table_entries: self.bat.len() as u32,
-            block_size: self.block_size as u32,
-            checksum: 0,
-            parent_uuid: [0; 16],
-            parent_timestamp: 0,
-            parent_name: [0; 512],
-            locators: [ParentLocator::default(); 8],
-        }
-        .to_bytes();
-        // The BAT padded to whole sectors with 0xff (unallocated), like qemu.
-        let bat_len = (self.bat.len() * 4).div_ceil(512) * 512;
-        let mut bat = vec![0xffu8; bat_len];
-        for (c, e) in bat.chunks_exact_mut(4).zip(&self.bat) {
-            c.copy_from_slice(&e.to_be_bytes());
-        }
+        let header = dyn_header_bytes(self.bat.len(), self.block_size);
+        let bat = bat_bytes(&self.bat);
         write_all_at(&self.file, &footer, 0, "VHD footer copy")?;
         write_all_at(
             &self.file,
