@@ -339,6 +339,7 @@ fn a_fifo_destination_receives_what_a_file_would_for_streaming_formats() {
     for (args, fmt) in [
         (vec!["-O", "raw"], Format::Raw),
         (vec!["-O", "vpc", "-o", "subformat=fixed"], Format::Vhd),
+        (vec!["-O", "vpc"], Format::Vhd),
         (
             vec!["-O", "vmdk", "-o", "subformat=streamOptimized"],
             Format::Vmdk,
@@ -374,8 +375,13 @@ fn a_fifo_destination_receives_what_a_file_would_for_streaming_formats() {
 fn formats_that_seek_are_refused_on_a_fifo_before_anything_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let raw = sample(dir.path(), "a.raw", 1 << 20);
-    // qcow2 streams (laid out from a first pass): tests/stream_qcow2.rs.
-    for args in [vec!["-O", "vdi"], vec!["-O", "vpc"], vec!["-O", "vmdk"]] {
+    // qcow2 and dynamic vpc stream (laid out from a first pass): tests/stream_qcow2.rs,
+    // tests/stream_vhd.rs.
+    for args in [
+        vec!["-O", "vdi"],
+        vec!["-O", "vmdk"],
+        vec!["-O", "vmdk", "-o", "subformat=monolithicSparse"],
+    ] {
         let (o, got) = convert_into_fifo(dir.path(), &args, &raw);
         assert_fails_with(
             &o,
