@@ -277,3 +277,44 @@ fn cli_streams_dynamic_vpc_into_a_pipe() {
         }
     }
 }
+
+/// The library's push (`convert_to_writer`) and pull (`ConvertedReader`) give a dynamic
+/// VHD of the predicted length that reads as the source.
+#[test]
+fn library_push_and_pull_stream_dynamic_vpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    make_raw(&src, 3 << 20, 17);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_len(9 << 20)
+        .unwrap();
+    let dev: std::sync::Arc<dyn BlockDevice> = std::sync::Arc::from(open(&src, Format::Raw));
+    let o = options(&[("block_size", "512K")], 0, 4096);
+    // A pipe-like sink: the writer sees only `Write`.
+    let pushed_path = dir.path().join("pushed.out");
+    let f = std::fs::File::create(&pushed_path).unwrap();
+    let r = diskconv::convert_to_writer(dev.as_ref(), std::io::BufWriter::new(f), &o).unwrap();
+    let pushed = std::fs::read(&pushed_path).unwrap();
+    assert_eq!(r.output_len, Some(pushed.len() as u64));
+    assert_eq!(r.size, pushed.len() as u64);
+    let mut reader = diskconv::ConvertedReader::new(dev.clone(), o).unwrap();
+    let mut pulled = Vec::new();
+    std::io::Read::read_to_end(&mut reader, &mut pulled).unwrap();
+    assert_eq!(pulled.len(), pushed.len());
+    for (name, bytes) in [("pushed.vhd", &pushed), ("pulled.vhd", &pulled)] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        assert_eq!(
+            sha256_device(&*open(&p, Format::Vhd)),
+            sha256_file(&src),
+            "{name}"
+        );
+        if have_qemu() {
+            assert_qemu_identical(&p, Format::Vhd, &src, Format::Raw);
+        }
+    }
+    assert!(masked(&dir.path().join("pushed.vhd")) == masked(&dir.path().join("pulled.vhd")));
+}
