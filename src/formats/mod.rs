@@ -99,7 +99,7 @@ pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>
 /// The outputs that can be written to a pipe or character device, for error messages
 /// (each such writer answers true to [`ImageWriter::streams`]).
 pub const STREAMING_OUTPUTS: &str =
-    "raw, qcow2 (laid out from a first pass over the source), vpc with -o subformat=fixed, vmdk with -o subformat=streamOptimized";
+    "raw, qcow2 and vdi (laid out from a first pass over the source), vpc with -o subformat=fixed, vmdk with -o subformat=streamOptimized";
 
 /// Whether `format` can be written into an existing image in place (`-n`): only raw
 /// today, whose in-place image is the guest bytes themselves.
@@ -143,12 +143,13 @@ pub fn create_writer(
 /// The granule an [`AllocationPlan`](crate::writer::AllocationPlan) must be made with
 /// ([`crate::convert::plan_allocation`], or [`crate::convert::plan_allocation_with`] and
 /// [`plan_encoder`]) for [`create_planned_writer`] to lay out a sequential `format` output
-/// with these options; None when the output needs no plan (every writer but qcow2 either
-/// streams without one or cannot stream).
+/// with these options; None when the output needs no plan (every writer but qcow2 and vdi
+/// either streams without one or cannot stream).
 pub fn plan_granularity(format: Format, opts: &CreateOptions) -> Result<Option<u64>> {
     opts.check_known(format)?;
     match format {
         Format::Qcow2 => qcow2::plan_granularity(opts).map(Some),
+        Format::Vdi => Ok(Some(vdi::plan_granularity())),
         _ => Ok(None),
     }
 }
@@ -168,9 +169,9 @@ pub fn plan_encoder(
 }
 
 /// Make a writer of `format` whose layout follows `plan` where the format needs one to
-/// write strictly forward: qcow2 gets the sequential writer (tables first, then data;
-/// [`ImageWriter::streams`] true, [`ImageWriter::output_len`] exact; compressed, the plan
-/// must hold the compressed lengths); every other format gets the writer
+/// write strictly forward: qcow2 and vdi get their sequential writers (tables first, then
+/// data; [`ImageWriter::streams`] true, [`ImageWriter::output_len`] exact; compressed
+/// qcow2, the plan must hold the compressed lengths); every other format gets the writer
 /// [`create_writer`] makes.
 pub fn create_planned_writer(
     format: Format,
@@ -185,7 +186,11 @@ pub fn create_planned_writer(
     {
         return create_writer(format, file, path, opts);
     }
-    qcow2::create_stream_writer(file.into(), opts, plan).map_err(|e| e.with_path(path))
+    let w = match format {
+        Format::Vdi => vdi::create_stream_writer(file.into(), opts, plan),
+        _ => qcow2::create_stream_writer(file.into(), opts, plan),
+    };
+    w.map_err(|e| e.with_path(path))
 }
 
 /// Open the image in `file` (at `path`, of `format`) for in-place changes; each format's
