@@ -85,6 +85,15 @@ impl ImageWriter for VdiWriter {
         self.size
     }
 
+    fn output_len(&self) -> Option<u64> {
+        // Static: every block is in the file. Dynamic: known only once the data has come
+        // (the sequential writer knows it up front, from its plan).
+        (self.header.image_type == ImageType::Static).then(|| {
+            u64::from(self.header.offset_data)
+                + u64::from(self.header.blocks_allocated) * self.block_size()
+        })
+    }
+
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         if data.is_empty() {
             return Ok(());
