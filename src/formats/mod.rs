@@ -99,7 +99,7 @@ pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>
 /// The outputs that can be written to a pipe or character device, for error messages
 /// (each such writer answers true to [`ImageWriter::streams`]).
 pub const STREAMING_OUTPUTS: &str =
-    "raw, qcow2 (laid out from a first pass over the source), vpc (dynamic laid out from a first pass over the source), vmdk with -o subformat=streamOptimized";
+    "raw, qcow2, vdi and dynamic vpc (laid out from a first pass over the source), fixed vpc, vmdk with -o subformat=streamOptimized";
 
 /// Whether `format` can be written into an existing image in place (`-n`): only raw
 /// today, whose in-place image is the guest bytes themselves.
@@ -143,13 +143,14 @@ pub fn create_writer(
 /// The granule an [`AllocationPlan`](crate::writer::AllocationPlan) must be made with
 /// ([`crate::convert::plan_allocation`], or [`crate::convert::plan_allocation_with`] and
 /// [`plan_encoder`]) for [`create_planned_writer`] to lay out a sequential `format` output
-/// with these options; None when the output needs no plan (every writer but qcow2 and
-/// dynamic vpc either streams without one or cannot stream).
+/// with these options; None when the output needs no plan (every writer but qcow2, vdi
+/// and dynamic vpc either streams without one or cannot stream).
 pub fn plan_granularity(format: Format, opts: &CreateOptions) -> Result<Option<u64>> {
     opts.check_known(format)?;
     match format {
         Format::Qcow2 => qcow2::plan_granularity(opts).map(Some),
         Format::Vhd => vhd::plan_granularity(opts),
+        Format::Vdi => Ok(Some(vdi::plan_granularity())),
         _ => Ok(None),
     }
 }
@@ -169,10 +170,9 @@ pub fn plan_encoder(
 }
 
 /// Make a writer of `format` whose layout follows `plan` where the format needs one to
-/// write strictly forward: qcow2 gets the sequential writer (tables first, then data;
-/// [`ImageWriter::streams`] true, [`ImageWriter::output_len`] exact; compressed, the plan
-/// must hold the compressed lengths), and so does dynamic vpc (footer copy, header and BAT
-/// first, then the blocks in guest order); every other format gets the writer
+/// write strictly forward: qcow2, vdi and dynamic vpc get their sequential writers (tables
+/// first, then data; [`ImageWriter::streams`] true, [`ImageWriter::output_len`] exact;
+/// compressed qcow2, the plan must hold the compressed lengths); every other format gets the writer
 /// [`create_writer`] makes.
 pub fn create_planned_writer(
     format: Format,
@@ -189,6 +189,7 @@ pub fn create_planned_writer(
     }
     let w = match format {
         Format::Vhd => vhd::create_stream_writer(file.into(), opts, plan),
+        Format::Vdi => vdi::create_stream_writer(file.into(), opts, plan),
         _ => qcow2::create_stream_writer(file.into(), opts, plan),
     };
     w.map_err(|e| e.with_path(path))

@@ -16,6 +16,7 @@ use crate::writer::ImageWriter;
 pub mod header;
 pub mod reader;
 pub mod resize;
+pub mod stream;
 pub mod writer;
 
 pub use reader::VdiImage;
@@ -57,6 +58,20 @@ pub fn create_writer(
     }
     let fixed = opts.bool_option("static")?.unwrap_or(false);
     Ok(Box::new(VdiWriter::new(file, opts.size, fixed)?))
+}
+
+/// Make a sequential vdi writer over `file` for exactly the writes of `plan`.
+pub fn create_stream_writer(
+    file: crate::writer::Sink,
+    opts: &CreateOptions,
+    plan: &crate::writer::AllocationPlan,
+) -> Result<Box<dyn ImageWriter>> {
+    Ok(Box::new(stream::create_stream_writer(file, opts, plan)?))
+}
+
+/// The granule an allocation plan for this output must use: the block size.
+pub fn plan_granularity() -> u64 {
+    stream::plan_granularity()
 }
 
 #[cfg(test)]

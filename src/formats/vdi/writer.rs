@@ -24,25 +24,8 @@ pub struct VdiWriter {
 impl VdiWriter {
     /// A writer for a `size`-byte guest (rounded up to whole sectors, as qemu does).
     pub fn new(file: Sink, size: u64, fixed: bool) -> Result<Self> {
-        let size = size
-            .checked_next_multiple_of(u64::from(SECTOR_SIZE))
-            .ok_or_else(|| Error::arg(format!("VDI size {size} is too large")))?;
-        let bs = u64::from(DEFAULT_BLOCK_SIZE);
-        let blocks = size.div_ceil(bs);
-        // Our reader's table limit, so we never write an image we would refuse to read.
-        let max = MAX_BMAP_BYTES / 4 * bs;
-        if blocks * 4 > MAX_BMAP_BYTES {
-            return Err(Error::limit(format!(
-                "VDI size {size} exceeds the supported maximum of {max} bytes ({} blocks of 1 MiB)",
-                MAX_BMAP_BYTES / 4
-            )));
-        }
-        let image_type = if fixed {
-            ImageType::Static
-        } else {
-            ImageType::Dynamic
-        };
-        let header = VdiHeader::new(size, DEFAULT_BLOCK_SIZE, image_type)?;
+        let (size, header) = new_header(size, fixed)?;
+        let blocks = u64::from(header.blocks_in_image);
         let bmap = if fixed {
             (0..blocks as u32).collect()
         } else {
@@ -62,6 +45,30 @@ impl VdiWriter {
     }
 }
 
+/// The header of a new `size`-byte image (rounded up to whole sectors, as qemu does; the
+/// rounded size comes back too), refused when our reader's block map limit would refuse
+/// to read it back.
+pub(super) fn new_header(size: u64, fixed: bool) -> Result<(u64, VdiHeader)> {
+    let size = size
+        .checked_next_multiple_of(u64::from(SECTOR_SIZE))
+        .ok_or_else(|| Error::arg(format!("VDI size {size} is too large")))?;
+    let bs = u64::from(DEFAULT_BLOCK_SIZE);
+    let blocks = size.div_ceil(bs);
+    let max = MAX_BMAP_BYTES / 4 * bs;
+    if blocks * 4 > MAX_BMAP_BYTES {
+        return Err(Error::limit(format!(
+            "VDI size {size} exceeds the supported maximum of {max} bytes ({} blocks of 1 MiB)",
+            MAX_BMAP_BYTES / 4
+        )));
+    }
+    let image_type = if fixed {
+        ImageType::Static
+    } else {
+        ImageType::Dynamic
+    };
+    Ok((size, VdiHeader::new(size, DEFAULT_BLOCK_SIZE, image_type)?))
+}
+
 impl ImageWriter for VdiWriter {
     fn granularity(&self) -> u64 {
         // A static image's blocks are all mapped (identity), so any sector can be written
@@ -76,6 +83,15 @@ impl ImageWriter for VdiWriter {
 
     fn virtual_size(&self) -> u64 {
         self.size
+    }
+
+    fn output_len(&self) -> Option<u64> {
+        // Static: every block is in the file. Dynamic: known only once the data has come
+        // (the sequential writer knows it up front, from its plan).
+        (self.header.image_type == ImageType::Static).then(|| {
+            u64::from(self.header.offset_data)
+                + u64::from(self.header.blocks_allocated) * self.block_size()
+        })
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
