@@ -3,6 +3,7 @@
 //! (check clean, compare identical), its length against the prediction, and its bytes
 //! against the same sequential layout written to a plain file.
 mod common;
+use common::stream::planned_through_fifo;
 use common::*;
 
 use std::os::unix::fs::FileExt;
@@ -39,37 +40,6 @@ fn plan(src: &dyn BlockDevice, o: &ConvertOptions) -> AllocationPlan {
     plan_allocation_with(src, g, enc, o).unwrap()
 }
 
-/// Convert `src` with `o` and `plan` through a FIFO (written by the library, drained into
-/// `dst` by a thread); returns (predicted length, bytes that came out of the FIFO).
-fn through_fifo(
-    src: &dyn BlockDevice,
-    o: &ConvertOptions,
-    plan: &AllocationPlan,
-    dst: &Path,
-) -> (u64, u64) {
-    let _guard = hang_guard("streaming qcow2 into a FIFO");
-    let fifo = dst.with_extension("fifo");
-    let _ = std::fs::remove_file(&fifo);
-    run(&["mkfifo", s(&fifo)]);
-    let (f2, d2) = (fifo.clone(), dst.to_path_buf());
-    let drain = std::thread::spawn(move || {
-        let mut r = std::fs::File::open(&f2).unwrap();
-        let mut w = std::fs::File::create(&d2).unwrap();
-        std::io::copy(&mut r, &mut w).unwrap()
-    });
-    let (out, sink) = diskconv::Output::open(&fifo, &Default::default()).unwrap();
-    assert_eq!(out.kind(), diskconv::OutputKind::Stream);
-    let w = create_planned_writer(Format::Qcow2, sink, &fifo, &o.create, plan).unwrap();
-    assert!(w.streams(), "the planned qcow2 writer streams");
-    let predicted = w.output_len().expect("uncompressed qcow2 knows its length");
-    // A backward write would fail here: the stream sink refuses it.
-    convert_device(src, w, o).unwrap();
-    out.finish(false).unwrap();
-    let n = drain.join().unwrap();
-    std::fs::remove_file(&fifo).unwrap();
-    (predicted, n)
-}
-
 /// The same planned layout written to a fresh regular file.
 fn to_file(src: &dyn BlockDevice, o: &ConvertOptions, plan: &AllocationPlan, dst: &Path) {
     let f = std::fs::File::create(dst).unwrap();
@@ -96,7 +66,7 @@ fn check_case_c(
     o.create.compress = compress;
     let p = plan(&*src, &o);
     let streamed = dir.join("streamed.qcow2");
-    let (predicted, n) = through_fifo(&*src, &o, &p, &streamed);
+    let (predicted, n) = planned_through_fifo(Format::Qcow2, &*src, &o, &p, &streamed);
     assert_eq!(n, predicted, "{what}: bytes written vs predicted");
     assert_eq!(std::fs::metadata(&streamed).unwrap().len(), n, "{what}");
     assert_qemu_check_clean(&streamed, Format::Qcow2);
@@ -256,7 +226,7 @@ fn a_write_outside_the_plan_is_refused_and_planned_clusters_never_written_are_ze
     p.ranges.push((1020 << 10, 1 << 20));
     p.bytes += 8192 + 4096;
     let out = dir.path().join("extra.qcow2");
-    let (predicted, n) = through_fifo(&*src, &o, &p, &out);
+    let (predicted, n) = planned_through_fifo(Format::Qcow2, &*src, &o, &p, &out);
     assert_eq!(predicted, n);
     let img = open(&out, Format::Qcow2);
     let mut b = vec![0u8; 1 << 20];
@@ -370,7 +340,7 @@ fn a_sparse_tebibyte_streams_small_with_tables_sized_right() {
     let p = plan(&*src, &o);
     assert_eq!(p.bytes, 4 << 20);
     let out = dir.path().join("big.qcow2");
-    let (predicted, n) = through_fifo(&*src, &o, &p, &out);
+    let (predicted, n) = planned_through_fifo(Format::Qcow2, &*src, &o, &p, &out);
     assert_eq!(predicted, n);
     // Header, 1 refcount table cluster, 1 refcount block, the L1 (2048 entries = 16 KiB,
     // one cluster), 4 L2 tables, 64 data clusters.

@@ -3,14 +3,15 @@
 //! Every output is checked with qemu-img (check clean, compare identical), its length
 //! against the prediction, and its bytes against the file writer's (UUIDs masked).
 mod common;
+use common::stream::planned_through_fifo;
 use common::*;
 
 use std::path::Path;
 
 use diskconv::convert::plan_allocation_with;
-use diskconv::formats::{create_planned_writer, plan_encoder, plan_granularity};
+use diskconv::formats::{plan_encoder, plan_granularity};
 use diskconv::writer::AllocationPlan;
-use diskconv::{convert_device, BlockDevice, ConvertOptions, Format, OpenOptions};
+use diskconv::{BlockDevice, ConvertOptions, Format, OpenOptions};
 
 /// A few MiB and one sector over a block multiple, so the last block is partial.
 const SRC_SIZE: u64 = (3 << 20) + 512;
@@ -36,29 +37,10 @@ fn plan(src: &dyn BlockDevice, o: &ConvertOptions) -> AllocationPlan {
     plan_allocation_with(src, g, enc, o).unwrap()
 }
 
-/// Convert through a FIFO drained into `dst` by a thread; returns (predicted, sent).
+/// Plan `src` and convert it through a FIFO drained into `dst`; returns (predicted length,
+/// bytes sent).
 fn through_fifo(src: &dyn BlockDevice, o: &ConvertOptions, dst: &Path) -> (u64, u64) {
-    let _guard = hang_guard("streaming vdi into a FIFO");
-    let p = plan(src, o);
-    let fifo = dst.with_extension("fifo");
-    let _ = std::fs::remove_file(&fifo);
-    run(&["mkfifo", s(&fifo)]);
-    let (f2, d2) = (fifo.clone(), dst.to_path_buf());
-    let drain = std::thread::spawn(move || {
-        let mut r = std::fs::File::open(&f2).unwrap();
-        let mut w = std::fs::File::create(&d2).unwrap();
-        std::io::copy(&mut r, &mut w).unwrap()
-    });
-    let (out, sink) = diskconv::Output::open(&fifo, &Default::default()).unwrap();
-    assert_eq!(out.kind(), diskconv::OutputKind::Stream);
-    let w = create_planned_writer(Format::Vdi, sink, &fifo, &o.create, &p).unwrap();
-    assert!(w.streams(), "the planned vdi writer streams");
-    let predicted = w.output_len().expect("vdi knows its length");
-    convert_device(src, w, o).unwrap();
-    out.finish(false).unwrap();
-    let n = drain.join().unwrap();
-    std::fs::remove_file(&fifo).unwrap();
-    (predicted, n)
+    planned_through_fifo(Format::Vdi, src, o, &plan(src, o), dst)
 }
 
 /// The file's bytes with the fields each new image gets fresh (image and last-snapshot

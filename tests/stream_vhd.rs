@@ -4,6 +4,7 @@
 //! reader, its length against the prediction, and its bytes against the same layout
 //! written to a plain file.
 mod common;
+use common::stream::planned_through_fifo;
 use common::*;
 
 use std::os::unix::fs::FileExt;
@@ -39,36 +40,6 @@ fn plan(src: &dyn BlockDevice, o: &ConvertOptions) -> AllocationPlan {
     plan_allocation_with(src, g, None, o).unwrap()
 }
 
-/// Convert through a FIFO drained into `dst`; returns (predicted length, bytes sent).
-fn through_fifo(
-    src: &dyn BlockDevice,
-    o: &ConvertOptions,
-    plan: &AllocationPlan,
-    dst: &Path,
-) -> (u64, u64) {
-    let _guard = hang_guard("streaming vpc into a FIFO");
-    let fifo = dst.with_extension("fifo");
-    let _ = std::fs::remove_file(&fifo);
-    run(&["mkfifo", s(&fifo)]);
-    let (f2, d2) = (fifo.clone(), dst.to_path_buf());
-    let drain = std::thread::spawn(move || {
-        let mut r = std::fs::File::open(&f2).unwrap();
-        let mut w = std::fs::File::create(&d2).unwrap();
-        std::io::copy(&mut r, &mut w).unwrap()
-    });
-    let (out, sink) = diskconv::Output::open(&fifo, &Default::default()).unwrap();
-    assert_eq!(out.kind(), diskconv::OutputKind::Stream);
-    let w = create_planned_writer(Format::Vhd, sink, &fifo, &o.create, plan).unwrap();
-    assert!(w.streams(), "the planned vpc writer streams");
-    let predicted = w.output_len().expect("dynamic vpc knows its length");
-    // A backward write would fail here: the stream sink refuses it.
-    convert_device(src, w, o).unwrap();
-    out.finish(false).unwrap();
-    let n = drain.join().unwrap();
-    std::fs::remove_file(&fifo).unwrap();
-    (predicted, n)
-}
-
 /// The image's bytes with the fields every new VHD gets fresh (timestamp, checksum and
 /// unique id of the footer and its copy) zeroed.
 fn masked(p: &Path) -> Vec<u8> {
@@ -89,7 +60,7 @@ fn check_case(srcp: &Path, fmt: Format, opts: &[(&str, &str)], min_sparse: u64, 
     let o = options(opts, src.virtual_size(), min_sparse);
     let p = plan(&*src, &o);
     let streamed = dir.join("streamed.vhd");
-    let (predicted, n) = through_fifo(&*src, &o, &p, &streamed);
+    let (predicted, n) = planned_through_fifo(Format::Vhd, &*src, &o, &p, &streamed);
     assert_eq!(n, predicted, "{what}: bytes written vs predicted");
     assert_eq!(std::fs::metadata(&streamed).unwrap().len(), n, "{what}");
     let ours = open(&streamed, Format::Vhd);
@@ -205,7 +176,7 @@ fn a_write_outside_the_plan_is_refused_and_planned_blocks_never_written_are_zero
     p.ranges.insert(0, (0, 1 << 20));
     p.ranges.push((3 << 20, 4 << 20));
     let out = dir.path().join("extra.vhd");
-    let (predicted, n) = through_fifo(&*src, &o, &p, &out);
+    let (predicted, n) = planned_through_fifo(Format::Vhd, &*src, &o, &p, &out);
     assert_eq!(predicted, n);
     assert_eq!(sha256_device(&*open(&out, Format::Vhd)), sha256_file(&raw));
     if have_qemu() {

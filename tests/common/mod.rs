@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod resize;
+pub mod stream;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
