@@ -38,6 +38,8 @@ pub mod references;
 pub mod writer;
 // The formats, one folder each, behind one dispatch.
 pub mod formats;
+// Partition tables and guest filesystems over any device (sparsify), above the core.
+pub mod guest;
 // Detection, inspection and the commands, over the formats.
 #[doc(hidden)]
 pub mod fuzzing;

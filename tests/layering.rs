@@ -125,3 +125,26 @@ fn the_checks_see_what_they_check() {
     let engine = code_lines(&src().join("convert.rs"));
     assert!(engine.iter().any(|(_, l)| l.contains("crate::device")));
 }
+
+#[test]
+fn guest_floor_imports_only_the_core() {
+    // Filesystem scanners see a device, never a format, a command or a path.
+    let mut files = Vec::new();
+    rs_files(&src().join("guest"), &mut files);
+    assert!(!files.is_empty(), "src/guest is gone: did it move?");
+    let mut bad = Vec::new();
+    for p in files {
+        for (n, line) in code_lines(&p) {
+            for above in ABOVE_CORE {
+                if line.contains(&format!("{above}::")) || line.contains(&format!("{above};")) {
+                    bad.push(format!("{}:{n}: {line}", p.display()));
+                }
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "src/guest imports from above the core:\n{}",
+        bad.join("\n")
+    );
+}
