@@ -362,4 +362,16 @@ pub trait ImageEditor: Send {
     /// Change the guest size to `new_size`: growing adds space that reads as zeros;
     /// shrinking drops the tail and needs [`ResizeOptions::shrink`](crate::options::ResizeOptions::shrink).
     fn resize(&mut self, new_size: u64, opts: &crate::options::ResizeOptions) -> Result<()>;
+
+    /// Give back the storage of the guest ranges `runs` (ascending, disjoint `(offset,
+    /// len)` pairs), which must read as zeros afterwards: in-place sparsify. Blocks wholly
+    /// inside a run are unallocated (or marked zero) where the format allows; partial
+    /// blocks are left as they are. Returns the bytes of guest data no longer stored. A
+    /// format that can free nothing in place refuses with the reason.
+    fn discard(&mut self, runs: &[(u64, u64)]) -> Result<u64> {
+        let _ = runs;
+        Err(Error::unsupported(
+            "this image format cannot give back space in place",
+        ))
+    }
 }

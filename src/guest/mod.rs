@@ -16,9 +16,16 @@
 //!
 //! This floor imports only the core (`tests/layering.rs` keeps it so).
 
+pub mod ext;
+pub mod fat;
 pub mod freemap;
+pub mod ntfs;
+pub mod scan;
+pub mod swap;
+pub mod xfs;
 
 pub use freemap::{FreeMap, GuestFree};
+pub use scan::{scan, GuestScan, PartitionReport};
 
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
