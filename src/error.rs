@@ -24,6 +24,11 @@ pub enum ErrorKind {
     UnsafeReference,
     /// The caller asked for something invalid (unknown option, bad size, same input and output).
     InvalidArgument,
+    /// The image is encrypted (qcow2 AES or LUKS): its content cannot be read without a
+    /// key, which this crate does not take.
+    Encrypted,
+    /// The caller cancelled the operation (a [`CancelToken`](crate::convert::CancelToken)).
+    Cancelled,
 }
 
 impl ErrorKind {
@@ -37,7 +42,43 @@ impl ErrorKind {
             ErrorKind::LimitExceeded => "limit exceeded",
             ErrorKind::UnsafeReference => "unsafe reference",
             ErrorKind::InvalidArgument => "invalid argument",
+            ErrorKind::Encrypted => "encrypted image",
+            ErrorKind::Cancelled => "cancelled",
         }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which end of an operation failed: the image being read or the image (file, stream,
+/// sink) being written. A service answers differently to each: a bad upload is the
+/// client's fault, a failing sink is its own.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Side {
+    /// The input: opening, mapping or reading the source image.
+    Source,
+    /// The output: creating, writing or committing the destination.
+    Destination,
+}
+
+impl Side {
+    /// Lowercase name used in messages and JSON output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Source => "source",
+            Side::Destination => "destination",
+        }
+    }
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -49,6 +90,8 @@ pub struct Error {
     path: Option<PathBuf>,
     field: Option<String>,
     offset: Option<u64>,
+    side: Option<Side>,
+    option: Option<&'static str>,
     #[source]
     source: Option<std::io::Error>,
 }
@@ -65,6 +108,8 @@ impl Error {
             path: None,
             field: None,
             offset: None,
+            side: None,
+            option: None,
             source: None,
         }
     }
@@ -92,6 +137,14 @@ impl Error {
     pub fn arg(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidArgument, message)
     }
+    /// Shorthand for [`ErrorKind::Encrypted`].
+    pub fn encrypted(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Encrypted, message)
+    }
+    /// Shorthand for [`ErrorKind::Cancelled`].
+    pub fn cancelled(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Cancelled, message)
+    }
     /// An I/O error with what we were doing when it happened.
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         let mut e = Self::new(ErrorKind::Io, what);
@@ -117,6 +170,22 @@ impl Error {
         self
     }
 
+    /// Say which side failed (kept if already set: the innermost caller knows best).
+    pub fn on_side(mut self, side: Side) -> Self {
+        if self.side.is_none() {
+            self.side = Some(side);
+        }
+        self
+    }
+    /// Name the library option that decides this outcome, as `Type::field`
+    /// (`"ResizeOptions::shrink"`, `"OpenOptions::allow_references"`): messages name
+    /// options this way, never a command-line flag, and a front end maps the name to its
+    /// own flag for a hint.
+    pub fn with_option(mut self, option: &'static str) -> Self {
+        self.option = Some(option);
+        self
+    }
+
     /// The class of failure.
     pub fn kind(&self) -> ErrorKind {
         self.kind
@@ -136,6 +205,34 @@ impl Error {
     /// The byte offset, when known.
     pub fn offset(&self) -> Option<u64> {
         self.offset
+    }
+    /// Which side failed, when the operation had two (conversions, streams, readers).
+    pub fn side(&self) -> Option<Side> {
+        self.side
+    }
+    /// The library option that decides this outcome (see [`Error::with_option`]).
+    pub fn option(&self) -> Option<&'static str> {
+        self.option
+    }
+    /// The [`std::io::ErrorKind`] this error stands for: the operating system's own for
+    /// an I/O failure (`NotFound`, `PermissionDenied`, `BrokenPipe`, ...), otherwise the
+    /// closest one (`InvalidData` for a bad image, `Unsupported`, `InvalidInput`, ...). The
+    /// same kind the [`std::io::Error`] made from this error has.
+    pub fn io_kind(&self) -> std::io::ErrorKind {
+        use std::io::ErrorKind as K;
+        if let Some(src) = &self.source {
+            return src.kind();
+        }
+        match self.kind {
+            ErrorKind::InvalidFormat | ErrorKind::Corrupt | ErrorKind::LimitExceeded => {
+                K::InvalidData
+            }
+            ErrorKind::Unsupported | ErrorKind::Encrypted => K::Unsupported,
+            ErrorKind::UnsafeReference => K::PermissionDenied,
+            ErrorKind::InvalidArgument => K::InvalidInput,
+            ErrorKind::Cancelled => K::Interrupted,
+            ErrorKind::Io => K::Other,
+        }
     }
 }
 
@@ -158,9 +255,33 @@ impl fmt::Display for Error {
     }
 }
 
+/// An [`std::io::Error`] made from one of ours (as [`Error::into`]) gives it back whole:
+/// its kind, side, path and source survive a trip through `std::io` (a [`Read`] adapter
+/// such as [`DeviceReader`](crate::DeviceReader), `std::io::copy`).
+///
+/// [`Read`]: std::io::Read
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
+        // Checked first: `into_inner` would drop an OS error's code.
+        let e = if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+            let kind = e.kind();
+            match e.into_inner().map(|inner| inner.downcast::<Error>()) {
+                Some(Ok(ours)) => return *ours,
+                Some(Err(other)) => std::io::Error::new(kind, other),
+                None => std::io::Error::from(kind),
+            }
+        } else {
+            e
+        };
         Error::io("I/O failed", e)
+    }
+}
+
+/// Keeps the kind ([`Error::io_kind`]) and carries the whole error inside: get it back with
+/// `Error::from(io_error)`, or `io_error.get_ref()` and `downcast_ref::<diskconv::Error>()`.
+impl From<Error> for std::io::Error {
+    fn from(e: Error) -> Self {
+        std::io::Error::new(e.io_kind(), e)
     }
 }
 

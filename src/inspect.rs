@@ -129,6 +129,8 @@ pub fn error_kind_name(kind: ErrorKind) -> &'static str {
         ErrorKind::LimitExceeded => "LimitExceeded",
         ErrorKind::UnsafeReference => "UnsafeReference",
         ErrorKind::InvalidArgument => "InvalidArgument",
+        ErrorKind::Encrypted => "Encrypted",
+        ErrorKind::Cancelled => "Cancelled",
     }
 }
 
@@ -426,6 +428,7 @@ fn error_findings(e: &Error, stage: &str) -> Vec<Finding> {
             }
         }
         ErrorKind::Corrupt => out.push(Finding::new(FindingKind::Corrupt, detail).with_error(e)),
+        ErrorKind::Encrypted => out.push(Finding::new(FindingKind::Encrypted, detail).with_error(e)),
         // Readers refuse encrypted images and unknown incompatible features as
         // Unsupported; the message is the only place the reason lives. Whatever the
         // words, the finding is unsafe, so a reworded message only changes its label.

@@ -215,9 +215,32 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("diskconv: {e}");
+            if let Some(hint) = flag_hint(&e) {
+                eprintln!("diskconv: hint: {hint}");
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// The command line's spelling of the library option an error names (the library's
+/// messages name `Type::field`, never a flag).
+fn flag_hint(e: &Error) -> Option<String> {
+    const FLAGS: &[(&str, &str)] = &[
+        ("OpenOptions::allow_references", "--allow-references"),
+        ("ResizeOptions::shrink", "--shrink"),
+        ("ConvertOptions::shrink", "--shrink"),
+        ("ConvertOptions::target_size", "diskconv convert --target-size SIZE"),
+        ("ConvertOptions::target_is_zero", "--target-is-zero"),
+        ("ConvertOptions::existing_target", "-n"),
+    ];
+    let msg = e.message();
+    let hints: Vec<String> = FLAGS
+        .iter()
+        .filter(|(opt, _)| e.option() == Some(*opt) || msg.contains(opt))
+        .map(|(opt, flag)| format!("{opt} is {flag} on the command line"))
+        .collect();
+    (!hints.is_empty()).then(|| hints.join("; "))
 }
 
 fn open_options(format: Option<&str>, allow: bool) -> Result<OpenOptions> {
@@ -400,6 +423,10 @@ fn run(cli: Cli) -> Result<()> {
                     "convert needs SRC and DST (diskconv convert --help)",
                 ));
             };
+            if target_is_zero && !existing_target {
+                // qemu-img's words for its flags; the library names its own options.
+                return Err(Error::arg("--target-is-zero requires use of -n flag"));
+            }
             let mut opts = ConvertOptions::new(format);
             opts.open = open_options(src_format.as_deref(), allow_references)?;
             opts.create = create;
@@ -563,7 +590,7 @@ fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             if let Err(e) = diskconv::resize(&image, new_size, &opts) {
-                if !shrink && e.message().contains("--shrink") {
+                if !shrink && e.option() == Some("ResizeOptions::shrink") {
                     // qemu-img's words, in its order: the refusal, then why it matters.
                     eprintln!("diskconv: Use the --shrink option to perform a shrink operation.");
                     eprintln!("diskconv: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.");

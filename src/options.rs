@@ -10,6 +10,11 @@ use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::Format;
 
+/// Why a resize that would shrink is refused without [`ResizeOptions::shrink`]; every
+/// format's editor says the same.
+pub(crate) const SHRINK_REFUSED: &str =
+    "the new size is smaller than the image: shrinking drops its tail (set ResizeOptions::shrink to allow it)";
+
 /// One `-o` option a format accepts, for `-o help`.
 #[derive(Debug, Clone, Copy)]
 pub struct OptionHelp {

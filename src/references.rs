@@ -26,8 +26,9 @@ impl OpenOptions {
         };
         if !self.allow_references {
             return Err(refuse(
-                "refusing to open files named inside an image (opt in with --allow-references, or OpenOptions::allow_references)",
-            ));
+                "refusing to open files named inside an image (opt in with OpenOptions::allow_references)",
+            )
+            .with_option("OpenOptions::allow_references"));
         }
         if name.is_empty() || name.contains('\0') {
             return Err(refuse("empty or invalid file name"));

@@ -412,13 +412,13 @@ impl DigestAlgo {
                 .find(|a| a.name().eq_ignore_ascii_case(name))
                 .ok_or_else(|| {
                     Error::arg(format!(
-                        "--digest: unknown algorithm '{name}' (known: md5, sha1, sha256, sha512)"
+                        "unknown digest algorithm '{name}' (known: md5, sha1, sha256, sha512)"
                     ))
                 })?;
             v.push(a);
         }
         if v.is_empty() {
-            return Err(Error::arg("--digest: no algorithm named"));
+            return Err(Error::arg("no digest algorithm named"));
         }
         v.sort();
         v.dedup();

@@ -191,7 +191,7 @@ fn compress_with_monolithic_sparse_vmdk_stores_grains_as_qemu_does() {
     let o = dc(&["convert", "-c", "-O", "vmdk", s(&src), s(&ours)]);
     ok(&o);
     assert!(
-        text(&o.stderr).contains("-c has no effect on subformat monolithicSparse"),
+        text(&o.stderr).contains("compression has no effect on subformat monolithicSparse"),
         "{}",
         text(&o.stderr)
     );

@@ -470,7 +470,7 @@ fn hostile_images_fail_cleanly_and_fast() {
     let p = small_image(d, "crypt.qcow2");
     patch(&p, 32, &1u32.to_be_bytes());
     let e = open_err(&p);
-    assert_eq!(e.kind(), ErrorKind::Unsupported);
+    assert_eq!(e.kind(), ErrorKind::Encrypted);
     assert!(
         e.message()
             .contains("encrypted qcow2 (AES/LUKS) is not supported"),

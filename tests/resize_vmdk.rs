@@ -311,7 +311,7 @@ fn other_subformats_and_bad_sizes_are_refused() {
         assert_eq!(e.kind(), ErrorKind::Unsupported, "{sub}: {e}");
         let m = e.to_string();
         assert!(
-            m.contains(what) && m.contains("diskconv convert --target-size"),
+            m.contains(what) && m.contains("ConvertOptions::target_size"),
             "{sub}: {m}"
         );
         assert_eq!(std::fs::read(&p).unwrap(), before);

@@ -609,7 +609,7 @@ fn a_failing_conversion_reports_its_error_through_the_reader() {
     let mut o = opts(Format::Raw, "");
     o.target_size = Some(1 << 20);
     let e = ConvertedReader::new(dev.clone(), o).unwrap_err();
-    assert!(e.to_string().contains("--target-size"), "{e}");
+    assert!(e.to_string().contains("target size"), "{e}");
     // A source that fails to read at 5 MiB: read gives the error after the bytes before
     // it, and finish gives the conversion's own error.
     struct Failing;

@@ -107,8 +107,8 @@ pub fn check_in_place(format: Format) -> Result<()> {
     match format {
         Format::Raw => Ok(()),
         other => Err(Error::unsupported(format!(
-            "-n (write into an existing image) is supported for -O raw only (files and block \
-             devices), not {other}"
+            "writing into an existing image (ConvertOptions::existing_target) is supported for \
+             raw output only (files and block devices), not {other}"
         ))),
     }
 }

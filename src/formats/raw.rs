@@ -245,9 +245,7 @@ impl ImageEditor for RawEditor {
             return Ok(());
         }
         if new_size < old && !opts.shrink {
-            return Err(Error::arg(
-                "Use the --shrink option to perform a shrink operation.",
-            ));
+            return Err(Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink"));
         }
         if new_size < old || opts.preallocation == Preallocation::Off {
             // One length change: atomic, so the image is before or after, never between.

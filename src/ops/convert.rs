@@ -39,7 +39,10 @@ pub fn convert_to_path(
 
 fn open_output(dst: &Path, opts: &ConvertOptions) -> Result<(Output, Sink)> {
     if opts.target_is_zero && !opts.existing_target {
-        return Err(Error::arg("--target-is-zero requires use of -n flag"));
+        return Err(Error::arg(
+            "target_is_zero needs existing_target: only an existing image can already read as zeros",
+        )
+        .with_option("ConvertOptions::target_is_zero"));
     }
     if opts.existing_target {
         check_in_place(opts.format).map_err(|e| e.with_path(dst))?;
@@ -160,7 +163,7 @@ fn refuse_same_file(src: &Path, dst: &Path) -> Result<()> {
 /// or `shrink` says to drop it. Runs before any output is written, in bounded memory.
 fn check_target_size(dev: &dyn BlockDevice, target: u64, shrink: bool) -> Result<()> {
     if target == 0 {
-        return Err(Error::arg("--target-size must be positive"));
+        return Err(Error::arg("the target size must be positive").with_option("ConvertOptions::target_size"));
     }
     let size = dev.virtual_size();
     if target >= size || shrink {
@@ -178,9 +181,10 @@ fn check_target_size(dev: &dyn BlockDevice, target: u64, shrink: bool) -> Result
                 dev.read_at(&mut buf[..n], at)?;
                 if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
                     return Err(Error::arg(format!(
-                        "--target-size {target} would drop data: the source holds non-zero bytes at guest offset {:#x} (its size is {size}); pass --shrink to drop them",
+                        "target size {target} would drop data: the source holds non-zero bytes at guest offset {:#x} (its size is {size}); set ConvertOptions::shrink to drop them",
                         at + i as u64
-                    )));
+                    ))
+                    .with_option("ConvertOptions::shrink"));
                 }
                 at += n as u64;
             }

@@ -59,7 +59,7 @@ mod tests {
         assert!(std::fs::metadata(&p).unwrap().blocks() * 512 < 1 << 20);
 
         let e = resize(&p, 1000, &o).unwrap_err();
-        assert!(e.to_string().contains("--shrink"), "{e}");
+        assert_eq!(e.option(), Some("ResizeOptions::shrink"), "{e}");
         assert_eq!(std::fs::read(&p).unwrap().len(), 3 << 20);
         let shrink = ResizeOptions {
             shrink: true,
@@ -116,7 +116,7 @@ mod tests {
         let before = std::fs::read(&p).unwrap();
         let e = resize(&p, 2 << 20, &ResizeOptions::default()).unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::Unsupported);
-        assert!(e.to_string().contains("--target-size"), "{e}");
+        assert!(e.to_string().contains("ConvertOptions::target_size"), "{e}");
         assert_eq!(std::fs::read(&p).unwrap(), before);
     }
 }

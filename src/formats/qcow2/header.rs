@@ -278,7 +278,7 @@ impl Header {
                 2 => "LUKS",
                 _ => "unknown method",
             };
-            return Err(Error::unsupported(format!(
+            return Err(Error::encrypted(format!(
                 "encrypted qcow2 (AES/LUKS) is not supported (crypt_method {} = {what})",
                 self.crypt_method
             ))

@@ -101,11 +101,11 @@ fn refuse_unsupported(h: &Header, path: &Path) -> Result<()> {
         )
     } else if h.nb_snapshots > 0 {
         Some(format!(
-            "Can't resize an image which has snapshots ({} internal snapshot(s)); delete them with qemu-img snapshot -d, or convert with diskconv convert --target-size",
+            "Can't resize an image which has snapshots ({} internal snapshot(s)); delete them with qemu-img snapshot -d, or convert to a new image with a target size (ConvertOptions::target_size)",
             h.nb_snapshots
         ))
     } else if h.backing_file_offset != 0 && h.backing_file_size != 0 {
-        Some("the image has a backing file: grown space would show the backing file's data; resizing overlays is not supported (convert with diskconv convert --target-size)".to_string())
+        Some("the image has a backing file: grown space would show the backing file's data; resizing overlays is not supported (convert to a new image with a target size, ConvertOptions::target_size)".to_string())
     } else {
         None
     };
@@ -762,7 +762,7 @@ impl Qcow2Editor {
             decompress(self.header.compression(), &input, &mut out).map_err(|e| e.at(coffset))?;
             if out[in_cluster as usize..].iter().any(|&b| b != 0) {
                 return Err(Error::unsupported(format!(
-                    "the last cluster (guest offset {:#x}) is compressed and holds data past the current end; growing would expose it (convert the image with diskconv convert --target-size instead)",
+                    "the last cluster (guest offset {:#x}) is compressed and holds data past the current end; growing would expose it (convert the image with a target size instead, ConvertOptions::target_size)",
                     from - in_cluster
                 )));
             }
@@ -901,9 +901,7 @@ impl ImageEditor for Qcow2Editor {
         }
         let shrinking = new_size < old;
         if shrinking && !opts.shrink {
-            return Err(Error::arg(
-                "Use the --shrink option to perform a shrink operation.",
-            ));
+            return Err(Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink"));
         }
         if shrinking && opts.preallocation != Preallocation::Off {
             return Err(Error::arg(

@@ -446,9 +446,7 @@ impl ImageEditor for VdiEditor {
         }
         if new_size < old {
             if !opts.shrink {
-                return Err(Error::arg(
-                    "Use the --shrink option to perform a shrink operation.",
-                ));
+                return Err(Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink"));
             }
             return self.shrink(new_size);
         }

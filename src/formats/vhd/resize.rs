@@ -129,7 +129,7 @@ pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<
     };
     if footer.disk_type == DiskType::Differencing {
         return Err(Error::unsupported(
-            "differencing VHDs cannot be resized: their size is their parent's, and a grown child would read its new space from a parent that has none (resize the parent, or make a standalone copy with diskconv convert --target-size)",
+            "differencing VHDs cannot be resized: their size is their parent's, and a grown child would read its new space from a parent that has none (resize the parent, or make a standalone copy by converting with a target size, ConvertOptions::target_size)",
         )
         .with_field("footer.disk_type")
         .with_path(path));
@@ -485,9 +485,7 @@ impl ImageEditor for VhdEditor {
             return Ok(());
         }
         if new_size < old && !opts.shrink {
-            return Err(Error::arg(
-                "Use the --shrink option to perform a shrink operation.",
-            ));
+            return Err(Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink"));
         }
         let layout = std::mem::replace(&mut self.layout, Layout::Fixed { footer_at: 0 });
         let r = match layout {

@@ -42,7 +42,7 @@ pub const MAX_SIZE: u64 = (1 << 41) - SECTOR;
 
 /// How to write a resized copy instead, for the refusals.
 const CONVERT_HINT: &str =
-    "write a resized copy with diskconv convert --target-size SIZE -O vmdk IN OUT";
+    "write a resized copy by converting to vmdk with a target size (ConvertOptions::target_size)";
 
 /// An opened monolithicSparse VMDK, ready to change size.
 #[derive(Debug)]
@@ -449,9 +449,7 @@ impl ImageEditor for VmdkEditor {
         }
         if new_size < old {
             if !opts.shrink {
-                return Err(Error::arg(
-                    "Use the --shrink option to perform a shrink operation.",
-                ));
+                return Err(Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink"));
             }
             let mut header = self.header;
             header.capacity = new_size / SECTOR;

@@ -366,7 +366,7 @@ impl ImageWriter for SparseWriter {
     fn warnings(&self) -> Vec<String> {
         if self.opts.uncompressed_c {
             vec![
-                "-c has no effect on subformat monolithicSparse: like qemu-img, only streamOptimized grains are compressed".to_string(),
+                "compression has no effect on subformat monolithicSparse: like qemu-img, only streamOptimized grains are compressed".to_string(),
             ]
         } else {
             Vec::new()
