@@ -108,7 +108,7 @@ pub fn check_in_place(format: Format) -> Result<()> {
         Format::Raw => Ok(()),
         other => Err(Error::unsupported(format!(
             "writing into an existing image (ConvertOptions::existing_target) is supported for \
-             raw output only (files and block devices), not {other}"
+             raw only (files and block devices), not {other}"
         ))),
     }
 }
