@@ -13,13 +13,54 @@
 use std::collections::BTreeMap;
 
 use crate::device::{BlockDevice, MappingKind};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Side};
 use crate::format::Format;
 use crate::options::{CreateOptions, OpenOptions};
 use crate::writer::{AllocationPlan, Encoder, ImageWriter};
 
 /// Progress callback: (guest bytes done, total guest bytes).
 pub type ProgressFn<'a> = &'a (dyn Fn(u64, u64) + Sync);
+
+/// A handle that stops a conversion from another thread (a request handler whose client
+/// went away, a shutdown): clone it into [`ConvertOptions::cancel`], keep a clone, and
+/// call [`cancel`](Self::cancel). The engine checks it before each work unit (1 MiB, or one
+/// writer granule when larger) it reads and before each it writes, so at most the units
+/// already in flight are finished; the conversion then fails with
+/// [`ErrorKind::Cancelled`](crate::ErrorKind::Cancelled), and a file output is removed
+/// like after any other failure.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl CancelToken {
+    /// A token not cancelled yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Ask every conversion holding a clone of this token to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn check(&self, off: u64) -> Result<()> {
+        if self.is_cancelled() {
+            return Err(Error::cancelled(format!(
+                "the conversion was cancelled at guest offset {off:#x}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl PartialEq for CancelToken {
+    /// Two tokens are equal when they are clones of each other (cancelling one cancels
+    /// the other).
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
 
 /// How to run a conversion.
 #[derive(Clone)]
@@ -64,6 +105,30 @@ pub struct ConvertOptions<'a> {
     /// [`ConvertReport::digests`]: on a stream while it is sent, for a file by one read of
     /// the finished output.
     pub digests: Vec<crate::writer::DigestAlgo>,
+    /// Stops the conversion when cancelled (see [`CancelToken`]).
+    pub cancel: CancelToken,
+}
+
+impl std::fmt::Debug for ConvertOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConvertOptions")
+            .field("open", &self.open)
+            .field("format", &self.format)
+            .field("create", &self.create)
+            .field("min_sparse", &self.min_sparse)
+            .field("threads", &self.threads)
+            .field("progress", &self.progress.map(|_| "Fn(u64, u64)"))
+            .field("sync", &self.sync)
+            .field("existing_target", &self.existing_target)
+            .field("target_is_zero", &self.target_is_zero)
+            .field("salvage", &self.salvage)
+            .field("rate_limit", &self.rate_limit)
+            .field("target_size", &self.target_size)
+            .field("shrink", &self.shrink)
+            .field("digests", &self.digests)
+            .field("cancel", &self.cancel.is_cancelled())
+            .finish()
+    }
 }
 
 impl<'a> ConvertOptions<'a> {
@@ -84,6 +149,7 @@ impl<'a> ConvertOptions<'a> {
             target_size: None,
             shrink: false,
             digests: Vec::new(),
+            cancel: CancelToken::new(),
         }
     }
 }
@@ -163,9 +229,38 @@ struct Plan {
 }
 
 /// Stream `src` into `writer` and finish it.
-pub fn convert_device(
+///
+/// Of [`ConvertOptions`], the engine uses `min_sparse`, `threads`, `progress`, `salvage`,
+/// `rate_limit` and `cancel`. The rest (`open`, `format`, `create`, `sync`,
+/// `existing_target`, `target_is_zero`, `target_size`, `shrink`, `digests`) are for the
+/// commands that open files and make the writer ([`crate::convert()`],
+/// [`crate::convert_to_writer`]); here the writer is already made, so its own size and
+/// format decide (the output gets `min(source size, writer size)` guest bytes).
+///
+/// Errors say which side failed ([`Error::side`]): reading `src` or writing `writer`.
+/// To get a writer of your own back (its checksums, counters), use
+/// [`convert_device_into`].
+pub fn convert_device<W: ImageWriter + ?Sized>(
     src: &dyn BlockDevice,
-    mut writer: Box<dyn ImageWriter>,
+    mut writer: Box<W>,
+    opts: &ConvertOptions,
+) -> Result<ConvertReport> {
+    let report = convert_device_into(src, writer.as_mut(), opts)?;
+    writer.finish().map_err(|e| e.on_side(Side::Destination))?;
+    if let Some(p) = opts.progress {
+        let size = src.virtual_size().min(report.virtual_size);
+        p(size, size);
+    }
+    Ok(report)
+}
+
+/// [`convert_device`] into a writer the caller keeps: everything is written, but
+/// [`ImageWriter::finish`] is not called, so the caller reads what its own writer
+/// gathered and then finishes it (or, for a writer that needs no finishing, just drops
+/// it). The output is not valid until it is finished.
+pub fn convert_device_into<W: ImageWriter + ?Sized>(
+    src: &dyn BlockDevice,
+    writer: &mut W,
     opts: &ConvertOptions,
 ) -> Result<ConvertReport> {
     let size = src.virtual_size().min(writer.virtual_size());
@@ -221,11 +316,11 @@ pub fn convert_device(
         let done_tx_d = done_tx.clone();
         let unreadable_d = &unreadable;
         s.spawn(move || {
-            let r = dispatch(src, size, unit, plan, unreadable_d, |job| {
+            let r = dispatch(src, size, unit, plan, unreadable_d, &opts.cancel, |job| {
                 token_rx.recv().is_ok() && job_tx.send(job).is_ok()
             });
             if let Err(e) = r {
-                let _ = done_tx_d.send(Err(e));
+                let _ = done_tx_d.send(Err(e.on_side(Side::Source)));
             }
             // job_tx dropped here: workers drain and exit.
         });
@@ -237,6 +332,10 @@ pub fn convert_device(
             let unreadable = &unreadable;
             s.spawn(move || {
                 for job in job_rx.iter() {
+                    if let Err(e) = opts.cancel.check(job.start) {
+                        let _ = done_tx.send(Err(e));
+                        break;
+                    }
                     let buf = pool_rx.try_recv().unwrap_or_default();
                     let r = work(src, job, buf, plan, encoder.as_deref(), unreadable);
                     let failed = r.is_err();
@@ -257,13 +356,15 @@ pub fn convert_device(
                 let d = r?;
                 pending.insert(d.seq, d);
                 while let Some(d) = pending.remove(&next) {
+                    opts.cancel.check(d.start)?;
                     let mut written = 0u64;
                     for (a, b, enc) in d.runs {
                         let off = d.start + a as u64;
                         match enc {
-                            Some(e) => writer.write_encoded(off, &d.buf[a..b], e)?,
-                            None => writer.write(off, &d.buf[a..b])?,
+                            Some(e) => writer.write_encoded(off, &d.buf[a..b], e),
+                            None => writer.write(off, &d.buf[a..b]),
                         }
+                        .map_err(|e| e.on_side(Side::Destination))?;
                         written += (b - a) as u64;
                     }
                     let _ = pool_tx.send(d.buf);
@@ -289,10 +390,6 @@ pub fn convert_device(
         output_len: writer.output_len(),
         ..Default::default()
     };
-    writer.finish()?;
-    if let Some(p) = opts.progress {
-        p(size, size);
-    }
     Ok(report)
 }
 
@@ -398,12 +495,15 @@ fn dispatch(
     unit: u64,
     plan: Plan,
     unreadable: &Unreadable,
+    cancel: &CancelToken,
     mut send: impl FnMut(Job) -> bool,
 ) -> Result<()> {
     let mut seq = 0u64;
     let mut cur: Option<Job> = None;
     let mut off = 0u64;
     while off < size {
+        // Also per map call: walking a huge, fragmented map can take long by itself.
+        cancel.check(off)?;
         let (end, is_data) = match src.map(off, size - off) {
             Ok(m) => {
                 if m.offset != off || m.len == 0 {
@@ -486,7 +586,8 @@ fn work(
         if is_data {
             buf[filled..a].fill(0);
             filled = b;
-            read_range(src, &mut buf[a..b], off, plan.salvage, unreadable)?;
+            read_range(src, &mut buf[a..b], off, plan.salvage, unreadable)
+                .map_err(|e| e.on_side(Side::Source))?;
             for w in &mut has_data[a / gran..b.div_ceil(gran)] {
                 *w = true;
             }
@@ -520,7 +621,10 @@ fn work(
             let mut g = a;
             while g < b {
                 let ge = (g + gran).min(b);
-                let e = enc.encode(job.start + g as u64, &buf[g..ge])?;
+                // The encoder is the writer's (compression): its failure is the output's.
+                let e = enc
+                    .encode(job.start + g as u64, &buf[g..ge])
+                    .map_err(|e| e.on_side(Side::Destination))?;
                 out.push((g, ge, e));
                 g = ge;
             }

@@ -10,7 +10,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Side};
 use crate::format::Format;
 
 /// What a guest range is.
@@ -293,14 +293,35 @@ fn check_source_type(meta: &std::fs::Metadata, path: &Path) -> Result<()> {
     .with_path(path))
 }
 
+/// Lets a borrowed device (`&dyn BlockDevice`) stand where an owner of one
+/// (`Box<dyn BlockDevice>`, `Arc<dyn BlockDevice>`) is taken, as in [`DeviceReader`].
+impl<'a> AsRef<dyn BlockDevice + 'a> for dyn BlockDevice + 'a {
+    fn as_ref(&self) -> &(dyn BlockDevice + 'a) {
+        self
+    }
+}
+
 /// A `Read + Seek` view of any [`BlockDevice`]'s guest bytes, so callers can stream an
 /// image's content into anything that takes a reader (hashers, HTTP bodies, tar writers).
-pub struct DeviceReader<D: AsRef<dyn BlockDevice>> {
+///
+/// `D` is anything that gives a device: `Box<dyn BlockDevice>` (from [`crate::open`]),
+/// `Arc<dyn BlockDevice>`, or a borrowed `&dyn BlockDevice`. A failed read is an
+/// [`std::io::Error`] that keeps the kind and carries the whole [`Error`] (side
+/// [`Side::Source`]): `diskconv::Error::from(io_error)` gives it back.
+pub struct DeviceReader<D> {
     dev: D,
     pos: u64,
 }
 
-impl<D: AsRef<dyn BlockDevice>> DeviceReader<D> {
+impl<D> std::fmt::Debug for DeviceReader<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceReader")
+            .field("pos", &self.pos)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, D: AsRef<dyn BlockDevice + 'a>> DeviceReader<D> {
     /// A reader positioned at guest offset 0.
     pub fn new(dev: D) -> Self {
         DeviceReader { dev, pos: 0 }
@@ -311,7 +332,7 @@ impl<D: AsRef<dyn BlockDevice>> DeviceReader<D> {
     }
 }
 
-impl<D: AsRef<dyn BlockDevice>> Read for DeviceReader<D> {
+impl<'a, D: AsRef<dyn BlockDevice + 'a>> Read for DeviceReader<D> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let dev = self.dev.as_ref();
         let size = dev.virtual_size();
@@ -320,13 +341,13 @@ impl<D: AsRef<dyn BlockDevice>> Read for DeviceReader<D> {
         }
         let n = (size - self.pos).min(buf.len() as u64) as usize;
         dev.read_at(&mut buf[..n], self.pos)
-            .map_err(std::io::Error::other)?;
+            .map_err(|e| std::io::Error::from(e.on_side(Side::Source)))?;
         self.pos += n as u64;
         Ok(n)
     }
 }
 
-impl<D: AsRef<dyn BlockDevice>> Seek for DeviceReader<D> {
+impl<'a, D: AsRef<dyn BlockDevice + 'a>> Seek for DeviceReader<D> {
     fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
         let size = self.dev.as_ref().virtual_size() as i128;
         let new = match pos {

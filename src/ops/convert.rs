@@ -5,7 +5,7 @@ use std::path::Path;
 
 use crate::convert::{convert_device, plan_allocation_with, ConvertOptions, ConvertReport};
 use crate::device::BlockDevice;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Side};
 use crate::formats::{
     check_in_place, create_planned_writer, create_writer, open_with, plan_encoder,
     plan_granularity, STREAMING_OUTPUTS,
@@ -23,7 +23,7 @@ use crate::writer::{ImageWriter, Output, OutputKind, OutputOptions, Sink};
 pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
     refuse_same_file(src, dst)?;
     let (out, sink) = open_output(dst, opts)?;
-    let dev = open_with(src, &opts.open)?;
+    let dev = open_with(src, &opts.open).map_err(|e| e.on_side(Side::Source))?;
     convert_into(dev.as_ref(), out, sink, opts)
 }
 
@@ -54,6 +54,16 @@ fn open_output(dst: &Path, opts: &ConvertOptions) -> Result<(Output, Sink)> {
             target_is_zero: opts.target_is_zero,
         },
     )
+    .map_err(|e| e.on_side(Side::Destination))
+}
+
+/// Put the destination's path on an error of the conversion, unless the source failed
+/// (its errors name the source).
+fn at_dst(e: Error, dst: &Path) -> Error {
+    match e.side() {
+        Some(Side::Source) => e,
+        _ => e.with_path(dst),
+    }
 }
 
 pub(crate) fn convert_into(
@@ -77,7 +87,7 @@ pub(crate) fn prepare(
     let dst = out.path().to_path_buf();
     let mut create = opts.create.clone();
     if let Some(target) = opts.target_size {
-        check_target_size(dev, target, opts.shrink).map_err(|e| e.with_path(&dst))?;
+        check_target_size(dev, target, opts.shrink).map_err(|e| at_dst(e, &dst))?;
         create.size = target;
     }
     if create.size == 0 {
@@ -108,11 +118,13 @@ pub(crate) fn prepare(
         Some(gran) => {
             let encoder = plan_encoder(opts.format, &create).map_err(|e| e.with_path(&dst))?;
             let mut plan =
-                plan_allocation_with(dev, gran, encoder, opts).map_err(|e| e.with_path(&dst))?;
+                plan_allocation_with(dev, gran, encoder, opts).map_err(|e| at_dst(e, &dst))?;
             plan.clip(create.size);
-            create_planned_writer(opts.format, sink, &dst, &create, &plan)?
+            create_planned_writer(opts.format, sink, &dst, &create, &plan)
+                .map_err(|e| e.on_side(Side::Destination))?
         }
-        None => create_writer(opts.format, sink, &dst, &create)?,
+        None => create_writer(opts.format, sink, &dst, &create)
+            .map_err(|e| e.on_side(Side::Destination))?,
     };
     if out.kind() == OutputKind::Stream && !writer.streams() {
         return Err(refuse_stream(opts).with_path(&dst));
@@ -138,8 +150,10 @@ pub(crate) fn run(
     opts: &ConvertOptions,
 ) -> Result<ConvertReport> {
     let dst = out.path().to_path_buf();
-    let mut report = convert_device(dev, writer, opts).map_err(|e| e.with_path(&dst))?;
-    let done = out.finish(opts.sync)?;
+    let mut report = convert_device(dev, writer, opts).map_err(|e| at_dst(e, &dst))?;
+    let done = out
+        .finish(opts.sync)
+        .map_err(|e| e.on_side(Side::Destination))?;
     report.size = done.len;
     report.digests = done.digests;
     Ok(report)
@@ -172,13 +186,16 @@ fn check_target_size(dev: &dyn BlockDevice, target: u64, shrink: bool) -> Result
     let mut buf = vec![0u8; 1 << 20];
     let mut off = target;
     while off < size {
-        let m = dev.map(off, size - off)?;
+        let m = dev
+            .map(off, size - off)
+            .map_err(|e| e.on_side(Side::Source))?;
         let end = (m.offset + m.len).min(size);
         if matches!(m.kind, crate::device::MappingKind::Data { .. }) {
             let mut at = off;
             while at < end {
                 let n = (end - at).min(buf.len() as u64) as usize;
-                dev.read_at(&mut buf[..n], at)?;
+                dev.read_at(&mut buf[..n], at)
+                    .map_err(|e| e.on_side(Side::Source))?;
                 if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
                     return Err(Error::arg(format!(
                         "target size {target} would drop data: the source holds non-zero bytes at guest offset {:#x} (its size is {size}); set ConvertOptions::shrink to drop them",

@@ -66,7 +66,7 @@ const CHUNK: usize = 1 << 20;
 ///
 /// [`len`](Self::len) gives the exact length before the first byte where the format
 /// allows it (an HTTP Content-Length). A failed conversion makes `read` return the error
-/// (its message as an [`std::io::Error`]); [`finish`](Self::finish) gives the report or the
+/// (its message as an [`std::io::Error`] of its [`io_kind`](Error::io_kind)); [`finish`](Self::finish) gives the report or the
 /// typed error. Dropped early, the conversion stops at its next write and every thread it
 /// started is joined before `drop` returns.
 pub struct ConvertedReader {
@@ -185,7 +185,7 @@ impl Read for ConvertedReader {
                 Err(_) => {
                     return match self.join() {
                         Ok(_) => Ok(0),
-                        Err(e) => Err(std::io::Error::other(e.to_string())),
+                        Err(e) => Err(std::io::Error::new(e.io_kind(), e.to_string())),
                     };
                 }
             }
