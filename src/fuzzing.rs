@@ -66,6 +66,7 @@ pub fn exercise(data: &[u8], format: Option<Format>) {
             let limits = InspectLimits {
                 max_map_calls: MAX_MAP_CALLS,
                 max_map_time: Duration::from_secs(2),
+                ..InspectLimits::default()
             };
             for claim in [None, Some(Format::Raw)] {
                 if let Ok(i) = inspect_with(path, claim, &limits) {

@@ -13,6 +13,7 @@
 //! warnings, and qemu's `format-specific` keys `data-file`, `encrypt`, `corrupt`) and from
 //! `map()`, so each format reader is inspected as soon as it exists.
 
+use std::fs::File;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -25,30 +26,61 @@ use crate::format::Format;
 use crate::options::OpenOptions;
 use crate::probe::{probe_report, ProbeReport};
 
-/// Virtual sizes above this are reported as [`FindingKind::VirtualSizeSuspicious`]: no
-/// real disk is larger than a pebibyte, and a consumer that preallocates would not cope.
+/// Virtual sizes above this are reported as [`FindingKind::VirtualSizeSuspicious`]
+/// (informational): no real disk is larger than a pebibyte.
 pub const SUSPICIOUS_VIRTUAL_SIZE: u64 = 1 << 50;
 
-/// Bounds on the map walk, so a hostile or merely huge and fragmented image cannot make
-/// an inspection run for long.
-#[derive(Debug, Clone, Copy)]
+/// The default [`InspectLimits::max_virtual_size`]: 64 TiB, the largest virtual size
+/// qemu-img itself lets a qcow2 image have, and far past any disk an upload service is
+/// likely to accept (a consumer that writes the raw image out must have that much room).
+pub const DEFAULT_MAX_VIRTUAL_SIZE: u64 = 64 << 40;
+
+/// The default [`InspectLimits::max_table_entries`]: 2^30, a 64 TiB image in 64 KiB
+/// clusters (8 GiB of qcow2 L2 tables); an image with smaller clusters reaches it sooner.
+pub const DEFAULT_MAX_TABLE_ENTRIES: u64 = 1 << 30;
+
+/// What an inspection accepts: sizes past these are unsafe findings
+/// ([`FindingKind::ExceedsLimit`]), and bounds on the map walk, so a hostile or merely huge
+/// and fragmented image cannot make an inspection run for long.
+///
+/// There is no chain depth here: an inspection never opens a file named inside the image,
+/// so any backing file is already an unsafe [`FindingKind::NamesOtherFiles`] finding
+/// (chains a caller opens with references allowed are bounded by
+/// [`MAX_CHAIN_DEPTH`](crate::MAX_CHAIN_DEPTH)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InspectLimits {
+    /// Largest virtual size accepted (default [`DEFAULT_MAX_VIRTUAL_SIZE`], 64 TiB). A
+    /// service that writes the normalised raw image out writes this much at most.
+    pub max_virtual_size: u64,
+    /// Most allocation-table entries accepted: the virtual size in the image's allocation
+    /// units (qcow2 cluster, vhd block, vmdk grain, vdi block), one table entry each in
+    /// every format, so this bounds the metadata a consumer must read and hold (default
+    /// [`DEFAULT_MAX_TABLE_ENTRIES`]).
+    pub max_table_entries: u64,
     /// Most `map()` calls the walk makes.
     pub max_map_calls: u64,
     /// Most wall time the walk takes.
     pub max_map_time: Duration,
+    /// Whether a map walk stopped by the two bounds above makes the image unsafe (the
+    /// default: the unwalked part was not checked). Off, [`FindingKind::MapIncomplete`]
+    /// is informational.
+    pub incomplete_map_is_unsafe: bool,
 }
 
 impl Default for InspectLimits {
     fn default() -> Self {
         InspectLimits {
+            max_virtual_size: DEFAULT_MAX_VIRTUAL_SIZE,
+            max_table_entries: DEFAULT_MAX_TABLE_ENTRIES,
             max_map_calls: 1_000_000,
             max_map_time: Duration::from_secs(20),
+            incomplete_map_is_unsafe: true,
         }
     }
 }
 
 /// What kind of thing an inspection found.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum FindingKind {
     /// The image names other files (backing file, extents, parent, data file). Opening it
@@ -76,20 +108,50 @@ pub enum FindingKind {
     OpenFailed,
     /// The virtual size is implausibly large (informational: we read it sparsely).
     VirtualSizeSuspicious,
-    /// The map walk hit its time or call bound before the end (informational: the part
-    /// walked was fine, the rest was not checked).
+    /// A size is past the caller's [`InspectLimits`] (virtual size, table entries).
+    ExceedsLimit,
+    /// The map walk hit its time or call bound before the end: the part walked was fine,
+    /// the rest was not checked. Unsafe unless [`InspectLimits::incomplete_map_is_unsafe`]
+    /// is off.
     MapIncomplete,
     /// A reader warning that is not a hazard by itself (informational).
     Warning,
 }
 
 impl FindingKind {
-    /// Whether this finding makes the image unsafe to accept.
+    /// Whether this finding makes the image unsafe to accept under the default limits
+    /// ([`Finding::hazard`] says it for the limits an inspection ran with).
     pub fn is_unsafe(self) -> bool {
         !matches!(
             self,
-            FindingKind::VirtualSizeSuspicious | FindingKind::MapIncomplete | FindingKind::Warning
+            FindingKind::VirtualSizeSuspicious | FindingKind::Warning
         )
+    }
+
+    /// The stable name, as in JSON (`"NamesOtherFiles"`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FindingKind::NamesOtherFiles => "NamesOtherFiles",
+            FindingKind::ExternalDataFile => "ExternalDataFile",
+            FindingKind::UnknownFeatures => "UnknownFeatures",
+            FindingKind::Encrypted => "Encrypted",
+            FindingKind::Corrupt => "Corrupt",
+            FindingKind::Dirty => "Dirty",
+            FindingKind::Polyglot => "Polyglot",
+            FindingKind::ForeignFormat => "ForeignFormat",
+            FindingKind::FormatMismatch => "FormatMismatch",
+            FindingKind::OpenFailed => "OpenFailed",
+            FindingKind::VirtualSizeSuspicious => "VirtualSizeSuspicious",
+            FindingKind::ExceedsLimit => "ExceedsLimit",
+            FindingKind::MapIncomplete => "MapIncomplete",
+            FindingKind::Warning => "Warning",
+        }
+    }
+}
+
+impl std::fmt::Display for FindingKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -135,10 +197,13 @@ pub fn error_kind_name(kind: ErrorKind) -> &'static str {
 }
 
 /// One reason to (dis)trust an image.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {
     /// What was found.
     pub kind: FindingKind,
+    /// Whether it makes the image unsafe, under the limits the inspection ran with.
+    pub hazard: bool,
     /// A human sentence saying what and where.
     pub detail: String,
     /// The format the image was opened as when this was found (None: found by probing).
@@ -153,6 +218,7 @@ impl Finding {
     fn new(kind: FindingKind, detail: impl Into<String>) -> Self {
         Finding {
             kind,
+            hazard: kind.is_unsafe(),
             detail: detail.into(),
             format: None,
             error: None,
@@ -180,7 +246,7 @@ pub struct MapSummary {
 }
 
 /// The result of [`inspect`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Inspection {
     /// The file inspected.
     pub path: String,
@@ -226,12 +292,12 @@ impl Inspection {
     pub fn is_safe(&self) -> bool {
         self.format_matches_claim != Some(false)
             && self.detected_format.is_some()
-            && !self.findings.iter().any(|f| f.kind.is_unsafe())
+            && !self.findings.iter().any(|f| f.hazard)
     }
 
     /// The findings that make the image unsafe.
     pub fn unsafe_findings(&self) -> impl Iterator<Item = &Finding> {
-        self.findings.iter().filter(|f| f.kind.is_unsafe())
+        self.findings.iter().filter(|f| f.hazard)
     }
 
     /// Whether any finding is of `kind`.
@@ -257,7 +323,7 @@ pub fn inspect(path: impl AsRef<Path>, claimed_format: Option<Format>) -> Result
     inspect_with(path, claimed_format, &InspectLimits::default())
 }
 
-/// [`inspect`] with explicit bounds on the map walk.
+/// [`inspect`] with explicit limits.
 pub fn inspect_with(
     path: impl AsRef<Path>,
     claimed_format: Option<Format>,
@@ -271,9 +337,50 @@ pub fn inspect_with(
         return Err(Error::arg("not a regular file (a folder, FIFO or socket)").with_path(path));
     }
     let file = HostFile::open(path)?;
+    Ok(inspect_host(file, claimed_format, limits)?.0)
+}
+
+/// Inspect the already opened `file` (named `path` in the findings; nothing is opened by
+/// that name) as [`inspect`] does, under `limits`, and hand back the device it opened for
+/// the size and map: the claimed format, else the detected one (None when it did not
+/// open). Using that device, never a second open of the path, leaves no gap between the
+/// check and the use: a file swapped at the path afterwards is not what gets read.
+///
+/// Check [`Inspection::is_safe`] before using the device. Errors only when the file
+/// itself cannot be read (or is a folder, FIFO or socket); everything wrong with the
+/// image is a finding.
+///
+/// ```no_run
+/// use diskconv::{inspect_file, DeviceReader, Format, InspectLimits};
+/// let file = std::fs::File::open("upload.img")?;
+/// let (report, dev) = inspect_file(file, "upload.img", Some(Format::Qcow2), &InspectLimits::default())?;
+/// match dev {
+///     Some(dev) if report.is_safe() => {
+///         std::io::copy(&mut DeviceReader::new(dev), &mut std::io::sink())?;
+///     }
+///     _ => eprintln!("refused: {:?}", report.unsafe_findings().collect::<Vec<_>>()),
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn inspect_file(
+    file: File,
+    path: impl AsRef<Path>,
+    claimed_format: Option<Format>,
+    limits: &InspectLimits,
+) -> Result<(Inspection, Option<Box<dyn BlockDevice>>)> {
+    let file = HostFile::from_file(file, path.as_ref())?;
+    inspect_host(file, claimed_format, limits)
+}
+
+fn inspect_host(
+    file: HostFile,
+    claimed_format: Option<Format>,
+    limits: &InspectLimits,
+) -> Result<(Inspection, Option<Box<dyn BlockDevice>>)> {
+    let path = file.path().to_path_buf();
+    let path = path.as_path();
     let file_size = file.len();
     let report: ProbeReport = probe_report(&file)?;
-    drop(file);
     let detected = report.detected();
     let mut findings = Vec::new();
 
@@ -334,28 +441,23 @@ pub fn inspect_with(
     let mut opened_as = None;
     let mut virtual_size = None;
     let mut map = None;
+    let mut device = None;
     if let Some(fmt) = primary {
         let mut found = Vec::new();
-        if let Some(dev) = open_and_collect(path, fmt, &mut found) {
+        if let Some(dev) = open_and_collect(&file, fmt, &mut found)? {
             let size = dev.virtual_size();
             opened_as = Some(fmt);
             virtual_size = Some(size);
-            if size > SUSPICIOUS_VIRTUAL_SIZE {
-                found.push(Finding::new(
-                    FindingKind::VirtualSizeSuspicious,
-                    format!(
-                        "virtual size {size} bytes is larger than any real disk (> 1 PiB) in a {file_size}-byte file"
-                    ),
-                ));
-            }
+            size_findings(size, dev.info().cluster_size, file_size, limits, &mut found);
             map = Some(walk_map(dev.as_ref(), file_size, limits, &mut found));
+            device = Some(dev);
         }
         tag(&mut found, fmt);
         findings.extend(found);
     }
     for fmt in secondary {
         let mut found = Vec::new();
-        open_and_collect(path, fmt, &mut found);
+        open_and_collect(&file, fmt, &mut found)?;
         for f in &mut found {
             f.detail = format!("read as {fmt}: {}", f.detail);
         }
@@ -380,7 +482,46 @@ pub fn inspect_with(
         safe: false,
     };
     insp.safe = insp.is_safe();
-    Ok(insp)
+    Ok((insp, device))
+}
+
+/// Findings from the sizes an image claims, against the caller's limits.
+fn size_findings(
+    size: u64,
+    cluster: Option<u64>,
+    file_size: u64,
+    limits: &InspectLimits,
+    found: &mut Vec<Finding>,
+) {
+    if size > limits.max_virtual_size {
+        found.push(Finding::new(
+            FindingKind::ExceedsLimit,
+            format!(
+                "virtual size {size} bytes is past the limit of {} bytes (InspectLimits::max_virtual_size) in a {file_size}-byte file",
+                limits.max_virtual_size
+            ),
+        ));
+    }
+    if size > SUSPICIOUS_VIRTUAL_SIZE {
+        found.push(Finding::new(
+            FindingKind::VirtualSizeSuspicious,
+            format!(
+                "virtual size {size} bytes is larger than any real disk (> 1 PiB) in a {file_size}-byte file"
+            ),
+        ));
+    }
+    if let Some(c) = cluster.filter(|&c| c > 0) {
+        let entries = size.div_ceil(c);
+        if entries > limits.max_table_entries {
+            found.push(Finding::new(
+                FindingKind::ExceedsLimit,
+                format!(
+                    "{entries} allocation units of {c} bytes is past the limit of {} table entries (InspectLimits::max_table_entries)",
+                    limits.max_table_entries
+                ),
+            ));
+        }
+    }
 }
 
 fn tag(found: &mut [Finding], fmt: Format) {
@@ -389,23 +530,32 @@ fn tag(found: &mut [Finding], fmt: Format) {
     }
 }
 
-/// Open `path` as `fmt` with references refused; record what `open` and `info` reveal.
+/// Open `file` as `fmt` with references refused (through a duplicate of its descriptor,
+/// so every reading is of the same file); record what `open` and `info` reveal. Errs only
+/// when the descriptor cannot be duplicated.
 fn open_and_collect(
-    path: &Path,
+    file: &HostFile,
     fmt: Format,
     found: &mut Vec<Finding>,
-) -> Option<Box<dyn BlockDevice>> {
-    match crate::open(path, &OpenOptions::new().format(fmt)) {
-        Ok(dev) => {
-            let own_name = path.file_name().and_then(|n| n.to_str());
-            info_findings(&dev.info(), own_name, found);
-            Some(dev)
-        }
-        Err(e) => {
-            found.extend(error_findings(&e, &format!("opening as {fmt}")));
-            None
-        }
-    }
+) -> Result<Option<Box<dyn BlockDevice>>> {
+    let path = file.path();
+    let dup = file
+        .file()
+        .try_clone()
+        .map_err(|e| Error::io("cannot duplicate the image's descriptor", e).with_path(path))?;
+    Ok(
+        match crate::formats::open_file(dup, path, &OpenOptions::new().format(fmt)) {
+            Ok(dev) => {
+                let own_name = path.file_name().and_then(|n| n.to_str());
+                info_findings(&dev.info(), own_name, found);
+                Some(dev)
+            }
+            Err(e) => {
+                found.extend(error_findings(&e, &format!("opening as {fmt}")));
+                None
+            }
+        },
+    )
 }
 
 /// Does a reader's field name say "external data file"? (`data_file`, `data-file`, ...)
@@ -428,7 +578,9 @@ fn error_findings(e: &Error, stage: &str) -> Vec<Finding> {
             }
         }
         ErrorKind::Corrupt => out.push(Finding::new(FindingKind::Corrupt, detail).with_error(e)),
-        ErrorKind::Encrypted => out.push(Finding::new(FindingKind::Encrypted, detail).with_error(e)),
+        ErrorKind::Encrypted => {
+            out.push(Finding::new(FindingKind::Encrypted, detail).with_error(e))
+        }
         // Readers refuse encrypted images and unknown incompatible features as
         // Unsupported; the message is the only place the reason lives. Whatever the
         // words, the finding is unsafe, so a reworded message only changes its label.
@@ -531,14 +683,16 @@ fn walk_map(
     let mut off = 0u64;
     while off < size {
         if s.calls >= limits.max_map_calls || start.elapsed() > limits.max_map_time {
-            found.push(Finding::new(
+            let mut f = Finding::new(
                 FindingKind::MapIncomplete,
                 format!(
                     "map walk stopped after {} calls and {:.1} s at guest offset {off:#x} of {size}: the rest was not checked",
                     s.calls,
                     start.elapsed().as_secs_f64()
                 ),
-            ));
+            );
+            f.hazard = limits.incomplete_map_is_unsafe;
+            found.push(f);
             return s;
         }
         s.calls += 1;

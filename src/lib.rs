@@ -49,11 +49,16 @@ pub mod probe;
 
 use std::path::Path;
 
-pub use convert::{convert_device, ConvertOptions, ConvertReport, UnreadableRange};
+pub use convert::{
+    convert_device, convert_device_into, CancelToken, ConvertOptions, ConvertReport,
+    UnreadableRange,
+};
 pub use device::{BlockDevice, DeviceReader, ImageEditor, ImageInfo, Mapping, MappingKind};
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, Result, Side};
 pub use format::Format;
-pub use inspect::{inspect, Finding, FindingKind, Inspection};
+pub use inspect::{
+    inspect, inspect_file, inspect_with, Finding, FindingKind, InspectLimits, Inspection,
+};
 pub use ops::convert::{convert, convert_to_path};
 pub use ops::resize::resize;
 pub use ops::stream::{convert_to_writer, ConvertedReader};
@@ -73,6 +78,18 @@ pub struct ReadmeDoctests;
 /// Open the image at `path` for reading: the format named in `opts`, or the probed one.
 pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
     formats::open_with(path.as_ref(), opts)
+}
+
+/// Open an already opened `file` for reading (`path` names it in errors and is where
+/// files it references resolve from): the format named in `opts`, or the probed one. The
+/// device reads through this descriptor only, so a file swapped at `path` meanwhile is
+/// never read; see [`inspect_file`] to check an untrusted file first.
+pub fn open_file(
+    file: std::fs::File,
+    path: impl AsRef<Path>,
+    opts: &OpenOptions,
+) -> Result<Box<dyn BlockDevice>> {
+    formats::open_file(file, path.as_ref(), opts)
 }
 
 /// Create an empty image (all zeros) of `format` at `path`; returns the writer's notes

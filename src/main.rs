@@ -230,7 +230,10 @@ fn flag_hint(e: &Error) -> Option<String> {
         ("OpenOptions::allow_references", "--allow-references"),
         ("ResizeOptions::shrink", "--shrink"),
         ("ConvertOptions::shrink", "--shrink"),
-        ("ConvertOptions::target_size", "diskconv convert --target-size SIZE"),
+        (
+            "ConvertOptions::target_size",
+            "diskconv convert --target-size SIZE",
+        ),
         ("ConvertOptions::target_is_zero", "--target-is-zero"),
         ("ConvertOptions::existing_target", "-n"),
     ];

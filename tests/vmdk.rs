@@ -256,7 +256,9 @@ fn compress_flag_compresses_only_the_stream_subformat() {
     o.create.compress = true;
     let r = diskconv::convert(&src, &out, &o).unwrap();
     assert!(
-        r.warnings.iter().any(|w| w.contains("compression has no effect")),
+        r.warnings
+            .iter()
+            .any(|w| w.contains("compression has no effect")),
         "{r:?}"
     );
     assert_same_as_raw(open_as(&out, Format::Vmdk).as_ref(), &src);

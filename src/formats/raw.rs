@@ -245,7 +245,9 @@ impl ImageEditor for RawEditor {
             return Ok(());
         }
         if new_size < old && !opts.shrink {
-            return Err(Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink"));
+            return Err(
+                Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink")
+            );
         }
         if new_size < old || opts.preallocation == Preallocation::Off {
             // One length change: atomic, so the image is before or after, never between.

@@ -177,7 +177,8 @@ fn refuse_same_file(src: &Path, dst: &Path) -> Result<()> {
 /// or `shrink` says to drop it. Runs before any output is written, in bounded memory.
 fn check_target_size(dev: &dyn BlockDevice, target: u64, shrink: bool) -> Result<()> {
     if target == 0 {
-        return Err(Error::arg("the target size must be positive").with_option("ConvertOptions::target_size"));
+        return Err(Error::arg("the target size must be positive")
+            .with_option("ConvertOptions::target_size"));
     }
     let size = dev.virtual_size();
     if target >= size || shrink {

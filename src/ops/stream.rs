@@ -48,8 +48,11 @@ fn prepare_stream(
     opts: &ConvertOptions,
 ) -> Result<(Output, Box<dyn ImageWriter>)> {
     if opts.existing_target {
-        return Err(Error::arg("existing_target (writing into an existing image) cannot be used with a stream output")
-            .with_option("ConvertOptions::existing_target").with_path(STREAM_NAME));
+        return Err(Error::arg(
+            "existing_target (writing into an existing image) cannot be used with a stream output",
+        )
+        .with_option("ConvertOptions::existing_target")
+        .with_path(STREAM_NAME));
     }
     let (out, s) = Output::from_writer(Path::new(STREAM_NAME), sink);
     prepare(src, out, s, opts)

@@ -901,7 +901,9 @@ impl ImageEditor for Qcow2Editor {
         }
         let shrinking = new_size < old;
         if shrinking && !opts.shrink {
-            return Err(Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink"));
+            return Err(
+                Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink")
+            );
         }
         if shrinking && opts.preallocation != Preallocation::Off {
             return Err(Error::arg(

@@ -446,7 +446,9 @@ impl ImageEditor for VdiEditor {
         }
         if new_size < old {
             if !opts.shrink {
-                return Err(Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink"));
+                return Err(
+                    Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink")
+                );
             }
             return self.shrink(new_size);
         }

@@ -485,7 +485,9 @@ impl ImageEditor for VhdEditor {
             return Ok(());
         }
         if new_size < old && !opts.shrink {
-            return Err(Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink"));
+            return Err(
+                Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink")
+            );
         }
         let layout = std::mem::replace(&mut self.layout, Layout::Fixed { footer_at: 0 });
         let r = match layout {

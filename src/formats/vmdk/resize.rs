@@ -449,7 +449,9 @@ impl ImageEditor for VmdkEditor {
         }
         if new_size < old {
             if !opts.shrink {
-                return Err(Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink"));
+                return Err(
+                    Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink")
+                );
             }
             let mut header = self.header;
             header.capacity = new_size / SECTOR;
