@@ -155,7 +155,7 @@ impl<'a> ConvertOptions<'a> {
 }
 
 /// What a finished conversion has to tell.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ConvertReport {
     /// Guest size of the output (may exceed the source's when the format rounds up).
     pub virtual_size: u64,
@@ -174,8 +174,8 @@ pub struct ConvertReport {
     pub digests: Vec<(crate::writer::DigestAlgo, String)>,
 }
 
-/// A source range `--salvage` replaced with zeros.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A source range [`ConvertOptions::salvage`] replaced with zeros.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct UnreadableRange {
     /// Guest offset of the first byte.
     pub offset: u64,

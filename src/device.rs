@@ -14,7 +14,8 @@ use crate::error::{Error, Result, Side};
 use crate::format::Format;
 
 /// What a guest range is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum MappingKind {
     /// Guest data stored in the image; `host` is its offset in the image file when it is
     /// stored uncompressed and contiguously (None for compressed or otherwise indirect data).
@@ -29,7 +30,7 @@ pub enum MappingKind {
 }
 
 /// One contiguous guest range of a single [`MappingKind`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Mapping {
     /// Guest offset of the range's start.
     pub offset: u64,
@@ -47,7 +48,7 @@ impl Mapping {
 }
 
 /// Facts about an opened image, for `info` and `inspect`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct ImageInfo {
     /// The qemu-img name of the format ("raw", "qcow2", "vpc", "vmdk", "vdi").
     pub format: String,
@@ -89,6 +90,7 @@ pub trait BlockDevice: Send + Sync {
     fn format(&self) -> Format;
 }
 
+#[doc(hidden)] // a helper of the format readers, not a stable API
 /// Check that `[offset, offset+len)` lies inside a device of size `size`.
 pub fn check_guest_range(size: u64, offset: u64, len: usize) -> Result<()> {
     match offset.checked_add(len as u64) {
@@ -99,6 +101,7 @@ pub fn check_guest_range(size: u64, offset: u64, len: usize) -> Result<()> {
     }
 }
 
+#[doc(hidden)] // a helper of the format readers, not a stable API
 /// Check a `map(offset, max_len)` request against a device of `size` bytes and return the
 /// end of the range it may answer for (`offset + max_len`, clipped to the size). Every
 /// format's `map` starts with this so the contract is enforced in one place.
@@ -111,6 +114,7 @@ pub fn map_end(size: u64, offset: u64, max_len: u64) -> Result<u64> {
     Ok(size.min(offset.saturating_add(max_len)))
 }
 
+#[doc(hidden)] // a helper of the format readers, not a stable API
 /// Read the whole guest range `[offset, offset+buf.len())` by walking `map` and reading
 /// only data ranges; zero and unallocated ranges are filled with zeros. Formats whose
 /// `read_at` is naturally expressed through `map` use this.
@@ -136,6 +140,7 @@ pub fn read_via_map(
     Ok(())
 }
 
+#[doc(hidden)] // a helper of the format readers, not a stable API
 /// An image file opened for reading, with positional reads that are bounds-checked
 /// against the file's real length so a lying header yields an error naming the field.
 #[derive(Debug)]

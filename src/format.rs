@@ -4,7 +4,8 @@
 
 use crate::error::{Error, Result};
 
-/// A disk image format.
+/// A disk image format. Serialized as its qemu-img name (`"vpc"` for [`Format::Vhd`]).
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Format {
     /// Plain guest bytes.
@@ -67,5 +68,11 @@ impl std::str::FromStr for Format {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         Format::from_name(s)
+    }
+}
+
+impl serde::Serialize for Format {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
     }
 }

@@ -36,7 +36,10 @@ pub mod format;
 pub mod options;
 pub mod references;
 pub mod writer;
-// The formats, one folder each, behind one dispatch.
+// The formats, one folder each, behind one dispatch. Unstable: their on-disk structures
+// are public for the crate's own tests and fuzzers only; the stable surface is the
+// dispatch re-exported below.
+#[doc(hidden)]
 pub mod formats;
 // Partition tables and guest filesystems over any device (sparsify), above the core.
 pub mod guest;
@@ -56,6 +59,7 @@ pub use convert::{
 pub use device::{BlockDevice, DeviceReader, ImageEditor, ImageInfo, Mapping, MappingKind};
 pub use error::{Error, ErrorKind, Result, Side};
 pub use format::Format;
+pub use formats::{create_writer, STREAMING_OUTPUTS};
 pub use inspect::{
     inspect, inspect_file, inspect_with, Finding, FindingKind, InspectLimits, Inspection,
 };

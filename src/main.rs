@@ -329,6 +329,7 @@ fn formatting_line(file: &Path, format: Format, opts: &CreateOptions) -> String 
             ("zeroed_grain", None),
         ],
         Format::Vdi => &[("size", None), ("static", Some("off"))],
+        _ => &[("size", None)],
     };
     let mut line = format!("Formatting '{}', fmt={format}", file.display());
     for (k, default) in order {

@@ -16,7 +16,7 @@ pub(crate) const SHRINK_REFUSED: &str =
     "the new size is smaller than the image: shrinking drops its tail (set ResizeOptions::shrink to allow it)";
 
 /// One `-o` option a format accepts, for `-o help`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OptionHelp {
     /// Option name as typed after `-o`.
     pub name: &'static str,
@@ -49,6 +49,18 @@ pub struct OpenOptions {
     /// How a referenced image is opened: the format dispatch hands itself down here when
     /// it opens an image, so the reference gate (core) never imports the formats above it.
     pub(crate) opener: Option<Opener>,
+}
+
+/// Equal when a caller's settings are: the chain and the injected opener are the crate's
+/// own bookkeeping while it opens an image.
+impl PartialEq for OpenOptions {
+    fn eq(&self, o: &Self) -> bool {
+        self.format == o.format
+            && self.allow_references == o.allow_references
+            && self.reference_root == o.reference_root
+            && self.options == o.options
+            && self.no_backing == o.no_backing
+    }
 }
 
 /// Opens an image by path: [`crate::formats::open_with`], injected into [`OpenOptions`].
@@ -84,7 +96,7 @@ impl OpenOptions {
 }
 
 /// How to create an image.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CreateOptions {
     /// Guest size in bytes.
     pub size: u64,
@@ -158,6 +170,7 @@ impl CreateOptions {
 }
 
 /// How `resize` preallocates space it adds (qemu-img's `--preallocation`).
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Preallocation {
     /// New space stays unallocated (holes) where the format allows.
@@ -168,7 +181,7 @@ pub enum Preallocation {
 }
 
 /// How to resize an image in place.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResizeOptions {
     /// The format, when the caller knows it: then no probing happens.
     pub format: Option<Format>,

@@ -370,7 +370,9 @@ impl From<File> for Sink {
     }
 }
 
-/// A digest algorithm `--digest` computes over the output bytes.
+/// A digest algorithm computed over the output bytes ([`ConvertOptions::digests`](crate::ConvertOptions::digests)).
+/// Serialized as its name (`"md5"`, `"sha512"`).
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DigestAlgo {
     /// MD5 (OpenStack Glance's `checksum`).
@@ -381,6 +383,12 @@ pub enum DigestAlgo {
     Sha256,
     /// SHA-512 (Glance's `os_hash_value` with `os_hash_algo=sha512`).
     Sha512,
+}
+
+impl serde::Serialize for DigestAlgo {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
 }
 
 impl DigestAlgo {
@@ -662,6 +670,7 @@ fn record(written: &mut BTreeMap<u64, u64>, mut start: u64, mut end: u64) {
 }
 
 /// What kind of destination an [`Output`] writes.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputKind {
     /// A new file, created under a temporary name and renamed into place.
