@@ -255,7 +255,7 @@ impl fmt::Display for Error {
     }
 }
 
-/// An [`std::io::Error`] made from one of ours (as [`Error::into`]) gives it back whole:
+/// An [`std::io::Error`] made from one of ours (with `into()`) gives it back whole:
 /// its kind, side, path and source survive a trip through `std::io` (a [`Read`] adapter
 /// such as [`DeviceReader`](crate::DeviceReader), `std::io::copy`).
 ///

@@ -30,9 +30,10 @@ use crate::probe::{probe_report, ProbeReport};
 /// (informational): no real disk is larger than a pebibyte.
 pub const SUSPICIOUS_VIRTUAL_SIZE: u64 = 1 << 50;
 
-/// The default [`InspectLimits::max_virtual_size`]: 64 TiB, the largest virtual size
-/// qemu-img itself lets a qcow2 image have, and far past any disk an upload service is
-/// likely to accept (a consumer that writes the raw image out must have that much room).
+/// The default [`InspectLimits::max_virtual_size`]: 64 TiB, far past the disks vhd, vmdk
+/// and vdi can describe (about 2 TiB) and any an upload service is likely to accept, and
+/// far under the pebibytes a hostile qcow2 header can claim in a few MiB (a consumer that
+/// writes the raw image out must have room for the maximum).
 pub const DEFAULT_MAX_VIRTUAL_SIZE: u64 = 64 << 40;
 
 /// The default [`InspectLimits::max_table_entries`]: 2^30, a 64 TiB image in 64 KiB

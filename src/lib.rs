@@ -14,7 +14,9 @@
 //!   [`device`] ([`BlockDevice`], the read side, and [`ImageEditor`], the in-place side),
 //!   [`writer`] ([`ImageWriter`], [`AtomicOutput`]) and [`convert`](mod@convert) (the engine,
 //!   [`convert_device`], which knows no format and no path);
-//! - [`formats`]: one folder per format and the dispatch from a [`Format`] to it;
+//! - `formats`: one folder per format and the dispatch from a [`Format`] to it (hidden:
+//!   its on-disk structures are public for the crate's tests and fuzzers only, with no
+//!   stability promise; [`create_writer`] is the dispatch a user needs);
 //! - [`probe`](mod@probe) and [`inspect`](mod@inspect): detection and the safety inspection;
 //! - [`ops`]: the commands as functions over files ([`convert()`], [`resize()`]), which the
 //!   CLI calls, and over streams ([`convert_to_writer`], [`ConvertedReader`]).
@@ -25,6 +27,56 @@
 //! let mut reader = DeviceReader::new(dev);
 //! std::io::copy(&mut reader, &mut std::io::sink()).unwrap();
 //! # Ok::<(), diskconv::Error>(())
+//! ```
+//!
+//! # Taking images from strangers
+//!
+//! An upload service or image registry links the library without the CLI's crates
+//! (`default-features = false`; the `cli` feature is the binary's). Its path through the
+//! API, as `examples/uploader.rs` and `examples/registry_probe.rs` walk it:
+//!
+//! 1. **Inspect the file it will use.** [`inspect_file`] takes the opened [`std::fs::File`],
+//!    the format the uploader claimed and [`InspectLimits`] (largest virtual size, by
+//!    default 64 TiB; allocation-table entries; map-walk bounds, an unfinished walk being
+//!    unsafe), and returns the [`Inspection`] with the device it opened: nothing is opened
+//!    again by path, so what was checked is what gets read.
+//! 2. **Decide.** [`Inspection::is_safe`] is false for any [`Finding`] whose
+//!    [`hazard`](Finding::hazard) is set: names other files, encrypted, corrupt, polyglot,
+//!    past a limit, a format that is not the claimed one, ...
+//! 3. **Normalise and stream.** [`convert_to_writer`] writes the device as raw (or any
+//!    format that streams) into any [`std::io::Write`], computing the
+//!    [`ConvertOptions::digests`] (md5 and sha512 for Glance's `checksum` and
+//!    `os_hash_value`) on the way; [`ConvertedReader`] gives the same as a [`std::io::Read`].
+//!    A [`CancelToken`] in [`ConvertOptions::cancel`] stops it within one work unit.
+//! 4. **Record.** [`Inspection`], [`ImageInfo`], [`ConvertReport`] and [`Format`] are
+//!    `serde::Serialize`, for a registry to store.
+//! 5. **Answer errors by side.** [`Error::side`] says whether the upload or the sink
+//!    failed, [`Error::kind`] what class of failure ([`ErrorKind::Encrypted`],
+//!    [`ErrorKind::Cancelled`], ...), [`Error::io_kind`] the [`std::io::ErrorKind`]; an
+//!    [`Error`] converts to a [`std::io::Error`] of that kind and back without loss.
+//!
+//! ```no_run
+//! use diskconv::{convert_to_writer, inspect_file, ConvertOptions, DigestAlgo, Format, InspectLimits, Side};
+//! let file = std::fs::File::open("upload.qcow2")?;
+//! let (report, dev) = inspect_file(file, "upload.qcow2", Some(Format::Qcow2), &InspectLimits::default())?;
+//! let Some(dev) = dev.filter(|_| report.is_safe()) else {
+//!     for f in report.unsafe_findings() {
+//!         eprintln!("refused: {}: {}", f.kind, f.detail);
+//!     }
+//!     return Ok(());
+//! };
+//! let mut opts = ConvertOptions::new(Format::Raw);
+//! opts.digests = vec![DigestAlgo::Md5, DigestAlgo::Sha512];
+//! match convert_to_writer(dev.as_ref(), std::io::sink(), &opts) {
+//!     Ok(done) => println!("{}", serde_json::json!({
+//!         "disk_format": report.opened_as,
+//!         "virtual_size": done.virtual_size,
+//!         "digests": done.digests,
+//!     })),
+//!     Err(e) if e.side() == Some(Side::Destination) => eprintln!("our sink failed: {e}"),
+//!     Err(e) => eprintln!("the upload is unreadable: {e}"),
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![warn(missing_docs)]
 

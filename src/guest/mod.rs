@@ -9,9 +9,9 @@
 //!
 //! Shape: [`Region`] is a bounds-checked window of a device (a partition, a logical
 //! volume); a scanner reports free byte ranges of its region to a [`FreeSink`]; the
-//! scan driver ([`scan`]) records them in a [`FreeMap`] and commits a partition's ranges
+//! scan driver ([`scan()`]) records them in a [`FreeMap`] and commits a partition's ranges
 //! only when its scanner returns [`Outcome::Scanned`]; [`GuestFree`] wraps the device and
-//! reports free granules as [`MappingKind::Zero`] in `map`, so the convert engine and
+//! reports free granules as [`MappingKind::Zero`](crate::MappingKind::Zero) in `map`, so the convert engine and
 //! every writer drop them without knowing filesystems.
 //!
 //! This floor imports only the core (`tests/layering.rs` keeps it so).
