@@ -290,6 +290,20 @@ fn a_failing_sink_is_the_destination_and_a_failing_upload_the_source() {
         convert_to_writer(&bad, std::io::sink(), &ConvertOptions::new(Format::Raw)).unwrap_err();
     assert_eq!(e.side(), Some(Side::Source), "{e}");
     assert_eq!(e.kind(), ErrorKind::Corrupt);
+
+    // Pulled through a ConvertedReader: `read` fails with the kind, `finish` typed.
+    let bad: Arc<dyn BlockDevice> = Arc::new(TestDevice::new(
+        4 * MIB,
+        Some(|| Error::corrupt("bad table")),
+    ));
+    let mut body = diskconv::ConvertedReader::new(bad, ConvertOptions::new(Format::Raw)).unwrap();
+    let io = body.read_to_end(&mut Vec::new()).unwrap_err();
+    assert_eq!(io.kind(), std::io::ErrorKind::InvalidData, "{io}");
+    let e = body.finish().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.side()),
+        (ErrorKind::Corrupt, Some(Side::Source))
+    );
 }
 
 #[test]
