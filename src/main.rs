@@ -739,7 +739,7 @@ fn inspection_human(i: &diskconv::Inspection) -> String {
     }
     s += &format!("verdict: {}\n", if i.safe { "safe" } else { "UNSAFE" });
     for f in &i.findings {
-        let class = if f.kind.is_unsafe() { "unsafe" } else { "info" };
+        let class = if f.hazard { "unsafe" } else { "info" };
         s += &format!("[{class}] {:?}: {}\n", f.kind, f.detail);
     }
     s

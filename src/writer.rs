@@ -259,6 +259,7 @@ fn parent_dir(p: &Path) -> PathBuf {
     }
 }
 
+#[doc(hidden)] // a helper of the format writers and editors, not a stable API
 /// Positional write of all of `data` at `offset`, with the error naming what was written.
 pub fn write_all_at(file: &Sink, data: &[u8], offset: u64, what: &str) -> Result<()> {
     file.write_all_at(data, offset)
@@ -1229,6 +1230,7 @@ pub fn random_uuid_v4() -> [u8; 16] {
     b
 }
 
+#[doc(hidden)] // a helper of the format writers and editors, not a stable API
 /// Take an exclusive advisory lock on an image for the whole of an in-place edit: a second
 /// diskconv on the same image is refused instead of interleaving its writes with ours. The
 /// format dispatch takes it for every editor, before the editor reads anything.
@@ -1249,6 +1251,7 @@ pub fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
     Ok(())
 }
 
+#[doc(hidden)] // a helper of the format writers and editors, not a stable API
 /// The file an in-place operation ([`crate::device::ImageEditor`]) changes. Every mutation
 /// (write, length change, flush) goes through here and is counted, so a test can make the
 /// Nth one fail and check the image is still whole: crash safety proven, not argued.

@@ -246,7 +246,7 @@ fn bad_sizes_and_tables_are_refused_before_any_write() {
     let cases: &[(u64, ResizeOptions, &str)] = &[
         (4 * MIB + 1, resize_opts(FMT, false), "multiple of 512"),
         (0, resize_opts(FMT, false), "positive"),
-        (MIB, resize_opts(FMT, false), "--shrink"),
+        (MIB, resize_opts(FMT, false), "ResizeOptions::shrink"),
         (9 << 40, resize_opts(FMT, false), "maximum"),
     ];
     for (size, o, what) in cases {

@@ -301,7 +301,7 @@ fn bad_sizes_differencing_and_locked_images_are_refused() {
     let cases: &[(u64, ResizeOptions, &str)] = &[
         (4 * MIB + 1, resize_opts(FMT, false), "multiple of 512"),
         (0, resize_opts(FMT, false), "positive"),
-        (MIB, resize_opts(FMT, false), "--shrink"),
+        (MIB, resize_opts(FMT, false), "ResizeOptions::shrink"),
         (2041 << 30, resize_opts(FMT, false), "2040 GiB"),
         (
             8 * MIB,

@@ -338,7 +338,7 @@ fn other_subformats_and_bad_sizes_are_refused() {
     let cases: &[(u64, ResizeOptions, &str)] = &[
         (4 * MIB + 1, resize_opts(FMT, false), "multiple of 512"),
         (0, resize_opts(FMT, false), "positive"),
-        (MIB, resize_opts(FMT, false), "--shrink"),
+        (MIB, resize_opts(FMT, false), "ResizeOptions::shrink"),
         (2 << 40, resize_opts(FMT, false), "maximum"),
         (
             8 * MIB,
