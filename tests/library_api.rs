@@ -581,3 +581,34 @@ fn the_registry_probe_example_gives_a_glance_record() {
     assert_eq!(rec["os_hash_algo"], "sha512");
     assert_eq!(rec["os_hash_value"], want[1].1);
 }
+
+#[test]
+fn the_cli_turns_the_option_an_error_names_into_its_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let desc = dir.path().join("d.vmdk");
+    std::fs::write(dir.path().join("d-flat.vmdk"), vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(
+        &desc,
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+         createType=\"monolithicFlat\"\nRW 2048 FLAT \"d-flat.vmdk\" 0\n",
+    )
+    .unwrap();
+    // The library names its option...
+    let e = diskconv::open(&desc, &OpenOptions::new()).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::UnsafeReference);
+    assert_eq!(e.option(), Some("OpenOptions::allow_references"));
+    assert!(!e.to_string().contains("--"), "{e}");
+    // ...and the command line says which flag that is.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_diskconv"))
+        .args(["convert", "-O", "raw"])
+        .arg(&desc)
+        .arg(dir.path().join("out.raw"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("hint: OpenOptions::allow_references is --allow-references"),
+        "{err}"
+    );
+}
