@@ -257,7 +257,9 @@ pub fn convert_device<W: ImageWriter + ?Sized>(
 /// [`convert_device`] into a writer the caller keeps: everything is written, but
 /// [`ImageWriter::finish`] is not called, so the caller reads what its own writer
 /// gathered and then finishes it (or, for a writer that needs no finishing, just drops
-/// it). The output is not valid until it is finished.
+/// it). The output is not valid until it is finished. `progress` hears of each unit
+/// written; the closing `(size, size)` report, which [`convert_device`] makes after
+/// finishing, is the caller's to make.
 pub fn convert_device_into<W: ImageWriter + ?Sized>(
     src: &dyn BlockDevice,
     writer: &mut W,
