@@ -813,6 +813,7 @@ fn scan_groups(region: &Region<'_>, s: Super, sink: &mut dyn FreeSink) -> Step<(
     };
     ext.check_journal()?;
     let mut free_total = 0u64;
+    let mut pending: Option<(u64, u64)> = None;
     for g in 0..ext.s.groups {
         let d = ext.desc(g)?;
         let Some(bm) = ext.bitmap(g, &d)? else {
@@ -857,8 +858,20 @@ fn scan_groups(region: &Region<'_>, s: Super, sink: &mut dyn FreeSink) -> Step<(
         for (start, len) in free_runs(&bm, n) {
             let off = (first + start * s.ratio) * s.block_size;
             let end = (off + len * cluster_bytes).min(fs_bytes);
-            sink.free(off, end - off);
+            // A run reaching the end of a group continues into the next one: report them
+            // as one, so a granule straddling the boundary (1 KiB blocks) is dropped too.
+            match pending {
+                Some((o, e)) if e == off => pending = Some((o, end)),
+                Some((o, e)) => {
+                    sink.free(o, e - o);
+                    pending = Some((off, end));
+                }
+                None => pending = Some((off, end)),
+            }
         }
+    }
+    if let Some((o, e)) = pending {
+        sink.free(o, e - o);
     }
     let s = &ext.s;
     if free_total * s.ratio != s.free_blocks {
