@@ -114,7 +114,7 @@ pub fn interiors(extents: &[(u64, u64)], granule: u64) -> Vec<(u64, u64)> {
         .filter_map(|&(o, l)| {
             let a = o.div_ceil(granule) * granule;
             let b = (o + l) / granule * granule;
-            (b > a).then_some((a, b - a))
+            (b > a).then(|| (a, b - a))
         })
         .collect()
 }
