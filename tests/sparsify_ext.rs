@@ -172,7 +172,15 @@ fn ext4_uninit_bg_crc16_without_metadata_csum() {
         return;
     }
     let fs = build(
-        &["mkfs.ext4", "-b", "4096", "-g", "1024", "-O", "^metadata_csum,uninit_bg"],
+        &[
+            "mkfs.ext4",
+            "-b",
+            "4096",
+            "-g",
+            "1024",
+            "-O",
+            "^metadata_csum,uninit_bg",
+        ],
         32 * MIB,
         2,
     );
@@ -210,7 +218,15 @@ fn ext4_meta_bg() {
         return;
     }
     let fs = build(
-        &["mkfs.ext4", "-b", "1024", "-g", "1024", "-O", "meta_bg,^resize_inode"],
+        &[
+            "mkfs.ext4",
+            "-b",
+            "1024",
+            "-g",
+            "1024",
+            "-O",
+            "meta_bg,^resize_inode",
+        ],
         24 * MIB,
         6,
     );
@@ -224,7 +240,15 @@ fn ext4_sparse_super2() {
         return;
     }
     let fs = build(
-        &["mkfs.ext4", "-b", "4096", "-g", "1024", "-O", "sparse_super2"],
+        &[
+            "mkfs.ext4",
+            "-b",
+            "4096",
+            "-g",
+            "1024",
+            "-O",
+            "sparse_super2",
+        ],
         24 * MIB,
         7,
     );
@@ -436,7 +460,10 @@ fn filesystem_larger_than_its_disk_is_skipped() {
         return;
     }
     let fs = small();
-    let f = std::fs::OpenOptions::new().write(true).open(&fs.img).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fs.img)
+        .unwrap();
     f.set_len(12 * MIB).unwrap();
     assert_skipped(&fs.img, "larger than its region");
 }

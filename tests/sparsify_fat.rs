@@ -103,7 +103,12 @@ fn free_extents(img: &Path) -> Vec<(u64, u64)> {
 fn mdir_free(img: &Path) -> u64 {
     let text = run(&["mdir", "-i", s(img), "::"]);
     let line = text.lines().find(|l| l.contains("bytes free")).unwrap();
-    line.split("bytes free").next().unwrap().replace(' ', "").parse().unwrap()
+    line.split("bytes free")
+        .next()
+        .unwrap()
+        .replace(' ', "")
+        .parse()
+        .unwrap()
 }
 
 fn fsck_clean(img: &Path) {
@@ -178,7 +183,10 @@ fn roundtrip(fs: &Fs, name: &str) -> u64 {
 }
 
 #[test]
-#[cfg_attr(any(no_dosfs, no_qemu), ignore = "needs dosfstools, mtools and qemu-img")]
+#[cfg_attr(
+    any(no_dosfs, no_qemu),
+    ignore = "needs dosfstools, mtools and qemu-img"
+)]
 fn fat12() {
     if !tools() {
         return;
@@ -189,7 +197,10 @@ fn fat12() {
 }
 
 #[test]
-#[cfg_attr(any(no_dosfs, no_qemu), ignore = "needs dosfstools, mtools and qemu-img")]
+#[cfg_attr(
+    any(no_dosfs, no_qemu),
+    ignore = "needs dosfstools, mtools and qemu-img"
+)]
 fn fat16() {
     if !tools() {
         return;
@@ -201,7 +212,10 @@ fn fat16() {
 }
 
 #[test]
-#[cfg_attr(any(no_dosfs, no_qemu), ignore = "needs dosfstools, mtools and qemu-img")]
+#[cfg_attr(
+    any(no_dosfs, no_qemu),
+    ignore = "needs dosfstools, mtools and qemu-img"
+)]
 fn fat16_4k_sectors() {
     if !tools() {
         return;
@@ -212,7 +226,10 @@ fn fat16_4k_sectors() {
 }
 
 #[test]
-#[cfg_attr(any(no_dosfs, no_qemu), ignore = "needs dosfstools, mtools and qemu-img")]
+#[cfg_attr(
+    any(no_dosfs, no_qemu),
+    ignore = "needs dosfstools, mtools and qemu-img"
+)]
 fn fat32() {
     if !tools() {
         return;
@@ -235,7 +252,10 @@ fn small16() -> Fs {
 }
 
 #[test]
-#[cfg_attr(any(no_dosfs, no_qemu), ignore = "needs dosfstools, mtools and qemu-img")]
+#[cfg_attr(
+    any(no_dosfs, no_qemu),
+    ignore = "needs dosfstools, mtools and qemu-img"
+)]
 fn bad_bpb_is_skipped() {
     if !tools() {
         return;
@@ -256,12 +276,18 @@ fn bad_bpb_is_skipped() {
 }
 
 #[test]
-#[cfg_attr(any(no_dosfs, no_qemu), ignore = "needs dosfstools, mtools and qemu-img")]
+#[cfg_attr(
+    any(no_dosfs, no_qemu),
+    ignore = "needs dosfstools, mtools and qemu-img"
+)]
 fn disagreeing_fat_copies_are_skipped() {
     if !tools() {
         return;
     }
-    for (mkfs, size) in [(["-F", "16", "-s", "4"], 16 * MIB), (["-F", "32", "-s", "1"], 40 * MIB)] {
+    for (mkfs, size) in [
+        (["-F", "16", "-s", "4"], 16 * MIB),
+        (["-F", "32", "-s", "1"], 40 * MIB),
+    ] {
         let fs = build(&mkfs, size, 1 << 20, 9);
         let g = minfo(&fs.img);
         // The last cluster is free in FAT 1: claim it in FAT 2 (end of chain).
@@ -275,7 +301,10 @@ fn disagreeing_fat_copies_are_skipped() {
 }
 
 #[test]
-#[cfg_attr(any(no_dosfs, no_qemu), ignore = "needs dosfstools, mtools and qemu-img")]
+#[cfg_attr(
+    any(no_dosfs, no_qemu),
+    ignore = "needs dosfstools, mtools and qemu-img"
+)]
 fn dirty_volumes_are_skipped() {
     if !tools() {
         return;
@@ -284,7 +313,10 @@ fn dirty_volumes_are_skipped() {
     let fs = small16();
     patch(&fs.img, 0x25, &[1]);
     let (code, out) = run_status(&["fsck.fat", "-n", s(&fs.img)]);
-    assert!(code != 0 || out.contains("Dirty"), "fsck.fat sees it: {out}");
+    assert!(
+        code != 0 || out.contains("Dirty"),
+        "fsck.fat sees it: {out}"
+    );
     assert_skipped(&fs.img, "dirty flag");
     let fs = build(&["-F", "32", "-s", "1"], 40 * MIB, 1 << 20, 10);
     patch(&fs.img, 0x41, &[1]);
@@ -295,7 +327,11 @@ fn dirty_volumes_are_skipped() {
     let fs = small16();
     let g = minfo(&fs.img);
     for k in 0..2 {
-        patch(&fs.img, g.fat_offset + k * g.fat_bytes + 2, &0x7FFFu16.to_le_bytes());
+        patch(
+            &fs.img,
+            g.fat_offset + k * g.fat_bytes + 2,
+            &0x7FFFu16.to_le_bytes(),
+        );
     }
     assert_skipped(&fs.img, "clean-shutdown");
     let fs = build(&["-F", "32", "-s", "1"], 40 * MIB, 1 << 20, 11);
@@ -311,7 +347,10 @@ fn dirty_volumes_are_skipped() {
 }
 
 #[test]
-#[cfg_attr(any(no_dosfs, no_qemu), ignore = "needs dosfstools, mtools and qemu-img")]
+#[cfg_attr(
+    any(no_dosfs, no_qemu),
+    ignore = "needs dosfstools, mtools and qemu-img"
+)]
 fn exfat_and_other_boot_sectors_are_not_fat() {
     if !tools() {
         return;

@@ -452,17 +452,16 @@ fn parse_super(sb: &[u8]) -> Step<Super> {
     } else {
         Csum::None
     };
-    let ext4_features = (incompat
-        & (INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG | INCOMPAT_META_BG))
-        != 0
-        || ro_compat
-            & (RO_COMPAT_HUGE_FILE
-                | RO_COMPAT_GDT_CSUM
-                | RO_COMPAT_DIR_NLINK
-                | RO_COMPAT_EXTRA_ISIZE
-                | RO_COMPAT_METADATA_CSUM
-                | RO_COMPAT_BIGALLOC)
-            != 0;
+    let ext4_features =
+        (incompat & (INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG | INCOMPAT_META_BG)) != 0
+            || ro_compat
+                & (RO_COMPAT_HUGE_FILE
+                    | RO_COMPAT_GDT_CSUM
+                    | RO_COMPAT_DIR_NLINK
+                    | RO_COMPAT_EXTRA_ISIZE
+                    | RO_COMPAT_METADATA_CSUM
+                    | RO_COMPAT_BIGALLOC)
+                != 0;
     let name = if ext4_features {
         "ext4"
     } else if compat & COMPAT_HAS_JOURNAL != 0 {
@@ -558,7 +557,9 @@ fn parse_desc(s: &Super, g: u64, d: &[u8]) -> Step<Desc> {
                 0
             },
     };
-    let in_fs = |b: u64, n: u64| b >= s.first_data_block && b + n <= s.blocks_count;
+    let in_fs = |b: u64, n: u64| {
+        b >= s.first_data_block && b.checked_add(n).is_some_and(|e| e <= s.blocks_count)
+    };
     if !in_fs(desc.block_bitmap, 1)
         || !in_fs(desc.inode_bitmap, 1)
         || !in_fs(desc.inode_table, s.itb_per_group)
@@ -832,7 +833,10 @@ fn scan_groups(region: &Region<'_>, s: Super, sink: &mut dyn FreeSink) -> Step<(
             ));
         }
         free_total += d.free_clusters;
-        let base = s.base_meta_blocks(g).min(s.group_blocks(g)).div_ceil(s.ratio);
+        let base = s
+            .base_meta_blocks(g)
+            .min(s.group_blocks(g))
+            .div_ceil(s.ratio);
         if let Some(i) = (0..base).find(|&i| !bit(&bm, i)) {
             return skip(format!(
                 "group {g}: the block bitmap marks cluster {i} free, inside the superblock and group descriptors"

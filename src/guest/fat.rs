@@ -191,9 +191,7 @@ fn parse_bpb(b: &[u8], region_len: u64) -> Step<Layout> {
             // Mirroring off: only the active FAT is meaningful.
             let active = (ext & 0xF) as u64;
             if active >= nfats {
-                return skip(format!(
-                    "BPB_ExtFlags active FAT {active} of {nfats}"
-                ));
+                return skip(format!("BPB_ExtFlags active FAT {active} of {nfats}"));
             }
             fats = vec![fats[active as usize]];
         }
@@ -206,8 +204,16 @@ fn parse_bpb(b: &[u8], region_len: u64) -> Step<Layout> {
         }
     }
     // The kernel's "dirty" bit in the boot sector (BS_Reserved1 / FAT32's at 0x41).
-    let state = if kind == Kind::Fat32 { b[0x41] } else { b[0x25] };
-    let boot_sig = if kind == Kind::Fat32 { b[0x42] } else { b[0x26] };
+    let state = if kind == Kind::Fat32 {
+        b[0x41]
+    } else {
+        b[0x25]
+    };
+    let boot_sig = if kind == Kind::Fat32 {
+        b[0x42]
+    } else {
+        b[0x26]
+    };
     if matches!(boot_sig, 0x28 | 0x29) && state & 1 != 0 {
         return skip("the boot sector's dirty flag is set: not cleanly unmounted");
     }

@@ -158,7 +158,14 @@ pub fn back_to_raw(out: &Path, dir: &Path) -> PathBuf {
         out.file_name().unwrap().to_str().unwrap()
     ));
     run(&[
-        "qemu-img", "convert", "-f", "qcow2", "-O", "raw", s(out), s(&raw),
+        "qemu-img",
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        s(out),
+        s(&raw),
     ]);
     raw
 }
@@ -167,11 +174,19 @@ pub fn back_to_raw(out: &Path, dir: &Path) -> PathBuf {
 /// reads as zeros and is unallocated in the qcow2 (qemu-img map), every other byte is
 /// the input's; the report's free bytes are exactly those granules. Returns the output
 /// as a raw file for the filesystem checker.
-pub fn assert_sparsified(input: &Path, sp: &Sparsified, free: &[(u64, u64)], dir: &Path) -> PathBuf {
+pub fn assert_sparsified(
+    input: &Path,
+    sp: &Sparsified,
+    free: &[(u64, u64)],
+    dir: &Path,
+) -> PathBuf {
     let holes = interiors(&merge(free.to_vec()), sp.granule);
     let want: u64 = holes.iter().map(|h| h.1).sum();
     assert!(want > 0, "the test made no free granules");
-    assert_eq!(sp.free_bytes, want, "free bytes found vs the tool's free extents");
+    assert_eq!(
+        sp.free_bytes, want,
+        "free bytes found vs the tool's free extents"
+    );
     let reported: u64 = sp.partitions.iter().map(|p| p.free_bytes).sum();
     assert_eq!(reported, want, "{:?}", sp.partitions);
 
@@ -181,7 +196,10 @@ pub fn assert_sparsified(input: &Path, sp: &Sparsified, free: &[(u64, u64)], dir
     assert_eq!(a.len(), b.len());
     let mut pos = 0u64;
     let check_same = |from: u64, to: u64| {
-        let (x, y) = (&a[from as usize..to as usize], &b[from as usize..to as usize]);
+        let (x, y) = (
+            &a[from as usize..to as usize],
+            &b[from as usize..to as usize],
+        );
         if x != y {
             let i = x.iter().zip(y).position(|(p, q)| p != q).unwrap() as u64 + from;
             panic!("byte {i:#x} (outside the free extents) differs from the input");
