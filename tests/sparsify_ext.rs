@@ -467,3 +467,50 @@ fn filesystem_larger_than_its_disk_is_skipped() {
     f.set_len(12 * MIB).unwrap();
     assert_skipped(&fs.img, "larger than its region");
 }
+
+#[test]
+#[cfg_attr(any(no_e2fsprogs, no_qemu), ignore = "needs e2fsprogs and qemu-img")]
+fn scan_reads_metadata_only() {
+    if !tools() {
+        return;
+    }
+    let fs = build(&["mkfs.ext4", "-b", "4096", "-g", "1024"], 64 * MIB, 13);
+    let (read, free) = scan_reads(&fs.img);
+    // Superblock, descriptors, 16 bitmaps, the journal's superblock: no file data.
+    assert!(free > 40 * MIB, "{free}");
+    assert!(read < 256 << 10, "read {read} bytes");
+}
+
+#[test]
+#[cfg_attr(any(no_e2fsprogs, no_qemu), ignore = "needs e2fsprogs and qemu-img")]
+fn corrupted_metadata_never_changes_what_is_free() {
+    if !tools() {
+        return;
+    }
+    // With metadata_csum every structure the scan trusts is checksummed: whatever bytes
+    // of the metadata area are flipped, the scan either gives the same free space or
+    // skips the filesystem, and never panics.
+    let fs = small();
+    let dev = open(&fs.img);
+    let want: Vec<(u64, u64)> = diskconv::guest::scan(dev.as_ref())
+        .unwrap()
+        .free
+        .runs()
+        .collect();
+    drop(dev);
+    assert!(!want.is_empty());
+    // The superblock, the descriptors, the 4 block bitmaps, the journal's superblock.
+    let bb = group_field(&fs.img, 0, "Block bitmap at");
+    let out = run(&["debugfs", "-R", "bmap <8> 0", s(&fs.img)]);
+    let jblk: u64 = out.trim().parse().unwrap();
+    let targets = [
+        (1024, 1024),
+        (4096, 4096),
+        (bb * 4096, 4 * 4096),
+        (jblk * 4096, 1024),
+    ];
+    let skipped = scan_survives_corruption_with(&fs.img, &targets, 300, 5, |free| {
+        assert_eq!(free, want, "a corrupted image scanned to other free space");
+    });
+    assert!(skipped > 100, "{skipped} of 300 skipped");
+}

@@ -247,6 +247,13 @@ fn patch(img: &Path, offset: u64, bytes: &[u8]) {
     f.write_all_at(bytes, offset).unwrap();
 }
 
+fn read(img: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let f = std::fs::File::open(img).unwrap();
+    let mut b = vec![0; len];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b
+}
+
 fn small16() -> Fs {
     build(&["-F", "16"], 16 * MIB, 1 << 20, 7)
 }
@@ -273,6 +280,12 @@ fn bad_bpb_is_skipped() {
     let fs = build(&["-F", "32", "-s", "1"], 40 * MIB, 1 << 20, 8);
     patch(&fs.img, 0x11, &512u16.to_le_bytes());
     assert_skipped(&fs.img, "BPB_RootEntCnt");
+    // A FAT32 layout field that still validates, but disagrees with the backup boot
+    // sector: one more reserved sector would shift every cluster.
+    let fs = build(&["-F", "32", "-s", "1"], 40 * MIB, 1 << 20, 8);
+    let r = u16::from_le_bytes(read(&fs.img, 0x0E, 2).try_into().unwrap());
+    patch(&fs.img, 0x0E, &(r + 1).to_le_bytes());
+    assert_skipped(&fs.img, "BPB_BkBootSec");
 }
 
 #[test]
@@ -359,4 +372,28 @@ fn exfat_and_other_boot_sectors_are_not_fat() {
     patch(&fs.img, 3, b"EXFAT   ");
     let (p, free) = scan_only(&fs.img);
     assert_eq!((p.filesystem, free), (None, 0));
+}
+
+#[test]
+#[cfg_attr(
+    any(no_dosfs, no_qemu),
+    ignore = "needs dosfstools, mtools and qemu-img"
+)]
+fn scan_reads_the_fats_only_and_survives_corruption() {
+    if !tools() {
+        return;
+    }
+    let fs = build(&["-F", "32", "-s", "1"], 40 * MIB, 4 << 20, 12);
+    let g = minfo(&fs.img);
+    let (read, free) = scan_reads(&fs.img);
+    // Boot sector, backup, and both FATs: no file data.
+    assert!(free > 30 * MIB, "{free}");
+    assert!(read <= 2 * g.fat_bytes + 8192, "read {read} bytes");
+    // Flips in the boot sector and the FATs: never a panic; most are caught.
+    let span = g.fat_offset + 2 * g.fat_bytes;
+    let skipped = scan_survives_corruption(&fs.img, &[(0, 512), (0, span)], 200, 3);
+    assert!(skipped > 0);
+    let fs = build(&["-F", "12"], 6 * MIB, 1 << 20, 13);
+    let g = minfo(&fs.img);
+    scan_survives_corruption(&fs.img, &[(0, 512), (0, g.data)], 200, 4);
 }

@@ -266,10 +266,34 @@ pub fn scan(region: &Region<'_>, sink: &mut dyn FreeSink) -> Result<Outcome> {
         }
     };
     let fs = l.name().to_string();
-    Ok(match scan_fat(region, &l, sink) {
+    let scanned = check_backup_boot(region, &boot, &l).and_then(|()| scan_fat(region, &l, sink));
+    Ok(match scanned {
         Ok(()) => Outcome::Scanned { fs },
         Err(Skip(reason)) => Outcome::Skipped { fs, reason },
     })
+}
+
+/// FAT32 keeps a copy of its boot sector (BPB_BkBootSec, usually sector 6): the BPB
+/// there must match, since nothing else protects the layout fields from a stray write.
+/// The state byte at 0x41 is left out: the kernel marks only the primary dirty.
+fn check_backup_boot(region: &Region<'_>, boot: &[u8], l: &Layout) -> Step<()> {
+    let bk = le16(boot, 0x32) as u64;
+    if l.kind != Kind::Fat32 || bk == 0 || bk == 0xFFFF {
+        return Ok(());
+    }
+    let bps = le16(boot, 0x0B) as u64;
+    if bk >= le16(boot, 0x0E) as u64 {
+        return skip(format!(
+            "BPB_BkBootSec {bk} is outside the reserved sectors"
+        ));
+    }
+    let backup = region.read_vec(bk * bps, 512, 512, "FAT32 backup boot sector")?;
+    if let Some(i) = (0x0B..0x41).find(|&i| backup[i] != boot[i]) {
+        return skip(format!(
+            "the backup boot sector (BPB_BkBootSec {bk}) differs from the boot sector at offset {i:#x}"
+        ));
+    }
+    Ok(())
 }
 
 fn scan_fat(region: &Region<'_>, l: &Layout, sink: &mut dyn FreeSink) -> Step<()> {

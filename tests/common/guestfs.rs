@@ -283,3 +283,87 @@ pub fn have(tools: &[&str], required: bool) -> bool {
 pub fn open(img: &Path) -> Box<dyn BlockDevice> {
     diskconv::open(img, &OpenOptions::new()).unwrap()
 }
+
+/// A device that counts the bytes read through it.
+pub struct Counting {
+    pub inner: Box<dyn BlockDevice>,
+    pub read: std::sync::atomic::AtomicU64,
+}
+
+impl BlockDevice for Counting {
+    fn virtual_size(&self) -> u64 {
+        self.inner.virtual_size()
+    }
+    fn map(&self, offset: u64, max_len: u64) -> diskconv::Result<diskconv::Mapping> {
+        self.inner.map(offset, max_len)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> diskconv::Result<()> {
+        self.read
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.inner.read_at(buf, offset)
+    }
+    fn info(&self) -> diskconv::ImageInfo {
+        self.inner.info()
+    }
+    fn format(&self) -> Format {
+        self.inner.format()
+    }
+}
+
+/// Scan `img` and return (bytes the scan read, free bytes found): the scan must read
+/// metadata only, never file data.
+pub fn scan_reads(img: &Path) -> (u64, u64) {
+    let dev = Counting {
+        inner: open(img),
+        read: Default::default(),
+    };
+    let scan = guest::scan(&dev).unwrap();
+    (
+        dev.read.load(std::sync::atomic::Ordering::Relaxed),
+        scan.free.free_bytes(),
+    )
+}
+
+/// Flip random bytes of `img` inside the `targets` extents `rounds` times (restoring
+/// them after each round) and scan: the scanners must never panic, whatever they read.
+/// Returns how many rounds were skipped.
+pub fn scan_survives_corruption(img: &Path, targets: &[(u64, u64)], rounds: u32, seed: u64) -> u32 {
+    scan_survives_corruption_with(img, targets, rounds, seed, |_| {})
+}
+
+/// [`scan_survives_corruption`], calling `scanned` with the free runs of every round
+/// whose filesystem scanned.
+pub fn scan_survives_corruption_with(
+    img: &Path,
+    targets: &[(u64, u64)],
+    rounds: u32,
+    seed: u64,
+    scanned: impl Fn(Vec<(u64, u64)>),
+) -> u32 {
+    let f = FsOpen::new().read(true).write(true).open(img).unwrap();
+    let mut rng = Rng(seed | 1);
+    let mut skipped = 0;
+    for _ in 0..rounds {
+        let mut saved = Vec::new();
+        for _ in 0..1 + rng.next() % 4 {
+            let (o, l) = targets[(rng.next() % targets.len() as u64) as usize];
+            let off = o + rng.next() % l;
+            let mut b = [0u8];
+            f.read_exact_at(&mut b, off).unwrap();
+            saved.push((off, b[0]));
+            f.write_all_at(&[b[0] ^ (1 << (rng.next() % 8))], off)
+                .unwrap();
+        }
+        let dev = open(img);
+        let scan = guest::scan(dev.as_ref()).unwrap();
+        if scan.partitions[0].skipped.is_some() {
+            skipped += 1;
+        } else {
+            scanned(scan.free.runs().collect());
+        }
+        for (off, b) in saved.into_iter().rev() {
+            f.write_all_at(&[b], off).unwrap();
+        }
+    }
+    skipped
+}
