@@ -514,3 +514,55 @@ fn corrupted_metadata_never_changes_what_is_free() {
     });
     assert!(skipped > 100, "{skipped} of 300 skipped");
 }
+
+/// Loop-mount `img` at `mnt`; false (the test is then skipped) where this machine cannot,
+/// except under CI, where it must.
+fn mount(img: &Path, mnt: &Path) -> bool {
+    std::fs::create_dir_all(mnt).unwrap();
+    let (code, out) = run_status(&["mount", "-o", "loop", s(img), s(mnt)]);
+    if code != 0 {
+        let ci = std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"));
+        assert!(!ci, "loop mount failed under CI: {out}");
+        eprintln!("loop mount failed, skipped: {out}");
+        return false;
+    }
+    true
+}
+
+#[test]
+#[cfg_attr(any(no_e2fsprogs, no_qemu), ignore = "needs e2fsprogs and qemu-img")]
+fn ext4_written_by_the_kernel() {
+    if !tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.img");
+    sparse_file(&img, 64 * MIB);
+    run(&["mkfs.ext4", "-q", "-F", s(&img)]);
+    let mnt = dir.path().join("mnt");
+    if !mount(&img, &mnt) {
+        return;
+    }
+    let mut rng = Rng(21);
+    let files: Vec<(String, Vec<u8>)> = [("k1", 3 << 20), ("k2", 70 << 10)]
+        .iter()
+        .map(|&(n, len)| (n.to_string(), rng.bytes(len)))
+        .collect();
+    std::fs::write(mnt.join("big"), rng.bytes(20 << 20)).unwrap();
+    for (n, data) in &files {
+        std::fs::write(mnt.join(n), data).unwrap();
+    }
+    run(&["sync"]);
+    std::fs::remove_file(mnt.join("big")).unwrap();
+    run(&["sync"]);
+    // A copy taken while mounted: the journal is live (needs_recovery).
+    let live = dir.path().join("live.img");
+    std::fs::copy(&img, &live).unwrap();
+    run(&["umount", s(&mnt)]);
+    assert_skipped(&live, "needs_recovery");
+
+    let fs = Fs { dir, img, files };
+    e2fsck_clean(&fs.img);
+    let free = roundtrip(&fs, "ext4");
+    assert!(free > 40 * MIB, "{free}");
+}
