@@ -368,10 +368,187 @@ fn exfat_and_other_boot_sectors_are_not_fat() {
     if !tools() {
         return;
     }
+    // A FAT boot sector renamed EXFAT is a broken exFAT: left whole.
     let fs = small16();
     patch(&fs.img, 3, b"EXFAT   ");
+    let p = assert_skipped(&fs.img, "MustBeZero");
+    assert_eq!(p.filesystem.as_deref(), Some("exfat"));
+    // NTFS's boot sector is not FAT's business.
+    let fs = small16();
+    patch(&fs.img, 3, b"NTFS    ");
     let (p, free) = scan_only(&fs.img);
     assert_eq!((p.filesystem, free), (None, 0));
+}
+
+// ---- exFAT ---------------------------------------------------------------------------
+
+const EXFAT_TOOLS: &[&str] = &[
+    "mkfs.exfat",
+    "fsck.exfat",
+    "dump.exfat",
+    "mount.exfat-fuse",
+    "losetup",
+    "qemu-img",
+];
+
+fn exfat_tools() -> bool {
+    have(EXFAT_TOOLS, !cfg!(no_exfat) && !cfg!(no_qemu))
+}
+
+/// Mount `img` through a loop device with exfat-fuse, run `f` on the mount point.
+fn with_exfat_mounted(img: &Path, mnt: &Path, f: impl FnOnce(&Path)) {
+    std::fs::create_dir_all(mnt).unwrap();
+    let dev = run(&["losetup", "-f", "--show", s(img)]).trim().to_string();
+    let (code, out) = run_status(&["mount.exfat-fuse", &dev, s(mnt)]);
+    if code != 0 {
+        run(&["losetup", "-d", &dev]);
+        panic!("mount.exfat-fuse failed: {out}");
+    }
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(mnt)));
+    run(&["umount", s(mnt)]);
+    run(&["losetup", "-d", &dev]);
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
+}
+
+/// dump.exfat's "Key: value" (first word of the value).
+fn dump_exfat(img: &Path, key: &str) -> u64 {
+    let text = run(&["dump.exfat", s(img)]);
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .unwrap_or_else(|| panic!("{key} not in dump.exfat: {text}"))
+        .trim()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+struct ExGeo {
+    heap: u64,
+    cluster: u64,
+    clusters: u64,
+    bitmap: u64,
+}
+
+fn exfat_geometry(img: &Path) -> ExGeo {
+    let sector = 1u64 << dump_exfat(img, "Sector Size Bits:");
+    ExGeo {
+        heap: dump_exfat(img, "Cluster Heap Offset (sector offset):") * sector,
+        cluster: sector << dump_exfat(img, "Sector per Cluster bits:"),
+        clusters: dump_exfat(img, "Cluster Count:"),
+        bitmap: dump_exfat(img, "Bitmap start cluster:"),
+    }
+}
+
+/// Free clusters read plainly from the allocation bitmap (mkfs.exfat lays it out in
+/// one run), as byte extents; their count must be dump.exfat's.
+fn exfat_free_extents(img: &Path) -> Vec<(u64, u64)> {
+    let g = exfat_geometry(img);
+    let mut bm = vec![0u8; g.clusters.div_ceil(8) as usize];
+    std::fs::File::open(img)
+        .unwrap()
+        .read_exact_at(&mut bm, g.heap + (g.bitmap - 2) * g.cluster)
+        .unwrap();
+    let free: Vec<(u64, u64)> = (0..g.clusters)
+        .filter(|&i| bm[(i / 8) as usize] & (1 << (i % 8)) == 0)
+        .map(|i| (g.heap + i * g.cluster, g.cluster))
+        .collect();
+    assert_eq!(free.len() as u64, dump_exfat(img, "Free Clusters:"));
+    free
+}
+
+fn exfat_fsck_clean(img: &Path) {
+    let (code, out) = run_status(&["fsck.exfat", "-n", s(img)]);
+    assert_eq!(code, 0, "fsck.exfat -n {}: {out}", img.display());
+}
+
+fn build_exfat(size: u64, seed: u64) -> Fs {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("exfat.img");
+    sparse_file(&img, size);
+    run(&["mkfs.exfat", s(&img)]);
+    let mut rng = Rng(seed);
+    let files: Vec<(String, Vec<u8>)> = [("a", 4000usize), ("d/b", 900 << 10)]
+        .iter()
+        .map(|&(n, len)| (n.to_string(), rng.bytes(len)))
+        .collect();
+    let big = rng.bytes(6 << 20);
+    with_exfat_mounted(&img, &dir.path().join("mnt"), |m| {
+        std::fs::write(m.join("big"), &big).unwrap();
+        std::fs::create_dir(m.join("d")).unwrap();
+        for (n, data) in &files {
+            std::fs::write(m.join(n), data).unwrap();
+        }
+        std::fs::remove_file(m.join("big")).unwrap();
+    });
+    exfat_fsck_clean(&img);
+    Fs { dir, img, files }
+}
+
+#[test]
+#[cfg_attr(
+    any(no_exfat, no_qemu),
+    ignore = "needs exfatprogs, exfat-fuse and qemu-img"
+)]
+fn exfat() {
+    if !exfat_tools() {
+        return;
+    }
+    let fs = build_exfat(32 * MIB, 14);
+    let free = exfat_free_extents(&fs.img);
+    fill_junk(&fs.img, &free, 0xe7fa7);
+    exfat_fsck_clean(&fs.img);
+    let sp = sparsify(&fs.img, &fs.dir.path().join("out.qcow2"));
+    let p = &sp.partitions[0];
+    assert_eq!(
+        (p.filesystem.as_deref(), p.skipped.as_deref()),
+        (Some("exfat"), None),
+        "{p:?}"
+    );
+    let back = assert_sparsified(&fs.img, &sp, &free, fs.dir.path());
+    exfat_fsck_clean(&back);
+    with_exfat_mounted(&back, &fs.dir.path().join("mnt2"), |m| {
+        for (n, data) in &fs.files {
+            assert!(
+                std::fs::read(m.join(n)).unwrap() == *data,
+                "file {n} differs"
+            );
+        }
+    });
+    assert!(sp.free_bytes > 20 * MIB, "{}", sp.free_bytes);
+}
+
+#[test]
+#[cfg_attr(
+    any(no_exfat, no_qemu),
+    ignore = "needs exfatprogs, exfat-fuse and qemu-img"
+)]
+fn exfat_hostile() {
+    if !exfat_tools() {
+        return;
+    }
+    let fs = build_exfat(16 * MIB, 15);
+    let pristine = std::fs::read(&fs.img).unwrap();
+    let reset = || std::fs::write(&fs.img, &pristine).unwrap();
+    // VolumeDirty (VolumeFlags bit 1, outside the boot checksum).
+    patch(&fs.img, 106, &[2]);
+    assert_skipped(&fs.img, "VolumeDirty");
+    reset();
+    // A boot sector field changed behind the boot checksum.
+    patch(&fs.img, 100, b"\x01");
+    assert_skipped(&fs.img, "boot checksum");
+    reset();
+    // The bitmap marking its own cluster free.
+    let g = exfat_geometry(&fs.img);
+    let off = g.heap + (g.bitmap - 2) * g.cluster + (g.bitmap - 2) / 8;
+    let b = read(&fs.img, off, 1)[0];
+    patch(&fs.img, off, &[b & !(1 << ((g.bitmap - 2) % 8))]);
+    assert_skipped(&fs.img, "allocation bitmap marks cluster");
+    reset();
+    assert_eq!(scan_only(&fs.img).0.skipped, None);
 }
 
 #[test]

@@ -253,6 +253,9 @@ pub fn scan(region: &Region<'_>, sink: &mut dyn FreeSink) -> Result<Outcome> {
     }
     let mut boot = [0u8; 512];
     region.read_at(&mut boot, 0, "FAT boot sector")?;
+    if &boot[3..11] == b"EXFAT   " {
+        return exfat::scan(region, &boot, sink);
+    }
     if !looks_like_fat(&boot) {
         return Ok(Outcome::NotMine);
     }
@@ -399,6 +402,332 @@ fn check_reserved_entries(l: &Layout, copies: &[Vec<u32>]) -> Step<()> {
     Ok(())
 }
 
+/// exFAT: the free clusters are the clear bits of the allocation bitmap (the FAT only
+/// chains fragmented files, so it says nothing of allocation).
+///
+/// Facts from Microsoft's exFAT specification. Checked: the boot checksum (sector 11
+/// of the main boot region), the must-be-zero bytes, the layout within the volume and
+/// the region, VolumeDirty and MediaFailure (Skipped), the allocation bitmap entry of
+/// the active FAT, and that the bitmap's own clusters, the up-case table's and the root
+/// directory's are marked in use. The bitmap is streamed cluster by cluster along its
+/// FAT chain.
+mod exfat {
+    use super::{le16, le32, skip, FreeSink, Outcome, Region, Skip, Step};
+    use crate::error::Result;
+
+    fn le64(b: &[u8], o: usize) -> u64 {
+        u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+    }
+
+    /// Most bytes read at once from a cluster (clusters may be 32 MiB).
+    const PIECE: u64 = 64 << 10;
+
+    pub(super) struct Vol {
+        bps: u64,
+        cluster_bytes: u64,
+        fat: u64,
+        heap: u64,
+        clusters: u64,
+        root: u64,
+        active_fat: u8,
+    }
+
+    impl Vol {
+        fn cluster_offset(&self, c: u64) -> u64 {
+            self.heap + (c - 2) * self.cluster_bytes
+        }
+    }
+
+    /// The boot checksum of the exFAT specification over the first 11 sectors, leaving
+    /// out VolumeFlags and PercentInUse (they change without the checksum).
+    pub(super) fn boot_checksum(sectors: &[u8]) -> u32 {
+        let mut c = 0u32;
+        for (i, &b) in sectors.iter().enumerate() {
+            if i == 106 || i == 107 || i == 112 {
+                continue;
+            }
+            c = c.rotate_right(1).wrapping_add(b as u32);
+        }
+        c
+    }
+
+    pub(super) fn parse(b: &[u8], region_len: u64) -> Step<Vol> {
+        if le16(b, 510) != 0xAA55 {
+            return skip("boot sector signature (0x55AA at offset 510) is missing");
+        }
+        if b[11..64].iter().any(|&x| x != 0) {
+            return skip("the MustBeZero bytes 11..64 of the boot sector are not zero");
+        }
+        let bps_shift = b[108] as u32;
+        let spc_shift = b[109] as u32;
+        if !(9..=12).contains(&bps_shift) || spc_shift > 25 - bps_shift {
+            return skip(format!(
+                "BytesPerSectorShift {bps_shift} / SectorsPerClusterShift {spc_shift}"
+            ));
+        }
+        let bps = 1u64 << bps_shift;
+        let cluster_bytes = bps << spc_shift;
+        let rev = le16(b, 104);
+        if rev >> 8 != 1 {
+            return skip(format!("FileSystemRevision {rev:#x} is not 1.x"));
+        }
+        let flags = le16(b, 106);
+        if flags & 0x2 != 0 {
+            return skip("VolumeFlags has VolumeDirty set: not cleanly unmounted");
+        }
+        if flags & 0x4 != 0 {
+            return skip("VolumeFlags has MediaFailure set");
+        }
+        let nfats = b[110];
+        if !(1..=2).contains(&nfats) {
+            return skip(format!("NumberOfFats {nfats}"));
+        }
+        let active_fat = (flags & 1) as u8;
+        if active_fat >= nfats {
+            return skip("VolumeFlags names the second FAT of a volume with one");
+        }
+        let vol_len = le64(b, 72);
+        let fat_off = le32(b, 80) as u64;
+        let fat_len = le32(b, 84) as u64;
+        let heap_off = le32(b, 88) as u64;
+        let clusters = le32(b, 92) as u64;
+        let root = le32(b, 96) as u64;
+        if vol_len.checked_mul(bps).map_or(true, |v| v > region_len) {
+            return skip(format!(
+                "VolumeLength {vol_len} sectors run past the region ({region_len} bytes)"
+            ));
+        }
+        if fat_off < 24 || fat_off + fat_len * nfats as u64 > heap_off {
+            return skip(format!(
+                "FatOffset {fat_off} / FatLength {fat_len} do not fit before ClusterHeapOffset {heap_off}"
+            ));
+        }
+        if clusters == 0 || heap_off + (clusters << spc_shift) > vol_len {
+            return skip(format!(
+                "ClusterCount {clusters} from ClusterHeapOffset {heap_off} runs past VolumeLength {vol_len}"
+            ));
+        }
+        if fat_len * bps < (clusters + 2) * 4 {
+            return skip(format!(
+                "FatLength {fat_len} holds fewer than the {} entries",
+                clusters + 2
+            ));
+        }
+        if root < 2 || root >= clusters + 2 {
+            return skip(format!(
+                "FirstClusterOfRootDirectory {root} is outside clusters 2..{}",
+                clusters + 1
+            ));
+        }
+        Ok(Vol {
+            bps,
+            cluster_bytes,
+            fat: (fat_off + active_fat as u64 * fat_len) * bps,
+            heap: heap_off * bps,
+            clusters,
+            root,
+            active_fat,
+        })
+    }
+
+    /// Reads FAT entries with a one-sector cache.
+    struct Fat<'r, 'a> {
+        region: &'r Region<'a>,
+        v: &'r Vol,
+        cache: Option<(u64, Vec<u8>)>,
+    }
+
+    impl Fat<'_, '_> {
+        fn entry(&mut self, c: u64) -> Step<u32> {
+            let off = self.v.fat + c * 4;
+            let sector = off / self.v.bps;
+            if self.cache.as_ref().map(|x| x.0) != Some(sector) {
+                let bps = self.v.bps;
+                let b = self.region.read_vec(sector * bps, bps, bps, "exFAT FAT")?;
+                self.cache = Some((sector, b));
+            }
+            Ok(le32(
+                &self.cache.as_ref().unwrap().1,
+                (off % self.v.bps) as usize,
+            ))
+        }
+
+        /// The clusters of a chain from `first`, as many as `len` bytes need (or to its
+        /// end when `len` is None), refusing loops and clusters outside the heap.
+        fn chain(&mut self, first: u64, len: Option<u64>, what: &str) -> Step<Vec<u64>> {
+            let want = len.map(|l| l.div_ceil(self.v.cluster_bytes));
+            let mut out = Vec::new();
+            let mut c = first;
+            loop {
+                if c < 2 || c >= self.v.clusters + 2 {
+                    return skip(format!("{what}: cluster {c} is outside the heap"));
+                }
+                out.push(c);
+                if want.is_some_and(|w| out.len() as u64 >= w) {
+                    return Ok(out);
+                }
+                if out.len() as u64 > self.v.clusters {
+                    return skip(format!("{what}: its FAT chain loops"));
+                }
+                let next = self.entry(c)? as u64;
+                if next == 0xFFFF_FFFF {
+                    if want.is_some() {
+                        return skip(format!("{what}: its FAT chain ends early"));
+                    }
+                    return Ok(out);
+                }
+                c = next;
+            }
+        }
+    }
+
+    pub(super) fn scan(
+        region: &Region<'_>,
+        boot: &[u8],
+        sink: &mut dyn FreeSink,
+    ) -> Result<Outcome> {
+        let fs = "exfat".to_string();
+        Ok(match scan_inner(region, boot, sink) {
+            Ok(()) => Outcome::Scanned { fs },
+            Err(Skip(reason)) => Outcome::Skipped { fs, reason },
+        })
+    }
+
+    fn scan_inner(region: &Region<'_>, boot: &[u8], sink: &mut dyn FreeSink) -> Step<()> {
+        let bps = 1u64 << boot[108].clamp(9, 12);
+        let main = region.read_vec(0, 12 * bps, 12 * 4096, "exFAT main boot region")?;
+        let v = parse(&main[..512], region.len())?;
+        let want = boot_checksum(&main[..11 * bps as usize]);
+        let sum = &main[11 * bps as usize..12 * bps as usize];
+        if sum.chunks_exact(4).any(|c| le32(c, 0) != want) {
+            return skip(format!(
+                "the boot checksum (sector 11) is {:#010x}, computed {want:#010x}",
+                le32(sum, 0)
+            ));
+        }
+        let mut fat = Fat {
+            region,
+            v: &v,
+            cache: None,
+        };
+        let media = fat.entry(0)?;
+        if media & 0xFF != 0xF8 {
+            return skip(format!(
+                "FAT entry 0 is {media:#x}, not the media value 0xF8"
+            ));
+        }
+        // The root directory: find the allocation bitmap and the up-case table.
+        let root = fat.chain(v.root, None, "the root directory")?;
+        let mut bitmap: Option<(u64, u64)> = None;
+        let mut upcase: Option<(u64, u64)> = None;
+        'dir: for &c in &root {
+            let mut done = 0;
+            while done < v.cluster_bytes {
+                let n = PIECE.min(v.cluster_bytes - done);
+                let b = region.read_vec(
+                    v.cluster_offset(c) + done,
+                    n,
+                    PIECE,
+                    "exFAT root directory",
+                )?;
+                for e in b.chunks_exact(32) {
+                    match e[0] {
+                        0x00 => break 'dir,
+                        0x81 if e[1] & 1 == v.active_fat => {
+                            bitmap = Some((le32(e, 20) as u64, le64(e, 24)))
+                        }
+                        0x82 => upcase = Some((le32(e, 20) as u64, le64(e, 24))),
+                        _ => {}
+                    }
+                }
+                done += n;
+            }
+        }
+        let Some((bm_first, bm_len)) = bitmap else {
+            return skip("the root directory has no allocation bitmap entry for the active FAT");
+        };
+        if bm_len < v.clusters.div_ceil(8) {
+            return skip(format!(
+                "the allocation bitmap's DataLength {bm_len} is under the {} bytes of {} clusters",
+                v.clusters.div_ceil(8),
+                v.clusters
+            ));
+        }
+        let bm_clusters = fat.chain(
+            bm_first,
+            Some(v.clusters.div_ceil(8)),
+            "the allocation bitmap",
+        )?;
+        let mut must_be_used: Vec<(u64, &str)> = bm_clusters
+            .iter()
+            .map(|&c| (c, "allocation bitmap"))
+            .collect();
+        must_be_used.extend(root.iter().map(|&c| (c, "root directory")));
+        if let Some((first, len)) = upcase {
+            let up = fat.chain(first, Some(len.max(1)), "the up-case table")?;
+            must_be_used.extend(up.into_iter().map(|c| (c, "up-case table")));
+        }
+        must_be_used.sort_unstable();
+
+        // Stream the bitmap: bit i is cluster i + 2.
+        let total_bytes = v.clusters.div_ceil(8);
+        let mut byte = 0u64;
+        let mut run: Option<(u64, u64)> = None;
+        let mut check = must_be_used.iter().peekable();
+        for &c in &bm_clusters {
+            let mut done = 0;
+            while done < v.cluster_bytes && byte < total_bytes {
+                let n = PIECE.min(v.cluster_bytes - done).min(total_bytes - byte);
+                let b = region.read_vec(
+                    v.cluster_offset(c) + done,
+                    n,
+                    PIECE,
+                    "exFAT allocation bitmap",
+                )?;
+                for (k, &x) in b.iter().enumerate() {
+                    let base = (byte + k as u64) * 8;
+                    for bit in 0..8 {
+                        let i = base + bit;
+                        if i >= v.clusters {
+                            break;
+                        }
+                        let cl = i + 2;
+                        let used = x & (1 << bit) != 0;
+                        while let Some(&&(m, what)) = check.peek() {
+                            if m > cl {
+                                break;
+                            }
+                            if m == cl && !used {
+                                return skip(format!(
+                                    "the allocation bitmap marks cluster {cl} of the {what} free"
+                                ));
+                            }
+                            check.next();
+                        }
+                        if used {
+                            continue;
+                        }
+                        run = match run {
+                            Some((s, e)) if e == cl => Some((s, cl + 1)),
+                            Some((s, e)) => {
+                                sink.free(v.cluster_offset(s), (e - s) * v.cluster_bytes);
+                                Some((cl, cl + 1))
+                            }
+                            None => Some((cl, cl + 1)),
+                        };
+                    }
+                }
+                byte += n;
+                done += n;
+            }
+        }
+        if let Some((s, e)) = run {
+            sink.free(v.cluster_offset(s), (e - s) * v.cluster_bytes);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,6 +795,7 @@ mod tests {
         let mut b = fat16();
         b[3..11].copy_from_slice(b"EXFAT   ");
         assert!(!looks_like_fat(&b));
+        assert!(matches!(exfat::parse(&b, 1 << 30), Err(Skip(r)) if r.contains("MustBeZero")));
         let mut b = fat16();
         b[0x0D] = 3;
         assert!(!looks_like_fat(&b));
