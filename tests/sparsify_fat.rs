@@ -418,7 +418,6 @@ fn dump_exfat(img: &Path, key: &str) -> u64 {
     text.lines()
         .find_map(|l| l.trim().strip_prefix(key))
         .unwrap_or_else(|| panic!("{key} not in dump.exfat: {text}"))
-        .trim()
         .split_whitespace()
         .next()
         .unwrap()
