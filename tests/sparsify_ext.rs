@@ -39,7 +39,8 @@ fn dumpe2fs_free(img: &Path) -> Vec<(u64, u64)> {
     let ratio = cluster / bs;
     let mut out = Vec::new();
     for l in text.lines() {
-        let Some(list) = l.trim().strip_prefix("Free blocks:") else {
+        // The group lines are indented; the header's "Free blocks:" is the count.
+        let Some(list) = l.strip_prefix("  Free blocks:") else {
             continue;
         };
         for item in list.split(',').map(str::trim).filter(|x| !x.is_empty()) {
@@ -565,4 +566,28 @@ fn ext4_written_by_the_kernel() {
     e2fsck_clean(&fs.img);
     let free = roundtrip(&fs, "ext4");
     assert!(free > 40 * MIB, "{free}");
+}
+
+#[test]
+#[cfg_attr(any(no_e2fsprogs, no_qemu), ignore = "needs e2fsprogs and qemu-img")]
+fn ext4_mmp_clean_then_in_use() {
+    if !tools() {
+        return;
+    }
+    let fs = build(
+        &["mkfs.ext4", "-b", "4096", "-g", "1024", "-O", "mmp"],
+        16 * MIB,
+        16,
+    );
+    roundtrip(&fs, "ext4");
+    let fs = build(
+        &["mkfs.ext4", "-b", "4096", "-g", "1024", "-O", "mmp"],
+        16 * MIB,
+        17,
+    );
+    let mmp: u64 = dumpe2fs_field(&fs.img, "MMP block number:")
+        .parse()
+        .unwrap();
+    patch(&fs.img, mmp * 4096 + 4, &7u32.to_le_bytes());
+    assert_skipped(&fs.img, "mmp_seq");
 }

@@ -17,7 +17,8 @@
 //! bitmap checksum; counts that disagree (a descriptor's free count against its bitmap,
 //! the superblock's free count against the groups'); a group's superblock backup, group
 //! descriptors, bitmaps or inode table marked free in a bitmap; needs_recovery, a journal
-//! holding transactions, `s_state` not clean or with errors; an unknown incompat or
+//! holding transactions, `s_state` not clean or with errors, multi-mount protection
+//! saying the filesystem is in use; an unknown incompat or
 //! ro_compat feature (or a snapshot); a filesystem larger than its region.
 //!
 //! Memory: the bitmaps are read one block at a time, group by group (with a one-block
@@ -187,6 +188,8 @@ struct Super {
     csum: Csum,
     uuid: [u8; 16],
     journal_inum: u32,
+    /// With INCOMPAT_MMP: the multi-mount protection block.
+    mmp_block: Option<u64>,
 }
 
 impl Super {
@@ -498,6 +501,8 @@ fn parse_super(sb: &[u8]) -> Step<Super> {
         } else {
             0
         },
+        mmp_block: (incompat & INCOMPAT_MMP != 0)
+            .then(|| u64::from_le_bytes(sb[0x168..0x170].try_into().unwrap())),
     })
 }
 
@@ -703,6 +708,27 @@ impl Ext<'_, '_> {
         Ok(bit(&self.host.as_ref().unwrap().1, i))
     }
 
+    /// Fail unless multi-mount protection says no node has the filesystem in use.
+    fn check_mmp(&mut self) -> Step<()> {
+        let Some(blk) = self.s.mmp_block else {
+            return Ok(());
+        };
+        if blk < self.s.first_data_block || blk >= self.s.blocks_count {
+            return skip(format!("s_mmp_block {blk} is outside the filesystem"));
+        }
+        let b = self.read_block(blk, "ext MMP block")?;
+        if le32(&b, 0) != 0x004D_4D50 {
+            return skip("the MMP block has a bad magic (mmp_magic)");
+        }
+        let seq = le32(&b, 4);
+        if seq != 0xFF4D_4D50 {
+            return skip(format!(
+                "MMP says the filesystem is in use or being checked (mmp_seq {seq:#x})"
+            ));
+        }
+        Ok(())
+    }
+
     /// Fail unless the journal is empty: jbd2's `s_start` is 0 when nothing awaits replay.
     fn check_journal(&mut self) -> Step<()> {
         let ino = self.s.journal_inum as u64;
@@ -812,6 +838,7 @@ fn scan_groups(region: &Region<'_>, s: Super, sink: &mut dyn FreeSink) -> Step<(
         gdt: None,
         host: None,
     };
+    ext.check_mmp()?;
     ext.check_journal()?;
     let mut free_total = 0u64;
     let mut pending: Option<(u64, u64)> = None;

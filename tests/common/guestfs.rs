@@ -125,6 +125,8 @@ pub struct Sparsified {
     pub partitions: Vec<PartitionReport>,
     pub granule: u64,
     pub free_bytes: u64,
+    /// The free map's runs (disk offset, length).
+    pub runs: Vec<(u64, u64)>,
 }
 
 /// Scan `img` (raw), wrap it and convert it to qcow2 at `out`.
@@ -133,6 +135,7 @@ pub fn sparsify(img: &Path, out: &Path) -> Sparsified {
     let scan = guest::scan(dev.as_ref()).unwrap();
     let granule = scan.free.granule();
     let free_bytes = scan.free.free_bytes();
+    let runs = scan.free.runs().collect();
     let wrapped = GuestFree::new(dev, scan.free);
     convert_to_path(&wrapped, out, &ConvertOptions::new(Format::Qcow2)).unwrap();
     Sparsified {
@@ -140,6 +143,7 @@ pub fn sparsify(img: &Path, out: &Path) -> Sparsified {
         partitions: scan.partitions,
         granule,
         free_bytes,
+        runs,
     }
 }
 
@@ -183,6 +187,15 @@ pub fn assert_sparsified(
     let holes = interiors(&merge(free.to_vec()), sp.granule);
     let want: u64 = holes.iter().map(|h| h.1).sum();
     assert!(want > 0, "the test made no free granules");
+    let (got, tool) = (merge(sp.runs.clone()), merge(holes.clone()));
+    if got != tool {
+        let i = got.iter().zip(&tool).position(|(a, b)| a != b).unwrap_or(0);
+        panic!(
+            "free runs differ from the tool's (whole granules) at run {i}: found {:x?}, tool {:x?}",
+            got.get(i),
+            tool.get(i)
+        );
+    }
     assert_eq!(
         sp.free_bytes, want,
         "free bytes found vs the tool's free extents"
