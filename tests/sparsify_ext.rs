@@ -187,6 +187,21 @@ fn ext4_uninit_bg_crc16_without_metadata_csum() {
     );
     assert!(dumpe2fs_field(&fs.img, "Filesystem features:").contains("uninit_bg"));
     roundtrip(&fs, "ext4");
+    // 32-byte descriptors with crc16.
+    let fs = build(
+        &[
+            "mkfs.ext4",
+            "-b",
+            "2048",
+            "-g",
+            "2048",
+            "-O",
+            "^64bit,^metadata_csum,uninit_bg",
+        ],
+        24 * MIB,
+        22,
+    );
+    roundtrip(&fs, "ext4");
 }
 
 #[test]

@@ -1003,6 +1003,53 @@ mod tests {
     }
 
     #[test]
+    fn metadata_at_the_start_of_groups() {
+        // 4 KiB blocks, 64-byte descriptors (64 a block), 200 groups of 1024 blocks.
+        let mut sb = minimal_super();
+        sb[0x60] |= 0x80; // 64bit
+        sb[0xFE] = 64;
+        sb[0x64] |= 0x1; // sparse_super
+        sb[0x04..0x08].copy_from_slice(&(200u32 * 1024).to_le_bytes());
+        sb[0x20..0x24].copy_from_slice(&1024u32.to_le_bytes());
+        sb[0x24..0x28].copy_from_slice(&1024u32.to_le_bytes());
+        sb[0x28..0x2C].copy_from_slice(&256u32.to_le_bytes());
+        sb[0x00..0x04].copy_from_slice(&(200u32 * 256).to_le_bytes());
+        sb[0xCE] = 10; // reserved GDT blocks
+        let s = parse_super(&sb).ok().unwrap();
+        assert_eq!((s.groups, s.gdt_blocks), (200, 4));
+        let base: Vec<u64> = [0, 1, 2, 3, 4, 9, 25, 26]
+            .map(|g| s.base_meta_blocks(g))
+            .to_vec();
+        assert_eq!(base, vec![15, 15, 0, 15, 0, 15, 15, 0]);
+        assert_eq!(s.gdt_block(2), 3);
+
+        // meta_bg from descriptor block 1: groups 64.. keep one descriptor block in
+        // the first, second and last group of each metagroup.
+        let mut mb = sb.clone();
+        mb[0x60] |= 0x10;
+        mb[0xCE] = 0;
+        mb[0x104] = 1; // s_first_meta_bg
+        let s = parse_super(&mb).ok().unwrap();
+        assert_eq!(s.base_meta_blocks(0), 2); // superblock + 1 old-style GDT block
+        assert_eq!(s.base_meta_blocks(64), 1); // GDT, no superblock backup
+        assert_eq!(s.base_meta_blocks(65), 1);
+        assert_eq!(s.base_meta_blocks(81), 1); // 81 = 3^4: a superblock backup, no GDT
+        assert_eq!(s.base_meta_blocks(127), 1);
+        assert_eq!(s.base_meta_blocks(66), 0);
+        assert_eq!(s.gdt_block(1), 64 * 1024);
+        assert_eq!(s.gdt_block(0), 1);
+
+        // sparse_super2: backups only where s_backup_bgs say.
+        let mut s2 = sb.clone();
+        s2[0x5D] |= 0x02; // compat 0x200
+        s2[0x24C..0x250].copy_from_slice(&1u32.to_le_bytes());
+        s2[0x250..0x254].copy_from_slice(&199u32.to_le_bytes());
+        let s = parse_super(&s2).ok().unwrap();
+        let has: Vec<u64> = (0..200).filter(|&g| s.has_super(g)).collect();
+        assert_eq!(has, vec![0, 1, 199]);
+    }
+
+    #[test]
     fn superblock_validation_names_the_field() {
         let s = parse_super(&minimal_super()).ok().unwrap();
         assert_eq!((s.name, s.groups, s.block_size), ("ext2", 2, 4096));
