@@ -34,6 +34,9 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(no_qemu)");
     println!("cargo:rustc-check-cfg=cfg(no_bzip2)");
     println!("cargo:rustc-check-cfg=cfg(no_strace)");
+    println!("cargo:rustc-check-cfg=cfg(no_e2fsprogs)");
+    println!("cargo:rustc-check-cfg=cfg(no_dosfs)");
+    println!("cargo:rustc-check-cfg=cfg(no_exfat)");
     let required = required();
     let have = |tool: &str| match find_on_path(tool) {
         Some(p) => {
@@ -55,6 +58,11 @@ fn main() {
     let qemu = have("qemu-img") & have("qemu-io");
     let bzip2 = have("bzip2");
     let strace = have("strace");
+    // The guest filesystem tests' builders and checkers (e2fsprogs; dosfstools + mtools).
+    let e2fsprogs = ["mkfs.ext4", "debugfs", "dumpe2fs", "e2fsck"].map(have) == [true; 4];
+    let dosfs = ["mkfs.fat", "fsck.fat", "mcopy", "mdel"].map(have) == [true; 4];
+    let exfat =
+        ["mkfs.exfat", "fsck.exfat", "dump.exfat", "mount.exfat-fuse"].map(have) == [true; 4];
     if !required {
         if !qemu {
             println!("cargo:rustc-cfg=no_qemu");
@@ -64,6 +72,15 @@ fn main() {
         }
         if !strace {
             println!("cargo:rustc-cfg=no_strace");
+        }
+        if !e2fsprogs {
+            println!("cargo:rustc-cfg=no_e2fsprogs");
+        }
+        if !dosfs {
+            println!("cargo:rustc-cfg=no_dosfs");
+        }
+        if !exfat {
+            println!("cargo:rustc-cfg=no_exfat");
         }
     }
 }
