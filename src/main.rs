@@ -631,10 +631,23 @@ fn run(cli: Cli) -> Result<()> {
 /// this process's temporary output files (wherever a symlinked DST put them), then die of
 /// the same signal, as qemu-img does (it has no handler), so a parent sees the signal (a
 /// shell reports 130 for SIGINT, 143 for SIGTERM).
-fn remove_temp_on_interrupt(_dst: &Path) {
+/// A stream (stdout, a FIFO, a character device) has nothing to remove: its reader is
+/// told the image it got is incomplete.
+fn remove_temp_on_interrupt(dst: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let stream = dst == Path::new("-")
+        || std::fs::metadata(dst).is_ok_and(|m| {
+            let t = m.file_type();
+            t.is_fifo() || t.is_char_device()
+        });
+    let shown = dst.display().to_string();
     on_termination_signal(move || {
         diskconv::writer::remove_temporaries();
-        eprintln!("\ndiskconv: interrupted; partial output removed");
+        if stream {
+            eprintln!("\ndiskconv: interrupted; the image sent to {shown} is incomplete");
+        } else {
+            eprintln!("\ndiskconv: interrupted; partial output removed");
+        }
     });
 }
 
