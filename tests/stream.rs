@@ -346,6 +346,60 @@ fn a_full_device_stops_the_conversion_with_an_error_naming_it() {
     );
 }
 
+/// A disk that fills mid-conversion (a 4 MiB tmpfs): every output format fails naming its
+/// destination, and leaves nothing there; a stream into a file on it (stdout redirected)
+/// fails naming `-`.
+#[test]
+fn a_disk_that_fills_stops_every_format_with_an_error_naming_the_destination() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP a_disk_that_fills_stops_every_format: needs root to mount a tmpfs");
+        return;
+    }
+    let _g = hang_guard("ENOSPC");
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("s.raw");
+    // Random bytes: nothing is sparse, so every format needs more than the 4 MiB.
+    std::fs::write(&src, {
+        let mut b = vec![0u8; 8 << 20];
+        Rng(6).fill(&mut b);
+        b
+    })
+    .unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    run(&["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", s(&small)]);
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(small.clone());
+    for c in CASES.iter().filter(|c| !c.compress) {
+        let dst = small.join("out.img");
+        let o = dc().args(convert_args(c, s(&src), s(&dst))).output().unwrap();
+        assert!(!o.status.success(), "{}", c.name);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            e.contains(s(&dst)) && e.contains("No space left"),
+            "{}: {e}",
+            c.name
+        );
+        let left: Vec<_> = std::fs::read_dir(&small).unwrap().collect();
+        assert!(left.is_empty(), "{}: {left:?} left behind", c.name);
+    }
+    let redirected = small.join("stdout.img");
+    let o = dc()
+        .args(["convert", "-O", "qcow2", s(&src), "-"])
+        .stdout(std::fs::File::create(&redirected).unwrap())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("-:") && e.contains("No space left"), "{e}");
+}
+
 fn opts(format: Format, options: &str) -> ConvertOptions<'static> {
     let mut o = ConvertOptions::new(format);
     if !options.is_empty() {
@@ -526,6 +580,41 @@ fn a_reader_dropped_half_way_leaves_no_thread_behind() {
             "{}: threads left after the reader was dropped",
             c.name
         );
+
+        // Pushed into a sink whose reader goes away after 1 MiB (EPIPE): an error
+        // naming the output, and no thread left either.
+        struct Closing(usize);
+        impl Write for Closing {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                if self.0 >= 1 << 20 {
+                    return Err(std::io::ErrorKind::BrokenPipe.into());
+                }
+                let n = b.len().min((1 << 20) - self.0);
+                self.0 += n;
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut o = case_opts(c);
+        o.threads = 4;
+        let e = diskconv::convert_to_writer(dev.as_ref(), Closing(0), &o).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("-:") && msg.to_lowercase().contains("broken pipe"),
+            "{}: {msg}",
+            c.name
+        );
+        let mut n = threads();
+        for _ in 0..500 {
+            if n <= before {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            n = threads();
+        }
+        assert_eq!(n, before, "{}: threads left after EPIPE", c.name);
     }
 }
 
