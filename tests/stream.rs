@@ -70,7 +70,12 @@ const CASES: &[Case] = &[
     ),
     case("vpc fixed", Format::Vhd, "subformat=fixed", false),
     case("vpc dynamic", Format::Vhd, "", false),
-    case("vpc dynamic 512K blocks", Format::Vhd, "block_size=512K", false),
+    case(
+        "vpc dynamic 512K blocks",
+        Format::Vhd,
+        "block_size=512K",
+        false,
+    ),
     case("vmdk monolithicSparse", Format::Vmdk, "", false),
     case(
         "vmdk monolithicSparse zeroed_grain",
@@ -378,7 +383,10 @@ fn a_disk_that_fills_stops_every_format_with_an_error_naming_the_destination() {
     let _u = Unmount(small.clone());
     for c in CASES.iter().filter(|c| !c.compress) {
         let dst = small.join("out.img");
-        let o = dc().args(convert_args(c, s(&src), s(&dst))).output().unwrap();
+        let o = dc()
+            .args(convert_args(c, s(&src), s(&dst)))
+            .output()
+            .unwrap();
         assert!(!o.status.success(), "{}", c.name);
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(

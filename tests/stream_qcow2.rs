@@ -342,7 +342,11 @@ fn a_sparse_tebibyte_streams_small_with_tables_sized_right() {
     assert_eq!(be64(&h[24..]), size, "virtual size");
     assert_eq!(be32(&h[36..]), 2048, "l1_size");
     assert_eq!(be64(&h[40..]), 65536, "l1_table_offset");
-    assert_eq!(be64(&h[48..]), (clusters - 1) * 65536, "refcount_table_offset");
+    assert_eq!(
+        be64(&h[48..]),
+        (clusters - 1) * 65536,
+        "refcount_table_offset"
+    );
     assert_eq!(be32(&h[56..]), 1, "refcount_table_clusters");
     assert_qemu_check_clean(&out, Format::Qcow2);
     assert_qemu_identical(&raw, Format::Raw, &out, Format::Qcow2);

@@ -87,7 +87,7 @@ fn a_signal_mid_conversion_to_a_file_leaves_no_partial_output() {
     let src = big_source(dir.path());
     for args in OUTPUTS {
         let dst = dir.path().join("out.img");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_diskconv"))
+        let child = Command::new(env!("CARGO_BIN_EXE_diskconv"))
             .arg("convert")
             .args(["-S", "0"])
             .args(*args)

@@ -409,7 +409,7 @@ impl Qcow2StreamWriter {
     fn place_for(&mut self, g: Option<u64>) -> Result<Place> {
         let target = g.unwrap_or(u64::MAX);
         if let Some(g) = g {
-            if self.walk.peek(&self.runs).is_none_or(|n| n > g) {
+            if self.walk.peek(&self.runs).map_or(true, |n| n > g) {
                 return Err(self.not_planned(g));
             }
         }
@@ -544,10 +544,7 @@ impl ImageWriter for Qcow2StreamWriter {
             let g = (offset + done as u64) / self.p.cs;
             let n = cs.min(data.len() - done);
             // A table due before this cluster goes out first: send what is pending.
-            let table_due = self
-                .walk
-                .group
-                .is_some_and(|c| c != g / self.shape.l2e);
+            let table_due = self.walk.group.is_some_and(|c| c != g / self.shape.l2e);
             if table_due {
                 if let Some((ph, a, b)) = piece.take() {
                     self.send(ph, &data[a..b], "guest data")?;

@@ -290,7 +290,7 @@ impl ImageWriter for PlannedSparseWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{BlockDevice, HostFile};
+    use crate::device::HostFile;
     use crate::options::CreateOptions;
 
     fn plan(ranges: &[(u64, u64)], size: u64) -> AllocationPlan {
