@@ -116,7 +116,7 @@ enum Cmd {
         /// Input image.
         #[arg(value_name = "SRC", hide = true)]
         src: Option<PathBuf>,
-        /// Output image; `-` writes it to stdout (formats that stream only).
+        /// Output image; `-` writes it to stdout (every output format streams).
         #[arg(value_name = "DST", hide = true)]
         dst: Option<PathBuf>,
     },
@@ -756,7 +756,7 @@ fn side_println(to_stderr: bool, s: &str) {
 }
 
 /// `convert SRC -`: the image on stdout, written in order through the library's stream
-/// API; formats that cannot stream are refused before any data is read or written.
+/// API; bad options are refused before any data is read or written.
 fn convert_to_stdout(src: &Path, opts: &ConvertOptions) -> Result<diskconv::ConvertReport> {
     use std::os::fd::AsFd;
     let dev = diskconv::open(src, &opts.open)?;
