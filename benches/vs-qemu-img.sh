@@ -57,6 +57,12 @@ PAIRS_ALL=(
   # by their sha256, not by image.
   "raw->stdout-sha256|raw||raw|"
   "raw->file-digest|raw||raw|"
+  # qcow2 streamed to stdout (redirected to a file, so it can be compared; the stream
+  # sends zeros where a file would have holes) against qemu-img's file: beside raw->qcow2
+  # (diskconv's file) this gives what streaming costs (the planning pass; with -c a second
+  # compression).
+  "raw->qcow2-stdout|raw||qcow2|"
+  "raw->qcow2-c-stdout|raw||qcow2|-c"
 )
 want=("$@")
 
@@ -111,6 +117,10 @@ for p in "${PAIRS_ALL[@]}"; do
         # shellcheck disable=SC2016
         dc_cmd=(bash -c 'set -o pipefail; rm -f "$2.img" && "$3" convert -f raw -O raw --digest sha256 --output=json "$1" "$2.img" | grep -o "\"sha256\": \"[0-9a-f]*\"" | cut -d\" -f4 | sed "s/\$/  -/" >"$2"' sh "$in" "$o1" "$DC")
       fi
+      ;;
+    "raw->qcow2-stdout" | "raw->qcow2-c-stdout")
+      # shellcheck disable=SC2016,SC2086
+      dc_cmd=(bash -c '"$1" convert -f raw -O qcow2 $4 "$2" - >"$3"' sh "$DC" "$in" "$o1" "$flags")
       ;;
   esac
   # Uncounted warm-up: the first write of a pair pays for the kernel reclaiming page

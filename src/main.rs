@@ -116,7 +116,7 @@ enum Cmd {
         /// Input image.
         #[arg(value_name = "SRC", hide = true)]
         src: Option<PathBuf>,
-        /// Output image; `-` writes it to stdout (formats that stream only).
+        /// Output image; `-` writes it to stdout (every output format streams).
         #[arg(value_name = "DST", hide = true)]
         dst: Option<PathBuf>,
     },
@@ -662,10 +662,23 @@ fn run(cli: Cli) -> Result<()> {
 /// this process's temporary output files (wherever a symlinked DST put them), then die of
 /// the same signal, as qemu-img does (it has no handler), so a parent sees the signal (a
 /// shell reports 130 for SIGINT, 143 for SIGTERM).
-fn remove_temp_on_interrupt(_dst: &Path) {
+/// A stream (stdout, a FIFO, a character device) has nothing to remove: its reader is
+/// told the image it got is incomplete.
+fn remove_temp_on_interrupt(dst: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let stream = dst == Path::new("-")
+        || std::fs::metadata(dst).is_ok_and(|m| {
+            let t = m.file_type();
+            t.is_fifo() || t.is_char_device()
+        });
+    let shown = dst.display().to_string();
     on_termination_signal(move || {
         diskconv::writer::remove_temporaries();
-        eprintln!("\ndiskconv: interrupted; partial output removed");
+        if stream {
+            eprintln!("\ndiskconv: interrupted; the image sent to {shown} is incomplete");
+        } else {
+            eprintln!("\ndiskconv: interrupted; partial output removed");
+        }
     });
 }
 
@@ -774,7 +787,7 @@ fn side_println(to_stderr: bool, s: &str) {
 }
 
 /// `convert SRC -`: the image on stdout, written in order through the library's stream
-/// API; formats that cannot stream are refused before any data is read or written.
+/// API; bad options are refused before any data is read or written.
 fn convert_to_stdout(src: &Path, opts: &ConvertOptions) -> Result<diskconv::ConvertReport> {
     use std::os::fd::AsFd;
     let dev = diskconv::open(src, &opts.open)?;

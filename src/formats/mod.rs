@@ -108,7 +108,7 @@ fn open_host(file: HostFile, path: &Path, opts: &OpenOptions) -> Result<Box<dyn 
 /// The outputs that can be written to a pipe or character device, for error messages
 /// (each such writer answers true to [`ImageWriter::streams`]).
 pub const STREAMING_OUTPUTS: &str =
-    "raw, qcow2, vdi and dynamic vpc (laid out from a first pass over the source), fixed vpc, vmdk with -o subformat=streamOptimized";
+    "raw, qcow2, vdi, dynamic vpc and monolithicSparse vmdk (laid out from a first pass over the source), fixed vpc, vmdk with -o subformat=streamOptimized";
 
 /// Whether `format` can be written into an existing image in place (`-n`): only raw
 /// today, whose in-place image is the guest bytes themselves.
@@ -152,15 +152,16 @@ pub fn create_writer(
 /// The granule an [`AllocationPlan`](crate::writer::AllocationPlan) must be made with
 /// ([`crate::convert::plan_allocation`], or [`crate::convert::plan_allocation_with`] and
 /// [`plan_encoder`]) for [`create_planned_writer`] to lay out a sequential `format` output
-/// with these options; None when the output needs no plan (every writer but qcow2, vdi
-/// and dynamic vpc either streams without one or cannot stream).
+/// with these options; None when the output needs no plan (raw, fixed vpc and
+/// streamOptimized vmdk stream without one).
 pub fn plan_granularity(format: Format, opts: &CreateOptions) -> Result<Option<u64>> {
     opts.check_known(format)?;
     match format {
         Format::Qcow2 => qcow2::plan_granularity(opts).map(Some),
         Format::Vhd => vhd::plan_granularity(opts),
         Format::Vdi => Ok(Some(vdi::plan_granularity())),
-        _ => Ok(None),
+        Format::Vmdk => vmdk::plan_granularity(opts),
+        Format::Raw => Ok(None),
     }
 }
 
@@ -179,8 +180,8 @@ pub fn plan_encoder(
 }
 
 /// Make a writer of `format` whose layout follows `plan` where the format needs one to
-/// write strictly forward: qcow2, vdi and dynamic vpc get their sequential writers (tables
-/// first, then data; [`ImageWriter::streams`] true, [`ImageWriter::output_len`] exact;
+/// write strictly forward: qcow2, vdi, dynamic vpc and monolithicSparse vmdk get their
+/// sequential writers (tables first, then data; [`ImageWriter::streams`] true, [`ImageWriter::output_len`] exact;
 /// compressed qcow2, the plan must hold the compressed lengths); every other format gets the writer
 /// [`create_writer`] makes.
 pub fn create_planned_writer(
@@ -199,6 +200,7 @@ pub fn create_planned_writer(
     let w = match format {
         Format::Vhd => vhd::create_stream_writer(file.into(), opts, plan),
         Format::Vdi => vdi::create_stream_writer(file.into(), opts, plan),
+        Format::Vmdk => vmdk::create_stream_writer(file.into(), path, opts, plan),
         _ => qcow2::create_stream_writer(file.into(), opts, plan),
     };
     w.map_err(|e| e.with_path(path))

@@ -27,8 +27,8 @@ const STREAM_NAME: &str = "-";
 /// Convert `src` into `sink`, written strictly in order (the output bytes exactly as the
 /// file conversion would lay them out, apart from the fields each new image gets fresh).
 ///
-/// Only for output formats that stream (see [`crate::formats::STREAMING_OUTPUTS`]); others
-/// fail before anything is read or written. A failing `sink` (a closed pipe, a full disk)
+/// Every output format streams (see [`crate::formats::STREAMING_OUTPUTS`]; those that
+/// place tables before their data are laid out from a first pass over the source). A failing `sink` (a closed pipe, a full disk)
 /// stops the conversion at its next write with an error naming the output as `-`. With
 /// [`ConvertOptions::digests`], the digests are computed over the bytes as they are sent,
 /// on the thread writing them. The report's [`size`](ConvertReport::size) is the number of
@@ -112,8 +112,9 @@ impl Write for ChannelWriter {
 }
 
 impl ConvertedReader {
-    /// Start converting `src` as `opts` says. The writer is made and checked here (a
-    /// format that cannot stream fails now); the data then flows as it is read.
+    /// Start converting `src` as `opts` says. The writer is made and checked here (bad
+    /// options fail now, and a planned layout's first pass runs now); the data then flows
+    /// as it is read.
     pub fn new(src: Arc<dyn BlockDevice>, opts: ConvertOptions<'static>) -> Result<Self> {
         let (tx, rx) = crossbeam_channel::bounded(CHUNKS);
         let (out, writer) = prepare_stream(src.as_ref(), Box::new(ChannelWriter(tx)), &opts)?;

@@ -1,15 +1,18 @@
 //! Writing qcow2 strictly forward (for a pipe, a character device, or an HTTP body whose
 //! length must be known up front), from an [`AllocationPlan`] made before the first byte.
 //!
-//! Layout, in ascending file order: the header cluster, the refcount table, the refcount
-//! blocks, the L1 table, the L2 tables (one per L1 entry that maps anything, ascending),
-//! then the data clusters in guest order. Every table is computed from the plan alone, so
-//! the file's length is known before anything is written and nothing is ever written
-//! twice. Every cluster up to the end is referenced once and has refcount 1, so
-//! `qemu-img check` finds neither errors nor leaks.
+//! The layout is the file writer's ([`super::writer`]), so a stream and a file get the
+//! same bytes: the header cluster, the L1 table, then the data clusters in guest order
+//! with each L2 table right after the data it maps, then the refcount blocks and the
+//! refcount table. From the plan alone every cluster's place is known (the walk the file
+//! writer makes as the data arrives is made here up front), so the L1 table is sent
+//! before the data, each L2 table as soon as the data it maps has gone, the refcounts
+//! last, the file's length is known before anything is written, and nothing is written
+//! twice. Every cluster is referenced as often as its refcount says, so `qemu-img check`
+//! finds neither errors nor leaks.
 //!
 //! Compressed output takes two passes: the planning pass compresses every cluster once
-//! to learn its length ([`AllocationPlan::encoded`]), the tables are laid out from those
+//! to learn its length ([`AllocationPlan::encoded`]), the layout is computed from those
 //! lengths (compressed clusters packed back to back, sharing host clusters as the file
 //! writer does), and the writing pass compresses again, which gives the same bytes
 //! (the codecs are deterministic); a length that differs is an error, not a corrupt image.
@@ -33,21 +36,7 @@ use crate::writer::{write_all_at, AllocationPlan, Encoder, ImageWriter, Sink};
 /// memory stays bounded whatever the tables' size.
 const BATCH: usize = 1 << 20;
 
-/// Where everything goes, in clusters.
-#[derive(Debug, Clone, Copy)]
-struct Layout {
-    reftable_clusters: u64,
-    refblocks: u64,
-    l1_clusters: u64,
-    /// First cluster of the L1 table (0 when the image has no L1 entries).
-    l1_start: u64,
-    l2_start: u64,
-    data_start: u64,
-    /// Clusters in the file.
-    total: u64,
-}
-
-/// Where one planned guest cluster's data goes, in bytes from the start of the data area.
+/// Where one planned guest cluster's data goes, in host bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Place {
     /// A whole host cluster of its own.
@@ -56,71 +45,97 @@ enum Place {
     Compressed(u64, u64),
 }
 
-/// Walks the planned guest clusters in ascending order and places each one the way the
-/// file writer would: plain clusters on fresh host clusters, compressed ones packed back
-/// to back (a host cluster shared by as many as its refcount width allows). Run once to
-/// size the data area and learn its refcounts, again for the L2 tables, and again in
-/// lockstep with the engine's writes: the same walk gives the same places every time.
-#[derive(Clone)]
-struct Placer<'a> {
-    cs: u64,
-    max_rc: u64,
-    runs: &'a [(u64, u64)],
-    encoded: &'a [(u64, u32)],
-    /// Index into `runs` and the next guest cluster in it.
+/// One step of the file writer's allocation, replayed from the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Guest cluster `g` goes there.
+    Cluster(u64, Place),
+    /// The L2 table of L1 index `i` goes at this host byte (after the data it maps).
+    Table(u64, u64),
+}
+
+/// The walk over the planned guest clusters in ascending order that allocates host
+/// clusters the way the file writer does: plain clusters on fresh host clusters,
+/// compressed ones packed back to back (a host cluster shared by as many as its refcount
+/// width allows), each L2 table after the last cluster of its range. Run once up front
+/// to size the file and place the tables, and again in lockstep with the engine's
+/// writes: the same walk gives the same places every time. Holds only positions, so the
+/// writer can keep it next to the plan it walks.
+#[derive(Debug, Clone)]
+struct Walk {
+    /// Index into the runs and the next guest cluster in it.
     run: usize,
     next: u64,
-    /// Index into `encoded`.
+    /// Index into the encoded lengths.
     enc: usize,
     refs: Refcounts,
     /// Free byte in the last host cluster where compressed data may continue.
     cfree: Option<u64>,
+    /// L1 index of the table the last placed cluster belongs to, not yet placed.
+    group: Option<u64>,
 }
 
-impl<'a> Placer<'a> {
-    fn new(p: &Params, runs: &'a [(u64, u64)], encoded: &'a [(u64, u32)]) -> Self {
-        Placer {
-            cs: p.cs,
-            max_rc: u64::MAX >> (64 - (1u32 << p.refcount_order)),
-            runs,
-            encoded,
+/// What the walk needs of the image shape.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    cs: u64,
+    l2e: u64,
+    max_rc: u64,
+}
+
+impl Walk {
+    fn new(p: &Params, runs: &[(u64, u64)]) -> Self {
+        let mut refs = Refcounts::default();
+        // The header cluster and the L1 table, as the file writer allocates them.
+        refs.alloc(1 + (p.l1_size * 8).div_ceil(p.cs));
+        Walk {
             run: 0,
             next: runs.first().map_or(0, |r| r.0),
             enc: 0,
-            refs: Refcounts::default(),
+            refs,
             cfree: None,
+            group: None,
         }
     }
 
     /// The next planned guest cluster, not yet placed.
-    fn peek(&self) -> Option<u64> {
-        (self.run < self.runs.len()).then_some(self.next)
+    fn peek(&self, runs: &[(u64, u64)]) -> Option<u64> {
+        (self.run < runs.len()).then_some(self.next)
     }
 
-    /// Place the next planned guest cluster.
-    fn place(&mut self) -> Option<(u64, Place)> {
-        let g = self.peek()?;
+    /// The next step: the table of the range just left, or the next cluster.
+    fn step(&mut self, sh: &Shape, runs: &[(u64, u64)], encoded: &[(u64, u32)]) -> Option<Step> {
+        let g = self.peek(runs);
+        if let Some(c) = self.group {
+            if g.map_or(true, |g| g / sh.l2e != c) {
+                self.group = None;
+                self.cfree = None;
+                return Some(Step::Table(c, self.refs.alloc(1) * sh.cs));
+            }
+        }
+        let g = g?;
         self.next += 1;
-        if self.next >= self.runs[self.run].1 {
+        if self.next >= runs[self.run].1 {
             self.run += 1;
-            if let Some(r) = self.runs.get(self.run) {
+            if let Some(r) = runs.get(self.run) {
                 self.next = r.0;
             }
         }
-        let off = g * self.cs;
-        while self.enc < self.encoded.len() && self.encoded[self.enc].0 < off {
+        self.group = Some(g / sh.l2e);
+        let cs = sh.cs;
+        let off = g * cs;
+        while self.enc < encoded.len() && encoded[self.enc].0 < off {
             self.enc += 1;
         }
-        let n = match self.encoded.get(self.enc) {
-            Some(&(o, n)) if o == off && n > 0 && u64::from(n) < self.cs => u64::from(n),
+        let n = match encoded.get(self.enc) {
+            Some(&(o, n)) if o == off && n > 0 && u64::from(n) < cs => u64::from(n),
             _ => {
                 self.cfree = None;
-                return Some((g, Place::Raw(self.refs.alloc(1) * self.cs)));
+                return Some(Step::Cluster(g, Place::Raw(self.refs.alloc(1) * cs)));
             }
         };
-        let cs = self.cs;
         let start = match self.cfree {
-            Some(p) if self.refs.tail() < self.max_rc => {
+            Some(p) if self.refs.tail() < sh.max_rc => {
                 self.refs.inc_tail();
                 let extra = (p + n - 1) / cs - p / cs;
                 if extra > 0 {
@@ -132,7 +147,7 @@ impl<'a> Placer<'a> {
         };
         let end = start + n;
         self.cfree = (end % cs != 0).then_some(end);
-        Some((g, Place::Compressed(start, n)))
+        Some(Step::Cluster(g, Place::Compressed(start, n)))
     }
 }
 
@@ -140,36 +155,34 @@ impl<'a> Placer<'a> {
 pub struct Qcow2StreamWriter {
     file: Sink,
     p: Params,
-    lay: Layout,
+    shape: Shape,
     /// Planned guest clusters as runs [first, end).
     runs: Vec<(u64, u64)>,
     /// Encoded lengths from the plan (compressed output only).
     encoded: Vec<(u64, u32)>,
     /// Refcounts of the whole file, as runs.
     refcounts: Vec<(u64, u64, u64)>,
-    /// L1 indices that have an L2 table, ascending.
-    l2_tables: Vec<u64>,
+    /// Host byte of each L2 table, by L1 index, ascending.
+    l2_tables: Vec<(u64, u64)>,
+    l1_clusters: u64,
+    /// First cluster of the refcount blocks, their count, and the table's clusters.
+    refblocks_at: u64,
+    refblocks: u64,
+    reftable_clusters: u64,
+    /// Clusters in the file.
+    total: u64,
     /// The header cluster's bytes, built up front so that a bad header fails before any
     /// byte is sent.
     head: Vec<u8>,
     head_written: bool,
-    /// Progress of the lockstep walk: planned clusters placed so far, the walk's state
-    /// kept as indices so the writer owns no borrow of itself.
-    walk: WalkState,
+    /// The lockstep walk, and the L2 table it is filling (words, two per entry with
+    /// extended L2).
+    walk: Walk,
+    table: Vec<u64>,
     /// Host end of what was written so far.
     pos: u64,
     /// Guest end of the last write (writes must ascend).
     written_to: u64,
-}
-
-/// A [`Placer`]'s position, saved between writes.
-#[derive(Clone, Default)]
-struct WalkState {
-    run: usize,
-    next: u64,
-    enc: usize,
-    refs: Refcounts,
-    cfree: Option<u64>,
 }
 
 /// Make a sequential qcow2 writer over `file` that will accept exactly the writes of
@@ -206,26 +219,26 @@ pub fn create_stream_writer(
             _ => runs.push((a, b)),
         }
     }
-    let mut l2_tables: Vec<u64> = Vec::new();
-    for &(a, b) in &runs {
-        for i in a / p.l2_entries..=(b - 1) / p.l2_entries {
-            if l2_tables.last() != Some(&i) {
-                l2_tables.push(i);
-            }
+    let shape = Shape {
+        cs,
+        l2e: p.l2_entries,
+        max_rc: u64::MAX >> (64 - (1u32 << p.refcount_order)),
+    };
+    let start = Walk::new(&p, &runs);
+    let mut walk = start.clone();
+    let mut l2_tables = Vec::new();
+    while let Some(step) = walk.step(&shape, &runs, &plan.encoded) {
+        if let Step::Table(i, host) = step {
+            l2_tables.push((i, host));
         }
     }
-    let mut placer = Placer::new(&p, &runs, &plan.encoded);
-    while placer.place().is_some() {}
-    let data = placer.refs.next;
-    let data_refs = placer.refs.runs;
-
-    let l1_clusters = (p.l1_size * 8).div_ceil(cs);
-    let fixed = 1 + l1_clusters + l2_tables.len() as u64 + data;
+    let mut refs = walk.refs;
+    let n = refs.next;
     let per_block = (cs * 8) >> p.refcount_order;
     // Refcount blocks cover themselves and the table: find the fixpoint.
     let (mut blocks, mut tclusters) = (0u64, 0u64);
     loop {
-        let b = (fixed + blocks + tclusters).div_ceil(per_block);
+        let b = (n + blocks + tclusters).div_ceil(per_block);
         let t = (b * 8).div_ceil(cs);
         if (b, t) == (blocks, tclusters) {
             break;
@@ -239,51 +252,42 @@ pub fn create_stream_writer(
             MAX_REFTABLE_BYTES >> 20
         )));
     }
-    let l1_start = 1 + tclusters + blocks;
-    let l2_start = l1_start + l1_clusters;
-    let data_start = l2_start + l2_tables.len() as u64;
-    let total = data_start + data;
-    if total.checked_mul(cs).map_or(true, |e| e > 1 << 56) {
+    if n.checked_mul(cs).map_or(true, |e| e > 1 << 56) {
         return Err(Error::limit(
             "qcow2 data would lie beyond 64 PiB, which L2 entries cannot address",
         ));
     }
     if p.compress {
         let shift = 62 - (p.cluster_bits - 8);
-        if total * cs > 1u64 << shift.min(56) {
+        if n * cs > 1u64 << shift.min(56) {
             return Err(Error::limit(format!(
                 "compressed data up to host offset {:#x} is beyond what a {cs}-byte-cluster descriptor can address",
-                total * cs
+                n * cs
             )));
         }
     }
-    let mut refcounts = vec![(0, data_start, 1)];
-    refcounts.extend(data_refs.iter().map(|&(s, l, rc)| (s + data_start, l, rc)));
-    let lay = Layout {
-        reftable_clusters: tclusters,
-        refblocks: blocks,
-        l1_clusters,
-        l1_start: if p.l1_size == 0 { 0 } else { l1_start },
-        l2_start,
-        data_start,
-        total,
-    };
-    let head = header_bytes(&p, lay.l1_start * cs, cs, tclusters)?;
-    let walk = WalkState {
-        next: runs.first().map_or(0, |r| r.0),
-        ..WalkState::default()
-    };
+    let refblocks_at = refs.alloc(blocks + tclusters);
+    let total = refs.next;
+    let l1_offset = if p.l1_size == 0 { 0 } else { cs };
+    let head = header_bytes(&p, l1_offset, (refblocks_at + blocks) * cs, tclusters)?;
+    let words = (cs / 8) as usize;
     Ok(Qcow2StreamWriter {
         file,
         p,
-        lay,
+        shape,
         runs,
         encoded: plan.encoded.clone(),
-        refcounts,
+        refcounts: refs.runs,
         l2_tables,
+        l1_clusters: (p.l1_size * 8).div_ceil(cs),
+        refblocks_at,
+        refblocks: blocks,
+        reftable_clusters: tclusters,
+        total,
         head,
         head_written: false,
-        walk,
+        walk: start,
+        table: vec![0; words],
         pos: 0,
         written_to: 0,
     })
@@ -316,11 +320,9 @@ impl Emitter<'_> {
 impl Qcow2StreamWriter {
     /// The L2 entry of a placed cluster.
     fn entry(&self, place: Place) -> u64 {
-        let base = self.lay.data_start * self.p.cs;
         match place {
-            Place::Raw(h) => (base + h) | COPIED,
+            Place::Raw(h) => h | COPIED,
             Place::Compressed(start, n) => {
-                let start = base + start;
                 let shift = 62 - (self.p.cluster_bits - 8);
                 let nsect = (start + n - 1) / 512 - start / 512;
                 COMPRESSED | (nsect << shift) | start
@@ -328,10 +330,9 @@ impl Qcow2StreamWriter {
         }
     }
 
-    /// Send every table, from the header to the last L2 table.
+    /// Send the header cluster and the L1 table (every L2 table's place is known).
     fn write_head(&mut self) -> Result<()> {
         let cs = self.p.cs;
-        let lay = self.lay;
         let mut cl = vec![0u8; cs as usize];
         let mut em = Emitter {
             file: &self.file,
@@ -340,44 +341,14 @@ impl Qcow2StreamWriter {
         };
         cl[..self.head.len()].copy_from_slice(&self.head);
         em.put(&cl, "qcow2 header")?;
-
-        // Refcount table: block i sits at cluster 1 + T + i.
         let per_cluster = cs / 8;
-        for k in 0..lay.reftable_clusters {
-            cl.fill(0);
-            for j in 0..per_cluster {
-                let i = k * per_cluster + j;
-                if i < lay.refblocks {
-                    let host = (1 + lay.reftable_clusters + i) * cs;
-                    BigEndian::write_u64(&mut cl[(j * 8) as usize..], host);
-                }
-            }
-            em.put(&cl, "refcount table")?;
-        }
-        em.flush("refcount table")?;
-
-        let mut run = 0usize;
-        for b in 0..lay.refblocks {
-            fill_refcount_block(
-                &self.refcounts,
-                self.p.refcount_order,
-                cs,
-                b,
-                &mut run,
-                &mut cl,
-            );
-            em.put(&cl, "refcount blocks")?;
-        }
-        em.flush("refcount blocks")?;
-
-        // L1: entry i points at the r-th L2 table when i is the r-th index that has one.
         let mut r = 0usize;
-        for k in 0..lay.l1_clusters {
+        for k in 0..self.l1_clusters {
             cl.fill(0);
             for j in 0..per_cluster {
                 let i = k * per_cluster + j;
-                if self.l2_tables.get(r) == Some(&i) {
-                    let host = (lay.l2_start + r as u64) * cs;
+                if let Some(&(t, host)) = self.l2_tables.get(r).filter(|t| t.0 == i) {
+                    debug_assert_eq!(t, i);
                     BigEndian::write_u64(&mut cl[(j * 8) as usize..], host | COPIED);
                     r += 1;
                 }
@@ -385,28 +356,7 @@ impl Qcow2StreamWriter {
             em.put(&cl, "L1 table")?;
         }
         em.flush("L1 table")?;
-
-        // L2 tables, each mapping the planned clusters of its range to their data.
-        let l2e = self.p.l2_entries;
-        let words = if self.p.extended_l2 { 2 } else { 1 };
-        let mut placer = Placer::new(&self.p, &self.runs, &self.encoded);
-        for &i in &self.l2_tables {
-            cl.fill(0);
-            let (lo, hi) = (i * l2e, (i + 1) * l2e);
-            while placer.peek().is_some_and(|g| g < hi) {
-                let (g, place) = placer.place().expect("peeked");
-                let at = ((g - lo) * words * 8) as usize;
-                BigEndian::write_u64(&mut cl[at..], self.entry(place));
-                if self.p.extended_l2 && matches!(place, Place::Raw(_)) {
-                    // Every subcluster allocated.
-                    BigEndian::write_u64(&mut cl[at + 8..], 0xffff_ffff);
-                }
-            }
-            em.put(&cl, "L2 table")?;
-        }
-        em.flush("L2 table")?;
-        debug_assert_eq!(em.at, lay.data_start * cs);
-        self.pos = lay.data_start * cs;
+        self.pos = em.at;
         self.head_written = true;
         Ok(())
     }
@@ -430,26 +380,56 @@ impl Qcow2StreamWriter {
         Ok(())
     }
 
-    /// Place the planned cluster at guest cluster `g`, skipping planned clusters before
-    /// it (plain ones are left as zeros; a skipped compressed one would leave an invalid
-    /// stream behind, so it is an error). With None, skip all that is left.
+    /// Record the L2 entry of guest cluster `g` in the table being filled.
+    fn set_entry(&mut self, g: u64, place: Place) {
+        let words = if self.p.extended_l2 { 2 } else { 1 };
+        let at = ((g % self.shape.l2e) * words) as usize;
+        self.table[at] = self.entry(place);
+        if self.p.extended_l2 && matches!(place, Place::Raw(_)) {
+            // Every subcluster allocated.
+            self.table[at + 1] = 0xffff_ffff;
+        }
+    }
+
+    /// Send the filled L2 table at `host` and start an empty one.
+    fn send_table(&mut self, host: u64) -> Result<()> {
+        self.zeros_to(host)?;
+        let mut bytes = vec![0u8; self.p.cs as usize];
+        BigEndian::write_u64_into(&self.table, &mut bytes);
+        write_all_at(&self.file, &bytes, host, "L2 table")?;
+        self.pos = host + self.p.cs;
+        self.table.fill(0);
+        Ok(())
+    }
+
+    /// Walk to guest cluster `g` and return its place, sending the L2 tables the walk
+    /// passes and skipping planned clusters before `g` (plain ones are left as zeros; a
+    /// skipped compressed one would leave an invalid stream behind, so it is an error).
+    /// With None, walk to the end.
     fn place_for(&mut self, g: Option<u64>) -> Result<Place> {
-        let end = g.is_none();
-        let g = g.unwrap_or(u64::MAX);
-        let w = std::mem::take(&mut self.walk);
-        let mut placer = Placer {
-            run: w.run,
-            next: w.next,
-            enc: w.enc,
-            refs: w.refs,
-            cfree: w.cfree,
-            ..Placer::new(&self.p, &self.runs, &self.encoded)
-        };
-        let r = loop {
-            match placer.peek() {
-                Some(n) if n < g => {
-                    if let Some((n, Place::Compressed(..))) = placer.place() {
-                        break Err(Error::arg(format!(
+        let target = g.unwrap_or(u64::MAX);
+        if let Some(g) = g {
+            if self.walk.peek(&self.runs).map_or(true, |n| n > g) {
+                return Err(self.not_planned(g));
+            }
+        }
+        loop {
+            let Some(step) = self.walk.step(&self.shape, &self.runs, &self.encoded) else {
+                return match g {
+                    None => Ok(Place::Raw(0)),
+                    Some(g) => Err(self.not_planned(g)),
+                };
+            };
+            match step {
+                Step::Table(_, host) => self.send_table(host)?,
+                Step::Cluster(n, _) if n > target => return Err(self.not_planned(target)),
+                Step::Cluster(n, place) => {
+                    self.set_entry(n, place);
+                    if n == target {
+                        return Ok(place);
+                    }
+                    if let Place::Compressed(..) = place {
+                        return Err(Error::arg(format!(
                             "qcow2 writer: the compressed cluster at guest offset {:#x} was \
                              planned but not written (did the source change between the two \
                              passes?)",
@@ -457,25 +437,16 @@ impl Qcow2StreamWriter {
                         )));
                     }
                 }
-                Some(n) if n == g => break Ok(placer.place().expect("peeked").1),
-                None if end => break Ok(Place::Raw(0)),
-                _ => {
-                    break Err(Error::arg(format!(
-                        "qcow2 writer: guest offset {:#x} is not in the allocation plan (did \
-                         the source change between the planning pass and the conversion?)",
-                        g * self.p.cs
-                    )))
-                }
             }
-        };
-        self.walk = WalkState {
-            run: placer.run,
-            next: placer.next,
-            enc: placer.enc,
-            refs: placer.refs,
-            cfree: placer.cfree,
-        };
-        r
+        }
+    }
+
+    fn not_planned(&self, g: u64) -> Error {
+        Error::arg(format!(
+            "qcow2 writer: guest offset {:#x} is not in the allocation plan (did the source \
+             change between the planning pass and the conversion?)",
+            g * self.p.cs
+        ))
     }
 
     fn check_order(&mut self, offset: u64, len: usize) -> Result<()> {
@@ -491,6 +462,45 @@ impl Qcow2StreamWriter {
         if !self.head_written {
             self.write_head()?;
         }
+        Ok(())
+    }
+
+    /// Send the refcount blocks and the refcount table, the end of the file.
+    fn write_refcounts(&mut self) -> Result<()> {
+        let cs = self.p.cs;
+        self.zeros_to(self.refblocks_at * cs)?;
+        let mut cl = vec![0u8; cs as usize];
+        let mut em = Emitter {
+            file: &self.file,
+            buf: Vec::with_capacity(BATCH + cs as usize),
+            at: self.pos,
+        };
+        let mut run = 0usize;
+        for b in 0..self.refblocks {
+            fill_refcount_block(
+                &self.refcounts,
+                self.p.refcount_order,
+                cs,
+                b,
+                &mut run,
+                &mut cl,
+            );
+            em.put(&cl, "refcount blocks")?;
+        }
+        em.flush("refcount blocks")?;
+        let per_cluster = cs / 8;
+        for k in 0..self.reftable_clusters {
+            cl.fill(0);
+            for j in 0..per_cluster {
+                let i = k * per_cluster + j;
+                if i < self.refblocks {
+                    BigEndian::write_u64(&mut cl[(j * 8) as usize..], (self.refblocks_at + i) * cs);
+                }
+            }
+            em.put(&cl, "refcount table")?;
+        }
+        em.flush("refcount table")?;
+        self.pos = em.at;
         Ok(())
     }
 }
@@ -518,7 +528,7 @@ impl ImageWriter for Qcow2StreamWriter {
     }
 
     fn output_len(&self) -> Option<u64> {
-        Some(self.lay.total * self.p.cs)
+        Some(self.total * self.p.cs)
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
@@ -527,15 +537,21 @@ impl ImageWriter for Qcow2StreamWriter {
         }
         self.check_order(offset, data.len())?;
         let cs = self.p.cs as usize;
-        let base = self.lay.data_start * self.p.cs;
         // Consecutive plain clusters land on consecutive host clusters: one write each run.
         let mut piece: Option<(u64, usize, usize)> = None; // (host, from, to)
         let mut done = 0usize;
         while done < data.len() {
             let g = (offset + done as u64) / self.p.cs;
             let n = cs.min(data.len() - done);
+            // A table due before this cluster goes out first: send what is pending.
+            let table_due = self.walk.group.is_some_and(|c| c != g / self.shape.l2e);
+            if table_due {
+                if let Some((ph, a, b)) = piece.take() {
+                    self.send(ph, &data[a..b], "guest data")?;
+                }
+            }
             let h = match self.place_for(Some(g))? {
-                Place::Raw(h) => base + h,
+                Place::Raw(h) => h,
                 Place::Compressed(..) => {
                     return Err(Error::arg(format!(
                         "qcow2 writer: guest offset {:#x} was planned compressed but came \
@@ -548,9 +564,7 @@ impl ImageWriter for Qcow2StreamWriter {
                 Some((ph, a, b)) if ph + (b - a) as u64 == h => Some((ph, a, done + n)),
                 other => {
                     if let Some((ph, a, b)) = other {
-                        self.zeros_to(ph)?;
-                        write_all_at(&self.file, &data[a..b], ph, "guest data")?;
-                        self.pos = ph + (b - a) as u64;
+                        self.send(ph, &data[a..b], "guest data")?;
                     }
                     Some((h, done, done + n))
                 }
@@ -558,9 +572,7 @@ impl ImageWriter for Qcow2StreamWriter {
             done += n;
         }
         if let Some((ph, a, b)) = piece {
-            self.zeros_to(ph)?;
-            write_all_at(&self.file, &data[a..b], ph, "guest data")?;
-            self.pos = ph + (b - a) as u64;
+            self.send(ph, &data[a..b], "guest data")?;
         }
         Ok(())
     }
@@ -568,14 +580,9 @@ impl ImageWriter for Qcow2StreamWriter {
     fn write_encoded(&mut self, offset: u64, data: &[u8], encoded: Vec<u8>) -> Result<()> {
         self.check_order(offset, data.len())?;
         let g = offset / self.p.cs;
-        let base = self.lay.data_start * self.p.cs;
         match self.place_for(Some(g))? {
             Place::Compressed(start, n) if n == encoded.len() as u64 => {
-                let h = base + start;
-                self.zeros_to(h)?;
-                write_all_at(&self.file, &encoded, h, "compressed cluster")?;
-                self.pos = h + n;
-                Ok(())
+                self.send(start, &encoded, "compressed cluster")
             }
             _ => Err(Error::arg(format!(
                 "qcow2 writer: the cluster at guest offset {offset:#x} compressed to {} bytes, \
@@ -591,10 +598,27 @@ impl ImageWriter for Qcow2StreamWriter {
             self.write_head()?;
         }
         self.place_for(None)?;
-        let total = self.lay.total * self.p.cs;
-        self.zeros_to(total)?;
+        self.write_refcounts()?;
+        let total = self.total * self.p.cs;
+        debug_assert_eq!(self.pos, total);
         self.file
             .set_len(total)
             .map_err(|e| Error::io("setting output length", e))
+    }
+}
+
+impl Qcow2StreamWriter {
+    /// Write `data` at host byte `host`, at or past what was sent.
+    fn send(&mut self, host: u64, data: &[u8], what: &str) -> Result<()> {
+        if host < self.pos {
+            return Err(Error::arg(format!(
+                "qcow2 writer: {what} for host offset {host:#x} comes after {:#x} was sent",
+                self.pos
+            )));
+        }
+        self.zeros_to(host)?;
+        write_all_at(&self.file, data, host, what)?;
+        self.pos = host + data.len() as u64;
+        Ok(())
     }
 }

@@ -1,13 +1,16 @@
 //! Writing qcow2 (`-O qcow2`).
 //!
 //! Layout: cluster 0 holds the header, the active L1 table follows (its size is known
-//! from the virtual size), then data clusters are appended in the order they arrive.
-//! Each L2 table is written as soon as the ascending writes have moved past its range
-//! (so at most the tables touched by one write are in memory) and its L1 entry is set
-//! in place. `finish` appends the refcount blocks and the refcount table, computed from
-//! a run-length list of every allocated cluster, then writes the header. Every cluster
-//! is referenced exactly as often as its refcount says, so `qemu-img check` finds
-//! neither errors nor leaks.
+//! from the virtual size), then data clusters are appended in the order they arrive,
+//! each L2 table right after the data it maps: a write into the range of a later L2
+//! table first appends the tables of the ranges before it (so at most one table is in
+//! memory) and sets their L1 entries in place. Writes are split at L2 ranges, so the
+//! layout depends only on which clusters are written, not on how the engine batches
+//! them: the sequential writer ([`super::stream`]) computes this same layout from a plan
+//! and gives the same bytes. `finish` appends the refcount blocks and the refcount
+//! table, computed from a run-length list of every allocated cluster, then writes the
+//! header. Every cluster is referenced exactly as often as its refcount says, so
+//! `qemu-img check` finds neither errors nor leaks.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -482,20 +485,31 @@ impl ImageWriter for Qcow2Writer {
             return Ok(());
         }
         self.check_order(offset, data.len() as u64)?;
-        let n = (data.len() as u64).div_ceil(self.cs);
-        let host = self.refs.alloc(n) * self.cs;
-        self.cfree = None;
-        if host + n * self.cs > 1 << 56 {
-            return Err(Error::limit(
-                "qcow2 data would lie beyond 64 PiB, which L2 entries cannot address",
-            ));
+        let cs = self.cs;
+        let span = self.l2_entries * cs;
+        let mut done = 0u64;
+        while done < data.len() as u64 {
+            // One L2 range at a time, its predecessors' tables appended first.
+            let at = offset + done;
+            let piece = (span - at % span).min(data.len() as u64 - done);
+            let first = at / cs;
+            self.flush_tables(first / self.l2_entries)?;
+            let n = piece.div_ceil(cs);
+            let host = self.refs.alloc(n) * cs;
+            self.cfree = None;
+            if host + n * cs > 1 << 56 {
+                return Err(Error::limit(
+                    "qcow2 data would lie beyond 64 PiB, which L2 entries cannot address",
+                ));
+            }
+            let d = &data[done as usize..(done + piece) as usize];
+            write_all_at(&self.file, d, host, "guest data")?;
+            for i in 0..n {
+                self.set_entry(first + i, (host + i * cs) | COPIED, 0xffff_ffff);
+            }
+            done += piece;
         }
-        write_all_at(&self.file, data, host, "guest data")?;
-        let first = offset / self.cs;
-        for i in 0..n {
-            self.set_entry(first + i, (host + i * self.cs) | COPIED, 0xffff_ffff);
-        }
-        self.flush_tables((first + n - 1) / self.l2_entries)
+        Ok(())
     }
 
     fn write_encoded(&mut self, offset: u64, data: &[u8], encoded: Vec<u8>) -> Result<()> {
@@ -504,6 +518,7 @@ impl ImageWriter for Qcow2Writer {
             return self.write(offset, data);
         }
         self.check_order(offset, data.len() as u64)?;
+        self.flush_tables(offset / self.cs / self.l2_entries)?;
         let cs = self.cs;
         let max_rc = u64::MAX >> (64 - (1u32 << self.refcount_order));
         let start = match self.cfree {
@@ -532,7 +547,7 @@ impl ImageWriter for Qcow2Writer {
         let nsect = (end - 1) / 512 - start / 512;
         let guest = offset / cs;
         self.set_entry(guest, COMPRESSED | (nsect << shift) | start, 0);
-        self.flush_tables(guest / self.l2_entries)
+        Ok(())
     }
 
     fn finish(mut self: Box<Self>) -> Result<()> {

@@ -9,8 +9,8 @@
 //! every bit is set (as qemu's vpc driver does when it allocates a block): the sectors the
 //! engine leaves out of a planned block are sent as zeros and read as zeros through the
 //! bitmap too (diskconv honours sector bitmaps; qemu ignores them for non-differencing
-//! disks). The file writer sets only the bits of the sectors written, so the two outputs
-//! differ in the bitmaps, not in what a reader sees.
+//! disks). The file writer marks every sector of its blocks present too, and a fresh file
+//! has holes where the stream sends zeros, so both give the same bytes.
 
 use super::dynheader;
 use super::footer::{DiskType, FOOTER_SIZE};

@@ -9,8 +9,11 @@
 //!
 //! Fixed output is sequential: guest data at its own offset, then the footer. Dynamic
 //! output appends each block (sector bitmap + data) as the first write into it arrives;
-//! data goes straight to the file, and only the BAT and the current block's bitmap are
-//! held in memory; the footer copy, dynamic header and BAT are written at finish.
+//! data goes straight to the file, and only the BAT is held in memory; the footer copy,
+//! dynamic header and BAT are written at finish. Every sector of an allocated block is
+//! marked present, as qemu's vpc driver does (the sectors the engine leaves out are
+//! holes, which read as the zeros they are), so the sequential writer
+//! ([`super::stream`]), which must send each bitmap before its data, gives the same bytes.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -222,8 +225,8 @@ struct DynamicWriter {
     bat: Vec<u32>,
     /// File offset where the next block's bitmap goes.
     next_free: u64,
-    /// The block being filled and its sector bitmap.
-    current: Option<(usize, Vec<u8>)>,
+    /// The block being filled.
+    current: Option<usize>,
     notes: Vec<String>,
 }
 
@@ -244,20 +247,11 @@ impl DynamicWriter {
         }
     }
 
-    fn flush_bitmap(&mut self) -> Result<()> {
-        if let Some((blk, bitmap)) = self.current.take() {
-            let at = self.bat[blk] as u64 * 512;
-            write_all_at(&self.file, &bitmap, at, "VHD block bitmap")?;
-        }
-        Ok(())
-    }
-
     /// Make `blk` the current block, allocating it at the end of the file.
     fn enter_block(&mut self, blk: usize) -> Result<()> {
-        if self.current.as_ref().is_some_and(|(b, _)| *b == blk) {
+        if self.current == Some(blk) {
             return Ok(());
         }
-        self.flush_bitmap()?;
         let slot = self.bat.get_mut(blk).ok_or_else(|| {
             Error::arg(format!("write into block {blk}, past the end of the disk"))
         })?;
@@ -271,8 +265,10 @@ impl DynamicWriter {
             .ok()
             .filter(|&s| s != u32::MAX)
             .ok_or_else(|| Error::limit("VHD grew past the 2 TiB a BAT entry can address"))?;
+        let bitmap = vec![0xffu8; self.bitmap_size as usize];
+        write_all_at(&self.file, &bitmap, self.next_free, "VHD block bitmap")?;
         self.next_free += self.bitmap_size + self.block_size;
-        self.current = Some((blk, vec![0u8; self.bitmap_size as usize]));
+        self.current = Some(blk);
         Ok(())
     }
 }
@@ -312,20 +308,6 @@ pub(super) fn bat_bytes(bat: &[u32]) -> Vec<u8> {
     out
 }
 
-/// Set bits `[from, to)` of a VHD sector bitmap (most significant bit first).
-fn set_bits(bitmap: &mut [u8], from: usize, to: usize) {
-    let mut i = from;
-    while i < to {
-        if i % 8 == 0 && i + 8 <= to {
-            bitmap[i / 8] = 0xff;
-            i += 8;
-        } else {
-            bitmap[i / 8] |= 0x80 >> (i % 8);
-            i += 1;
-        }
-    }
-}
-
 impl ImageWriter for DynamicWriter {
     fn granularity(&self) -> u64 {
         512
@@ -357,20 +339,12 @@ impl ImageWriter for DynamicWriter {
             let host = self.bat[blk] as u64 * 512 + self.bitmap_size + in_block;
             let a = (off - offset) as usize;
             write_all_at(&self.file, &data[a..a + n as usize], host, "guest data")?;
-            if let Some((_, bitmap)) = self.current.as_mut() {
-                set_bits(
-                    bitmap,
-                    (in_block / 512) as usize,
-                    (in_block + n).div_ceil(512) as usize,
-                );
-            }
             off += n;
         }
         Ok(())
     }
 
-    fn finish(mut self: Box<Self>) -> Result<()> {
-        self.flush_bitmap()?;
+    fn finish(self: Box<Self>) -> Result<()> {
         let footer = make_footer(self.size, DiskType::Dynamic).to_bytes();
         let header = dyn_header_bytes(self.bat.len(), self.block_size);
         let bat = bat_bytes(&self.bat);
@@ -391,10 +365,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bits_and_options() {
-        let mut b = vec![0u8; 4];
-        set_bits(&mut b, 3, 20);
-        assert_eq!(b, [0x1f, 0xff, 0xf0, 0]);
+    fn options() {
         let p = plan(&CreateOptions::new(5 << 20)).unwrap();
         assert_eq!((p.fixed, p.size, p.block_size), (false, 5 << 20, 2 << 20));
         let p = plan(&CreateOptions::new(1000).option("azure", "on")).unwrap();

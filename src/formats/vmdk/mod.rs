@@ -5,8 +5,8 @@
 //! qemu's without markers), legacy `COWD` and ESXi seSparse extents, descriptor files
 //! concatenating FLAT / SPARSE / VMFS / SESPARSE / ZERO extents, and delta disks (read
 //! through their parent). Extent and parent files are opened only through the
-//! [`OpenOptions`] reference gate. Writes monolithicSparse (default) and streamOptimized
-//! as VMware writes it.
+//! [`OpenOptions`] reference gate. Writes monolithicSparse (default; to a stream laid out
+//! from a first pass, [`planned`]) and streamOptimized as VMware writes it.
 
 use crate::device::{BlockDevice, HostFile};
 use crate::error::Result;
@@ -14,6 +14,7 @@ use crate::options::{CreateOptions, OpenOptions, OptionHelp};
 use crate::writer::ImageWriter;
 
 pub mod descriptor;
+pub mod planned;
 pub mod reader;
 pub mod resize;
 pub mod sparse;
@@ -49,6 +50,28 @@ pub fn create_writer(
     let o = VmdkOptions::parse(opts, dest)?;
     Ok(match o.subformat {
         Subformat::MonolithicSparse => Box::new(writer::SparseWriter::new(file, o)?),
+        Subformat::StreamOptimized => Box::new(stream::StreamWriter::new(file, o)?),
+    })
+}
+
+/// The granule an allocation plan for this output must use: the grain size for
+/// monolithicSparse; None for streamOptimized, which streams without a plan.
+pub fn plan_granularity(opts: &CreateOptions) -> Result<Option<u64>> {
+    let o = VmdkOptions::parse(opts, std::path::Path::new("-"))?;
+    Ok((o.subformat == Subformat::MonolithicSparse).then(planned::plan_granularity))
+}
+
+/// Make the writer for a planned vmdk output: the sequential monolithicSparse writer for
+/// the writes of `plan`, or the streamOptimized writer (which needs no plan).
+pub fn create_stream_writer(
+    file: crate::writer::Sink,
+    dest: &std::path::Path,
+    opts: &CreateOptions,
+    plan: &crate::writer::AllocationPlan,
+) -> Result<Box<dyn ImageWriter>> {
+    let o = VmdkOptions::parse(opts, dest)?;
+    Ok(match o.subformat {
+        Subformat::MonolithicSparse => Box::new(planned::create(file, o, plan)?),
         Subformat::StreamOptimized => Box::new(stream::StreamWriter::new(file, o)?),
     })
 }

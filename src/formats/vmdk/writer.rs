@@ -55,7 +55,7 @@ pub const CREATE_OPTIONS: &[OptionHelp] = &[
 /// Grain size we write: 128 sectors (64 KiB), like VMware and qemu.
 pub const GRAIN_SECTORS: u64 = 128;
 /// Descriptor space reserved in monolithicSparse files (sectors), like qemu.
-const DESC_SECTORS: u64 = 20;
+pub(super) const DESC_SECTORS: u64 = 20;
 
 /// Which kind of file to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,25 +247,27 @@ fn extent_name(dest: &std::path::Path) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    if name.is_empty() || name.contains('"') || name.chars().any(char::is_control) {
+    // `-` (stdout) names no file: a reader of the stream gets the usual default.
+    if name.is_empty() || name == "-" || name.contains('"') || name.chars().any(char::is_control) {
         "disk.vmdk".to_string()
     } else {
         name
     }
 }
 
-/// Sector layout of a monolithicSparse file.
+/// Sector layout of a monolithicSparse file (shared with the planned sequential writer,
+/// [`super::planned`], so both give the same bytes).
 #[derive(Debug, Clone, Copy)]
-struct Layout {
-    gt_count: u64,
-    gd_sectors: u64,
-    rgd: u64,
-    gd: u64,
-    grain_offset: u64,
+pub(super) struct Layout {
+    pub gt_count: u64,
+    pub gd_sectors: u64,
+    pub rgd: u64,
+    pub gd: u64,
+    pub grain_offset: u64,
 }
 
 impl Layout {
-    fn new(capacity: u64) -> Self {
+    pub fn new(capacity: u64) -> Self {
         let grains = capacity.div_ceil(GRAIN_SECTORS);
         let gt_count = grains.div_ceil(u64::from(GTES_PER_GT));
         let gd_sectors = (gt_count * 4).div_ceil(SECTOR);
@@ -283,7 +285,7 @@ impl Layout {
         }
     }
     /// First sector of grain table `i` in the primary (`redundant == false`) or redundant copy.
-    fn gt_sector(&self, i: u64, redundant: bool) -> u64 {
+    pub fn gt_sector(&self, i: u64, redundant: bool) -> u64 {
         let base = if redundant { self.rgd } else { self.gd };
         base + self.gd_sectors + i * (u64::from(GTES_PER_GT) * 4 / SECTOR)
     }
@@ -335,22 +337,27 @@ impl SparseWriter {
     }
 
     fn header(&self) -> SparseHeader {
-        let z = self.opts.zeroed_grain;
-        SparseHeader {
-            version: if z { 2 } else { 1 },
-            flags: FLAG_NL_DETECT | FLAG_RGD | if z { FLAG_ZERO_GRAIN } else { 0 },
-            capacity: self.opts.capacity,
-            grain_size: GRAIN_SECTORS,
-            desc_offset: 1,
-            desc_size: DESC_SECTORS,
-            num_gtes_per_gt: GTES_PER_GT,
-            rgd_offset: self.layout.rgd,
-            gd_offset: self.layout.gd,
-            overhead: self.layout.grain_offset,
-            unclean_shutdown: false,
-            check_bytes: CHECK_BYTES,
-            compress_algorithm: 0,
-        }
+        sparse_header(&self.opts, &self.layout)
+    }
+}
+
+/// The header of a monolithicSparse file of `opts` laid out as `layout`.
+pub(super) fn sparse_header(opts: &VmdkOptions, layout: &Layout) -> SparseHeader {
+    let z = opts.zeroed_grain;
+    SparseHeader {
+        version: if z { 2 } else { 1 },
+        flags: FLAG_NL_DETECT | FLAG_RGD | if z { FLAG_ZERO_GRAIN } else { 0 },
+        capacity: opts.capacity,
+        grain_size: GRAIN_SECTORS,
+        desc_offset: 1,
+        desc_size: DESC_SECTORS,
+        num_gtes_per_gt: GTES_PER_GT,
+        rgd_offset: layout.rgd,
+        gd_offset: layout.gd,
+        overhead: layout.grain_offset,
+        unclean_shutdown: false,
+        check_bytes: CHECK_BYTES,
+        compress_algorithm: 0,
     }
 }
 
