@@ -2,7 +2,7 @@
 //! cannot run is reported by cargo as *ignored* rather than counted as passed.
 //!
 //! Sets `--cfg no_qemu` when `qemu-img` or `qemu-io` is not on PATH and `--cfg no_bzip2`
-//! when `bzip2` is not (`no_strace` for `strace`, the crash tests' fault injector), but only when the tools are not required: with `CI` set (to
+//! when `bzip2` is not (`no_strace` for `strace`, the crash tests' fault injector; `no_ntfs` for mkntfs and ntfs-3g, `no_xfs` for mkfs.xfs and xfs_db), but only when the tools are not required: with `CI` set (to
 //! anything but `false`/`0`) or `DISKCONV_REQUIRE_QEMU=1` nothing is ignored, so the tests
 //! run and fail with the install command. The library and the binary never look at these.
 
@@ -34,6 +34,8 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(no_qemu)");
     println!("cargo:rustc-check-cfg=cfg(no_bzip2)");
     println!("cargo:rustc-check-cfg=cfg(no_strace)");
+    println!("cargo:rustc-check-cfg=cfg(no_ntfs)");
+    println!("cargo:rustc-check-cfg=cfg(no_xfs)");
     let required = required();
     let have = |tool: &str| match find_on_path(tool) {
         Some(p) => {
@@ -55,6 +57,8 @@ fn main() {
     let qemu = have("qemu-img") & have("qemu-io");
     let bzip2 = have("bzip2");
     let strace = have("strace");
+    let ntfs = have("mkntfs") & have("ntfs-3g");
+    let xfs = have("mkfs.xfs") & have("xfs_db");
     if !required {
         if !qemu {
             println!("cargo:rustc-cfg=no_qemu");
@@ -64,6 +68,12 @@ fn main() {
         }
         if !strace {
             println!("cargo:rustc-cfg=no_strace");
+        }
+        if !ntfs {
+            println!("cargo:rustc-cfg=no_ntfs");
+        }
+        if !xfs {
+            println!("cargo:rustc-cfg=no_xfs");
         }
     }
 }
