@@ -1,0 +1,250 @@
+//! Sparsify of NTFS: a real volume made by mkntfs, files written with ntfscp and through
+//! an ntfs-3g mount, some deleted; the free clusters (read from `$Bitmap` by `ntfscat`,
+//! counted by `ntfscluster`) filled with junk. The scan must drop exactly those, the
+//! output must pass `ntfsfix -n` and give the kept files back; a dirty volume, a torn
+//! MFT record, a bad record magic and a bitmap calling the MFT free drop nothing.
+
+mod common;
+#[path = "common/guestfs.rs"]
+mod guestfs;
+
+use std::path::Path;
+
+use common::{run, s, sha256_file, Rng};
+use guestfs::*;
+
+const MIB: u64 = 1 << 20;
+
+fn have_ntfs() -> bool {
+    have("mkntfs", "ntfs-3g", cfg!(no_ntfs))
+        && have("ntfs-3g", "ntfs-3g", cfg!(no_ntfs))
+        && have("ntfscat", "ntfs-3g", cfg!(no_ntfs))
+}
+
+fn write_random(path: &Path, len: u64, seed: u64) {
+    let mut v = vec![0u8; len as usize];
+    Rng(seed | 1).fill(&mut v);
+    std::fs::write(path, v).unwrap();
+}
+
+/// Geometry read back with ntfsinfo: (cluster size, clusters).
+fn geometry(img: &Path) -> (u64, u64) {
+    let info = run(&["ntfsinfo", "-m", s(img)]);
+    let field = |name: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .unwrap_or_else(|| panic!("ntfsinfo has no {name}: {info}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    (field("Cluster Size:"), field("Volume Size in Clusters:"))
+}
+
+/// Free clusters as byte extents, from `$Bitmap` read by ntfs-3g's ntfscat.
+fn tool_free(img: &Path) -> Vec<(u64, u64)> {
+    let (cs, clusters) = geometry(img);
+    let out = std::process::Command::new("ntfscat")
+        .args([s(img), "$Bitmap"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let bm = out.stdout;
+    assert!(bm.len() as u64 * 8 >= clusters);
+    let mut v = Vec::new();
+    for c in 0..clusters {
+        if bm[(c / 8) as usize] & (1 << (c % 8)) == 0 {
+            v.push((c * cs, cs));
+        }
+    }
+    merge(v)
+}
+
+/// `ntfscluster`'s own count of free bytes.
+fn ntfscluster_free(img: &Path) -> u64 {
+    let info = run(&["ntfscluster", "-f", s(img)]);
+    info.lines()
+        .find_map(|l| l.strip_prefix("bytes of free space"))
+        .and_then(|r| r.trim_start_matches([' ', ':']).trim().parse().ok())
+        .unwrap_or_else(|| panic!("ntfscluster has no free count: {info}"))
+}
+
+/// An NTFS volume of `size` bytes holding `keep1` and `keep2`, after 20 + 6 MiB of other
+/// files were written and deleted; returns the kept files' names and digests.
+fn build(dir: &dyn Fn(&str) -> std::path::PathBuf, img: &Path, size: u64) -> Vec<(String, String)> {
+    std::fs::File::create(img).unwrap().set_len(size).unwrap();
+    run(&["mkntfs", "-F", "-Q", "-q", s(img)]);
+    let k1 = dir("keep1");
+    write_random(&k1, 3 * MIB + 123, 1);
+    run(&["ntfscp", s(img), s(&k1), "keep1"]);
+    let mnt = dir("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    run(&["ntfs-3g", s(img), s(&mnt)]);
+    let unmount = |m: &Path| run(&["umount", s(m)]);
+    write_random(&mnt.join("del1"), 20 * MIB, 2);
+    write_random(&mnt.join("keep2"), MIB + 7, 3);
+    write_random(&mnt.join("del2"), 6 * MIB, 4);
+    unmount(&mnt);
+    run(&["ntfs-3g", s(img), s(&mnt)]);
+    std::fs::remove_file(mnt.join("del1")).unwrap();
+    std::fs::remove_file(mnt.join("del2")).unwrap();
+    let k2 = sha256_file(&mnt.join("keep2"));
+    unmount(&mnt);
+    vec![("keep1".into(), sha256_file(&k1)), ("keep2".into(), k2)]
+}
+
+fn ntfscat_sha(img: &Path, name: &str, dir: &dyn Fn(&str) -> std::path::PathBuf) -> String {
+    let out = std::process::Command::new("ntfscat")
+        .args([s(img), name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ntfscat {name}");
+    let p = dir("cat.out");
+    std::fs::write(&p, out.stdout).unwrap();
+    sha256_file(&p)
+}
+
+#[test]
+#[cfg_attr(no_ntfs, ignore = "needs ntfs-3g (mkntfs, ntfs-3g, ntfscat)")]
+fn deleted_files_are_dropped_and_the_volume_stays_clean() {
+    if !have_ntfs() {
+        return;
+    }
+    let (_d, p) = tmp();
+    let img = p("ntfs.img");
+    let kept = build(&p, &img, 64 * MIB);
+    let free = tool_free(&img);
+    assert_eq!(
+        total(&free),
+        ntfscluster_free(&img),
+        "ntfscat's $Bitmap vs ntfscluster"
+    );
+    assert!(
+        total(&free) > 25 * MIB,
+        "the deleted files' clusters are free"
+    );
+    fill_junk(&img, &free, 7);
+    let out = p("out.raw");
+    let found = sparsify_to(&img, &out);
+    let part = &found.partitions[0];
+    assert_eq!(part.filesystem.as_deref(), Some("ntfs"), "{part:?}");
+    assert_eq!(part.skipped, None, "{part:?}");
+    // 4 KiB clusters and 4 KiB granules: every free cluster is dropped.
+    assert_eq!(part.free_bytes, total(&free));
+    assert_eq!(found.free.free_bytes(), total(&free));
+    check_output(&img, &out, &free, &found);
+    let (ok, text) = try_run(&["ntfsfix", "-n", s(&out)]);
+    assert!(ok && text.contains("processed successfully"), "{text}");
+    for (name, sha) in &kept {
+        assert_eq!(&ntfscat_sha(&out, name, &p), sha, "{name} reads back");
+    }
+}
+
+/// (cluster size, MFT byte offset, MFT mirror byte offset) from the boot sector.
+fn mft_at(img: &Path) -> (u64, u64, u64) {
+    let b = peek(img, 0, 512);
+    let spc = u64::from(b[0x0d]);
+    let cs = spc * u64::from(u16::from_le_bytes([b[0x0b], b[0x0c]]));
+    let lcn = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    (cs, lcn(0x30) * cs, lcn(0x38) * cs)
+}
+
+/// Offset in record 3 ($Volume, 1 KiB records) of the $VOLUME_INFORMATION flags.
+fn volume_flags_offset(rec: &[u8]) -> usize {
+    let mut off = u16::from_le_bytes([rec[0x14], rec[0x15]]) as usize;
+    loop {
+        let ty = u32::from_le_bytes(rec[off..off + 4].try_into().unwrap());
+        assert_ne!(ty, 0xffff_ffff, "no $VOLUME_INFORMATION");
+        let len = u32::from_le_bytes(rec[off + 4..off + 8].try_into().unwrap()) as usize;
+        if ty == 0x70 {
+            let vo = u16::from_le_bytes([rec[off + 0x14], rec[off + 0x15]]) as usize;
+            return off + vo + 0x0a;
+        }
+        off += len;
+    }
+}
+
+/// Which LCN holds `$Bitmap`'s first cluster, from ntfsinfo's runlist.
+fn bitmap_lcn(img: &Path) -> u64 {
+    let info = run(&["ntfsinfo", "-i", "6", "-v", s(img)]);
+    let mut lines = info.lines().skip_while(|l| !l.contains("Runlist:"));
+    lines.next();
+    let row = lines.next().expect("a run");
+    let lcn = row.split_whitespace().nth(1).unwrap();
+    u64::from_str_radix(lcn.trim_start_matches("0x"), 16).unwrap()
+}
+
+#[test]
+#[cfg_attr(no_ntfs, ignore = "needs ntfs-3g (mkntfs, ntfs-3g, ntfscat)")]
+fn hostile_volumes_drop_nothing() {
+    if !have_ntfs() {
+        return;
+    }
+    let (_d, p) = tmp();
+    let img = p("ntfs.img");
+    build(&p, &img, 64 * MIB);
+    let (cs, mft, mirror) = mft_at(&img);
+    let rs = 1024u64;
+    assert_eq!(peek(&img, mft + 3 * rs, 4), b"FILE");
+
+    // $Volume marked dirty (in $MFT and in its mirror, so only the flag differs).
+    let dirty = p("dirty.img");
+    copy(&img, &dirty);
+    let rec = peek(&dirty, mft + 3 * rs, rs as usize);
+    let at = volume_flags_offset(&rec) as u64;
+    assert!(at % 512 < 510, "the flags are not under a fixup");
+    let flags = u16::from_le_bytes(rec[at as usize..at as usize + 2].try_into().unwrap()) | 1;
+    for base in [mft, mirror] {
+        patch(&dirty, base + 3 * rs + at, &flags.to_le_bytes());
+    }
+    let (ok, text) = try_run(&["ntfsfix", "-n", s(&dirty)]);
+    assert!(
+        !ok || text.to_lowercase().contains("dirty") || text.contains("unclean"),
+        "{text}"
+    );
+    let found = scan(&dirty);
+    assert_skipped(&found, "ntfs", "dirty");
+    let out = p("dirty.out");
+    sparsify_to(&dirty, &out);
+    assert_eq!(sha256_file(&out), sha256_file(&dirty), "nothing changed");
+
+    // A torn write: the last two bytes of $Bitmap's record's first sector lose the USN.
+    let torn = p("torn.img");
+    copy(&img, &torn);
+    let end = mft + 6 * rs + 510;
+    let b = peek(&torn, end, 2);
+    patch(&torn, end, &[b[0] ^ 0x5a, b[1]]);
+    assert_skipped(&scan(&torn), "ntfs", "fixup");
+
+    // Record 6 with a bad magic.
+    let magic = p("magic.img");
+    copy(&img, &magic);
+    patch(&magic, mft + 6 * rs, b"FILX");
+    assert_skipped(&scan(&magic), "ntfs", "not FILE");
+
+    // $Bitmap calling the first MFT cluster free.
+    let lying = p("lying.img");
+    copy(&img, &lying);
+    let mft_lcn = mft / cs;
+    let byte = bitmap_lcn(&lying) * cs + mft_lcn / 8;
+    let v = peek(&lying, byte, 1)[0];
+    assert_ne!(v & (1 << (mft_lcn % 8)), 0);
+    patch(&lying, byte, &[v & !(1 << (mft_lcn % 8))]);
+    assert_skipped(&scan(&lying), "ntfs", "$MFT free");
+
+    // A mirror that disagrees with the MFT.
+    let mirr = p("mirror.img");
+    copy(&img, &mirr);
+    let b = peek(&mirr, mirror + 0x100, 1)[0];
+    patch(&mirr, mirror + 0x100, &[b ^ 1]);
+    assert_skipped(&scan(&mirr), "ntfs", "$MFTMirr differs");
+
+    // The volume claiming more sectors than the disk holds.
+    let big = p("big.img");
+    copy(&img, &big);
+    patch(&big, 0x28, &(128 * MIB / 512).to_le_bytes());
+    assert_skipped(&scan(&big), "ntfs", "larger than the partition");
+
+    // The clean original still scans.
+    assert_eq!(scan(&img).partitions[0].skipped, None);
+}
