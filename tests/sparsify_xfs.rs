@@ -73,7 +73,10 @@ fn tool_free(img: &Path, g: &Geo) -> Vec<(u64, u64)> {
     let t = xfs_db(img, &["freesp -d"]);
     let mut v = Vec::new();
     for l in t.lines() {
-        let n: Vec<u64> = l.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        let n: Vec<u64> = l
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
         if n.len() == 3 && l.split_whitespace().count() == 3 {
             v.push(((n[0] * g.agblocks + n[1]) * g.bs, n[2] * g.bs));
         }
@@ -108,7 +111,10 @@ fn umount(mnt: &Path) {
 /// (enough free extents in AG 0 for a two-level by-bno tree); returns the kept files'
 /// digests.
 fn build(p: &dyn Fn(&str) -> PathBuf, img: &Path, mkfs: &[&str]) -> Vec<(String, String)> {
-    std::fs::File::create(img).unwrap().set_len(300 * MIB).unwrap();
+    std::fs::File::create(img)
+        .unwrap()
+        .set_len(300 * MIB)
+        .unwrap();
     let mut args = vec!["mkfs.xfs", "-q", "-f"];
     args.extend_from_slice(mkfs);
     args.push(s(img));
@@ -146,7 +152,11 @@ fn sparsify_and_check(p: &dyn Fn(&str) -> PathBuf, img: &Path, kept: &[(String, 
     let g = geometry(img);
     let free = tool_free(img, &g);
     let (freeblks, flcount) = agf_counts(img, &g);
-    assert_eq!(total(&free), (freeblks + flcount) * g.bs, "freesp vs the AGFs");
+    assert_eq!(
+        total(&free),
+        (freeblks + flcount) * g.bs,
+        "freesp vs the AGFs"
+    );
     assert!(total(&free) > 50 * MIB);
     fill_junk(img, &free, 9);
     let out = p("out.raw");
@@ -203,8 +213,20 @@ fn v4_filesystem_without_crcs() {
     spec += "$\n";
     std::fs::write(&proto, spec).unwrap();
     let img = p("xfs4.img");
-    std::fs::File::create(&img).unwrap().set_len(300 * MIB).unwrap();
-    run(&["mkfs.xfs", "-q", "-f", "-m", "crc=0", "-p", s(&proto), s(&img)]);
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(300 * MIB)
+        .unwrap();
+    run(&[
+        "mkfs.xfs",
+        "-q",
+        "-f",
+        "-m",
+        "crc=0",
+        "-p",
+        s(&proto),
+        s(&img),
+    ]);
     let t = xfs_db(&img, &["sb 0", "print versionnum"]);
     assert_eq!(field(&t, "versionnum") & 0xf, 4, "{t}");
     let g = geometry(&img);
@@ -237,7 +259,10 @@ fn hostile_filesystems_drop_nothing() {
     }
     let (_d, p) = tmp();
     let img = p("xfs.img");
-    std::fs::File::create(&img).unwrap().set_len(300 * MIB).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(300 * MIB)
+        .unwrap();
     run(&["mkfs.xfs", "-q", "-f", s(&img)]);
     let mnt = p("mnt");
     mount(&img, &mnt, false);
@@ -284,7 +309,11 @@ fn hostile_filesystems_drop_nothing() {
     let root = ag(0) + field(&t, "bnoroot") * g.bs;
     let outside = p("outside.img");
     copy(&img, &outside);
-    patch(&outside, root + 56 + 4, &(g.agblocks as u32 + 7).to_be_bytes());
+    patch(
+        &outside,
+        root + 56 + 4,
+        &(g.agblocks as u32 + 7).to_be_bytes(),
+    );
     reseal(&outside, root, g.bs as usize, 0x34);
     assert_skipped(&scan(&outside), "xfs", "outside the AG");
 
@@ -305,8 +334,16 @@ fn hostile_filesystems_drop_nothing() {
     patch(&own, root + 56, &(bno as u32).to_be_bytes());
     patch(&own, root + 60, &(len as u32).to_be_bytes());
     reseal(&own, root, g.bs as usize, 0x34);
-    let found = scan(&own);
-    assert_skipped(&found, "xfs", "");
+    // ...and the AGF's count agreeing, so only the metadata check can catch it.
+    let agf = ag(0) + ss;
+    let freeblks = u32::from_be_bytes(peek(&own, agf + 0x34, 4).try_into().unwrap());
+    patch(
+        &own,
+        agf + 0x34,
+        &(freeblks + (start - bno) as u32).to_be_bytes(),
+    );
+    reseal(&own, agf, ss as usize, 0xd8);
+    assert_skipped(&scan(&own), "xfs", &format!("covers metadata block {bno}"));
 
     // sb_inprogress.
     let inprog = p("inprogress.img");

@@ -244,7 +244,7 @@ impl<'a> Attr<'a> {
         let len = le32(self.raw, 0x10)? as usize;
         let off = le16(self.raw, 0x14)? as usize;
         self.raw
-            .get(off..off.checked_add(len).unwrap_or(usize::MAX))
+            .get(off..off.saturating_add(len))
             .ok_or_else(|| format!("attribute {:#x} value runs past the attribute", self.ty))
     }
 }
@@ -435,7 +435,7 @@ fn parse_stream(a: &Attr<'_>, boot: &BootSector, whole: bool, what: &str) -> Che
         if lcn < 0
             || (lcn as u64)
                 .checked_add(len)
-                .is_none_or(|e| e > boot.clusters)
+                .map_or(true, |e| e > boot.clusters)
         {
             return Err(format!(
                 "{what}: run at VCN {vcn} ({len} clusters at LCN {lcn}) lies outside the volume's {} clusters",
@@ -650,7 +650,7 @@ fn check_logfile(vol: &Volume<'_, '_>) -> Check<()> {
         let lsn = le64(&page, ra)?;
         let in_use = le16(&page, ra + 0x0c)?;
         let flags = le16(&page, ra + 0x0e)?;
-        if newest.is_none_or(|(l, _, _)| lsn > l) {
+        if newest.map_or(true, |(l, _, _)| lsn > l) {
             newest = Some((lsn, in_use, flags));
         }
         // The second copy sits one system page after the first.

@@ -198,4 +198,5 @@ pub fn assert_skipped(found: &GuestScan, fs: &str, why: &str) {
     );
     assert_eq!(p.free_bytes, 0);
     assert_eq!(found.free.free_bytes(), 0, "something was dropped");
+    eprintln!("skipped as expected: {reason}");
 }
