@@ -149,29 +149,58 @@ fn mft_at(img: &Path) -> (u64, u64, u64) {
     (cs, lcn(0x30) * cs, lcn(0x38) * cs)
 }
 
-/// Offset in record 3 ($Volume, 1 KiB records) of the $VOLUME_INFORMATION flags.
-fn volume_flags_offset(rec: &[u8]) -> usize {
+/// Offset in a record (1 KiB) of the attribute of type `ty`.
+fn attr_offset(rec: &[u8], ty: u32) -> usize {
     let mut off = u16::from_le_bytes([rec[0x14], rec[0x15]]) as usize;
     loop {
-        let ty = u32::from_le_bytes(rec[off..off + 4].try_into().unwrap());
-        assert_ne!(ty, 0xffff_ffff, "no $VOLUME_INFORMATION");
-        let len = u32::from_le_bytes(rec[off + 4..off + 8].try_into().unwrap()) as usize;
-        if ty == 0x70 {
-            let vo = u16::from_le_bytes([rec[off + 0x14], rec[off + 0x15]]) as usize;
-            return off + vo + 0x0a;
+        let t = u32::from_le_bytes(rec[off..off + 4].try_into().unwrap());
+        assert_ne!(t, 0xffff_ffff, "no attribute {ty:#x}");
+        if t == ty {
+            return off;
         }
-        off += len;
+        off += u32::from_le_bytes(rec[off + 4..off + 8].try_into().unwrap()) as usize;
     }
 }
 
-/// Which LCN holds `$Bitmap`'s first cluster, from ntfsinfo's runlist.
-fn bitmap_lcn(img: &Path) -> u64 {
-    let info = run(&["ntfsinfo", "-i", "6", "-v", s(img)]);
+/// Offset in record 3 ($Volume) of the $VOLUME_INFORMATION flags.
+fn volume_flags_offset(rec: &[u8]) -> usize {
+    let off = attr_offset(rec, 0x70);
+    off + u16::from_le_bytes([rec[off + 0x14], rec[off + 0x15]]) as usize + 0x0a
+}
+
+/// First LCN of MFT record `n`'s data, from ntfsinfo's runlist.
+fn data_lcn(img: &Path, n: u32) -> u64 {
+    let info = run(&["ntfsinfo", "-i", &n.to_string(), "-v", s(img)]);
     let mut lines = info.lines().skip_while(|l| !l.contains("Runlist:"));
     lines.next();
     let row = lines.next().expect("a run");
     let lcn = row.split_whitespace().nth(1).unwrap();
     u64::from_str_radix(lcn.trim_start_matches("0x"), 16).unwrap()
+}
+
+/// A 4 KiB $LogFile restart page (version 1.1) with its update sequence applied.
+fn restart_page(lsn: u64, client_in_use: u16, flags: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 4096];
+    p[0..4].copy_from_slice(b"RSTR");
+    p[4..6].copy_from_slice(&0x1eu16.to_le_bytes());
+    p[6..8].copy_from_slice(&9u16.to_le_bytes());
+    p[0x10..0x14].copy_from_slice(&4096u32.to_le_bytes());
+    p[0x14..0x18].copy_from_slice(&4096u32.to_le_bytes());
+    p[0x18..0x1a].copy_from_slice(&0x30u16.to_le_bytes());
+    p[0x1a..0x1c].copy_from_slice(&1u16.to_le_bytes());
+    p[0x1c..0x1e].copy_from_slice(&1u16.to_le_bytes());
+    let ra = 0x30;
+    p[ra..ra + 8].copy_from_slice(&lsn.to_le_bytes());
+    p[ra + 8..ra + 10].copy_from_slice(&1u16.to_le_bytes());
+    p[ra + 0x0a..ra + 0x0c].copy_from_slice(&0xffffu16.to_le_bytes());
+    p[ra + 0x0c..ra + 0x0e].copy_from_slice(&client_in_use.to_le_bytes());
+    p[ra + 0x0e..ra + 0x10].copy_from_slice(&flags.to_le_bytes());
+    // Update sequence number 1; the saved words are the (zero) stride ends.
+    p[0x1e..0x20].copy_from_slice(&1u16.to_le_bytes());
+    for i in 1..=8 {
+        p[i * 512 - 2..i * 512].copy_from_slice(&1u16.to_le_bytes());
+    }
+    p
 }
 
 #[test]
@@ -226,7 +255,7 @@ fn hostile_volumes_drop_nothing() {
     let lying = p("lying.img");
     copy(&img, &lying);
     let mft_lcn = mft / cs;
-    let byte = bitmap_lcn(&lying) * cs + mft_lcn / 8;
+    let byte = data_lcn(&lying, 6) * cs + mft_lcn / 8;
     let v = peek(&lying, byte, 1)[0];
     assert_ne!(v & (1 << (mft_lcn % 8)), 0);
     patch(&lying, byte, &[v & !(1 << (mft_lcn % 8))]);
@@ -244,6 +273,46 @@ fn hostile_volumes_drop_nothing() {
     copy(&img, &big);
     patch(&big, 0x28, &(128 * MIB / 512).to_le_bytes());
     assert_skipped(&scan(&big), "ntfs", "larger than the partition");
+
+    // $Bitmap's $DATA claiming fewer initialized bytes than the clusters need.
+    let short = p("short.img");
+    copy(&img, &short);
+    let rec = peek(&short, mft + 6 * rs, rs as usize);
+    let init = (mft + 6 * rs) + attr_offset(&rec, 0x80) as u64 + 0x38;
+    assert!(init % 512 < 504, "initialized_size is not under a fixup");
+    patch(&short, init, &100u64.to_le_bytes());
+    assert_skipped(&scan(&short), "ntfs", "initialized bytes, fewer than");
+
+    // $LogFile holding restart pages: a client in use without the clean flag is what
+    // Windows leaves when it hibernates or fast-starts.
+    let log = data_lcn(&img, 2) * cs;
+    let in_use = p("inuse.img");
+    copy(&img, &in_use);
+    patch(&in_use, log, &restart_page(10, 0, 0));
+    patch(&in_use, log + 4096, &restart_page(9, 0, 0));
+    assert_skipped(&scan(&in_use), "ntfs", "did not shut down cleanly");
+    // The newest copy says clean: the older one does not matter.
+    let shut = p("shut.img");
+    copy(&img, &shut);
+    patch(&shut, log, &restart_page(12, 0xffff, 0));
+    patch(&shut, log + 4096, &restart_page(11, 0, 0));
+    let found = scan(&shut);
+    assert_eq!(found.partitions[0].skipped, None, "{:?}", found.partitions);
+    assert!(found.free.free_bytes() > 0);
+    patch(&shut, log + 4096, &restart_page(13, 0, 2));
+    assert_eq!(scan(&shut).partitions[0].skipped, None, "clean flag set");
+    // A torn restart page.
+    let mut torn_rp = restart_page(12, 0xffff, 0);
+    torn_rp[1023] = 7;
+    let torn_log = p("tornlog.img");
+    copy(&img, &torn_log);
+    patch(&torn_log, log, &torn_rp);
+    assert_skipped(&scan(&torn_log), "ntfs", "restart page: fixup of sector 1");
+    // Neither empty nor a restart page.
+    let junk = p("junklog.img");
+    copy(&img, &junk);
+    patch(&junk, log, b"JUNKJUNK");
+    assert_skipped(&scan(&junk), "ntfs", "not RSTR");
 
     // The clean original still scans.
     assert_eq!(scan(&img).partitions[0].skipped, None);
