@@ -314,6 +314,36 @@ fn hostile_volumes_drop_nothing() {
     patch(&junk, log, b"JUNKJUNK");
     assert_skipped(&scan(&junk), "ntfs", "not RSTR");
 
+    // hiberfil.sys in the root: a hibernation image (non-resident, "HIBR"; resident,
+    // "wake") refuses the volume, a zeroed one (Windows resumed) does not.
+    for (name, head, len, why) in [
+        (
+            "hibr.img",
+            &b"HIBR"[..],
+            256 << 10,
+            Some("hibernation image"),
+        ),
+        ("wake.img", &b"wake"[..], 200, Some("hibernation image")),
+        ("zeroed.img", &[0u8; 4][..], 256 << 10, None),
+    ] {
+        let hib = p(name);
+        copy(&img, &hib);
+        let mut v = vec![0u8; len];
+        Rng(5).fill(&mut v);
+        v[..4].copy_from_slice(head);
+        if why.is_none() {
+            v.fill(0);
+        }
+        let src = p("hiberfil.src");
+        std::fs::write(&src, &v).unwrap();
+        run(&["ntfscp", s(&hib), s(&src), "hiberfil.sys"]);
+        let found = scan(&hib);
+        match why {
+            Some(why) => assert_skipped(&found, "ntfs", why),
+            None => assert_eq!(found.partitions[0].skipped, None, "{:?}", found.partitions),
+        }
+    }
+
     // The clean original still scans.
     assert_eq!(scan(&img).partitions[0].skipped, None);
 }

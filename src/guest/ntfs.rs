@@ -12,9 +12,8 @@
 //! Clean-shutdown rules follow ntfs-3g (which refuses to mount otherwise): the `$Volume`
 //! dirty flag, and `$LogFile` either empty (all 0xff, as mkntfs and ntfs-3g leave it) or
 //! holding a restart area whose newest copy has no client in use or the
-//! `RESTART_VOLUME_IS_CLEAN` flag (Windows fast startup leaves neither). The root
-//! directory is not searched for `hiberfil.sys`: a hibernated Windows (and fast startup)
-//! leaves the log in use, which the `$LogFile` rule already refuses.
+//! `RESTART_VOLUME_IS_CLEAN` flag (Windows fast startup leaves neither), and no
+//! `hiberfil.sys` in the root directory holding a hibernation image ("hibr", "wake").
 
 use super::{FreeSink, Outcome, Region};
 use crate::error::Result;
@@ -34,12 +33,18 @@ const REC_MFT: u64 = 0;
 const REC_MFTMIRR: u64 = 1;
 const REC_LOGFILE: u64 = 2;
 const REC_VOLUME: u64 = 3;
+const REC_ROOT: u64 = 5;
 const REC_BITMAP: u64 = 6;
 const REC_BOOT: u64 = 7;
 
 const AT_ATTRIBUTE_LIST: u32 = 0x20;
 const AT_VOLUME_INFORMATION: u32 = 0x70;
 const AT_DATA: u32 = 0x80;
+const AT_INDEX_ROOT: u32 = 0x90;
+const AT_INDEX_ALLOCATION: u32 = 0xa0;
+const AT_BITMAP: u32 = 0xb0;
+/// The most of the root directory's index read to look for `hiberfil.sys`.
+const MAX_ROOT_INDEX: u64 = 64 << 20;
 const AT_END: u32 = 0xffff_ffff;
 
 const VOLUME_IS_DIRTY: u16 = 0x0001;
@@ -335,6 +340,23 @@ impl MftRecord {
             .ok_or_else(|| format!("MFT record {} has no attribute {ty:#x}", self.number))
     }
 
+    /// The attribute of type `ty` named `$I30` (a directory index's parts).
+    fn find_i30(&self, ty: u32) -> Check<Option<Attr<'_>>> {
+        for a in self.attrs()? {
+            if a.ty == ty && a.name_len == 4 {
+                let off = le16(a.raw, 0x0a)? as usize;
+                let name = a
+                    .raw
+                    .get(off..off + 8)
+                    .ok_or_else(|| format!("attribute {ty:#x} name runs past it"))?;
+                if name == [b'$', 0, b'I', 0, b'3', 0, b'0', 0] {
+                    return Ok(Some(a));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     fn has(&self, ty: u32) -> Check<bool> {
         Ok(self.attrs()?.iter().any(|a| a.ty == ty))
     }
@@ -602,7 +624,124 @@ fn check_clean(vol: &Volume<'_, '_>) -> Check<()> {
             "$Volume says chkdsk is under way (flags {flags:#06x})"
         ));
     }
-    check_logfile(vol)
+    check_logfile(vol)?;
+    check_hiberfile(vol)
+}
+
+/// The MFT references of the entries named `name` (ASCII, any case) among the index
+/// entries of `entries` (an index header's entry area). Entries are walked, not
+/// searched, so the collation order is not trusted.
+fn find_entries(entries: &[u8], name: &str, out: &mut Vec<u64>) -> Check<()> {
+    let mut off = 0usize;
+    loop {
+        let len = le16(entries, off + 8)? as usize;
+        let key_len = le16(entries, off + 0x0a)? as usize;
+        let flags = le16(entries, off + 0x0c)?;
+        if flags & 2 != 0 {
+            return Ok(()); // the last entry carries no key
+        }
+        if len < 0x10 || len % 8 != 0 || off + len > entries.len() || 0x10 + key_len > len {
+            return Err(format!(
+                "root directory index entry at {off:#x} has bad length {len}"
+            ));
+        }
+        let key = &entries[off + 0x10..off + 0x10 + key_len];
+        if key.len() >= 0x42 {
+            let n = key[0x40] as usize;
+            if let Some(units) = key.get(0x42..0x42 + 2 * n) {
+                let matches = n == name.len()
+                    && units
+                        .chunks(2)
+                        .zip(name.bytes())
+                        .all(|(u, c)| u[1] == 0 && u[0].eq_ignore_ascii_case(&c));
+                if matches {
+                    out.push(le64(entries, off)? & 0x0000_ffff_ffff_ffff);
+                }
+            }
+        }
+        off += len;
+    }
+}
+
+/// The entry area of an index header at `at` in `buf`.
+fn index_entries<'b>(buf: &'b [u8], at: usize, what: &str) -> Check<&'b [u8]> {
+    let first = le32(buf, at)? as usize;
+    let used = le32(buf, at + 4)? as usize;
+    if first < 0x10 || first > used || at + used > buf.len() {
+        return Err(format!(
+            "{what}: index header offsets {first:#x}/{used:#x} are misplaced"
+        ));
+    }
+    Ok(&buf[at + first..at + used])
+}
+
+/// Like ntfs-3g, refuse a volume whose `hiberfil.sys` holds a hibernation image
+/// (Windows hibernated or fast-started): its cached state would be lost.
+fn check_hiberfile(vol: &Volume<'_, '_>) -> Check<()> {
+    let root = vol.record(REC_ROOT)?;
+    let ir = root
+        .find_i30(AT_INDEX_ROOT)?
+        .ok_or("the root directory has no $I30 index root")?
+        .resident_value()?;
+    let mut refs = Vec::new();
+    find_entries(
+        index_entries(ir, 0x10, "root $INDEX_ROOT")?,
+        "hiberfil.sys",
+        &mut refs,
+    )?;
+    if let Some(alloc) = root.find_i30(AT_INDEX_ALLOCATION)? {
+        let stream = parse_stream(&alloc, &vol.boot, true, "root $INDEX_ALLOCATION")?;
+        let used = root
+            .find_i30(AT_BITMAP)?
+            .ok_or("the root directory has an index allocation but no $I30 bitmap")?
+            .resident_value()?;
+        let bs = u64::from(le32(ir, 0x08)?);
+        if !bs.is_power_of_two() || !(512..=u64::from(MAX_RECORD)).contains(&bs) {
+            return Err(format!("root directory index block size {bs} is invalid"));
+        }
+        let blocks = (stream.initialized / bs).min(MAX_ROOT_INDEX / bs);
+        for i in 0..blocks {
+            let in_use = used
+                .get((i / 8) as usize)
+                .is_some_and(|b| b & (1 << (i % 8)) != 0);
+            if !in_use {
+                continue;
+            }
+            let mut b = vec![0u8; bs as usize];
+            stream.read(vol.region, &vol.boot, &mut b, i * bs)?;
+            let what = format!("root directory index block {i}");
+            if &b[0..4] != b"INDX" {
+                return Err(format!("{what} has magic {:02x?}, not INDX", &b[0..4]));
+            }
+            apply_fixups(&mut b, &what)?;
+            find_entries(index_entries(&b, 0x18, &what)?, "hiberfil.sys", &mut refs)?;
+        }
+    }
+    for r in refs {
+        let rec = vol.record(r)?;
+        let data = rec.find(AT_DATA)?;
+        let mut head = [0u8; 4];
+        if data.non_resident {
+            let s = parse_stream(&data, &vol.boot, false, "hiberfil.sys $DATA")?;
+            if s.initialized < 4 {
+                continue;
+            }
+            s.read(vol.region, &vol.boot, &mut head, 0)?;
+        } else {
+            match data.resident_value()?.get(0..4) {
+                Some(h) => head.copy_from_slice(h),
+                None => continue,
+            }
+        }
+        let h = head.to_ascii_lowercase();
+        if &h == b"hibr" || &h == b"wake" {
+            return Err(format!(
+                "hiberfil.sys holds a hibernation image (\"{}\"): Windows is hibernated or fast-started",
+                String::from_utf8_lossy(&head)
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `$LogFile` must be empty or record a clean shutdown in its newest restart area.
