@@ -347,3 +347,27 @@ fn hostile_volumes_drop_nothing() {
     // The clean original still scans.
     assert_eq!(scan(&img).partitions[0].skipped, None);
 }
+
+#[test]
+#[cfg_attr(no_ntfs, ignore = "needs ntfs-3g (mkntfs, ntfs-3g, ntfscat)")]
+fn mutated_metadata_never_panics() {
+    if !have_ntfs() {
+        return;
+    }
+    let (_d, p) = tmp();
+    let img = p("ntfs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    run(&["mkntfs", "-F", "-Q", "-q", s(&img)]);
+    let (cs, mft, _) = mft_at(&img);
+    let targets = [
+        (0, 512),
+        (mft, 16 * 1024),
+        (data_lcn(&img, 2) * cs, 8192),
+        (data_lcn(&img, 5) * cs, 4096),
+    ];
+    let skipped = mutate_and_scan(&img, &targets, 300, 11);
+    assert!(skipped > 100, "only {skipped} of 300 mutations were caught");
+}

@@ -352,3 +352,33 @@ fn hostile_filesystems_drop_nothing() {
     reseal(&inprog, 0, ss as usize, 0xe0);
     assert_skipped(&scan(&inprog), "xfs", "inprogress");
 }
+
+#[test]
+#[cfg_attr(no_xfs, ignore = "needs xfsprogs (mkfs.xfs, xfs_db, xfs_repair)")]
+fn mutated_metadata_never_panics() {
+    if !have_xfs() {
+        return;
+    }
+    let (_d, p) = tmp();
+    let img = p("xfs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(300 * MIB)
+        .unwrap();
+    run(&["mkfs.xfs", "-q", "-f", s(&img)]);
+    let g = geometry(&img);
+    let t = xfs_db(
+        &img,
+        &["sb 0", "print logstart agblklog", "agf 1", "print bnoroot"],
+    );
+    let (logstart, agblklog) = (field(&t, "logstart"), field(&t, "agblklog"));
+    let log_at = ((logstart >> agblklog) * g.agblocks + (logstart & ((1 << agblklog) - 1))) * g.bs;
+    let targets = [
+        (0, 512),
+        (g.agblocks * g.bs + 512, 512),
+        (g.agblocks * g.bs + field(&t, "bnoroot") * g.bs, 512),
+        (log_at, 2048),
+    ];
+    let skipped = mutate_and_scan(&img, &targets, 300, 12);
+    assert!(skipped > 100, "only {skipped} of 300 mutations were caught");
+}

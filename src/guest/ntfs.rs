@@ -471,7 +471,10 @@ fn parse_stream(a: &Attr<'_>, boot: &BootSector, whole: bool, what: &str) -> Che
             lcn: lcn as u64,
             len,
         });
-        vcn += len;
+        vcn = vcn
+            .checked_add(len)
+            .filter(|&v| v <= boot.clusters)
+            .ok_or_else(|| format!("{what}: runs map more clusters than the volume has"))?;
         pos += 1 + ln + on;
     }
     if highest.checked_add(1) != Some(vcn) {
@@ -479,7 +482,7 @@ fn parse_stream(a: &Attr<'_>, boot: &BootSector, whole: bool, what: &str) -> Che
             "{what}: runs map {vcn} clusters but highest_vcn is {highest}"
         ));
     }
-    if whole && vcn * boot.cluster_size != allocated {
+    if whole && vcn.checked_mul(boot.cluster_size) != Some(allocated) {
         return Err(format!(
             "{what}: runs map {vcn} clusters but allocated_size is {allocated} bytes"
         ));
@@ -502,11 +505,11 @@ impl Stream {
     ) -> Check<()> {
         let cs = boot.cluster_size;
         let end = offset + buf.len() as u64;
-        if end > self.clusters * cs {
+        if end > self.clusters.saturating_mul(cs) {
             return Err(format!(
                 "read of {} bytes at {offset} runs past the {} mapped bytes",
                 buf.len(),
-                self.clusters * cs
+                self.clusters.saturating_mul(cs)
             ));
         }
         let mut done = 0usize;
@@ -561,11 +564,16 @@ impl Volume<'_, '_> {
 }
 
 fn open<'r, 'a>(region: &'r Region<'a>, boot: BootSector) -> Check<Volume<'r, 'a>> {
-    if boot.total_sectors * u64::from(boot.sector_size) > region.len() {
+    if boot
+        .total_sectors
+        .saturating_mul(u64::from(boot.sector_size))
+        > region.len()
+    {
         return Err(format!(
             "boot sector total_sectors {} ({} bytes) is larger than the partition ({} bytes)",
             boot.total_sectors,
-            boot.total_sectors * u64::from(boot.sector_size),
+            boot.total_sectors
+                .saturating_mul(u64::from(boot.sector_size)),
             region.len()
         ));
     }
@@ -586,7 +594,7 @@ fn open<'r, 'a>(region: &'r Region<'a>, boot: BootSector) -> Check<Volume<'r, 'a
             mft.runs[0].lcn, boot.mft_lcn
         ));
     }
-    if (REC_BOOT + 1) * rs > mft.clusters * boot.cluster_size {
+    if (REC_BOOT + 1) * rs > mft.clusters.saturating_mul(boot.cluster_size) {
         return Err("$MFT $DATA in its base record does not reach the system files".into());
     }
     let vol = Volume { region, boot, mft };
@@ -812,17 +820,23 @@ fn read_bitmap(vol: &Volume<'_, '_>, bm: &Stream, buf: &mut [u8], from: u64) -> 
 
 /// Every cluster of `runs` must be marked used in the bitmap.
 fn check_used(vol: &Volume<'_, '_>, bm: &Stream, runs: &[Run], name: &str) -> Check<()> {
+    let mut buf = Vec::new();
     for r in runs {
-        let first = r.lcn / 8;
-        let last = (r.lcn + r.len - 1) / 8;
-        let mut bytes = vec![0u8; (last - first + 1) as usize];
-        read_bitmap(vol, bm, &mut bytes, first)?;
-        for c in r.lcn..r.lcn + r.len {
-            if bytes[(c / 8 - first) as usize] & (1 << (c % 8)) == 0 {
-                return Err(format!(
-                    "$Bitmap marks cluster {c} of {name} free: the bitmap is not to be trusted"
-                ));
+        // In bitmap chunks: a run may be as long as the volume.
+        let mut c = r.lcn;
+        while c < r.lcn + r.len {
+            let upto = (r.lcn + r.len).min((c / 8 + CHUNK) * 8);
+            let first = c / 8;
+            buf.resize(((upto - 1) / 8 - first + 1) as usize, 0);
+            read_bitmap(vol, bm, &mut buf, first)?;
+            for k in c..upto {
+                if buf[(k / 8 - first) as usize] & (1 << (k % 8)) == 0 {
+                    return Err(format!(
+                        "$Bitmap marks cluster {k} of {name} free: the bitmap is not to be trusted"
+                    ));
+                }
             }
+            c = upto;
         }
     }
     Ok(())

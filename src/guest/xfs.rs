@@ -639,7 +639,7 @@ fn check_log(region: &Region<'_>, sb: &Superblock) -> Check<()> {
 }
 
 fn scan_fs(region: &Region<'_>, sb: &Superblock, sink: &mut dyn FreeSink) -> Check<()> {
-    let bytes = sb.dblocks * u64::from(sb.block_size);
+    let bytes = sb.dblocks.saturating_mul(u64::from(sb.block_size));
     if bytes > region.len() {
         return Err(format!(
             "superblock dblocks {} ({bytes} bytes) is larger than the partition ({} bytes)",

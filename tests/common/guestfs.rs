@@ -200,3 +200,34 @@ pub fn assert_skipped(found: &GuestScan, fs: &str, why: &str) {
     assert_eq!(found.free.free_bytes(), 0, "something was dropped");
     eprintln!("skipped as expected: {reason}");
 }
+
+/// Flip 1 to 4 random bytes inside `targets` (byte ranges of the image), scan, put the
+/// bytes back; `iters` times. The scan must never panic or fail, and a skipped
+/// partition must drop nothing. Returns how many runs were skipped.
+pub fn mutate_and_scan(img: &Path, targets: &[(u64, u64)], iters: usize, seed: u64) -> usize {
+    let clean = scan(img).free.free_bytes();
+    let mut rng = Rng(seed | 1);
+    let mut skipped = 0;
+    for _ in 0..iters {
+        let mut saved = Vec::new();
+        for _ in 0..1 + rng.next() % 4 {
+            let (o, l) = targets[(rng.next() % targets.len() as u64) as usize];
+            let at = o + rng.next() % l;
+            let old = peek(img, at, 1)[0];
+            saved.push((at, old));
+            patch(img, at, &[old ^ (1 + (rng.next() % 255) as u8)]);
+        }
+        let found = scan(img);
+        for p in &found.partitions {
+            if p.skipped.is_some() {
+                assert_eq!(p.free_bytes, 0, "{p:?}");
+                skipped += 1;
+            }
+        }
+        for (at, old) in saved.into_iter().rev() {
+            patch(img, at, &[old]);
+        }
+    }
+    assert_eq!(scan(img).free.free_bytes(), clean, "the image was restored");
+    skipped
+}
