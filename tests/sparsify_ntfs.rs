@@ -138,6 +138,12 @@ fn deleted_files_are_dropped_and_the_volume_stays_clean() {
     for (name, sha) in &kept {
         assert_eq!(&ntfscat_sha(&out, name, &p), sha, "{name} reads back");
     }
+    // The same volume as a partition 1 MiB into a disk: the same free runs, relative.
+    let disk = p("disk.img");
+    embed(&img, &disk, MIB, MIB);
+    let (report, runs) = scan_at(&disk, MIB, 64 * MIB);
+    assert_eq!(report.skipped, None, "{report:?}");
+    assert_eq!(runs, found.free.runs().collect::<Vec<_>>());
 }
 
 /// (cluster size, MFT byte offset, MFT mirror byte offset) from the boot sector.

@@ -175,6 +175,12 @@ fn sparsify_and_check(p: &dyn Fn(&str) -> PathBuf, img: &Path, kept: &[(String, 
         assert_eq!(&sha256_file(&mnt.join(name)), sha, "{name} reads back");
     }
     umount(&mnt);
+    // The same filesystem as a partition 3 MiB into a disk: the same free runs, relative.
+    let disk = p("disk.img");
+    embed(img, &disk, 3 * MIB, MIB);
+    let (report, runs) = scan_at(&disk, 3 * MIB, 300 * MIB);
+    assert_eq!(report.skipped, None, "{report:?}");
+    assert_eq!(runs, found.free.runs().collect::<Vec<_>>());
 }
 
 #[test]

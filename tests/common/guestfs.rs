@@ -231,3 +231,36 @@ pub fn mutate_and_scan(img: &Path, targets: &[(u64, u64)], iters: usize, seed: u
     assert_eq!(scan(img).free.free_bytes(), clean, "the image was restored");
     skipped
 }
+
+/// Copy `img` into a new sparse disk file at `offset`, with `tail` bytes after it.
+pub fn embed(img: &Path, disk: &Path, offset: u64, tail: u64) {
+    let src = std::fs::File::open(img).unwrap();
+    let len = src.metadata().unwrap().len();
+    let dst = std::fs::File::create(disk).unwrap();
+    dst.set_len(offset + len + tail).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(1 << 20) as usize;
+        src.read_exact_at(&mut buf[..n], at).unwrap();
+        if buf[..n].iter().any(|&b| b != 0) {
+            dst.write_all_at(&buf[..n], offset + at).unwrap();
+        }
+        at += n as u64;
+    }
+}
+
+/// Scan `len` bytes at `offset` of `disk` as one partition: its report and its free
+/// runs, relative to the partition.
+pub fn scan_at(
+    disk: &Path,
+    offset: u64,
+    len: u64,
+) -> (diskconv::guest::PartitionReport, Vec<(u64, u64)>) {
+    let dev = diskconv::open(disk, &OpenOptions::default()).unwrap();
+    let mut map = diskconv::guest::FreeMap::new(dev.virtual_size());
+    let region = diskconv::guest::Region::new(dev.as_ref(), offset, len).unwrap();
+    let report = diskconv::guest::scan::scan_region(&mut map, region, "test");
+    let runs = map.runs().map(|(o, l)| (o - offset, l)).collect();
+    (report, runs)
+}
