@@ -340,6 +340,17 @@ fn hostile_filesystems_drop_nothing() {
     patch(&own, root + 56, &(bno as u32).to_be_bytes());
     patch(&own, root + 60, &(len as u32).to_be_bytes());
     reseal(&own, root, g.bs as usize, 0x34);
+    // ...the by-size tree saying the same (its leaf holds the same record)...
+    let cnt = ag(0) + field(&xfs_db(&img, &["agf 0", "print cntroot"]), "cntroot") * g.bs;
+    let leaf = peek(&own, cnt, g.bs as usize);
+    let n = u16::from_be_bytes([leaf[6], leaf[7]]) as usize;
+    let i = (0..n)
+        .find(|&i| leaf[56 + 8 * i..56 + 8 * i + 8] == rec[..])
+        .expect("the by-size leaf holds the record");
+    let mut moved = (bno as u32).to_be_bytes().to_vec();
+    moved.extend_from_slice(&(len as u32).to_be_bytes());
+    patch(&own, cnt + 56 + 8 * i as u64, &moved);
+    reseal(&own, cnt, g.bs as usize, 0x34);
     // ...and the AGF's count agreeing, so only the metadata check can catch it.
     let agf = ag(0) + ss;
     let freeblks = u32::from_be_bytes(peek(&own, agf + 0x34, 4).try_into().unwrap());
@@ -350,6 +361,19 @@ fn hostile_filesystems_drop_nothing() {
     );
     reseal(&own, agf, ss as usize, 0xd8);
     assert_skipped(&scan(&own), "xfs", &format!("covers metadata block {bno}"));
+
+    // The by-block tree losing a block of an extent, its AGF agreeing: the by-size tree
+    // no longer does.
+    let shrunk = p("shrunk.img");
+    copy(&img, &shrunk);
+    let count = u32::from_be_bytes(rec[4..8].try_into().unwrap());
+    patch(&shrunk, root + 60, &(count - 1).to_be_bytes());
+    reseal(&shrunk, root, g.bs as usize, 0x34);
+    let agf = ag(0) + ss;
+    let freeblks = u32::from_be_bytes(peek(&shrunk, agf + 0x34, 4).try_into().unwrap());
+    patch(&shrunk, agf + 0x34, &(freeblks - 1).to_be_bytes());
+    reseal(&shrunk, agf, ss as usize, 0xd8);
+    assert_skipped(&scan(&shrunk), "xfs", "the by-size tree holds");
 
     // sb_inprogress.
     let inprog = p("inprogress.img");

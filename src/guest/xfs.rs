@@ -10,7 +10,8 @@
 //! out-of-order tail, an external log, a record of other operations) is not provably
 //! clean, and the filesystem is skipped.
 //!
-//! Only the free-space tree's own records are dropped: the AG free list (AGFL) blocks
+//! The by-size tree is walked with the same checks and must index as many extents of
+//! as many blocks. Only the by-block tree's records are dropped: the AG free list (AGFL) blocks
 //! are left as they are, and no record may cover an AG header, a tree block, a root of
 //! another AG tree, an AGFL block or the log.
 
@@ -26,6 +27,8 @@ const AGF_MAGIC: &[u8; 4] = b"XAGF";
 const AGFL_MAGIC: &[u8; 4] = b"XAFL";
 const BNO_MAGIC_V4: &[u8; 4] = b"ABTB";
 const BNO_MAGIC_V5: &[u8; 4] = b"AB3B";
+const CNT_MAGIC_V4: &[u8; 4] = b"ABTC";
+const CNT_MAGIC_V5: &[u8; 4] = b"AB3C";
 const LOG_MAGIC: u32 = 0xfeed_babe;
 const NULL_AGBLOCK: u32 = 0xffff_ffff;
 /// Deeper than any real free-space tree (the kernel's old fixed maximum).
@@ -226,6 +229,8 @@ struct Agf {
     length: u32,
     bno_root: u32,
     bno_level: u32,
+    cnt_root: u32,
+    cnt_level: u32,
     /// Other tree roots (cnt, rmap, refcount), which no free record may cover.
     other_roots: Vec<u32>,
     flfirst: u32,
@@ -267,6 +272,8 @@ impl Agf {
             length,
             bno_root: be32(b, 0x10),
             bno_level: be32(b, 0x1c),
+            cnt_root: be32(b, 0x14),
+            cnt_level: be32(b, 0x20),
             other_roots: vec![be32(b, 0x14), be32(b, 0x18), be32(b, 0x58)],
             flfirst: be32(b, 0x28),
             fllast: be32(b, 0x2c),
@@ -274,17 +281,18 @@ impl Agf {
             freeblks: be32(b, 0x34),
             longest: be32(b, 0x38),
         };
-        if agf.bno_root == 0 || agf.bno_root >= length {
-            return Err(format!(
-                "{what}: bno root {} is outside the AG",
-                agf.bno_root
-            ));
-        }
-        if agf.bno_level == 0 || agf.bno_level > MAX_LEVELS {
-            return Err(format!(
-                "{what}: bno level {} is not in 1..={MAX_LEVELS}",
-                agf.bno_level
-            ));
+        for (name, root, level) in [
+            ("bno", agf.bno_root, agf.bno_level),
+            ("cnt", agf.cnt_root, agf.cnt_level),
+        ] {
+            if root == 0 || root >= length {
+                return Err(format!("{what}: {name} root {root} is outside the AG"));
+            }
+            if level == 0 || level > MAX_LEVELS {
+                return Err(format!(
+                    "{what}: {name} level {level} is not in 1..={MAX_LEVELS}"
+                ));
+            }
         }
         if agf.freeblks > length || agf.longest > agf.freeblks {
             return Err(format!(
@@ -304,20 +312,33 @@ struct Ag<'r, 'a> {
     agf: Agf,
 }
 
-/// What one walk of the by-bno tree found.
+/// The two free-space trees: the same records, by block number and by size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Tree {
+    #[default]
+    Bno,
+    Cnt,
+}
+
+/// What one walk of a free-space tree found.
 #[derive(Default)]
 struct Walk {
+    tree: Tree,
     blocks: Vec<u32>,
     free: u64,
+    records: u64,
     longest: u32,
+    /// By-bno: the end of the last record; by-cnt: the last (count, start).
     last_end: u64,
+    last_cnt: Option<(u32, u32)>,
     /// Per level, the block visited last: the next one's left sibling.
     last_at_level: Vec<Option<(u32, u32)>>,
 }
 
 impl Ag<'_, '_> {
-    fn what(&self, agbno: u32) -> String {
-        format!("bno tree block {agbno} of AG {}", self.agno)
+    fn what(&self, tree: Tree, agbno: u32) -> String {
+        let name = if tree == Tree::Bno { "bno" } else { "cnt" };
+        format!("{name} tree block {agbno} of AG {}", self.agno)
     }
 
     fn read_block(&self, agbno: u32) -> Check<Vec<u8>> {
@@ -338,7 +359,7 @@ impl Ag<'_, '_> {
         w: &mut Walk,
         emit: &mut Option<(&[u32], &mut dyn FreeSink)>,
     ) -> Check<()> {
-        let what = self.what(agbno);
+        let what = self.what(w.tree, agbno);
         if agbno == 0 || agbno >= self.agf.length {
             return Err(format!("{what} is outside the AG"));
         }
@@ -347,10 +368,11 @@ impl Ag<'_, '_> {
         }
         let b = self.read_block(agbno)?;
         let v5 = self.sb.version == 5;
-        let (magic, hdr) = if v5 {
-            (BNO_MAGIC_V5, 56)
-        } else {
-            (BNO_MAGIC_V4, 16)
+        let (magic, hdr) = match (w.tree, v5) {
+            (Tree::Bno, true) => (BNO_MAGIC_V5, 56),
+            (Tree::Bno, false) => (BNO_MAGIC_V4, 16),
+            (Tree::Cnt, true) => (CNT_MAGIC_V5, 56),
+            (Tree::Cnt, false) => (CNT_MAGIC_V4, 16),
         };
         if &b[0..4] != magic {
             return Err(format!(
@@ -388,7 +410,7 @@ impl Ag<'_, '_> {
         }
         w.last_at_level[level as usize] = Some((agbno, right));
         let room = (self.sb.block_size as usize - hdr) / if level == 0 { 8 } else { 12 };
-        let is_root = agbno == self.agf.bno_root;
+        let is_root = agbno == self.root(w.tree).0;
         if numrecs > room || (numrecs == 0 && !(is_root && level == 0)) {
             return Err(format!("{what} holds {numrecs} records (room for {room})"));
         }
@@ -406,12 +428,18 @@ impl Ag<'_, '_> {
                         self.agf.length
                     ));
                 }
-                if u64::from(start) < w.last_end {
+                let in_order = match w.tree {
+                    Tree::Bno => u64::from(start) >= w.last_end,
+                    Tree::Cnt => w.last_cnt < Some((count, start)),
+                };
+                if !in_order {
                     return Err(format!(
                         "{what}: free extent {start}+{count} is out of order"
                     ));
                 }
                 w.last_end = end;
+                w.last_cnt = Some((count, start));
+                w.records += 1;
                 w.free += u64::from(count);
                 w.longest = w.longest.max(count);
                 if let Some((forbidden, sink)) = emit {
@@ -428,9 +456,15 @@ impl Ag<'_, '_> {
             }
         } else {
             let ptrs = hdr + room * 8;
-            let mut last_key = 0u32;
+            let mut last_key = (0u32, 0u32);
             for i in 0..numrecs {
-                let key = be32(&b, hdr + 8 * i);
+                let (k0, k1) = (be32(&b, hdr + 8 * i), be32(&b, hdr + 8 * i + 4));
+                // By-bno keys are start blocks; by-cnt keys are (count, start).
+                let key = if w.tree == Tree::Bno {
+                    (k0, 0)
+                } else {
+                    (k1, k0)
+                };
                 if i > 0 && key <= last_key {
                     return Err(format!("{what}: keys are out of order"));
                 }
@@ -442,25 +476,28 @@ impl Ag<'_, '_> {
         Ok(())
     }
 
-    fn walk_tree(&self, emit: Option<(&[u32], &mut dyn FreeSink)>) -> Check<Walk> {
+    fn root(&self, tree: Tree) -> (u32, u32) {
+        match tree {
+            Tree::Bno => (self.agf.bno_root, self.agf.bno_level),
+            Tree::Cnt => (self.agf.cnt_root, self.agf.cnt_level),
+        }
+    }
+
+    fn walk_tree(&self, tree: Tree, emit: Option<(&[u32], &mut dyn FreeSink)>) -> Check<Walk> {
+        let (root, levels) = self.root(tree);
         let mut w = Walk {
-            last_at_level: vec![None; self.agf.bno_level as usize],
+            tree,
+            last_at_level: vec![None; levels as usize],
             ..Walk::default()
         };
         let mut seen = HashSet::new();
         let mut emit = emit;
-        self.walk(
-            self.agf.bno_root,
-            self.agf.bno_level - 1,
-            &mut seen,
-            &mut w,
-            &mut emit,
-        )?;
+        self.walk(root, levels - 1, &mut seen, &mut w, &mut emit)?;
         for (level, last) in w.last_at_level.iter().enumerate() {
             if last.is_some_and(|(_, right)| right != NULL_AGBLOCK) {
                 return Err(format!(
-                    "bno tree of AG {}: the last block of level {level} has a right sibling",
-                    self.agno
+                    "{:?} tree of AG {}: the last block of level {level} has a right sibling",
+                    tree, self.agno
                 ));
             }
         }
@@ -662,7 +699,15 @@ fn scan_fs(region: &Region<'_>, sb: &Superblock, sink: &mut dyn FreeSink) -> Che
             agno,
             agf,
         };
-        let shape = ag.walk_tree(None)?;
+        let shape = ag.walk_tree(Tree::Bno, None)?;
+        // The by-size tree must index the same extents.
+        let by_cnt = ag.walk_tree(Tree::Cnt, None)?;
+        if (by_cnt.records, by_cnt.free) != (shape.records, shape.free) {
+            return Err(format!(
+                "AG {agno}: the by-size tree holds {} extents of {} blocks, the by-block tree {} of {}",
+                by_cnt.records, by_cnt.free, shape.records, shape.free
+            ));
+        }
         if shape.free != u64::from(ag.agf.freeblks) || shape.longest != ag.agf.longest {
             return Err(format!(
                 "bno tree of AG {agno} holds {} free blocks (longest {}), its AGF says {} (longest {})",
@@ -674,13 +719,14 @@ fn scan_fs(region: &Region<'_>, sb: &Superblock, sink: &mut dyn FreeSink) -> Che
         let mut forbidden = shape.blocks;
         let headers = (4 * ss).div_ceil(u64::from(sb.block_size)) as u32;
         forbidden.extend(0..headers);
+        forbidden.extend(by_cnt.blocks);
         forbidden.extend(ag.agf.other_roots.iter().copied().filter(|&r| r != 0));
         forbidden.extend(ag.agfl()?);
         if agno == log_ag {
             forbidden.extend(log_bno..log_bno + sb.logblocks);
         }
         forbidden.sort_unstable();
-        ag.walk_tree(Some((&forbidden, sink)))?;
+        ag.walk_tree(Tree::Bno, Some((&forbidden, sink)))?;
     }
     Ok(())
 }
