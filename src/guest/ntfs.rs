@@ -996,4 +996,77 @@ mod tests {
             .unwrap_err()
             .contains("sector 1"));
     }
+
+    /// A non-resident attribute with `pairs` as its mapping pairs and `clusters` mapped.
+    fn nonres(pairs: &[u8], clusters: u64) -> Vec<u8> {
+        let mut a = vec![0u8; 0x40];
+        a[0..4].copy_from_slice(&AT_DATA.to_le_bytes());
+        a[8] = 1;
+        a[0x18..0x20].copy_from_slice(&(clusters - 1).to_le_bytes());
+        a[0x20..0x22].copy_from_slice(&0x40u16.to_le_bytes());
+        for off in [0x28, 0x30, 0x38] {
+            a[off..off + 8].copy_from_slice(&(clusters * 4096).to_le_bytes());
+        }
+        a.extend_from_slice(pairs);
+        a.push(0);
+        while a.len() % 8 != 0 {
+            a.push(0);
+        }
+        let len = a.len() as u32;
+        a[4..8].copy_from_slice(&len.to_le_bytes());
+        a
+    }
+
+    fn stream(raw: &[u8]) -> Check<Stream> {
+        let boot = BootSector::parse(&boot_bytes(8, -10)).unwrap().unwrap();
+        let a = Attr {
+            ty: AT_DATA,
+            non_resident: true,
+            name_len: 0,
+            flags: le16(raw, 0x0c).unwrap(),
+            raw,
+        };
+        parse_stream(&a, &boot, true, "t")
+    }
+
+    #[test]
+    fn runlists_are_decoded_and_bounded() {
+        // 16 clusters at 0x1000, then 8 at 0x1000 - 0x10 (a negative delta).
+        let s = stream(&nonres(&[0x21, 0x10, 0x00, 0x10, 0x11, 0x08, 0xf0], 24)).unwrap();
+        assert_eq!(
+            s.runs,
+            vec![
+                Run {
+                    lcn: 0x1000,
+                    len: 16
+                },
+                Run { lcn: 0xff0, len: 8 }
+            ]
+        );
+        // A sparse run (no offset bytes).
+        let e = stream(&nonres(&[0x01, 0x08], 8)).unwrap_err();
+        assert!(e.contains("sparse"), "{e}");
+        // A run past the volume's 16383 clusters.
+        let e = stream(&nonres(&[0x21, 0x10, 0xff, 0x3f], 16)).unwrap_err();
+        assert!(e.contains("outside the volume"), "{e}");
+        // A negative delta before cluster 0.
+        let e = stream(&nonres(&[0x11, 0x08, 0x80], 8)).unwrap_err();
+        assert!(e.contains("outside the volume"), "{e}");
+        // Runs mapping fewer clusters than highest_vcn says.
+        let e = stream(&nonres(&[0x11, 0x08, 0x10], 9)).unwrap_err();
+        assert!(e.contains("highest_vcn"), "{e}");
+        // A header byte with a 9-byte length field.
+        let e = stream(&nonres(&[0x19, 0x08], 8)).unwrap_err();
+        assert!(e.contains("header byte"), "{e}");
+        // Compressed.
+        let mut c = nonres(&[0x11, 0x08, 0x10], 8);
+        c[0x0c] = 1;
+        assert!(stream(&c).unwrap_err().contains("compressed"));
+        // A runlist running off the end of its attribute.
+        let mut t = nonres(&[0x21, 0x10], 16);
+        t.truncate(0x42);
+        let len = t.len() as u32;
+        t[4..8].copy_from_slice(&len.to_le_bytes());
+        assert!(stream(&t).unwrap_err().contains("runs past"));
+    }
 }
