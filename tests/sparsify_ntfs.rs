@@ -293,6 +293,21 @@ fn hostile_volumes_drop_nothing() {
     let b = peek(&mirr, mirror + 0x100, 1)[0];
     patch(&mirr, mirror + 0x100, &[b ^ 1]);
     assert_skipped(&scan(&mirr), "ntfs", "$MFTMirr differs");
+    // A mirror copy written with another update sequence number is the same record.
+    let usn = p("usn.img");
+    copy(&img, &usn);
+    let rec2 = mirror + 2 * rs;
+    let usa = u16::from_le_bytes(peek(&usn, rec2 + 4, 2).try_into().unwrap()) as u64;
+    let other =
+        (u16::from_le_bytes(peek(&usn, rec2 + usa, 2).try_into().unwrap()) ^ 0x0f0f).to_le_bytes();
+    for at in [usa, 510, 1022] {
+        patch(&usn, rec2 + at, &other);
+    }
+    assert_eq!(
+        scan(&usn).partitions[0].skipped,
+        None,
+        "a fresh USN is no mismatch"
+    );
 
     // The volume claiming more sectors than the disk holds.
     let big = p("big.img");

@@ -606,13 +606,24 @@ fn open<'r, 'a>(region: &'r Region<'a>, boot: BootSector) -> Check<Volume<'r, 'a
             mirror.runs[0].lcn, vol.boot.mftmirr_lcn
         ));
     }
+    // As ntfs-3g compares them: after fixups, up to the bytes in use.
     let mirrored = (mirror.clusters * vol.boot.cluster_size / rs).clamp(1, 4);
-    let mut a = vec![0u8; (mirrored * rs) as usize];
+    let mut a = vec![0u8; rs as usize];
     let mut b = a.clone();
-    vol.mft.read(region, &vol.boot, &mut a, 0)?;
-    mirror.read(region, &vol.boot, &mut b, 0)?;
-    if a != b {
-        return Err("$MFTMirr differs from the first records of $MFT".into());
+    for i in 0..mirrored {
+        vol.mft.read(region, &vol.boot, &mut a, i * rs)?;
+        mirror.read(region, &vol.boot, &mut b, i * rs)?;
+        apply_fixups(&mut a, &format!("MFT record {i}"))?;
+        apply_fixups(&mut b, &format!("$MFTMirr record {i}"))?;
+        // The update sequence number itself may differ between the copies.
+        for r in [&mut a, &mut b] {
+            let usn = le16(r, 4)? as usize;
+            r[usn..usn + 2].fill(0);
+        }
+        let used = (le32(&a, 0x18)? as usize).clamp(0x30, a.len());
+        if a[..used] != b[..used] {
+            return Err(format!("$MFTMirr differs from $MFT at record {i}"));
+        }
     }
     Ok(vol)
 }
