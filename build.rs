@@ -2,7 +2,7 @@
 //! cannot run is reported by cargo as *ignored* rather than counted as passed.
 //!
 //! Sets `--cfg no_qemu` when `qemu-img` or `qemu-io` is not on PATH and `--cfg no_bzip2`
-//! when `bzip2` is not (`no_strace` for `strace`, the crash tests' fault injector), but only when the tools are not required: with `CI` set (to
+//! when `bzip2` is not (`no_strace` for `strace`, the crash tests' fault injector; `no_ntfs` for mkntfs and ntfs-3g, `no_xfs` for mkfs.xfs and xfs_db), but only when the tools are not required: with `CI` set (to
 //! anything but `false`/`0`) or `DISKCONV_REQUIRE_QEMU=1` nothing is ignored, so the tests
 //! run and fail with the install command. The library and the binary never look at these.
 
@@ -37,6 +37,8 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(no_e2fsprogs)");
     println!("cargo:rustc-check-cfg=cfg(no_dosfs)");
     println!("cargo:rustc-check-cfg=cfg(no_exfat)");
+    println!("cargo:rustc-check-cfg=cfg(no_ntfs)");
+    println!("cargo:rustc-check-cfg=cfg(no_xfs)");
     let required = required();
     let have = |tool: &str| match find_on_path(tool) {
         Some(p) => {
@@ -63,6 +65,8 @@ fn main() {
     let dosfs = ["mkfs.fat", "fsck.fat", "mcopy", "mdel"].map(have) == [true; 4];
     let exfat =
         ["mkfs.exfat", "fsck.exfat", "dump.exfat", "mount.exfat-fuse"].map(have) == [true; 4];
+    let ntfs = have("mkntfs") & have("ntfs-3g");
+    let xfs = have("mkfs.xfs") & have("xfs_db");
     if !required {
         if !qemu {
             println!("cargo:rustc-cfg=no_qemu");
@@ -81,6 +85,12 @@ fn main() {
         }
         if !exfat {
             println!("cargo:rustc-cfg=no_exfat");
+        }
+        if !ntfs {
+            println!("cargo:rustc-cfg=no_ntfs");
+        }
+        if !xfs {
+            println!("cargo:rustc-cfg=no_xfs");
         }
     }
 }
