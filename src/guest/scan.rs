@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::{FreeMap, FreeSink, Outcome, Region, Scanner};
+use super::{table, FreeMap, FreeSink, Outcome, Region, Scanner};
 use crate::device::BlockDevice;
 use crate::error::Result;
 
@@ -40,6 +40,11 @@ pub struct GuestScan {
     pub free: FreeMap,
     /// One entry per partition, in disk order.
     pub partitions: Vec<PartitionReport>,
+    /// The partition table: "gpt", "mbr", "none" (a whole-disk filesystem or nothing
+    /// known), or "untrusted" (a table is there but does not validate: nothing dropped).
+    pub table: String,
+    /// What is worth telling that is not a partition's line (a GPT read from its backup).
+    pub notes: Vec<String>,
 }
 
 /// Records a scanner's ranges (relative to its region) into the disk's free map.
@@ -110,10 +115,87 @@ pub fn scan_region(map: &mut FreeMap, region: Region<'_>, location: &str) -> Par
     report
 }
 
-/// Scan a whole disk.
+/// Scan one partition: an LVM physical volume (whose linear logical volumes are scanned
+/// in turn, one report each after the volume's own), else a filesystem.
+pub fn scan_partition(
+    map: &mut FreeMap,
+    region: Region<'_>,
+    location: &str,
+) -> Vec<PartitionReport> {
+    if let Some(reports) = super::lvm::scan_pv(map, region, location) {
+        return reports;
+    }
+    vec![scan_region(map, region, location)]
+}
+
+/// Scan a whole disk: its partition table, then every partition in it (or the whole disk
+/// as one filesystem when it has no table). Only ranges a scanner reported free inside a
+/// partition are ever marked: the table, the gaps between partitions and everything a
+/// scanner does not claim stay as they are. A table that does not validate, or whose
+/// partitions overlap or run past the disk, leaves the whole disk untouched.
 pub fn scan(dev: &dyn BlockDevice) -> Result<GuestScan> {
-    let mut free = FreeMap::new(dev.virtual_size());
+    let size = dev.virtual_size();
+    let mut free = FreeMap::new(size);
     let whole = Region::whole(dev);
-    let partitions = vec![scan_region(&mut free, whole, "disk")];
-    Ok(GuestScan { free, partitions })
+    let untouched = |location: &str, offset: u64, len: u64, why: String| PartitionReport {
+        location: location.to_string(),
+        offset,
+        size: len,
+        filesystem: None,
+        free_bytes: 0,
+        skipped: Some(why),
+    };
+    let t = match table::read(&whole) {
+        Ok(t) => t,
+        Err(e) => {
+            return Ok(GuestScan {
+                free,
+                partitions: vec![untouched(
+                    "disk",
+                    0,
+                    size,
+                    format!("partition table does not validate, disk left untouched: {e}"),
+                )],
+                table: "untrusted".to_string(),
+                notes: Vec::new(),
+            })
+        }
+    };
+    if t.kind == "none" {
+        return Ok(GuestScan {
+            partitions: scan_partition(&mut free, whole, "disk"),
+            free,
+            table: t.kind.to_string(),
+            notes: t.notes,
+        });
+    }
+    if let Err(e) = table::check(&t, size) {
+        let why = format!(
+            "{} partition table is inconsistent, disk left untouched: {e}",
+            t.kind
+        );
+        return Ok(GuestScan {
+            partitions: t
+                .partitions
+                .iter()
+                .map(|p| untouched(&p.location, p.start, p.len, why.clone()))
+                .collect(),
+            free,
+            table: "untrusted".to_string(),
+            notes: t.notes,
+        });
+    }
+    let mut parts = t.partitions.clone();
+    parts.sort_by_key(|p| p.start);
+    let mut partitions = Vec::new();
+    for p in &parts {
+        let region = Region::new(dev, p.start, p.len)?;
+        partitions.extend(scan_partition(&mut free, region, &p.location));
+    }
+    Ok(GuestScan {
+        free,
+        partitions,
+        table: t.kind.to_string(),
+        notes: t.notes,
+    })
 }
