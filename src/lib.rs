@@ -16,6 +16,8 @@
 //!   [`convert_device`], which knows no format and no path);
 //! - [`formats`]: one folder per format and the dispatch from a [`Format`] to it;
 //! - [`probe`](mod@probe) and [`inspect`](mod@inspect): detection and the safety inspection;
+//! - [`guest`]: partition tables and filesystems over any device, the free blocks
+//!   [`sparsify()`] drops;
 //! - [`ops`]: the commands as functions over files ([`convert()`], [`resize()`]), which the
 //!   CLI calls, and over streams ([`convert_to_writer`], [`ConvertedReader`]).
 //!
@@ -56,6 +58,9 @@ pub use format::Format;
 pub use inspect::{inspect, Finding, FindingKind, Inspection};
 pub use ops::convert::{convert, convert_to_path};
 pub use ops::resize::resize;
+pub use ops::sparsify::{
+    sparsify, sparsify_in_place, sparsify_to_writer, SparsifyOptions, SparsifyReport,
+};
 pub use ops::stream::{convert_to_writer, ConvertedReader};
 pub use options::{
     parse_bool, parse_size, CreateOptions, OpenOptions, OptionHelp, Preallocation, ResizeOptions,
