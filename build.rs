@@ -34,6 +34,8 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(no_qemu)");
     println!("cargo:rustc-check-cfg=cfg(no_bzip2)");
     println!("cargo:rustc-check-cfg=cfg(no_strace)");
+    println!("cargo:rustc-check-cfg=cfg(no_parttools)");
+    println!("cargo:rustc-check-cfg=cfg(no_lvm)");
     let required = required();
     let have = |tool: &str| match find_on_path(tool) {
         Some(p) => {
@@ -55,6 +57,9 @@ fn main() {
     let qemu = have("qemu-img") & have("qemu-io");
     let bzip2 = have("bzip2");
     let strace = have("strace");
+    // sparsify's tests: partition tables (fdisk, gdisk), swap (util-linux), LVM (lvm2).
+    let parttools = have("sfdisk") & have("sgdisk") & have("mkswap");
+    let lvm = have("pvcreate") & have("losetup");
     if !required {
         if !qemu {
             println!("cargo:rustc-cfg=no_qemu");
@@ -64,6 +69,12 @@ fn main() {
         }
         if !strace {
             println!("cargo:rustc-cfg=no_strace");
+        }
+        if !parttools {
+            println!("cargo:rustc-cfg=no_parttools");
+        }
+        if !lvm {
+            println!("cargo:rustc-cfg=no_lvm");
         }
     }
 }
