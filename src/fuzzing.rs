@@ -241,71 +241,6 @@ impl Drop for InputFile {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exercises_raw_and_probe_without_panicking() {
-        let mut img = vec![0u8; 70_000];
-        img[100] = 1;
-        exercise(&img, Some(Format::Raw));
-        exercise(&img, None);
-        exercise(b"", None);
-        exercise(b"", Some(Format::Raw));
-        exercise(b"QFI\xfb\0\0\0\x03", None);
-    }
-
-    #[test]
-    fn the_input_file_reaches_every_entry_point() {
-        let input = InputFile::new(b"QFI\xfb\0\0\0\x03").unwrap();
-        let i = crate::inspect(input.path(), Some(Format::Raw)).unwrap();
-        assert_eq!(i.file_size, 8);
-        assert_eq!(i.detected_format, Some(Format::Qcow2));
-        assert_eq!(crate::probe(input.path()).unwrap(), Format::Qcow2);
-        let dev = crate::open(input.path(), &OpenOptions::new().format(Format::Raw)).unwrap();
-        // A raw disk is whole sectors, as qemu reads it.
-        assert_eq!(dev.virtual_size(), 512);
-    }
-
-    #[test]
-    fn vhd_checksum_repair_reopens_a_mutated_image() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/vhd/h-dyn4k.vhd");
-        let good = std::fs::read(path).unwrap();
-        assert_eq!(
-            vhd_with_checksums_fixed(&good),
-            None,
-            "valid image left alone"
-        );
-        let n = good.len();
-        let dyn_at = u64::from_be_bytes(good[16..24].try_into().unwrap()) as usize;
-        let mut bad = good.clone();
-        // Reserved bytes of both footers and of the dynamic header.
-        bad[n - 1] ^= 1;
-        bad[511] ^= 1;
-        bad[dyn_at + 1023] ^= 1;
-        let open = |d: &[u8]| {
-            let input = InputFile::new(d).unwrap();
-            crate::open(input.path(), &OpenOptions::new().format(Format::Vhd)).map(|_| ())
-        };
-        assert!(open(&bad).is_err());
-        let fixed = vhd_with_checksums_fixed(&bad).unwrap();
-        open(&fixed).unwrap();
-        assert_eq!(
-            vhd_with_checksums_fixed(&fixed),
-            None,
-            "repair is idempotent"
-        );
-        // Overlapping footers (a file under 1 KiB) never all agree: they are repaired once,
-        // not forever.
-        let mut tiny = good[n - 512..n - 473].to_vec();
-        tiny.extend_from_slice(&good[n - 512..]);
-        let once = vhd_with_checksums_fixed(&tiny).unwrap();
-        assert!(vhd_with_checksums_fixed(&once).is_some());
-        exercise(&tiny, Some(Format::Vhd));
-    }
-}
-
 /// A disk held in memory: what [`exercise_guest_scan`] scans.
 struct MemDisk(Vec<u8>);
 
@@ -378,4 +313,69 @@ pub fn exercise_guest_scan(data: &[u8]) {
     assert_eq!(total, scan.free.free_bytes());
     let wrapped = crate::guest::GuestFree::new(Box::new(disk) as Box<dyn BlockDevice>, scan.free);
     exercise_device(&wrapped);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exercises_raw_and_probe_without_panicking() {
+        let mut img = vec![0u8; 70_000];
+        img[100] = 1;
+        exercise(&img, Some(Format::Raw));
+        exercise(&img, None);
+        exercise(b"", None);
+        exercise(b"", Some(Format::Raw));
+        exercise(b"QFI\xfb\0\0\0\x03", None);
+    }
+
+    #[test]
+    fn the_input_file_reaches_every_entry_point() {
+        let input = InputFile::new(b"QFI\xfb\0\0\0\x03").unwrap();
+        let i = crate::inspect(input.path(), Some(Format::Raw)).unwrap();
+        assert_eq!(i.file_size, 8);
+        assert_eq!(i.detected_format, Some(Format::Qcow2));
+        assert_eq!(crate::probe(input.path()).unwrap(), Format::Qcow2);
+        let dev = crate::open(input.path(), &OpenOptions::new().format(Format::Raw)).unwrap();
+        // A raw disk is whole sectors, as qemu reads it.
+        assert_eq!(dev.virtual_size(), 512);
+    }
+
+    #[test]
+    fn vhd_checksum_repair_reopens_a_mutated_image() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/vhd/h-dyn4k.vhd");
+        let good = std::fs::read(path).unwrap();
+        assert_eq!(
+            vhd_with_checksums_fixed(&good),
+            None,
+            "valid image left alone"
+        );
+        let n = good.len();
+        let dyn_at = u64::from_be_bytes(good[16..24].try_into().unwrap()) as usize;
+        let mut bad = good.clone();
+        // Reserved bytes of both footers and of the dynamic header.
+        bad[n - 1] ^= 1;
+        bad[511] ^= 1;
+        bad[dyn_at + 1023] ^= 1;
+        let open = |d: &[u8]| {
+            let input = InputFile::new(d).unwrap();
+            crate::open(input.path(), &OpenOptions::new().format(Format::Vhd)).map(|_| ())
+        };
+        assert!(open(&bad).is_err());
+        let fixed = vhd_with_checksums_fixed(&bad).unwrap();
+        open(&fixed).unwrap();
+        assert_eq!(
+            vhd_with_checksums_fixed(&fixed),
+            None,
+            "repair is idempotent"
+        );
+        // Overlapping footers (a file under 1 KiB) never all agree: they are repaired once,
+        // not forever.
+        let mut tiny = good[n - 512..n - 473].to_vec();
+        tiny.extend_from_slice(&good[n - 512..]);
+        let once = vhd_with_checksums_fixed(&tiny).unwrap();
+        assert!(vhd_with_checksums_fixed(&once).is_some());
+        exercise(&tiny, Some(Format::Vhd));
+    }
 }

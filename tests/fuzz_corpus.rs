@@ -90,7 +90,7 @@ fn every_guest_scan_input_replays_without_panicking() {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                let span = m.len().min(8192).max(1);
+                let span = m.len().clamp(1, 8192);
                 if let Some(b) = m.get_mut((x % span as u64) as usize) {
                     *b ^= (x >> 32) as u8 | 1;
                 }
