@@ -118,6 +118,8 @@ pub struct Gpt {
     pub partitions: Vec<Partition>,
     /// What is worth telling: a bad primary header and the backup used instead.
     pub notes: Vec<String>,
+    /// Read from the backup header (the primary did not validate).
+    pub from_backup: bool,
 }
 
 /// Read the GPT of `disk`: the primary header at LBA 1, or, when it does not validate,
@@ -155,6 +157,7 @@ pub fn read(disk: &Region<'_>) -> Result<Option<Gpt>> {
                         sector: ss,
                         partitions,
                         notes,
+                        from_backup: which == "backup",
                     }));
                 }
                 Err(e) => {

@@ -41,6 +41,16 @@ pub fn read(disk: &Region<'_>) -> Result<Table> {
     let m = mbr::read(disk)?;
     if matches!(m, mbr::Mbr::Protective | mbr::Mbr::None) {
         match gpt::read(disk) {
+            // Without a protective MBR only a valid primary header counts: a backup
+            // header alone may be a stale leftover inside a whole-disk filesystem, and its
+            // partitions would then be misread.
+            Ok(Some(g)) if m == mbr::Mbr::None && g.from_backup => {
+                return Err(Error::corrupt(format!(
+                    "no protective MBR and no valid primary GPT header, only a backup: not \
+                     trusted ({})",
+                    g.notes.join("; ")
+                )))
+            }
             Ok(Some(g)) => {
                 return Ok(Table {
                     kind: "gpt",
@@ -222,6 +232,13 @@ pub(crate) mod tests {
             read(&Region::whole(&dev as &dyn BlockDevice)).unwrap().kind,
             "gpt"
         );
+        // A bad primary without the protective MBR: the backup alone is not trusted.
+        let mut no_pmbr = d.clone();
+        no_pmbr[..512].fill(0);
+        no_pmbr[512 + 60] ^= 1;
+        let dev = MemDisk(no_pmbr);
+        let e = read(&Region::whole(&dev as &dyn BlockDevice)).unwrap_err();
+        assert!(e.to_string().contains("only a backup"), "{e}");
         d[512..520].fill(0);
         d[199 * 512..199 * 512 + 8].fill(0);
         let dev = MemDisk(d);
