@@ -278,17 +278,7 @@ fn lvm_linear_volumes_are_scanned_through_their_extents() {
     junk_disk(&disk, 48 * MIB, 5);
     let parts = sfdisk(&disk, "label: dos\n,40M,8e\n");
     let pv = parts[0];
-    let dev = common::run(&[
-        "losetup",
-        "-f",
-        "--show",
-        "-o",
-        &pv.start.to_string(),
-        "--sizelimit",
-        &pv.len.to_string(),
-        s(&disk),
-    ]);
-    let lo = Loop(dev.trim().to_string());
+    let lo = attach(&disk, pv.start, pv.len);
     let vg = format!("sptest{}", std::process::id());
     lvm(&["pvcreate", "-y", "-ff", &lo.0]);
     lvm(&["vgcreate", "-s", "1M", &vg, &lo.0]);
@@ -362,6 +352,83 @@ fn lvm_linear_volumes_are_scanned_through_their_extents() {
         "{:?}",
         r.partitions
     );
+    assert_sparsified(&disk, &out, &free, granule(Format::Qcow2), dir.path());
+}
+
+/// Attach `len` bytes at `off` of `disk` as a loop device.
+fn attach(disk: &Path, off: u64, len: u64) -> Loop {
+    let dev = common::run(&[
+        "losetup",
+        "-f",
+        "--show",
+        "-o",
+        &off.to_string(),
+        "--sizelimit",
+        &len.to_string(),
+        s(disk),
+    ]);
+    Loop(dev.trim().to_string())
+}
+
+#[test]
+#[cfg_attr(
+    any(no_qemu, no_parttools, no_lvm),
+    ignore = "needs qemu-img, sfdisk, mkswap, lvm2, losetup"
+)]
+fn lvm_striped_and_spanning_volumes_are_skipped() {
+    assert!(have_parttools() && have_lvm());
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("two.raw");
+    junk_disk(&disk, 48 * MIB, 6);
+    let parts = sfdisk(&disk, "label: dos\n,20M,8e\n,20M,8e\n");
+    let a = attach(&disk, parts[0].start, parts[0].len);
+    let b = attach(&disk, parts[1].start, parts[1].len);
+    let vg = format!("sptwo{}", std::process::id());
+    lvm(&["pvcreate", "-y", "-ff", &a.0, &b.0]);
+    lvm(&["vgcreate", "-s", "1M", &vg, &a.0, &b.0]);
+    let new_lv = |args: &[&str]| {
+        let mut v = vec!["lvcreate", "--driverloaded", "n", "-an", "-Zn"];
+        v.extend_from_slice(args);
+        lvm(&v);
+    };
+    new_lv(&["-i", "2", "-I", "64k", "-L", "4M", "-n", "st", &vg]); // PEs 0-1 of both
+    new_lv(&["-L", "3M", "-n", "lin", &vg, &a.0]); // PEs 2-4 of the first
+    new_lv(&["-L", "30M", "-n", "span", &vg]); // all the rest but PE 18 of the first
+    drop((a, b));
+    let pe = |p: &Part, n: u64| p.start + MIB + n * MIB;
+    let lin = mkswap_at(&disk, pe(&parts[0], 2), 3 * MIB, dir.path());
+    let out = dir.path().join("o.qcow2");
+    let r = diskconv::sparsify(&disk, &out, &opts(Format::Qcow2)).unwrap();
+    let find = |loc: String| {
+        r.partitions
+            .iter()
+            .filter(|p| p.location == loc)
+            .collect::<Vec<_>>()
+    };
+    let st = find(format!("lvm {vg}/st"));
+    let span = find(format!("lvm {vg}/span"));
+    assert_eq!(
+        (st.len(), span.len()),
+        (2, 2),
+        "one line per PV: {:?}",
+        r.partitions
+    );
+    for p in st {
+        assert!(
+            p.skipped.as_deref().unwrap().contains("striped over 2"),
+            "{p:?}"
+        );
+    }
+    for p in span {
+        let why = p.skipped.as_deref().unwrap();
+        assert!(why.contains("another physical volume"), "{p:?}");
+    }
+    let lins = find(format!("lvm {vg}/lin"));
+    assert_eq!(lins[0].filesystem.as_deref(), Some("swap"), "{lins:?}");
+    assert_eq!(lins[0].free_bytes, lin.1);
+    // The one unused extent, PE 18 of the first PV, is free too; the second has none.
+    let free = [lin, (pe(&parts[0], 18), MIB)];
+    assert_eq!(r.dropped_bytes, lin.1 + MIB, "{:?}", r.partitions);
     assert_sparsified(&disk, &out, &free, granule(Format::Qcow2), dir.path());
 }
 

@@ -120,6 +120,9 @@ pub struct Gpt {
     pub notes: Vec<String>,
     /// Read from the backup header (the primary did not validate).
     pub from_backup: bool,
+    /// Byte ranges of the table itself (both header sectors, the entry array used), which
+    /// no partition may cover.
+    pub reserved: Vec<(u64, u64)>,
 }
 
 /// Read the GPT of `disk`: the primary header at LBA 1, or, when it does not validate,
@@ -148,7 +151,7 @@ pub fn read(disk: &Region<'_>) -> Result<Option<Gpt>> {
             }
             seen_signature = true;
             match read_at_lba(disk, &sector, ss, lba) {
-                Ok(partitions) => {
+                Ok((partitions, array)) => {
                     let mut notes = Vec::new();
                     if let Some(p) = primary_problem.take() {
                         notes.push(format!("{p}; used the backup header at LBA {lba}"));
@@ -158,6 +161,7 @@ pub fn read(disk: &Region<'_>) -> Result<Option<Gpt>> {
                         partitions,
                         notes,
                         from_backup: which == "backup",
+                        reserved: vec![(ss, ss), ((lbas - 1) * ss, ss), array],
                     }));
                 }
                 Err(e) => {
@@ -179,7 +183,13 @@ pub fn read(disk: &Region<'_>) -> Result<Option<Gpt>> {
     )))
 }
 
-fn read_at_lba(disk: &Region<'_>, sector: &[u8], ss: u64, lba: u64) -> Result<Vec<Partition>> {
+/// The partitions of the header in `sector` (at `lba`), and where its entry array is.
+fn read_at_lba(
+    disk: &Region<'_>,
+    sector: &[u8],
+    ss: u64,
+    lba: u64,
+) -> Result<(Vec<Partition>, (u64, u64))> {
     let h = Header::parse(sector)?;
     let lbas = disk.len() / ss;
     let last = lbas - 1;
@@ -253,7 +263,7 @@ fn read_at_lba(disk: &Region<'_>, sector: &[u8], ss: u64, lba: u64) -> Result<Ve
             len: (last_lba - first + 1) * ss,
         });
     }
-    Ok(partitions)
+    Ok((partitions, (array_at, array_len)))
 }
 
 #[cfg(test)]
@@ -265,28 +275,34 @@ pub(crate) mod tests {
     /// A disk of `sectors` 512-byte sectors with both GPT headers and one partition
     /// covering LBAs `part`.
     pub(crate) fn gpt_disk(sectors: u64, part: (u64, u64)) -> Vec<u8> {
-        let mut d = vec![0u8; (sectors * 512) as usize];
+        gpt_disk_ss(sectors, part, 512)
+    }
+
+    /// [`gpt_disk`] with `ss`-byte sectors.
+    pub(crate) fn gpt_disk_ss(sectors: u64, part: (u64, u64), ss: u64) -> Vec<u8> {
+        let mut d = vec![0u8; (sectors * ss) as usize];
         let mut array = vec![0u8; 128 * 128];
         array[0] = 0xAF; // any non-zero type GUID
         LE::write_u64(&mut array[32..40], part.0);
         LE::write_u64(&mut array[40..48], part.1);
         let crc = crc32fast::hash(&array);
         let last = sectors - 1;
-        for (my, alt, entries) in [(1, last, 2), (last, 1, last - 32)] {
+        let array_lbas = (array.len() as u64).div_ceil(ss);
+        for (my, alt, entries) in [(1, last, 2), (last, 1, last - array_lbas)] {
             let h = Header {
                 header_size: 92,
                 header_crc: 0,
                 my_lba: my,
                 alternate_lba: alt,
-                first_usable: 34,
-                last_usable: last - 33,
+                first_usable: 2 + array_lbas,
+                last_usable: last - 1 - array_lbas,
                 entries_lba: entries,
                 num_entries: 128,
                 entry_size: 128,
                 entries_crc: crc,
             };
-            h.write_into(&mut d[(my * 512) as usize..(my * 512 + 512) as usize]);
-            let a = (entries * 512) as usize;
+            h.write_into(&mut d[(my * ss) as usize..(my * ss + 512) as usize]);
+            let a = (entries * ss) as usize;
             d[a..a + array.len()].copy_from_slice(&array);
         }
         d
@@ -325,6 +341,21 @@ pub(crate) mod tests {
         let dev = MemDisk(d);
         let e = read(&Region::whole(&dev as &dyn BlockDevice)).unwrap_err();
         assert!(e.to_string().contains("backup"), "{e}");
+    }
+
+    #[test]
+    fn reads_4096_byte_sectors() {
+        let d = gpt_disk_ss(64, (10, 20), 4096);
+        let dev = MemDisk(d);
+        let g = read(&Region::whole(&dev as &dyn BlockDevice))
+            .unwrap()
+            .unwrap();
+        assert_eq!(g.sector, 4096);
+        assert_eq!(
+            (g.partitions[0].start, g.partitions[0].len),
+            (10 * 4096, 11 * 4096)
+        );
+        assert_eq!(g.reserved[0], (4096, 4096));
     }
 
     #[test]

@@ -449,6 +449,8 @@ pub struct Extent {
 pub struct Lv {
     /// "vg/lv".
     pub name: String,
+    /// Its size in bytes, from its segments' extent counts.
+    pub size: u64,
     /// Its extents on this PV, in volume order, when it is a linear volume wholly on
     /// this PV; otherwise why it is not scanned.
     pub layout: std::result::Result<Vec<Extent>, String>,
@@ -547,9 +549,11 @@ pub fn read_vg(root: &Value, uuid: &str, pv_len: u64) -> Result<Vg> {
         let start_of = |s: &Value| s.int("start_extent").unwrap_or(u64::MAX);
         segs.sort_by_key(|s| start_of(s));
         let mut next = 0u64;
+        let mut size = 0u64;
         for seg in &segs {
             let kind = seg.str("type").unwrap_or("");
             let (start, count) = (seg.int("start_extent")?, seg.int("extent_count")?);
+            size = size.saturating_add(count.saturating_mul(extent));
             if kind != "striped" {
                 if all_known.is_ok() {
                     all_known = Err(format!(
@@ -626,6 +630,7 @@ pub fn read_vg(root: &Value, uuid: &str, pv_len: u64) -> Result<Vg> {
         }
         lvs.push(Lv {
             name: format!("{name}/{lv_name}"),
+            size,
             layout,
         });
     }
@@ -780,7 +785,7 @@ pub fn scan_pv(
                 reports.push(PartitionReport {
                     location: loc,
                     offset: region.start(),
-                    size: 0,
+                    size: lv.size,
                     filesystem: None,
                     free_bytes: 0,
                     skipped: Some(why.clone()),
@@ -795,7 +800,7 @@ pub fn scan_pv(
                 reports.push(PartitionReport {
                     location: loc,
                     offset: first,
-                    size: 0,
+                    size: lv.size,
                     filesystem: None,
                     free_bytes: 0,
                     skipped: Some(e.to_string()),

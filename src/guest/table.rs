@@ -55,7 +55,7 @@ pub fn read(disk: &Region<'_>) -> Result<Table> {
                 return Ok(Table {
                     kind: "gpt",
                     partitions: g.partitions,
-                    reserved: Vec::new(),
+                    reserved: g.reserved,
                     notes: g.notes,
                 })
             }
