@@ -41,7 +41,7 @@ pub const MDA_HEADER_SIZE: u64 = 512;
 /// lvm2's CRC starting value.
 pub const INITIAL_CRC: u32 = 0xf597_a6cf;
 /// The most metadata text read.
-pub const MAX_TEXT: u64 = 4 << 20;
+pub const MAX_TEXT: u64 = 1 << 20;
 /// Nesting depth of the metadata text beyond which it is refused.
 const MAX_DEPTH: usize = 16;
 const SECTOR: u64 = 512;

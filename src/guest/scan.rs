@@ -77,7 +77,7 @@ pub fn scan_region(map: &mut FreeMap, region: Region<'_>, location: &str) -> Par
         free_bytes: 0,
         skipped: None,
     };
-    for scanner in SCANNERS {
+    for (i, scanner) in SCANNERS.iter().enumerate() {
         let mut sink = MapSink {
             map,
             region,
@@ -95,6 +95,16 @@ pub fn scan_region(map: &mut FreeMap, region: Region<'_>, location: &str) -> Par
             }
             Ok(Outcome::Scanned { fs }) => {
                 report.filesystem = Some(fs);
+                // Two filesystems' signatures in one partition (a stale boot sector under
+                // a newer filesystem): which one is live cannot be known, so neither is
+                // trusted, as libblkid calls such a result ambivalent.
+                if let Some(other) = also_claimed(&region, &SCANNERS[i + 1..]) {
+                    take_back(map);
+                    report.skipped = Some(format!(
+                        "also carries a {other} signature: which filesystem is live is unknown"
+                    ));
+                    return report;
+                }
                 report.free_bytes = newly;
                 return report;
             }
@@ -113,6 +123,19 @@ pub fn scan_region(map: &mut FreeMap, region: Region<'_>, location: &str) -> Par
     }
     report.skipped = Some("no filesystem recognised".to_string());
     report
+}
+
+/// The first of `rest` that claims `region` too, its free ranges thrown away.
+fn also_claimed(region: &Region<'_>, rest: &[Scanner]) -> Option<String> {
+    struct Nowhere;
+    impl FreeSink for Nowhere {
+        fn free(&mut self, _offset: u64, _len: u64) {}
+    }
+    rest.iter()
+        .find_map(|scanner| match scanner(region, &mut Nowhere) {
+            Ok(Outcome::Scanned { fs }) | Ok(Outcome::Skipped { fs, .. }) => Some(fs),
+            _ => None,
+        })
 }
 
 /// Scan one partition: an LVM physical volume (whose linear logical volumes are scanned
@@ -198,4 +221,48 @@ pub fn scan(dev: &dyn BlockDevice) -> Result<GuestScan> {
         table: t.kind.to_string(),
         notes: t.notes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::table::tests::MemDisk;
+
+    fn never(_: &Region<'_>, _: &mut dyn FreeSink) -> Result<Outcome> {
+        Ok(Outcome::NotMine)
+    }
+    fn claims(_: &Region<'_>, sink: &mut dyn FreeSink) -> Result<Outcome> {
+        sink.free(0, 4096);
+        Ok(Outcome::Scanned {
+            fs: "other".to_string(),
+        })
+    }
+
+    #[test]
+    fn a_second_claim_is_ambivalent() {
+        let dev = MemDisk(vec![0; 8192]);
+        let r = Region::whole(&dev);
+        assert_eq!(also_claimed(&r, &[never, never]), None);
+        assert_eq!(also_claimed(&r, &[never, claims]).as_deref(), Some("other"));
+    }
+
+    #[test]
+    fn a_whole_disk_swap_is_scanned_and_an_empty_disk_left_alone() {
+        let mut d = vec![0u8; 40960];
+        d[4086..4096].copy_from_slice(b"SWAPSPACE2");
+        d[1024] = 1;
+        d[1028] = 9;
+        let dev = MemDisk(d);
+        let s = scan(&dev).unwrap();
+        assert_eq!(s.table, "none");
+        assert_eq!(s.partitions[0].filesystem.as_deref(), Some("swap"));
+        assert_eq!(s.free.runs().collect::<Vec<_>>(), vec![(4096, 9 * 4096)]);
+        let dev = MemDisk(vec![0u8; 40960]);
+        let s = scan(&dev).unwrap();
+        assert_eq!(s.free.free_bytes(), 0);
+        assert_eq!(
+            s.partitions[0].skipped.as_deref(),
+            Some("no filesystem recognised")
+        );
+    }
 }
