@@ -13,18 +13,26 @@
 #
 # Usage: benches/sparsify-vs-qemu-img.sh [ROUNDS]
 #   (needs qemu-img, e2fsprogs, gdisk, GNU time; about 4 GiB free in $TMPDIR)
+# DISK_MIB=128 scales the whole workload down (deleted half, kept 300/2048 of the disk)
+# to try the script quickly; DISKCONV=path uses that binary instead of building one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
-cargo build --release -q
-D=$PWD/target/release/diskconv
+DISK_MIB=${DISK_MIB:-2048}
+if [ -z "${DISKCONV:-}" ]; then
+  cargo build --release -q
+  DISKCONV=$PWD/target/release/diskconv
+fi
+D=$DISKCONV
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
 
 DISK=$W/disk.raw
 FS=$W/fs.img
 START=2048                     # first sector of the partition
-SIZE=$((2 << 30))
+SIZE=$((DISK_MIB << 20))
+OLD_MIB=$((DISK_MIB / 16))      # 8 files: half the disk, written then deleted
+NEW_MIB=$((DISK_MIB * 100 / 2048)) # 3 files: 300 MiB of 2 GiB, kept
 PART=$((SIZE - START * 512 - (1 << 20)))   # leaves the backup GPT its 1 MiB at the end
 
 echo "building the image in $W ..."
@@ -32,18 +40,18 @@ truncate -s "$PART" "$FS"
 mkfs.ext4 -q -F -b 4096 "$FS"
 # 1 GiB of files, written then deleted: their blocks are free but keep their bytes.
 for i in 1 2 3 4 5 6 7 8; do
-  head -c 128M /dev/urandom > "$W/old$i"
+  head -c "${OLD_MIB}M" /dev/urandom > "$W/old$i"
   debugfs -w -R "write $W/old$i old$i" "$FS" >/dev/null 2>&1
   rm "$W/old$i"
 done
 for i in 1 2 3 4 5 6 7 8; do debugfs -w -R "rm old$i" "$FS" >/dev/null 2>&1; done
 # 300 MiB of files that stay.
 for i in 1 2 3; do
-  head -c 100M /dev/urandom > "$W/new$i"
+  head -c "${NEW_MIB}M" /dev/urandom > "$W/new$i"
   debugfs -w -R "write $W/new$i new$i" "$FS" >/dev/null 2>&1
   rm "$W/new$i"
 done
-e2fsck -fn "$FS" >/dev/null
+e2fsck -fn "$FS" >/dev/null 2>&1
 truncate -s "$SIZE" "$DISK"
 sgdisk -n "1:$START:$((START + PART / 512 - 1))" -t 1:8300 "$DISK" >/dev/null
 dd if="$FS" of="$DISK" bs=1M seek=$((START * 512)) oflag=seek_bytes conv=sparse,notrunc status=none
