@@ -502,6 +502,24 @@ fn cli_reports_streams_and_converts_with_sparsify() {
     assert!(ok, "{stderr}");
     assert!(stderr.contains("mbr 5"), "{stderr}");
     assert_sparsified(&disk, &conv, &free, granule(Format::Vhd), dir.path());
+    let (ok, stdout, stderr) = diskconv(&[
+        "convert",
+        "--sparsify",
+        "-q",
+        "--output=json",
+        "-O",
+        "qcow2",
+        d,
+        s(&dir.path().join("json.qcow2")),
+    ]);
+    assert!(ok, "{stderr}");
+    let j: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(j["format"], "qcow2");
+    assert_eq!(j["sparsify"]["table"], "mbr");
+    assert_eq!(
+        j["sparsify"]["dropped_bytes"],
+        free.iter().map(|f| f.1).sum::<u64>()
+    );
     // Without it, convert keeps the junk.
     let plain = dir.path().join("e.qcow2");
     let (ok, _, _) = diskconv(&["convert", "-O", "qcow2", d, s(&plain)]);
