@@ -39,6 +39,8 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(no_exfat)");
     println!("cargo:rustc-check-cfg=cfg(no_ntfs)");
     println!("cargo:rustc-check-cfg=cfg(no_xfs)");
+    println!("cargo:rustc-check-cfg=cfg(no_parttools)");
+    println!("cargo:rustc-check-cfg=cfg(no_lvm)");
     let required = required();
     let have = |tool: &str| match find_on_path(tool) {
         Some(p) => {
@@ -67,6 +69,9 @@ fn main() {
         ["mkfs.exfat", "fsck.exfat", "dump.exfat", "mount.exfat-fuse"].map(have) == [true; 4];
     let ntfs = have("mkntfs") & have("ntfs-3g");
     let xfs = have("mkfs.xfs") & have("xfs_db");
+    // sparsify's tests: partition tables (fdisk, gdisk), swap (util-linux), LVM (lvm2).
+    let parttools = have("sfdisk") & have("sgdisk") & have("mkswap");
+    let lvm = have("pvcreate") & have("losetup");
     if !required {
         if !qemu {
             println!("cargo:rustc-cfg=no_qemu");
@@ -91,6 +96,12 @@ fn main() {
         }
         if !xfs {
             println!("cargo:rustc-cfg=no_xfs");
+        }
+        if !parttools {
+            println!("cargo:rustc-cfg=no_parttools");
+        }
+        if !lvm {
+            println!("cargo:rustc-cfg=no_lvm");
         }
     }
 }

@@ -242,6 +242,80 @@ impl Drop for InputFile {
     }
 }
 
+/// A disk held in memory: what [`exercise_guest_scan`] scans.
+struct MemDisk(Vec<u8>);
+
+impl BlockDevice for MemDisk {
+    fn virtual_size(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn map(&self, offset: u64, max_len: u64) -> crate::Result<crate::device::Mapping> {
+        let end = crate::device::map_end(self.virtual_size(), offset, max_len)?;
+        Ok(crate::device::Mapping {
+            offset,
+            len: end - offset,
+            kind: MappingKind::Data { host: Some(offset) },
+        })
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::Result<()> {
+        crate::device::check_guest_range(self.virtual_size(), offset, buf.len())?;
+        buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn info(&self) -> crate::device::ImageInfo {
+        crate::device::ImageInfo::default()
+    }
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+}
+
+/// The `guest_scan` target: `data` as a raw disk, through the partition table and
+/// filesystem scanners ([`crate::guest::scan`]). Beyond not panicking, it checks the
+/// safety rule: every free byte lies inside a partition that was scanned, none inside a
+/// partition that was skipped or in the first sector (the table or a boot sector), and
+/// the wrapper device still keeps the [`BlockDevice`] contract.
+pub fn exercise_guest_scan(data: &[u8]) {
+    let disk = MemDisk(data.to_vec());
+    let Ok(scan) = crate::guest::scan(&disk) else {
+        return;
+    };
+    serde_json::to_string(&scan.partitions).expect("report serializes");
+    let is_pv = |p: &crate::guest::PartitionReport| p.filesystem.as_deref() == Some("LVM2_member");
+    // Logical volumes' lines name where they start, not every extent: check the free
+    // runs against the partitions (a PV's line covers its volumes).
+    let parts: Vec<_> = scan
+        .partitions
+        .iter()
+        .filter(|p| !p.location.starts_with("lvm "))
+        .collect();
+    let mut total = 0;
+    for (off, len) in scan.free.runs() {
+        total += len;
+        assert!(off >= 512, "free run at {off:#x} covers the first sector");
+        let inside =
+            |p: &&&crate::guest::PartitionReport| off >= p.offset && off + len <= p.offset + p.size;
+        assert!(
+            parts
+                .iter()
+                .filter(|p| p.skipped.is_none() || is_pv(p))
+                .any(|p| inside(&p)),
+            "free run of {len} bytes at {off:#x} is outside every scanned partition: {:?}",
+            scan.partitions
+        );
+        for p in parts.iter().filter(|p| p.skipped.is_some() && !is_pv(p)) {
+            assert!(
+                off + len <= p.offset || p.offset + p.size <= off,
+                "free run at {off:#x} is inside skipped partition {}",
+                p.location
+            );
+        }
+    }
+    assert_eq!(total, scan.free.free_bytes());
+    let wrapped = crate::guest::GuestFree::new(Box::new(disk) as Box<dyn BlockDevice>, scan.free);
+    exercise_device(&wrapped);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

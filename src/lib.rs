@@ -18,6 +18,8 @@
 //!   its on-disk structures are public for the crate's tests and fuzzers only, with no
 //!   stability promise; [`create_writer`] is the dispatch a user needs);
 //! - [`probe`](mod@probe) and [`inspect`](mod@inspect): detection and the safety inspection;
+//! - [`guest`]: partition tables and filesystems over any device, the free blocks
+//!   [`sparsify()`] drops;
 //! - [`ops`]: the commands as functions over files ([`convert()`], [`resize()`]), which the
 //!   CLI calls, and over streams ([`convert_to_writer`], [`ConvertedReader`]).
 //!
@@ -117,6 +119,9 @@ pub use inspect::{
 };
 pub use ops::convert::{convert, convert_to_path};
 pub use ops::resize::resize;
+pub use ops::sparsify::{
+    sparsify, sparsify_in_place, sparsify_to_writer, SparsifyOptions, SparsifyReport,
+};
 pub use ops::stream::{convert_to_writer, ConvertedReader};
 pub use options::{
     parse_bool, parse_size, CreateOptions, OpenOptions, OptionHelp, Preallocation, ResizeOptions,

@@ -103,6 +103,10 @@ enum Cmd {
         /// With -n: DST already reads as zeros, so zero ranges are not written.
         #[arg(long = "target-is-zero")]
         target_is_zero: bool,
+        /// Also drop the blocks the guest's filesystems mark free (as `diskconv sparsify`);
+        /// the per-partition report goes to stderr.
+        #[arg(long = "sparsify")]
+        sparsify: bool,
         /// Digests of the output, comma-separated: md5, sha1, sha256, sha512 (computed
         /// while a stream is written; for a file, by one read of the finished output).
         #[arg(long = "digest", value_name = "ALGOS")]
@@ -167,6 +171,52 @@ enum Cmd {
         /// New size: SIZE, +SIZE or -SIZE.
         #[arg(allow_hyphen_values = true)]
         size: String,
+    },
+    /// Copy IN into OUT dropping the blocks its guest's filesystems mark free (deleted
+    /// files' leftovers), read from the partition table and each filesystem's own maps;
+    /// with --in-place, give them back inside IMG itself. Partitions that do not validate
+    /// are left untouched and reported.
+    #[command(
+        override_usage = "diskconv sparsify [-f FMT] [-O FMT] [-o OPTIONS] [-c] [-S SIZE] [--output=human|json] [-q] IN OUT\n       diskconv sparsify --in-place [-f FMT] [--output=human|json] [-q] IMG",
+        args_override_self = true
+    )]
+    Sparsify {
+        /// Input format (never probed when given).
+        #[arg(short = 'f')]
+        src_format: Option<String>,
+        /// Output format (default: the input's).
+        #[arg(short = 'O')]
+        out_format: Option<String>,
+        /// Output options, key=value[,key=value...], as for convert.
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Compress the output (qcow2, streamOptimized vmdk).
+        #[arg(short = 'c')]
+        compress: bool,
+        /// Zero runs of at least SIZE inside data stay unallocated too (default 4k).
+        #[arg(short = 'S', default_value = "4k", allow_hyphen_values = true)]
+        sparse_size: String,
+        /// Sparsify IMG itself instead of writing a copy.
+        #[arg(long = "in-place")]
+        in_place: bool,
+        /// human (one line per partition), or json.
+        #[arg(long = "output", default_value = "human")]
+        output: String,
+        /// Quiet: no report (errors are still printed).
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Worker threads (0: one per core).
+        #[arg(short = 'm', long = "threads", default_value_t = 0)]
+        threads: usize,
+        /// Allow opening files named inside the input image, confined to its folder.
+        #[arg(long = "allow-references", alias = "allow-backing")]
+        allow_references: bool,
+        /// Input image (with --in-place: the image to change).
+        #[arg(value_name = "IN")]
+        src: PathBuf,
+        /// Output image; `-` writes it to stdout (formats that stream only).
+        #[arg(value_name = "OUT")]
+        dst: Option<PathBuf>,
     },
     /// Show facts about an image.
     #[command(args_override_self = true)]
@@ -389,6 +439,7 @@ fn run(cli: Cli) -> Result<()> {
             allow_references,
             existing_target,
             target_is_zero,
+            sparsify,
             digest,
             output,
             src,
@@ -504,7 +555,14 @@ fn run(cli: Cli) -> Result<()> {
                 opts.progress = Some(reporter.as_ref());
             }
             remove_temp_on_interrupt(&dst);
-            let report = if to_stdout {
+            let mut sparsified = None;
+            let report = if sparsify {
+                sparsify_copy(&src, &dst, &opts).map(|r| {
+                    let c = r.convert.clone().unwrap_or_default();
+                    sparsified = Some(r);
+                    c
+                })
+            } else if to_stdout {
                 convert_to_stdout(&src, &opts)
             } else {
                 diskconv::convert(&src, &dst, &opts)
@@ -526,13 +584,15 @@ fn run(cli: Cli) -> Result<()> {
                     eprintln!("diskconv: note: {w}");
                 }
             }
+            if let (Some(r), false, false) = (&sparsified, json, quiet) {
+                eprint!("{}", sparsify_human(r));
+            }
             if json {
-                let text = serde_json::to_string_pretty(&convert_json(
-                    format,
-                    (!to_stdout).then_some(dst.as_path()),
-                    &report,
-                ))
-                .expect("json");
+                let mut v = convert_json(format, (!to_stdout).then_some(dst.as_path()), &report);
+                if let Some(r) = &sparsified {
+                    v["sparsify"] = serde_json::to_value(r).expect("json");
+                }
+                let text = serde_json::to_string_pretty(&v).expect("json");
                 side_println(to_stdout, &text);
             }
             Ok(())
@@ -604,6 +664,83 @@ fn run(cli: Cli) -> Result<()> {
             }
             if !quiet {
                 println!("Image resized.");
+            }
+            Ok(())
+        }
+        Cmd::Sparsify {
+            src_format,
+            out_format,
+            options,
+            compress,
+            sparse_size,
+            in_place,
+            output,
+            quiet,
+            threads,
+            allow_references,
+            src,
+            dst,
+        } => {
+            let json = match output.as_str() {
+                "json" => true,
+                "human" => false,
+                other => {
+                    return Err(Error::arg(format!(
+                        "--output must be human or json, not '{other}'"
+                    )))
+                }
+            };
+            let open = open_options(src_format.as_deref(), allow_references)?;
+            let (report, to_stderr) = if in_place {
+                if dst.is_some() || out_format.is_some() || !options.is_empty() || compress {
+                    return Err(Error::arg(
+                        "sparsify --in-place takes one image and no -O, -o, -c or OUT",
+                    ));
+                }
+                let mut opts = diskconv::SparsifyOptions::new(Format::Raw);
+                opts.convert.open = open;
+                (diskconv::sparsify_in_place(&src, &opts)?, false)
+            } else {
+                let dst = dst.ok_or_else(|| {
+                    Error::arg(
+                        "sparsify needs IN and OUT, or --in-place IMG (diskconv sparsify --help)",
+                    )
+                })?;
+                let format = match &out_format {
+                    Some(f) => Format::from_name(f)?,
+                    None => match open.format {
+                        Some(f) => f,
+                        None => diskconv::probe(&src)?,
+                    },
+                };
+                let mut create = CreateOptions {
+                    compress,
+                    ..Default::default()
+                };
+                for o in &options {
+                    create.parse_option_string(o)?;
+                }
+                let mut opts = ConvertOptions::new(format);
+                opts.open = open;
+                opts.create = create;
+                opts.min_sparse = sparse_size_arg(&sparse_size)?;
+                opts.threads = threads;
+                let to_stdout = dst.as_os_str() == "-";
+                if to_stdout && std::io::stdout().is_terminal() {
+                    return Err(Error::arg(
+                        "refusing to write a disk image to a terminal; redirect stdout or name a file",
+                    )
+                    .with_path("-"));
+                }
+                remove_temp_on_interrupt(&dst);
+                (sparsify_copy(&src, &dst, &opts)?, to_stdout)
+            };
+            if json {
+                let text = serde_json::to_string_pretty(&report).expect("json");
+                side_println(to_stderr, &text);
+            } else if !quiet {
+                let text = sparsify_human(&report);
+                side_println(to_stderr, text.trim_end());
             }
             Ok(())
         }
@@ -797,6 +934,62 @@ fn convert_to_stdout(src: &Path, opts: &ConvertOptions) -> Result<diskconv::Conv
         .try_clone_to_owned()
         .map_err(|e| Error::io("cannot use stdout", e).with_path("-"))?;
     diskconv::convert_to_writer(dev.as_ref(), std::fs::File::from(out), opts)
+}
+
+/// `sparsify` (and `convert --sparsify`) into DST, or into stdout when DST is `-`.
+fn sparsify_copy(
+    src: &Path,
+    dst: &Path,
+    opts: &ConvertOptions,
+) -> Result<diskconv::SparsifyReport> {
+    let sopts = diskconv::SparsifyOptions {
+        convert: opts.clone(),
+    };
+    if dst.as_os_str() != "-" {
+        return diskconv::sparsify(src, dst, &sopts);
+    }
+    use std::os::fd::AsFd;
+    let out = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::io("cannot use stdout", e).with_path("-"))?;
+    diskconv::sparsify_to_writer(src, std::fs::File::from(out), &sopts)
+}
+
+/// The sparsify report for people: one line per partition, then the totals.
+fn sparsify_human(r: &diskconv::SparsifyReport) -> String {
+    let mut s = String::new();
+    for n in &r.notes {
+        s += &format!("note: {n}\n");
+    }
+    for p in &r.partitions {
+        let fs = p.filesystem.as_deref().unwrap_or("-");
+        let what = match &p.skipped {
+            Some(why) => format!("skipped: {why}"),
+            None => format!("{} free, dropped", human_size(p.free_bytes)),
+        };
+        s += &format!(
+            "{:<12} offset {:>12}  size {:>10}  {:<11} {what}\n",
+            p.location,
+            p.offset,
+            human_size(p.size),
+            fs
+        );
+    }
+    s += &format!(
+        "partition table: {}; dropped {} ({} bytes) of {}; output {} ({} bytes)",
+        r.table,
+        human_size(r.dropped_bytes),
+        r.dropped_bytes,
+        human_size(r.virtual_size),
+        human_size(r.output_size),
+        r.output_size
+    );
+    if let Some(b) = r.size_before {
+        s += &format!(", was {} ({b} bytes)", human_size(b));
+    }
+    s.push('\n');
+    s
 }
 
 /// What `convert --output=json` prints: what an image registry stores.

@@ -19,9 +19,13 @@
 pub mod ext;
 pub mod fat;
 pub mod freemap;
+pub mod gpt;
+pub mod lvm;
+pub mod mbr;
 pub mod ntfs;
 pub mod scan;
 pub mod swap;
+pub mod table;
 pub mod xfs;
 
 pub use freemap::{FreeMap, GuestFree};

@@ -37,7 +37,7 @@ pub fn convert_to_path(
     convert_into(src, out, sink, opts)
 }
 
-fn open_output(dst: &Path, opts: &ConvertOptions) -> Result<(Output, Sink)> {
+pub(crate) fn open_output(dst: &Path, opts: &ConvertOptions) -> Result<(Output, Sink)> {
     if opts.target_is_zero && !opts.existing_target {
         return Err(Error::arg(
             "target_is_zero needs existing_target: only an existing image can already read as zeros",
@@ -159,7 +159,7 @@ pub(crate) fn run(
     Ok(report)
 }
 
-fn refuse_same_file(src: &Path, dst: &Path) -> Result<()> {
+pub(crate) fn refuse_same_file(src: &Path, dst: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     if let (Ok(a), Ok(b)) = (std::fs::metadata(src), std::fs::metadata(dst)) {
         if a.dev() == b.dev() && a.ino() == b.ino() {

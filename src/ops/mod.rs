@@ -3,4 +3,5 @@
 
 pub mod convert;
 pub mod resize;
+pub mod sparsify;
 pub mod stream;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod resize;
+pub mod sparsify;
 pub mod stream;
 
 use std::io::Read;
