@@ -373,11 +373,16 @@ fn exfat_and_other_boot_sectors_are_not_fat() {
     patch(&fs.img, 3, b"EXFAT   ");
     let p = assert_skipped(&fs.img, "MustBeZero");
     assert_eq!(p.filesystem.as_deref(), Some("exfat"));
-    // NTFS's boot sector is not FAT's business.
+    // NTFS's boot sector is not FAT's business: the NTFS scanner takes it (and finds no
+    // valid NTFS there), and nothing is dropped.
     let fs = small16();
     patch(&fs.img, 3, b"NTFS    ");
     let (p, free) = scan_only(&fs.img);
-    assert_eq!((p.filesystem, free), (None, 0));
+    assert!(!p
+        .filesystem
+        .as_deref()
+        .is_some_and(|f| f.starts_with("fat")));
+    assert_eq!(free, 0);
 }
 
 // ---- exFAT ---------------------------------------------------------------------------
@@ -562,9 +567,11 @@ fn scan_reads_the_fats_only_and_survives_corruption() {
     let fs = build(&["-F", "32", "-s", "1"], 40 * MIB, 4 << 20, 12);
     let g = minfo(&fs.img);
     let (read, free) = scan_reads(&fs.img);
-    // Boot sector, backup, and both FATs: no file data.
+    // Boot sector, backup, and both FATs: no file data. The other scanners' probes of
+    // the partition table and their own signatures (swap's page ends up to 64 KiB, the
+    // LVM label, XFS and NTFS superblocks) add a bounded few blocks.
     assert!(free > 30 * MIB, "{free}");
-    assert!(read <= 2 * g.fat_bytes + 8192, "read {read} bytes");
+    assert!(read <= 2 * g.fat_bytes + (128 << 10), "read {read} bytes");
     // Flips in the boot sector and the FATs: never a panic; most are caught.
     let span = g.fat_offset + 2 * g.fat_bytes;
     let skipped = scan_survives_corruption(&fs.img, &[(0, 512), (0, span)], 200, 3);
