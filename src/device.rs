@@ -375,3 +375,38 @@ pub trait ImageEditor: Send {
         ))
     }
 }
+
+/// Check the runs given to [`ImageEditor::discard`]: each non-empty, ascending, disjoint
+/// and inside a guest of `size` bytes. Every editor calls it before its first write.
+pub fn check_discard_runs(size: u64, runs: &[(u64, u64)]) -> Result<()> {
+    let mut prev_end = 0u64;
+    for (i, &(off, len)) in runs.iter().enumerate() {
+        let end = off.checked_add(len).filter(|&e| e <= size);
+        let Some(end) = end.filter(|_| len > 0) else {
+            return Err(Error::arg(format!(
+                "discard run {i} ({len} bytes at {off:#x}) is empty or runs past the virtual size {size}"
+            )));
+        };
+        if i > 0 && off < prev_end {
+            return Err(Error::arg(format!(
+                "discard run {i} at {off:#x} starts before the previous run's end {prev_end:#x} (runs must be ascending and disjoint)"
+            )));
+        }
+        prev_end = end;
+    }
+    Ok(())
+}
+
+/// The whole units of `unit` bytes inside `[off, off+len)` of a guest of `size` bytes, as
+/// a range of unit indices (empty when the run holds no whole unit): what a discard of
+/// that run may drop. A last unit that the guest's end cuts short counts as whole when
+/// the run reaches that end (its bytes past the end are never read).
+pub fn whole_units(off: u64, len: u64, unit: u64, size: u64) -> std::ops::Range<u64> {
+    let first = off.div_ceil(unit);
+    let end = if off + len >= size {
+        size.div_ceil(unit)
+    } else {
+        (off + len) / unit
+    };
+    first..end.max(first)
+}

@@ -1303,6 +1303,41 @@ impl EditFile {
             .map_err(|e| Error::io(what.to_string(), e).with_path(&self.path))
     }
 
+    /// Give back the storage of `[offset, offset+len)`, which reads as zeros afterwards
+    /// (fallocate PUNCH_HOLE|KEEP_SIZE: a file's blocks are freed, a block device is told
+    /// to zero and unmap). Ok(false) when the filesystem or device cannot do it (nothing
+    /// changed); callers for which the hole is only a saving ignore that.
+    pub fn punch_hole(&mut self, offset: u64, len: u64, what: &str) -> Result<bool> {
+        self.step(what)?;
+        if len == 0 {
+            return Ok(true);
+        }
+        let (Ok(s), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(Error::arg(format!(
+                "{what}: range of {len} bytes at {offset:#x} is past what fallocate takes"
+            )));
+        };
+        // SAFETY: fallocate on a valid descriptor; KEEP_SIZE never changes the length.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                s,
+                l,
+            )
+        };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => Ok(false),
+            _ => Err(Error::io(what.to_string(), e)
+                .at(offset)
+                .with_path(&self.path)),
+        }
+    }
+
     /// Flush data and metadata to stable storage: the barrier between "new tables
     /// written" and "the switching write".
     pub fn sync(&mut self, what: &str) -> Result<()> {
