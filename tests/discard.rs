@@ -98,3 +98,39 @@ fn qcow2_failing_every_write_leaves_at_most_leaks() {
         assert!(writes >= 6, "{create:?}: only {writes} writes");
     }
 }
+
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+fn vpc_dynamic_unmaps_blocks_and_fixed_punches_holes() {
+    if !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (img, _) = run_case(dir.path(), &case("vpc", &["-o", "force_size=on"], 2 * MIB, false));
+    // The last block was freed: the file ends with the footer behind block 2.
+    let len = std::fs::metadata(&img).unwrap().len();
+    assert!(len < 6 * MIB + 64 * KIB, "{len} bytes");
+    let dir = tempfile::tempdir().unwrap();
+    run_case(
+        dir.path(),
+        &case("vpc", &["-o", "subformat=fixed,force_size=on"], 4096, false),
+    );
+}
+
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+fn vpc_failing_every_write_reads_as_before() {
+    if !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let writes = sweep(dir.path(), &case("vpc", &["-o", "force_size=on"], 2 * MIB, false), false);
+    // BAT write, flush, punches, footer, flush, truncation.
+    assert!(writes >= 5, "only {writes} writes");
+    let dir = tempfile::tempdir().unwrap();
+    sweep(
+        dir.path(),
+        &case("vpc", &["-o", "subformat=fixed,force_size=on"], 4096, false),
+        false,
+    );
+}

@@ -326,7 +326,7 @@ fn discard_raw(file: &mut EditFile, len: u64, block: bool, runs: &[(u64, u64)]) 
         let stored = if block {
             b - a
         } else {
-            stored_bytes(file.file(), a, b)
+            file.stored_bytes(a, b)
         };
         if stored == 0 {
             continue;
@@ -343,33 +343,6 @@ fn discard_raw(file: &mut EditFile, len: u64, block: bool, runs: &[(u64, u64)]) 
     Ok(freed)
 }
 
-/// Bytes of `[a, b)` the filesystem stores (not holes), by SEEK_DATA/SEEK_HOLE; all of
-/// them when the filesystem cannot say.
-fn stored_bytes(file: &File, a: u64, b: u64) -> u64 {
-    let fd = file.as_raw_fd();
-    let mut off = a;
-    let mut n = 0;
-    while off < b {
-        // SAFETY: lseek on a valid descriptor; reads are positional.
-        let d = unsafe { libc::lseek(fd, off as i64, libc::SEEK_DATA) };
-        if d < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
-                break;
-            }
-            return n + (b - off);
-        }
-        let d = d as u64;
-        if d >= b {
-            break;
-        }
-        // SAFETY: as above.
-        let h = unsafe { libc::lseek(fd, d as i64, libc::SEEK_HOLE) };
-        let h = if h < 0 { b } else { (h as u64).min(b) };
-        n += h.saturating_sub(d);
-        off = h.max(d + 1);
-    }
-    n
-}
 
 #[cfg(test)]
 mod tests {

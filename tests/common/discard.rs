@@ -48,7 +48,7 @@ pub fn whole(runs: &[(u64, u64)], unit: u64, size: u64) -> Vec<(u64, u64)> {
         .filter_map(|&(o, l)| {
             let a = o.div_ceil(unit) * unit;
             let b = if o + l >= size { size } else { (o + l) / unit * unit };
-            (a < b).then_some((a, b - a))
+            (a < b).then(|| (a, b - a))
         })
         .collect()
 }
