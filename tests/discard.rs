@@ -134,3 +134,42 @@ fn vpc_failing_every_write_reads_as_before() {
         false,
     );
 }
+
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+fn vmdk_unmaps_grains_in_both_tables() {
+    if !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (img, _) = run_case(dir.path(), &case("vmdk", &[], 64 * KIB, true));
+    let len = std::fs::metadata(&img).unwrap().len();
+    assert!(len < 6 * MIB + 512 * KIB, "{len} bytes: the freed tail stays");
+    // The redundant tables say the same: qemu reads the primary ones, so swap the
+    // directory offsets in the header and read again.
+    let mut b = std::fs::read(&img).unwrap();
+    let (rgd, gd) = (b[48..56].to_vec(), b[56..64].to_vec());
+    b[48..56].copy_from_slice(&gd);
+    b[56..64].copy_from_slice(&rgd);
+    let swapped = dir.path().join("swapped.vmdk");
+    std::fs::write(&swapped, &b).unwrap();
+    qemu_img(&["compare", "-f", "vmdk", "-F", "vmdk", s(&img), s(&swapped)]);
+    // Grains made with zeroed_grain=on too.
+    let dir = tempfile::tempdir().unwrap();
+    run_case(
+        dir.path(),
+        &case("vmdk", &["-o", "zeroed_grain=on"], 64 * KIB, true),
+    );
+}
+
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+fn vmdk_failing_every_write_reads_as_before() {
+    if !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let writes = sweep(dir.path(), &case("vmdk", &[], 64 * KIB, true), false);
+    // Primary and redundant table, flush, punches, truncation.
+    assert!(writes >= 5, "only {writes} writes");
+}
