@@ -37,6 +37,7 @@ fn case<'a>(fmt: &'a str, create: &'a [&'a str], unit: u64, checkable: bool) -> 
         runs: RUNS,
         unit,
         checkable,
+        edge: 0,
     }
 }
 
@@ -172,4 +173,45 @@ fn vmdk_failing_every_write_reads_as_before() {
     let writes = sweep(dir.path(), &case("vmdk", &[], 64 * KIB, true), false);
     // Primary and redundant table, flush, punches, truncation.
     assert!(writes >= 5, "only {writes} writes");
+}
+
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+fn vdi_dynamic_compacts_and_static_punches_holes() {
+    if !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (img, freed) = run_case(dir.path(), &case("vdi", &[], MIB, true));
+    // Compacted: the file holds the header, the map and the blocks still in use.
+    let len = std::fs::metadata(&img).unwrap().len();
+    let kept = 8 * MIB - freed; // every block was written
+    assert!(len <= kept + MIB, "{len} bytes for {kept} bytes of blocks");
+    let info = qemu_info(&img, Format::Vdi);
+    assert!(info["actual-size"].as_u64().unwrap() <= kept + MIB, "{info}");
+    let dir = tempfile::tempdir().unwrap();
+    // The data area starts 1 KiB into the file: the punched units' edges stay allocated.
+    let c = Case {
+        edge: 4096,
+        ..case("vdi", &["-o", "static=on"], 4096, true)
+    };
+    run_case(dir.path(), &c);
+}
+
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+fn vdi_failing_every_write_reads_as_before() {
+    if !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let writes = sweep(dir.path(), &case("vdi", &[], MIB, true), false);
+    // Moved blocks, flush, header and map, flush, truncation.
+    assert!(writes >= 4, "only {writes} writes");
+    let dir = tempfile::tempdir().unwrap();
+    sweep(
+        dir.path(),
+        &case("vdi", &["-o", "static=on"], 4096, true),
+        false,
+    );
 }

@@ -163,6 +163,9 @@ pub struct Case<'a> {
     pub unit: u64,
     /// Whether qemu-img can check the format.
     pub checkable: bool,
+    /// Bytes at each edge of a dropped range that may stay allocated (zeroed, not freed:
+    /// a data area not aligned to the filesystem's blocks).
+    pub edge: u64,
 }
 
 /// Make the case's image, discard its runs, and check everything: compare against
@@ -181,7 +184,12 @@ pub fn run_case(dir: &Path, c: &Case) -> (PathBuf, u64) {
     if c.checkable {
         assert_eq!(qemu_check(&img, c.fmt), (0, 0), "{}: check after discard", c.fmt);
     }
-    assert_map_free(&img, c.fmt, &dropped);
+    let inner: Vec<(u64, u64)> = dropped
+        .iter()
+        .filter(|&&(_, l)| l > 2 * c.edge)
+        .map(|&(o, l)| (o + c.edge, l - 2 * c.edge))
+        .collect();
+    assert_map_free(&img, c.fmt, &inner);
     // What was stored in the dropped units: the writes' whole units there.
     let stored: u64 = dropped
         .iter()
@@ -195,7 +203,13 @@ pub fn run_case(dir: &Path, c: &Case) -> (PathBuf, u64) {
                 * c.unit
         })
         .sum();
-    assert_eq!(freed, stored, "{}: bytes reported freed", c.fmt);
+    // Counted from the filesystem's extents, which an unaligned data area shifts.
+    let slack = 2 * c.edge * dropped.len() as u64;
+    assert!(
+        freed.abs_diff(stored) <= slack,
+        "{}: {freed} bytes reported freed, {stored} were stored",
+        c.fmt
+    );
     let after = on_disk(&img);
     // Units below the filesystem's 4 KiB block free only the blocks they fill whole (a
     // 512-byte qcow2 cluster run is broken by an L2 table every 32 KiB).
