@@ -215,3 +215,233 @@ fn vdi_failing_every_write_reads_as_before() {
         false,
     );
 }
+
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+fn qcow2_overlay_marks_clusters_zero_over_its_backing_file() {
+    if !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = make(dir.path(), "base.qcow2", "qcow2", &[], 8 * MIB, &[(0x44, 0, 8 * MIB)]);
+    let b = base.to_str().unwrap();
+    let (img, _) = run_case(
+        dir.path(),
+        &case("qcow2", &["-b", b, "-F", "qcow2"], 64 * KIB, true),
+    );
+    // Every cluster of the runs reads zeros, also those the overlay never stored (they
+    // read the backing file's 0x44 before): the zero flag, not unallocated.
+    let g = guest(&img, "qcow2", &dir.path().join("g.raw"));
+    for (o, l) in whole(RUNS, 64 * KIB, 8 * MIB) {
+        assert!(
+            g[o as usize..(o + l) as usize].iter().all(|&x| x == 0),
+            "{o:#x}+{l:#x} shows the backing file"
+        );
+    }
+    assert_eq!(g[(4 * MIB + 600 * KIB) as usize], 0x44, "outside the runs the backing file shows");
+    // A version 2 overlay has no zero flag: refused, untouched.
+    let v2 = make(
+        dir.path(),
+        "v2.qcow2",
+        "qcow2",
+        &["-o", "compat=0.10", "-b", b, "-F", "qcow2"],
+        8 * MIB,
+        WRITES,
+    );
+    let before = std::fs::read(&v2).unwrap();
+    let e = discard(&v2, Format::Qcow2, RUNS, None).unwrap_err();
+    assert_eq!(e.kind(), diskconv::ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("zero flag"), "{e}");
+    assert_eq!(std::fs::read(&v2).unwrap(), before);
+}
+
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+fn qcow2_compressed_clusters_are_freed_and_survive_every_failure() {
+    if !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = make(dir.path(), "src.raw", "raw", &[], 8 * MIB, WRITES);
+    let img = dir.path().join("c.qcow2");
+    qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", s(&raw), s(&img)]);
+    let dropped = whole(RUNS, 64 * KIB, 8 * MIB);
+    let want = reference(&img, "qcow2", &dropped, dir.path().join("ref.qcow2"));
+    let orig = dir.path().join("orig.qcow2");
+    std::fs::copy(&img, &orig).unwrap();
+    let freed = discard(&img, Format::Qcow2, RUNS, None).unwrap();
+    // Stored: every written cluster in the dropped ranges (0x11.., 0x22.., 0x33..).
+    assert_eq!(freed, (14 + 39 + 32) * 64 * KIB);
+    qemu_img(&["compare", "-f", "qcow2", "-F", "qcow2", s(&img), s(&want)]);
+    assert_eq!(qemu_check(&img, "qcow2"), (0, 0));
+    assert_map_free(&img, "qcow2", &dropped);
+    assert!(on_disk(&img) < on_disk(&orig));
+    // Every write failed in turn.
+    let scratch = dir.path().join("scratch.raw");
+    let before = guest(&orig, "qcow2", &scratch);
+    let work = dir.path().join("work.qcow2");
+    let mut n = 1;
+    loop {
+        std::fs::copy(&orig, &work).unwrap();
+        match discard(&work, Format::Qcow2, RUNS, Some(n)) {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(e.to_string().contains("test hook"), "{e}");
+                let now = guest(&work, "qcow2", &scratch);
+                assert_same_outside(&before, &now, &dropped, &format!("failing write {n}"));
+                assert_eq!(qemu_check(&work, "qcow2").0, 0, "corruption after write {n}");
+            }
+        }
+        n += 1;
+        assert!(n < 400);
+    }
+    qemu_img(&["compare", "-f", "qcow2", "-F", "qcow2", s(&work), s(&want)]);
+}
+
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+fn qcow2_large_discards_commit_in_several_transactions() {
+    if !have_qemu_io() {
+        return;
+    }
+    // 512-byte clusters: 40 MiB are 81920 clusters, more than one transaction holds.
+    let dir = tempfile::tempdir().unwrap();
+    let size = 40 * MIB;
+    let c = Case {
+        fmt: "qcow2",
+        create: &["-o", "cluster_size=512"],
+        size,
+        writes: &[(0x55, 0, 40 * MIB)],
+        runs: &[(512, 40 * MIB - 512)],
+        unit: 512,
+        checkable: true,
+        edge: 0,
+    };
+    let (img, freed) = run_case(dir.path(), &c);
+    assert_eq!(freed, size - 512);
+    let g = guest(&img, "qcow2", &dir.path().join("g.raw"));
+    assert!(g[..512].iter().all(|&x| x == 0x55));
+}
+
+/// Refusals of what cannot be discarded in place: named, with the reason, the image's
+/// bytes untouched.
+#[track_caller]
+fn assert_refused(img: &std::path::Path, fmt: Format, needles: &[&str]) {
+    let before = std::fs::read(img).unwrap();
+    let e = discard(img, fmt, RUNS, None).unwrap_err();
+    assert_eq!(e.kind(), diskconv::ErrorKind::Unsupported, "{e}");
+    for n in needles {
+        assert!(e.to_string().contains(n), "{n:?} not in: {e}");
+    }
+    assert_eq!(std::fs::read(img).unwrap(), before, "refused, yet changed");
+}
+
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+fn what_cannot_be_discarded_in_place_is_refused_with_the_reason() {
+    if !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // qcow2 marked dirty by lazy refcounts: its refcounts are stale.
+    let img = make(d, "lazy.qcow2", "qcow2", &["-o", "lazy_refcounts=on"], 8 * MIB, WRITES);
+    let mut b = std::fs::read(&img).unwrap();
+    b[79] |= 1;
+    std::fs::write(&img, &b).unwrap();
+    assert_refused(&img, Format::Qcow2, &["qcow2", "dirty", "lazy refcounts", "check -r all"]);
+    // Internal snapshots and persistent bitmaps.
+    let img = make(d, "snap.qcow2", "qcow2", &[], 8 * MIB, WRITES);
+    qemu_img(&["snapshot", "-c", "s1", s(&img)]);
+    assert_refused(&img, Format::Qcow2, &["snapshot"]);
+    let img = make(d, "bm.qcow2", "qcow2", &[], 8 * MIB, WRITES);
+    qemu_img(&["bitmap", "--add", s(&img), "b0"]);
+    assert_refused(&img, Format::Qcow2, &["bitmap"]);
+    // streamOptimized and flat VMDKs.
+    let img = make(d, "so.vmdk", "vmdk", &["-o", "subformat=streamOptimized"], 8 * MIB, &[]);
+    assert_refused(&img, Format::Vmdk, &["vmdk", "streamOptimized", "compressed"]);
+    let img = make(d, "flat.vmdk", "vmdk", &["-o", "subformat=monolithicFlat"], 8 * MIB, &[]);
+    assert_refused(&img, Format::Vmdk, &["vmdk", "monolithicFlat"]);
+    // Runs that are not ascending, disjoint and inside the guest.
+    let img = make(d, "ok.qcow2", "qcow2", &[], 8 * MIB, WRITES);
+    let before = std::fs::read(&img).unwrap();
+    for runs in [
+        &[(0, MIB), (MIB / 2, MIB)][..],
+        &[(7 * MIB, 2 * MIB)][..],
+        &[(0, 0)][..],
+    ] {
+        let e = discard(&img, Format::Qcow2, runs, None).unwrap_err();
+        assert_eq!(e.kind(), diskconv::ErrorKind::InvalidArgument, "{e}");
+        assert!(e.to_string().contains("discard run"), "{e}");
+    }
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+}
+
+/// A loop device over a raw file (needs root; skipped with a line where losetup fails,
+/// a failure under CI or DISKCONV_REQUIRE_LOOP).
+struct Loop(std::path::PathBuf);
+
+impl Loop {
+    fn attach(file: &std::path::Path) -> Option<Loop> {
+        let o = std::process::Command::new("losetup")
+            .args(["-f", "--show", s(file)])
+            .output();
+        match o {
+            Ok(o) if o.status.success() => Some(Loop(
+                String::from_utf8_lossy(&o.stdout).trim().into(),
+            )),
+            other => {
+                let msg = format!("losetup failed ({other:?}): needs root");
+                if std::env::var_os("CI").is_some()
+                    || std::env::var_os("DISKCONV_REQUIRE_LOOP").is_some()
+                {
+                    panic!("{msg}; CI/DISKCONV_REQUIRE_LOOP is set, so this is a failure");
+                }
+                eprintln!("SKIP {msg}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn raw_block_device_is_zeroed_and_unmapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.raw");
+    let mut data = vec![0u8; (8 * MIB) as usize];
+    Rng(7).fill(&mut data);
+    std::fs::write(&file, &data).unwrap();
+    let Some(lo) = Loop::attach(&file) else {
+        return;
+    };
+    let freed = discard(&lo.0, Format::Raw, RUNS, None).unwrap();
+    let dropped = whole(RUNS, 4096, 8 * MIB);
+    assert_eq!(freed, dropped.iter().map(|r| r.1).sum::<u64>());
+    drop(lo);
+    let got = std::fs::read(&file).unwrap();
+    assert_same_outside(&data, &got, &dropped, "loop device");
+    for &(o, l) in &dropped {
+        assert!(got[o as usize..(o + l) as usize].iter().all(|&x| x == 0));
+    }
+    // The loop driver turned the zeroing into holes in its backing file.
+    assert!(on_disk(&file) + freed <= 8 * MIB + 64 * KIB, "{}", on_disk(&file));
+    // Resizing a block device stays refused.
+    let Some(lo) = Loop::attach(&file) else {
+        return;
+    };
+    let o = diskconv::ResizeOptions {
+        format: Some(Format::Raw),
+        ..Default::default()
+    };
+    let e = diskconv::resize(&lo.0, 16 * MIB, &o).unwrap_err();
+    assert!(e.to_string().contains("block device"), "{e}");
+}

@@ -74,6 +74,13 @@ pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<
     )?;
     let header = Header::parse(&host.read_vec(0, host.len().min(64 << 10), "qcow2 header")?)
         .map_err(|e| e.with_path(path))?;
+    // Refused before the reader would try to open the data file.
+    if header.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+        return Err(Error::unsupported(
+            "the image keeps its data in an external data file; changing it in place (resize, discard) is not supported",
+        )
+        .with_path(path));
+    }
     let image = reader::open(check, &OpenOptions::new().without_backing())?;
     let nb_bitmaps = image.extensions().bitmaps.as_ref().map_or(0, |b| b.nb_bitmaps);
     drop(image);
