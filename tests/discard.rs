@@ -42,7 +42,10 @@ fn case<'a>(fmt: &'a str, create: &'a [&'a str], unit: u64, checkable: bool) -> 
 }
 
 #[test]
-#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)"
+)]
 fn raw_punches_whole_blocks() {
     if !have_qemu_io() {
         return;
@@ -52,7 +55,10 @@ fn raw_punches_whole_blocks() {
 }
 
 #[test]
-#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)"
+)]
 fn qcow2_unallocates_clusters_and_frees_their_refcounts() {
     if !have_qemu_io() {
         return;
@@ -70,8 +76,7 @@ fn qcow2_unallocates_clusters_and_frees_their_refcounts() {
         // The freed tail is cut off: the file ends at its last data cluster or table
         // (with 512-byte clusters, L2 tables, never freed, sit between the tail's data).
         assert!(
-            unit < 4096 ||
-            std::fs::metadata(&img).unwrap().len() < 6 * MIB + 512 * KIB,
+            unit < 4096 || std::fs::metadata(&img).unwrap().len() < 6 * MIB + 512 * KIB,
             "{create:?}: {} bytes",
             std::fs::metadata(&img).unwrap().len()
         );
@@ -79,7 +84,10 @@ fn qcow2_unallocates_clusters_and_frees_their_refcounts() {
 }
 
 #[test]
-#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)"
+)]
 fn qcow2_failing_every_write_leaves_at_most_leaks() {
     if !have_qemu_io() {
         return;
@@ -101,13 +109,19 @@ fn qcow2_failing_every_write_leaves_at_most_leaks() {
 }
 
 #[test]
-#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)"
+)]
 fn vpc_dynamic_unmaps_blocks_and_fixed_punches_holes() {
     if !have_qemu_io() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (img, _) = run_case(dir.path(), &case("vpc", &["-o", "force_size=on"], 2 * MIB, false));
+    let (img, _) = run_case(
+        dir.path(),
+        &case("vpc", &["-o", "force_size=on"], 2 * MIB, false),
+    );
     // The last block was freed: the file ends with the footer behind block 2.
     let len = std::fs::metadata(&img).unwrap().len();
     assert!(len < 6 * MIB + 64 * KIB, "{len} bytes");
@@ -119,13 +133,20 @@ fn vpc_dynamic_unmaps_blocks_and_fixed_punches_holes() {
 }
 
 #[test]
-#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)"
+)]
 fn vpc_failing_every_write_reads_as_before() {
     if !have_qemu_io() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let writes = sweep(dir.path(), &case("vpc", &["-o", "force_size=on"], 2 * MIB, false), false);
+    let writes = sweep(
+        dir.path(),
+        &case("vpc", &["-o", "force_size=on"], 2 * MIB, false),
+        false,
+    );
     // BAT write, flush, punches, footer, flush, truncation.
     assert!(writes >= 5, "only {writes} writes");
     let dir = tempfile::tempdir().unwrap();
@@ -137,7 +158,10 @@ fn vpc_failing_every_write_reads_as_before() {
 }
 
 #[test]
-#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)"
+)]
 fn vmdk_unmaps_grains_in_both_tables() {
     if !have_qemu_io() {
         return;
@@ -145,7 +169,10 @@ fn vmdk_unmaps_grains_in_both_tables() {
     let dir = tempfile::tempdir().unwrap();
     let (img, _) = run_case(dir.path(), &case("vmdk", &[], 64 * KIB, true));
     let len = std::fs::metadata(&img).unwrap().len();
-    assert!(len < 6 * MIB + 512 * KIB, "{len} bytes: the freed tail stays");
+    assert!(
+        len < 6 * MIB + 512 * KIB,
+        "{len} bytes: the freed tail stays"
+    );
     // The redundant tables say the same: qemu reads the primary ones, so swap the
     // directory offsets in the header and read again.
     let mut b = std::fs::read(&img).unwrap();
@@ -164,7 +191,10 @@ fn vmdk_unmaps_grains_in_both_tables() {
 }
 
 #[test]
-#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)"
+)]
 fn vmdk_failing_every_write_reads_as_before() {
     if !have_qemu_io() {
         return;
@@ -176,7 +206,10 @@ fn vmdk_failing_every_write_reads_as_before() {
 }
 
 #[test]
-#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)"
+)]
 fn vdi_dynamic_compacts_and_static_punches_holes() {
     if !have_qemu_io() {
         return;
@@ -188,7 +221,10 @@ fn vdi_dynamic_compacts_and_static_punches_holes() {
     let kept = 8 * MIB - freed; // every block was written
     assert!(len <= kept + MIB, "{len} bytes for {kept} bytes of blocks");
     let info = qemu_info(&img, Format::Vdi);
-    assert!(info["actual-size"].as_u64().unwrap() <= kept + MIB, "{info}");
+    assert!(
+        info["actual-size"].as_u64().unwrap() <= kept + MIB,
+        "{info}"
+    );
     let dir = tempfile::tempdir().unwrap();
     // The data area starts 1 KiB into the file: the punched units' edges stay allocated.
     let c = Case {
@@ -199,7 +235,10 @@ fn vdi_dynamic_compacts_and_static_punches_holes() {
 }
 
 #[test]
-#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)"
+)]
 fn vdi_failing_every_write_reads_as_before() {
     if !have_qemu_io() {
         return;
@@ -217,13 +256,23 @@ fn vdi_failing_every_write_reads_as_before() {
 }
 
 #[test]
-#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)"
+)]
 fn qcow2_overlay_marks_clusters_zero_over_its_backing_file() {
     if !have_qemu_io() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let base = make(dir.path(), "base.qcow2", "qcow2", &[], 8 * MIB, &[(0x44, 0, 8 * MIB)]);
+    let base = make(
+        dir.path(),
+        "base.qcow2",
+        "qcow2",
+        &[],
+        8 * MIB,
+        &[(0x44, 0, 8 * MIB)],
+    );
     let b = base.to_str().unwrap();
     let (img, _) = run_case(
         dir.path(),
@@ -238,7 +287,11 @@ fn qcow2_overlay_marks_clusters_zero_over_its_backing_file() {
             "{o:#x}+{l:#x} shows the backing file"
         );
     }
-    assert_eq!(g[(4 * MIB + 600 * KIB) as usize], 0x44, "outside the runs the backing file shows");
+    assert_eq!(
+        g[(4 * MIB + 600 * KIB) as usize],
+        0x44,
+        "outside the runs the backing file shows"
+    );
     // A version 2 overlay has no zero flag: refused, untouched.
     let v2 = make(
         dir.path(),
@@ -256,7 +309,10 @@ fn qcow2_overlay_marks_clusters_zero_over_its_backing_file() {
 }
 
 #[test]
-#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)"
+)]
 fn qcow2_compressed_clusters_are_freed_and_survive_every_failure() {
     if !have_qemu_io() {
         return;
@@ -264,7 +320,16 @@ fn qcow2_compressed_clusters_are_freed_and_survive_every_failure() {
     let dir = tempfile::tempdir().unwrap();
     let raw = make(dir.path(), "src.raw", "raw", &[], 8 * MIB, WRITES);
     let img = dir.path().join("c.qcow2");
-    qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", s(&raw), s(&img)]);
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        s(&raw),
+        s(&img),
+    ]);
     let dropped = whole(RUNS, 64 * KIB, 8 * MIB);
     let want = reference(&img, "qcow2", &dropped, dir.path().join("ref.qcow2"));
     let orig = dir.path().join("orig.qcow2");
@@ -289,7 +354,11 @@ fn qcow2_compressed_clusters_are_freed_and_survive_every_failure() {
                 assert!(e.to_string().contains("test hook"), "{e}");
                 let now = guest(&work, "qcow2", &scratch);
                 assert_same_outside(&before, &now, &dropped, &format!("failing write {n}"));
-                assert_eq!(qemu_check(&work, "qcow2").0, 0, "corruption after write {n}");
+                assert_eq!(
+                    qemu_check(&work, "qcow2").0,
+                    0,
+                    "corruption after write {n}"
+                );
             }
         }
         n += 1;
@@ -299,7 +368,10 @@ fn qcow2_compressed_clusters_are_freed_and_survive_every_failure() {
 }
 
 #[test]
-#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)"
+)]
 fn qcow2_large_discards_commit_in_several_transactions() {
     if !have_qemu_io() {
         return;
@@ -337,7 +409,10 @@ fn assert_refused(img: &std::path::Path, fmt: Format, needles: &[&str]) {
 }
 
 #[test]
-#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)")]
+#[cfg_attr(
+    no_qemu,
+    ignore = "needs qemu-img and qemu-io (apt-get install qemu-utils)"
+)]
 fn what_cannot_be_discarded_in_place_is_refused_with_the_reason() {
     if !have_qemu_io() {
         return;
@@ -345,11 +420,22 @@ fn what_cannot_be_discarded_in_place_is_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // qcow2 marked dirty by lazy refcounts: its refcounts are stale.
-    let img = make(d, "lazy.qcow2", "qcow2", &["-o", "lazy_refcounts=on"], 8 * MIB, WRITES);
+    let img = make(
+        d,
+        "lazy.qcow2",
+        "qcow2",
+        &["-o", "lazy_refcounts=on"],
+        8 * MIB,
+        WRITES,
+    );
     let mut b = std::fs::read(&img).unwrap();
     b[79] |= 1;
     std::fs::write(&img, &b).unwrap();
-    assert_refused(&img, Format::Qcow2, &["qcow2", "dirty", "lazy refcounts", "check -r all"]);
+    assert_refused(
+        &img,
+        Format::Qcow2,
+        &["qcow2", "dirty", "lazy refcounts", "check -r all"],
+    );
     // Internal snapshots and persistent bitmaps.
     let img = make(d, "snap.qcow2", "qcow2", &[], 8 * MIB, WRITES);
     qemu_img(&["snapshot", "-c", "s1", s(&img)]);
@@ -358,9 +444,27 @@ fn what_cannot_be_discarded_in_place_is_refused_with_the_reason() {
     qemu_img(&["bitmap", "--add", s(&img), "b0"]);
     assert_refused(&img, Format::Qcow2, &["bitmap"]);
     // streamOptimized and flat VMDKs.
-    let img = make(d, "so.vmdk", "vmdk", &["-o", "subformat=streamOptimized"], 8 * MIB, &[]);
-    assert_refused(&img, Format::Vmdk, &["vmdk", "streamOptimized", "compressed"]);
-    let img = make(d, "flat.vmdk", "vmdk", &["-o", "subformat=monolithicFlat"], 8 * MIB, &[]);
+    let img = make(
+        d,
+        "so.vmdk",
+        "vmdk",
+        &["-o", "subformat=streamOptimized"],
+        8 * MIB,
+        &[],
+    );
+    assert_refused(
+        &img,
+        Format::Vmdk,
+        &["vmdk", "streamOptimized", "compressed"],
+    );
+    let img = make(
+        d,
+        "flat.vmdk",
+        "vmdk",
+        &["-o", "subformat=monolithicFlat"],
+        8 * MIB,
+        &[],
+    );
     assert_refused(&img, Format::Vmdk, &["vmdk", "monolithicFlat"]);
     // Runs that are not ascending, disjoint and inside the guest.
     let img = make(d, "ok.qcow2", "qcow2", &[], 8 * MIB, WRITES);
@@ -387,9 +491,9 @@ impl Loop {
             .args(["-f", "--show", s(file)])
             .output();
         match o {
-            Ok(o) if o.status.success() => Some(Loop(
-                String::from_utf8_lossy(&o.stdout).trim().into(),
-            )),
+            Ok(o) if o.status.success() => {
+                Some(Loop(String::from_utf8_lossy(&o.stdout).trim().into()))
+            }
             other => {
                 let msg = format!("losetup failed ({other:?}): needs root");
                 if std::env::var_os("CI").is_some()
@@ -433,7 +537,11 @@ fn raw_block_device_is_zeroed_and_unmapped() {
         assert!(got[o as usize..(o + l) as usize].iter().all(|&x| x == 0));
     }
     // The loop driver turned the zeroing into holes in its backing file.
-    assert!(on_disk(&file) + freed <= 8 * MIB + 64 * KIB, "{}", on_disk(&file));
+    assert!(
+        on_disk(&file) + freed <= 8 * MIB + 64 * KIB,
+        "{}",
+        on_disk(&file)
+    );
     // Resizing a block device stays refused.
     let Some(lo) = Loop::attach(&file) else {
         return;

@@ -315,20 +315,25 @@ const HOLE_UNIT: u64 = 4096;
 /// untouched. Returns the bytes that were stored (SEEK_DATA) and are now holes; on a
 /// block device, every byte punched.
 fn discard_raw(file: &mut EditFile, len: u64, block: bool, runs: &[(u64, u64)]) -> Result<u64> {
-    crate::device::check_discard_runs(len, runs)?;
+    // The reader rounds a partial last sector up (it reads as zeros): runs may reach
+    // that rounded end, and the punch stops at the file's.
+    crate::device::check_discard_runs(len.next_multiple_of(512), runs)?;
     let mut freed = 0;
     for &(off, n) in runs {
-        let units = crate::device::whole_units(off, n, HOLE_UNIT, len);
+        let units = crate::device::whole_units(off, n.min(len.saturating_sub(off)), HOLE_UNIT, len);
         let (a, b) = (units.start * HOLE_UNIT, (units.end * HOLE_UNIT).min(len));
         if a >= b {
             continue;
         }
+        // A file's last partial block is zeroed by the punch but stays allocated: it
+        // is punched when it holds data, and never counted as given back.
+        let whole_end = if block { b } else { b / HOLE_UNIT * HOLE_UNIT };
         let stored = if block {
             b - a
         } else {
-            file.stored_bytes(a, b)
+            file.stored_bytes(a, whole_end.max(a))
         };
-        if stored == 0 {
+        if stored == 0 && (whole_end == b || file.stored_bytes(whole_end.max(a), b) == 0) {
             continue;
         }
         if !file.punch_hole(a, b - a, "punching a hole in the raw image")? {
@@ -342,7 +347,6 @@ fn discard_raw(file: &mut EditFile, len: u64, block: bool, runs: &[(u64, u64)]) 
     }
     Ok(freed)
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,14 @@ use super::{qemu_img, run, s};
 
 /// An image of `fmt` made by `qemu-img create -f fmt OPTS img size`, then written by
 /// qemu-io: each `(pattern, offset, len)` as `write -P pattern offset len`.
-pub fn make(dir: &Path, name: &str, fmt: &str, opts: &[&str], size: u64, writes: &[(u8, u64, u64)]) -> PathBuf {
+pub fn make(
+    dir: &Path,
+    name: &str,
+    fmt: &str,
+    opts: &[&str],
+    size: u64,
+    writes: &[(u8, u64, u64)],
+) -> PathBuf {
     let img = dir.join(name);
     let size_s = size.to_string();
     let mut a = vec!["create", "-q", "-f", fmt];
@@ -47,7 +54,11 @@ pub fn whole(runs: &[(u64, u64)], unit: u64, size: u64) -> Vec<(u64, u64)> {
     runs.iter()
         .filter_map(|&(o, l)| {
             let a = o.div_ceil(unit) * unit;
-            let b = if o + l >= size { size } else { (o + l) / unit * unit };
+            let b = if o + l >= size {
+                size
+            } else {
+                (o + l) / unit * unit
+            };
             (a < b).then(|| (a, b - a))
         })
         .collect()
@@ -57,7 +68,10 @@ pub fn whole(runs: &[(u64, u64)], unit: u64, size: u64) -> Vec<(u64, u64)> {
 /// must compare equal to.
 pub fn reference(img: &Path, fmt: &str, ranges: &[(u64, u64)], to: PathBuf) -> PathBuf {
     std::fs::copy(img, &to).unwrap();
-    let cmds: Vec<String> = ranges.iter().map(|(o, l)| format!("write -z {o} {l}")).collect();
+    let cmds: Vec<String> = ranges
+        .iter()
+        .map(|(o, l)| format!("write -z {o} {l}"))
+        .collect();
     let mut a = vec!["qemu-io", "-f", fmt];
     for c in &cmds {
         a.extend(["-c", c.as_str()]);
@@ -120,14 +134,8 @@ pub fn qemu_check(img: &Path, fmt: &str) -> (u64, u64) {
 /// Every byte of `ranges` reads as zeros without data in qemu's map (zero or unallocated).
 #[track_caller]
 pub fn assert_map_free(img: &Path, fmt: &str, ranges: &[(u64, u64)]) {
-    let v: serde_json::Value = serde_json::from_str(&qemu_img(&[
-        "map",
-        "-f",
-        fmt,
-        "--output=json",
-        s(img),
-    ]))
-    .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["map", "-f", fmt, "--output=json", s(img)])).unwrap();
     for &(o, l) in ranges {
         for m in v.as_array().unwrap() {
             let (mo, ml) = (m["start"].as_u64().unwrap(), m["length"].as_u64().unwrap());
@@ -148,7 +156,12 @@ pub fn on_disk(p: &Path) -> u64 {
 }
 
 /// Run the discard through the library entry sparsify uses.
-pub fn discard(img: &Path, fmt: Format, runs: &[(u64, u64)], fail_at: Option<u64>) -> diskconv::Result<u64> {
+pub fn discard(
+    img: &Path,
+    fmt: Format,
+    runs: &[(u64, u64)],
+    fail_at: Option<u64>,
+) -> diskconv::Result<u64> {
     discard_in_place(img, Some(fmt), runs, fail_at)
 }
 
@@ -174,7 +187,14 @@ pub struct Case<'a> {
 /// ranges, bytes freed, on-disk bytes before and after).
 pub fn run_case(dir: &Path, c: &Case) -> (PathBuf, u64) {
     let f = Format::from_name(c.fmt).unwrap();
-    let img = make(dir, &format!("img.{}", c.fmt), c.fmt, c.create, c.size, c.writes);
+    let img = make(
+        dir,
+        &format!("img.{}", c.fmt),
+        c.fmt,
+        c.create,
+        c.size,
+        c.writes,
+    );
     let dropped = whole(c.runs, c.unit, c.size);
     let want = reference(&img, c.fmt, &dropped, dir.join(format!("ref.{}", c.fmt)));
     let before = on_disk(&img);
@@ -182,7 +202,12 @@ pub fn run_case(dir: &Path, c: &Case) -> (PathBuf, u64) {
     let freed = discard(&img, f, c.runs, None).unwrap_or_else(|e| panic!("{}: {e}", c.fmt));
     qemu_img(&["compare", "-f", c.fmt, "-F", c.fmt, s(&img), s(&want)]);
     if c.checkable {
-        assert_eq!(qemu_check(&img, c.fmt), (0, 0), "{}: check after discard", c.fmt);
+        assert_eq!(
+            qemu_check(&img, c.fmt),
+            (0, 0),
+            "{}: check after discard",
+            c.fmt
+        );
     }
     let inner: Vec<(u64, u64)> = dropped
         .iter()
@@ -221,7 +246,12 @@ pub fn run_case(dir: &Path, c: &Case) -> (PathBuf, u64) {
     );
     assert!(std::fs::metadata(&img).unwrap().len() <= len_before);
     // A second discard of the same runs frees nothing and changes nothing.
-    assert_eq!(discard(&img, f, c.runs, None).unwrap(), 0, "{}: second discard", c.fmt);
+    assert_eq!(
+        discard(&img, f, c.runs, None).unwrap(),
+        0,
+        "{}: second discard",
+        c.fmt
+    );
     qemu_img(&["compare", "-f", c.fmt, "-F", c.fmt, s(&img), s(&want)]);
     (img, freed)
 }
@@ -232,7 +262,14 @@ pub fn run_case(dir: &Path, c: &Case) -> (PathBuf, u64) {
 /// how many writes the whole discard makes.
 pub fn sweep(dir: &Path, c: &Case, leaks_ok: bool) -> u64 {
     let f = Format::from_name(c.fmt).unwrap();
-    let orig = make(dir, &format!("orig.{}", c.fmt), c.fmt, c.create, c.size, c.writes);
+    let orig = make(
+        dir,
+        &format!("orig.{}", c.fmt),
+        c.fmt,
+        c.create,
+        c.size,
+        c.writes,
+    );
     let dropped = whole(c.runs, c.unit, c.size);
     let want = reference(&orig, c.fmt, &dropped, dir.join(format!("ref.{}", c.fmt)));
     let scratch = dir.join("scratch.raw");
@@ -248,21 +285,35 @@ pub fn sweep(dir: &Path, c: &Case, leaks_ok: bool) -> u64 {
                 if c.checkable {
                     assert_eq!(qemu_check(&work, c.fmt), (0, 0));
                 }
-                assert!(saw_leaks || !leaks_ok || n == 1, "{}: no failure left a leak", c.fmt);
+                assert!(
+                    saw_leaks || !leaks_ok || n == 1,
+                    "{}: no failure left a leak",
+                    c.fmt
+                );
                 return n - 1;
             }
             Err(e) => {
                 assert!(e.to_string().contains("test hook"), "{}: {e}", c.fmt);
                 let now = guest(&work, c.fmt, &scratch);
-                assert_same_outside(&before, &now, &dropped, &format!("{} failing write {n}", c.fmt));
+                assert_same_outside(
+                    &before,
+                    &now,
+                    &dropped,
+                    &format!("{} failing write {n}", c.fmt),
+                );
                 if c.checkable {
                     let (corrupt, leaks) = qemu_check(&work, c.fmt);
                     assert_eq!(corrupt, 0, "{}: corruption after failing write {n}", c.fmt);
-                    assert!(leaks == 0 || leaks_ok, "{}: {leaks} leaks after failing write {n}", c.fmt);
+                    assert!(
+                        leaks == 0 || leaks_ok,
+                        "{}: {leaks} leaks after failing write {n}",
+                        c.fmt
+                    );
                     saw_leaks |= leaks > 0;
                 }
                 // Run again to completion: the image reaches the discarded state.
-                discard(&work, f, c.runs, None).unwrap_or_else(|e| panic!("{} rerun after {n}: {e}", c.fmt));
+                discard(&work, f, c.runs, None)
+                    .unwrap_or_else(|e| panic!("{} rerun after {n}: {e}", c.fmt));
                 qemu_img(&["compare", "-f", c.fmt, "-F", c.fmt, s(&work), s(&want)]);
                 if c.checkable {
                     assert_eq!(qemu_check(&work, c.fmt).0, 0);

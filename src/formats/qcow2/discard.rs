@@ -203,11 +203,7 @@ impl RefCounts {
     }
 
     fn block_offset(&self, i: u64) -> Option<u64> {
-        self.refs
-            .table
-            .get(i as usize)
-            .copied()
-            .filter(|&o| o != 0)
+        self.refs.table.get(i as usize).copied().filter(|&o| o != 0)
     }
 
     fn get(&mut self, host: &HostFile, c: u64) -> Result<u64> {
@@ -374,10 +370,12 @@ impl Discarder<'_> {
         let mut it = txn.dec.iter().peekable();
         while let Some(&(&c0, _)) = it.peek() {
             let i = c0 / per;
-            let off = self
-                .refs
-                .block_offset(i)
-                .ok_or_else(|| Error::corrupt(format!("no refcount block covers the cluster at {:#x}", c0 * self.cs)))?;
+            let off = self.refs.block_offset(i).ok_or_else(|| {
+                Error::corrupt(format!(
+                    "no refcount block covers the cluster at {:#x}",
+                    c0 * self.cs
+                ))
+            })?;
             let mut b = ed.host.read_vec(off, self.refs.refs.cs, "refcount block")?;
             let (mut lo, mut hi) = (usize::MAX, 0usize);
             while let Some(&(&c, &n)) = it.peek() {
@@ -403,11 +401,8 @@ impl Discarder<'_> {
                 lo = lo.min(bit / 8);
                 hi = hi.max((bit + (1usize << order)).div_ceil(8));
             }
-            ed.file.write_at(
-                &b[lo..hi],
-                off + lo as u64,
-                "decrementing qcow2 refcounts",
-            )?;
+            ed.file
+                .write_at(&b[lo..hi], off + lo as u64, "decrementing qcow2 refcounts")?;
         }
         ed.file.sync("flushing the qcow2 refcounts")?;
         self.refs.cache.clear();

@@ -82,7 +82,11 @@ pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<
         .with_path(path));
     }
     let image = reader::open(check, &OpenOptions::new().without_backing())?;
-    let nb_bitmaps = image.extensions().bitmaps.as_ref().map_or(0, |b| b.nb_bitmaps);
+    let nb_bitmaps = image
+        .extensions()
+        .bitmaps
+        .as_ref()
+        .map_or(0, |b| b.nb_bitmaps);
     drop(image);
     Ok(Box::new(Qcow2Editor {
         file: EditFile::new(file, path, opts.fail_at_write),

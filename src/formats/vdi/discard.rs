@@ -62,7 +62,11 @@ fn discard_static(ed: &mut VdiEditor, runs: &[(u64, u64)]) -> Result<u64> {
             // last partial unit: nothing past it is read). The data area need not be
             // aligned to the filesystem's blocks: the punch then zeroes the edges.
             let u0 = s0.next_multiple_of(HOLE_UNIT);
-            let u1 = if s1 == size { s1 } else { s1 / HOLE_UNIT * HOLE_UNIT };
+            let u1 = if s1 == size {
+                s1
+            } else {
+                s1 / HOLE_UNIT * HOLE_UNIT
+            };
             if u0 >= u1 {
                 continue;
             }
@@ -78,7 +82,11 @@ fn discard_static(ed: &mut VdiEditor, runs: &[(u64, u64)]) -> Result<u64> {
     for (a, z) in ranges {
         // Only the filesystem blocks wholly inside become holes; the edges are zeroed.
         let (fa, fz) = (a.next_multiple_of(HOLE_UNIT), z / HOLE_UNIT * HOLE_UNIT);
-        let stored = if fa < fz { ed.file.stored_bytes(fa, fz) } else { 0 };
+        let stored = if fa < fz {
+            ed.file.stored_bytes(fa, fz)
+        } else {
+            0
+        };
         if stored == 0 {
             continue;
         }

@@ -127,7 +127,11 @@ fn discard_blocks(
         }
         let a = hosts[k];
         let b = (a + n as u64 * stride).min(d.tail_at);
-        if a < b && !ed.file.punch_hole(a, b - a, "punching discarded VHD blocks")? {
+        if a < b
+            && !ed
+                .file
+                .punch_hole(a, b - a, "punching discarded VHD blocks")?
+        {
             break;
         }
         k += n;

@@ -47,9 +47,9 @@ pub fn discard(ed: &mut VmdkEditor, runs: &[(u64, u64)]) -> Result<u64> {
     let mut freed = 0u64;
     let mut tail_freed = false;
     let flush = |ed: &mut VmdkEditor,
-                     by_gt: &mut BTreeMap<usize, Vec<usize>>,
-                     freed: &mut u64,
-                     tail_freed: &mut bool|
+                 by_gt: &mut BTreeMap<usize, Vec<usize>>,
+                 freed: &mut u64,
+                 tail_freed: &mut bool|
      -> Result<()> {
         let (n, tail) = commit(ed, by_gt, &meta, file_len)?;
         *freed += n * g;
@@ -182,7 +182,11 @@ fn commit(
         let a = grains[k] * SECTOR;
         let b = (a + n as u64 * g).min(file_len);
         tail |= a + n as u64 * g >= file_len;
-        if a < b && !ed.file.punch_hole(a, b - a, "punching discarded VMDK grains")? {
+        if a < b
+            && !ed
+                .file
+                .punch_hole(a, b - a, "punching discarded VMDK grains")?
+        {
             break;
         }
         k += n;
@@ -204,7 +208,8 @@ fn truncate_tail(ed: &mut VmdkEditor, meta: &[(u64, u64)]) -> Result<()> {
     }
     let keep = end * SECTOR;
     if keep < ed.file_len()? {
-        ed.file.set_len(keep, "truncating the freed tail of the VMDK")?;
+        ed.file
+            .set_len(keep, "truncating the freed tail of the VMDK")?;
     }
     Ok(())
 }
