@@ -96,7 +96,7 @@ pub fn guest(img: &Path, fmt: &str, scratch: &Path) -> Vec<u8> {
 pub fn assert_same_outside(a: &[u8], b: &[u8], skip: &[(u64, u64)], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: guest sizes differ");
     let mut from = 0u64;
-    let mut cmp = |x: u64, y: u64| {
+    let cmp = |x: u64, y: u64| {
         let (x, y) = (x as usize, y as usize);
         if a[x..y] != b[x..y] {
             let at = (x..y).find(|&i| a[i] != b[i]).unwrap();
