@@ -346,15 +346,17 @@ impl<D: AsRef<dyn BlockDevice>> Seek for DeviceReader<D> {
 }
 
 /// The in-place side of a format, beside [`BlockDevice`]: operations that change an image
-/// that already holds data (resize today; check-and-repair and discard for in-place
-/// sparsify to come). Each format implements it in its own folder, reached through
+/// that already holds data (resize, and discard for in-place sparsify, today;
+/// check-and-repair to come). Each format implements it in its own folder, reached through
 /// [`crate::formats::open_editor`].
 ///
 /// Contract: an implementation validates everything before its first write, and orders
 /// its writes (new tables written and flushed first, one switching write last) so that a
-/// failure at any write leaves the image reading exactly as before or exactly as after.
-/// All writes go through an [`EditFile`](crate::writer::EditFile), whose fault hook lets
-/// tests fail every write in turn and prove it.
+/// failure at any write leaves the image reading exactly as before or exactly as after
+/// (for a discard: as before outside the runs, whose data is free; qcow2 may then hold
+/// leaked clusters, never corruption). All writes go through an
+/// [`EditFile`](crate::writer::EditFile), whose fault hook lets tests fail every write in
+/// turn and prove it.
 pub trait ImageEditor: Send {
     /// Current guest size in bytes.
     fn virtual_size(&self) -> u64;
