@@ -236,6 +236,12 @@ pub fn run_case(dir: &Path, c: &Case) -> (PathBuf, u64) {
         c.fmt
     );
     let after = on_disk(&img);
+    eprintln!(
+        "{} {:?}: freed {freed} bytes; on disk {before} -> {after}; length {len_before} -> {}",
+        c.fmt,
+        c.create,
+        std::fs::metadata(&img).unwrap().len()
+    );
     // Units below the filesystem's 4 KiB block free only the blocks they fill whole (a
     // 512-byte qcow2 cluster run is broken by an L2 table every 32 KiB).
     let counted = if c.unit < 4096 { freed / 8 * 7 } else { freed };
