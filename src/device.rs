@@ -372,15 +372,17 @@ impl<'a, D: AsRef<dyn BlockDevice + 'a>> Seek for DeviceReader<D> {
 }
 
 /// The in-place side of a format, beside [`BlockDevice`]: operations that change an image
-/// that already holds data (resize today; check-and-repair and discard for in-place
-/// sparsify to come). Each format implements it in its own folder, reached through
+/// that already holds data (resize, and discard for in-place sparsify, today;
+/// check-and-repair to come). Each format implements it in its own folder, reached through
 /// [`crate::formats::open_editor`].
 ///
 /// Contract: an implementation validates everything before its first write, and orders
 /// its writes (new tables written and flushed first, one switching write last) so that a
-/// failure at any write leaves the image reading exactly as before or exactly as after.
-/// All writes go through an [`EditFile`](crate::writer::EditFile), whose fault hook lets
-/// tests fail every write in turn and prove it.
+/// failure at any write leaves the image reading exactly as before or exactly as after
+/// (for a discard: as before outside the runs, whose data is free; qcow2 may then hold
+/// leaked clusters, never corruption). All writes go through an
+/// [`EditFile`](crate::writer::EditFile), whose fault hook lets tests fail every write in
+/// turn and prove it.
 pub trait ImageEditor: Send {
     /// Current guest size in bytes.
     fn virtual_size(&self) -> u64;
@@ -400,4 +402,39 @@ pub trait ImageEditor: Send {
             "this image format cannot give back space in place",
         ))
     }
+}
+
+/// Check the runs given to [`ImageEditor::discard`]: each non-empty, ascending, disjoint
+/// and inside a guest of `size` bytes. Every editor calls it before its first write.
+pub fn check_discard_runs(size: u64, runs: &[(u64, u64)]) -> Result<()> {
+    let mut prev_end = 0u64;
+    for (i, &(off, len)) in runs.iter().enumerate() {
+        let end = off.checked_add(len).filter(|&e| e <= size);
+        let Some(end) = end.filter(|_| len > 0) else {
+            return Err(Error::arg(format!(
+                "discard run {i} ({len} bytes at {off:#x}) is empty or runs past the virtual size {size}"
+            )));
+        };
+        if i > 0 && off < prev_end {
+            return Err(Error::arg(format!(
+                "discard run {i} at {off:#x} starts before the previous run's end {prev_end:#x} (runs must be ascending and disjoint)"
+            )));
+        }
+        prev_end = end;
+    }
+    Ok(())
+}
+
+/// The whole units of `unit` bytes inside `[off, off+len)` of a guest of `size` bytes, as
+/// a range of unit indices (empty when the run holds no whole unit): what a discard of
+/// that run may drop. A last unit that the guest's end cuts short counts as whole when
+/// the run reaches that end (its bytes past the end are never read).
+pub fn whole_units(off: u64, len: u64, unit: u64, size: u64) -> std::ops::Range<u64> {
+    let first = off.div_ceil(unit);
+    let end = if off + len >= size {
+        size.div_ceil(unit)
+    } else {
+        (off + len) / unit
+    };
+    first..end.max(first)
 }

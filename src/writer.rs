@@ -1315,6 +1315,69 @@ impl EditFile {
             .map_err(|e| Error::io(what.to_string(), e).with_path(&self.path))
     }
 
+    /// Give back the storage of `[offset, offset+len)`, which reads as zeros afterwards
+    /// (fallocate PUNCH_HOLE|KEEP_SIZE: a file's blocks are freed, a block device is told
+    /// to zero and unmap). Ok(false) when the filesystem or device cannot do it (nothing
+    /// changed); callers for which the hole is only a saving ignore that.
+    pub fn punch_hole(&mut self, offset: u64, len: u64, what: &str) -> Result<bool> {
+        self.step(what)?;
+        if len == 0 {
+            return Ok(true);
+        }
+        let (Ok(s), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(Error::arg(format!(
+                "{what}: range of {len} bytes at {offset:#x} is past what fallocate takes"
+            )));
+        };
+        // SAFETY: fallocate on a valid descriptor; KEEP_SIZE never changes the length.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                s,
+                l,
+            )
+        };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => Ok(false),
+            _ => Err(Error::io(what.to_string(), e)
+                .at(offset)
+                .with_path(&self.path)),
+        }
+    }
+
+    /// Bytes of `[a, b)` the filesystem stores (not holes), by SEEK_DATA/SEEK_HOLE; all of
+    /// them when the filesystem cannot say.
+    pub fn stored_bytes(&self, a: u64, b: u64) -> u64 {
+        let fd = self.file.as_raw_fd();
+        let mut off = a;
+        let mut n = 0;
+        while off < b {
+            // SAFETY: lseek on a valid descriptor; reads are positional.
+            let d = unsafe { libc::lseek(fd, off as i64, libc::SEEK_DATA) };
+            if d < 0 {
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                    break;
+                }
+                return n + (b - off);
+            }
+            let d = d as u64;
+            if d >= b {
+                break;
+            }
+            // SAFETY: as above.
+            let h = unsafe { libc::lseek(fd, d as i64, libc::SEEK_HOLE) };
+            let h = if h < 0 { b } else { (h as u64).min(b) };
+            n += h.saturating_sub(d);
+            off = h.max(d + 1);
+        }
+        n
+    }
+
     /// Flush data and metadata to stable storage: the barrier between "new tables
     /// written" and "the switching write".
     pub fn sync(&mut self, what: &str) -> Result<()> {

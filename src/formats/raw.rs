@@ -211,23 +211,39 @@ impl ImageWriter for RawWriter {
 pub struct RawEditor {
     file: EditFile,
     len: u64,
+    /// A block device: its size is the device's, so it can be discarded in, not resized.
+    block: bool,
 }
 
-/// Open a raw image for in-place changes. Only a regular file: a block device's size is
-/// the device's, changed by the tool that owns it (lvresize, rbd resize), never by us.
+/// Open a raw image for in-place changes: a regular file, or a block device (which only
+/// [`ImageEditor::discard`] changes: its size is the device's, changed by the tool that
+/// owns it, lvresize or rbd resize, never by us).
 pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<dyn ImageEditor>> {
+    use std::os::unix::fs::FileTypeExt;
     let meta = file
         .metadata()
         .map_err(|e| Error::io("cannot stat the image", e).with_path(path))?;
-    if !meta.is_file() {
+    let block = meta.file_type().is_block_device();
+    if !meta.is_file() && !block {
         return Err(Error::unsupported(
-            "not a regular file: a block device's size is the device's (resize the device itself, e.g. with lvresize or rbd resize)",
+            "not a regular file or block device: nothing to change in place",
         )
         .with_path(path));
     }
+    let len = if block {
+        HostFile::from_file(
+            file.try_clone()
+                .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?,
+            path,
+        )?
+        .len()
+    } else {
+        meta.len()
+    };
     Ok(Box::new(RawEditor {
         file: EditFile::new(file, path, opts.fail_at_write),
-        len: meta.len(),
+        len,
+        block,
     }))
 }
 
@@ -240,6 +256,11 @@ impl ImageEditor for RawEditor {
     }
 
     fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
+        if self.block {
+            return Err(Error::unsupported(
+                "not a regular file: a block device's size is the device's (resize the device itself, e.g. with lvresize or rbd resize)",
+            ));
+        }
         let old = self.len;
         if new_size == old {
             return Ok(());
@@ -273,6 +294,58 @@ impl ImageEditor for RawEditor {
         self.len = new_size;
         Ok(())
     }
+
+    fn discard(&mut self, runs: &[(u64, u64)]) -> Result<u64> {
+        discard_raw(&mut self.file, self.len, self.block, runs)
+    }
+}
+
+/// Hole granularity: holes exist only in whole filesystem blocks (a punch over part of
+/// one writes zeros), and a block device zeroes whole logical sectors; 4 KiB is both on
+/// every filesystem and device this runs on, and smaller blocks only lose a little.
+const HOLE_UNIT: u64 = 4096;
+
+/// Raw discard, as qemu's write-zeroes with unmap on a raw file or host device:
+/// fallocate(PUNCH_HOLE|KEEP_SIZE) over the whole 4 KiB units of each run. On a file the
+/// blocks are freed and read back as zeros; on a block device the kernel zeroes and
+/// unmaps (REQ_OP_WRITE_ZEROES), and refuses when the device cannot, rather than
+/// writing zeros that give nothing back. BLKDISCARD is never used: a discarded range
+/// need not read as zeros afterwards. Each punch stands alone, so a failure at any run
+/// leaves the earlier runs punched and the rest as they were, all outside the runs
+/// untouched. Returns the bytes that were stored (SEEK_DATA) and are now holes; on a
+/// block device, every byte punched.
+fn discard_raw(file: &mut EditFile, len: u64, block: bool, runs: &[(u64, u64)]) -> Result<u64> {
+    // The reader rounds a partial last sector up (it reads as zeros): runs may reach
+    // that rounded end, and the punch stops at the file's.
+    crate::device::check_discard_runs(len.next_multiple_of(512), runs)?;
+    let mut freed = 0;
+    for &(off, n) in runs {
+        let units = crate::device::whole_units(off, n.min(len.saturating_sub(off)), HOLE_UNIT, len);
+        let (a, b) = (units.start * HOLE_UNIT, (units.end * HOLE_UNIT).min(len));
+        if a >= b {
+            continue;
+        }
+        // A file's last partial block is zeroed by the punch but stays allocated: it
+        // is punched when it holds data, and never counted as given back.
+        let whole_end = if block { b } else { b / HOLE_UNIT * HOLE_UNIT };
+        let stored = if block {
+            b - a
+        } else {
+            file.stored_bytes(a, whole_end.max(a))
+        };
+        if stored == 0 && (whole_end == b || file.stored_bytes(whole_end.max(a), b) == 0) {
+            continue;
+        }
+        if !file.punch_hole(a, b - a, "punching a hole in the raw image")? {
+            return Err(Error::unsupported(if block {
+                "the block device cannot zero and unmap ranges (fallocate PUNCH_HOLE): BLKDISCARD would not guarantee zeros and writing zeros gives nothing back"
+            } else {
+                "the filesystem holding the image cannot punch holes (fallocate PUNCH_HOLE)"
+            }));
+        }
+        freed += stored;
+    }
+    Ok(freed)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! runs the core on them. The CLI is a thin shell over these; other crates call them too.
 
 pub mod convert;
+pub mod discard;
 pub mod resize;
 pub mod sparsify;
 pub mod stream;

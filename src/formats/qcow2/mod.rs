@@ -15,6 +15,7 @@ use crate::options::{CreateOptions, OpenOptions, OptionHelp, ResizeOptions};
 use crate::writer::ImageWriter;
 
 pub mod compress;
+pub mod discard;
 pub mod header;
 pub mod reader;
 pub mod resize;

@@ -48,14 +48,19 @@ const PREALLOC_CHUNK: u64 = 1 << 20;
 /// A qcow2 image opened for in-place changes.
 #[derive(Debug)]
 pub struct Qcow2Editor {
-    file: EditFile,
-    host: HostFile,
-    path: PathBuf,
-    header: Header,
+    pub(super) file: EditFile,
+    pub(super) host: HostFile,
+    pub(super) path: PathBuf,
+    pub(super) header: Header,
+    /// Persistent dirty bitmaps in the image (a resize would leave them the old size,
+    /// a discard would change data behind them).
+    pub(super) nb_bitmaps: u32,
 }
 
-/// Open a qcow2 image for resizing: lock it, parse and validate the header and the
-/// active L1 table with the reader, and refuse what a resize cannot keep consistent.
+/// Open a qcow2 image for in-place changes: parse and validate the header and the
+/// active L1 table with the reader. What a resize cannot keep consistent is refused by
+/// `resize`, what a discard cannot by `discard` (their limits differ: a discard keeps a
+/// backing file's overlay consistent with the zero flag).
 pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<dyn ImageEditor>> {
     let clone = file
         .try_clone()
@@ -69,23 +74,26 @@ pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<
     )?;
     let header = Header::parse(&host.read_vec(0, host.len().min(64 << 10), "qcow2 header")?)
         .map_err(|e| e.with_path(path))?;
-    refuse_unsupported(&header, path)?;
-    let image = reader::open(check, &OpenOptions::new().without_backing())?;
-    if let Some(b) = &image.extensions().bitmaps {
-        if b.nb_bitmaps > 0 {
-            return Err(Error::unsupported(format!(
-                "the image has {} persistent dirty bitmap(s); resizing it would leave them the old size (remove them with qemu-img bitmap --remove first)",
-                b.nb_bitmaps
-            ))
-            .with_path(path));
-        }
+    // Refused before the reader would try to open the data file.
+    if header.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+        return Err(Error::unsupported(
+            "the image keeps its data in an external data file; changing it in place (resize, discard) is not supported",
+        )
+        .with_path(path));
     }
+    let image = reader::open(check, &OpenOptions::new().without_backing())?;
+    let nb_bitmaps = image
+        .extensions()
+        .bitmaps
+        .as_ref()
+        .map_or(0, |b| b.nb_bitmaps);
     drop(image);
     Ok(Box::new(Qcow2Editor {
         file: EditFile::new(file, path, opts.fail_at_write),
         host,
         path: path.to_path_buf(),
         header,
+        nb_bitmaps,
     }))
 }
 
@@ -117,12 +125,12 @@ fn refuse_unsupported(h: &Header, path: &Path) -> Result<()> {
 
 /// The refcounts: the current (old) table and blocks, read on demand, and the copies of
 /// the blocks this transaction changes.
-struct Refs {
-    order: u32,
-    cs: u64,
+pub(super) struct Refs {
+    pub(super) order: u32,
+    pub(super) cs: u64,
     /// Entries per refcount block.
-    rb_entries: u64,
-    table: Vec<u64>,
+    pub(super) rb_entries: u64,
+    pub(super) table: Vec<u64>,
     table_offset: u64,
     table_clusters: u64,
     old: HashMap<u64, Vec<u8>>,
@@ -130,7 +138,7 @@ struct Refs {
 }
 
 impl Refs {
-    fn load(host: &HostFile, h: &Header) -> Result<Refs> {
+    pub(super) fn load(host: &HostFile, h: &Header) -> Result<Refs> {
         let cs = h.cluster_size();
         let bytes = u64::from(h.refcount_table_clusters) * cs;
         if bytes == 0 || bytes > MAX_REFTABLE_BYTES {
@@ -254,7 +262,7 @@ impl Refs {
 
 /// Refcount `j` of a block with `1 << order`-bit entries (sub-byte widths are packed
 /// from the low bits up, as qemu does).
-fn decode(order: u32, b: &[u8], j: u64) -> u64 {
+pub(super) fn decode(order: u32, b: &[u8], j: u64) -> u64 {
     let j = j as usize;
     match order {
         0..=2 => {
@@ -269,7 +277,7 @@ fn decode(order: u32, b: &[u8], j: u64) -> u64 {
     }
 }
 
-fn encode(order: u32, b: &mut [u8], j: u64, v: u64) {
+pub(super) fn encode(order: u32, b: &mut [u8], j: u64, v: u64) {
     let j = j as usize;
     match order {
         0..=2 => {
@@ -324,15 +332,15 @@ struct Plan {
 }
 
 impl Qcow2Editor {
-    fn cs(&self) -> u64 {
+    pub(super) fn cs(&self) -> u64 {
         self.header.cluster_size()
     }
 
-    fn span(&self) -> u64 {
+    pub(super) fn span(&self) -> u64 {
         self.cs() * self.header.l2_entries()
     }
 
-    fn read_l1(&self) -> Result<Vec<u64>> {
+    pub(super) fn read_l1(&self) -> Result<Vec<u64>> {
         let h = &self.header;
         if h.l1_size == 0 {
             return Ok(Vec::new());
@@ -345,7 +353,7 @@ impl Qcow2Editor {
         Ok(raw.chunks_exact(8).map(BigEndian::read_u64).collect())
     }
 
-    fn read_l2(&self, l1_index: usize, entry: u64) -> Result<Vec<u64>> {
+    pub(super) fn read_l2(&self, l1_index: usize, entry: u64) -> Result<Vec<u64>> {
         let off = entry & OFFSET_MASK;
         let at = self.header.l1_table_offset + l1_index as u64 * 8;
         if off % self.cs() != 0 {
@@ -788,7 +796,7 @@ impl Qcow2Editor {
 
     /// The last cluster with a nonzero refcount in the image as it now is on disk, and
     /// the last one that is not the L1 table, the refcount table or a refcount block.
-    fn last_used_clusters(&self) -> Result<(u64, u64)> {
+    pub(super) fn last_used_clusters(&self) -> Result<(u64, u64)> {
         let h = &self.header;
         let cs = self.cs();
         let mut refs = Refs::load(&self.host, h)?;
@@ -888,7 +896,19 @@ impl ImageEditor for Qcow2Editor {
         self.header.size & !511
     }
 
+    fn discard(&mut self, runs: &[(u64, u64)]) -> Result<u64> {
+        super::discard::discard(self, runs)
+    }
+
     fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
+        refuse_unsupported(&self.header, &self.path)?;
+        if self.nb_bitmaps > 0 {
+            return Err(Error::unsupported(format!(
+                "the image has {} persistent dirty bitmap(s); resizing it would leave them the old size (remove them with qemu-img bitmap --remove first)",
+                self.nb_bitmaps
+            ))
+            .with_path(&self.path));
+        }
         if new_size % 512 != 0 {
             return Err(Error::arg("The new size must be a multiple of 512").with_path(&self.path));
         }

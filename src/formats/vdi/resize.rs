@@ -43,14 +43,14 @@ const QEMU_MAX_BLOCKS: u64 = 0x3fff_ffff;
 /// An opened VDI, ready to change size.
 #[derive(Debug)]
 pub struct VdiEditor {
-    file: EditFile,
-    path: PathBuf,
-    header: VdiHeader,
+    pub(super) file: EditFile,
+    pub(super) path: PathBuf,
+    pub(super) header: VdiHeader,
     /// All `blocks_in_image` entries.
-    bmap: Vec<u32>,
+    pub(super) bmap: Vec<u32>,
 }
 
-fn is_data(e: u32) -> bool {
+pub(super) fn is_data(e: u32) -> bool {
     e != BLOCK_UNALLOCATED && e != BLOCK_DISCARDED
 }
 
@@ -118,7 +118,7 @@ pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<
 }
 
 impl VdiEditor {
-    fn bs(&self) -> u64 {
+    pub(super) fn bs(&self) -> u64 {
         u64::from(self.header.block_size)
     }
 
@@ -128,7 +128,7 @@ impl VdiEditor {
     }
 
     /// Host offset of data block `idx` when the data area starts at `data`.
-    fn host(&self, data: u64, idx: u64) -> u64 {
+    pub(super) fn host(&self, data: u64, idx: u64) -> u64 {
         data + idx * self.bs()
     }
 
@@ -155,7 +155,7 @@ impl VdiEditor {
         Ok(buf)
     }
 
-    fn file_len(&self) -> Result<u64> {
+    pub(super) fn file_len(&self) -> Result<u64> {
         Ok(self
             .file
             .file()
@@ -166,7 +166,7 @@ impl VdiEditor {
 
     /// The bytes `[0, offset_bmap + entries*4)`: `header`, whatever lies between it and the
     /// map (kept as it is), then `map`.
-    fn head_and_map(&self, header: &VdiHeader, map: &[u32]) -> Result<Vec<u8>> {
+    pub(super) fn head_and_map(&self, header: &VdiHeader, map: &[u32]) -> Result<Vec<u8>> {
         let bmap_off = header.offset_bmap as usize;
         let mut buf = vec![0u8; bmap_off + map.len() * 4];
         buf[..HEADER_BLOCK].copy_from_slice(&header.to_bytes());
@@ -422,6 +422,10 @@ impl VdiEditor {
 impl ImageEditor for VdiEditor {
     fn virtual_size(&self) -> u64 {
         self.header.virtual_size()
+    }
+
+    fn discard(&mut self, runs: &[(u64, u64)]) -> Result<u64> {
+        super::discard::discard(self, runs)
     }
 
     fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {

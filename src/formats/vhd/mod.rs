@@ -9,6 +9,7 @@ use crate::error::Result;
 use crate::options::{CreateOptions, OpenOptions, OptionHelp};
 use crate::writer::ImageWriter;
 
+pub mod discard;
 pub mod dynheader;
 pub mod footer;
 pub mod geometry;

@@ -36,48 +36,48 @@ use crate::options::{OpenOptions, Preallocation, ResizeOptions};
 use crate::writer::EditFile;
 
 /// BAT value of an unallocated block.
-const UNALLOCATED: u32 = u32::MAX;
+pub(super) const UNALLOCATED: u32 = u32::MAX;
 /// Bytes of zeros written per call.
 const ZERO_CHUNK: u64 = 1 << 20;
-const SECTOR: u64 = 512;
+pub(super) const SECTOR: u64 = 512;
 
 /// An opened VHD, ready to change size.
 #[derive(Debug)]
 pub struct VhdEditor {
-    file: EditFile,
-    path: PathBuf,
-    size: u64,
+    pub(super) file: EditFile,
+    pub(super) path: PathBuf,
+    pub(super) size: u64,
     /// The footer the image is read by, as stored (the head copy of a dynamic disk).
-    footer_raw: [u8; FOOTER_SIZE],
-    layout: Layout,
+    pub(super) footer_raw: [u8; FOOTER_SIZE],
+    pub(super) layout: Layout,
 }
 
 #[derive(Debug)]
-enum Layout {
+pub(super) enum Layout {
     Fixed { footer_at: u64 },
     Dynamic(Box<Dynamic>),
 }
 
 #[derive(Debug)]
-struct Dynamic {
+pub(super) struct Dynamic {
     hdr_at: u64,
     hdr_raw: [u8; DYN_HEADER_SIZE],
-    hdr: DynHeader,
+    pub(super) hdr: DynHeader,
     /// All `max_table_entries` entries.
-    bat: Vec<u32>,
+    pub(super) bat: Vec<u32>,
     /// Where the tail footer is.
-    tail_at: u64,
+    pub(super) tail_at: u64,
 }
 
 impl Dynamic {
-    fn stride(&self) -> u64 {
+    pub(super) fn stride(&self) -> u64 {
         self.hdr.bitmap_size() + u64::from(self.hdr.block_size)
     }
     fn bat_end(&self, entries: u64) -> u64 {
         self.hdr.table_offset + (entries * 4).next_multiple_of(SECTOR)
     }
     /// End of the last structure or block before the tail footer.
-    fn data_end(&self) -> u64 {
+    pub(super) fn data_end(&self) -> u64 {
         let blocks = self
             .bat
             .iter()
@@ -129,7 +129,7 @@ pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<
     };
     if footer.disk_type == DiskType::Differencing {
         return Err(Error::unsupported(
-            "differencing VHDs cannot be resized: their size is their parent's, and a grown child would read its new space from a parent that has none (resize the parent, or make a standalone copy by converting with a target size, ConvertOptions::target_size)",
+            "differencing VHDs cannot be changed in place: their size is their parent's and their unallocated blocks read from it (a grown child would read new space from a parent that has none, a discarded block would show the parent's data); resize or sparsify the parent, or make a standalone copy by converting with a target size (ConvertOptions::target_size)",
         )
         .with_field("footer.disk_type")
         .with_path(path));
@@ -277,7 +277,7 @@ impl VhdEditor {
         Ok(())
     }
 
-    fn write_entries(
+    pub(super) fn write_entries(
         &mut self,
         d: &Dynamic,
         first: u64,
@@ -448,6 +448,10 @@ impl VhdEditor {
 impl ImageEditor for VhdEditor {
     fn virtual_size(&self) -> u64 {
         self.size
+    }
+
+    fn discard(&mut self, runs: &[(u64, u64)]) -> Result<u64> {
+        super::discard::discard(self, runs)
     }
 
     fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {

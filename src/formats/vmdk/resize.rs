@@ -42,24 +42,24 @@ pub const MAX_SIZE: u64 = (1 << 41) - SECTOR;
 
 /// How to write a resized copy instead, for the refusals.
 const CONVERT_HINT: &str =
-    "write a resized copy by converting to vmdk with a target size (ConvertOptions::target_size)";
+    "write a new copy instead: convert to vmdk with a target size (ConvertOptions::target_size) to resize, or sparsify into a new image";
 
 /// An opened monolithicSparse VMDK, ready to change size.
 #[derive(Debug)]
 pub struct VmdkEditor {
-    file: EditFile,
-    path: PathBuf,
-    header: SparseHeader,
+    pub(super) file: EditFile,
+    pub(super) path: PathBuf,
+    pub(super) header: SparseHeader,
     /// The descriptor text as stored (up to its first NUL).
     desc: String,
     /// Grain directory and redundant directory (empty when there is none).
-    gd: Vec<u32>,
-    rgd: Vec<u32>,
+    pub(super) gd: Vec<u32>,
+    pub(super) rgd: Vec<u32>,
 }
 
 fn refuse(what: &str, path: &Path) -> Error {
     Error::unsupported(format!(
-        "{what}: only monolithicSparse VMDKs are resized in place; {CONVERT_HINT}"
+        "{what}: only monolithicSparse VMDKs are changed in place (resized, or sparsified with --in-place); {CONVERT_HINT}"
     ))
     .with_path(path)
 }
@@ -88,7 +88,7 @@ pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<
     let header = SparseHeader::parse(&head).map_err(|e| e.with_path(path))?;
     if header.compressed() || header.flags & FLAG_MARKERS != 0 || header.gd_offset == GD_AT_END {
         return Err(refuse(
-            "a streamOptimized VMDK is written once, in order, with compressed grains and no room to grow its tables",
+            "a streamOptimized VMDK is written once, in order, with compressed grains packed back to back: there is no room to grow its tables, and a freed grain's space cannot be given back",
             path,
         ));
     }
@@ -225,10 +225,10 @@ pub fn resized_descriptor(text: &str, sectors: u64) -> Result<String> {
 }
 
 impl VmdkEditor {
-    fn grain_bytes(&self) -> u64 {
+    pub(super) fn grain_bytes(&self) -> u64 {
         self.header.grain_size * SECTOR
     }
-    fn gt_bytes(&self) -> u64 {
+    pub(super) fn gt_bytes(&self) -> u64 {
         u64::from(self.header.num_gtes_per_gt) * 4
     }
     /// Guest bytes one grain table covers.
@@ -236,7 +236,7 @@ impl VmdkEditor {
         u64::from(self.header.num_gtes_per_gt) * self.grain_bytes()
     }
 
-    fn file_len(&self) -> Result<u64> {
+    pub(super) fn file_len(&self) -> Result<u64> {
         Ok(self
             .file
             .file()
@@ -245,7 +245,7 @@ impl VmdkEditor {
             .len())
     }
 
-    fn read_gt(&self, sector: u32) -> Result<Vec<u32>> {
+    pub(super) fn read_gt(&self, sector: u32) -> Result<Vec<u32>> {
         let mut b = vec![0u8; self.gt_bytes() as usize];
         let at = u64::from(sector) * SECTOR;
         self.file.file().read_exact_at(&mut b, at).map_err(|e| {
@@ -422,6 +422,10 @@ impl VmdkEditor {
 impl ImageEditor for VmdkEditor {
     fn virtual_size(&self) -> u64 {
         self.header.capacity * SECTOR
+    }
+
+    fn discard(&mut self, runs: &[(u64, u64)]) -> Result<u64> {
+        super::discard::discard(self, runs)
     }
 
     fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
