@@ -574,7 +574,7 @@ fn ext4_written_by_the_kernel() {
     // A copy taken while mounted: the journal is live (needs_recovery).
     let live = dir.path().join("live.img");
     std::fs::copy(&img, &live).unwrap();
-    run(&["umount", s(&mnt)]);
+    umount_retry(&mnt);
     assert_skipped(&live, "needs_recovery");
 
     let fs = Fs { dir, img, files };

@@ -410,7 +410,7 @@ fn with_exfat_mounted(img: &Path, mnt: &Path, f: impl FnOnce(&Path)) {
         panic!("mount.exfat-fuse failed: {out}");
     }
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(mnt)));
-    run(&["umount", s(mnt)]);
+    umount_retry(mnt);
     run(&["losetup", "-d", &dev]);
     if let Err(e) = r {
         std::panic::resume_unwind(e);

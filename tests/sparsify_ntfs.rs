@@ -88,7 +88,7 @@ fn build(
     let mnt = dir("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     run(&["ntfs-3g", s(img), s(&mnt)]);
-    let unmount = |m: &Path| run(&["umount", s(m)]);
+    let unmount = |m: &Path| umount_retry(m);
     write_random(&mnt.join("del1"), 20 * MIB, 2);
     write_random(&mnt.join("keep2"), MIB + 7, 3);
     write_random(&mnt.join("del2"), 6 * MIB, 4);

@@ -103,7 +103,7 @@ fn mount(img: &Path, mnt: &Path, ro: bool) {
 }
 
 fn umount(mnt: &Path) {
-    run(&["umount", s(mnt)]);
+    umount_retry(mnt);
 }
 
 /// An XFS filesystem (300 MiB, mkfs's minimum) holding `keep1`, `keep2` and 600 small
