@@ -2,7 +2,8 @@
 //! cannot run is reported by cargo as *ignored* rather than counted as passed.
 //!
 //! Sets `--cfg no_qemu` when `qemu-img` or `qemu-io` is not on PATH and `--cfg no_bzip2`
-//! when `bzip2` is not (`no_strace` for `strace`, the crash tests' fault injector), but only when the tools are not required: with `CI` set (to
+//! when `bzip2` is not (`no_strace` for `strace`, the crash tests' fault injector; `no_s3`
+//! when no S3 test server is started (`DISKCONV_TEST_S3` unset; tests/servers/up.sh sets it), but only when the tools are not required: with `CI` set (to
 //! anything but `false`/`0`) or `DISKCONV_REQUIRE_QEMU=1` nothing is ignored, so the tests
 //! run and fail with the install command. The library and the binary never look at these.
 
@@ -28,12 +29,13 @@ fn required() -> bool {
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    for var in ["PATH", "CI", "DISKCONV_REQUIRE_QEMU"] {
+    for var in ["PATH", "CI", "DISKCONV_REQUIRE_QEMU", "DISKCONV_TEST_S3"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rustc-check-cfg=cfg(no_qemu)");
     println!("cargo:rustc-check-cfg=cfg(no_bzip2)");
     println!("cargo:rustc-check-cfg=cfg(no_strace)");
+    println!("cargo:rustc-check-cfg=cfg(no_s3)");
     let required = required();
     let have = |tool: &str| match find_on_path(tool) {
         Some(p) => {
@@ -64,6 +66,10 @@ fn main() {
         }
         if !strace {
             println!("cargo:rustc-cfg=no_strace");
+        }
+        // No S3 server started (tests/servers/up.sh exports where it listens).
+        if env::var_os("DISKCONV_TEST_S3").is_none() {
+            println!("cargo:rustc-cfg=no_s3");
         }
     }
 }
