@@ -46,6 +46,8 @@ pub mod fuzzing;
 pub mod inspect;
 pub mod ops;
 pub mod probe;
+#[cfg(feature = "remote")]
+pub mod remote;
 
 use std::path::Path;
 

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+#[cfg(feature = "remote")]
+mod cli_remote;
 use diskconv::parse_size;
 use diskconv::{
     ConvertOptions, CreateOptions, Error, Format, ImageInfo, OpenOptions, Preallocation,
@@ -111,6 +113,9 @@ enum Cmd {
         /// (on stderr when DST is `-`).
         #[arg(long = "output", default_value = "human")]
         output: String,
+        #[cfg(feature = "remote")]
+        #[command(flatten)]
+        remote: cli_remote::RemoteArgs,
         // Both required except with `-o help`, which qemu-img also runs without files;
         // hidden because clap would list optional positionals as [SRC] [DST].
         /// Input image.
@@ -213,6 +218,11 @@ fn main() -> ExitCode {
     };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // Failed because a signal's cleanup aborted it (an upload): the cleanup thread
+        // ends the process by that signal; exiting 1 first would hide it.
+        Err(_) if SIGNALLED.load(std::sync::atomic::Ordering::SeqCst) => loop {
+            std::thread::park();
+        },
         Err(e) => {
             eprintln!("diskconv: {e}");
             ExitCode::FAILURE
@@ -364,6 +374,8 @@ fn run(cli: Cli) -> Result<()> {
             target_is_zero,
             digest,
             output,
+            #[cfg(feature = "remote")]
+            remote,
             src,
             dst,
         } => {
@@ -473,8 +485,20 @@ fn run(cli: Cli) -> Result<()> {
                 opts.progress = Some(reporter.as_ref());
             }
             remove_temp_on_interrupt(&dst);
+            // An s3:// DST: the upload's own fields join --output=json's.
+            let mut upload_json = None;
+            #[cfg(feature = "remote")]
+            let remote_report = cli_remote::is_remote(&dst)
+                .then(|| cli_remote::convert(&src, &dst, &remote, &opts, json));
+            #[cfg(not(feature = "remote"))]
+            let remote_report: Option<Result<(diskconv::ConvertReport, _)>> = None;
             let report = if to_stdout {
                 convert_to_stdout(&src, &opts)
+            } else if let Some(r) = remote_report {
+                r.map(|(r, j)| {
+                    upload_json = j;
+                    r
+                })
             } else {
                 diskconv::convert(&src, &dst, &opts)
             };
@@ -496,12 +520,13 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             if json {
-                let text = serde_json::to_string_pretty(&convert_json(
-                    format,
-                    (!to_stdout).then_some(dst.as_path()),
-                    &report,
-                ))
-                .expect("json");
+                let mut v = convert_json(format, (!to_stdout).then_some(dst.as_path()), &report);
+                if let (Some(o), Some(serde_json::Value::Object(u))) =
+                    (v.as_object_mut(), upload_json)
+                {
+                    o.extend(u);
+                }
+                let text = serde_json::to_string_pretty(&v).expect("json");
                 side_println(to_stdout, &text);
             }
             Ok(())
@@ -633,6 +658,8 @@ fn run(cli: Cli) -> Result<()> {
 /// shell reports 130 for SIGINT, 143 for SIGTERM).
 fn remove_temp_on_interrupt(_dst: &Path) {
     on_termination_signal(move || {
+        #[cfg(feature = "remote")]
+        diskconv::remote::abort_uploads();
         diskconv::writer::remove_temporaries();
         eprintln!("\ndiskconv: interrupted; partial output removed");
     });
@@ -641,7 +668,11 @@ fn remove_temp_on_interrupt(_dst: &Path) {
 /// Write end of the pipe the signal handler reports on (-1 until installed).
 static SIGNAL_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
+/// Set by the signal handler: the process is being terminated by a signal.
+static SIGNALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 extern "C" fn note_signal(sig: libc::c_int) {
+    SIGNALLED.store(true, std::sync::atomic::Ordering::SeqCst);
     // Only async-signal-safe work here: one write(2); the thread below does the rest.
     let fd = SIGNAL_PIPE.load(std::sync::atomic::Ordering::Relaxed);
     let b = sig as u8;
