@@ -417,3 +417,126 @@ fn interrupted_upload_leaves_no_object_and_no_open_upload() {
     s3.boto(&["abort", &bucket]);
     assert!(s3.uploads(&bucket).is_empty());
 }
+
+fn config(s3: &S3) -> diskconv::remote::S3Config {
+    diskconv::remote::S3Config {
+        endpoint: Some(s3.endpoint.clone()),
+        access_key_id: Some(s3.access.clone()),
+        secret_access_key: Some(s3.secret.clone()),
+        ..Default::default()
+    }
+}
+
+/// A qcow2 held in a bucket is read where it lies: `info` fetches its header and tables
+/// only, `convert` its tables and data once, and both give what the local file gives.
+#[test]
+#[cfg_attr(no_s3, ignore = "no S3 server: run scripts/test (it starts SeaweedFS)")]
+fn qcow2_in_a_bucket_is_read_by_ranges() {
+    use diskconv::remote::{open_s3, S3Url};
+    let s3 = s3();
+    let bucket = s3.bucket("ranges");
+    let dir = tempfile::tempdir().unwrap();
+    // 1 GiB guest, 24 MiB of data in six runs.
+    let raw = dir.path().join("src.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(1 << 30).unwrap();
+    let run: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(40503) >> 9) as u8 | 1)
+        .collect();
+    for k in 0..6u64 {
+        f.write_all_at(&run, k * (170 << 20)).unwrap();
+    }
+    let qcow = dir.path().join("src.qcow2");
+    ok(&s3.convert(&[
+        "convert",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        qcow.to_str().unwrap(),
+    ]));
+    s3.boto(&["put", &bucket, "img.qcow2", qcow.to_str().unwrap()]);
+    let object = std::fs::metadata(&qcow).unwrap().len();
+    let url = S3Url::parse(&format!("s3://{bucket}/img.qcow2")).unwrap();
+
+    let (dev, stats) = open_s3(&url, &config(&s3), &diskconv::OpenOptions::new()).unwrap();
+    let info = dev.info();
+    eprintln!(
+        "info: {} bytes in {} requests, object {object}",
+        stats.bytes(),
+        stats.requests()
+    );
+    assert_eq!(info.format, "qcow2");
+    assert_eq!(info.virtual_size, 1 << 30);
+    assert!(
+        stats.bytes() * 20 < object,
+        "info fetched {} of a {object}-byte object",
+        stats.bytes()
+    );
+    let out = dir.path().join("back.raw");
+    let opts = diskconv::ConvertOptions::new(diskconv::Format::Raw);
+    diskconv::convert_to_path(dev.as_ref(), &out, &opts).unwrap();
+    assert_eq!(sha256_file(&out), sha256_file(&raw));
+    eprintln!(
+        "convert: {} bytes in {} requests",
+        stats.bytes(),
+        stats.requests()
+    );
+    // Data and tables once each (whole cache blocks around the tables): about the object.
+    assert!(
+        stats.bytes() <= object + (2 << 20),
+        "convert fetched {} of a {object}-byte object in {} requests",
+        stats.bytes(),
+        stats.requests()
+    );
+    assert!(stats.requests() < 200, "{} requests", stats.requests());
+
+    // The CLI takes s3:// as SRC the same way (AWS_* from the environment).
+    let text = ok(&s3.convert(&["info", &url.to_string()]));
+    assert!(text.contains("file format: qcow2"), "{text}");
+    let cli_out = dir.path().join("cli.raw");
+    ok(&s3.convert(&[
+        "convert",
+        "-O",
+        "raw",
+        &url.to_string(),
+        cli_out.to_str().unwrap(),
+    ]));
+    assert_eq!(sha256_file(&cli_out), sha256_file(&raw));
+}
+
+/// An object replaced while it is read is an error, never a mix of two images; a missing
+/// object or a wrong key is a one-line error without the secret.
+#[test]
+#[cfg_attr(no_s3, ignore = "no S3 server: run scripts/test (it starts SeaweedFS)")]
+fn object_changed_between_reads_is_an_error() {
+    use diskconv::remote::{open_s3, S3Url};
+    let s3 = s3();
+    let bucket = s3.bucket("changed");
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.raw");
+    std::fs::write(&a, vec![0xaa; 4 << 20]).unwrap();
+    let b = dir.path().join("b.raw");
+    std::fs::write(&b, vec![0xbb; 4 << 20]).unwrap();
+    s3.boto(&["put", &bucket, "img.raw", a.to_str().unwrap()]);
+    let url = S3Url::parse(&format!("s3://{bucket}/img.raw")).unwrap();
+    let opts = diskconv::OpenOptions::new().format(diskconv::Format::Raw);
+    let (dev, _) = open_s3(&url, &config(&s3), &opts).unwrap();
+    let mut buf = vec![0; 4096];
+    dev.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&x| x == 0xaa));
+    s3.boto(&["put", &bucket, "img.raw", b.to_str().unwrap()]);
+    let e = dev.read_at(&mut buf, 3 << 20).unwrap_err().to_string();
+    assert!(e.contains("changed"), "{e}");
+
+    let out = s3.convert(&["info", &format!("s3://{bucket}/missing.qcow2")]);
+    let err = one_line_error(&out, &s3.secret);
+    assert!(err.contains("not found"), "{err}");
+    let wrong = "wrongSecretKey0123456789";
+    let out = s3
+        .diskconv(&["info", &url.to_string()])
+        .env("AWS_SECRET_ACCESS_KEY", wrong)
+        .output()
+        .unwrap();
+    let err = one_line_error(&out, wrong);
+    assert!(err.contains("access denied"), "{err}");
+}

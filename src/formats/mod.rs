@@ -77,7 +77,19 @@ impl CreateOptions {
 
 /// Open `path` with `opts`: the named format, or the probed one.
 pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
-    let file = HostFile::open(path)?;
+    #[cfg(feature = "remote")]
+    if let Some(url) = path.to_str().filter(|p| crate::remote::is_remote_url(p)) {
+        let url = crate::remote::S3Url::parse(url)?;
+        let cfg = crate::remote::S3Config::from_env();
+        return crate::remote::open_s3(&url, &cfg, opts).map(|(dev, _)| dev);
+    }
+    open_host(HostFile::open(path)?, opts)
+}
+
+/// [`open_with`] over an already opened file (or a [`HostFile::from_source`]).
+pub fn open_host(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
+    let path = file.path().to_path_buf();
+    let path = path.as_path();
     // Referenced images (backing files, parents) open through this same dispatch.
     let mut opts = opts.clone();
     opts.opener = Some(open_with);

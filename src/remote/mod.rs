@@ -12,7 +12,10 @@
 //! SIGINT/SIGTERM), aborts the upload, so no object appears and no multipart upload is
 //! left open.
 
+pub mod range;
 pub mod s3;
+
+pub use range::{open_s3, FetchStats};
 
 pub use s3::{
     abort_uploads, choose_part_size, convert_to_s3, S3Config, S3Url, UploadOptions, UploadReport,

@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex};
 use opendal::Operator;
 
 use crate::device::{BlockDevice, HostFile, RangeSource};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, Result};
 use crate::options::OpenOptions;
 
-use super::s3::{s3_error, S3Config, S3Url};
+use super::s3::{runtime, s3_error, S3Config, S3Url};
 
 /// Cache block: small reads (headers, tables) are rounded out to whole blocks.
 pub const BLOCK: u64 = 256 << 10;
@@ -49,7 +49,6 @@ struct Cache {
 
 /// An object as a source of byte ranges.
 struct S3Source {
-    rt: tokio::runtime::Runtime,
     op: Operator,
     url: String,
     key: String,
@@ -58,6 +57,18 @@ struct S3Source {
     cache: Mutex<Cache>,
     stats: Arc<FetchStats>,
     secrets: Vec<String>,
+    /// Declared last so it is dropped last, after the client whose tasks run on it.
+    rt: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for S3Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Source")
+            .field("url", &self.url)
+            .field("len", &self.len)
+            .field("etag", &self.etag)
+            .finish_non_exhaustive()
+    }
 }
 
 impl S3Source {
@@ -75,7 +86,9 @@ impl S3Source {
             std::io::Error::other(e.message().to_string())
         })?;
         let v = buf.to_vec();
-        self.stats.bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes
+            .fetch_add(v.len() as u64, Ordering::Relaxed);
         if v.len() as u64 != end - start {
             return Err(std::io::Error::other(format!(
                 "the server sent {} bytes for a range of {}; the object changed?",
@@ -154,12 +167,7 @@ pub fn open_s3(
     opts: &OpenOptions,
 ) -> Result<(Box<dyn BlockDevice>, Arc<FetchStats>)> {
     let name = url.to_string();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("diskconv-s3")
-        .enable_all()
-        .build()
-        .map_err(|e| Error::io("cannot start the S3 client's runtime", e))?;
+    let rt = runtime()?;
     let secrets: Vec<String> = cfg.secret_strings();
     let op = cfg.operator(&url.bucket).map_err(|e| e.with_path(&name))?;
     let meta = rt
@@ -183,8 +191,9 @@ pub fn open_s3(
         secrets,
     };
     let file = HostFile::from_source(Arc::new(src), len, std::path::Path::new(&name))?;
-    let opts = opts.clone().without_backing();
-    let dev = crate::formats::open_host(file, &opts).map_err(|e| {
+    // Images it names (backing files) stay refused unless `opts` allows references; they
+    // would be looked for beside the URL, which is no folder.
+    let dev = crate::formats::open_host(file, opts).map_err(|e| {
         if e.kind() == ErrorKind::UnsafeReference {
             e
         } else {

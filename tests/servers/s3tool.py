@@ -5,6 +5,7 @@ s3tool.py CMD BUCKET [KEY] [FILE], with DISKCONV_TEST_S3_ENDPOINT / _ACCESS_KEY 
   mkbucket B        create bucket B (fine if it exists)
   sha256 B K        stream object K and print "<sha256> <length>"
   get B K FILE      download object K to FILE
+  put B K FILE      upload FILE as object K
   head B K          print {"exists", "etag", "length", "metadata"} as JSON
   uploads B         print the open multipart uploads as a JSON list of {"key", "id"}
   abort B           abort every open multipart upload in B (cleanup after SIGKILL)
@@ -47,6 +48,8 @@ def main():
         print(h.hexdigest(), n)
     elif cmd == "get":
         s3.download_file(bucket, rest[0], rest[1])
+    elif cmd == "put":
+        s3.upload_file(rest[1], bucket, rest[0])
     elif cmd == "head":
         try:
             h = s3.head_object(Bucket=bucket, Key=rest[0])
