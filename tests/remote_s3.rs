@@ -396,7 +396,7 @@ fn interrupted_upload_leaves_no_object_and_no_open_upload() {
     let src = raw.to_str().unwrap();
     for (sig, name) in [(libc::SIGINT, "int"), (libc::SIGTERM, "term")] {
         let key = format!("{name}.raw");
-        let mut child = start_slow_upload(&s3, &bucket, src, &key);
+        let child = start_slow_upload(&s3, &bucket, src, &key);
         // SAFETY: signalling our own child by its pid.
         unsafe { libc::kill(child.id() as i32, sig) };
         let out = child.wait_with_output().unwrap();
