@@ -74,7 +74,7 @@ pub struct ReadmeDoctests;
 
 /// Open the image at `path` for reading: the format named in `opts`, or the probed one.
 pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
-    formats::open_with(path.as_ref(), opts)
+    ops::open_source(path.as_ref(), opts)
 }
 
 /// Create an empty image (all zeros) of `format` at `path`; returns the writer's notes

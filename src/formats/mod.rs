@@ -77,12 +77,6 @@ impl CreateOptions {
 
 /// Open `path` with `opts`: the named format, or the probed one.
 pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
-    #[cfg(feature = "remote")]
-    if let Some(url) = path.to_str().filter(|p| crate::remote::is_remote_url(p)) {
-        let url = crate::remote::S3Url::parse(url)?;
-        let cfg = crate::remote::S3Config::from_env();
-        return crate::remote::open_s3(&url, &cfg, opts).map(|(dev, _)| dev);
-    }
     open_host(HostFile::open(path)?, opts)
 }
 
