@@ -27,7 +27,7 @@ servers_up() {
   [ -f "$root/weed/weed.pid" ] && "$here/stop-seaweedfs.sh" "$root/weed" >/dev/null
   rm -rf "$root/weed"
   if "$here/start-seaweedfs.sh" "$root/weed" >&2; then
-    SERVERS_STOP+=("$here/stop-seaweedfs.sh $root/weed")
+    SERVERS_STOP+=("$here/stop-seaweedfs.sh $root/weed" "rm -rf $root/weed/data")
     # shellcheck disable=SC1091
     . "$root/weed/weed.env"
     # DISKCONV_TEST_S3 only says one runs (build.rs; a stable value, so no rebuild per port).
