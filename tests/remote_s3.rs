@@ -540,3 +540,58 @@ fn object_changed_between_reads_is_an_error() {
     let err = one_line_error(&out, wrong);
     assert!(err.contains("access denied"), "{err}");
 }
+
+/// A server that goes away mid-upload (a SeaweedFS of the test's own, stopped by its pid):
+/// diskconv fails with a clear error naming the object, exits non-zero, prints no secret,
+/// and says that an incomplete upload may be left (the abort could not reach the server).
+#[test]
+#[cfg_attr(no_s3, ignore = "no S3 server: run scripts/test (it starts SeaweedFS)")]
+fn server_gone_mid_upload_is_a_clear_error() {
+    let _ = s3(); // the shared server's presence says weed is installed
+    let servers = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/servers");
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("weed");
+    let started = Command::new(servers.join("start-seaweedfs.sh"))
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{started:?}");
+    let env = std::fs::read_to_string(run.join("weed.env")).unwrap();
+    let get = |k: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .to_string()
+    };
+    let own = S3 {
+        endpoint: get("S3_ENDPOINT"),
+        access: get("S3_ACCESS_KEY"),
+        secret: get("S3_SECRET_KEY"),
+    };
+    let stop = || {
+        Command::new(servers.join("stop-seaweedfs.sh"))
+            .arg(&run)
+            .output()
+            .unwrap()
+    };
+    let bucket = own.bucket("gone");
+    let raw = dir.path().join("src.raw");
+    let data: Vec<u8> = (0..128u32 << 20).map(|i| (i % 253) as u8 | 1).collect();
+    std::fs::write(&raw, data).unwrap();
+    let child = start_slow_upload(&own, &bucket, raw.to_str().unwrap(), "gone.raw");
+    let stopped = stop();
+    let out = child.wait_with_output().unwrap();
+    assert!(stopped.status.success(), "{stopped:?}");
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains(&own.secret), "{err}");
+    let last = err.trim_end().lines().last().unwrap();
+    assert!(
+        last.starts_with(&format!("diskconv: s3://{bucket}/gone.raw: ")),
+        "{err}"
+    );
+    assert!(
+        last.contains("cannot reach the server") || last.contains("HTTP 5"),
+        "{err}"
+    );
+}
