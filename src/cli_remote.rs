@@ -80,3 +80,19 @@ pub fn convert(
     let extra = json.then(|| r.json_fields());
     Ok((r.convert, extra))
 }
+
+/// `abort-uploads s3://BUCKET/PREFIX`: abort what a killed upload left open.
+pub fn abort_uploads(url: &str) -> Result<()> {
+    let rest = url
+        .strip_prefix("s3://")
+        .filter(|r| !r.is_empty() && !r.starts_with('/'))
+        .ok_or_else(|| {
+            Error::arg("expected s3://BUCKET/ or s3://BUCKET/KEY-PREFIX").with_path(url)
+        })?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let cfg = diskconv::remote::S3Config::from_env();
+    for key in diskconv::remote::abort_incomplete_uploads(bucket, prefix, &cfg)? {
+        println!("aborted s3://{bucket}/{key}");
+    }
+    Ok(())
+}

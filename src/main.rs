@@ -204,6 +204,13 @@ enum Cmd {
         /// Image.
         image: PathBuf,
     },
+    /// Abort the multipart uploads left open under s3://BUCKET/PREFIX (what a killed
+    /// `convert ... s3://` leaves: no object, but stored parts); prints each key aborted.
+    #[cfg(feature = "remote")]
+    AbortUploads {
+        /// s3://BUCKET/ or s3://BUCKET/KEY-PREFIX
+        url: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -649,6 +656,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        #[cfg(feature = "remote")]
+        Cmd::AbortUploads { url } => cli_remote::abort_uploads(&url),
     }
 }
 

@@ -381,7 +381,7 @@ fn start_slow_upload(s3: &S3, bucket: &str, src: &str, key: &str) -> std::proces
 
 /// SIGINT and SIGTERM mid-upload: the upload is aborted (no object, no open multipart
 /// upload) and diskconv dies of the signal. SIGKILL leaves no object either; its open
-/// upload is what `s3tool.py abort` (or `aws s3api abort-multipart-upload`) cleans.
+/// upload is what `diskconv abort-uploads` cleans.
 #[test]
 #[cfg_attr(no_s3, ignore = "no S3 server: run scripts/test (it starts SeaweedFS)")]
 fn interrupted_upload_leaves_no_object_and_no_open_upload() {
@@ -414,7 +414,9 @@ fn interrupted_upload_leaves_no_object_and_no_open_upload() {
     assert_eq!(s3.head(&bucket, "kill.raw")["exists"], false);
     let left = s3.uploads(&bucket);
     assert_eq!(left.len(), 1, "{left:?}");
-    s3.boto(&["abort", &bucket]);
+    // diskconv's own way to clean it.
+    let out = ok(&s3.convert(&["abort-uploads", &format!("s3://{bucket}/kill")]));
+    assert_eq!(out.trim(), format!("aborted s3://{bucket}/kill.raw"));
     assert!(s3.uploads(&bucket).is_empty());
 }
 

@@ -736,6 +736,128 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
         .map_err(|e| Error::io("cannot start the S3 client's runtime", e))
 }
 
+/// Abort every multipart upload left open in `bucket` under keys starting with `prefix`
+/// (what a SIGKILL or a crash leaves: no object, but stored parts); returns the keys whose
+/// uploads were aborted. Needs the keys in `cfg` (not a profile). OpenDAL cannot list
+/// uploads, so this signs its two requests with OpenDAL's signer (reqsign) itself.
+pub fn abort_incomplete_uploads(bucket: &str, prefix: &str, cfg: &S3Config) -> Result<Vec<String>> {
+    let name = format!("s3://{bucket}/{prefix}");
+    let (Some(ak), Some(sk)) = (&cfg.access_key_id, &cfg.secret_access_key) else {
+        return Err(Error::arg(
+            "listing open uploads needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+        )
+        .with_path(&name));
+    };
+    let region = cfg.region.as_deref().unwrap_or("us-east-1");
+    let endpoint = cfg
+        .endpoint
+        .clone()
+        .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
+    let base = format!(
+        "{}/{}",
+        endpoint.trim_end_matches('/'),
+        encode(bucket, false)
+    );
+    let cred = reqsign::AwsCredential {
+        access_key_id: ak.clone(),
+        secret_access_key: sk.clone(),
+        session_token: cfg.session_token.clone(),
+        expires_in: None,
+    };
+    let signer = reqsign::AwsV4Signer::new("s3", region);
+    let client = reqwest::Client::new();
+    let rt = runtime()?;
+    let secrets = cfg.secret_strings();
+    let fail = |what: &str, why: String| {
+        let mut msg = format!("{what}: {why}");
+        for s in &secrets {
+            msg = msg.replace(s.as_str(), "***");
+        }
+        Error::new(ErrorKind::Io, msg).with_path(&name)
+    };
+    let send = |method: reqwest::Method, url: String, what: &str| -> Result<String> {
+        rt.block_on(async {
+            let mut req = client
+                .request(method, &url)
+                .build()
+                .map_err(|_| fail(what, "bad request URL".into()))?;
+            signer
+                .sign(&mut req, &cred)
+                .map_err(|_| fail(what, "cannot sign the request".into()))?;
+            let resp = client
+                .execute(req)
+                .await
+                .map_err(|_| fail(what, "cannot reach the server".into()))?;
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            if !status.is_success() {
+                let code = tag(&body, "Code").unwrap_or_default();
+                return Err(fail(
+                    what,
+                    format!("the server answered HTTP {} {code}", status.as_u16()),
+                ));
+            }
+            Ok(body)
+        })
+    };
+    let mut aborted = Vec::new();
+    let mut marker = String::new();
+    for _ in 0..1000 {
+        let url = format!("{base}?uploads&prefix={}{marker}", encode(prefix, true));
+        let body = send(reqwest::Method::GET, url, "listing open uploads")?;
+        let mut rest = body.as_str();
+        while let Some((_, after)) = rest.split_once("<Upload>") {
+            let (upload, tail) = after.split_once("</Upload>").unwrap_or((after, ""));
+            rest = tail;
+            let (Some(key), Some(id)) = (tag(upload, "Key"), tag(upload, "UploadId")) else {
+                continue;
+            };
+            let url = format!(
+                "{base}/{}?uploadId={}",
+                encode(&key, false),
+                encode(&id, true)
+            );
+            send(reqwest::Method::DELETE, url, "aborting an open upload")?;
+            aborted.push(key);
+        }
+        if tag(&body, "IsTruncated").as_deref() != Some("true") {
+            break;
+        }
+        marker = format!(
+            "&key-marker={}&upload-id-marker={}",
+            encode(&tag(&body, "NextKeyMarker").unwrap_or_default(), true),
+            encode(&tag(&body, "NextUploadIdMarker").unwrap_or_default(), true)
+        );
+    }
+    Ok(aborted)
+}
+
+/// The text of the first `<name>` element in `xml`, entities decoded.
+fn tag(xml: &str, name: &str) -> Option<String> {
+    let (_, after) = xml.split_once(&format!("<{name}>"))?;
+    let (v, _) = after.split_once(&format!("</{name}>"))?;
+    Some(
+        v.replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&apos;", "'")
+            .replace("&amp;", "&"),
+    )
+}
+
+/// Percent-encode for a URL path (`/` kept) or a query value (`/` encoded too).
+fn encode(s: &str, query: bool) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) || (!query && b == b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
