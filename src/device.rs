@@ -148,6 +148,16 @@ pub struct HostFile {
     file: File,
     len: u64,
     path: PathBuf,
+    /// Where the bytes really come from when they are not in `file` (an object read by
+    /// ranges); `file` is then `/dev/null`, only there for callers probing holes.
+    source: Option<std::sync::Arc<dyn RangeSource>>,
+}
+
+/// Bytes at offsets that do not live in a local file (an object in a bucket, read by
+/// ranged requests): what [`HostFile::from_source`] reads through.
+pub trait RangeSource: Send + Sync + std::fmt::Debug {
+    /// Fill `buf` with the bytes at `offset` (the range lies inside the source).
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
 }
 
 impl HostFile {
@@ -218,7 +228,29 @@ impl HostFile {
             file,
             len,
             path: path.to_path_buf(),
+            source: None,
         })
+    }
+
+    /// An image of `len` bytes whose reads go to `source`, named `name` in errors. It has
+    /// no holes to probe (SEEK_DATA on it finds none) and cannot be written.
+    pub fn from_source(
+        source: std::sync::Arc<dyn RangeSource>,
+        len: u64,
+        name: &Path,
+    ) -> Result<Self> {
+        let file = File::open("/dev/null").map_err(|e| Error::io("cannot open /dev/null", e))?;
+        Ok(HostFile {
+            file,
+            len,
+            path: name.to_path_buf(),
+            source: Some(source),
+        })
+    }
+
+    /// Whether the bytes come from a [`RangeSource`] rather than [`file`](Self::file).
+    pub fn is_remote(&self) -> bool {
+        self.source.is_some()
     }
 
     /// The file's length in bytes.
@@ -242,7 +274,11 @@ impl HostFile {
     /// a short file yields "`what` at 0x.. runs past end of file (len ..)".
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
         self.check_range(offset, buf.len() as u64, what)?;
-        self.file.read_exact_at(buf, offset).map_err(|e| {
+        let read = match &self.source {
+            Some(s) => s.read_exact_at(buf, offset),
+            None => self.file.read_exact_at(buf, offset),
+        };
+        read.map_err(|e| {
             Error::io(format!("reading {what}"), e)
                 .at(offset)
                 .with_path(&self.path)

@@ -103,6 +103,8 @@ pub mod fuzzing;
 pub mod inspect;
 pub mod ops;
 pub mod probe;
+#[cfg(feature = "remote")]
+pub mod remote;
 
 use std::path::Path;
 
@@ -138,7 +140,7 @@ pub struct ReadmeDoctests;
 
 /// Open the image at `path` for reading: the format named in `opts`, or the probed one.
 pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
-    formats::open_with(path.as_ref(), opts)
+    ops::open_source(path.as_ref(), opts)
 }
 
 /// Open an already opened `file` for reading (`path` names it in errors and is where

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+#[cfg(feature = "remote")]
+mod cli_remote;
 use diskconv::parse_size;
 use diskconv::{
     ConvertOptions, CreateOptions, Error, Format, ImageInfo, OpenOptions, Preallocation,
@@ -115,6 +117,9 @@ enum Cmd {
         /// (on stderr when DST is `-`).
         #[arg(long = "output", default_value = "human")]
         output: String,
+        #[cfg(feature = "remote")]
+        #[command(flatten)]
+        remote: cli_remote::RemoteArgs,
         // Both required except with `-o help`, which qemu-img also runs without files;
         // hidden because clap would list optional positionals as [SRC] [DST].
         /// Input image.
@@ -249,6 +254,13 @@ enum Cmd {
         /// Image.
         image: PathBuf,
     },
+    /// Abort the multipart uploads left open under s3://BUCKET/PREFIX (what a killed
+    /// `convert ... s3://` leaves: no object, but stored parts); prints each key aborted.
+    #[cfg(feature = "remote")]
+    AbortUploads {
+        /// s3://BUCKET/ or s3://BUCKET/KEY-PREFIX
+        url: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -263,6 +275,11 @@ fn main() -> ExitCode {
     };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // Failed because a signal's cleanup aborted it (an upload): the cleanup thread
+        // ends the process by that signal; exiting 1 first would hide it.
+        Err(_) if SIGNALLED.load(std::sync::atomic::Ordering::SeqCst) => loop {
+            std::thread::park();
+        },
         Err(e) => {
             eprintln!("diskconv: {e}");
             if let Some(hint) = flag_hint(&e) {
@@ -442,6 +459,8 @@ fn run(cli: Cli) -> Result<()> {
             sparsify,
             digest,
             output,
+            #[cfg(feature = "remote")]
+            remote,
             src,
             dst,
         } => {
@@ -556,6 +575,22 @@ fn run(cli: Cli) -> Result<()> {
             }
             remove_temp_on_interrupt(&dst);
             let mut sparsified = None;
+            // An s3:// DST: the upload's own fields join --output=json's.
+            let mut upload_json = None;
+            #[cfg(feature = "remote")]
+            let remote_dst = cli_remote::is_remote(&dst);
+            #[cfg(not(feature = "remote"))]
+            let remote_dst = false;
+            if sparsify && remote_dst {
+                return Err(diskconv::Error::arg(
+                    "--sparsify cannot write to object storage yet: sparsify to '-' and pipe it, or to a file first",
+                ));
+            }
+            #[cfg(feature = "remote")]
+            let remote_report =
+                remote_dst.then(|| cli_remote::convert(&src, &dst, &remote, &opts, json));
+            #[cfg(not(feature = "remote"))]
+            let remote_report: Option<Result<(diskconv::ConvertReport, _)>> = None;
             let report = if sparsify {
                 sparsify_copy(&src, &dst, &opts).map(|r| {
                     let c = r.convert.clone().unwrap_or_default();
@@ -564,6 +599,11 @@ fn run(cli: Cli) -> Result<()> {
                 })
             } else if to_stdout {
                 convert_to_stdout(&src, &opts)
+            } else if let Some(r) = remote_report {
+                r.map(|(r, j)| {
+                    upload_json = j;
+                    r
+                })
             } else {
                 diskconv::convert(&src, &dst, &opts)
             };
@@ -591,6 +631,11 @@ fn run(cli: Cli) -> Result<()> {
                 let mut v = convert_json(format, (!to_stdout).then_some(dst.as_path()), &report);
                 if let Some(r) = &sparsified {
                     v["sparsify"] = serde_json::to_value(r).expect("json");
+                }
+                if let (Some(o), Some(serde_json::Value::Object(u))) =
+                    (v.as_object_mut(), upload_json)
+                {
+                    o.extend(u);
                 }
                 let text = serde_json::to_string_pretty(&v).expect("json");
                 side_println(to_stdout, &text);
@@ -792,6 +837,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        #[cfg(feature = "remote")]
+        Cmd::AbortUploads { url } => cli_remote::abort_uploads(&url),
     }
 }
 
@@ -810,6 +857,8 @@ fn remove_temp_on_interrupt(dst: &Path) {
         });
     let shown = dst.display().to_string();
     on_termination_signal(move || {
+        #[cfg(feature = "remote")]
+        diskconv::remote::abort_uploads();
         diskconv::writer::remove_temporaries();
         if stream {
             eprintln!("\ndiskconv: interrupted; the image sent to {shown} is incomplete");
@@ -822,7 +871,11 @@ fn remove_temp_on_interrupt(dst: &Path) {
 /// Write end of the pipe the signal handler reports on (-1 until installed).
 static SIGNAL_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
+/// Set by the signal handler: the process is being terminated by a signal.
+static SIGNALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 extern "C" fn note_signal(sig: libc::c_int) {
+    SIGNALLED.store(true, std::sync::atomic::Ordering::SeqCst);
     // Only async-signal-safe work here: one write(2); the thread below does the rest.
     let fd = SIGNAL_PIPE.load(std::sync::atomic::Ordering::Relaxed);
     let b = sig as u8;

@@ -77,16 +77,19 @@ impl CreateOptions {
 
 /// Open `path` with `opts`: the named format, or the probed one.
 pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
-    open_host(HostFile::open(path)?, path, opts)
+    open_host(HostFile::open(path)?, opts)
 }
 
 /// Open the already opened `file` (named `path` in errors and for resolving the files it
 /// references) with `opts`: the named format, or the probed one.
 pub fn open_file(file: File, path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
-    open_host(HostFile::from_file(file, path)?, path, opts)
+    open_host(HostFile::from_file(file, path)?, opts)
 }
 
-fn open_host(file: HostFile, path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
+/// [`open_with`] over an already opened file (or a [`HostFile::from_source`]).
+pub fn open_host(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
+    let path = file.path().to_path_buf();
+    let path = path.as_path();
     // Referenced images (backing files, parents) open through this same dispatch.
     let mut opts = opts.clone();
     opts.opener = Some(open_with);

@@ -43,10 +43,8 @@ pub fn open(file: HostFile, _opts: &OpenOptions) -> Result<Box<dyn BlockDevice>>
         .map_err(|e| Error::io("cannot stat image", e))?
         .file_type()
         .is_block_device();
-    Ok(Box::new(RawImage {
-        file,
-        holes: !block,
-    }))
+    let holes = !block && !file.is_remote();
+    Ok(Box::new(RawImage { file, holes }))
 }
 
 /// `lseek(fd, offset, whence)`; None when the filesystem says there is no such region

@@ -7,8 +7,8 @@ use crate::convert::{convert_device, plan_allocation_with, ConvertOptions, Conve
 use crate::device::BlockDevice;
 use crate::error::{Error, Result, Side};
 use crate::formats::{
-    check_in_place, create_planned_writer, create_writer, open_with, plan_encoder,
-    plan_granularity, STREAMING_OUTPUTS,
+    check_in_place, create_planned_writer, create_writer, plan_encoder, plan_granularity,
+    STREAMING_OUTPUTS,
 };
 use crate::writer::{ImageWriter, Output, OutputKind, OutputOptions, Sink};
 
@@ -23,7 +23,7 @@ use crate::writer::{ImageWriter, Output, OutputKind, OutputOptions, Sink};
 pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
     refuse_same_file(src, dst)?;
     let (out, sink) = open_output(dst, opts)?;
-    let dev = open_with(src, &opts.open).map_err(|e| e.on_side(Side::Source))?;
+    let dev = super::open_source(src, &opts.open).map_err(|e| e.on_side(Side::Source))?;
     convert_into(dev.as_ref(), out, sink, opts)
 }
 

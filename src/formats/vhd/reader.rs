@@ -677,6 +677,9 @@ fn bit(bitmap: &[u8], i: usize) -> bool {
 
 /// `lseek` with SEEK_DATA/SEEK_HOLE; None when the filesystem cannot tell.
 fn seek(file: &HostFile, offset: u64, whence: libc::c_int) -> Option<u64> {
+    if file.is_remote() {
+        return None;
+    }
     let off = i64::try_from(offset).ok()?;
     // SAFETY: lseek has no memory effects; all our I/O is positional, so moving the file
     // position is harmless.

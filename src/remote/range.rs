@@ -1,0 +1,204 @@
+//! S3 input: an object read where it lies, by ranged GETs, never downloaded first.
+//!
+//! [`open_s3`] gives a [`BlockDevice`] of any format over an object: the format's reader
+//! asks for headers and tables in small pieces, which a bounded block cache serves
+//! (whole blocks of [`BLOCK`] bytes, consecutive missing blocks fetched in one request),
+//! and for guest data in large runs, which go straight to one GET each. Every GET carries
+//! `If-Match` with the ETag seen when the object was opened, so an object replaced
+//! between two reads is an error, never a mix of two images.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use opendal::Operator;
+
+use crate::device::{BlockDevice, HostFile, RangeSource};
+use crate::error::{ErrorKind, Result};
+use crate::options::OpenOptions;
+
+use super::s3::{runtime, s3_error, S3Config, S3Url};
+
+/// Cache block: small reads (headers, tables) are rounded out to whole blocks.
+pub const BLOCK: u64 = 256 << 10;
+/// Blocks the cache keeps (16 MiB).
+const CACHE_BLOCKS: usize = 64;
+
+/// What an [`open_s3`] device has fetched so far, for callers that account for traffic.
+#[derive(Debug, Default)]
+pub struct FetchStats {
+    bytes: AtomicU64,
+    requests: AtomicU64,
+}
+
+impl FetchStats {
+    /// Bytes received in ranged GETs.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+    /// Ranged GETs sent.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+struct Cache {
+    blocks: HashMap<u64, Arc<Vec<u8>>>,
+    order: VecDeque<u64>,
+}
+
+/// An object as a source of byte ranges.
+struct S3Source {
+    op: Operator,
+    url: String,
+    key: String,
+    len: u64,
+    etag: Option<String>,
+    cache: Mutex<Cache>,
+    stats: Arc<FetchStats>,
+    secrets: Vec<String>,
+    /// Declared last so it is dropped last, after the client whose tasks run on it.
+    rt: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for S3Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Source")
+            .field("url", &self.url)
+            .field("len", &self.len)
+            .field("etag", &self.etag)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Source {
+    fn get(&self, start: u64, end: u64) -> std::io::Result<Vec<u8>> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let r = self.rt.block_on(async {
+            let mut rd = self.op.read_with(&self.key).range(start..end);
+            if let Some(t) = &self.etag {
+                rd = rd.if_match(t);
+            }
+            rd.await
+        });
+        let buf = r.map_err(|e| {
+            let e = s3_error(&self.url, "reading", &e, &self.secrets);
+            std::io::Error::other(e.message().to_string())
+        })?;
+        let v = buf.to_vec();
+        self.stats
+            .bytes
+            .fetch_add(v.len() as u64, Ordering::Relaxed);
+        if v.len() as u64 != end - start {
+            return Err(std::io::Error::other(format!(
+                "the server sent {} bytes for a range of {}; the object changed?",
+                v.len(),
+                end - start
+            )));
+        }
+        Ok(v)
+    }
+
+    fn block(&self, idx: u64) -> Option<Arc<Vec<u8>>> {
+        self.cache.lock().ok()?.blocks.get(&idx).cloned()
+    }
+
+    fn insert(&self, idx: u64, data: Arc<Vec<u8>>) {
+        if let Ok(mut c) = self.cache.lock() {
+            if c.blocks.insert(idx, data).is_none() {
+                c.order.push_back(idx);
+            }
+            while c.order.len() > CACHE_BLOCKS {
+                if let Some(old) = c.order.pop_front() {
+                    c.blocks.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+impl RangeSource for S3Source {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let end = offset + buf.len() as u64;
+        if buf.len() as u64 >= 2 * BLOCK {
+            // Guest data in a large run: one GET, not cached (it is read once).
+            let v = self.get(offset, end)?;
+            buf.copy_from_slice(&v);
+            return Ok(());
+        }
+        let first = offset / BLOCK;
+        let last = (end - 1) / BLOCK;
+        let mut idx = first;
+        while idx <= last {
+            let b = match self.block(idx) {
+                Some(b) => b,
+                None => {
+                    // Fetch this block and the following missing ones in one request.
+                    let mut upto = idx;
+                    while upto < last && self.block(upto + 1).is_none() {
+                        upto += 1;
+                    }
+                    let s = idx * BLOCK;
+                    let e = ((upto + 1) * BLOCK).min(self.len);
+                    let v = self.get(s, e)?;
+                    for (i, chunk) in v.chunks(BLOCK as usize).enumerate() {
+                        self.insert(idx + i as u64, Arc::new(chunk.to_vec()));
+                    }
+                    Arc::new(v[..(BLOCK as usize).min(v.len())].to_vec())
+                }
+            };
+            let bs = idx * BLOCK;
+            let from = offset.max(bs);
+            let to = end.min(bs + b.len() as u64);
+            buf[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&b[(from - bs) as usize..(to - bs) as usize]);
+            idx += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Open the object `url` as an image (probed, or of `opts.format`), read by ranges. The
+/// returned [`FetchStats`] count what the device fetches. Backing files and other images
+/// an object names are never opened.
+pub fn open_s3(
+    url: &S3Url,
+    cfg: &S3Config,
+    opts: &OpenOptions,
+) -> Result<(Box<dyn BlockDevice>, Arc<FetchStats>)> {
+    let name = url.to_string();
+    let rt = runtime()?;
+    let secrets: Vec<String> = cfg.secret_strings();
+    let op = cfg.operator(&url.bucket).map_err(|e| e.with_path(&name))?;
+    let meta = rt
+        .block_on(async { op.stat(&url.key).await })
+        .map_err(|e| s3_error(&name, "opening", &e, &secrets))?;
+    let len = meta.content_length();
+    let etag = meta.etag().map(str::to_string);
+    let stats = Arc::new(FetchStats::default());
+    let src = S3Source {
+        rt,
+        op,
+        url: name.clone(),
+        key: url.key.clone(),
+        len,
+        etag,
+        cache: Mutex::new(Cache {
+            blocks: HashMap::new(),
+            order: VecDeque::new(),
+        }),
+        stats: stats.clone(),
+        secrets,
+    };
+    let file = HostFile::from_source(Arc::new(src), len, std::path::Path::new(&name))?;
+    // Images it names (backing files) stay refused unless `opts` allows references; they
+    // would be looked for beside the URL, which is no folder.
+    let dev = crate::formats::open_host(file, opts).map_err(|e| {
+        if e.kind() == ErrorKind::UnsafeReference {
+            e
+        } else {
+            e.with_path(&name)
+        }
+    })?;
+    Ok((dev, stats))
+}

@@ -1,0 +1,599 @@
+//! `convert ... s3://bucket/key` against a real S3 server: SeaweedFS on 127.0.0.1, started
+//! by scripts/test (tests/servers/up.sh), which exports DISKCONV_TEST_S3_ENDPOINT and its
+//! keys. What the server holds is checked with boto3 (tests/servers/s3tool.py), never with
+//! diskconv's own client. Without a server (`cfg(no_s3)`, see build.rs) the tests are
+//! ignored; under CI a missing server fails them.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_diskconv");
+
+struct S3 {
+    endpoint: String,
+    access: String,
+    secret: String,
+}
+
+fn s3() -> S3 {
+    let var = |n: &str| {
+        std::env::var(n).unwrap_or_else(|_| {
+            panic!("{n} is not set: run the tests with scripts/test, which starts SeaweedFS (tests/servers/up.sh)")
+        })
+    };
+    S3 {
+        endpoint: var("DISKCONV_TEST_S3_ENDPOINT"),
+        access: var("DISKCONV_TEST_S3_ACCESS_KEY"),
+        secret: var("DISKCONV_TEST_S3_SECRET_KEY"),
+    }
+}
+
+fn tool() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/servers/s3tool.py")
+}
+
+impl S3 {
+    /// boto3's view of the server: `s3tool.py ARGS`, stdout on success.
+    fn boto(&self, args: &[&str]) -> String {
+        let out = Command::new("python3")
+            .arg(tool())
+            .args(args)
+            .env("DISKCONV_TEST_S3_ENDPOINT", &self.endpoint)
+            .env("DISKCONV_TEST_S3_ACCESS_KEY", &self.access)
+            .env("DISKCONV_TEST_S3_SECRET_KEY", &self.secret)
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "s3tool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A fresh bucket for one test (names are per test, so tests run in parallel).
+    fn bucket(&self, name: &str) -> String {
+        let b = format!("dc-{name}-{}", std::process::id());
+        self.boto(&["mkbucket", &b]);
+        b
+    }
+
+    fn head(&self, bucket: &str, key: &str) -> serde_json::Value {
+        serde_json::from_str(&self.boto(&["head", bucket, key])).unwrap()
+    }
+
+    fn uploads(&self, bucket: &str) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.boto(&["uploads", bucket])).unwrap()
+    }
+
+    fn sha256(&self, bucket: &str, key: &str) -> (String, u64) {
+        let out = self.boto(&["sha256", bucket, key]);
+        let (h, n) = out.trim().split_once(' ').unwrap();
+        (h.to_string(), n.parse().unwrap())
+    }
+
+    /// diskconv with this server's endpoint and keys in the AWS variables (and no others).
+    fn diskconv(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env("AWS_ACCESS_KEY_ID", &self.access)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret)
+            .env("AWS_REGION", "us-east-1");
+        c
+    }
+
+    fn convert(&self, args: &[&str]) -> Output {
+        self.diskconv(args).output().expect("diskconv")
+    }
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "diskconv failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sha256_file(p: &Path) -> (String, u64) {
+    use sha2::{Digest, Sha256};
+    let mut f = std::fs::File::open(p).unwrap();
+    let mut h = Sha256::new();
+    let n = std::io::copy(&mut f, &mut h).unwrap();
+    (format!("{:x}", h.finalize()), n)
+}
+
+/// A sparse raw image of `size` bytes with a few MiB of data at the start, the middle
+/// and the end (so every part boundary region is not all zeros).
+fn sparse_raw(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(size).unwrap();
+    let chunk: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    for off in [0, size / 3 + 12345, size / 2, size - (1 << 20)] {
+        f.write_all_at(&chunk, off & !511).unwrap();
+    }
+    p
+}
+
+/// Convert a sparse qcow2 of `size` bytes (a few MiB of data) to raw straight into the
+/// bucket, read it back with boto3 and compare by sha256 with a local `convert -O raw`.
+fn raw_upload_matches_local_convert(name: &str, size: u64, part_size: Option<&str>, parts: u64) {
+    let s3 = s3();
+    let bucket = s3.bucket(name);
+    let dir = tempfile::tempdir().unwrap();
+    let raw = sparse_raw(dir.path(), "src.raw", size);
+    let qcow = dir.path().join("src.qcow2");
+    ok(&s3.convert(&[
+        "convert",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        qcow.to_str().unwrap(),
+    ]));
+    std::fs::remove_file(&raw).unwrap();
+    let local = dir.path().join("local.raw");
+    ok(&s3.convert(&[
+        "convert",
+        "-O",
+        "raw",
+        qcow.to_str().unwrap(),
+        local.to_str().unwrap(),
+    ]));
+    let want = sha256_file(&local);
+    std::fs::remove_file(&local).unwrap();
+
+    let url = format!("s3://{bucket}/big.raw");
+    let mut args = vec![
+        "convert",
+        "-O",
+        "raw",
+        "--digest",
+        "sha256",
+        "--output=json",
+    ];
+    args.extend(["--metadata", "image-name=big"]);
+    if let Some(p) = part_size {
+        args.extend(["--part-size", p]);
+    }
+    args.extend([qcow.to_str().unwrap(), url.as_str()]);
+    let j: serde_json::Value = serde_json::from_str(&ok(&s3.convert(&args))).unwrap();
+    let part = part_size.map_or(8 << 20, |_| 5 << 20);
+    assert_eq!(j["parts"], parts, "{j}");
+    assert_eq!(j["part-size"], part, "{j}");
+    assert_eq!(j["size"], size, "{j}");
+    assert_eq!(j["url"], url.as_str());
+    assert_eq!(j["digests"]["sha256"], want.0.as_str(), "{j}");
+
+    assert_eq!(s3.sha256(&bucket, "big.raw"), want);
+    let head = s3.head(&bucket, "big.raw");
+    assert_eq!(head["etag"], j["etag"], "{head}");
+    // The usual multipart form, which diskconv checked against the parts' MD5s.
+    assert!(
+        head["etag"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("-{parts}")),
+        "{head}"
+    );
+    assert_eq!(head["metadata"]["image-name"], "big");
+    assert_eq!(head["metadata"]["source-format"], "qcow2");
+    assert_eq!(head["metadata"]["format"], "raw");
+    assert!(s3.uploads(&bucket).is_empty());
+}
+
+/// Many parts within CI's budget: 640 MiB of raw output in 128 parts of 5 MiB.
+#[test]
+#[cfg_attr(no_s3, ignore = "no S3 server: run scripts/test (it starts SeaweedFS)")]
+fn sparse_image_uploads_as_many_parts_and_reads_back_identical() {
+    raw_upload_matches_local_convert("many", 640 << 20, Some("5M"), 128);
+}
+
+/// The issue's case: a raw form over 6 GiB (6.25 GiB: 800 parts of 8 MiB, the size chosen
+/// from the exact length). Every byte goes through loopback twice (up, and back to boto3),
+/// about 6 minutes on 2 busy cores, so it runs on demand:
+/// `scripts/test --test remote_s3 -- --ignored`.
+#[test]
+#[ignore = "6.25 GiB up and down through loopback (~6 min): run with --ignored"]
+fn big_sparse_image_uploads_as_many_parts_and_reads_back_identical() {
+    raw_upload_matches_local_convert("big", 6400 << 20, None, 800);
+}
+
+/// Every output format that streams goes up and comes back as the same guest bytes
+/// (checked by qemu-img when installed, and by diskconv's raw conversion of the download).
+#[test]
+#[cfg_attr(no_s3, ignore = "no S3 server: run scripts/test (it starts SeaweedFS)")]
+fn every_streaming_format_uploads_and_reads_back() {
+    let s3 = s3();
+    let bucket = s3.bucket("formats");
+    let dir = tempfile::tempdir().unwrap();
+    let raw = sparse_raw(dir.path(), "src.raw", 48 << 20);
+    let want = sha256_file(&raw);
+    let cases: &[(&str, &[&str])] = &[
+        ("raw", &[]),
+        ("qcow2", &[]),
+        ("vdi", &[]),
+        ("vpc", &[]),
+        ("vpc", &["-o", "subformat=fixed"]),
+        ("vmdk", &["-o", "subformat=streamOptimized"]),
+    ];
+    for (i, (fmt, extra)) in cases.iter().enumerate() {
+        let key = format!("img{i}.{fmt}");
+        let url = format!("s3://{bucket}/{key}");
+        let mut args = vec!["convert", "-O", fmt, "--digest", "sha256", "--output=json"];
+        args.extend_from_slice(extra);
+        args.extend([raw.to_str().unwrap(), url.as_str()]);
+        let j: serde_json::Value = serde_json::from_str(&ok(&s3.convert(&args))).unwrap();
+        let got = dir.path().join(&key);
+        s3.boto(&["get", &bucket, &key, got.to_str().unwrap()]);
+        let (sha, len) = sha256_file(&got);
+        assert_eq!(j["size"], len, "{fmt} {extra:?}: {j}");
+        assert_eq!(j["digests"]["sha256"], sha.as_str(), "{fmt} {extra:?}");
+        let head = s3.head(&bucket, &key);
+        assert_eq!(head["etag"], j["etag"], "{fmt}");
+        if len < 8 << 20 {
+            // A single PUT carries its digests in the object's metadata.
+            assert_eq!(j["parts"], 1);
+            assert_eq!(head["metadata"]["sha256"], sha.as_str(), "{fmt} {head}");
+        }
+        let back = dir.path().join(format!("{key}.raw"));
+        ok(&s3.convert(&[
+            "convert",
+            "-O",
+            "raw",
+            got.to_str().unwrap(),
+            back.to_str().unwrap(),
+        ]));
+        assert_eq!(
+            sha256_file(&back),
+            want,
+            "{fmt} {extra:?}: guest bytes differ"
+        );
+        // (qemu reads a vpc's size from its CHS geometry, not the footer's: skipped there.)
+        if *fmt != "vpc" && Command::new("qemu-img").arg("--version").output().is_ok() {
+            let c = Command::new("qemu-img")
+                .args([
+                    "compare",
+                    "-f",
+                    "raw",
+                    raw.to_str().unwrap(),
+                    got.to_str().unwrap(),
+                ])
+                .output()
+                .unwrap();
+            assert!(c.status.success(), "qemu-img compare {fmt}: {:?}", c);
+        }
+    }
+    assert!(s3.uploads(&bucket).is_empty());
+}
+
+fn one_line_error(out: &Output, secret: &str) -> String {
+    assert!(!out.status.success(), "expected a failure: {out:?}");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(!err.contains(secret), "secret printed: {err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(secret));
+    err
+}
+
+/// Wrong credentials, a missing bucket, an unreachable server, a bad part size: one line,
+/// exit non-zero, no secret printed, nothing left on the server.
+#[test]
+#[cfg_attr(no_s3, ignore = "no S3 server: run scripts/test (it starts SeaweedFS)")]
+fn failures_are_one_line_without_secrets() {
+    let s3 = s3();
+    let bucket = s3.bucket("errors");
+    let dir = tempfile::tempdir().unwrap();
+    let raw = sparse_raw(dir.path(), "src.raw", 24 << 20);
+    let src = raw.to_str().unwrap();
+    let url = format!("s3://{bucket}/x.raw");
+
+    let wrong = "wrongSecretKey0123456789";
+    let out = s3
+        .diskconv(&["convert", "-O", "raw", src, &url])
+        .env("AWS_SECRET_ACCESS_KEY", wrong)
+        .output()
+        .unwrap();
+    let err = one_line_error(&out, wrong);
+    assert!(err.contains(&url) && err.contains("access denied"), "{err}");
+
+    let out = s3.convert(&[
+        "convert",
+        "-O",
+        "raw",
+        src,
+        "s3://dc-no-such-bucket-here/x.raw",
+    ]);
+    let err = one_line_error(&out, &s3.secret);
+    assert!(err.contains("no such bucket"), "{err}");
+
+    let out = s3.convert(&[
+        "convert",
+        "-O",
+        "raw",
+        "--endpoint",
+        "http://127.0.0.1:9",
+        src,
+        &url,
+    ]);
+    let err = one_line_error(&out, &s3.secret);
+    assert!(err.contains("cannot reach the server"), "{err}");
+
+    for (p, why) in [("4M", "outside S3's limits"), ("6G", "outside S3's limits")] {
+        let out = s3.convert(&["convert", "-O", "raw", "--part-size", p, src, &url]);
+        let err = one_line_error(&out, &s3.secret);
+        assert!(err.contains(why), "{p}: {err}");
+    }
+    // 100 GiB of raw output does not fit 10,000 parts of 5 MiB.
+    let huge = dir.path().join("huge.qcow2");
+    ok(&s3.convert(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-q",
+        huge.to_str().unwrap(),
+        "100G",
+    ]));
+    let out = s3.convert(&[
+        "convert",
+        "-O",
+        "raw",
+        "--part-size",
+        "5M",
+        huge.to_str().unwrap(),
+        &url,
+    ]);
+    let err = one_line_error(&out, &s3.secret);
+    assert!(err.contains("more than S3's 10000"), "{err}");
+
+    assert_eq!(s3.head(&bucket, "x.raw")["exists"], false);
+    assert!(s3.uploads(&bucket).is_empty());
+}
+
+/// Start an upload slowed down by `-r` and wait until its multipart upload is open.
+fn start_slow_upload(s3: &S3, bucket: &str, src: &str, key: &str) -> std::process::Child {
+    let url = format!("s3://{bucket}/{key}");
+    let child = s3
+        .diskconv(&["convert", "-O", "raw", "-r", "16M", src, &url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !s3.uploads(bucket).iter().any(|u| u["key"] == key) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no multipart upload opened"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    child
+}
+
+/// SIGINT and SIGTERM mid-upload: the upload is aborted (no object, no open multipart
+/// upload) and diskconv dies of the signal. SIGKILL leaves no object either; its open
+/// upload is what `diskconv abort-uploads` cleans.
+#[test]
+#[cfg_attr(no_s3, ignore = "no S3 server: run scripts/test (it starts SeaweedFS)")]
+fn interrupted_upload_leaves_no_object_and_no_open_upload() {
+    use std::os::unix::process::ExitStatusExt;
+    let s3 = s3();
+    let bucket = s3.bucket("signals");
+    let dir = tempfile::tempdir().unwrap();
+    // All data, so that `-r` (which counts data, not holes) slows the upload to ~16 s.
+    let raw = dir.path().join("src.raw");
+    let data: Vec<u8> = (0..256u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+    std::fs::write(&raw, data).unwrap();
+    let src = raw.to_str().unwrap();
+    for (sig, name) in [(libc::SIGINT, "int"), (libc::SIGTERM, "term")] {
+        let key = format!("{name}.raw");
+        let child = start_slow_upload(&s3, &bucket, src, &key);
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.signal(), Some(sig), "{name}: {out:?}");
+        assert_eq!(s3.head(&bucket, &key)["exists"], false, "{name}");
+        assert!(
+            s3.uploads(&bucket).is_empty(),
+            "{name}: {:?}",
+            s3.uploads(&bucket)
+        );
+    }
+    let mut child = start_slow_upload(&s3, &bucket, src, "kill.raw");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(s3.head(&bucket, "kill.raw")["exists"], false);
+    let left = s3.uploads(&bucket);
+    assert_eq!(left.len(), 1, "{left:?}");
+    // diskconv's own way to clean it.
+    let out = ok(&s3.convert(&["abort-uploads", &format!("s3://{bucket}/kill")]));
+    assert_eq!(out.trim(), format!("aborted s3://{bucket}/kill.raw"));
+    assert!(s3.uploads(&bucket).is_empty());
+}
+
+fn config(s3: &S3) -> diskconv::remote::S3Config {
+    diskconv::remote::S3Config {
+        endpoint: Some(s3.endpoint.clone()),
+        access_key_id: Some(s3.access.clone()),
+        secret_access_key: Some(s3.secret.clone()),
+        ..Default::default()
+    }
+}
+
+/// A qcow2 held in a bucket is read where it lies: `info` fetches its header and tables
+/// only, `convert` its tables and data once, and both give what the local file gives.
+#[test]
+#[cfg_attr(no_s3, ignore = "no S3 server: run scripts/test (it starts SeaweedFS)")]
+fn qcow2_in_a_bucket_is_read_by_ranges() {
+    use diskconv::remote::{open_s3, S3Url};
+    let s3 = s3();
+    let bucket = s3.bucket("ranges");
+    let dir = tempfile::tempdir().unwrap();
+    // 1 GiB guest, 24 MiB of data in six runs.
+    let raw = dir.path().join("src.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(1 << 30).unwrap();
+    let run: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(40503) >> 9) as u8 | 1)
+        .collect();
+    for k in 0..6u64 {
+        f.write_all_at(&run, k * (170 << 20)).unwrap();
+    }
+    let qcow = dir.path().join("src.qcow2");
+    ok(&s3.convert(&[
+        "convert",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        qcow.to_str().unwrap(),
+    ]));
+    s3.boto(&["put", &bucket, "img.qcow2", qcow.to_str().unwrap()]);
+    let object = std::fs::metadata(&qcow).unwrap().len();
+    let url = S3Url::parse(&format!("s3://{bucket}/img.qcow2")).unwrap();
+
+    let (dev, stats) = open_s3(&url, &config(&s3), &diskconv::OpenOptions::new()).unwrap();
+    let info = dev.info();
+    eprintln!(
+        "info: {} bytes in {} requests, object {object}",
+        stats.bytes(),
+        stats.requests()
+    );
+    assert_eq!(info.format, "qcow2");
+    assert_eq!(info.virtual_size, 1 << 30);
+    assert!(
+        stats.bytes() * 20 < object,
+        "info fetched {} of a {object}-byte object",
+        stats.bytes()
+    );
+    let out = dir.path().join("back.raw");
+    let opts = diskconv::ConvertOptions::new(diskconv::Format::Raw);
+    diskconv::convert_to_path(dev.as_ref(), &out, &opts).unwrap();
+    assert_eq!(sha256_file(&out), sha256_file(&raw));
+    eprintln!(
+        "convert: {} bytes in {} requests",
+        stats.bytes(),
+        stats.requests()
+    );
+    // Data and tables once each (whole cache blocks around the tables): about the object.
+    assert!(
+        stats.bytes() <= object + (2 << 20),
+        "convert fetched {} of a {object}-byte object in {} requests",
+        stats.bytes(),
+        stats.requests()
+    );
+    assert!(stats.requests() < 200, "{} requests", stats.requests());
+
+    // The CLI takes s3:// as SRC the same way (AWS_* from the environment).
+    let text = ok(&s3.convert(&["info", &url.to_string()]));
+    assert!(text.contains("file format: qcow2"), "{text}");
+    let cli_out = dir.path().join("cli.raw");
+    ok(&s3.convert(&[
+        "convert",
+        "-O",
+        "raw",
+        &url.to_string(),
+        cli_out.to_str().unwrap(),
+    ]));
+    assert_eq!(sha256_file(&cli_out), sha256_file(&raw));
+}
+
+/// An object replaced while it is read is an error, never a mix of two images; a missing
+/// object or a wrong key is a one-line error without the secret.
+#[test]
+#[cfg_attr(no_s3, ignore = "no S3 server: run scripts/test (it starts SeaweedFS)")]
+fn object_changed_between_reads_is_an_error() {
+    use diskconv::remote::{open_s3, S3Url};
+    let s3 = s3();
+    let bucket = s3.bucket("changed");
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.raw");
+    std::fs::write(&a, vec![0xaa; 4 << 20]).unwrap();
+    let b = dir.path().join("b.raw");
+    std::fs::write(&b, vec![0xbb; 4 << 20]).unwrap();
+    s3.boto(&["put", &bucket, "img.raw", a.to_str().unwrap()]);
+    let url = S3Url::parse(&format!("s3://{bucket}/img.raw")).unwrap();
+    let opts = diskconv::OpenOptions::new().format(diskconv::Format::Raw);
+    let (dev, _) = open_s3(&url, &config(&s3), &opts).unwrap();
+    let mut buf = vec![0; 4096];
+    dev.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&x| x == 0xaa));
+    s3.boto(&["put", &bucket, "img.raw", b.to_str().unwrap()]);
+    let e = dev.read_at(&mut buf, 3 << 20).unwrap_err().to_string();
+    assert!(e.contains("changed"), "{e}");
+
+    let out = s3.convert(&["info", &format!("s3://{bucket}/missing.qcow2")]);
+    let err = one_line_error(&out, &s3.secret);
+    assert!(err.contains("not found"), "{err}");
+    let wrong = "wrongSecretKey0123456789";
+    let out = s3
+        .diskconv(&["info", &url.to_string()])
+        .env("AWS_SECRET_ACCESS_KEY", wrong)
+        .output()
+        .unwrap();
+    let err = one_line_error(&out, wrong);
+    assert!(err.contains("access denied"), "{err}");
+}
+
+/// A server that goes away mid-upload (a SeaweedFS of the test's own, stopped by its pid):
+/// diskconv fails with a clear error naming the object, exits non-zero, prints no secret,
+/// and says that an incomplete upload may be left (the abort could not reach the server).
+#[test]
+#[cfg_attr(no_s3, ignore = "no S3 server: run scripts/test (it starts SeaweedFS)")]
+fn server_gone_mid_upload_is_a_clear_error() {
+    let _ = s3(); // the shared server's presence says weed is installed
+    let servers = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/servers");
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("weed");
+    let started = Command::new(servers.join("start-seaweedfs.sh"))
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{started:?}");
+    let env = std::fs::read_to_string(run.join("weed.env")).unwrap();
+    let get = |k: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .to_string()
+    };
+    let own = S3 {
+        endpoint: get("S3_ENDPOINT"),
+        access: get("S3_ACCESS_KEY"),
+        secret: get("S3_SECRET_KEY"),
+    };
+    let stop = || {
+        Command::new(servers.join("stop-seaweedfs.sh"))
+            .arg(&run)
+            .output()
+            .unwrap()
+    };
+    let bucket = own.bucket("gone");
+    let raw = dir.path().join("src.raw");
+    let data: Vec<u8> = (0..128u32 << 20).map(|i| (i % 253) as u8 | 1).collect();
+    std::fs::write(&raw, data).unwrap();
+    let child = start_slow_upload(&own, &bucket, raw.to_str().unwrap(), "gone.raw");
+    let stopped = stop();
+    let out = child.wait_with_output().unwrap();
+    assert!(stopped.status.success(), "{stopped:?}");
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains(&own.secret), "{err}");
+    let last = err.trim_end().lines().last().unwrap();
+    assert!(
+        last.starts_with(&format!("diskconv: s3://{bucket}/gone.raw: ")),
+        "{err}"
+    );
+    assert!(
+        last.contains("cannot reach the server") || last.contains("HTTP 5"),
+        "{err}"
+    );
+}
