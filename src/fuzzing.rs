@@ -271,7 +271,7 @@ impl BlockDevice for MemDisk {
 }
 
 /// The `guest_scan` target: `data` as a raw disk, through the partition table and
-/// filesystem scanners ([`crate::guest::scan`]). Beyond not panicking, it checks the
+/// filesystem scanners ([`crate::guest::scan()`]). Beyond not panicking, it checks the
 /// safety rule: every free byte lies inside a partition that was scanned, none inside a
 /// partition that was skipped or in the first sector (the table or a boot sector), and
 /// the wrapper device still keeps the [`BlockDevice`] contract.

@@ -3,8 +3,8 @@
 //! `last_page` is free, except the pages listed as bad; the header page is kept.
 //!
 //! Layout (the kernel's `union swap_header`, written by mkswap in the creator's byte
-//! order): at 1024 `version`, `last_page`, `nr_badpages` (u32 each), uuid[16],
-//! volume_name[16], 117 u32 of padding, then `badpages[]` from byte 1536; the magic is the
+//! order): at 1024 `version`, `last_page`, `nr_badpages` (u32 each), `uuid[16]`,
+//! `volume_name[16]`, 117 u32 of padding, then `badpages[]` from byte 1536; the magic is the
 //! last 10 bytes of the page. A hibernation image replaces that magic, and then the
 //! partition holds a saved memory image: it is skipped.
 
