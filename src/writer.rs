@@ -266,6 +266,24 @@ pub fn write_all_at(file: &Sink, data: &[u8], offset: u64, what: &str) -> Result
         .map_err(|e| Error::io(format!("writing {what}"), e).at(offset))
 }
 
+#[doc(hidden)] // a helper of the format writers, not a stable API
+/// Make host range `[from, to)` of `file` read as zeros, for ranges a planned writer
+/// laid out but the engine never wrote: nothing on a fresh file (the range stays a hole),
+/// zeros written on a stream or in place, where the bytes must be sent or old data
+/// overwritten. `what` names the range in errors.
+pub fn zero_fill_at(file: &Sink, from: u64, to: u64, what: &str) -> Result<()> {
+    if file.fresh_file().is_some() {
+        return Ok(());
+    }
+    let mut at = from;
+    while at < to {
+        let k = (to - at).min(ZEROS.len() as u64) as usize;
+        write_all_at(file, &ZEROS[..k], at, what)?;
+        at += k as u64;
+    }
+    Ok(())
+}
+
 /// Where a writer's bytes go: a fresh file, an existing file or block device written in
 /// place, or a stream (a FIFO or character device).
 ///

@@ -30,7 +30,7 @@ use super::writer::{
 };
 use crate::error::{Error, Result};
 use crate::options::CreateOptions;
-use crate::writer::{write_all_at, AllocationPlan, Encoder, ImageWriter, Sink};
+use crate::writer::{write_all_at, zero_fill_at, AllocationPlan, Encoder, ImageWriter, Sink};
 
 /// Metadata is sent in pieces of about this size, so a pipe sees few large writes while
 /// memory stays bounded whatever the tables' size.
@@ -367,15 +367,7 @@ impl Qcow2StreamWriter {
         if to <= self.pos {
             return Ok(());
         }
-        if self.file.fresh_file().is_none() {
-            static Z: [u8; 64 << 10] = [0; 64 << 10];
-            let mut at = self.pos;
-            while at < to {
-                let k = (to - at).min(Z.len() as u64) as usize;
-                write_all_at(&self.file, &Z[..k], at, "unwritten data clusters")?;
-                at += k as u64;
-            }
-        }
+        zero_fill_at(&self.file, self.pos, to, "unwritten data clusters")?;
         self.pos = to;
         Ok(())
     }

@@ -13,7 +13,7 @@ use super::header::{ImageType, VdiHeader, BLOCK_UNALLOCATED};
 use super::writer::new_header;
 use crate::error::{Error, Result};
 use crate::options::CreateOptions;
-use crate::writer::{write_all_at, AllocationPlan, ImageWriter, Sink};
+use crate::writer::{write_all_at, zero_fill_at, AllocationPlan, ImageWriter, Sink};
 
 /// The sequential VDI writer.
 pub struct VdiStreamWriter {
@@ -122,15 +122,7 @@ impl VdiStreamWriter {
         if to <= self.pos {
             return Ok(());
         }
-        if self.file.fresh_file().is_none() {
-            static Z: [u8; 64 << 10] = [0; 64 << 10];
-            let mut at = self.pos;
-            while at < to {
-                let k = (to - at).min(Z.len() as u64) as usize;
-                write_all_at(&self.file, &Z[..k], at, "unwritten VDI data")?;
-                at += k as u64;
-            }
-        }
+        zero_fill_at(&self.file, self.pos, to, "unwritten VDI data")?;
         self.pos = to;
         Ok(())
     }

@@ -15,7 +15,7 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 use super::sparse::{GTES_PER_GT, SECTOR};
 use super::writer::{sparse_header, Layout, Subformat, VmdkOptions, DESC_SECTORS, GRAIN_SECTORS};
 use crate::error::{Error, Result};
-use crate::writer::{write_all_at, AllocationPlan, ImageWriter, Sink};
+use crate::writer::{write_all_at, zero_fill_at, AllocationPlan, ImageWriter, Sink};
 
 /// Metadata is sent in pieces of about this size, so memory stays bounded whatever the
 /// size of the grain tables (64 MiB for a 2 TiB disk).
@@ -175,15 +175,7 @@ impl PlannedSparseWriter {
         if to <= self.pos {
             return Ok(());
         }
-        if self.file.fresh_file().is_none() {
-            static Z: [u8; 64 << 10] = [0; 64 << 10];
-            let mut at = self.pos;
-            while at < to {
-                let k = (to - at).min(Z.len() as u64) as usize;
-                write_all_at(&self.file, &Z[..k], at, "unwritten VMDK grains")?;
-                at += k as u64;
-            }
-        }
+        zero_fill_at(&self.file, self.pos, to, "unwritten VMDK grains")?;
         self.pos = to;
         Ok(())
     }
