@@ -102,6 +102,8 @@ pub mod guest;
 pub mod fuzzing;
 pub mod inspect;
 pub mod ops;
+// A raw image arriving on a pipe (`rbd export ... - | diskconv convert -f raw - ...`).
+pub mod pipe;
 pub mod probe;
 #[cfg(feature = "remote")]
 pub mod remote;
@@ -125,6 +127,7 @@ pub use ops::sparsify::{
     sparsify, sparsify_in_place, sparsify_to_writer, SparsifyOptions, SparsifyReport,
 };
 pub use ops::stream::{convert_to_writer, ConvertedReader};
+pub use pipe::PipeSource;
 pub use options::{
     parse_bool, parse_size, CreateOptions, OpenOptions, OptionHelp, Preallocation, ResizeOptions,
 };

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 #[cfg(feature = "remote")]
 mod cli_remote;
+mod cli_stdin;
 use diskconv::parse_size;
 use diskconv::{
     ConvertOptions, CreateOptions, Error, Format, ImageInfo, OpenOptions, Preallocation,
@@ -120,6 +121,8 @@ enum Cmd {
         #[cfg(feature = "remote")]
         #[command(flatten)]
         remote: cli_remote::RemoteArgs,
+        #[command(flatten)]
+        stdin: cli_stdin::StdinArgs,
         // Both required except with `-o help`, which qemu-img also runs without files;
         // hidden because clap would list optional positionals as [SRC] [DST].
         /// Input image.
@@ -461,6 +464,7 @@ fn run(cli: Cli) -> Result<()> {
             output,
             #[cfg(feature = "remote")]
             remote,
+            stdin,
             src,
             dst,
         } => {
@@ -497,6 +501,7 @@ fn run(cli: Cli) -> Result<()> {
                     "convert needs SRC and DST (diskconv convert --help)",
                 ));
             };
+            cli_stdin::check(&src, &stdin)?;
             if target_is_zero && !existing_target {
                 // qemu-img's words for its flags; the library names its own options.
                 return Err(Error::arg("--target-is-zero requires use of -n flag"));
@@ -588,10 +593,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             #[cfg(feature = "remote")]
             let remote_report =
-                remote_dst.then(|| cli_remote::convert(&src, &dst, &remote, &opts, json));
+                (remote_dst && !cli_stdin::is_stdin(&src))
+                    .then(|| cli_remote::convert(&src, &dst, &remote, &opts, json));
             #[cfg(not(feature = "remote"))]
             let remote_report: Option<Result<(diskconv::ConvertReport, _)>> = None;
-            let report = if sparsify {
+            let report = if cli_stdin::is_stdin(&src) {
+                cli_stdin::convert(&dst, &stdin, &opts, sparsify, remote_dst)
+            } else if sparsify {
                 sparsify_copy(&src, &dst, &opts).map(|r| {
                     let c = r.convert.clone().unwrap_or_default();
                     sparsified = Some(r);
