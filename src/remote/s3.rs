@@ -514,6 +514,22 @@ impl Upload {
         }
     }
 
+    /// The finished object's ETag, without quotes. RGW 16 answers CompleteMultipartUpload
+    /// with an empty `<ETag></ETag>` (Ceph tracker 58879) while HEAD gives the right `-N`
+    /// form: ask HEAD then, so the check against the parts still runs and an honest upload
+    /// is never failed on the quirk.
+    fn final_etag(&self, from_write: Option<&str>) -> Result<Option<String>> {
+        let clean = |t: &str| Some(t.trim_matches('"').to_string()).filter(|t| !t.is_empty());
+        if let Some(t) = from_write.and_then(clean) {
+            return Ok(Some(t));
+        }
+        let meta = self
+            .rt
+            .block_on(self.op.stat(&self.key))
+            .map_err(|e| self.fail("reading the finished object's ETag back (HEAD)", &e))?;
+        Ok(meta.etag().and_then(clean))
+    }
+
     /// After a successful conversion: send what is left, complete the upload (or make the
     /// single PUT, digests in its metadata), check the ETag. A request already sent is let
     /// finish even when cancelled, and what it made is then deleted: no object appears.
@@ -570,7 +586,13 @@ impl Upload {
             let _ = self.rt.block_on(op.delete(&key));
             return Err(interrupted(&self.url));
         }
-        let etag = meta.etag().map(|t| t.trim_matches('"').to_string());
+        let etag = match self.final_etag(meta.etag()) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = self.rt.block_on(op.delete(&key));
+                return Err(e);
+            }
+        };
         if let Some(got) = &etag {
             // Only the usual forms are checked: a server may use its own (encrypted objects).
             let usual = got.len() >= 32 && got[..32].bytes().all(|b| b.is_ascii_hexdigit());

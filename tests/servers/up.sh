@@ -38,6 +38,35 @@ servers_up() {
   fi
 }
 
+# Ceph (tests/ceph_rbd.rs and the RGW pass of tests/remote_s3.rs): a throw-away single-node
+# Ceph 16 (mon, mgr, one bluestore OSD on a sparse file, radosgw) from Debian's packages,
+# which scripts/test installs; about 15 s to ready, its state removed when the shell exits.
+ceph_up() {
+  [ "${DISKCONV_TEST_SERVERS:-1}" = 0 ] && return 0
+  local here dir
+  here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  dir=$(cd "$here/../.." && pwd)/target/test-servers/ceph
+  if ! command -v ceph-mon >/dev/null 2>&1 || ! command -v radosgw >/dev/null 2>&1; then
+    echo "scripts/test: no ceph-mon/radosgw (Debian: ceph-mon ceph-osd ceph-mgr radosgw ceph-common); the Ceph tests will not run" >&2
+    return 0
+  fi
+  mkdir -p "$(dirname "$dir")"
+  # A cluster left by an earlier run that was killed: stop it (by its recorded pids) first.
+  [ -s "$dir/pids" ] && "$here/ceph/stop-ceph.sh" "$dir" >/dev/null
+  rm -rf "$dir"
+  if "$here/ceph/start-ceph.sh" "$dir" >&2; then
+    SERVERS_STOP+=("$here/ceph/stop-ceph.sh $dir" "rm -rf $dir")
+    # shellcheck disable=SC1091
+    . "$dir/env.sh"
+    # DISKCONV_TEST_CEPH only says one runs (build.rs; a stable value, so no rebuild).
+    export DISKCONV_TEST_CEPH=1 DISKCONV_TEST_CEPH_CONF=$CEPH_CONF DISKCONV_TEST_CEPH_POOL=$CEPH_SAIO_RBD_POOL \
+      DISKCONV_TEST_RGW_ENDPOINT=$CEPH_SAIO_S3_ENDPOINT DISKCONV_TEST_RGW_ACCESS_KEY=$CEPH_SAIO_S3_ACCESS_KEY \
+      DISKCONV_TEST_RGW_SECRET_KEY=$CEPH_SAIO_S3_SECRET_KEY
+  else
+    echo "scripts/test: Ceph did not start (logs: $dir/log)" >&2
+  fi
+}
+
 servers_down() {
   local s
   for s in "${SERVERS_STOP[@]}"; do $s >&2 || true; done
@@ -49,3 +78,4 @@ trap servers_down EXIT
 trap "exit 130" INT
 trap "exit 143" TERM
 servers_up
+ceph_up
