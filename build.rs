@@ -3,9 +3,9 @@
 //!
 //! Sets `--cfg no_qemu` when `qemu-img` or `qemu-io` is not on PATH and `--cfg no_bzip2`
 //! when `bzip2` is not (likewise `no_strace`, `no_e2fsprogs`, `no_dosfs`, `no_exfat`, `no_ntfs`,
-//! `no_xfs`, `no_parttools`, `no_lvm` for the sparsify tests' filesystem tools, `no_s3`
+//! `no_xfs`, `no_parttools`, `no_lvm` for the sparsify tests' filesystem tools, and `no_s3`
 //! when no S3 test server is started: `DISKCONV_TEST_S3` unset; tests/servers/up.sh sets
-//! it, and `no_ceph` likewise for `DISKCONV_TEST_CEPH`), but only when the tools are not required: with `CI` set (to
+//! it), but only when the tools are not required: with `CI` set (to
 //! anything but `false`/`0`) or `DISKCONV_REQUIRE_QEMU=1` nothing is ignored, so the tests
 //! run and fail with the install command. The library and the binary never look at these.
 
@@ -31,9 +31,10 @@ fn required() -> bool {
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    for var in ["PATH", "CI", "DISKCONV_REQUIRE_QEMU", "DISKCONV_TEST_S3", "DISKCONV_TEST_CEPH"] {
+    for var in ["PATH", "CI", "DISKCONV_REQUIRE_QEMU", "DISKCONV_TEST_S3"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
+    println!("cargo:rerun-if-env-changed=DISKCONV_TEST_CEPH");
     println!("cargo:rustc-check-cfg=cfg(no_qemu)");
     println!("cargo:rustc-check-cfg=cfg(no_bzip2)");
     println!("cargo:rustc-check-cfg=cfg(no_strace)");
@@ -112,7 +113,8 @@ fn main() {
         if env::var_os("DISKCONV_TEST_S3").is_none() {
             println!("cargo:rustc-cfg=no_s3");
         }
-        // No Ceph cluster started (tests/servers/up.sh's ceph_up exports where it is).
+        // No Ceph cluster started (DISKCONV_TEST_CEPH unset; tests/servers/up.sh's ceph_up
+        // exports it with where the cluster is).
         if env::var_os("DISKCONV_TEST_CEPH").is_none() {
             println!("cargo:rustc-cfg=no_ceph");
         }

@@ -127,10 +127,10 @@ pub use ops::sparsify::{
     sparsify, sparsify_in_place, sparsify_to_writer, SparsifyOptions, SparsifyReport,
 };
 pub use ops::stream::{convert_to_writer, ConvertedReader};
-pub use pipe::PipeSource;
 pub use options::{
     parse_bool, parse_size, CreateOptions, OpenOptions, OptionHelp, Preallocation, ResizeOptions,
 };
+pub use pipe::PipeSource;
 pub use references::MAX_CHAIN_DEPTH;
 pub use writer::{
     random_uuid_v4, AtomicOutput, DigestAlgo, ImageWriter, Output, OutputKind, OutputOptions,

@@ -592,9 +592,8 @@ fn run(cli: Cli) -> Result<()> {
                 ));
             }
             #[cfg(feature = "remote")]
-            let remote_report =
-                (remote_dst && !cli_stdin::is_stdin(&src))
-                    .then(|| cli_remote::convert(&src, &dst, &remote, &opts, json));
+            let remote_report = (remote_dst && !cli_stdin::is_stdin(&src))
+                .then(|| cli_remote::convert(&src, &dst, &remote, &opts, json));
             #[cfg(not(feature = "remote"))]
             let remote_report: Option<Result<(diskconv::ConvertReport, _)>> = None;
             let report = if cli_stdin::is_stdin(&src) {

@@ -51,7 +51,14 @@ impl Ceph {
     }
 
     fn remove(&self, spec: &str) {
-        ok(&self.rbd().args(["rm", "--no-progress", spec]).output().unwrap(), "rbd rm");
+        ok(
+            &self
+                .rbd()
+                .args(["rm", "--no-progress", spec])
+                .output()
+                .unwrap(),
+            "rbd rm",
+        );
     }
 
     fn info(&self, spec: &str) -> serde_json::Value {
@@ -190,7 +197,14 @@ fn import_from_diskconv(c: &Ceph, args: &[&str], spec: &str, dir: &Path) -> u64 
     let (mut dc, rss_file) = spawn_timed(args, dir);
     let import = c
         .rbd()
-        .args(["import", "--no-progress", "--sparse-size", "4096", "-", spec])
+        .args([
+            "import",
+            "--no-progress",
+            "--sparse-size",
+            "4096",
+            "-",
+            spec,
+        ])
         .stdin(Stdio::from(dc.stdout.take().unwrap()))
         .output()
         .unwrap();
@@ -207,7 +221,7 @@ fn regions(size: u64) -> Vec<(u64, u64)> {
     let mut v = vec![
         (0, MIB),
         (3 * OBJECT - 3 * 4096, 5 * MIB + 4096),
-        (size / 2 & !4095, 2 * MIB),
+        ((size / 2) & !4095, 2 * MIB),
         (size - 5 * 512, 5 * 512),
     ];
     for r in &mut v {
@@ -243,7 +257,10 @@ fn objects_touched(size: u64) -> u64 {
 }
 
 fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().expect("qemu-img");
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img");
     ok(&out, &format!("qemu-img {args:?}"))
 }
 
@@ -284,7 +301,9 @@ fn a_sparse_qcow2_piped_into_rbd_and_back_is_bit_exact_in_bounded_memory() {
     let out = dir.path().join("back.qcow2");
     let os = out.to_str().unwrap();
     let size = SIZE.to_string();
-    let args = ["convert", "-f", "raw", "--size", &size, "-", "-O", "qcow2", os];
+    let args = [
+        "convert", "-f", "raw", "--size", &size, "-", "-O", "qcow2", os,
+    ];
     let (res, rss_out) = c.export_into_diskconv(&spec, &args, dir.path());
     ok(&res, "rbd export | diskconv convert -f raw -");
     qemu_img(&["check", os]);
@@ -306,8 +325,14 @@ fn a_sparse_qcow2_piped_into_rbd_and_back_is_bit_exact_in_bounded_memory() {
     );
     c.remove(&spec);
     eprintln!("peak RSS of diskconv: {rss_in} KiB into rbd import, {rss_out} KiB from rbd export ({SIZE} bytes streamed)");
-    assert!(rss_in < MAX_RSS_KIB, "diskconv into rbd import peaked at {rss_in} KiB");
-    assert!(rss_out < MAX_RSS_KIB, "diskconv from rbd export peaked at {rss_out} KiB");
+    assert!(
+        rss_in < MAX_RSS_KIB,
+        "diskconv into rbd import peaked at {rss_in} KiB"
+    );
+    assert!(
+        rss_out < MAX_RSS_KIB,
+        "diskconv from rbd export peaked at {rss_out} KiB"
+    );
 }
 
 #[test]
@@ -375,7 +400,12 @@ fn an_rbd_export_of_another_length_than_size_writes_nothing() {
         assert_eq!(
             std::fs::read_dir(dir.path())
                 .unwrap()
-                .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains("o.qcow2"))
+                .filter(|e| e
+                    .as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains("o.qcow2"))
                 .count(),
             0,
             "a temporary output was left"
@@ -413,12 +443,21 @@ fn a_pipe_source_is_raw_of_a_given_size_read_once_or_refused() {
     let s = size.to_string();
 
     // Raw through a pipe both ways, and into a file, gives the same bytes.
-    let out = piped(&["convert", "-f", "raw", "--size", &s, "-", "-O", "raw", "-"], bytes.clone());
+    let out = piped(
+        &["convert", "-f", "raw", "--size", &s, "-", "-O", "raw", "-"],
+        bytes.clone(),
+    );
     ok(&out, "stdin to stdout");
     assert_eq!(out.stdout, bytes);
     let file = dir.path().join("f.raw");
     let fs = file.to_str().unwrap();
-    ok(&piped(&["convert", "-f", "raw", "--size", &s, "-", fs], bytes.clone()), "stdin to file");
+    ok(
+        &piped(
+            &["convert", "-f", "raw", "--size", &s, "-", fs],
+            bytes.clone(),
+        ),
+        "stdin to file",
+    );
     assert_eq!(std::fs::read(&file).unwrap(), bytes);
 
     // What a pipe cannot do is refused in one line naming the way out, writing nothing.
@@ -426,14 +465,44 @@ fn a_pipe_source_is_raw_of_a_given_size_read_once_or_refused() {
     let qs = q.to_str().unwrap();
     for (args, says) in [
         (vec!["convert", "--size", &s, "-", qs], "add -f raw"),
-        (vec!["convert", "-f", "qcow2", "--size", &s, "-", qs], "add -f raw"),
-        (vec!["convert", "-f", "raw", "--size", "0", "-", qs], "not a positive size"),
-        (vec!["convert", "-f", "raw", "--size", &s, "--sparsify", "-", qs], "--sparsify"),
-        (vec!["convert", "-f", "raw", "--size", &s, fs, qs], "needs SRC '-'"),
+        (
+            vec!["convert", "-f", "qcow2", "--size", &s, "-", qs],
+            "add -f raw",
+        ),
+        (
+            vec!["convert", "-f", "raw", "--size", "0", "-", qs],
+            "not a positive size",
+        ),
+        (
+            vec!["convert", "-f", "raw", "--size", &s, "--sparsify", "-", qs],
+            "--sparsify",
+        ),
+        (
+            vec!["convert", "-f", "raw", "--size", &s, fs, qs],
+            "needs SRC '-'",
+        ),
         // A layout planned from a first pass cannot re-read the pipe.
-        (vec!["convert", "-f", "raw", "--size", &s, "-O", "qcow2", "-", "-"], "read once"),
+        (
+            vec![
+                "convert", "-f", "raw", "--size", &s, "-O", "qcow2", "-", "-",
+            ],
+            "read once",
+        ),
         // Shrinking checks the tail first: the pipe is read ahead to it, within bounds.
-        (vec!["convert", "-f", "raw", "--size", &s, "--target-size", "1M", "-", qs], "would drop data"),
+        (
+            vec![
+                "convert",
+                "-f",
+                "raw",
+                "--size",
+                &s,
+                "--target-size",
+                "1M",
+                "-",
+                qs,
+            ],
+            "would drop data",
+        ),
     ] {
         let out = piped(&args, bytes.clone());
         let err = String::from_utf8_lossy(&out.stderr);
