@@ -2,7 +2,7 @@
 //! a [`BlockDevice`] over a [`Read`] that is consumed once, front to back.
 //!
 //! The engine reads each data unit exactly once, in ascending order, with a fixed number of
-//! units in flight (see [`crate::convert`]); workers finish out of order, so the device
+//! units in flight (see [`mod@crate::convert`]); workers finish out of order, so the device
 //! keeps the bytes read from the pipe but not yet asked for in a window, dropping its front
 //! as soon as every byte of it was handed out. The window is then at most the units in
 //! flight (a few MiB); [`PipeSource::MAX_WINDOW`] caps it so a caller reading far ahead gets

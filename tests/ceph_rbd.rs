@@ -513,3 +513,70 @@ fn a_pipe_source_is_raw_of_a_given_size_read_once_or_refused() {
         assert!(!q.exists(), "{args:?} left {qs}");
     }
 }
+
+/// A loop device over a file, detached on drop (needs root, as the tests run in CI).
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup (util-linux)");
+        Loop(
+            ok(&out, "losetup -f --show (needs root)")
+                .trim()
+                .to_string(),
+        )
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// The stand-in for a mapped `/dev/rbdN` (this kernel has no krbd): `rbd export` written in
+/// place into a block device with `-n`, zero runs of the stream overwritten too.
+#[test]
+#[cfg_attr(no_ceph, ignore = "no Ceph cluster: run scripts/test (it starts one)")]
+#[cfg_attr(no_lvm, ignore = "losetup not installed (Debian package util-linux)")]
+fn an_rbd_export_is_written_into_a_block_device_in_place() {
+    let c = ceph();
+    let dir = tempfile::tempdir().unwrap();
+    let size = 9 * MIB + 3 * 512;
+    let raw = dir.path().join("d.raw");
+    sparse_raw(&raw, size);
+    let spec = c.image("blockdev");
+    let import = c
+        .rbd()
+        .args(["import", "--no-progress", "--sparse-size", "4096"])
+        .arg(&raw)
+        .arg(&spec)
+        .output()
+        .unwrap();
+    ok(&import, "rbd import FILE");
+    // The device is larger than the image and full of old bytes.
+    let backing = dir.path().join("dev.img");
+    std::fs::write(&backing, vec![0xa5u8; (12 * MIB) as usize]).unwrap();
+    let dev = Loop::attach(&backing);
+    let n = size.to_string();
+    let args = [
+        "convert", "-f", "raw", "--size", &n, "-n", "-O", "raw", "-", &dev.0,
+    ];
+    let (res, _) = c.export_into_diskconv(&spec, &args, dir.path());
+    ok(&res, "rbd export | diskconv convert -n - /dev/loopN");
+    drop(dev);
+    let got = std::fs::read(&backing).unwrap();
+    assert!(
+        got[..size as usize] == std::fs::read(&raw).unwrap()[..],
+        "the device does not hold the image"
+    );
+    assert!(
+        got[size as usize..].iter().all(|&b| b == 0xa5),
+        "past the image was written"
+    );
+    c.remove(&spec);
+}
