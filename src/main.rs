@@ -125,7 +125,7 @@ enum Cmd {
         stdin: cli_stdin::StdinArgs,
         // Both required except with `-o help`, which qemu-img also runs without files;
         // hidden because clap would list optional positionals as [SRC] [DST].
-        /// Input image.
+        /// Input image; `-` reads a raw image from stdin (with -f raw and --size).
         #[arg(value_name = "SRC", hide = true)]
         src: Option<PathBuf>,
         /// Output image; `-` writes it to stdout (every output format streams).
