@@ -297,8 +297,10 @@ fn corrupted_part_is_refused_by_the_server() {
     };
     let e = convert_to_s3(dev.as_ref(), &url, &config(&s3), &up, &opts).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("uploading a part"), "{msg}");
+    // Refused by the server (the concurrent writer reports a part's failure at the next
+    // write or at completion), not caught later by diskconv's own ETag check.
     assert!(msg.contains("BadDigest"), "{msg}");
+    assert!(!msg.contains("does not match the parts sent"), "{msg}");
     assert!(!msg.contains(&s3.secret), "{msg}");
     assert_eq!(s3.head(&bucket, "bad.raw")["exists"], false);
     assert!(s3.uploads(&bucket).is_empty());
@@ -315,45 +317,65 @@ fn corrupted_part_is_refused_by_the_server() {
     );
 }
 
-/// Peak memory of an upload is bounded by the parts in flight, not the image: a 1 GiB
-/// sparse image in 5 MiB parts (205 of them, 4 in flight) stays under 48 MiB of peak RSS
-/// (it grew with the image, to 77 MB at 1 GiB, before part buffers were reused). Measured
-/// on this child alone (wait4), not on every child of the test binary.
+/// Peak RSS (VmHWM) of a diskconv child, sampled from /proc until it exits: the figure
+/// only rises, so the last sample is its peak but for the final 50 ms. (wait4's ru_maxrss
+/// would count the test binary's own RSS, whose address space a vfork'ed child starts in.)
+fn child_peak_kib(mut child: std::process::Child) -> u64 {
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&status) {
+            if let Some(kib) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            {
+                peak = peak.max(kib);
+            }
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            assert!(st.success(), "diskconv failed: {st}");
+            return peak;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Peak memory of an upload is bounded by the parts in flight, not the image: 1 GiB in
+/// 5 MiB parts (205 parts, 4 in flight) peaks within 8 MiB of 256 MiB's peak, and under
+/// 96 MiB. (Before part buffers were reused it grew with the image: 77 MB at 1 GiB, 83 MB
+/// at 2 GiB, 150 MB at 8 GiB.)
 #[test]
 #[cfg_attr(no_s3, ignore = "no S3 server: run scripts/test (it starts SeaweedFS)")]
 fn upload_peak_memory_is_bounded_by_parts_in_flight() {
     let s3 = s3();
     let bucket = s3.bucket("rss");
     let dir = tempfile::tempdir().unwrap();
-    let raw = sparse_raw(dir.path(), "src.raw", 1 << 30);
-    let url = format!("s3://{bucket}/big.raw");
-    let child = s3
-        .diskconv(&[
-            "convert",
-            "-O",
-            "raw",
-            "--part-size",
-            "5M",
-            raw.to_str().unwrap(),
-            &url,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut status = 0;
-    // SAFETY: rusage is plain data that wait4 fills for our own child.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
-    assert_eq!(pid, child.id() as i32);
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "diskconv failed: {status}"
-    );
-    let peak_kib = ru.ru_maxrss;
-    eprintln!("peak RSS {peak_kib} KiB");
-    assert!(peak_kib < 48 * 1024, "peak RSS {peak_kib} KiB");
-    assert_eq!(s3.head(&bucket, "big.raw")["length"], 1u64 << 30);
+    let mut peaks = Vec::new();
+    for (name, size) in [("small.raw", 256u64 << 20), ("big.raw", 1 << 30)] {
+        let raw = sparse_raw(dir.path(), name, size);
+        let url = format!("s3://{bucket}/{name}");
+        let child = s3
+            .diskconv(&[
+                "convert",
+                "-O",
+                "raw",
+                "--part-size",
+                "5M",
+                raw.to_str().unwrap(),
+                &url,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        peaks.push(child_peak_kib(child));
+        assert_eq!(s3.head(&bucket, name)["length"], size);
+        std::fs::remove_file(&raw).unwrap();
+    }
+    eprintln!("peak RSS: 256 MiB {} KiB, 1 GiB {} KiB", peaks[0], peaks[1]);
+    assert!(peaks[1] <= peaks[0] + 8 * 1024, "{peaks:?} KiB");
+    assert!(peaks[1] < 96 * 1024, "{peaks:?} KiB");
 }
 
 /// Every output format that streams goes up and comes back as the same guest bytes
@@ -391,8 +413,11 @@ fn every_streaming_format_uploads_and_reads_back() {
         if len < 8 << 20 {
             assert_eq!(j["parts"], 1);
         }
-        // Single PUT or multipart, the object carries its digest in its metadata.
-        assert_eq!(head["metadata"]["sha256"], sha.as_str(), "{fmt} {head}");
+        // Single PUT, or a multipart raw or qcow2 (whose bytes a first pass predicts), the
+        // object carries its digest in its metadata.
+        if len < 8 << 20 || ["raw", "qcow2"].contains(fmt) {
+            assert_eq!(head["metadata"]["sha256"], sha.as_str(), "{fmt} {head}");
+        }
         assert_eq!(head["metadata"]["virtual-size"], "50331648", "{fmt} {head}");
         let back = dir.path().join(format!("{key}.raw"));
         ok(&s3.convert(&[
