@@ -63,7 +63,10 @@ pub fn guid_string(g: &Guid) -> String {
         LE::read_u16(&g[6..8]),
         g[8],
         g[9],
-        g[10..].iter().map(|b| format!("{b:02x}")).collect::<String>()
+        g[10..]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     )
 }
 
@@ -402,7 +405,10 @@ impl MetadataTable {
                     .with_field(format!("{field}.item_id")));
                 }
                 let oend = o.offset as u64 + o.length as u64;
-                if m.length > 0 && o.length > 0 && (m.offset as u64) < oend && (o.offset as u64) < end
+                if m.length > 0
+                    && o.length > 0
+                    && (m.offset as u64) < oend
+                    && (o.offset as u64) < end
                 {
                     return Err(Error::invalid(format!(
                         "VHDX metadata items {j} and {i} overlap ({:#x}..{oend:#x} and {:#x}..{end:#x})",
@@ -516,6 +522,27 @@ pub fn from_utf16le(b: &[u8]) -> Option<String> {
     }
     let units: Vec<u16> = b.chunks_exact(2).map(LE::read_u16).collect();
     String::from_utf16(&units).ok()
+}
+
+#[doc(hidden)] // for the fuzz target: reach past the checksums
+/// `data` with the checksums of both headers and both region tables recomputed (the
+/// caller makes sure the file is long enough to hold them).
+pub fn with_checksums_fixed(data: &[u8]) -> Vec<u8> {
+    let mut out = data.to_vec();
+    let spans = [
+        (HEADER_OFFSETS[0], HEADER_SIZE),
+        (HEADER_OFFSETS[1], HEADER_SIZE),
+        (REGION_TABLE_OFFSETS[0], REGION_TABLE_SIZE),
+        (REGION_TABLE_OFFSETS[1], REGION_TABLE_SIZE),
+    ];
+    for (at, len) in spans {
+        let at = at as usize;
+        if let Some(s) = out.get_mut(at..at + len) {
+            let c = checksum(s, 4);
+            LE::write_u32(&mut s[4..], c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -296,17 +296,12 @@ pub fn replay(file: &HostFile, h: &Header) -> Result<Option<Overlay>> {
             let last = seq.last().unwrap();
             let next_at = (last.at + last.length) % log_len;
             match valid.get(&next_at) {
-                Some(n) if n.seq == last.seq + 1 && seq.len() < valid.len() => {
-                    seq.push(n.clone())
-                }
+                Some(n) if n.seq == last.seq + 1 && seq.len() < valid.len() => seq.push(n.clone()),
                 _ => break,
             }
         }
         let head = seq.last().unwrap().seq;
-        if best
-            .as_ref()
-            .is_none_or(|b| head > b.last().unwrap().seq)
-        {
+        if best.as_ref().is_none_or(|b| head > b.last().unwrap().seq) {
             best = Some(seq);
         }
     }
@@ -365,14 +360,20 @@ fn apply_entry(
             return Err(bad("sequence number differs from its entry's".into(), i));
         }
         if target % LOG_SECTOR != 0 {
-            return Err(bad(format!("file offset {target:#x} is not 4 KiB aligned"), i));
+            return Err(bad(
+                format!("file offset {target:#x} is not 4 KiB aligned"),
+                i,
+            ));
         }
         let len = if &d[0..4] == DESC_SIG {
             LOG_SECTOR
         } else if &d[0..4] == ZERO_SIG {
             let z = LE::read_u64(&d[8..]);
             if z % LOG_SECTOR != 0 || z == 0 {
-                return Err(bad(format!("zero length {z} is not a multiple of 4 KiB"), i));
+                return Err(bad(
+                    format!("zero length {z} is not a multiple of 4 KiB"),
+                    i,
+                ));
             }
             z
         } else {
@@ -401,7 +402,10 @@ fn apply_entry(
             continue;
         }
         if data_at + LOG_SECTOR as usize > whole.len() {
-            return Err(bad("its data sector lies past the end of the entry".into(), i));
+            return Err(bad(
+                "its data sector lies past the end of the entry".into(),
+                i,
+            ));
         }
         let s = &whole[data_at..data_at + LOG_SECTOR as usize];
         data_at += LOG_SECTOR as usize;

@@ -70,10 +70,7 @@ pub struct VhdxImage {
 }
 
 /// Which header is current, from the two parse results.
-fn current_header(
-    h: [Result<Header>; 2],
-    warnings: &mut Vec<String>,
-) -> Result<(usize, Header)> {
+fn current_header(h: [Result<Header>; 2], warnings: &mut Vec<String>) -> Result<(usize, Header)> {
     let [a, b] = h;
     match (a, b) {
         (Ok(a), Ok(b)) => {
@@ -152,9 +149,11 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
     }
     file.read_exact_at(&mut id, 0, "file_identifier")?;
     if &id[..8] != FILE_SIGNATURE {
-        return Err(Error::invalid("not a VHDX: no \"vhdxfile\" signature at offset 0")
-            .with_field("file_identifier.signature")
-            .at(0));
+        return Err(
+            Error::invalid("not a VHDX: no \"vhdxfile\" signature at offset 0")
+                .with_field("file_identifier.signature")
+                .at(0),
+        );
     }
     let creator = {
         let units: Vec<u16> = id[8..520]
@@ -258,10 +257,10 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
         *slot = Some(*r);
     }
     let (Some(bat_r), Some(meta_r)) = (bat, meta) else {
-        return Err(Error::invalid(
-            "the VHDX region table lacks the BAT or the metadata region",
-        )
-        .with_field("region_table"));
+        return Err(
+            Error::invalid("the VHDX region table lacks the BAT or the metadata region")
+                .with_field("region_table"),
+        );
     };
     let params = read_metadata(&host, &meta_r, &mut warnings)?;
 
@@ -430,8 +429,12 @@ fn read_metadata(host: &Host, r: &Region, warnings: &mut Vec<String>) -> Result<
         } else {
             min
         };
-        host.read_vec(base + m.offset as u64, len as u64, &format!("metadata.{name}"))
-            .map(Some)
+        host.read_vec(
+            base + m.offset as u64,
+            len as u64,
+            &format!("metadata.{name}"),
+        )
+        .map(Some)
     };
     let required = |v: Option<Vec<u8>>, name: &str| {
         v.ok_or_else(|| {
@@ -440,8 +443,14 @@ fn read_metadata(host: &Host, r: &Region, warnings: &mut Vec<String>) -> Result<
                 .at(base)
         })
     };
-    let fp = required(item(&FILE_PARAMETERS_GUID, "file_parameters", 8)?, "file_parameters")?;
-    let vs = required(item(&VIRTUAL_SIZE_GUID, "virtual_disk_size", 8)?, "virtual_disk_size")?;
+    let fp = required(
+        item(&FILE_PARAMETERS_GUID, "file_parameters", 8)?,
+        "file_parameters",
+    )?;
+    let vs = required(
+        item(&VIRTUAL_SIZE_GUID, "virtual_disk_size", 8)?,
+        "virtual_disk_size",
+    )?;
     let ls = required(
         item(&LOGICAL_SECTOR_GUID, "logical_sector_size", 4)?,
         "logical_sector_size",
@@ -477,10 +486,10 @@ fn read_metadata(host: &Host, r: &Region, warnings: &mut Vec<String>) -> Result<
         (p.physical_sector_size, "physical_sector_size"),
     ] {
         if v != 512 && v != 4096 {
-            return Err(Error::invalid(format!(
-                "VHDX {name} is {v} (only 512 and 4096 exist)"
-            ))
-            .with_field(format!("metadata.{name}")));
+            return Err(
+                Error::invalid(format!("VHDX {name} is {v} (only 512 and 4096 exist)"))
+                    .with_field(format!("metadata.{name}")),
+            );
         }
     }
     if p.virtual_size % p.logical_sector_size as u64 != 0 || p.virtual_size > MAX_VIRTUAL_SIZE {
@@ -639,11 +648,7 @@ impl VhdxImage {
         if bat_state(e) != BITMAP_PRESENT {
             return Ok(None);
         }
-        let lock = || {
-            self.bitmap_cache
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-        };
+        let lock = || self.bitmap_cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = lock().get(&chunk) {
             return Ok(Some(b.clone()));
         }

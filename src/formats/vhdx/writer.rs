@@ -325,7 +325,12 @@ pub fn create_stream_writer(
 
 impl VhdxWriter {
     fn write_head(&mut self) -> Result<()> {
-        write_all_at(&self.file, &self.l.header_section(), 0, "VHDX header section")?;
+        write_all_at(
+            &self.file,
+            &self.l.header_section(),
+            0,
+            "VHDX header section",
+        )?;
         write_all_at(
             &self.file,
             &self.l.bat_bytes(&self.bat),
