@@ -377,6 +377,9 @@ fn damaged_headers_and_region_tables_fall_back_or_fail_with_their_kind() {
     let _ = img;
 }
 
+/// A change made to a sample image's bytes.
+type Patch = Box<dyn Fn(&mut Vec<u8>)>;
+
 #[test]
 fn hostile_fields_are_refused_with_field_and_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
@@ -389,7 +392,7 @@ fn hostile_fields_are_refused_with_field_and_bounded_memory() {
         crc_fix(c, 192 << 10, 64 << 10);
         crc_fix(c, 256 << 10, 64 << 10);
     };
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, ErrorKind)> = vec![
+    let cases: Vec<(&str, Patch, ErrorKind)> = vec![
         (
             "a 64 TiB disk whose BAT region is 1 MiB",
             Box::new(move |c| LE::write_u64(&mut c[size_item..], 64 << 40)),

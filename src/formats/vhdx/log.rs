@@ -105,6 +105,11 @@ pub struct Host {
 }
 
 impl Host {
+    /// True for an empty file.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The file's length (after the replay).
     pub fn len(&self) -> u64 {
         match &self.overlay {
@@ -301,7 +306,7 @@ pub fn replay(file: &HostFile, h: &Header) -> Result<Option<Overlay>> {
             }
         }
         let head = seq.last().unwrap().seq;
-        if best.as_ref().is_none_or(|b| head > b.last().unwrap().seq) {
+        if best.as_ref().map_or(true, |b| head > b.last().unwrap().seq) {
             best = Some(seq);
         }
     }
