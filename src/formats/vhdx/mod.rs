@@ -4,21 +4,23 @@
 //! gate), with a log left by an unclean shutdown replayed in memory. Write: fixed and
 //! dynamic images with an empty log (see [`writer`]).
 //!
-//! What producers write, and this reader accepts:
-//! - Hyper-V (Windows Server 2012 and later): region table with the metadata region listed
-//!   first, BAT and metadata flagged required, physical sector size 4096, a BAT sized for
-//!   the spec's entry count, blocks of 32 MiB (dynamic) and a log that may hold entries
-//!   when the host did not close the disk cleanly; differencing disks with a parent
-//!   locator of relative_path, volume_path and absolute_win32_path and parent_linkage.
-//! - Disk2VHD: two identical headers with the same sequence number (the spec calls that
-//!   invalid; qemu and we accept it as long as the two are byte-identical).
-//! - qemu-img: BAT before metadata, both regions not flagged required, payload entries of
-//!   blocks without data in state ZERO (`block_state_zero=on`, its default, for fixed disks
-//!   too), a fixed disk's last block cut short at the virtual size (the file ends with the
-//!   guest data, so only that part of the last block is in the file), a BAT holding only
-//!   the bitmap entries between payload entries (qemu's count, one short of the spec's
-//!   for a last partial chunk), physical sector size 512, and a log with entries when its
-//!   driver was stopped between a log write and its flush.
+//! What producers write, and this reader accepts (checked on the corpus images):
+//! - Hyper-V (Windows Server 2012, "Microsoft Windows 6.2"): the metadata region at 2 MiB
+//!   and the BAT at 3 MiB (the region table lists the BAT first), both flagged required;
+//!   32 MiB blocks; physical sector size 4096; payload states fully present, zero and not
+//!   present; a log that holds entries when the host did not close the disk cleanly;
+//!   differencing disks with a parent locator of parent_linkage, relative_path,
+//!   volume_path and absolute_win32_path (only the relative path is ever followed).
+//! - Disk2VHD ("d2v"): two identical headers with the same sequence number (the spec
+//!   calls that invalid; qemu and we accept it when the two are byte-identical); metadata
+//!   at 2 MiB, BAT at 3 MiB; 2 MiB blocks; the page 83 item listed last.
+//! - qemu-img: BAT at 1 MiB past the log, metadata after it, neither flagged required;
+//!   blocks without data in state zero (its `block_state_zero=on` default, fixed disks
+//!   too); a fixed disk's file ending with the guest data (only the part of the last block
+//!   inside the virtual size is in the file); a BAT holding only the bitmap entries between
+//!   payload entries (its count, one short of the spec's for a last partial chunk); physical
+//!   sector size 512; a log whose older entries carry the log GUIDs of earlier sessions (a
+//!   new GUID for every write), each entry naming itself as the tail.
 
 use crate::device::{BlockDevice, HostFile};
 use crate::error::Result;
