@@ -245,8 +245,8 @@ fn desc_sectors(count: u64) -> u64 {
 }
 
 /// Replay the log the current header `h` describes, when it holds an active sequence;
-/// None for a clean image (zero log GUID, or no valid entry). `regions` are the
-/// file ranges the log must not write (the header section and the log itself are added).
+/// None for a clean image (zero log GUID, or no valid entry). A descriptor may not write
+/// into the header section or the log itself.
 pub fn replay(file: &HostFile, h: &Header) -> Result<Option<Overlay>> {
     if h.log_offset % MIB != 0 || h.log_offset < HEADER_SECTION_END {
         return Err(Error::invalid(format!(
