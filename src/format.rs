@@ -18,12 +18,15 @@ pub enum Format {
     Vmdk,
     /// VirtualBox disk image.
     Vdi,
+    /// Microsoft Hyper-V virtual hard disk v2.
+    Vhdx,
 }
 
 impl Format {
     /// Every format, in probe order.
-    pub const ALL: [Format; 5] = [
+    pub const ALL: [Format; 6] = [
         Format::Qcow2,
+        Format::Vhdx,
         Format::Vhd,
         Format::Vmdk,
         Format::Vdi,
@@ -38,6 +41,7 @@ impl Format {
             Format::Vhd => "vpc",
             Format::Vmdk => "vmdk",
             Format::Vdi => "vdi",
+            Format::Vhdx => "vhdx",
         }
     }
 
@@ -49,9 +53,10 @@ impl Format {
             "vpc" | "vhd" => Format::Vhd,
             "vmdk" => Format::Vmdk,
             "vdi" => Format::Vdi,
+            "vhdx" => Format::Vhdx,
             other => {
                 return Err(Error::arg(format!(
-                    "unknown format '{other}' (known: raw, qcow2, vpc, vmdk, vdi)"
+                    "unknown format '{other}' (known: raw, qcow2, vpc, vmdk, vdi, vhdx)"
                 )))
             }
         })

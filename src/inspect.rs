@@ -775,13 +775,13 @@ mod tests {
         // Read as raw it opened; the qcow2 reading is reported as well.
         assert_eq!(i.opened_as, Some(Format::Raw));
 
-        let mut b = b"vhdxfile".to_vec();
+        let mut b = b"WithoutFreeSpace\x02\0\0\0".to_vec();
         b.resize(1024, 0);
         std::fs::write(&p, &b).unwrap();
         let i = inspect(&p, Some(Format::Raw)).unwrap();
         assert!(i.has(FindingKind::ForeignFormat) && !i.safe);
         let v = serde_json::to_value(&i).unwrap();
-        assert_eq!(v["foreign_signatures"][0], "vhdx");
+        assert_eq!(v["foreign_signatures"][0], "parallels");
         assert_eq!(v["findings"][0]["kind"], "ForeignFormat");
         assert_eq!(v["claimed_format"], "raw");
     }

@@ -15,16 +15,16 @@ use diskconv::{
 };
 
 /// qemu-img's names, listed in `--help` so users need not guess (`vhd` is accepted for `vpc`).
-const FORMATS_HELP: &str = "Supported formats: raw qcow2 vpc (alias vhd) vmdk vdi";
+const FORMATS_HELP: &str = "Supported formats: raw qcow2 vpc (alias vhd) vmdk vdi vhdx";
 
 /// `convert --help`'s description of its two files, which clap cannot list as required.
-const CONVERT_ARGS_HELP: &str = "Arguments:\n  SRC  Input image\n  DST  Output image\n\nSupported formats: raw qcow2 vpc (alias vhd) vmdk vdi";
+const CONVERT_ARGS_HELP: &str = "Arguments:\n  SRC  Input image\n  DST  Output image\n\nSupported formats: raw qcow2 vpc (alias vhd) vmdk vdi vhdx";
 
 #[derive(Parser)]
 #[command(
     name = "diskconv",
     version,
-    about = "Convert and inspect disk images (raw, qcow2, vpc/vhd, vmdk, vdi)",
+    about = "Convert and inspect disk images (raw, qcow2, vpc/vhd, vmdk, vdi, vhdx)",
     after_help = FORMATS_HELP
 )]
 struct Cli {
@@ -399,6 +399,12 @@ fn formatting_line(file: &Path, format: Format, opts: &CreateOptions) -> String 
             ("zeroed_grain", None),
         ],
         Format::Vdi => &[("size", None), ("static", Some("off"))],
+        Format::Vhdx => &[
+            ("size", None),
+            ("log_size", Some("1048576")),
+            ("block_size", Some("0")),
+            ("subformat", None),
+        ],
         _ => &[("size", None)],
     };
     let mut line = format!("Formatting '{}', fmt={format}", file.display());

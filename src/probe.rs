@@ -2,9 +2,9 @@
 //! is never second-guessed (a raw guest disk holding a qcow2 header stays raw).
 //!
 //! Rules: every format's signature is checked, ours and those of the formats qemu-img
-//! reads and we do not (vhdx, qcow v1, qed, luks, parallels, dmg, bochs, cloop). Exactly
+//! reads and we do not (qcow v1, qed, luks, parallels, dmg, bochs, cloop). Exactly
 //! one of ours is that format; exactly one foreign one is refused with an error naming it
-//! (converting a vhdx container's own bytes as the guest disk would be silent garbage);
+//! (converting a qed container's own bytes as the guest disk would be silent garbage);
 //! none is raw; several is an error (a polyglot: a file that one tool reads as qcow2 and
 //! another as vmdk is how format-confusion attacks work).
 //!
@@ -53,18 +53,13 @@ struct Foreign {
 const CLOOP_MAGIC: &[u8] =
     b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n";
 
-/// The magics of qemu's `*_probe` functions (block/vhdx.c, qcow.c, qed.c, crypto.c,
+/// The magics of qemu's `*_probe` functions (block/qcow.c, qed.c, crypto.c,
 /// parallels.c, dmg.c, bochs.c, cloop.c). We match the magic alone where qemu also checks a
 /// version field (luks version 1, parallels version 2, bochs type and version): a file
 /// carrying the magic with another version is no more a plain disk, and refusing it only
 /// costs `-f raw`. qcow v1 shares qcow2's magic and is told apart by its version, as qemu
 /// does. Several of these formats can name backing files.
 const FOREIGN: &[Foreign] = &[
-    Foreign {
-        name: "vhdx",
-        signature: "'vhdxfile' at offset 0",
-        found: |h, _| h.starts_with(b"vhdxfile"),
-    },
     Foreign {
         name: "qcow",
         signature: "'QFI\\xfb' version 1 at offset 0",
@@ -343,7 +338,8 @@ mod tests {
     fn foreign_signatures_are_reported() {
         let mut head = b"vhdxfile".to_vec();
         head.resize(1024, 0);
-        assert_eq!(foreign_signatures(&head, &[]), vec!["vhdx"]);
+        assert!(foreign_signatures(&head, &[]).is_empty());
+        assert_eq!(matching_formats(&head, &[], 1 << 20), vec![Format::Vhdx]);
         let mut tail = b"koly".to_vec();
         tail.resize(512, 0);
         assert_eq!(foreign_signatures(&[0u8; 16], &tail), vec!["dmg"]);
@@ -361,7 +357,6 @@ mod tests {
             h.resize(4096, 0);
             h
         };
-        cases.push(("vhdx", head(b"vhdxfile"), vec![]));
         cases.push(("qcow", head(b"QFI\xfb\0\0\0\x01"), vec![]));
         cases.push(("qed", head(b"QED\0"), vec![]));
         cases.push(("luks", head(b"LUKS\xba\xbe\0\x01"), vec![]));

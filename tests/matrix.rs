@@ -39,6 +39,8 @@ const TARGETS: &[Target] = &[
     ),
     ("vdi", Format::Vdi, &[], false),
     ("vdi-static", Format::Vdi, &[("static", "on")], false),
+    ("vhdx-dynamic", Format::Vhdx, &[("block_size", "1M")], false),
+    ("vhdx-fixed", Format::Vhdx, &[("subformat", "fixed")], false),
 ];
 
 fn convert_to(src: &std::path::Path, dst: &std::path::Path, t: &Target) {

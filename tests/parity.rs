@@ -620,6 +620,8 @@ fn create_prints_and_makes_what_qemu_img_create_does() {
         ("vmdk", "subformat=streamOptimized", "10M"),
         ("vdi", "", "1G"),
         ("vdi", "static=on", "10M"),
+        ("vhdx", "", "1G"),
+        ("vhdx", "subformat=fixed", "10M"),
     ];
     for (i, (fmt, opts, size)) in cases.iter().enumerate() {
         let name = format!("img{i}.{fmt}");
@@ -666,7 +668,7 @@ fn create_prints_and_makes_what_qemu_img_create_does() {
             }
             assert_eq!(vo[k], vq[k], "{fmt} {opts}: {k}");
         }
-        if matches!(f, Format::Qcow2 | Format::Vdi | Format::Vmdk) {
+        if matches!(f, Format::Qcow2 | Format::Vdi | Format::Vmdk | Format::Vhdx) {
             assert_qemu_check_clean(&ours, f);
         }
         if f != Format::Vhd {

@@ -16,6 +16,7 @@ pub mod qcow2;
 pub mod raw;
 pub mod vdi;
 pub mod vhd;
+pub mod vhdx;
 pub mod vmdk;
 
 impl Format {
@@ -29,6 +30,7 @@ impl Format {
             Format::Vhd => vhd::probe(head, tail, file_len),
             Format::Vmdk => vmdk::probe(head),
             Format::Vdi => vdi::probe(head),
+            Format::Vhdx => vhdx::probe(head),
         }
     }
 
@@ -50,6 +52,7 @@ impl Format {
             Format::Vhd => vhd::CREATE_OPTIONS,
             Format::Vmdk => vmdk::CREATE_OPTIONS,
             Format::Vdi => vdi::CREATE_OPTIONS,
+            Format::Vhdx => vhdx::CREATE_OPTIONS,
         }
     }
 }
@@ -104,6 +107,7 @@ pub fn open_host(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevi
         Format::Vhd => vhd::open(file, opts),
         Format::Vmdk => vmdk::open(file, opts),
         Format::Vdi => vdi::open(file, opts),
+        Format::Vhdx => vhdx::open(file, opts),
     };
     dev.map_err(|e| e.with_path(path))
 }
@@ -111,7 +115,7 @@ pub fn open_host(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevi
 /// The outputs that can be written to a pipe or character device, for error messages
 /// (each such writer answers true to [`ImageWriter::streams`]).
 pub const STREAMING_OUTPUTS: &str =
-    "raw, qcow2, vdi, dynamic vpc and monolithicSparse vmdk (laid out from a first pass over the source), fixed vpc, vmdk with -o subformat=streamOptimized";
+    "raw, qcow2, vdi, dynamic vpc and monolithicSparse vmdk and dynamic vhdx (laid out from a first pass over the source), fixed vpc and fixed vhdx, vmdk with -o subformat=streamOptimized";
 
 /// Whether `format` can be written into an existing image in place (`-n`): only raw
 /// today, whose in-place image is the guest bytes themselves.
@@ -148,6 +152,7 @@ pub fn create_writer(
         Format::Vhd => vhd::create_writer(file, opts),
         Format::Vmdk => vmdk::create_writer(file, path, opts),
         Format::Vdi => vdi::create_writer(file, opts),
+        Format::Vhdx => vhdx::create_writer(file, opts),
     };
     w.map_err(|e| e.with_path(path))
 }
@@ -164,6 +169,7 @@ pub fn plan_granularity(format: Format, opts: &CreateOptions) -> Result<Option<u
         Format::Vhd => vhd::plan_granularity(opts),
         Format::Vdi => Ok(Some(vdi::plan_granularity())),
         Format::Vmdk => vmdk::plan_granularity(opts),
+        Format::Vhdx => vhdx::plan_granularity(opts),
         Format::Raw => Ok(None),
     }
 }
@@ -204,6 +210,7 @@ pub fn create_planned_writer(
         Format::Vhd => vhd::create_stream_writer(file.into(), opts, plan),
         Format::Vdi => vdi::create_stream_writer(file.into(), opts, plan),
         Format::Vmdk => vmdk::create_stream_writer(file.into(), path, opts, plan),
+        Format::Vhdx => vhdx::create_stream_writer(file.into(), opts, plan),
         _ => qcow2::create_stream_writer(file.into(), opts, plan),
     };
     w.map_err(|e| e.with_path(path))
@@ -224,5 +231,6 @@ pub fn open_editor(
         Format::Vhd => vhd::open_editor(file, path, opts),
         Format::Vmdk => vmdk::open_editor(file, path, opts),
         Format::Vdi => vdi::open_editor(file, path, opts),
+        Format::Vhdx => vhdx::open_editor(file, path, opts),
     }
 }
