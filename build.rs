@@ -31,7 +31,14 @@ fn required() -> bool {
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    for var in ["PATH", "CI", "DISKCONV_REQUIRE_QEMU", "DISKCONV_TEST_S3", "DISKCONV_TEST_GLANCE", "DISKCONV_TEST_KEYSTONE"] {
+    for var in [
+        "PATH",
+        "CI",
+        "DISKCONV_REQUIRE_QEMU",
+        "DISKCONV_TEST_S3",
+        "DISKCONV_TEST_GLANCE",
+        "DISKCONV_TEST_KEYSTONE",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rustc-check-cfg=cfg(no_qemu)");

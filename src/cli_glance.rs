@@ -180,7 +180,11 @@ pub fn register(a: &RegisterArgs) -> Result<()> {
     let json = match a.output.as_str() {
         "json" => true,
         "human" => false,
-        o => return Err(Error::arg(format!("--output must be human or json, not '{o}'"))),
+        o => {
+            return Err(Error::arg(format!(
+                "--output must be human or json, not '{o}'"
+            )))
+        }
     };
     let name = diskconv::remote::glance::parse_glance_url(&a.dst)?;
     let mut info = LocationInfo {
@@ -223,8 +227,10 @@ pub fn register(a: &RegisterArgs) -> Result<()> {
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"glance-id": id, "glance-image": rec}))
-                .expect("json")
+            serde_json::to_string_pretty(
+                &serde_json::json!({"glance-id": id, "glance-image": rec})
+            )
+            .expect("json")
         );
     } else {
         human(&id, &rec);

@@ -598,11 +598,10 @@ fn run(cli: Cli) -> Result<()> {
                 ));
             }
             #[cfg(feature = "remote")]
-            let remote_report =
-                remote_dst.then(|| match cli_glance::is_glance(&dst) {
-                    true => cli_glance::convert(&src, &dst, &glance, &opts, json),
-                    false => cli_remote::convert(&src, &dst, &remote, &opts, json),
-                });
+            let remote_report = remote_dst.then(|| match cli_glance::is_glance(&dst) {
+                true => cli_glance::convert(&src, &dst, &glance, &opts, json),
+                false => cli_remote::convert(&src, &dst, &remote, &opts, json),
+            });
             #[cfg(not(feature = "remote"))]
             let remote_report: Option<Result<(diskconv::ConvertReport, _)>> = None;
             let report = if sparsify {

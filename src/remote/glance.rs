@@ -350,7 +350,10 @@ impl<'s> Glance<'s> {
                 }
                 _ => {}
             }
-            if let Some(f) = rec["os_glance_failed_import"].as_str().filter(|f| !f.is_empty()) {
+            if let Some(f) = rec["os_glance_failed_import"]
+                .as_str()
+                .filter(|f| !f.is_empty())
+            {
                 return Err(self.err(
                     format!("Glance's import failed in store(s) {f} (status {status})"),
                     &self.url(&format!("/v2/images/{id}")),
@@ -358,10 +361,7 @@ impl<'s> Glance<'s> {
             }
             if Instant::now() > until {
                 return Err(self.err(
-                    format!(
-                        "the image is still '{status}' after {} s",
-                        wait.as_secs()
-                    ),
+                    format!("the image is still '{status}' after {} s", wait.as_secs()),
                     &self.url(&format!("/v2/images/{id}")),
                 ));
             }
@@ -397,10 +397,29 @@ fn record_body(
         b["min_ram"] = json!(r);
     }
     const RESERVED: &[&str] = &[
-        "id", "name", "status", "disk_format", "container_format", "size", "virtual_size",
-        "checksum", "os_hash_algo", "os_hash_value", "visibility", "protected", "min_disk",
-        "min_ram", "tags", "owner", "locations", "file", "schema", "self", "direct_url",
-        "created_at", "updated_at",
+        "id",
+        "name",
+        "status",
+        "disk_format",
+        "container_format",
+        "size",
+        "virtual_size",
+        "checksum",
+        "os_hash_algo",
+        "os_hash_value",
+        "visibility",
+        "protected",
+        "min_disk",
+        "min_ram",
+        "tags",
+        "owner",
+        "locations",
+        "file",
+        "schema",
+        "self",
+        "direct_url",
+        "created_at",
+        "updated_at",
     ];
     for (k, v) in &g.properties {
         if k.is_empty() || RESERVED.contains(&k.as_str()) || k.starts_with("os_glance") {
@@ -482,6 +501,7 @@ pub fn convert_to_glance(
         .disk_format
         .clone()
         .unwrap_or_else(|| disk_format_for(opts.format).to_string());
+    refused_by_inspector(opts, &disk_format)?;
     let virtual_size = opts.target_size.unwrap_or(src.virtual_size());
     let body = record_body(name, &disk_format, virtual_size, g)?;
     // Options and source are checked (the writer is made, a planned layout's first pass
@@ -527,6 +547,25 @@ pub fn convert_to_glance(
             }
         }
     }
+}
+
+/// Outputs Glance 33's format inspector refuses under their true `disk_format`, refused
+/// here before a record exists. A fixed VHD is raw data with a footer and no header: the
+/// inspector looks for `conectix` at offset 0 only, so it sees raw data and answers 415
+/// ("does not match stream data raw").
+fn refused_by_inspector(opts: &ConvertOptions<'_>, disk_format: &str) -> Result<()> {
+    let o = &opts.create.options;
+    let fixed_vhd = opts.format == Format::Vhd
+        && (o.get("subformat").map(String::as_str) == Some("fixed")
+            || (o.get("subformat").is_none()
+                && opts.create.bool_option("azure").ok().flatten() == Some(true)));
+    if fixed_vhd && disk_format == "vhd" {
+        return Err(Error::unsupported(
+            "Glance's format inspector cannot recognise a fixed VHD (its only header is the footer at the end) and refuses it as disk_format vhd: use -o subformat=dynamic, or -O raw",
+        )
+        .with_field("subformat"));
+    }
+    Ok(())
 }
 
 fn upload_and_verify(
@@ -585,7 +624,10 @@ fn upload_and_verify(
                 "Glance refused the data as too large (HTTP 413: {})",
                 server_message(&text)
             ),
-            s => format!("{what}: Glance answered HTTP {s} ({})", server_message(&text)),
+            s => format!(
+                "{what}: Glance answered HTTP {s} ({})",
+                server_message(&text)
+            ),
         };
         return Err(glance.err(why, &url));
     }
@@ -602,7 +644,8 @@ fn upload_and_verify(
         )?;
     }
     let mut record = glance.wait_active(id, g.wait)?;
-    verify(&record, &report).map_err(|m| glance.err(m, &glance.url(&format!("/v2/images/{id}"))))?;
+    verify(&record, &report)
+        .map_err(|m| glance.err(m, &glance.url(&format!("/v2/images/{id}"))))?;
     if g.protected {
         record = glance.patch(
             id,
@@ -688,7 +731,19 @@ pub fn register_location(
     info: &LocationInfo,
     g: &GlanceOptions,
 ) -> Result<Value> {
-    const SCHEMES: &[&str] = &["s3://", "s3+http://", "s3+https://", "swift://", "swift+http://", "swift+https://", "rbd://", "http://", "https://", "file://", "cinder://"];
+    const SCHEMES: &[&str] = &[
+        "s3://",
+        "s3+http://",
+        "s3+https://",
+        "swift://",
+        "swift+http://",
+        "swift+https://",
+        "rbd://",
+        "http://",
+        "https://",
+        "file://",
+        "cinder://",
+    ];
     if !SCHEMES.iter().any(|s| location.starts_with(s)) {
         return Err(Error::arg(format!(
             "--location '{location}': expected an s3://, swift://, rbd:// or http(s):// URL"
@@ -696,8 +751,10 @@ pub fn register_location(
     }
     let glance = Glance::new(session)?;
     let mut g2 = g.clone();
-    g2.properties
-        .push(("diskconv_virtual_size".into(), info.virtual_size.to_string()));
+    g2.properties.push((
+        "diskconv_virtual_size".into(),
+        info.virtual_size.to_string(),
+    ));
     let body = record_body(name, &info.disk_format, info.virtual_size, &g2)?;
     let id = glance.create(&body)?;
     let r = (|| {
@@ -736,7 +793,7 @@ pub fn register_location(
             Err(e) => {
                 let m = e.message().to_string();
                 let hint = if m.contains("HTTP 403") {
-                    ": the cloud's policy does not let this user add locations (add_image_location; Glance 33 allows it to the service role or with show_multiple_locations)"
+                    ": the cloud's policy does not let this user add this location (Glance 33 lets the service role add any store's location, other users only http(s) ones with the http store enabled)"
                 } else if m.contains("HTTP 400") {
                     ": Glance has no store for this URL's scheme, or the URL is malformed"
                 } else {
@@ -815,9 +872,11 @@ mod tests {
             ],
             ..Default::default()
         };
-        let ok = json!({"size": 3, "checksum": "aa", "os_hash_algo": "sha512", "os_hash_value": "bb"});
+        let ok =
+            json!({"size": 3, "checksum": "aa", "os_hash_algo": "sha512", "os_hash_value": "bb"});
         assert!(verify(&ok, &rep).is_ok());
-        let bad = json!({"size": 3, "checksum": "aa", "os_hash_algo": "sha512", "os_hash_value": "cc"});
+        let bad =
+            json!({"size": 3, "checksum": "aa", "os_hash_algo": "sha512", "os_hash_value": "cc"});
         assert!(verify(&bad, &rep).unwrap_err().contains("os_hash_value"));
         let short = json!({"size": 2, "checksum": "aa"});
         assert!(verify(&short, &rep).unwrap_err().contains("stored 2 bytes"));

@@ -375,7 +375,10 @@ impl Session {
 
     /// Replace tokens this long before they expire (default [`DEFAULT_REFRESH_MARGIN`]).
     pub fn set_refresh_margin(&self, margin: Duration) {
-        *self.refresh_margin.lock().unwrap_or_else(|e| e.into_inner()) = margin;
+        *self
+            .refresh_margin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = margin;
     }
 
     /// How many times the session has authenticated to Keystone.
@@ -386,7 +389,10 @@ impl Session {
     /// A valid token: the current one, or a new one when it expires within the refresh
     /// margin or was [`invalidate`](Self::invalidate)d.
     pub fn token(&self) -> Result<String> {
-        let margin = *self.refresh_margin.lock().unwrap_or_else(|e| e.into_inner());
+        let margin = *self
+            .refresh_margin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(t) = st.as_ref() {
@@ -547,9 +553,8 @@ impl Session {
             format!("{base}/v3/auth/tokens")
         };
         let body = self.auth_body()?;
-        let fail = |msg: String| {
-            Error::new(ErrorKind::Io, self.redact(&msg)).with_path(self.redact(&url))
-        };
+        let fail =
+            |msg: String| Error::new(ErrorKind::Io, self.redact(&msg)).with_path(self.redact(&url));
         let resp = self
             .client
             .post(&url)
@@ -579,8 +584,8 @@ impl Session {
             )));
         }
         let token = token.ok_or_else(|| fail("Keystone gave no X-Subject-Token".into()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|_| fail("Keystone's token is not JSON".into()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|_| fail("Keystone's token is not JSON".into()))?;
         let t = &v["token"];
         let expires_at = t["expires_at"].as_str().and_then(parse_rfc3339);
         let mut catalog = Vec::new();
@@ -654,24 +659,29 @@ pub(crate) fn server_message(body: &str) -> String {
                 .or_else(|| v["message"].as_str())
                 .map(str::to_string)
         })
-        .unwrap_or_else(|| {
-            // Glance answers errors as a small HTML page: keep its text.
-            let mut out = String::new();
-            let mut in_tag = false;
-            for c in body.chars() {
-                match c {
-                    '<' => in_tag = true,
-                    '>' => {
-                        in_tag = false;
-                        out.push(' ');
-                    }
-                    _ if !in_tag => out.push(c),
-                    _ => {}
-                }
+        .unwrap_or_else(|| body.to_string());
+    // Glance answers errors as a small HTML page, and puts <br /> in its JSON messages too:
+    // keep the text.
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in m.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => {
+                in_tag = false;
+                text.push(' ');
             }
-            out
-        });
-    let one: String = m.split_whitespace().collect::<Vec<_>>().join(" ");
+            _ if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    let m = text;
+    let mut words: Vec<&str> = m.split_whitespace().collect();
+    // An error page's title and heading say the same ("415 Unsupported Media Type" twice).
+    if let Some(k) = (1..=6).find(|&k| words.len() >= 2 * k && words[..k] == words[k..2 * k]) {
+        words.drain(..k);
+    }
+    let one = words.join(" ");
     one.chars().take(300).collect()
 }
 
@@ -693,7 +703,14 @@ pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
         return None;
     }
     let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, mo, d, h, mi, se) = (n(0..4)?, n(5..7)?, n(8..10)?, n(11..13)?, n(14..16)?, n(17..19)?);
+    let (y, mo, d, h, mi, se) = (
+        n(0..4)?,
+        n(5..7)?,
+        n(8..10)?,
+        n(11..13)?,
+        n(14..16)?,
+        n(17..19)?,
+    );
     let mut rest = &s[19..];
     if let Some(r) = rest.strip_prefix('.') {
         rest = r.trim_start_matches(|c: char| c.is_ascii_digit());
@@ -702,7 +719,8 @@ pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
         "" | "Z" | "z" => 0,
         r if r.len() == 6 && (r.starts_with('+') || r.starts_with('-')) => {
             let sign = if r.starts_with('-') { -1 } else { 1 };
-            sign * (r.get(1..3)?.parse::<i64>().ok()? * 3600 + r.get(4..6)?.parse::<i64>().ok()? * 60)
+            sign * (r.get(1..3)?.parse::<i64>().ok()? * 3600
+                + r.get(4..6)?.parse::<i64>().ok()? * 60)
         }
         _ => return None,
     };
@@ -727,13 +745,13 @@ mod tests {
     #[test]
     fn rfc3339() {
         let t = parse_rfc3339("2026-12-01T15:17:22.000000Z").unwrap();
-        assert_eq!(t.duration_since(UNIX_EPOCH).unwrap().as_secs(), 1_796_138_242);
+        assert_eq!(
+            t.duration_since(UNIX_EPOCH).unwrap().as_secs(),
+            1_796_138_242
+        );
         let t2 = parse_rfc3339("2026-12-01T16:17:22+01:00").unwrap();
         assert_eq!(t, t2);
-        assert_eq!(
-            parse_rfc3339("1970-01-01T00:00:00Z"),
-            Some(UNIX_EPOCH)
-        );
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(UNIX_EPOCH));
         assert!(parse_rfc3339("yesterday").is_none());
     }
 
@@ -770,10 +788,21 @@ mod tests {
             ep("image", "public", "R1", "http://pub1"),
             ep("object-store", "public", "R1", "http://swift"),
         ];
-        assert_eq!(pick_endpoint(&cat, "image", "public", Some("R1")).unwrap(), "http://pub1");
-        assert_eq!(pick_endpoint(&cat, "image", "public", None).unwrap(), "http://pub2");
-        assert_eq!(pick_endpoint(&cat, "image", "internal", None).unwrap(), "http://int");
-        let e = pick_endpoint(&cat, "image", "admin", None).unwrap_err().to_string();
+        assert_eq!(
+            pick_endpoint(&cat, "image", "public", Some("R1")).unwrap(),
+            "http://pub1"
+        );
+        assert_eq!(
+            pick_endpoint(&cat, "image", "public", None).unwrap(),
+            "http://pub2"
+        );
+        assert_eq!(
+            pick_endpoint(&cat, "image", "internal", None).unwrap(),
+            "http://int"
+        );
+        let e = pick_endpoint(&cat, "image", "admin", None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no 'image' endpoint for interface admin"), "{e}");
         assert_eq!(normalize_interface(Some("publicURL")), "public");
     }
@@ -791,9 +820,13 @@ mod tests {
         assert_eq!(c.auth_url.as_deref(), Some("http://127.0.0.1:5000/v3"));
         assert_eq!(c.region.as_deref(), Some("RegionTwo"));
         assert_eq!(c.interface, "internal");
-        assert!(matches!(&c.method, AuthMethod::ApplicationCredential { id: Some(i), .. } if i == "abc123"));
+        assert!(
+            matches!(&c.method, AuthMethod::ApplicationCredential { id: Some(i), .. } if i == "abc123")
+        );
         assert!(!format!("{c:?}").contains("s3cr3t"));
-        let e = AuthConfig::from_clouds_yaml("nope", Some(&p)).unwrap_err().to_string();
+        let e = AuthConfig::from_clouds_yaml("nope", Some(&p))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no cloud 'nope'"), "{e}");
     }
 }
