@@ -757,84 +757,91 @@ pub fn register_location(
     ));
     let body = record_body(name, &info.disk_format, info.virtual_size, &g2)?;
     let id = glance.create(&body)?;
-    let r = (|| {
-        let mut validation = serde_json::Map::new();
-        if let Some(h) = &info.sha512 {
-            validation.insert("os_hash_algo".into(), json!("sha512"));
-            validation.insert("os_hash_value".into(), json!(h));
-        }
-        let mut add = json!({"url": location});
-        if !validation.is_empty() {
-            add["validation_data"] = Value::Object(validation.clone());
-        }
-        let new_api = glance.json(
-            reqwest::Method::POST,
-            &format!("/v2/images/{id}/locations"),
-            Some(("application/json", add.to_string())),
-            "adding the location",
-        );
-        match new_api {
-            Ok(_) => {}
-            // No add-location API (before Glance 29): the multiple-locations patch.
-            Err(e) if e.message().contains("HTTP 404") || e.message().contains("HTTP 405") => {
-                let mut loc = json!({"url": location, "metadata": {}});
-                if let Some(m) = &info.md5 {
-                    validation.insert("checksum".into(), json!(m));
-                }
-                if !validation.is_empty() {
-                    loc["validation_data"] = Value::Object(validation);
-                }
-                glance.patch(
-                    &id,
-                    &json!([{"op": "add", "path": "/locations/-", "value": loc}]),
-                    "adding the location (show_multiple_locations)",
-                )?;
-            }
-            Err(e) => {
-                let m = e.message().to_string();
-                let hint = if m.contains("HTTP 403") {
-                    ": the cloud's policy does not let this user add this location (Glance 33 lets the service role add any store's location, other users only http(s) ones with the http store enabled)"
-                } else if m.contains("HTTP 400") {
-                    ": Glance has no store for this URL's scheme, or the URL is malformed"
-                } else {
-                    ""
-                };
-                return Err(Error::new(e.kind(), format!("{m}{hint}")));
-            }
-        }
-        let rec = glance.wait_active(&id, g.wait)?;
-        if let (Some(s), Some(theirs)) = (info.size, rec["size"].as_u64()) {
-            if s != theirs {
-                return Err(glance.err(
-                    format!("Glance reads {theirs} bytes at the location, expected {s}"),
-                    location,
-                ));
-            }
-        }
-        if let (Some(h), Some(theirs)) = (&info.sha512, rec["os_hash_value"].as_str()) {
-            if h != theirs && rec["os_hash_algo"].as_str() == Some("sha512") {
-                return Err(glance.err(
-                    format!("Glance's os_hash_value {theirs} differs from the given {h}"),
-                    location,
-                ));
-            }
-        }
-        if g.protected {
-            return glance.patch(
-                &id,
-                &json!([{"op": "replace", "path": "/protected", "value": true}]),
-                "setting protected",
-            );
-        }
-        Ok(rec)
-    })();
-    match r {
+    match add_location(&glance, &id, location, info, g) {
         Ok(rec) => Ok(rec),
         Err(e) => {
             glance.delete(&id);
             Err(e)
         }
     }
+}
+
+fn add_location(
+    glance: &Glance<'_>,
+    id: &str,
+    location: &str,
+    info: &LocationInfo,
+    g: &GlanceOptions,
+) -> Result<Value> {
+    let mut validation = serde_json::Map::new();
+    if let Some(h) = &info.sha512 {
+        validation.insert("os_hash_algo".into(), json!("sha512"));
+        validation.insert("os_hash_value".into(), json!(h));
+    }
+    let mut add = json!({"url": location});
+    if !validation.is_empty() {
+        add["validation_data"] = Value::Object(validation.clone());
+    }
+    let new_api = glance.json(
+        reqwest::Method::POST,
+        &format!("/v2/images/{id}/locations"),
+        Some(("application/json", add.to_string())),
+        "adding the location",
+    );
+    match new_api {
+        Ok(_) => {}
+        // No add-location API (before Glance 29): the multiple-locations patch.
+        Err(e) if e.message().contains("HTTP 404") || e.message().contains("HTTP 405") => {
+            let mut loc = json!({"url": location, "metadata": {}});
+            if let Some(m) = &info.md5 {
+                validation.insert("checksum".into(), json!(m));
+            }
+            if !validation.is_empty() {
+                loc["validation_data"] = Value::Object(validation);
+            }
+            glance.patch(
+                id,
+                &json!([{"op": "add", "path": "/locations/-", "value": loc}]),
+                "adding the location (show_multiple_locations)",
+            )?;
+        }
+        Err(e) => {
+            let m = e.message().to_string();
+            let hint = if m.contains("HTTP 403") {
+                ": the cloud's policy does not let this user add this location (Glance 33 lets the service role add any store's location, other users only http(s) ones with the http store enabled)"
+            } else if m.contains("HTTP 400") {
+                ": Glance has no store for this URL's scheme, or the URL is malformed"
+            } else {
+                ""
+            };
+            return Err(Error::new(e.kind(), format!("{m}{hint}")));
+        }
+    }
+    let rec = glance.wait_active(id, g.wait)?;
+    if let (Some(s), Some(theirs)) = (info.size, rec["size"].as_u64()) {
+        if s != theirs {
+            return Err(glance.err(
+                format!("Glance reads {theirs} bytes at the location, expected {s}"),
+                location,
+            ));
+        }
+    }
+    if let (Some(h), Some(theirs)) = (&info.sha512, rec["os_hash_value"].as_str()) {
+        if h != theirs && rec["os_hash_algo"].as_str() == Some("sha512") {
+            return Err(glance.err(
+                format!("Glance's os_hash_value {theirs} differs from the given {h}"),
+                location,
+            ));
+        }
+    }
+    if g.protected {
+        return glance.patch(
+            id,
+            &json!([{"op": "replace", "path": "/protected", "value": true}]),
+            "setting protected",
+        );
+    }
+    Ok(rec)
 }
 
 #[cfg(test)]
