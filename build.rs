@@ -4,7 +4,7 @@
 //! Sets `--cfg no_qemu` when `qemu-img` or `qemu-io` is not on PATH and `--cfg no_bzip2`
 //! when `bzip2` is not (likewise `no_strace`, `no_e2fsprogs`, `no_dosfs`, `no_exfat`, `no_ntfs`,
 //! `no_xfs`, `no_parttools`, `no_lvm` for the sparsify tests' filesystem tools, and `no_s3`
-//! when no S3 test server is started: `DISKCONV_TEST_S3` unset; tests/servers/up.sh sets
+//! (`no_glance`, `no_keystone`) when no S3 (Glance, Keystone) test server is started: `DISKCONV_TEST_S3` unset; tests/servers/up.sh sets
 //! it), but only when the tools are not required: with `CI` set (to
 //! anything but `false`/`0`) or `DISKCONV_REQUIRE_QEMU=1` nothing is ignored, so the tests
 //! run and fail with the install command. The library and the binary never look at these.
@@ -31,7 +31,14 @@ fn required() -> bool {
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    for var in ["PATH", "CI", "DISKCONV_REQUIRE_QEMU", "DISKCONV_TEST_S3"] {
+    for var in [
+        "PATH",
+        "CI",
+        "DISKCONV_REQUIRE_QEMU",
+        "DISKCONV_TEST_S3",
+        "DISKCONV_TEST_GLANCE",
+        "DISKCONV_TEST_KEYSTONE",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-env-changed=DISKCONV_TEST_CEPH");
@@ -47,6 +54,8 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(no_lvm)");
     println!("cargo:rustc-check-cfg=cfg(no_s3)");
     println!("cargo:rustc-check-cfg=cfg(no_ceph)");
+    println!("cargo:rustc-check-cfg=cfg(no_glance)");
+    println!("cargo:rustc-check-cfg=cfg(no_keystone)");
     let required = required();
     let have = |tool: &str| match find_on_path(tool) {
         Some(p) => {
@@ -117,6 +126,13 @@ fn main() {
         // exports it with where the cluster is).
         if env::var_os("DISKCONV_TEST_CEPH").is_none() {
             println!("cargo:rustc-cfg=no_ceph");
+        }
+        // Glance and Keystone (tests/servers/up.sh's glance_up exports where they listen).
+        if env::var_os("DISKCONV_TEST_GLANCE").is_none() {
+            println!("cargo:rustc-cfg=no_glance");
+        }
+        if env::var_os("DISKCONV_TEST_KEYSTONE").is_none() {
+            println!("cargo:rustc-cfg=no_keystone");
         }
     }
 }

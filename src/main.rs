@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 #[cfg(feature = "remote")]
+mod cli_glance;
+#[cfg(feature = "remote")]
 mod cli_remote;
 mod cli_stdin;
 use diskconv::parse_size;
@@ -123,6 +125,9 @@ enum Cmd {
         remote: cli_remote::RemoteArgs,
         #[command(flatten)]
         stdin: cli_stdin::StdinArgs,
+        #[cfg(feature = "remote")]
+        #[command(flatten)]
+        glance: cli_glance::GlanceArgs,
         // Both required except with `-o help`, which qemu-img also runs without files;
         // hidden because clap would list optional positionals as [SRC] [DST].
         /// Input image; `-` reads a raw image from stdin (with -f raw and --size).
@@ -259,6 +264,10 @@ enum Cmd {
     },
     /// Abort the multipart uploads left open under s3://BUCKET/PREFIX (what a killed
     /// `convert ... s3://` leaves: no object, but stored parts); prints each key aborted.
+    /// Register a Glance image whose data is already stored at --location (s3://, swift://,
+    /// rbd://, http(s)://), with the digests and virtual size of a local copy or of flags.
+    #[cfg(feature = "remote")]
+    Register(cli_glance::RegisterArgs),
     #[cfg(feature = "remote")]
     AbortUploads {
         /// s3://BUCKET/ or s3://BUCKET/KEY-PREFIX
@@ -471,6 +480,8 @@ fn run(cli: Cli) -> Result<()> {
             #[cfg(feature = "remote")]
             remote,
             stdin,
+            #[cfg(feature = "remote")]
+            glance,
             src,
             dst,
         } => {
@@ -589,7 +600,7 @@ fn run(cli: Cli) -> Result<()> {
             // An s3:// DST: the upload's own fields join --output=json's.
             let mut upload_json = None;
             #[cfg(feature = "remote")]
-            let remote_dst = cli_remote::is_remote(&dst);
+            let remote_dst = cli_remote::is_remote(&dst) || cli_glance::is_glance(&dst);
             #[cfg(not(feature = "remote"))]
             let remote_dst = false;
             if sparsify && remote_dst {
@@ -598,8 +609,12 @@ fn run(cli: Cli) -> Result<()> {
                 ));
             }
             #[cfg(feature = "remote")]
-            let remote_report = (remote_dst && !cli_stdin::is_stdin(&src))
-                .then(|| cli_remote::convert(&src, &dst, &remote, &opts, json));
+            let remote_report = (remote_dst && !cli_stdin::is_stdin(&src)).then(|| {
+                match cli_glance::is_glance(&dst) {
+                    true => cli_glance::convert(&src, &dst, &glance, &opts, json),
+                    false => cli_remote::convert(&src, &dst, &remote, &opts, json),
+                }
+            });
             #[cfg(not(feature = "remote"))]
             let remote_report: Option<Result<(diskconv::ConvertReport, _)>> = None;
             let report = if cli_stdin::is_stdin(&src) {
@@ -852,6 +867,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         #[cfg(feature = "remote")]
         Cmd::AbortUploads { url } => cli_remote::abort_uploads(&url),
+        #[cfg(feature = "remote")]
+        Cmd::Register(a) => cli_glance::register(&a),
     }
 }
 
@@ -872,6 +889,8 @@ fn remove_temp_on_interrupt(dst: &Path) {
     on_termination_signal(move || {
         #[cfg(feature = "remote")]
         diskconv::remote::abort_uploads();
+        #[cfg(feature = "remote")]
+        diskconv::remote::abort_glance_uploads();
         diskconv::writer::remove_temporaries();
         if stream {
             eprintln!("\ndiskconv: interrupted; the image sent to {shown} is incomplete");

@@ -11,10 +11,20 @@
 //! number of parts in flight; any failure, or [`abort_uploads`] (the CLI calls it on
 //! SIGINT/SIGTERM), aborts the upload, so no object appears and no multipart upload is
 //! left open.
+//!
+//! [`convert_to_glance`] streams the converted image into an OpenStack Glance image
+//! (`glance://NAME`), authenticated by a Keystone [`Session`] (also for Swift).
 
+pub mod glance;
+pub mod keystone;
 pub mod range;
 pub mod s3;
 
+pub use glance::{
+    abort_glance_uploads, convert_to_glance, register_location, GlanceOptions, GlanceReport,
+    LocationInfo, UploadMethod,
+};
+pub use keystone::{AuthConfig, AuthMethod, Secret, Session};
 pub use range::{open_s3, FetchStats};
 
 pub use s3::{

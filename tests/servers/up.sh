@@ -67,6 +67,51 @@ ceph_up() {
   fi
 }
 
+# Glance 33 (no Keystone in front: every request is admin of project "saio", any token
+# passes) and Keystone 30 whose catalog lists that Glance as "image", for
+# tests/remote_glance.rs. Each in a venv under target/test-servers, installed from PyPI
+# with the pinned constraints beside its scripts when missing (a few minutes, once).
+glance_up() {
+  [ "${DISKCONV_TEST_SERVERS:-1}" = 0 ] && return 0
+  local here root py
+  here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  root=$(cd "$here/../.." && pwd)/target/test-servers
+  py=$(command -v python3.11 || command -v python3)
+  mkdir -p "$root"
+  if [ ! -x "$root/glance-venv/bin/uwsgi" ] || [ ! -x "$root/glance-venv/bin/glance-manage" ]; then
+    echo "scripts/test: installing Glance into $root/glance-venv" >&2
+    rm -rf "$root/glance-venv"
+    PYTHON=$py "$here/glance/install-glance.sh" "$root/glance-venv" >&2 ||
+      { echo "scripts/test: Glance install failed; the Glance tests will not run" >&2; return 0; }
+  fi
+  [ -f "$root/glance/glance.pid" ] && "$here/glance/stop-glance.sh" "$root/glance" >/dev/null
+  rm -rf "$root/glance"
+  if GLANCE_VENV=$root/glance-venv "$here/glance/start-glance.sh" "$root/glance" >&2; then
+    SERVERS_STOP+=("$here/glance/stop-glance.sh $root/glance" "rm -rf $root/glance/images $root/glance/staging")
+    # shellcheck disable=SC1091
+    . "$root/glance/glance.env"
+    export DISKCONV_TEST_GLANCE=1 DISKCONV_TEST_GLANCE_URL=$GLANCE_URL DISKCONV_TEST_GLANCE_DIR=$root/glance
+  else
+    echo "scripts/test: Glance did not start (log: $root/glance/uwsgi.log)" >&2
+    return 0
+  fi
+  if [ ! -x "$root/keystone-venv/bin/uwsgi" ] || [ ! -x "$root/keystone-venv/bin/keystone-manage" ]; then
+    echo "scripts/test: installing Keystone into $root/keystone-venv" >&2
+    rm -rf "$root/keystone-venv"
+    PYTHON=$py "$here/keystone/install-keystone.sh" "$root/keystone-venv" >&2 ||
+      { echo "scripts/test: Keystone install failed; the Keystone tests will not run" >&2; return 0; }
+  fi
+  [ -f "$root/keystone/keystone.pid" ] && "$here/keystone/stop-keystone.sh" "$root/keystone" >/dev/null
+  rm -rf "$root/keystone"
+  if KEYSTONE_VENV=$root/keystone-venv GLANCE_PORT=$GLANCE_PORT "$here/keystone/start-keystone.sh" "$root/keystone" >&2; then
+    SERVERS_STOP+=("$here/keystone/stop-keystone.sh $root/keystone")
+    export DISKCONV_TEST_KEYSTONE=1 DISKCONV_TEST_KEYSTONE_ENV=$root/keystone/keystone.env \
+      DISKCONV_TEST_KEYSTONE_APPCRED=$root/keystone/appcred.env
+  else
+    echo "scripts/test: Keystone did not start (log: $root/keystone/uwsgi.log)" >&2
+  fi
+}
+
 servers_down() {
   local s
   for s in "${SERVERS_STOP[@]}"; do $s >&2 || true; done
@@ -79,3 +124,4 @@ trap "exit 130" INT
 trap "exit 143" TERM
 servers_up
 ceph_up
+glance_up
