@@ -185,6 +185,8 @@ fn every_output_format_passes_glance_inspector_and_matches_its_record() {
             "vmdk-streamOptimized",
         ),
         ("vdi", &[], "vdi", "vdi"),
+        ("vhdx", &[], "vhdx", "vhdx-dynamic"),
+        ("vhdx", &["-o", "subformat=fixed"], "vhdx", "vhdx-fixed"),
     ];
     for (fmt, opts, disk_format, label) in cases {
         let name = format!("fmt-{label}");

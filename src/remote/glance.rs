@@ -52,6 +52,7 @@ pub fn disk_format_for(format: Format) -> &'static str {
         Format::Vhd => "vhd",
         Format::Vmdk => "vmdk",
         Format::Vdi => "vdi",
+        Format::Vhdx => "vhdx",
     }
 }
 
