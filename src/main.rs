@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 #[cfg(feature = "remote")]
+mod cli_check;
 mod cli_remote;
 use diskconv::parse_size;
 use diskconv::{
@@ -35,6 +36,13 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
+    /// Check an image's metadata like qemu-img check (exit 0 clean, 1 not completed,
+    /// 2 corruptions, 3 leaks only, 63 no checks for the format); -r repairs in place.
+    #[command(
+        override_usage = "diskconv check [-f FMT] [--output=human|json] [-r leaks|all] [-q] IMG",
+        args_override_self = true
+    )]
+    Check(cli_check::CheckArgs),
     /// Convert SRC into a new image DST of format -O.
     #[command(
         override_usage = "diskconv convert [OPTIONS] SRC DST\n       diskconv convert -O FMT -o help",
@@ -673,6 +681,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Check(args) => cli_check::run(args),
         Cmd::Resize {
             format,
             shrink,

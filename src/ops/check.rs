@@ -208,25 +208,25 @@ impl CheckReport {
     /// present only when non-zero, as qemu-img leaves them out.
     pub fn json(&self) -> serde_json::Value {
         let t = &self.tally;
+        // qemu-img's order (its dictionary's), the optional keys only when non-zero.
         let mut m = serde_json::Map::new();
-        m.insert("check-errors".into(), t.check_errors.into());
-        for (k, v) in [
-            ("image-end-offset", t.image_end_offset),
-            ("total-clusters", t.total_clusters),
-            ("allocated-clusters", t.allocated_clusters),
-            ("leaks", t.leaks),
-            ("corruptions", t.corruptions),
-            ("leaks-fixed", t.leaks_fixed),
-            ("corruptions-fixed", t.corruptions_fixed),
-            ("fragmented-clusters", t.fragmented_clusters),
-            ("compressed-clusters", t.compressed_clusters),
-        ] {
+        let opt = |m: &mut serde_json::Map<String, serde_json::Value>, k: &str, v: u64| {
             if v != 0 {
                 m.insert(k.into(), v.into());
             }
-        }
+        };
+        opt(&mut m, "image-end-offset", t.image_end_offset);
+        opt(&mut m, "compressed-clusters", t.compressed_clusters);
+        opt(&mut m, "total-clusters", t.total_clusters);
+        m.insert("check-errors".into(), t.check_errors.into());
+        opt(&mut m, "leaks", t.leaks);
+        opt(&mut m, "leaks-fixed", t.leaks_fixed);
+        opt(&mut m, "corruptions", t.corruptions);
+        opt(&mut m, "corruptions-fixed", t.corruptions_fixed);
+        opt(&mut m, "allocated-clusters", t.allocated_clusters);
         m.insert("filename".into(), self.filename.clone().into());
         m.insert("format".into(), self.format.to_string().into());
+        opt(&mut m, "fragmented-clusters", t.fragmented_clusters);
         serde_json::Value::Object(m)
     }
 }
