@@ -39,7 +39,12 @@ pub fn run(args: CheckArgs) -> Result<()> {
     };
     let opts = CheckOptions {
         format: args.format.as_deref().map(Format::from_name).transpose()?,
-        repair: args.repair.as_deref().map(Repair::parse).transpose()?.unwrap_or_default(),
+        repair: args
+            .repair
+            .as_deref()
+            .map(Repair::parse)
+            .transpose()?
+            .unwrap_or_default(),
         ..Default::default()
     };
     let report = match diskconv::check(&args.image, &opts) {
@@ -54,7 +59,11 @@ pub fn run(args: CheckArgs) -> Result<()> {
         eprintln!("diskconv: This image format does not support checks");
         std::process::exit(63);
     }
-    for line in report.repaired_findings.iter().chain(&report.tally.findings) {
+    for line in report
+        .repaired_findings
+        .iter()
+        .chain(&report.tally.findings)
+    {
         eprintln!("{line}");
     }
     if !args.quiet {
@@ -63,8 +72,7 @@ pub fn run(args: CheckArgs) -> Result<()> {
             let mut out = Vec::new();
             let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
             let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
-            serde::Serialize::serialize(&report.json(), &mut ser)
-                .expect("a JSON value serializes");
+            serde::Serialize::serialize(&report.json(), &mut ser).expect("a JSON value serializes");
             println!("{}", String::from_utf8_lossy(&out));
         } else {
             print!("{}", report.human());

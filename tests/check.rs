@@ -26,7 +26,11 @@ fn qemu_check(img: &Path, fmt: &str, repair: Option<&str>) -> (i32, Option<serde
 }
 
 /// Our binary's exit code, JSON report (None when it printed none) and stderr.
-fn our_check(img: &Path, fmt: &str, repair: Option<&str>) -> (i32, Option<serde_json::Value>, String) {
+fn our_check(
+    img: &Path,
+    fmt: &str,
+    repair: Option<&str>,
+) -> (i32, Option<serde_json::Value>, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_diskconv"));
     c.args(["check", "-f", fmt, "--output=json"]);
     if let Some(r) = repair {
@@ -46,14 +50,24 @@ fn our_check(img: &Path, fmt: &str, repair: Option<&str>) -> (i32, Option<serde_
 fn assert_same_as_qemu(img: &Path, fmt: &str) -> i32 {
     let (qc, qj) = qemu_check(img, fmt, None);
     let (oc, oj, err) = our_check(img, fmt, None);
-    assert_eq!(oc, qc, "{}: exit code; ours said {oj:?} {err}, qemu {qj:?}", img.display());
+    assert_eq!(
+        oc,
+        qc,
+        "{}: exit code; ours said {oj:?} {err}, qemu {qj:?}",
+        img.display()
+    );
     if let Some(q) = qj {
         assert_eq!(oj.as_ref(), Some(&q), "{}: report ({err})", img.display());
     }
     oc
 }
 
-fn lib_check(img: &Path, fmt: Format, repair: Repair, fail: Option<u64>) -> diskconv::Result<diskconv::CheckReport> {
+fn lib_check(
+    img: &Path,
+    fmt: Format,
+    repair: Repair,
+    fail: Option<u64>,
+) -> diskconv::Result<diskconv::CheckReport> {
     diskconv::check(
         img,
         &CheckOptions {
@@ -77,7 +91,14 @@ fn guest(img: &Path, fmt: &str) -> Vec<u8> {
 fn qemu_qcow2(dir: &Path, name: &str, opts: &str) -> PathBuf {
     let p = dir.join(name);
     qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, s(&p), "64M"]);
-    run(&["qemu-io", "-c", "write -P 1 0 1M", "-c", "write -P 2 10M 64k", s(&p)]);
+    run(&[
+        "qemu-io",
+        "-c",
+        "write -P 1 0 1M",
+        "-c",
+        "write -P 2 10M 64k",
+        s(&p),
+    ]);
     p
 }
 
@@ -135,7 +156,14 @@ fn clean_qemu_images_check_as_qemu_says() {
     make_raw(&raw, 8 << 20, 7);
     let c = d.join("comp.qcow2");
     qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", s(&raw), s(&c)]);
-    run(&["qemu-io", "-c", "write -P 4 4M 64k", "-c", "write -P 5 1M 64k", s(&c)]);
+    run(&[
+        "qemu-io",
+        "-c",
+        "write -P 4 4M 64k",
+        "-c",
+        "write -P 5 1M 64k",
+        s(&c),
+    ]);
     assert_eq!(assert_same_as_qemu(&c, "qcow2"), 0);
     let (_, j) = qemu_check(&c, "qcow2", None);
     assert!(j.unwrap()["compressed-clusters"].as_u64().unwrap() > 0);
@@ -157,14 +185,34 @@ fn clean_qemu_images_check_as_qemu_says() {
         ("vmdk", "subformat=streamOptimized"),
     ] {
         let p = d.join(format!("x.{fmt}"));
-        qemu_img(&["convert", "-f", "raw", "-O", fmt, "-o", opts, s(&raw), s(&p)]);
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            fmt,
+            "-o",
+            opts,
+            s(&raw),
+            s(&p),
+        ]);
         assert_eq!(assert_same_as_qemu(&p, fmt), 0, "{fmt} {opts}");
     }
     // Raw and vpc: qemu-img has no check (63); we have none for raw, one for vpc.
     assert_eq!(assert_same_as_qemu(&raw, "raw"), 63);
     for sub in ["dynamic", "fixed"] {
         let p = d.join(format!("{sub}.vpc"));
-        qemu_img(&["convert", "-f", "raw", "-O", "vpc", "-o", &format!("subformat={sub}"), s(&raw), s(&p)]);
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vpc",
+            "-o",
+            &format!("subformat={sub}"),
+            s(&raw),
+            s(&p),
+        ]);
         assert_eq!(qemu_check(&p, "vpc", None).0, 63);
         let (code, j, err) = our_check(&p, "vpc", None);
         assert_eq!(code, 0, "{sub}: {err}");
@@ -225,7 +273,12 @@ fn leak_two_clusters(p: &Path) {
     let n = (b.len() as u64).div_ceil(h.cs);
     patch(p, rb + 2 * n, &u16be(1));
     patch(p, rb + 2 * (n + 1), &u16be(1));
-    std::fs::OpenOptions::new().write(true).open(p).unwrap().set_len((n + 2) * h.cs).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_len((n + 2) * h.cs)
+        .unwrap();
 }
 
 fn refcount_too_low(p: &Path) {
@@ -246,7 +299,12 @@ fn two_l2_entries_one_cluster(p: &Path) {
 fn truncate_l2_table(p: &Path) {
     let b = std::fs::read(p).unwrap();
     let (l2, _) = tables(&b);
-    std::fs::OpenOptions::new().write(true).open(p).unwrap().set_len(l2 + 512).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_len(l2 + 512)
+        .unwrap();
 }
 
 fn unaligned_l2(p: &Path) {
@@ -319,7 +377,11 @@ fn injected_qcow2_faults_are_counted_as_qemu_counts_them() {
     two_l2_entries_one_cluster(&p);
     assert_eq!(assert_same_as_qemu(&p, "qcow2"), 2);
     let r = lib_check(&p, Format::Qcow2, Repair::None, None).unwrap();
-    assert!(r.tally.findings.iter().any(|f| f.contains("overflow")), "{:?}", r.tally.findings);
+    assert!(
+        r.tally.findings.iter().any(|f| f.contains("overflow")),
+        "{:?}",
+        r.tally.findings
+    );
     // Compressed-cluster bounds: a compressed cluster claiming more sectors than the
     // file has left.
     let raw = dir.path().join("src.raw");
@@ -331,7 +393,12 @@ fn injected_qcow2_faults_are_counted_as_qemu_counts_them() {
     let e = be64(&b, l2);
     // 64 KiB clusters: the sector count sits in bits 54..61.
     patch(&c, l2, &(e | (0xff << 54)).to_be_bytes());
-    std::fs::OpenOptions::new().write(true).open(&c).unwrap().set_len(b.len() as u64).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&c)
+        .unwrap()
+        .set_len(b.len() as u64)
+        .unwrap();
     assert_eq!(assert_same_as_qemu(&c, "qcow2"), 2);
     // Snapshot table: a snapshot's L1 table not cluster aligned.
     let sn = qemu_qcow2(dir.path(), "snap.qcow2", "compat=1.1");
@@ -356,7 +423,12 @@ fn qcow2_repairs_leave_images_qemu_finds_clean_with_data_intact() {
         ("double-reference", two_l2_entries_one_cluster, "all", 0),
         ("copied-flag", copied_flag_cleared, "all", 0),
         // -r leaks frees the leak but leaves the corruption.
-        ("double-reference-leaks", two_l2_entries_one_cluster, "leaks", 2),
+        (
+            "double-reference-leaks",
+            two_l2_entries_one_cluster,
+            "leaks",
+            2,
+        ),
     ] {
         let p = qemu_qcow2(dir.path(), &format!("{name}.qcow2"), "compat=1.1");
         inject(&p);
@@ -366,12 +438,19 @@ fn qcow2_repairs_leave_images_qemu_finds_clean_with_data_intact() {
         let (qc, qj) = qemu_check(&theirs, "qcow2", Some(mode));
         let (oc, oj, err) = our_check(&p, "qcow2", Some(mode));
         assert_eq!(oc, ours_after, "{name}: {err} {oj:?}");
-        assert_eq!(oc, qc, "{name}: qemu's own repair ends the same way ({qj:?})");
+        assert_eq!(
+            oc, qc,
+            "{name}: qemu's own repair ends the same way ({qj:?})"
+        );
         let (oj, qj) = (oj.unwrap(), qj.unwrap());
         for k in ["leaks-fixed", "corruptions-fixed", "leaks", "corruptions"] {
             assert_eq!(oj.get(k), qj.get(k), "{name}: {k}: ours {oj} qemu {qj}");
         }
-        assert_eq!(qemu_check(&p, "qcow2", None).0, ours_after, "{name}: qemu-img after our repair");
+        assert_eq!(
+            qemu_check(&p, "qcow2", None).0,
+            ours_after,
+            "{name}: qemu-img after our repair"
+        );
         assert_eq!(guest(&p, "qcow2"), before, "{name}: guest data");
         if mode == "leaks" && ours_after == 0 {
             // Truncated to the image end.
@@ -406,15 +485,26 @@ fn sweep_repair(img: &Path, fmt: Format, mode: Repair, qemu_checks: bool) -> u64
             Err(e) => {
                 assert!(e.to_string().contains("test hook"), "{e}");
                 let ours = lib_check(img, fmt, Repair::None, None).unwrap().exit_code();
-                assert!(ours == old || ours == 0 || ours == 3, "after failing write {n}: ours {ours}");
+                assert!(
+                    ours == old || ours == 0 || ours == 3,
+                    "after failing write {n}: ours {ours}"
+                );
                 if let Some(oq) = old_q {
                     let now = qemu_check(img, &name, None).0;
-                    assert!(now == oq || now == 0 || now == 3, "after failing write {n}: qemu {now}");
+                    assert!(
+                        now == oq || now == 0 || now == 3,
+                        "after failing write {n}: qemu {now}"
+                    );
                 }
                 assert_eq!(guest(img, &name), before, "after failing write {n}");
                 // And a repair run afterwards finishes the job.
                 let again = lib_check(img, fmt, mode, None).unwrap();
-                assert_eq!(again.exit_code(), 0, "repair after failing write {n}: {:?}", again.tally);
+                assert_eq!(
+                    again.exit_code(),
+                    0,
+                    "repair after failing write {n}: {:?}",
+                    again.tally
+                );
             }
         }
     }
@@ -499,7 +589,13 @@ fn vdi_block_map_faults_are_counted_as_qemu_counts_them() {
     let (p, bmap) = fresh("range.vdi");
     patch(&p, bmap, &1000u32.to_le_bytes());
     assert_eq!(assert_same_as_qemu(&p, "vdi"), 2);
-    assert_eq!(lib_check(&p, Format::Vdi, Repair::None, None).unwrap().tally.corruptions, 2);
+    assert_eq!(
+        lib_check(&p, Format::Vdi, Repair::None, None)
+            .unwrap()
+            .tally
+            .corruptions,
+        2
+    );
     // The header's count: repaired by -r all (qemu-img has no VDI repair: 63).
     let (p, _) = fresh("count.vdi");
     patch(&p, 0x184, &3u32.to_le_bytes());
@@ -514,7 +610,12 @@ fn vdi_block_map_faults_are_counted_as_qemu_counts_them() {
     // Beyond qemu: a block past the end of the file (qemu-img says clean).
     let (p, _) = fresh("short.vdi");
     let len = std::fs::metadata(&p).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len - 4096).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(len - 4096)
+        .unwrap();
     assert_eq!(qemu_check(&p, "vdi", None).0, 0);
     let r = lib_check(&p, Format::Vdi, Repair::None, None).unwrap();
     assert_eq!(r.tally.corruptions, 1, "{:?}", r.tally.findings);
@@ -544,7 +645,11 @@ fn vmdk_redundant_directory_grains_and_overlaps() {
     assert_eq!(j.unwrap()["corruptions"], 1);
     assert!(err.contains("redundant grain table 0"), "{err}");
     let before = guest(&p, "vmdk");
-    assert_eq!(qemu_check(&p, "vmdk", Some("all")).0, 63, "qemu-img has no vmdk repair");
+    assert_eq!(
+        qemu_check(&p, "vmdk", Some("all")).0,
+        63,
+        "qemu-img has no vmdk repair"
+    );
     let (code, j, err) = our_check(&p, "vmdk", Some("all"));
     assert_eq!(code, 0, "{err}");
     assert_eq!(j.unwrap()["corruptions-fixed"], 1);
@@ -560,17 +665,38 @@ fn vmdk_redundant_directory_grains_and_overlaps() {
     assert_eq!(qemu_check(&p, "vmdk", None).0, 1);
     let r = lib_check(&p, Format::Vmdk, Repair::None, None).unwrap();
     assert_eq!(r.exit_code(), 2);
-    assert!(r.tally.findings.iter().any(|f| f.contains("points after EOF")), "{:?}", r.tally.findings);
+    assert!(
+        r.tally
+            .findings
+            .iter()
+            .any(|f| f.contains("points after EOF")),
+        "{:?}",
+        r.tally.findings
+    );
     // Two entries on one grain: qemu-img does not look (clean); an overlap for us.
     let p = fresh("overlap.vmdk");
     let e = LittleEndian::read_u32(&b[gt as usize..]);
     patch(&p, gt + 4, &e.to_le_bytes());
     assert_eq!(qemu_check(&p, "vmdk", None).0, 0);
     let r = lib_check(&p, Format::Vmdk, Repair::None, None).unwrap();
-    assert!(r.tally.findings.iter().any(|f| f.contains("overlap")), "{:?}", r.tally.findings);
+    assert!(
+        r.tally.findings.iter().any(|f| f.contains("overlap")),
+        "{:?}",
+        r.tally.findings
+    );
     // streamOptimized: a grain table entry that points at no grain of the stream.
     let so = dir.path().join("so.vmdk");
-    qemu_img(&["convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", s(&raw), s(&so)]);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        s(&raw),
+        s(&so),
+    ]);
     assert_eq!(assert_same_as_qemu(&so, "vmdk"), 0);
     let b = std::fs::read(&so).unwrap();
     let gd = LittleEndian::read_u64(&b[56..]) * 512;
@@ -578,7 +704,14 @@ fn vmdk_redundant_directory_grains_and_overlaps() {
     patch(&so, gt, &((gd / 512) as u32).to_le_bytes());
     let r = lib_check(&so, Format::Vmdk, Repair::None, None).unwrap();
     assert_eq!(r.exit_code(), 2);
-    assert!(r.tally.findings.iter().any(|f| f.contains("not a grain of the marker stream")), "{:?}", r.tally.findings);
+    assert!(
+        r.tally
+            .findings
+            .iter()
+            .any(|f| f.contains("not a grain of the marker stream")),
+        "{:?}",
+        r.tally.findings
+    );
 }
 
 #[test]
@@ -603,16 +736,31 @@ fn vhd_footer_copy_and_bat_findings_are_exact() {
     patch(&p, len - 512 + 24, &[0xff]);
     let t = check(&p);
     assert_eq!((t.corruptions, t.leaks), (1, 0));
-    assert!(t.findings[0].starts_with(&format!("ERROR: the footer at {:#x}: checksum mismatch", len - 512)), "{:?}", t.findings);
+    assert!(
+        t.findings[0].starts_with(&format!(
+            "ERROR: the footer at {:#x}: checksum mismatch",
+            len - 512
+        )),
+        "{:?}",
+        t.findings
+    );
     let (code, j, err) = our_check(&p, "vpc", Some("all"));
     assert_eq!(code, 0, "{err}");
     assert_eq!(j.unwrap()["corruptions-fixed"], 1);
-    assert_eq!(std::fs::read(&p).unwrap(), orig, "the footer is its copy again");
+    assert_eq!(
+        std::fs::read(&p).unwrap(),
+        orig,
+        "the footer is its copy again"
+    );
     // A bad copy: repaired from the footer.
     patch(&p, 24, &[0xff]);
     let t = check(&p);
     assert_eq!(t.corruptions, 1);
-    assert!(t.findings[0].starts_with("ERROR: the footer copy at offset 0: checksum mismatch"), "{:?}", t.findings);
+    assert!(
+        t.findings[0].starts_with("ERROR: the footer copy at offset 0: checksum mismatch"),
+        "{:?}",
+        t.findings
+    );
     assert_eq!(our_check(&p, "vpc", Some("all")).0, 0);
     assert_eq!(std::fs::read(&p).unwrap(), orig);
     // -r leaks does not touch a footer.
@@ -629,21 +777,43 @@ fn vhd_footer_copy_and_bat_findings_are_exact() {
     patch(&p, bat + 4, &((len / 512 + 64) as u32).to_be_bytes());
     let t = check(&p);
     assert_eq!(t.corruptions, 1, "{:?}", t.findings);
-    assert!(t.findings[0].starts_with("ERROR: BAT entry 1: block at"), "{:?}", t.findings);
+    assert!(
+        t.findings[0].starts_with("ERROR: BAT entry 1: block at"),
+        "{:?}",
+        t.findings
+    );
     assert!(t.findings[0].contains("runs past the end of the image data"));
     let p = fresh("overlap.vpc");
     patch(&p, bat + 4, &b[bat as usize..bat as usize + 4]);
     let t = check(&p);
     assert_eq!(t.corruptions, 1, "{:?}", t.findings);
-    assert!(t.findings[0].starts_with("ERROR: BAT entries 0 and 1 overlap"), "{:?}", t.findings);
+    assert!(
+        t.findings[0].starts_with("ERROR: BAT entries 0 and 1 overlap"),
+        "{:?}",
+        t.findings
+    );
     // A block over the BAT itself.
     let p = fresh("meta.vpc");
     patch(&p, bat, &((bat / 512) as u32).to_be_bytes());
     let t = check(&p);
-    assert!(t.findings[0].contains("overlaps the headers or the BAT"), "{:?}", t.findings);
+    assert!(
+        t.findings[0].contains("overlaps the headers or the BAT"),
+        "{:?}",
+        t.findings
+    );
     // A fixed disk whose data is cut short.
     let f = dir.path().join("fixed.vpc");
-    qemu_img(&["convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed", s(&raw), s(&f)]);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vpc",
+        "-o",
+        "subformat=fixed",
+        s(&raw),
+        s(&f),
+    ]);
     let fb = std::fs::read(&f).unwrap();
     let cut = [&fb[..fb.len() - 1024], &fb[fb.len() - 512..]].concat();
     std::fs::write(&f, cut).unwrap();
@@ -681,7 +851,10 @@ fn human_output_and_exit_codes_are_qemu_imgs() {
     assert_eq!(r.exit_code(), 63);
     let j = r.json();
     assert_eq!(j["leaks"], 2);
-    assert!(j.get("compressed-clusters").is_none(), "zero counts are left out, as qemu-img does");
+    assert!(
+        j.get("compressed-clusters").is_none(),
+        "zero counts are left out, as qemu-img does"
+    );
 }
 
 #[test]
@@ -693,7 +866,12 @@ fn corpus_images_check_as_qemu_says() {
         let p = corpus_file(&corpus, &e.file, tmp.path());
         let fmt = match e.format.as_str() {
             f @ ("qcow2" | "vdi" | "vmdk" | "vpc" | "raw") => f.to_string(),
-            other => other.rsplit(": ").next().unwrap_or("").trim_end_matches(')').to_string(),
+            other => other
+                .rsplit(": ")
+                .next()
+                .unwrap_or("")
+                .trim_end_matches(')')
+                .to_string(),
         };
         let Ok(f) = Format::from_name(&fmt) else {
             continue;
@@ -774,4 +952,38 @@ mod fuzz {
             let _ = lib_check(&p, *fmt, mode, None);
         }
     }
+}
+
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img")]
+fn a_repair_never_opens_or_touches_the_backing_file() {
+    if !have_qemu() || !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_qcow2(dir.path(), "base.qcow2", "compat=1.1");
+    let top = dir.path().join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        s(&top),
+    ]);
+    run(&["qemu-io", "-c", "write -P 7 2M 64k", s(&top)]);
+    leak_two_clusters(&top);
+    let base_bytes = std::fs::read(&base).unwrap();
+    assert_eq!(assert_same_as_qemu(&top, "qcow2"), 3);
+    // The backing file is gone while we check and repair: were it opened, we would fail.
+    let away = dir.path().join("away");
+    std::fs::rename(&base, &away).unwrap();
+    let r = lib_check(&top, Format::Qcow2, Repair::All, None).unwrap();
+    std::fs::rename(&away, &base).unwrap();
+    assert_eq!((r.exit_code(), r.tally.leaks_fixed), (0, 2));
+    assert_eq!(std::fs::read(&base).unwrap(), base_bytes);
+    assert_eq!(qemu_check(&top, "qcow2", None).0, 0);
 }

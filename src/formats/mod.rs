@@ -238,7 +238,9 @@ pub fn check_image(
     fail_at: Option<u64>,
 ) -> Result<crate::ops::check::Tally> {
     match format {
-        Format::Raw => Err(Error::unsupported("This image format does not support checks")),
+        Format::Raw => Err(Error::unsupported(
+            "This image format does not support checks",
+        )),
         Format::Qcow2 => qcow2::check::check(file, path, repair, fail_at),
         Format::Vhd => vhd::check::check(file, path, repair, fail_at),
         Format::Vmdk => vmdk::check::check(file, path, repair, fail_at),

@@ -45,6 +45,9 @@ const MAX_SNAPSHOTS: u32 = 65536;
 /// All subclusters allocated (extended L2 bitmap's low half).
 const L2_BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
 
+/// A refcount to write: entry in its block, new value, whether it is raised.
+type BlockFix = (usize, u64, bool);
+
 /// One snapshot table entry: what the check needs of it.
 struct Snapshot {
     id: String,
@@ -277,10 +280,7 @@ impl Checker<'_> {
             }
             table_end = off;
         }
-        self.inc(
-            self.h.snapshots_offset,
-            table_end - self.h.snapshots_offset,
-        );
+        self.inc(self.h.snapshots_offset, table_end - self.h.snapshots_offset);
         self.inc(
             self.h.refcount_table_offset,
             u64::from(self.h.refcount_table_clusters) * self.cs,
@@ -314,7 +314,8 @@ impl Checker<'_> {
         let mut p = 0usize;
         for _ in 0..b.nb_bitmaps {
             if p + 24 > dir.len() {
-                self.t.corrupt("ERROR bitmap directory entry runs past the directory");
+                self.t
+                    .corrupt("ERROR bitmap directory entry runs past the directory");
                 break;
             }
             let e = &dir[p..];
@@ -353,8 +354,9 @@ impl Checker<'_> {
                 continue;
             }
             if e & L1E_RESERVED_MASK != 0 {
-                self.t
-                    .corrupt(format!("ERROR found L1 entry with reserved bits set: {e:x}"));
+                self.t.corrupt(format!(
+                    "ERROR found L1 entry with reserved bits set: {e:x}"
+                ));
             }
             let l2 = e & OFFSET_MASK;
             self.inc(l2, self.cs);
@@ -378,7 +380,11 @@ impl Checker<'_> {
         let mut next_contiguous = 0u64;
         for ent in table.chunks_exact(esz) {
             let e = BigEndian::read_u64(ent);
-            let bitmap = if ext { BigEndian::read_u64(&ent[8..]) } else { 0 };
+            let bitmap = if ext {
+                BigEndian::read_u64(&ent[8..])
+            } else {
+                0
+            };
             let compressed = e & COMPRESSED != 0;
             let off = e & OFFSET_MASK;
             if !compressed && e & L2E_STD_RESERVED_MASK != 0 {
@@ -551,7 +557,12 @@ impl Checker<'_> {
         }
         let mut fixes = Vec::new();
         for (k, r1, r2) in diffs {
-            let fixable = !self.rebuild && if r1 > r2 { repair.leaks() } else { repair.all() };
+            let fixable = !self.rebuild
+                && if r1 > r2 {
+                    repair.leaks()
+                } else {
+                    repair.all()
+                };
             let what = if fixable {
                 "Repairing"
             } else if r1 < r2 {
@@ -602,7 +613,7 @@ impl Checker<'_> {
     /// Write the fixed refcounts: blocks with raised counts first, then the others, each
     /// block in one write.
     fn write_refcounts(&mut self, edit: &mut EditFile, fixes: &[(u64, u64)]) -> Result<()> {
-        let mut per_block: BTreeMap<u64, Vec<(usize, u64, bool)>> = BTreeMap::new();
+        let mut per_block: BTreeMap<u64, Vec<BlockFix>> = BTreeMap::new();
         for &(k, v) in fixes {
             let idx = k >> self.rb_shift();
             let off = self.rt[idx as usize] & REFT_OFFSET_MASK;
@@ -611,7 +622,7 @@ impl Checker<'_> {
             per_block.entry(off).or_default().push((i, v, raised));
         }
         let order = self.h.refcount_order;
-        let mut ordered: Vec<(u64, Vec<(usize, u64, bool)>)> = per_block.into_iter().collect();
+        let mut ordered: Vec<(u64, Vec<BlockFix>)> = per_block.into_iter().collect();
         ordered.sort_by_key(|(off, f)| (!f.iter().any(|x| x.2), *off));
         let mut raised_any = false;
         for (off, f) in ordered {
@@ -763,13 +774,21 @@ mod tests {
     fn refcount_packing_round_trips_at_every_width() {
         for order in 0..=6u32 {
             let mut b = vec![0u8; 64];
-            let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
-            let n = 64 * 8 >> order;
+            let max = if order == 6 {
+                u64::MAX
+            } else {
+                (1u64 << (1 << order)) - 1
+            };
+            let n = (64 * 8) >> order;
             for i in 0..n {
                 set_refcount(&mut b, i, order, (i as u64 * 7) & max);
             }
             for i in 0..n {
-                assert_eq!(get_refcount(&b, i, order), (i as u64 * 7) & max, "order {order} entry {i}");
+                assert_eq!(
+                    get_refcount(&b, i, order),
+                    (i as u64 * 7) & max,
+                    "order {order} entry {i}"
+                );
             }
         }
     }

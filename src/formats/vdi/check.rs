@@ -52,9 +52,7 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
             continue;
         }
         if u64::from(e) >= n {
-            t.corrupt(format!(
-                "ERROR: block index {block} too large, is {e}"
-            ));
+            t.corrupt(format!("ERROR: block index {block} too large, is {e}"));
             continue;
         }
         allocated += 1;

@@ -20,7 +20,9 @@ use std::path::Path;
 use byteorder::{BigEndian, ByteOrder};
 
 use super::dynheader::{DynHeader, DYN_HEADER_SIZE};
-use super::footer::{checksum_without_field, DiskType, Footer, CHECKSUM_OFFSET, FOOTER_COOKIE, FOOTER_SIZE};
+use super::footer::{
+    checksum_without_field, DiskType, Footer, CHECKSUM_OFFSET, FOOTER_COOKIE, FOOTER_SIZE,
+};
 use crate::device::HostFile;
 use crate::error::{Error, Result};
 use crate::ops::check::{read_padded, Repair, Tally};
@@ -64,15 +66,15 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
     let head = host.read_vec(0, FOOTER_SIZE as u64, "VHD footer copy")?;
     let end = footer_state(&tail);
     let copy = footer_state(&head);
-    let dynamic_copy = copy
-        .as_ref()
-        .is_ok_and(|f| f.disk_type != DiskType::Fixed);
+    let dynamic_copy = copy.as_ref().is_ok_and(|f| f.disk_type != DiskType::Fixed);
     let footer = match (&end, &copy) {
         (Ok(f), _) => f.clone(),
         (Err(_), Ok(c)) if dynamic_copy => c.clone(),
         (Err(why), _) => {
             // Nothing to check the rest against.
-            t.corrupt(format!("ERROR: the footer at {tail_at:#x} is unusable: {why}"));
+            t.corrupt(format!(
+                "ERROR: the footer at {tail_at:#x} is unusable: {why}"
+            ));
             return Ok(t);
         }
     };
@@ -86,7 +88,12 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
         return Ok(t);
     }
     // Dynamic or differencing: the copy, the dynamic header, the BAT, the blocks.
-    let dh_raw = read_padded(&host, footer.data_offset, DYN_HEADER_SIZE as u64, "VHD dynamic header");
+    let dh_raw = read_padded(
+        &host,
+        footer.data_offset,
+        DYN_HEADER_SIZE as u64,
+        "VHD dynamic header",
+    );
     let dh = match dh_raw.and_then(|b| DynHeader::parse(&b)) {
         Ok(d) => Some(d),
         Err(e) => {
@@ -100,7 +107,9 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
     };
     let block = dh.as_ref().map(|d| u64::from(d.block_size));
     let bitmap = block.map(|b| (b / 512).div_ceil(8).next_multiple_of(512));
-    let bat_len = dh.as_ref().map_or(0, |d| u64::from(d.max_table_entries) * 4);
+    let bat_len = dh
+        .as_ref()
+        .map_or(0, |d| u64::from(d.max_table_entries) * 4);
     let mut bat = Vec::new();
     let mut data_end = FOOTER_SIZE as u64 + DYN_HEADER_SIZE as u64;
     if let Some(d) = &dh {
@@ -221,7 +230,11 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
         (Err(why), Ok(_)) => {
             if repair.all() {
                 // The footer goes where the last sector is not part of a block.
-                let at = if tail_at >= last_block_end { tail_at } else { len };
+                let at = if tail_at >= last_block_end {
+                    tail_at
+                } else {
+                    len
+                };
                 t.findings.push(format!(
                     "Repairing the footer ({why}) from its copy at offset 0, at {at:#x}"
                 ));

@@ -51,13 +51,25 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
     let gd = read_padded(&host, h.gd_offset * SECTOR, n * 4, "grain directory")?;
     // Metadata ranges: header sector, GD, RGD, GTs (bytes); grains.
     let mut meta: Vec<(u64, u64, String)> = vec![(0, SECTOR, "the header".into())];
-    meta.push((h.gd_offset * SECTOR, h.gd_offset * SECTOR + n * 4, "the grain directory".into()));
+    meta.push((
+        h.gd_offset * SECTOR,
+        h.gd_offset * SECTOR + n * 4,
+        "the grain directory".into(),
+    ));
     let rgd_on = h.flags & FLAG_RGD != 0 && h.rgd_offset != 0 && !stream;
     if rgd_on {
-        meta.push((h.rgd_offset * SECTOR, h.rgd_offset * SECTOR + n * 4, "the redundant grain directory".into()));
+        meta.push((
+            h.rgd_offset * SECTOR,
+            h.rgd_offset * SECTOR + n * 4,
+            "the redundant grain directory".into(),
+        ));
     }
     // streamOptimized: the grains the marker stream holds, by sector, with their LBA.
-    let stream_grains = if stream { walk_stream(&host, &h, &mut t) } else { Default::default() };
+    let stream_grains = if stream {
+        walk_stream(&host, &h, &mut t)
+    } else {
+        Default::default()
+    };
     let mut grains: Vec<(u64, u64, u64)> = Vec::new();
     let mut gts: Vec<Option<Vec<u8>>> = Vec::with_capacity(n as usize);
     for (i, g) in gd.chunks_exact(4).map(LE::read_u32).enumerate() {
@@ -81,7 +93,9 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
             }
             let guest = (i as u64 * u64::from(h.num_gtes_per_gt) + j as u64) * h.grain_size;
             if guest >= h.capacity {
-                t.leak(format!("Leaked grain: table {i} entry {j} maps sector {guest}, past the capacity"));
+                t.leak(format!(
+                    "Leaked grain: table {i} entry {j} maps sector {guest}, past the capacity"
+                ));
                 continue;
             }
             let start = u64::from(e) * SECTOR;
@@ -138,7 +152,15 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
         }
     }
     if rgd_on {
-        check_redundant(&host, &h, n, &gts, repair, EditFile::new(write, path, fail_at), &mut t)?;
+        check_redundant(
+            &host,
+            &h,
+            n,
+            &gts,
+            repair,
+            EditFile::new(write, path, fail_at),
+            &mut t,
+        )?;
     }
     Ok(t)
 }
@@ -156,7 +178,12 @@ fn check_redundant(
 ) -> Result<()> {
     let len = host.len();
     let gt_bytes = u64::from(h.num_gtes_per_gt) * 4;
-    let rgd = read_padded(host, h.rgd_offset * SECTOR, n * 4, "redundant grain directory")?;
+    let rgd = read_padded(
+        host,
+        h.rgd_offset * SECTOR,
+        n * 4,
+        "redundant grain directory",
+    )?;
     let mut fixed = false;
     for (i, r) in rgd.chunks_exact(4).map(LE::read_u32).enumerate() {
         let primary = &gts[i];
@@ -176,7 +203,9 @@ fn check_redundant(
             continue;
         }
         let red = host.read_vec(roff, gt_bytes, "redundant grain table")?;
-        let want: Vec<u8> = primary.clone().unwrap_or_else(|| vec![0; gt_bytes as usize]);
+        let want: Vec<u8> = primary
+            .clone()
+            .unwrap_or_else(|| vec![0; gt_bytes as usize]);
         if red != want {
             if repair.all() {
                 t.findings.push(format!(
@@ -234,9 +263,7 @@ fn walk_stream(
                 off += SECTOR + m.val.saturating_mul(SECTOR);
             }
             k => {
-                t.corrupt(format!(
-                    "ERROR: unknown stream marker type {k} at {off:#x}"
-                ));
+                t.corrupt(format!("ERROR: unknown stream marker type {k} at {off:#x}"));
                 return grains;
             }
         }
