@@ -62,6 +62,28 @@ fn assert_same_as_qemu(img: &Path, fmt: &str) -> i32 {
     oc
 }
 
+/// Ours prints what qemu-img prints on stdout, byte for byte (`--output=human`).
+#[track_caller]
+fn assert_same_human_output(img: &Path, fmt: &str) {
+    let q = Command::new("qemu-img")
+        .args(["check", "-f", fmt])
+        .arg(img)
+        .output()
+        .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_diskconv"))
+        .args(["check", "-f", fmt])
+        .arg(img)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&q.stdout),
+        "{}",
+        img.display()
+    );
+    assert_eq!(o.status.code(), q.status.code());
+}
+
 fn lib_check(
     img: &Path,
     fmt: Format,
@@ -165,6 +187,7 @@ fn clean_qemu_images_check_as_qemu_says() {
         s(&c),
     ]);
     assert_eq!(assert_same_as_qemu(&c, "qcow2"), 0);
+    assert_same_human_output(&c, "qcow2");
     let (_, j) = qemu_check(&c, "qcow2", None);
     assert!(j.unwrap()["compressed-clusters"].as_u64().unwrap() > 0);
     // Internal snapshots: their L1 and L2 tables count, shared clusters have refcount 2.
@@ -358,6 +381,7 @@ fn injected_qcow2_faults_are_counted_as_qemu_counts_them() {
         let p = qemu_qcow2(dir.path(), &format!("{name}.qcow2"), "compat=1.1");
         inject(&p);
         codes.push((*name, assert_same_as_qemu(&p, "qcow2")));
+        assert_same_human_output(&p, "qcow2");
     }
     assert_eq!(
         codes,
@@ -400,6 +424,10 @@ fn injected_qcow2_faults_are_counted_as_qemu_counts_them() {
         .set_len(b.len() as u64)
         .unwrap();
     assert_eq!(assert_same_as_qemu(&c, "qcow2"), 2);
+    // A header that does not open: the check cannot be completed (1), for both.
+    let bad = qemu_qcow2(dir.path(), "badheader.qcow2", "compat=1.1");
+    patch(&bad, 20, &40u32.to_be_bytes()); // cluster_bits
+    assert_eq!(assert_same_as_qemu(&bad, "qcow2"), 1);
     // Snapshot table: a snapshot's L1 table not cluster aligned.
     let sn = qemu_qcow2(dir.path(), "snap.qcow2", "compat=1.1");
     qemu_img(&["snapshot", "-c", "one", s(&sn)]);
@@ -435,6 +463,30 @@ fn qcow2_repairs_leave_images_qemu_finds_clean_with_data_intact() {
         let before = guest(&p, "qcow2");
         let theirs = dir.path().join(format!("{name}.theirs.qcow2"));
         std::fs::copy(&p, &theirs).unwrap();
+        let human = dir.path().join(format!("{name}.human.qcow2"));
+        std::fs::copy(&p, &human).unwrap();
+        let qh = Command::new("qemu-img")
+            .args(["check", "-r", mode])
+            .arg(&human)
+            .output()
+            .unwrap();
+        std::fs::copy(&p, &human).unwrap();
+        let oh = Command::new(env!("CARGO_BIN_EXE_diskconv"))
+            .args(["check", "-r", mode])
+            .arg(&human)
+            .output()
+            .unwrap();
+        // qemu rebuilds the refcount structures (a new table at the end of the file)
+        // for a cluster in use with refcount 0, where we fix the block in place: the
+        // image end may differ, nothing else.
+        let no_end = |o: &[u8]| {
+            String::from_utf8_lossy(o)
+                .lines()
+                .filter(|l| !l.starts_with("Image end offset: "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(no_end(&oh.stdout), no_end(&qh.stdout), "{name}");
         let (qc, qj) = qemu_check(&theirs, "qcow2", Some(mode));
         let (oc, oj, err) = our_check(&p, "qcow2", Some(mode));
         assert_eq!(oc, ours_after, "{name}: {err} {oj:?}");
@@ -986,4 +1038,58 @@ fn a_repair_never_opens_or_touches_the_backing_file() {
     assert_eq!((r.exit_code(), r.tally.leaks_fixed), (0, 2));
     assert_eq!(std::fs::read(&base).unwrap(), base_bytes);
     assert_eq!(qemu_check(&top, "qcow2", None).0, 0);
+}
+
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img")]
+fn vhd_blocks_past_the_disk_end_are_leaks_and_freed_by_r_leaks() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    make_raw(&raw, 6 << 20, 19);
+    let p = dir.path().join("leak.vpc");
+    qemu_img(&["convert", "-f", "raw", "-O", "vpc", s(&raw), s(&p)]);
+    let before = guest(&p, "vpc");
+    let b = std::fs::read(&p).unwrap();
+    let dyn_at = BigEndian::read_u64(&b[16..]) as usize;
+    let bat = BigEndian::read_u64(&b[dyn_at + 16..]);
+    let entries = BigEndian::read_u32(&b[dyn_at + 28..]);
+    // One more BAT entry (the BAT sector has room), naming block 0's data again.
+    let mut dh = b[dyn_at..dyn_at + 1024].to_vec();
+    BigEndian::write_u32(&mut dh[28..], entries + 1);
+    dh[36..40].fill(0);
+    let sum = !dh.iter().fold(0u32, |a, &x| a.wrapping_add(u32::from(x)));
+    BigEndian::write_u32(&mut dh[36..], sum);
+    patch(&p, dyn_at as u64, &dh);
+    patch(
+        &p,
+        bat + 4 * u64::from(entries),
+        &b[bat as usize..bat as usize + 4],
+    );
+    let r = lib_check(&p, Format::Vhd, Repair::None, None).unwrap();
+    assert_eq!(
+        (r.exit_code(), r.tally.leaks, r.tally.corruptions),
+        (3, 1, 0),
+        "{:?}",
+        r.tally.findings
+    );
+    assert_eq!(r.tally.findings.len(), 1);
+    assert!(
+        r.tally.findings[0].starts_with(&format!(
+            "Leaked block: BAT entry {entries} is past the disk's end ("
+        )),
+        "{:?}",
+        r.tally.findings
+    );
+    let (code, j, err) = our_check(&p, "vpc", Some("leaks"));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(j.unwrap()["leaks-fixed"], 1);
+    let b = std::fs::read(&p).unwrap();
+    assert_eq!(
+        BigEndian::read_u32(&b[bat as usize + 4 * entries as usize..]),
+        u32::MAX
+    );
+    assert_eq!(guest(&p, "vpc"), before);
 }

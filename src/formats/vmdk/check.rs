@@ -238,7 +238,7 @@ fn walk_stream(
     let len = host.len();
     let mut off = h.overhead * SECTOR;
     loop {
-        if off + 16 > len {
+        if off.saturating_add(16) > len {
             t.corrupt(format!(
                 "ERROR: the marker stream runs past the end of the file at {off:#x} (no end-of-stream marker)"
             ));
@@ -260,7 +260,7 @@ fn walk_stream(
             // qemu pads after it with zeros; what follows is never read.
             MARKER_EOS => return grains,
             MARKER_GT | MARKER_GD | MARKER_FOOTER => {
-                off += SECTOR + m.val.saturating_mul(SECTOR);
+                off = off.saturating_add(SECTOR.saturating_add(m.val.saturating_mul(SECTOR)));
             }
             k => {
                 t.corrupt(format!("ERROR: unknown stream marker type {k} at {off:#x}"));
