@@ -1093,3 +1093,41 @@ fn vhd_blocks_past_the_disk_end_are_leaks_and_freed_by_r_leaks() {
     );
     assert_eq!(guest(&p, "vpc"), before);
 }
+
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img")]
+fn an_l1_table_pointing_every_entry_at_one_l2_table_is_refused_not_read_on() {
+    if !have_qemu() || !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("hostile.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        s(&p),
+        "64G",
+    ]);
+    run(&["qemu-io", "-c", "write -P 1 0 64k", s(&p)]);
+    let b = std::fs::read(&p).unwrap();
+    let h = q(&b);
+    let l1_size = BigEndian::read_u32(&b[36..]);
+    let e = be64(&b, h.l1);
+    let l1: Vec<u8> = (0..l1_size).flat_map(|_| e.to_be_bytes()).collect();
+    patch(&p, h.l1, &l1);
+    // 32768 references to one 4 KiB table: 128 MiB to read for a file of a few hundred KiB.
+    let len = std::fs::metadata(&p).unwrap().len();
+    assert!(u64::from(l1_size) * 4096 > 64 * len);
+    let (r, work) = measure("check", || lib_check(&p, Format::Qcow2, Repair::None, None));
+    let e = r.unwrap_err();
+    assert_eq!(e.kind(), diskconv::ErrorKind::LimitExceeded, "{e}");
+    assert!(
+        work.io.bytes_read < 16 * len,
+        "read {} bytes of a {len}-byte file",
+        work.io.bytes_read
+    );
+}

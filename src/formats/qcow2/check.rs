@@ -73,6 +73,11 @@ struct Checker<'a> {
     blocks: BTreeMap<u64, Vec<u8>>,
     /// Set when the refcount structures would need rebuilding (not done).
     rebuild: bool,
+    /// L2 bytes read so far, and the most a real image can make us read: every table
+    /// once per L1 table (the active one and each snapshot's). A hostile L1 table
+    /// pointing its entries at one cluster over and over stops there.
+    l2_read: u64,
+    l2_budget: u64,
 }
 
 /// Check the qcow2 image in `file`; with `repair`, fix what qemu-img check -r would
@@ -121,7 +126,10 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
         t: Tally::default(),
         blocks: BTreeMap::new(),
         rebuild: false,
+        l2_read: 0,
+        l2_budget: 0,
     };
+    c.l2_budget = (u64::from(c.h.nb_snapshots) + 1).saturating_mul(host.len() + cs);
     c.t.total_clusters = c.h.size.div_ceil(cs);
     let snapshots = c.read_snapshots()?;
     c.calculate(&snapshots)?;
@@ -372,7 +380,16 @@ impl Checker<'_> {
 
     fn check_l2(&mut self, l2_offset: u64, active: bool) -> Result<()> {
         let ext = self.h.extended_l2();
-        let table = read_padded(self.host, l2_offset, self.cs, "L2 table")?;
+        // Past the end of the file an L2 table reads as zeros: nothing to count.
+        let inside = self.host.len().saturating_sub(l2_offset).min(self.cs);
+        self.l2_read += inside;
+        if self.l2_read > self.l2_budget {
+            return Err(Error::limit(format!(
+                "the L1 tables reference more L2 table bytes ({}) than the image could hold ({}): refusing to read on",
+                self.l2_read, self.l2_budget
+            )));
+        }
+        let table = read_padded(self.host, l2_offset, inside, "L2 table")?;
         let esz = if ext { 16 } else { 8 };
         let csize_shift = 62 - (self.cbits - 8);
         let csize_mask = (1u64 << (self.cbits - 8)) - 1;
@@ -657,6 +674,7 @@ impl Checker<'_> {
         let inside = self.host.len().saturating_sub(l1_off).min(l1_bytes);
         let mut l1 = read_padded(self.host, l1_off, inside, "L1 table")?;
         let mut l1_dirty = 0u64;
+        let mut copied_read = 0u64;
         let ext = self.h.extended_l2();
         let esz = if ext { 16 } else { 8 };
         for i in 0..l1.len() / 8 {
@@ -685,7 +703,14 @@ impl Checker<'_> {
             if l2_off % self.cs != 0 {
                 continue;
             }
-            let mut table = read_padded(self.host, l2_off, self.cs, "L2 table")?;
+            let inside = self.host.len().saturating_sub(l2_off).min(self.cs);
+            copied_read += inside;
+            if copied_read > self.host.len() + self.cs {
+                return Err(Error::limit(
+                    "the active L1 table references more L2 table bytes than the image could hold",
+                ));
+            }
+            let mut table = read_padded(self.host, l2_off, inside, "L2 table")?;
             let mut dirty = 0u64;
             for j in 0..table.len() / esz {
                 let le = BigEndian::read_u64(&table[j * esz..]);
