@@ -121,6 +121,7 @@ pub use formats::{create_writer, STREAMING_OUTPUTS};
 pub use inspect::{
     inspect, inspect_file, inspect_with, Finding, FindingKind, InspectLimits, Inspection,
 };
+pub use ops::check::{check, CheckOptions, CheckReport, Repair, Tally};
 pub use ops::convert::{convert, convert_to_path};
 pub use ops::resize::resize;
 pub use ops::sparsify::{

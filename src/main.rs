@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+mod cli_check;
 #[cfg(feature = "remote")]
 mod cli_glance;
 #[cfg(feature = "remote")]
@@ -38,6 +39,13 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
+    /// Check an image's metadata like qemu-img check (exit 0 clean, 1 not completed,
+    /// 2 corruptions, 3 leaks only, 63 no checks for the format); -r repairs in place.
+    #[command(
+        override_usage = "diskconv check [-f FMT] [--output=human|json] [-r leaks|all] [-q] IMG",
+        args_override_self = true
+    )]
+    Check(cli_check::CheckArgs),
     /// Convert SRC into a new image DST of format -O.
     #[command(
         override_usage = "diskconv convert [OPTIONS] SRC DST\n       diskconv convert -O FMT -o help",
@@ -701,6 +709,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Check(args) => cli_check::run(args),
         Cmd::Resize {
             format,
             shrink,

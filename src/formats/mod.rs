@@ -234,3 +234,25 @@ pub fn open_editor(
         Format::Vhdx => vhdx::open_editor(file, path, opts),
     }
 }
+
+/// Check (and with `repair`, repair in place) the image in `file` (opened read-write when
+/// repairing) at `path` with its format's checker; `fail_at` is the repair's test hook.
+/// Raw has no checker (the caller reports it as qemu-img does).
+pub fn check_image(
+    format: Format,
+    file: File,
+    path: &Path,
+    repair: crate::ops::check::Repair,
+    fail_at: Option<u64>,
+) -> Result<crate::ops::check::Tally> {
+    match format {
+        Format::Raw => Err(Error::unsupported(
+            "This image format does not support checks",
+        )),
+        Format::Qcow2 => qcow2::check::check(file, path, repair, fail_at),
+        Format::Vhd => vhd::check::check(file, path, repair, fail_at),
+        Format::Vmdk => vmdk::check::check(file, path, repair, fail_at),
+        Format::Vdi => vdi::check::check(file, path, repair, fail_at),
+        Format::Vhdx => Err(Error::unsupported("vhdx images cannot be checked yet")),
+    }
+}

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::options::{CreateOptions, OpenOptions, OptionHelp};
 use crate::writer::ImageWriter;
 
+pub mod check;
 pub mod discard;
 pub mod header;
 pub mod reader;

@@ -9,6 +9,7 @@ use crate::error::Result;
 use crate::options::{CreateOptions, OpenOptions, OptionHelp};
 use crate::writer::ImageWriter;
 
+pub mod check;
 pub mod discard;
 pub mod dynheader;
 pub mod footer;

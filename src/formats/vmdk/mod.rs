@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::options::{CreateOptions, OpenOptions, OptionHelp};
 use crate::writer::ImageWriter;
 
+pub mod check;
 pub mod descriptor;
 pub mod discard;
 pub mod planned;

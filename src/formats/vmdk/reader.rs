@@ -525,7 +525,7 @@ fn extent_info(
 }
 
 /// Read the KDMV header, replacing it with the footer copy when `gdOffset` is GD_AT_END.
-fn read_kdmv_header(file: &HostFile) -> Result<SparseHeader> {
+pub(super) fn read_kdmv_header(file: &HostFile) -> Result<SparseHeader> {
     let head = file.read_vec(
         0,
         SparseHeader::SIZE.min(file.len() as usize) as u64,

@@ -1,0 +1,85 @@
+//! `check [-f FMT] [--output=human|json] [-r leaks|all] [-q] IMG`: the CLI's side of
+//! [`diskconv::check`] (flags, what is printed, the exit code qemu-img gives).
+
+use std::path::PathBuf;
+
+use diskconv::{CheckOptions, Error, Format, Repair, Result};
+
+/// The flags of `check`.
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// Image format (never probed when given).
+    #[arg(short = 'f')]
+    pub format: Option<String>,
+    /// human (qemu-img's text) or json (qemu-img's keys).
+    #[arg(long = "output", default_value = "human")]
+    pub output: String,
+    /// Repair: leaks (free leaked space, truncate to the image end) or all (also the
+    /// corruptions that can be fixed safely).
+    #[arg(short = 'r')]
+    pub repair: Option<String>,
+    /// Quiet: print nothing on stdout (the exit code still says what was found).
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Image.
+    pub image: PathBuf,
+}
+
+/// Run `check`; never returns on success (exits with qemu-img's code: 0 clean, 1 check
+/// not completed, 2 corruptions, 3 leaks only, 63 no checks for this format).
+pub fn run(args: CheckArgs) -> Result<()> {
+    let json = match args.output.as_str() {
+        "human" => false,
+        "json" => true,
+        other => {
+            return Err(Error::arg(format!(
+                "--output must be human or json, not '{other}'"
+            )))
+        }
+    };
+    let opts = CheckOptions {
+        format: args.format.as_deref().map(Format::from_name).transpose()?,
+        repair: args
+            .repair
+            .as_deref()
+            .map(Repair::parse)
+            .transpose()?
+            .unwrap_or_default(),
+        ..Default::default()
+    };
+    let report = match diskconv::check(&args.image, &opts) {
+        Ok(r) => r,
+        Err(e) => {
+            // The check could not be completed (the image does not open, an I/O error).
+            eprintln!("diskconv: Check failed: {e}");
+            std::process::exit(1);
+        }
+    };
+    if !report.supported {
+        eprintln!("diskconv: This image format does not support checks");
+        std::process::exit(63);
+    }
+    for line in report
+        .repaired_findings
+        .iter()
+        .chain(&report.tally.findings)
+    {
+        eprintln!("{line}");
+    }
+    if !args.quiet {
+        if json {
+            // Four-space indentation, as qemu-img prints it.
+            let mut out = Vec::new();
+            let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+            let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+            serde::Serialize::serialize(&report.json(), &mut ser).expect("a JSON value serializes");
+            println!("{}", String::from_utf8_lossy(&out));
+        } else {
+            print!("{}", report.human());
+        }
+    }
+    if report.tally.check_errors > 0 {
+        eprintln!("diskconv: Check failed");
+    }
+    std::process::exit(report.exit_code());
+}

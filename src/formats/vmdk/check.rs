@@ -1,0 +1,271 @@
+//! Checking VMDK sparse extents (monolithicSparse, streamOptimized: a `KDMV` file).
+//!
+//! qemu's `vmdk_co_check` only asks that every allocated grain start inside the file (and
+//! fails the whole check when one does not). Here, beyond that:
+//! - every grain table inside the file, every grain wholly inside it (a compressed
+//!   grain: its 12-byte header and its compressed bytes), no two grains overlapping each
+//!   other, a grain table, a grain directory or the header;
+//! - the redundant grain directory and its tables equal to the primary ones (qemu writes
+//!   both; a reader uses the primary);
+//! - streamOptimized: the marker stream from `overHead` to the end is well formed (grains,
+//!   grain table / grain directory / footer markers, up to an end-of-stream marker), and every grain
+//!   table entry points at a grain whose header names that entry's guest sector.
+//!
+//! Repair (`-r all`) rewrites the redundant grain tables from the primary ones (and the
+//! redundant directory entries that are missing their table are reported, not
+//! allocated). No reader uses the redundant copy, so a failure at any write leaves the
+//! guest data and the primary metadata as they were.
+
+use std::fs::File;
+use std::path::Path;
+
+use byteorder::{ByteOrder, LittleEndian as LE};
+
+use super::reader::read_kdmv_header;
+use super::sparse::*;
+use crate::device::HostFile;
+use crate::error::{Error, Result};
+use crate::ops::check::{read_padded, Repair, Tally};
+use crate::writer::EditFile;
+
+/// Check the VMDK image in `file`; with `-r all`, restore the redundant grain tables.
+pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> Result<Tally> {
+    let write = file
+        .try_clone()
+        .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?;
+    let host = HostFile::from_file(file, path)?;
+    let len = host.len();
+    let magic = read_padded(&host, 0, 4, "VMDK magic")?;
+    if LE::read_u32(&magic) != KDMV_MAGIC {
+        return Err(Error::unsupported(
+            "checking a VMDK whose extents are separate files (a descriptor file) or a legacy COWD extent is not supported: only monolithicSparse and streamOptimized single-file images",
+        ));
+    }
+    let h = read_kdmv_header(&host)?;
+    h.validate(len)?;
+    let mut t = Tally::default();
+    let n = h.gd_entries()?;
+    let gt_bytes = u64::from(h.num_gtes_per_gt) * 4;
+    let grain = h.grain_size * SECTOR;
+    let stream = h.compressed() || h.flags & FLAG_MARKERS != 0;
+    let gd = read_padded(&host, h.gd_offset * SECTOR, n * 4, "grain directory")?;
+    // Metadata ranges: header sector, GD, RGD, GTs (bytes); grains.
+    let mut meta: Vec<(u64, u64, String)> = vec![(0, SECTOR, "the header".into())];
+    meta.push((
+        h.gd_offset * SECTOR,
+        h.gd_offset * SECTOR + n * 4,
+        "the grain directory".into(),
+    ));
+    let rgd_on = h.flags & FLAG_RGD != 0 && h.rgd_offset != 0 && !stream;
+    if rgd_on {
+        meta.push((
+            h.rgd_offset * SECTOR,
+            h.rgd_offset * SECTOR + n * 4,
+            "the redundant grain directory".into(),
+        ));
+    }
+    // streamOptimized: the grains the marker stream holds, by sector, with their LBA.
+    let stream_grains = if stream {
+        walk_stream(&host, &h, &mut t)
+    } else {
+        Default::default()
+    };
+    let mut grains: Vec<(u64, u64, u64)> = Vec::new();
+    let mut gts: Vec<Option<Vec<u8>>> = Vec::with_capacity(n as usize);
+    for (i, g) in gd.chunks_exact(4).map(LE::read_u32).enumerate() {
+        if g == 0 {
+            gts.push(None);
+            continue;
+        }
+        let off = u64::from(g) * SECTOR;
+        if off + gt_bytes > len {
+            t.corrupt(format!(
+                "ERROR: grain table {i} at {off:#x} runs past the end of the file ({len} bytes)"
+            ));
+            gts.push(None);
+            continue;
+        }
+        meta.push((off, off + gt_bytes, format!("grain table {i}")));
+        let gt = host.read_vec(off, gt_bytes, "grain table")?;
+        for (j, e) in gt.chunks_exact(4).map(LE::read_u32).enumerate() {
+            if e == 0 || (e == GTE_ZEROED && h.flags & FLAG_ZERO_GRAIN != 0) {
+                continue;
+            }
+            let guest = (i as u64 * u64::from(h.num_gtes_per_gt) + j as u64) * h.grain_size;
+            if guest >= h.capacity {
+                t.leak(format!(
+                    "Leaked grain: table {i} entry {j} maps sector {guest}, past the capacity"
+                ));
+                continue;
+            }
+            let start = u64::from(e) * SECTOR;
+            if start >= len {
+                t.corrupt(format!(
+                    "ERROR: cluster offset for sector {guest} points after EOF"
+                ));
+                continue;
+            }
+            let stop = if h.compressed() {
+                let hdr = read_padded(&host, start, 12, "grain header")?;
+                let lba = LE::read_u64(&hdr);
+                let size = u64::from(LE::read_u32(&hdr[8..]));
+                if stream && stream_grains.get(&start) != Some(&lba) {
+                    t.corrupt(format!(
+                        "ERROR: grain table {i} entry {j} (sector {guest}) points at {start:#x}, which is not a grain of the marker stream"
+                    ));
+                } else if lba != guest {
+                    t.corrupt(format!(
+                        "ERROR: grain at {start:#x} is for sector {lba}, but grain table {i} entry {j} maps sector {guest} to it"
+                    ));
+                }
+                start + 12 + size
+            } else {
+                start + grain
+            };
+            if stop > len {
+                t.corrupt(format!(
+                    "ERROR: grain for sector {guest} at {start:#x}..{stop:#x} runs past the end of the file ({len} bytes)"
+                ));
+                continue;
+            }
+            grains.push((start, stop, guest));
+        }
+        gts.push(Some(gt));
+    }
+    // Overlaps: grains with each other and with metadata.
+    grains.sort();
+    for w in grains.windows(2) {
+        if w[1].0 < w[0].1 {
+            t.corrupt(format!(
+                "ERROR: grains for sectors {} and {} overlap at {:#x}",
+                w[0].2, w[1].2, w[1].0
+            ));
+        }
+    }
+    for &(a, b, guest) in &grains {
+        for (ma, mb, what) in &meta {
+            if a < *mb && *ma < b {
+                t.corrupt(format!(
+                    "ERROR: grain for sector {guest} at {a:#x} overlaps {what}"
+                ));
+            }
+        }
+    }
+    if rgd_on {
+        check_redundant(
+            &host,
+            &h,
+            n,
+            &gts,
+            repair,
+            EditFile::new(write, path, fail_at),
+            &mut t,
+        )?;
+    }
+    Ok(t)
+}
+
+/// Compare the redundant directory's tables with the primary's; with `-r all` copy the
+/// primary tables over the redundant ones.
+fn check_redundant(
+    host: &HostFile,
+    h: &SparseHeader,
+    n: u64,
+    gts: &[Option<Vec<u8>>],
+    repair: Repair,
+    mut edit: EditFile,
+    t: &mut Tally,
+) -> Result<()> {
+    let len = host.len();
+    let gt_bytes = u64::from(h.num_gtes_per_gt) * 4;
+    let rgd = read_padded(
+        host,
+        h.rgd_offset * SECTOR,
+        n * 4,
+        "redundant grain directory",
+    )?;
+    let mut fixed = false;
+    for (i, r) in rgd.chunks_exact(4).map(LE::read_u32).enumerate() {
+        let primary = &gts[i];
+        let roff = u64::from(r) * SECTOR;
+        if r == 0 {
+            if primary.is_some() {
+                t.corrupt(format!(
+                    "ERROR: redundant grain directory entry {i} is empty, the primary has a table"
+                ));
+            }
+            continue;
+        }
+        if roff + gt_bytes > len {
+            t.corrupt(format!(
+                "ERROR: redundant grain table {i} at {roff:#x} runs past the end of the file"
+            ));
+            continue;
+        }
+        let red = host.read_vec(roff, gt_bytes, "redundant grain table")?;
+        let want: Vec<u8> = primary
+            .clone()
+            .unwrap_or_else(|| vec![0; gt_bytes as usize]);
+        if red != want {
+            if repair.all() {
+                t.findings.push(format!(
+                    "Repairing redundant grain table {i} at {roff:#x} from the primary"
+                ));
+                edit.write_at(&want, roff, "writing a redundant grain table")?;
+                t.corruptions_fixed += 1;
+                fixed = true;
+            } else {
+                t.corrupt(format!(
+                    "ERROR: redundant grain table {i} at {roff:#x} differs from the primary"
+                ));
+            }
+        }
+    }
+    if fixed {
+        edit.sync("flushing the redundant grain tables")?;
+    }
+    Ok(())
+}
+
+/// Walk a streamOptimized marker stream from `overHead`: the grains it holds (sector
+/// offset -> LBA); malformations are corruptions.
+fn walk_stream(
+    host: &HostFile,
+    h: &SparseHeader,
+    t: &mut Tally,
+) -> std::collections::HashMap<u64, u64> {
+    let mut grains = std::collections::HashMap::new();
+    let len = host.len();
+    let mut off = h.overhead * SECTOR;
+    loop {
+        if off.saturating_add(16) > len {
+            t.corrupt(format!(
+                "ERROR: the marker stream runs past the end of the file at {off:#x} (no end-of-stream marker)"
+            ));
+            return grains;
+        }
+        let Ok(b) = host.read_vec(off, 16, "stream marker") else {
+            t.error(format!("ERROR: cannot read the stream marker at {off:#x}"));
+            return grains;
+        };
+        let Ok(m) = Marker::parse(&b) else {
+            return grains;
+        };
+        if m.size != 0 {
+            grains.insert(off, m.val);
+            off += (12 + u64::from(m.size)).next_multiple_of(SECTOR);
+            continue;
+        }
+        match m.kind {
+            // qemu pads after it with zeros; what follows is never read.
+            MARKER_EOS => return grains,
+            MARKER_GT | MARKER_GD | MARKER_FOOTER => {
+                off = off.saturating_add(SECTOR.saturating_add(m.val.saturating_mul(SECTOR)));
+            }
+            k => {
+                t.corrupt(format!("ERROR: unknown stream marker type {k} at {off:#x}"));
+                return grains;
+            }
+        }
+    }
+}
