@@ -47,6 +47,57 @@ impl Mapping {
     }
 }
 
+/// What qemu's block status says of a guest range (`qemu-img map`'s entry): which image
+/// of the backing chain answers for it and how. [`BlockDevice::block_status`] gives it;
+/// `map` and `compare` are built on it so they agree with qemu-img.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BlockStatus {
+    /// Guest offset of the range's start.
+    pub offset: u64,
+    /// Length in bytes (at least 1).
+    pub len: u64,
+    /// 0 when this image answers; n when the nth backing image does (or, with `present`
+    /// false, the chain's length: nobody does).
+    pub depth: u32,
+    /// Allocated in some image of the chain (qemu's BDRV_BLOCK_ALLOCATED).
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Stored as data (possibly zero data, with `zero` also set).
+    pub data: bool,
+    /// Stored compressed.
+    pub compressed: bool,
+    /// Where it is stored uncompressed: the host offset in `file`.
+    pub host: Option<u64>,
+    /// The file `host` is in, when it is not the image itself (an extent, a data file, a
+    /// backing image).
+    pub file: Option<PathBuf>,
+}
+
+impl BlockStatus {
+    /// qemu's view of one of our mappings in a format whose unallocated ranges are
+    /// `unallocated_present` (vpc and vdi report them allocated zero; formats with a
+    /// backing chain report them unallocated).
+    pub fn from_mapping(m: &Mapping, unallocated_present: bool) -> Self {
+        let (present, zero, data, host) = match m.kind {
+            MappingKind::Data { host } => (true, false, true, host),
+            MappingKind::Zero => (true, true, false, None),
+            MappingKind::Unallocated => (unallocated_present, true, false, None),
+        };
+        BlockStatus {
+            offset: m.offset,
+            len: m.len,
+            depth: 0,
+            present,
+            zero,
+            data,
+            compressed: false,
+            host,
+            file: None,
+        }
+    }
+}
+
 /// Facts about an opened image, for `info` and `inspect`.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct ImageInfo {
@@ -88,6 +139,14 @@ pub trait BlockDevice: Send + Sync {
 
     /// The format of this device.
     fn format(&self) -> Format;
+
+    /// qemu's block status of the range at `offset` (up to `max_len` bytes; it may come
+    /// back shorter), for `map` and `compare`. The default reads it off [`map`](Self::map);
+    /// a format whose answer differs from qemu's that way (backing depth, compressed
+    /// clusters, host holes) answers itself.
+    fn block_status(&self, offset: u64, max_len: u64) -> Result<BlockStatus> {
+        Ok(BlockStatus::from_mapping(&self.map(offset, max_len)?, false))
+    }
 }
 
 #[doc(hidden)] // a helper of the format readers, not a stable API

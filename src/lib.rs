@@ -112,13 +112,17 @@ pub use convert::{
     convert_device, convert_device_into, CancelToken, ConvertOptions, ConvertReport,
     UnreadableRange,
 };
-pub use device::{BlockDevice, DeviceReader, ImageEditor, ImageInfo, Mapping, MappingKind};
+pub use device::{
+    BlockDevice, BlockStatus, DeviceReader, ImageEditor, ImageInfo, Mapping, MappingKind,
+};
 pub use error::{Error, ErrorKind, Result, Side};
 pub use format::Format;
 pub use formats::{create_writer, STREAMING_OUTPUTS};
 pub use inspect::{
     inspect, inspect_file, inspect_with, Finding, FindingKind, InspectLimits, Inspection,
 };
+pub use ops::compare::{compare, compare_devices, CompareError, CompareOptions, CompareOutcome, CompareReport, CompareStage};
+pub use ops::map::{map, map_device, map_human, map_json, MapEntry, MapRange};
 pub use ops::convert::{convert, convert_to_path};
 pub use ops::resize::resize;
 pub use ops::sparsify::{

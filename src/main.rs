@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+mod cli_cmms;
 #[cfg(feature = "remote")]
 mod cli_remote;
 use diskconv::parse_size;
@@ -223,6 +224,10 @@ enum Cmd {
         #[arg(value_name = "OUT")]
         dst: Option<PathBuf>,
     },
+    /// Compare the guest contents of two images (exit 0 identical, 1 different, 2+ error).
+    Compare(cli_cmms::CompareArgs),
+    /// Show where an image's guest ranges are allocated, like qemu-img map.
+    Map(cli_cmms::MapArgs),
     /// Show facts about an image.
     #[command(args_override_self = true)]
     Info {
@@ -789,6 +794,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Compare(a) => std::process::exit(cli_cmms::compare(&a)),
+        Cmd::Map(a) => cli_cmms::map(&a),
         Cmd::Info {
             format,
             output,

@@ -1,8 +1,10 @@
 //! The commands as library functions: each opens files through the format dispatch and
 //! runs the core on them. The CLI is a thin shell over these; other crates call them too.
 
+pub mod compare;
 pub mod convert;
 pub mod discard;
+pub mod map;
 pub mod resize;
 pub mod sparsify;
 pub mod stream;

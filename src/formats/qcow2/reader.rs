@@ -11,7 +11,9 @@ use byteorder::{BigEndian, ByteOrder};
 
 use super::compress::decompress;
 use super::header::*;
-use crate::device::{check_guest_range, BlockDevice, HostFile, ImageInfo, Mapping, MappingKind};
+use crate::device::{
+    check_guest_range, BlockDevice, BlockStatus, HostFile, ImageInfo, Mapping, MappingKind,
+};
 use crate::error::{Error, Result};
 use crate::format::Format;
 use crate::options::OpenOptions;
@@ -59,6 +61,8 @@ pub struct Qcow2Image {
     ext: Extensions,
     backing_name: Option<String>,
     backing: Option<Box<dyn BlockDevice>>,
+    /// Where the backing image was opened from (named in `map`'s human output).
+    backing_path: Option<std::path::PathBuf>,
     l1: Vec<u64>,
     cache: Mutex<L2Cache>,
     cs: u64,
@@ -153,12 +157,17 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Qcow2Image> {
 
     let l2_entries = header.l2_entries();
     let cap = (L2_CACHE_BYTES / cs).max(16) as usize;
+    let backing_path = backing_name
+        .as_ref()
+        .filter(|_| backing.is_some())
+        .map(|n| file.path().parent().unwrap_or(std::path::Path::new("")).join(n));
     Ok(Qcow2Image {
         csize_shift: 62 - (header.cluster_bits - 8),
         size: header.size & !511,
         file,
         data_file,
         ext,
+        backing_path,
         backing_name,
         backing,
         l1,
@@ -443,6 +452,48 @@ impl Qcow2Image {
 impl BlockDevice for Qcow2Image {
     fn virtual_size(&self) -> u64 {
         self.size
+    }
+
+    /// qemu's view: compressed clusters have no host offset, data in an external data file
+    /// lives in that file, and unallocated ranges answer from the backing chain one level deeper.
+    fn block_status(&self, offset: u64, max_len: u64) -> Result<BlockStatus> {
+        let end = crate::device::map_end(self.size, offset, max_len)?;
+        let (len, piece) = self.lookup(offset, end)?;
+        let mut st = BlockStatus {
+            offset,
+            len,
+            depth: 0,
+            present: true,
+            zero: false,
+            data: true,
+            compressed: false,
+            host: None,
+            file: None,
+        };
+        match piece {
+            Piece::Data(h) => {
+                st.host = Some(h);
+                st.file = self.data_file.as_ref().map(|f| f.path().to_path_buf());
+            }
+            Piece::Compressed { .. } => st.compressed = true,
+            Piece::Zero => (st.zero, st.data) = (true, false),
+            Piece::Unallocated => {
+                (st.present, st.zero, st.data) = (false, true, false);
+                if let Some(b) = &self.backing {
+                    if offset < b.virtual_size() {
+                        let mut bs = b.block_status(offset, len.min(b.virtual_size() - offset))?;
+                        if bs.file.is_none() && bs.host.is_some() {
+                            bs.file = self.backing_path.clone();
+                        }
+                        bs.depth += 1;
+                        return Ok(bs);
+                    }
+                    // Past the backing image's end qemu reads zeros at this level.
+                    st.depth = 1;
+                }
+            }
+        }
+        Ok(st)
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
