@@ -75,6 +75,18 @@ pub struct BlockStatus {
 }
 
 impl BlockStatus {
+    /// Shorten a status that runs to the end of a device of `size` bytes so that only the
+    /// last `unit` reaches it: formats qemu answers one block at a time (vmdk grains, vdi
+    /// blocks) set qemu's end-of-file flag on their last block only, and qemu-img
+    /// compare's strict mode compares that flag.
+    pub fn end_in_units(mut self, size: u64, unit: u64) -> Self {
+        let last = (size.saturating_sub(1) / unit.max(1)) * unit.max(1);
+        if self.offset + self.len >= size && last > self.offset {
+            self.len = last - self.offset;
+        }
+        self
+    }
+
     /// qemu's view of one of our mappings in a format whose unallocated ranges are
     /// `unallocated_present` (vpc and vdi report them allocated zero; formats with a
     /// backing chain report them unallocated).

@@ -135,7 +135,8 @@ impl BlockDevice for VdiImage {
     /// qemu reports this format's unallocated blocks as allocated zeros.
     fn block_status(&self, offset: u64, max_len: u64) -> Result<crate::device::BlockStatus> {
         let m = self.map(offset, max_len)?;
-        Ok(crate::device::BlockStatus::from_mapping(&m, true))
+        Ok(crate::device::BlockStatus::from_mapping(&m, true)
+            .end_in_units(self.size, self.block_size()))
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {

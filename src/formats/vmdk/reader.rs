@@ -1088,6 +1088,7 @@ impl BlockDevice for VmdkImage {
             ExtentData::Sparse(sp) => {
                 let (len, kind) = sp.map(rel, max, true)?;
                 st.len = len;
+                st = st.end_in_units(self.size, sp.grain);
                 match kind {
                     MappingKind::Data { host: Some(h) } => (h, &sp.file),
                     MappingKind::Data { host: None } => {
