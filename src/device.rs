@@ -75,6 +75,18 @@ pub struct BlockStatus {
 }
 
 impl BlockStatus {
+    /// qemu's look into the file under data stored at `host`: where the file has a hole
+    /// the range reads as zeros (still data), and the range ends where that changes.
+    pub fn refine_by_host(mut self, file: &HostFile) -> Self {
+        if let (true, false, Some(h)) = (self.data, self.zero, self.host) {
+            if let Some((hole, n)) = file.hole_extent(h, self.len) {
+                self.len = n.max(1);
+                self.zero = hole;
+            }
+        }
+        self
+    }
+
     /// Shorten a status that runs to the end of a device of `size` bytes so that only the
     /// last `unit` reaches it: formats qemu answers one block at a time (vmdk grains, vdi
     /// blocks) set qemu's end-of-file flag on their last block only, and qemu-img
@@ -339,6 +351,31 @@ impl HostFile {
     /// The underlying file.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Whether `[host, host+len)` starts in a hole of the file, and how far that lasts
+    /// (SEEK_DATA/SEEK_HOLE): what qemu's file driver tells block status. None when the
+    /// file cannot say (a remote object, a filesystem without SEEK_DATA).
+    pub fn hole_extent(&self, host: u64, len: u64) -> Option<(bool, u64)> {
+        use std::os::unix::io::AsRawFd;
+        if self.is_remote() || len == 0 {
+            return None;
+        }
+        let fd = self.file.as_raw_fd();
+        let seek = |whence| {
+            // SAFETY: lseek on a valid descriptor; every read is positional.
+            let r = unsafe { libc::lseek(fd, i64::try_from(host).ok()?, whence) };
+            (r >= 0).then_some(r as u64)
+        };
+        let end = host.saturating_add(len);
+        match seek(libc::SEEK_DATA) {
+            Some(d) if d > host => Some((true, d.min(end) - host)),
+            Some(_) => Some((false, seek(libc::SEEK_HOLE).unwrap_or(end).min(end) - host)),
+            None if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => {
+                Some((true, len))
+            }
+            None => None,
+        }
     }
 
     /// Read exactly `buf.len()` bytes at `offset`; `what` names the structure being read so

@@ -361,6 +361,23 @@ impl Qcow2Image {
         Ok((e - off, first))
     }
 
+    /// qemu's guess that the image was made with preallocation=metadata (its
+    /// `qcow2_detect_metadata_preallocation`): far more clusters in use than the file has
+    /// blocks on disk. The clusters in use are counted as the file's length in clusters
+    /// (what the refcounts cover in an image without leaks).
+    fn metadata_preallocated(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = self.file.file().metadata() else {
+            return false;
+        };
+        if self.file.is_remote() {
+            return false;
+        }
+        let real = meta.blocks() * 512 / self.cs;
+        let threshold = (real * 10 / 9).max(real + 2);
+        self.file.len().div_ceil(self.cs) >= threshold
+    }
+
     fn data_source(&self) -> &HostFile {
         self.data_file.as_ref().unwrap_or(&self.file)
     }
@@ -474,6 +491,11 @@ impl BlockDevice for Qcow2Image {
             Piece::Data(h) => {
                 st.host = Some(h);
                 st.file = self.data_file.as_ref().map(|f| f.path().to_path_buf());
+                // qemu looks into the file only for images it thinks were preallocated
+                // with preallocation=metadata (their data clusters may be holes).
+                if self.metadata_preallocated() {
+                    return Ok(st.refine_by_host(self.data_source()));
+                }
             }
             Piece::Compressed { .. } => st.compressed = true,
             Piece::Zero => (st.zero, st.data) = (true, false),

@@ -136,6 +136,7 @@ impl BlockDevice for VdiImage {
     fn block_status(&self, offset: u64, max_len: u64) -> Result<crate::device::BlockStatus> {
         let m = self.map(offset, max_len)?;
         Ok(crate::device::BlockStatus::from_mapping(&m, true)
+            .refine_by_host(&self.file)
             .end_in_units(self.size, self.block_size()))
     }
 

@@ -1079,7 +1079,7 @@ impl BlockDevice for VmdkImage {
                     return Ok(st);
                 }
                 st.len = max.min(file.len() - host);
-                if let Some((hole, n)) = host_extent(file, host, st.len) {
+                if let Some((hole, n)) = file.hole_extent(host, st.len) {
                     st.len = n;
                     st.zero = hole;
                 }
@@ -1177,26 +1177,3 @@ fn e_end(e: &Extent) -> u64 {
     e.start + e.size
 }
 
-/// Whether `[host, host+len)` of a local file starts in a hole, and how far that lasts
-/// (SEEK_DATA/SEEK_HOLE); None when the file cannot say (a remote object, no support).
-fn host_extent(file: &HostFile, host: u64, len: u64) -> Option<(bool, u64)> {
-    use std::os::unix::io::AsRawFd;
-    if file.is_remote() {
-        return None;
-    }
-    let fd = file.file().as_raw_fd();
-    let seek = |whence| {
-        // SAFETY: lseek on a valid descriptor; every read is positional.
-        let r = unsafe { libc::lseek(fd, i64::try_from(host).ok()?, whence) };
-        (r >= 0).then_some(r as u64)
-    };
-    let end = host + len;
-    match seek(libc::SEEK_DATA) {
-        Some(d) if d > host => Some((true, d.min(end) - host)),
-        Some(_) => Some((false, seek(libc::SEEK_HOLE).unwrap_or(end).min(end) - host)),
-        None if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => {
-            Some((true, len))
-        }
-        None => None,
-    }
-}
