@@ -49,7 +49,8 @@ pub enum CompareOutcome {
 pub struct CompareReport {
     /// The verdict.
     pub outcome: CompareOutcome,
-    /// The sizes differ (qemu-img warns "Image size mismatch!" and then checks the tail).
+    /// The sizes differ and the common part matched, so the longer image's tail was
+    /// checked (qemu-img then warns "Image size mismatch!").
     pub size_mismatch: bool,
     /// Guest bytes read from both images together.
     pub bytes_read: u64,
@@ -212,7 +213,7 @@ pub fn compare_devices(
     let (s1, s2) = (a.virtual_size(), b.virtual_size());
     let mut report = CompareReport {
         outcome: CompareOutcome::Identical,
-        size_mismatch: s1 != s2,
+        size_mismatch: false,
         bytes_read: 0,
     };
     if opts.strict && s1 != s2 {
@@ -259,6 +260,7 @@ pub fn compare_devices(
         off += chunk;
     }
     if s1 != s2 {
+        report.size_mismatch = true;
         let (over, end) = if s1 > s2 { (&one, s1) } else { (&two, s2) };
         while off < end {
             let st = over.status(off)?;
