@@ -144,3 +144,39 @@ pub fn map(a: &MapArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// `convert -l`'s value as an open option: `snapshot.id=ID`, `snapshot.name=NAME`, or a
+/// bare ID-or-name (qemu-img's `-s`).
+pub fn snapshot_option(v: &str) -> (&str, &str) {
+    match v.split_once('=') {
+        Some((k @ ("snapshot.id" | "snapshot.name"), val)) => (k, val),
+        _ => ("snapshot", v),
+    }
+}
+
+/// `diskconv snapshot`'s flags: only listing (`-l`); the image is never changed.
+#[derive(clap::Args, Debug)]
+pub struct SnapshotArgs {
+    /// List the snapshots.
+    #[arg(short = 'l', required = true)]
+    list: bool,
+    /// Image format (never probed when given).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Quiet (accepted for qemu-img compatibility).
+    #[arg(short = 'q')]
+    _quiet: bool,
+    /// Accepted for qemu-img compatibility: the image is opened read-only and never locked.
+    #[arg(short = 'U', long = "force-share")]
+    _force_share: bool,
+    /// Image.
+    image: PathBuf,
+}
+
+/// Run `snapshot -l`: the table as qemu-img prints it (nothing when there are none).
+pub fn snapshot(a: &SnapshotArgs) -> Result<()> {
+    debug_assert!(a.list);
+    let opts = open_options(a.format.as_deref(), false)?;
+    print!("{}", diskconv::snapshot_table(&diskconv::snapshots(&a.image, &opts)?));
+    Ok(())
+}

@@ -122,6 +122,27 @@ impl BlockStatus {
     }
 }
 
+/// One internal snapshot of an image (qcow2), as `info` and `snapshot -l` list it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotInfo {
+    /// Its ID string (qemu numbers them "1", "2", ...).
+    pub id: String,
+    /// Its name (tag).
+    pub name: String,
+    /// Bytes of saved VM state (0 for a disk-only snapshot).
+    pub vm_state_size: u64,
+    /// When it was taken: seconds since the epoch.
+    pub date_sec: u32,
+    /// ... and nanoseconds.
+    pub date_nsec: u32,
+    /// The guest clock when it was taken, in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// The instruction count (record/replay), when recorded.
+    pub icount: Option<u64>,
+    /// The guest size when it was taken, when recorded.
+    pub disk_size: Option<u64>,
+}
+
 /// Facts about an opened image, for `info` and `inspect`.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct ImageInfo {
@@ -143,6 +164,8 @@ pub struct ImageInfo {
     pub format_specific: Option<serde_json::Value>,
     /// Things worth telling a user that are not errors (dirty bit, unknown autoclear bits, ...).
     pub warnings: Vec<String>,
+    /// Internal snapshots (qcow2), in table order.
+    pub snapshots: Vec<SnapshotInfo>,
 }
 
 /// A readable disk image of any format.

@@ -6,6 +6,7 @@ pub mod convert;
 pub mod discard;
 pub mod map;
 pub mod resize;
+pub mod snapshot;
 pub mod sparsify;
 pub mod stream;
 

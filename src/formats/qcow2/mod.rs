@@ -19,6 +19,7 @@ pub mod discard;
 pub mod header;
 pub mod reader;
 pub mod resize;
+pub mod snapshot;
 pub mod stream;
 pub mod writer;
 

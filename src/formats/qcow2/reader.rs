@@ -63,6 +63,10 @@ pub struct Qcow2Image {
     backing: Option<Box<dyn BlockDevice>>,
     /// Where the backing image was opened from (named in `map`'s human output).
     backing_path: Option<std::path::PathBuf>,
+    /// The internal snapshot table.
+    snapshots: Vec<crate::device::SnapshotInfo>,
+    /// Host offset of the L1 table being read (the active one, or a snapshot's).
+    l1_offset: u64,
     l1: Vec<u64>,
     cache: Mutex<L2Cache>,
     cs: u64,
@@ -108,11 +112,38 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Qcow2Image> {
     // The image's own tables are checked before any file it names is opened. Only the
     // entries covering the virtual size are loaded (the rest may map VM state).
     let needed = header.l1_entries_needed()?;
-    let l1_bytes = needed * 8;
-    file.check_range(header.l1_table_offset, l1_bytes, "L1 table")
-        .map_err(|e| e.with_field("l1_table_offset").at(40))?;
-    let raw = file.read_vec(header.l1_table_offset, l1_bytes, "L1 table")?;
-    let l1: Vec<u64> = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
+    let snapshots = super::snapshot::read_table(&file, &header)?;
+    // `snapshot.id` / `snapshot.name` (convert -l): read that snapshot's L1 table instead
+    // of the active one, validated the same way; the guest size stays the image's, as in qemu.
+    let mut selected = None;
+    for (k, v) in &opts.options {
+        match k.as_str() {
+            "snapshot.id" | "snapshot.name" | "snapshot" => {
+                selected = Some(super::snapshot::find(&snapshots, k, v)?)
+            }
+            other => {
+                return Err(Error::arg(format!(
+                    "format 'qcow2' has no open option '{other}' (options: snapshot.id, snapshot.name)"
+                )))
+            }
+        }
+    }
+    let (l1_offset, l1_field, l1_have) = match selected {
+        Some(sn) => (
+            sn.l1_table_offset,
+            "snapshot l1_table_offset",
+            u64::from(sn.l1_size).min(needed),
+        ),
+        None => (header.l1_table_offset, "l1_table_offset", needed),
+    };
+    let l1_bytes = l1_have * 8;
+    file.check_range(l1_offset, l1_bytes, "L1 table")
+        .map_err(|e| e.with_field(l1_field).at(40))?;
+    let raw = file.read_vec(l1_offset, l1_bytes, "L1 table")?;
+    let mut l1: Vec<u64> = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
+    // A snapshot taken before a resize has a shorter table: the rest is unallocated.
+    l1.resize(needed as usize, 0);
+    let snapshots: Vec<_> = snapshots.into_iter().map(|s| s.info).collect();
 
     let backing_name = if header.backing_file_offset != 0 && header.backing_file_size != 0 {
         let raw = file.read_vec(
@@ -168,6 +199,8 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Qcow2Image> {
         data_file,
         ext,
         backing_path,
+        snapshots,
+        l1_offset,
         backing_name,
         backing,
         l1,
@@ -211,7 +244,7 @@ impl Qcow2Image {
                 return Ok(Some(t.clone()));
             }
         }
-        let where_ = self.header.l1_table_offset + l1_index * 8;
+        let where_ = self.l1_offset + l1_index * 8;
         if off % self.cs != 0 {
             return Err(Error::corrupt(format!(
                 "L2 table offset {off:#x} (L1 entry {l1_index}) is not cluster aligned"
@@ -656,12 +689,6 @@ impl BlockDevice for Qcow2Image {
                 h.size, self.size
             ));
         }
-        if h.nb_snapshots != 0 {
-            warnings.push(format!(
-                "{} internal snapshot(s) present; only the active state is read",
-                h.nb_snapshots
-            ));
-        }
         if let Some(b) = &self.ext.bitmaps {
             warnings.push(format!(
                 "{} persistent bitmap(s) present (not copied)",
@@ -689,6 +716,7 @@ impl BlockDevice for Qcow2Image {
             referenced_files: self.ext.data_file.iter().cloned().collect(),
             format_specific: Some(serde_json::json!({"type": "qcow2", "data": data})),
             warnings,
+            snapshots: self.snapshots.clone(),
         }
     }
 
