@@ -124,6 +124,7 @@ pub use inspect::{
 };
 pub use ops::compare::{compare, compare_devices, CompareError, CompareOptions, CompareOutcome, CompareReport, CompareStage};
 pub use ops::map::{map, map_device, map_human, map_json, MapEntry, MapRange};
+pub use ops::measure::{measure, measure_device, Measurement};
 pub use ops::snapshot::{snapshot_table, snapshots, snapshots_json};
 pub use ops::convert::{convert, convert_to_path};
 pub use ops::resize::resize;

@@ -234,6 +234,8 @@ enum Cmd {
     Map(cli_cmms::MapArgs),
     /// List an image's internal snapshots (qcow2), like qemu-img snapshot -l.
     Snapshot(cli_cmms::SnapshotArgs),
+    /// How many bytes an output of format -O would take, like qemu-img measure.
+    Measure(cli_cmms::MeasureArgs),
     /// Show facts about an image.
     #[command(args_override_self = true)]
     Info {
@@ -808,6 +810,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Compare(a) => std::process::exit(cli_cmms::compare(&a)),
         Cmd::Map(a) => cli_cmms::map(&a),
         Cmd::Snapshot(a) => cli_cmms::snapshot(&a),
+        Cmd::Measure(a) => cli_cmms::measure(&a),
         Cmd::Info {
             format,
             output,

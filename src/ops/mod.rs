@@ -5,6 +5,7 @@ pub mod compare;
 pub mod convert;
 pub mod discard;
 pub mod map;
+pub mod measure;
 pub mod resize;
 pub mod snapshot;
 pub mod sparsify;

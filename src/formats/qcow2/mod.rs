@@ -17,6 +17,7 @@ use crate::writer::ImageWriter;
 pub mod compress;
 pub mod discard;
 pub mod header;
+pub mod measure;
 pub mod reader;
 pub mod resize;
 pub mod snapshot;
