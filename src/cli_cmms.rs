@@ -1,8 +1,8 @@
 //! `compare`, `map`, `measure` and `snapshot`: the CLI's side (flags, what is printed,
 //! exit codes as qemu-img's) over the library's functions of the same names.
 
-use std::path::PathBuf;
 use std::io::Write;
+use std::path::PathBuf;
 
 use diskconv::{Error, Format, OpenOptions, Result};
 
@@ -177,7 +177,10 @@ pub struct SnapshotArgs {
 pub fn snapshot(a: &SnapshotArgs) -> Result<()> {
     debug_assert!(a.list);
     let opts = open_options(a.format.as_deref(), false)?;
-    print!("{}", diskconv::snapshot_table(&diskconv::snapshots(&a.image, &opts)?));
+    print!(
+        "{}",
+        diskconv::snapshot_table(&diskconv::snapshots(&a.image, &opts)?)
+    );
     Ok(())
 }
 

@@ -192,7 +192,10 @@ pub trait BlockDevice: Send + Sync {
     /// a format whose answer differs from qemu's that way (backing depth, compressed
     /// clusters, host holes) answers itself.
     fn block_status(&self, offset: u64, max_len: u64) -> Result<BlockStatus> {
-        Ok(BlockStatus::from_mapping(&self.map(offset, max_len)?, false))
+        Ok(BlockStatus::from_mapping(
+            &self.map(offset, max_len)?,
+            false,
+        ))
     }
 }
 

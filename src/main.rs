@@ -1187,7 +1187,10 @@ fn info_json(path: &Path, info: &ImageInfo) -> serde_json::Value {
     }
     m.insert("dirty-flag".into(), info.dirty.unwrap_or(false).into());
     if !info.snapshots.is_empty() {
-        m.insert("snapshots".into(), diskconv::snapshots_json(&info.snapshots));
+        m.insert(
+            "snapshots".into(),
+            diskconv::snapshots_json(&info.snapshots),
+        );
     }
     v
 }

@@ -106,20 +106,32 @@ fn sparse_terabyte_images_read_only_their_data() {
     }
     let da = diskconv::open(&a, &OpenOptions::new()).unwrap();
     let db = diskconv::open(&b, &OpenOptions::new()).unwrap();
-    let ca = Counting { dev: da.as_ref(), read: AtomicU64::new(0) };
-    let cb = Counting { dev: db.as_ref(), read: AtomicU64::new(0) };
+    let ca = Counting {
+        dev: da.as_ref(),
+        read: AtomicU64::new(0),
+    };
+    let cb = Counting {
+        dev: db.as_ref(),
+        read: AtomicU64::new(0),
+    };
     let r = diskconv::compare_devices(&ca, &cb, &CompareOptions::default()).unwrap();
     assert_eq!(r.outcome, CompareOutcome::Identical);
-    let (ra, rb) = (ca.read.load(Ordering::Relaxed), cb.read.load(Ordering::Relaxed));
+    let (ra, rb) = (
+        ca.read.load(Ordering::Relaxed),
+        cb.read.load(Ordering::Relaxed),
+    );
     assert_eq!((ra, rb), (2 << 20, 2 << 20));
     assert_eq!(r.bytes_read, 4 << 20);
 
     qemu_io("vmdk", &b, &["write -P 3 751619277800 1"]);
     let db = diskconv::open(&b, &OpenOptions::new()).unwrap();
-    let r = diskconv::compare_devices(da.as_ref(), db.as_ref(), &CompareOptions::default())
-        .unwrap();
+    let r =
+        diskconv::compare_devices(da.as_ref(), db.as_ref(), &CompareOptions::default()).unwrap();
     let want = (700u64 << 30) + 512;
     assert_eq!(r.outcome, CompareOutcome::ContentMismatch { offset: want });
     let (qc, qout, _) = run_in(dir.path(), "qemu-img", &["compare", "a.qcow2", "b.vmdk"]);
-    assert_eq!((qc, qout.trim()), (1, format!("Content mismatch at offset {want}!").as_str()));
+    assert_eq!(
+        (qc, qout.trim()),
+        (1, format!("Content mismatch at offset {want}!").as_str())
+    );
 }

@@ -18,7 +18,10 @@ fn map_equals_qemu_img() {
     let mut compared = 0;
     for (img, fmt) in &images {
         let name = img.file_name().unwrap().to_str().unwrap();
-        for range in [&[][..], &["--start-offset", "100k", "--max-length", "5M"][..]] {
+        for range in [
+            &[][..],
+            &["--start-offset", "100k", "--max-length", "5M"][..],
+        ] {
             for output in ["json", "human"] {
                 let out = format!("--output={output}");
                 let mut qa = vec!["map", "-f", fmt, out.as_str()];

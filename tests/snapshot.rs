@@ -44,8 +44,16 @@ fn list_and_info_equal_qemu_img() {
     let (_, q, _) = utc(dir.path(), "qemu-img", &["info", "s.qcow2"]);
     let (_, d, _) = utc(dir.path(), diskconv(), &["info", "s.qcow2"]);
     assert_eq!(q, d);
-    let (_, q, _) = utc(dir.path(), "qemu-img", &["info", "--output=json", "s.qcow2"]);
-    let (_, d, _) = utc(dir.path(), diskconv(), &["info", "--output=json", "s.qcow2"]);
+    let (_, q, _) = utc(
+        dir.path(),
+        "qemu-img",
+        &["info", "--output=json", "s.qcow2"],
+    );
+    let (_, d, _) = utc(
+        dir.path(),
+        diskconv(),
+        &["info", "--output=json", "s.qcow2"],
+    );
     let q: serde_json::Value = serde_json::from_str(&q).unwrap();
     let d: serde_json::Value = serde_json::from_str(&d).unwrap();
     assert_eq!(q["snapshots"], d["snapshots"]);
@@ -80,7 +88,10 @@ fn convert_snapshot_equals_qemu_img() {
         if !sel.is_empty() {
             args.extend(["-l", sel]);
         }
-        let (qa, da) = ([&args[..], &[s(&img), s(&q)]].concat(), [&args[..], &[s(&img), s(&d)]].concat());
+        let (qa, da) = (
+            [&args[..], &[s(&img), s(&q)]].concat(),
+            [&args[..], &[s(&img), s(&d)]].concat(),
+        );
         let (qc, _, qe) = run_in(dir.path(), "qemu-img", &qa);
         let (dc, _, de) = run_in(dir.path(), diskconv(), &da);
         assert_eq!((qc, dc), (0, 0), "{sel}: {qe} / {de}");
@@ -89,13 +100,22 @@ fn convert_snapshot_equals_qemu_img() {
     }
     // Every snapshot differs from the others and from the active state.
     let distinct: std::collections::BTreeSet<_> = digests.iter().collect();
-    assert_eq!(distinct.len(), 4, "id=2 is 'second one'; the rest all differ");
+    assert_eq!(
+        distinct.len(),
+        4,
+        "id=2 is 'second one'; the rest all differ"
+    );
     // Through the library too, and an unknown snapshot names the ones there are.
-    let opts = OpenOptions::new().format(Format::Qcow2).option("snapshot.name", "first");
+    let opts = OpenOptions::new()
+        .format(Format::Qcow2)
+        .option("snapshot.name", "first");
     let dev = diskconv::open(&img, &opts).unwrap();
     assert_eq!(sha256_device(dev.as_ref()), digests[0]);
     let bad = OpenOptions::new().option("snapshot.id", "9");
-    let e = diskconv::open(&img, &bad).err().expect("refused").to_string();
+    let e = diskconv::open(&img, &bad)
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(e.contains("second one"), "{e}");
 }
 
@@ -126,7 +146,10 @@ fn hostile_snapshot_tables_are_refused() {
             .unwrap()
             .write_all_at(&bytes, at)
             .unwrap();
-        let e = diskconv::open(&bad, &OpenOptions::new()).err().expect("refused").to_string();
+        let e = diskconv::open(&bad, &OpenOptions::new())
+            .err()
+            .expect("refused")
+            .to_string();
         assert!(e.contains(what), "{what}: {e}");
     }
     let bad = dir.path().join("bad.qcow2");
@@ -138,6 +161,9 @@ fn hostile_snapshot_tables_are_refused() {
         .write_all_at(&(1u64 << 40).to_be_bytes(), table)
         .unwrap();
     let opts = OpenOptions::new().option("snapshot.name", "first");
-    let e = diskconv::open(&bad, &opts).err().expect("refused").to_string();
+    let e = diskconv::open(&bad, &opts)
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(e.contains("L1 table"), "{e}");
 }

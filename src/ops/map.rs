@@ -89,9 +89,11 @@ pub fn map_device(dev: &dyn BlockDevice, image: &Path, range: MapRange) -> Resul
             data: st.data,
             compressed: st.compressed,
             offset: st.host,
-            filename: st
-                .host
-                .map(|_| st.file.as_deref().map_or(image.to_path_buf(), |f| beside(image, f))),
+            filename: st.host.map(|_| {
+                st.file
+                    .as_deref()
+                    .map_or(image.to_path_buf(), |f| beside(image, f))
+            }),
         };
         match out.last_mut() {
             Some(prev) if prev.mergeable(&e) => prev.length += e.length,
@@ -158,7 +160,10 @@ fn c_hex(v: u64) -> String {
 /// offset and file. Like qemu-img it refuses an image whose data has no host offset
 /// (compressed clusters), since the table could not say where it is.
 pub fn map_human(entries: &[MapEntry]) -> Result<String> {
-    let mut s = format!("{:<16}{:<16}{:<16}{}\n", "Offset", "Length", "Mapped to", "File");
+    let mut s = format!(
+        "{:<16}{:<16}{:<16}{}\n",
+        "Offset", "Length", "Mapped to", "File"
+    );
     // Human output does not tell zero from unallocated, so those merge (as in qemu-img).
     let mut merged: Vec<MapEntry> = Vec::new();
     for e in entries {

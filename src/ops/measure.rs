@@ -136,7 +136,11 @@ pub fn measure_device(
                         ..AllocationPlan::default()
                     },
                 };
-                let unknown = || Error::unsupported(format!("the {format} writer cannot tell its length before writing"));
+                let unknown = || {
+                    Error::unsupported(format!(
+                        "the {format} writer cannot tell its length before writing"
+                    ))
+                };
                 m.required = planned_len(format, &opts, &plan)?.ok_or_else(unknown)?;
                 m.fully_allocated =
                     planned_len(format, &opts, &full_plan(size, gran))?.ok_or_else(unknown)?;
@@ -155,7 +159,9 @@ pub fn measure_device(
                     // stored in one more sector than its bytes (marker and deflate's
                     // stored-block overhead stay under 512 bytes for grains up to 64 KiB).
                     let mut sparse = opts.clone();
-                    sparse.options.insert("subformat".into(), "monolithicSparse".into());
+                    sparse
+                        .options
+                        .insert("subformat".into(), "monolithicSparse".into());
                     sparse.compress = false;
                     let gran = crate::formats::plan_granularity(format, &sparse)?
                         .ok_or_else(|| Error::unsupported("no sparse layout to bound by"))?;

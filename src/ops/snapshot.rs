@@ -120,11 +120,17 @@ pub fn snapshots_json(list: &[SnapshotInfo]) -> serde_json::Value {
             if let Some(i) = sn.icount {
                 m.insert("icount".into(), i.into());
             }
-            m.insert("vm-clock-nsec".into(), (sn.vm_clock_nsec % 1_000_000_000).into());
+            m.insert(
+                "vm-clock-nsec".into(),
+                (sn.vm_clock_nsec % 1_000_000_000).into(),
+            );
             m.insert("name".into(), sn.name.clone().into());
             m.insert("date-sec".into(), sn.date_sec.into());
             m.insert("date-nsec".into(), sn.date_nsec.into());
-            m.insert("vm-clock-sec".into(), (sn.vm_clock_nsec / 1_000_000_000).into());
+            m.insert(
+                "vm-clock-sec".into(),
+                (sn.vm_clock_nsec / 1_000_000_000).into(),
+            );
             m.insert("id".into(), sn.id.clone().into());
             m.insert("vm-state-size".into(), sn.vm_state_size.into());
             serde_json::Value::Object(m)

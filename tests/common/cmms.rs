@@ -28,7 +28,11 @@ pub fn make_images(dir: &Path) -> Vec<(PathBuf, &'static str)> {
     let q = |a: &[&str]| super::qemu_img(a);
     let raw = p("r.raw");
     q(&["create", "-q", "-f", "raw", super::s(&raw), "8M"]);
-    qemu_io("raw", &raw, &["write -P 1 1M 64k", "write -P 0 3M 64k", "write -P 7 7M 4k"]);
+    qemu_io(
+        "raw",
+        &raw,
+        &["write -P 1 1M 64k", "write -P 0 3M 64k", "write -P 7 7M 4k"],
+    );
     let mut out = vec![(raw.clone(), "raw")];
     for (name, fmt, opts) in [
         ("i.qcow2", "qcow2", ""),
@@ -55,18 +59,44 @@ pub fn make_images(dir: &Path) -> Vec<(PathBuf, &'static str)> {
     }
     let big = p("big.raw");
     q(&["create", "-q", "-f", "raw", super::s(&big), "9M"]);
-    qemu_io("raw", &big, &["write -P 1 1M 64k", "write -P 0 3M 64k", "write -P 7 7M 4k"]);
+    qemu_io(
+        "raw",
+        &big,
+        &["write -P 1 1M 64k", "write -P 0 3M 64k", "write -P 7 7M 4k"],
+    );
     out.push((big, "raw"));
     let diff = p("diff.qcow2");
-    q(&["convert", "-f", "raw", "-O", "qcow2", super::s(&raw), super::s(&diff)]);
+    q(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        super::s(&raw),
+        super::s(&diff),
+    ]);
     qemu_io("qcow2", &diff, &["write -P 9 1500k 1"]);
     out.push((diff, "qcow2"));
     let base = p("base.qcow2");
     q(&["create", "-q", "-f", "qcow2", super::s(&base), "8M"]);
     qemu_io("qcow2", &base, &["write -P 3 0 128k", "write -P 4 4M 64k"]);
     let top = p("top.qcow2");
-    q(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", super::s(&top)]);
-    qemu_io("qcow2", &top, &["write -P 5 64k 128k", "write -z 4M 64k", "write -z 6M 64k"]);
+    q(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        super::s(&top),
+    ]);
+    qemu_io(
+        "qcow2",
+        &top,
+        &["write -P 5 64k 128k", "write -z 4M 64k", "write -z 6M 64k"],
+    );
     out.push((top, "qcow2"));
     out
 }

@@ -65,7 +65,8 @@ pub fn measure(
     }
     let full = prealloc_size(size, cs, p.refcount_order, p.extended_l2);
     let required = full - size.next_multiple_of(cs) + data;
-    let bitmaps = (p.version >= 3 && src.is_some_and(|d| d.format() == crate::format::Format::Qcow2))
-        .then_some(0);
+    let bitmaps = (p.version >= 3
+        && src.is_some_and(|d| d.format() == crate::format::Format::Qcow2))
+    .then_some(0);
     Ok((required, full, bitmaps))
 }

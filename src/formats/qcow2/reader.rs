@@ -123,8 +123,8 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Qcow2Image> {
             }
             other => {
                 return Err(Error::arg(format!(
-                    "format 'qcow2' has no open option '{other}' (options: snapshot.id, snapshot.name)"
-                )))
+                "format 'qcow2' has no open option '{other}' (options: snapshot.id, snapshot.name)"
+            )))
             }
         }
     }
@@ -191,7 +191,12 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Qcow2Image> {
     let backing_path = backing_name
         .as_ref()
         .filter(|_| backing.is_some())
-        .map(|n| file.path().parent().unwrap_or(std::path::Path::new("")).join(n));
+        .map(|n| {
+            file.path()
+                .parent()
+                .unwrap_or(std::path::Path::new(""))
+                .join(n)
+        });
     Ok(Qcow2Image {
         csize_shift: 62 - (header.cluster_bits - 8),
         size: header.size & !511,

@@ -1176,4 +1176,3 @@ impl BlockDevice for VmdkImage {
 fn e_end(e: &Extent) -> u64 {
     e.start + e.size
 }
-
