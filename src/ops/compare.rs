@@ -98,8 +98,8 @@ pub struct CompareError {
     pub stage: CompareStage,
     /// Guest offset of the failing request (0 for an open).
     pub offset: u64,
-    /// The underlying error.
-    pub error: Error,
+    /// The underlying error (boxed: a comparison's result stays small).
+    pub error: Box<Error>,
 }
 
 /// The step of a comparison that failed.
@@ -145,7 +145,7 @@ impl std::fmt::Display for CompareError {
 
 impl std::error::Error for CompareError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.error)
+        Some(self.error.as_ref())
     }
 }
 
@@ -194,7 +194,7 @@ impl Side<'_> {
             image: self.n,
             stage,
             offset,
-            error,
+            error: Box::new(error),
         }
     }
 }
@@ -308,7 +308,7 @@ pub fn compare(
             image: n,
             stage: CompareStage::Open,
             offset: 0,
-            error,
+            error: Box::new(error),
         })
     };
     let a = open(path1, opts1, 1)?;
