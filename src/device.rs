@@ -47,6 +47,102 @@ impl Mapping {
     }
 }
 
+/// What qemu's block status says of a guest range (`qemu-img map`'s entry): which image
+/// of the backing chain answers for it and how. [`BlockDevice::block_status`] gives it;
+/// `map` and `compare` are built on it so they agree with qemu-img.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BlockStatus {
+    /// Guest offset of the range's start.
+    pub offset: u64,
+    /// Length in bytes (at least 1).
+    pub len: u64,
+    /// 0 when this image answers; n when the nth backing image does (or, with `present`
+    /// false, the chain's length: nobody does).
+    pub depth: u32,
+    /// Allocated in some image of the chain (qemu's BDRV_BLOCK_ALLOCATED).
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Stored as data (possibly zero data, with `zero` also set).
+    pub data: bool,
+    /// Stored compressed.
+    pub compressed: bool,
+    /// Where it is stored uncompressed: the host offset in `file`.
+    pub host: Option<u64>,
+    /// The file `host` is in, when it is not the image itself (an extent, a data file, a
+    /// backing image).
+    pub file: Option<PathBuf>,
+}
+
+impl BlockStatus {
+    /// qemu's look into the file under data stored at `host`: where the file has a hole
+    /// the range reads as zeros (still data), and the range ends where that changes.
+    pub fn refine_by_host(mut self, file: &HostFile) -> Self {
+        if let (true, false, Some(h)) = (self.data, self.zero, self.host) {
+            if let Some((hole, n)) = file.hole_extent(h, self.len) {
+                self.len = n.max(1);
+                self.zero = hole;
+            }
+        }
+        self
+    }
+
+    /// Shorten a status that runs to the end of a device of `size` bytes so that only the
+    /// last `unit` reaches it: formats qemu answers one block at a time (vmdk grains, vdi
+    /// blocks) set qemu's end-of-file flag on their last block only, and qemu-img
+    /// compare's strict mode compares that flag.
+    pub fn end_in_units(mut self, size: u64, unit: u64) -> Self {
+        let last = (size.saturating_sub(1) / unit.max(1)) * unit.max(1);
+        if self.offset + self.len >= size && last > self.offset {
+            self.len = last - self.offset;
+        }
+        self
+    }
+
+    /// qemu's view of one of our mappings in a format whose unallocated ranges are
+    /// `unallocated_present` (vpc and vdi report them allocated zero; formats with a
+    /// backing chain report them unallocated).
+    pub fn from_mapping(m: &Mapping, unallocated_present: bool) -> Self {
+        let (present, zero, data, host) = match m.kind {
+            MappingKind::Data { host } => (true, false, true, host),
+            MappingKind::Zero => (true, true, false, None),
+            MappingKind::Unallocated => (unallocated_present, true, false, None),
+        };
+        BlockStatus {
+            offset: m.offset,
+            len: m.len,
+            depth: 0,
+            present,
+            zero,
+            data,
+            compressed: false,
+            host,
+            file: None,
+        }
+    }
+}
+
+/// One internal snapshot of an image (qcow2), as `info` and `snapshot -l` list it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotInfo {
+    /// Its ID string (qemu numbers them "1", "2", ...).
+    pub id: String,
+    /// Its name (tag).
+    pub name: String,
+    /// Bytes of saved VM state (0 for a disk-only snapshot).
+    pub vm_state_size: u64,
+    /// When it was taken: seconds since the epoch.
+    pub date_sec: u32,
+    /// ... and nanoseconds.
+    pub date_nsec: u32,
+    /// The guest clock when it was taken, in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// The instruction count (record/replay), when recorded.
+    pub icount: Option<u64>,
+    /// The guest size when it was taken, when recorded.
+    pub disk_size: Option<u64>,
+}
+
 /// Facts about an opened image, for `info` and `inspect`.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct ImageInfo {
@@ -68,6 +164,8 @@ pub struct ImageInfo {
     pub format_specific: Option<serde_json::Value>,
     /// Things worth telling a user that are not errors (dirty bit, unknown autoclear bits, ...).
     pub warnings: Vec<String>,
+    /// Internal snapshots (qcow2), in table order.
+    pub snapshots: Vec<SnapshotInfo>,
 }
 
 /// A readable disk image of any format.
@@ -88,6 +186,17 @@ pub trait BlockDevice: Send + Sync {
 
     /// The format of this device.
     fn format(&self) -> Format;
+
+    /// qemu's block status of the range at `offset` (up to `max_len` bytes; it may come
+    /// back shorter), for `map` and `compare`. The default reads it off [`map`](Self::map);
+    /// a format whose answer differs from qemu's that way (backing depth, compressed
+    /// clusters, host holes) answers itself.
+    fn block_status(&self, offset: u64, max_len: u64) -> Result<BlockStatus> {
+        Ok(BlockStatus::from_mapping(
+            &self.map(offset, max_len)?,
+            false,
+        ))
+    }
 }
 
 #[doc(hidden)] // a helper of the format readers, not a stable API
@@ -268,6 +377,31 @@ impl HostFile {
     /// The underlying file.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Whether `[host, host+len)` starts in a hole of the file, and how far that lasts
+    /// (SEEK_DATA/SEEK_HOLE): what qemu's file driver tells block status. None when the
+    /// file cannot say (a remote object, a filesystem without SEEK_DATA).
+    pub fn hole_extent(&self, host: u64, len: u64) -> Option<(bool, u64)> {
+        use std::os::unix::io::AsRawFd;
+        if self.is_remote() || len == 0 {
+            return None;
+        }
+        let fd = self.file.as_raw_fd();
+        let seek = |whence| {
+            // SAFETY: lseek on a valid descriptor; every read is positional.
+            let r = unsafe { libc::lseek(fd, i64::try_from(host).ok()?, whence) };
+            (r >= 0).then_some(r as u64)
+        };
+        let end = host.saturating_add(len);
+        match seek(libc::SEEK_DATA) {
+            Some(d) if d > host => Some((true, d.min(end) - host)),
+            Some(_) => Some((false, seek(libc::SEEK_HOLE).unwrap_or(end).min(end) - host)),
+            None if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => {
+                Some((true, len))
+            }
+            None => None,
+        }
     }
 
     /// Read exactly `buf.len()` bytes at `offset`; `what` names the structure being read so

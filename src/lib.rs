@@ -114,7 +114,10 @@ pub use convert::{
     convert_device, convert_device_into, CancelToken, ConvertOptions, ConvertReport,
     UnreadableRange,
 };
-pub use device::{BlockDevice, DeviceReader, ImageEditor, ImageInfo, Mapping, MappingKind};
+pub use device::{
+    BlockDevice, BlockStatus, DeviceReader, ImageEditor, ImageInfo, Mapping, MappingKind,
+    SnapshotInfo,
+};
 pub use error::{Error, ErrorKind, Result, Side};
 pub use format::Format;
 pub use formats::{create_writer, STREAMING_OUTPUTS};
@@ -122,8 +125,15 @@ pub use inspect::{
     inspect, inspect_file, inspect_with, Finding, FindingKind, InspectLimits, Inspection,
 };
 pub use ops::check::{check, CheckOptions, CheckReport, Repair, Tally};
+pub use ops::compare::{
+    compare, compare_devices, CompareError, CompareOptions, CompareOutcome, CompareReport,
+    CompareStage,
+};
 pub use ops::convert::{convert, convert_to_path};
+pub use ops::map::{map, map_device, map_human, map_json, MapEntry, MapRange};
+pub use ops::measure::{measure, measure_device, Measurement};
 pub use ops::resize::resize;
+pub use ops::snapshot::{snapshot_table, snapshots, snapshots_json};
 pub use ops::sparsify::{
     sparsify, sparsify_in_place, sparsify_to_writer, SparsifyOptions, SparsifyReport,
 };

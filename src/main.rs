@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 mod cli_check;
+mod cli_cmms;
 #[cfg(feature = "remote")]
 mod cli_glance;
 #[cfg(feature = "remote")]
@@ -105,6 +106,10 @@ enum Cmd {
         /// Accepted for qemu-img compatibility (writes are already out of order-safe).
         #[arg(short = 'W')]
         _unordered: bool,
+        /// Convert an internal snapshot (qcow2) instead of the active image:
+        /// snapshot.id=ID or snapshot.name=NAME (a bare value is an ID or a name).
+        #[arg(short = 'l', short_alias = 's', value_name = "SNAPSHOT")]
+        snapshot: Option<String>,
         /// Allow opening files named inside the input image (backing files, extents),
         /// confined to its folder.
         #[arg(long = "allow-references", alias = "allow-backing")]
@@ -239,6 +244,14 @@ enum Cmd {
         #[arg(value_name = "OUT")]
         dst: Option<PathBuf>,
     },
+    /// Compare the guest contents of two images (exit 0 identical, 1 different, 2+ error).
+    Compare(cli_cmms::CompareArgs),
+    /// Show where an image's guest ranges are allocated, like qemu-img map.
+    Map(cli_cmms::MapArgs),
+    /// List an image's internal snapshots (qcow2), like qemu-img snapshot -l.
+    Snapshot(cli_cmms::SnapshotArgs),
+    /// How many bytes an output of format -O would take, like qemu-img measure.
+    Measure(cli_cmms::MeasureArgs),
     /// Show facts about an image.
     #[command(args_override_self = true)]
     Info {
@@ -480,6 +493,7 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             _unordered,
             allow_references,
+            snapshot,
             existing_target,
             target_is_zero,
             sparsify,
@@ -533,6 +547,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             let mut opts = ConvertOptions::new(format);
             opts.open = open_options(src_format.as_deref(), allow_references)?;
+            if let Some(sn) = &snapshot {
+                let (k, v) = cli_cmms::snapshot_option(sn);
+                opts.open = opts.open.option(k, v);
+            }
             opts.create = create;
             opts.min_sparse = min_sparse;
             opts.threads = threads;
@@ -826,6 +844,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Compare(a) => std::process::exit(cli_cmms::compare(&a)),
+        Cmd::Map(a) => cli_cmms::map(&a),
+        Cmd::Snapshot(a) => cli_cmms::snapshot(&a),
+        Cmd::Measure(a) => cli_cmms::measure(&a),
         Cmd::Info {
             format,
             output,
@@ -1208,6 +1230,12 @@ fn info_json(path: &Path, info: &ImageInfo) -> serde_json::Value {
         m.insert("backing-filename".into(), b.clone().into());
     }
     m.insert("dirty-flag".into(), info.dirty.unwrap_or(false).into());
+    if !info.snapshots.is_empty() {
+        m.insert(
+            "snapshots".into(),
+            diskconv::snapshots_json(&info.snapshots),
+        );
+    }
     v
 }
 
@@ -1261,6 +1289,7 @@ fn info_human(path: &Path, info: &ImageInfo) -> String {
     if info.dirty == Some(true) {
         s += "dirty flag: true\n";
     }
+    s += &diskconv::snapshot_table(&info.snapshots);
     if let Some(data) = info.format_specific.as_ref().and_then(|f| f.get("data")) {
         let mut data = data.clone();
         if let Some(m) = data.as_object_mut() {

@@ -11,7 +11,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use crate::device::{
-    check_guest_range, BlockDevice, HostFile, ImageEditor, ImageInfo, Mapping, MappingKind,
+    check_guest_range, BlockDevice, BlockStatus, HostFile, ImageEditor, ImageInfo, Mapping,
+    MappingKind,
 };
 use crate::error::{Error, Result};
 use crate::format::Format;
@@ -69,6 +70,14 @@ impl RawImage {
 impl BlockDevice for RawImage {
     fn virtual_size(&self) -> u64 {
         self.size()
+    }
+
+    /// As qemu's file driver: every range is present at its own offset, holes read as zero.
+    fn block_status(&self, offset: u64, max_len: u64) -> Result<BlockStatus> {
+        let m = self.map(offset, max_len)?;
+        let mut s = BlockStatus::from_mapping(&m, true);
+        s.host = Some(m.offset);
+        Ok(s)
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {

@@ -2,9 +2,13 @@
 //! runs the core on them. The CLI is a thin shell over these; other crates call them too.
 
 pub mod check;
+pub mod compare;
 pub mod convert;
 pub mod discard;
+pub mod map;
+pub mod measure;
 pub mod resize;
+pub mod snapshot;
 pub mod sparsify;
 pub mod stream;
 

@@ -3,6 +3,7 @@
 //! the parts it needs.
 #![allow(dead_code)]
 
+pub mod cmms;
 pub mod discard;
 pub mod resize;
 pub mod sparsify;

@@ -18,8 +18,10 @@ pub mod check;
 pub mod compress;
 pub mod discard;
 pub mod header;
+pub mod measure;
 pub mod reader;
 pub mod resize;
+pub mod snapshot;
 pub mod stream;
 pub mod writer;
 

@@ -11,7 +11,9 @@ use byteorder::{BigEndian, ByteOrder};
 
 use super::compress::decompress;
 use super::header::*;
-use crate::device::{check_guest_range, BlockDevice, HostFile, ImageInfo, Mapping, MappingKind};
+use crate::device::{
+    check_guest_range, BlockDevice, BlockStatus, HostFile, ImageInfo, Mapping, MappingKind,
+};
 use crate::error::{Error, Result};
 use crate::format::Format;
 use crate::options::OpenOptions;
@@ -59,6 +61,12 @@ pub struct Qcow2Image {
     ext: Extensions,
     backing_name: Option<String>,
     backing: Option<Box<dyn BlockDevice>>,
+    /// Where the backing image was opened from (named in `map`'s human output).
+    backing_path: Option<std::path::PathBuf>,
+    /// The internal snapshot table.
+    snapshots: Vec<crate::device::SnapshotInfo>,
+    /// Host offset of the L1 table being read (the active one, or a snapshot's).
+    l1_offset: u64,
     l1: Vec<u64>,
     cache: Mutex<L2Cache>,
     cs: u64,
@@ -104,11 +112,38 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Qcow2Image> {
     // The image's own tables are checked before any file it names is opened. Only the
     // entries covering the virtual size are loaded (the rest may map VM state).
     let needed = header.l1_entries_needed()?;
-    let l1_bytes = needed * 8;
-    file.check_range(header.l1_table_offset, l1_bytes, "L1 table")
-        .map_err(|e| e.with_field("l1_table_offset").at(40))?;
-    let raw = file.read_vec(header.l1_table_offset, l1_bytes, "L1 table")?;
-    let l1: Vec<u64> = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
+    let snapshots = super::snapshot::read_table(&file, &header)?;
+    // `snapshot.id` / `snapshot.name` (convert -l): read that snapshot's L1 table instead
+    // of the active one, validated the same way; the guest size stays the image's, as in qemu.
+    let mut selected = None;
+    for (k, v) in &opts.options {
+        match k.as_str() {
+            "snapshot.id" | "snapshot.name" | "snapshot" => {
+                selected = Some(super::snapshot::find(&snapshots, k, v)?)
+            }
+            other => {
+                return Err(Error::arg(format!(
+                "format 'qcow2' has no open option '{other}' (options: snapshot.id, snapshot.name)"
+            )))
+            }
+        }
+    }
+    let (l1_offset, l1_field, l1_have) = match selected {
+        Some(sn) => (
+            sn.l1_table_offset,
+            "snapshot l1_table_offset",
+            u64::from(sn.l1_size).min(needed),
+        ),
+        None => (header.l1_table_offset, "l1_table_offset", needed),
+    };
+    let l1_bytes = l1_have * 8;
+    file.check_range(l1_offset, l1_bytes, "L1 table")
+        .map_err(|e| e.with_field(l1_field).at(40))?;
+    let raw = file.read_vec(l1_offset, l1_bytes, "L1 table")?;
+    let mut l1: Vec<u64> = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
+    // A snapshot taken before a resize has a shorter table: the rest is unallocated.
+    l1.resize(needed as usize, 0);
+    let snapshots: Vec<_> = snapshots.into_iter().map(|s| s.info).collect();
 
     let backing_name = if header.backing_file_offset != 0 && header.backing_file_size != 0 {
         let raw = file.read_vec(
@@ -153,12 +188,24 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Qcow2Image> {
 
     let l2_entries = header.l2_entries();
     let cap = (L2_CACHE_BYTES / cs).max(16) as usize;
+    let backing_path = backing_name
+        .as_ref()
+        .filter(|_| backing.is_some())
+        .map(|n| {
+            file.path()
+                .parent()
+                .unwrap_or(std::path::Path::new(""))
+                .join(n)
+        });
     Ok(Qcow2Image {
         csize_shift: 62 - (header.cluster_bits - 8),
         size: header.size & !511,
         file,
         data_file,
         ext,
+        backing_path,
+        snapshots,
+        l1_offset,
         backing_name,
         backing,
         l1,
@@ -202,7 +249,7 @@ impl Qcow2Image {
                 return Ok(Some(t.clone()));
             }
         }
-        let where_ = self.header.l1_table_offset + l1_index * 8;
+        let where_ = self.l1_offset + l1_index * 8;
         if off % self.cs != 0 {
             return Err(Error::corrupt(format!(
                 "L2 table offset {off:#x} (L1 entry {l1_index}) is not cluster aligned"
@@ -352,6 +399,23 @@ impl Qcow2Image {
         Ok((e - off, first))
     }
 
+    /// qemu's guess that the image was made with preallocation=metadata (its
+    /// `qcow2_detect_metadata_preallocation`): far more clusters in use than the file has
+    /// blocks on disk. The clusters in use are counted as the file's length in clusters
+    /// (what the refcounts cover in an image without leaks).
+    fn metadata_preallocated(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = self.file.file().metadata() else {
+            return false;
+        };
+        if self.file.is_remote() {
+            return false;
+        }
+        let real = meta.blocks() * 512 / self.cs;
+        let threshold = (real * 10 / 9).max(real + 2);
+        self.file.len().div_ceil(self.cs) >= threshold
+    }
+
     fn data_source(&self) -> &HostFile {
         self.data_file.as_ref().unwrap_or(&self.file)
     }
@@ -443,6 +507,53 @@ impl Qcow2Image {
 impl BlockDevice for Qcow2Image {
     fn virtual_size(&self) -> u64 {
         self.size
+    }
+
+    /// qemu's view: compressed clusters have no host offset, data in an external data file
+    /// lives in that file, and unallocated ranges answer from the backing chain one level deeper.
+    fn block_status(&self, offset: u64, max_len: u64) -> Result<BlockStatus> {
+        let end = crate::device::map_end(self.size, offset, max_len)?;
+        let (len, piece) = self.lookup(offset, end)?;
+        let mut st = BlockStatus {
+            offset,
+            len,
+            depth: 0,
+            present: true,
+            zero: false,
+            data: true,
+            compressed: false,
+            host: None,
+            file: None,
+        };
+        match piece {
+            Piece::Data(h) => {
+                st.host = Some(h);
+                st.file = self.data_file.as_ref().map(|f| f.path().to_path_buf());
+                // qemu looks into the file only for images it thinks were preallocated
+                // with preallocation=metadata (their data clusters may be holes).
+                if self.metadata_preallocated() {
+                    return Ok(st.refine_by_host(self.data_source()));
+                }
+            }
+            Piece::Compressed { .. } => st.compressed = true,
+            Piece::Zero => (st.zero, st.data) = (true, false),
+            Piece::Unallocated => {
+                (st.present, st.zero, st.data) = (false, true, false);
+                if let Some(b) = &self.backing {
+                    if offset < b.virtual_size() {
+                        let mut bs = b.block_status(offset, len.min(b.virtual_size() - offset))?;
+                        if bs.file.is_none() && bs.host.is_some() {
+                            bs.file = self.backing_path.clone();
+                        }
+                        bs.depth += 1;
+                        return Ok(bs);
+                    }
+                    // Past the backing image's end qemu reads zeros at this level.
+                    st.depth = 1;
+                }
+            }
+        }
+        Ok(st)
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
@@ -583,12 +694,6 @@ impl BlockDevice for Qcow2Image {
                 h.size, self.size
             ));
         }
-        if h.nb_snapshots != 0 {
-            warnings.push(format!(
-                "{} internal snapshot(s) present; only the active state is read",
-                h.nb_snapshots
-            ));
-        }
         if let Some(b) = &self.ext.bitmaps {
             warnings.push(format!(
                 "{} persistent bitmap(s) present (not copied)",
@@ -616,6 +721,7 @@ impl BlockDevice for Qcow2Image {
             referenced_files: self.ext.data_file.iter().cloned().collect(),
             format_specific: Some(serde_json::json!({"type": "qcow2", "data": data})),
             warnings,
+            snapshots: self.snapshots.clone(),
         }
     }
 

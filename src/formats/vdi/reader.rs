@@ -132,6 +132,14 @@ impl BlockDevice for VdiImage {
         self.size
     }
 
+    /// qemu reports this format's unallocated blocks as allocated zeros.
+    fn block_status(&self, offset: u64, max_len: u64) -> Result<crate::device::BlockStatus> {
+        let m = self.map(offset, max_len)?;
+        Ok(crate::device::BlockStatus::from_mapping(&m, true)
+            .refine_by_host(&self.file)
+            .end_in_units(self.size, self.block_size()))
+    }
+
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
         let end = crate::device::map_end(self.size, offset, max_len)?;
         let bs = self.block_size();

@@ -724,6 +724,17 @@ impl BlockDevice for VhdImage {
         self.size
     }
 
+    /// qemu reports this format's unallocated blocks as allocated zeros.
+    fn block_status(&self, offset: u64, max_len: u64) -> Result<crate::device::BlockStatus> {
+        let m = self.map(offset, max_len)?;
+        let mut st = crate::device::BlockStatus::from_mapping(&m, true);
+        if matches!(self.kind, Kind::Fixed) {
+            // qemu passes a fixed image through to its file: holes are zero data at their offset.
+            (st.host, st.data) = (Some(offset), true);
+        }
+        Ok(st)
+    }
+
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
         let end = crate::device::map_end(self.size, offset, max_len)?;
         let sp = match &self.kind {

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
-use crate::device::{check_guest_range, BlockDevice, HostFile, ImageInfo, Mapping, MappingKind};
+use crate::device::{
+    check_guest_range, BlockDevice, BlockStatus, HostFile, ImageInfo, Mapping, MappingKind,
+};
 use crate::error::{Error, Result};
 use crate::format::Format;
 use crate::options::OpenOptions;
@@ -1042,6 +1044,82 @@ impl VmdkImage {
 impl BlockDevice for VmdkImage {
     fn virtual_size(&self) -> u64 {
         self.size
+    }
+
+    /// qemu's view, one extent at a time: a flat extent is data where its file holds
+    /// bytes and zero data over the file's holes (as qemu's file driver says), a sparse
+    /// extent's grains are data, compressed, zero or unallocated (then the parent's, one
+    /// level deeper).
+    fn block_status(&self, offset: u64, max_len: u64) -> Result<BlockStatus> {
+        let end = crate::device::map_end(self.size, offset, max_len)?;
+        let e = &self.extents[self.extent_index(offset)];
+        let rel = offset - e.start;
+        let max = (end - offset).min(e.size - rel);
+        let mut st = BlockStatus {
+            offset,
+            len: max,
+            depth: 0,
+            present: true,
+            zero: false,
+            data: true,
+            compressed: false,
+            host: None,
+            file: None,
+        };
+        let (host, file) = match &e.data {
+            ExtentData::Zero => {
+                (st.zero, st.data) = (true, false);
+                return Ok(st);
+            }
+            ExtentData::Unopened(why) => return Err(Error::unsafe_ref(why.clone())),
+            ExtentData::Flat { file, offset: base } => {
+                let host = base.saturating_add(rel);
+                if host >= file.len() {
+                    (st.zero, st.data) = (true, false);
+                    return Ok(st);
+                }
+                st.len = max.min(file.len() - host);
+                if let Some((hole, n)) = file.hole_extent(host, st.len) {
+                    st.len = n;
+                    st.zero = hole;
+                }
+                (host, file)
+            }
+            ExtentData::Sparse(sp) => {
+                let (len, kind) = sp.map(rel, max, true)?;
+                st.len = len;
+                st = st.end_in_units(self.size, sp.grain);
+                match kind {
+                    MappingKind::Data { host: Some(h) } => (h, &sp.file),
+                    MappingKind::Data { host: None } => {
+                        st.compressed = true;
+                        return Ok(st);
+                    }
+                    MappingKind::Zero => {
+                        (st.zero, st.data) = (true, false);
+                        return Ok(st);
+                    }
+                    _ => {
+                        (st.present, st.zero, st.data) = (false, true, false);
+                        if let Some(p) = &self.parent {
+                            if offset < p.virtual_size() {
+                                let n = st.len.min(p.virtual_size() - offset);
+                                let mut ps = p.block_status(offset, n)?;
+                                ps.depth += 1;
+                                return Ok(ps);
+                            }
+                            st.depth = 1;
+                        }
+                        return Ok(st);
+                    }
+                }
+            }
+        };
+        st.host = Some(host);
+        if !e.in_main {
+            st.file = Some(file.path().to_path_buf());
+        }
+        Ok(st)
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
