@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 #[cfg(feature = "remote")]
 mod cli_remote;
+#[cfg(feature = "remote")]
+mod cli_swift;
 use diskconv::parse_size;
 use diskconv::{
     ConvertOptions, CreateOptions, Error, Format, ImageInfo, OpenOptions, Preallocation,
@@ -254,11 +256,12 @@ enum Cmd {
         /// Image.
         image: PathBuf,
     },
-    /// Abort the multipart uploads left open under s3://BUCKET/PREFIX (what a killed
-    /// `convert ... s3://` leaves: no object, but stored parts); prints each key aborted.
+    /// Abort the multipart uploads left open under s3://BUCKET/PREFIX, or delete the
+    /// segments no manifest uses under swift://CONTAINER/PREFIX (what a killed `convert`
+    /// leaves: no object, but stored parts); prints what it removed.
     #[cfg(feature = "remote")]
     AbortUploads {
-        /// s3://BUCKET/ or s3://BUCKET/KEY-PREFIX
+        /// s3://BUCKET/KEY-PREFIX or swift://CONTAINER/OBJECT-PREFIX
         url: String,
     },
 }
