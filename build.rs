@@ -5,7 +5,7 @@
 //! when `bzip2` is not (likewise `no_strace`, `no_e2fsprogs`, `no_dosfs`, `no_exfat`, `no_ntfs`,
 //! `no_xfs`, `no_parttools`, `no_lvm` for the sparsify tests' filesystem tools, and `no_s3`
 //! when no S3 test server is started: `DISKCONV_TEST_S3` unset; tests/servers/up.sh sets
-//! it), but only when the tools are not required: with `CI` set (to
+//! it; `no_swift` likewise for `DISKCONV_TEST_SWIFT`), but only when the tools are not required: with `CI` set (to
 //! anything but `false`/`0`) or `DISKCONV_REQUIRE_QEMU=1` nothing is ignored, so the tests
 //! run and fail with the install command. The library and the binary never look at these.
 
@@ -31,7 +31,13 @@ fn required() -> bool {
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    for var in ["PATH", "CI", "DISKCONV_REQUIRE_QEMU", "DISKCONV_TEST_S3"] {
+    for var in [
+        "PATH",
+        "CI",
+        "DISKCONV_REQUIRE_QEMU",
+        "DISKCONV_TEST_S3",
+        "DISKCONV_TEST_SWIFT",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rustc-check-cfg=cfg(no_qemu)");
@@ -45,6 +51,7 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(no_parttools)");
     println!("cargo:rustc-check-cfg=cfg(no_lvm)");
     println!("cargo:rustc-check-cfg=cfg(no_s3)");
+    println!("cargo:rustc-check-cfg=cfg(no_swift)");
     let required = required();
     let have = |tool: &str| match find_on_path(tool) {
         Some(p) => {
@@ -110,6 +117,10 @@ fn main() {
         // No S3 server started (tests/servers/up.sh exports where it listens).
         if env::var_os("DISKCONV_TEST_S3").is_none() {
             println!("cargo:rustc-cfg=no_s3");
+        }
+        // No Swift started (tests/servers/up.sh's swift_up exports DISKCONV_TEST_SWIFT*).
+        if env::var_os("DISKCONV_TEST_SWIFT").is_none() {
+            println!("cargo:rustc-cfg=no_swift");
         }
     }
 }

@@ -245,9 +245,7 @@ async fn tempauth(
     user: &str,
     key: &str,
 ) -> Result<SwiftToken> {
-    let fail = |why: String| {
-        Error::new(ErrorKind::Io, format!("authenticating: {why}")).with_path(auth_url)
-    };
+    let fail = |why: String| Error::new(ErrorKind::Io, format!("authenticating: {why}"));
     let mut attempt = 0;
     let resp = loop {
         attempt += 1;
