@@ -299,8 +299,6 @@ fn every_streaming_format_uploads_and_reads_back() {
             want,
             "{fmt} {extra:?}: guest bytes differ"
         );
-        let cmp = sw.run(&["compare", s(&raw), &url]);
-        ok(&cmp);
     }
 }
 

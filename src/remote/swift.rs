@@ -688,15 +688,26 @@ async fn put_streamed(
         rx: tokio::sync::Mutex::new(rx),
         kept: Mutex::new(Some(Vec::new())),
     });
+    // Check the token first with a HEAD of the container (renewed there on a 401): a
+    // token that expired between two segments then never costs a segment's bytes, which
+    // a server may read on before refusing them.
+    let container = path.split('/').next().unwrap_or_default();
+    match s.send(Method::HEAD, container, &[], None).await {
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => return Err(status_text(r.status())),
+        Err(why) => return Err(why),
+    }
     let mut attempt = 0;
     let mut renewals = 0;
+    let mut last = String::new();
     loop {
         attempt += 1;
         let token = s.token();
         let Some(body) = feed.body() else {
-            return Err(
-                "the request failed after its first bytes were sent; it cannot be resent".into(),
-            );
+            return Err(format!(
+                "{last} after more than its first {} MiB were sent; it cannot be resent",
+                REPLAY >> 20
+            ));
         };
         let mut req = s.client.put(s.url(&path)).header("X-Auth-Token", &token);
         if let Some(n) = len {
@@ -714,12 +725,19 @@ async fn put_streamed(
             }
             Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && renewals < 2 => {
                 renewals += 1;
+                last = "the token was refused".into();
                 s.renew(&token).await.map_err(|e| e.message().to_string())?;
                 true
             }
-            Ok(resp) if retryable_status(resp.status()) && attempt < ATTEMPTS => false,
+            Ok(resp) if retryable_status(resp.status()) && attempt < ATTEMPTS => {
+                last = status_text(resp.status());
+                false
+            }
             Ok(resp) => return Err(status_text(resp.status())),
-            Err(e) if retryable_error(&e) && attempt < ATTEMPTS => false,
+            Err(e) if retryable_error(&e) && attempt < ATTEMPTS => {
+                last = format!("{} ({e:?})", error_text(&e));
+                false
+            }
             Err(e) => return Err(error_text(&e).to_string()),
         };
         if !again {
