@@ -24,6 +24,8 @@ use super::s3::{runtime, s3_error, S3Config, S3Url};
 pub const BLOCK: u64 = 256 << 10;
 /// Blocks the cache keeps (16 MiB).
 const CACHE_BLOCKS: usize = 64;
+/// Bytes fetched at once along a sequential run of large reads.
+const READ_AHEAD: u64 = 8 << 20;
 
 /// What an [`open_s3`] device has fetched so far, for callers that account for traffic.
 #[derive(Debug, Default)]
@@ -63,6 +65,10 @@ pub struct CachedSource<F: Fetch> {
     len: u64,
     cache: Mutex<Cache>,
     stats: Arc<FetchStats>,
+    /// The last read-ahead GET (its start and bytes), while its tail is unread.
+    ahead: Mutex<Option<(u64, Vec<u8>)>>,
+    /// Where the last large read ended.
+    last_end: AtomicU64,
 }
 
 impl<F: Fetch> std::fmt::Debug for CachedSource<F> {
@@ -85,6 +91,8 @@ impl<F: Fetch> CachedSource<F> {
                 order: VecDeque::new(),
             }),
             stats,
+            ahead: Mutex::new(None),
+            last_end: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -165,9 +173,37 @@ impl<F: Fetch> RangeSource for CachedSource<F> {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let end = offset + buf.len() as u64;
         if buf.len() as u64 >= 2 * BLOCK {
-            // Guest data in a large run: one GET, not cached (it is read once).
-            let v = self.get(offset, end)?;
-            buf.copy_from_slice(&v);
+            // Guest data in a large run: not cached (it is read once). A run that starts
+            // where the last one ended is read ahead, READ_AHEAD bytes per GET: on a
+            // server with a high cost per request (Swift's proxy) that is what makes
+            // sequential reading fast; a run elsewhere is one GET of its own size.
+            let mut ra = self
+                .ahead
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?;
+            if let Some((start, data)) = ra.as_ref() {
+                if offset >= *start && end <= *start + data.len() as u64 {
+                    let from = (offset - start) as usize;
+                    buf.copy_from_slice(&data[from..from + buf.len()]);
+                    if end == *start + data.len() as u64 {
+                        *ra = None;
+                    }
+                    return Ok(());
+                }
+            }
+            let sequential = ra
+                .as_ref()
+                .is_some_and(|(s, d)| offset == *s + d.len() as u64)
+                || self.last_end.load(Ordering::Relaxed) == offset;
+            let upto = if sequential {
+                end.max(offset + READ_AHEAD).min(self.len)
+            } else {
+                end
+            };
+            let v = self.get(offset, upto)?;
+            buf.copy_from_slice(&v[..buf.len()]);
+            *ra = (upto > end).then(|| (offset, v));
+            self.last_end.store(end, Ordering::Relaxed);
             return Ok(());
         }
         let first = offset / BLOCK;
