@@ -53,7 +53,7 @@ pub fn convert(
         ..Default::default()
     };
     let auth = diskconv::remote::SwiftAuth::from_env(args.os_storage_url.as_deref())
-        .map_err(|e| e.with_path(&url.to_string()))?;
+        .map_err(|e| e.with_path(url.to_string()))?;
     let dev = diskconv::open(src, &opts.open)?;
     let r = diskconv::remote::convert_to_swift(dev.as_ref(), &url, &auth, &up, opts)?;
     let extra = json.then(|| r.json_fields());

@@ -202,7 +202,7 @@ impl<F: Fetch> RangeSource for CachedSource<F> {
             };
             let v = self.get(offset, upto)?;
             buf.copy_from_slice(&v[..buf.len()]);
-            *ra = (upto > end).then(|| (offset, v));
+            *ra = (upto > end).then_some((offset, v));
             self.last_end.store(end, Ordering::Relaxed);
             return Ok(());
         }
