@@ -174,6 +174,8 @@ fn s(p: &Path) -> &str {
 /// The case: a sparse qcow2 whose raw form is 6.25 GiB, uploaded as raw into an
 /// SLO of 100 segments of 64 MiB, read back through swift:// input and compared by sha256
 /// with a local `convert -O raw`; swiftclient's download of the object matches too.
+/// Measured on 2 loaded cores: upload 84 s (77 MiB/s), read back 95 s (377 s before the
+/// range cache read ahead: ~6,400 GETs of 1 MiB at ~60 ms each in Swift's proxy).
 #[test]
 #[cfg_attr(
     no_swift,
