@@ -4,7 +4,8 @@
 //! Sets `--cfg no_qemu` when `qemu-img` or `qemu-io` is not on PATH and `--cfg no_bzip2`
 //! when `bzip2` is not (likewise `no_strace`, `no_e2fsprogs`, `no_dosfs`, `no_exfat`, `no_ntfs`,
 //! `no_xfs`, `no_parttools`, `no_lvm` for the sparsify tests' filesystem tools, and `no_s3`
-//! (`no_glance`, `no_keystone`) when no S3 (Glance, Keystone) test server is started: `DISKCONV_TEST_S3` unset; tests/servers/up.sh sets
+//! (`no_glance`, `no_keystone`, `no_swift`, `no_ceph`) when no S3 (Glance, Keystone, Swift,
+//! Ceph) test server is started: `DISKCONV_TEST_S3` unset; tests/servers/up.sh sets
 //! it), but only when the tools are not required: with `CI` set (to
 //! anything but `false`/`0`) or `DISKCONV_REQUIRE_QEMU=1` nothing is ignored, so the tests
 //! run and fail with the install command. The library and the binary never look at these.
@@ -38,6 +39,7 @@ fn main() {
         "DISKCONV_TEST_S3",
         "DISKCONV_TEST_GLANCE",
         "DISKCONV_TEST_KEYSTONE",
+        "DISKCONV_TEST_SWIFT",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -56,6 +58,7 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(no_ceph)");
     println!("cargo:rustc-check-cfg=cfg(no_glance)");
     println!("cargo:rustc-check-cfg=cfg(no_keystone)");
+    println!("cargo:rustc-check-cfg=cfg(no_swift)");
     let required = required();
     let have = |tool: &str| match find_on_path(tool) {
         Some(p) => {
@@ -133,6 +136,10 @@ fn main() {
         }
         if env::var_os("DISKCONV_TEST_KEYSTONE").is_none() {
             println!("cargo:rustc-cfg=no_keystone");
+        }
+        // No Swift started (tests/servers/up.sh's swift_up exports DISKCONV_TEST_SWIFT*).
+        if env::var_os("DISKCONV_TEST_SWIFT").is_none() {
+            println!("cargo:rustc-cfg=no_swift");
         }
     }
 }

@@ -23,11 +23,14 @@ pub struct RemoteArgs {
     /// default AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS.
     #[arg(long = "endpoint", value_name = "URL")]
     pub endpoint: Option<String>,
+    #[command(flatten)]
+    pub swift: crate::cli_swift::SwiftArgs,
 }
 
 /// Whether `dst` is an object-storage URL rather than a path.
 pub fn is_remote(dst: &Path) -> bool {
-    dst.to_str().is_some_and(|s| s.starts_with("s3://"))
+    dst.to_str()
+        .is_some_and(|s| s.starts_with("s3://") || s.starts_with("swift://"))
 }
 
 /// What the flags say, checked before anything is opened.
@@ -69,8 +72,11 @@ pub fn convert(
     opts: &ConvertOptions,
     json: bool,
 ) -> Result<(diskconv::ConvertReport, Option<serde_json::Value>)> {
-    let url = diskconv::remote::S3Url::parse(&dst.to_string_lossy())?;
     let up = upload_options(args)?;
+    if dst.to_string_lossy().starts_with("swift://") {
+        return crate::cli_swift::convert(src, dst, &args.swift, up.metadata, opts, json);
+    }
+    let url = diskconv::remote::S3Url::parse(&dst.to_string_lossy())?;
     let mut cfg = diskconv::remote::S3Config::from_env();
     if let Some(e) = &args.endpoint {
         cfg.endpoint = Some(e.clone());
@@ -99,6 +105,9 @@ pub fn host_object(path: &Path) -> Option<(u64, &'static str)> {
 
 /// `abort-uploads s3://BUCKET/PREFIX`: abort what a killed upload left open.
 pub fn abort_uploads(url: &str) -> Result<()> {
+    if url.starts_with("swift://") {
+        return crate::cli_swift::abort_uploads(url);
+    }
     let rest = url
         .strip_prefix("s3://")
         .filter(|r| !r.is_empty() && !r.starts_with('/'))

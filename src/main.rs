@@ -11,6 +11,8 @@ mod cli_cmms;
 mod cli_glance;
 #[cfg(feature = "remote")]
 mod cli_remote;
+#[cfg(feature = "remote")]
+mod cli_swift;
 mod cli_stdin;
 use diskconv::parse_size;
 use diskconv::{
@@ -283,15 +285,16 @@ enum Cmd {
         /// Image.
         image: PathBuf,
     },
-    /// Abort the multipart uploads left open under s3://BUCKET/PREFIX (what a killed
-    /// `convert ... s3://` leaves: no object, but stored parts); prints each key aborted.
     /// Register a Glance image whose data is already stored at --location (s3://, swift://,
     /// rbd://, http(s)://), with the digests and virtual size of a local copy or of flags.
     #[cfg(feature = "remote")]
     Register(cli_glance::RegisterArgs),
+    /// Abort the multipart uploads left open under s3://BUCKET/PREFIX, or delete the
+    /// segments no manifest uses under swift://CONTAINER/PREFIX (what a killed `convert`
+    /// leaves: no object, but stored parts); prints what it removed.
     #[cfg(feature = "remote")]
     AbortUploads {
-        /// s3://BUCKET/ or s3://BUCKET/KEY-PREFIX
+        /// s3://BUCKET/KEY-PREFIX or swift://CONTAINER/OBJECT-PREFIX
         url: String,
     },
 }

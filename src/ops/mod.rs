@@ -18,14 +18,13 @@ use crate::device::BlockDevice;
 use crate::error::Result;
 use crate::options::OpenOptions;
 
-/// Open a source image: a path, or with the `remote` feature an `s3://bucket/key` read by
-/// ranges where it lies (configured from the AWS environment variables).
+/// Open a source image: a path, or with the `remote` feature an `s3://bucket/key`,
+/// `swift://container/object` or `https://` URL read by ranges where it lies (configured
+/// from the environment, see [`crate::remote::open_url`]).
 pub fn open_source(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
     #[cfg(feature = "remote")]
     if let Some(url) = path.to_str().filter(|p| crate::remote::is_remote_url(p)) {
-        let url = crate::remote::S3Url::parse(url)?;
-        let cfg = crate::remote::S3Config::from_env();
-        return crate::remote::open_s3(&url, &cfg, opts).map(|(dev, _)| dev);
+        return crate::remote::open_url(url, opts);
     }
     crate::formats::open_with(path, opts)
 }

@@ -16,9 +16,11 @@
 //! (`glance://NAME`), authenticated by a Keystone [`Session`] (also for Swift).
 
 pub mod glance;
+pub mod http;
 pub mod keystone;
 pub mod range;
 pub mod s3;
+pub mod swift;
 
 pub use glance::{
     abort_glance_uploads, convert_to_glance, register_location, GlanceOptions, GlanceReport,
@@ -27,14 +29,46 @@ pub use glance::{
 pub use keystone::{AuthConfig, AuthMethod, Secret, Session};
 pub use range::{open_s3, FetchStats};
 
+pub use http::open_http;
 pub use s3::{
-    abort_incomplete_uploads, abort_uploads, choose_part_size, convert_to_s3, object_length,
-    S3Config, S3Url, UploadOptions, UploadReport, MAX_PARTS, MAX_PART_SIZE, MIN_PART_SIZE,
-    SINGLE_PUT_LIMIT,
+    abort_incomplete_uploads, choose_part_size, convert_to_s3, object_length, S3Config, S3Url,
+    UploadOptions, UploadReport, MAX_PARTS, MAX_PART_SIZE, MIN_PART_SIZE, SINGLE_PUT_LIMIT,
+};
+pub use swift::{
+    convert_to_swift, delete_orphan_segments, open_swift, SwiftAuth, SwiftAuthenticate, SwiftToken,
+    SwiftUploadOptions, SwiftUploadReport, SwiftUrl,
 };
 
-/// Whether `dest` names an object-storage location this build can write (`s3://...`),
-/// rather than a local path.
+/// Whether `dest` names an object-storage location this build can read (`s3://`,
+/// `swift://`, `https://`, `http://`), rather than a local path.
 pub fn is_remote_url(dest: &str) -> bool {
-    dest.starts_with("s3://")
+    ["s3://", "swift://", "https://", "http://"]
+        .iter()
+        .any(|p| dest.starts_with(p))
+}
+
+/// Abort every upload in progress in this process (S3 and Swift) and wait until each has
+/// cleaned what it wrote. For a signal handler's cleanup thread.
+pub fn abort_uploads() {
+    s3::abort_uploads();
+    swift::abort_uploads();
+}
+
+/// Open the image at `url` (`s3://`, `swift://`, `https://` or `http://`) read by ranges,
+/// configured from the environment (the AWS variables; `ST_*` or `OS_STORAGE_URL` and
+/// `OS_AUTH_TOKEN` for Swift).
+pub fn open_url(
+    url: &str,
+    opts: &crate::OpenOptions,
+) -> crate::Result<Box<dyn crate::BlockDevice>> {
+    if url.starts_with("swift://") {
+        let u = SwiftUrl::parse(url)?;
+        let auth = SwiftAuth::from_env(None).map_err(|e| e.with_path(url))?;
+        return open_swift(&u, &auth, opts).map(|(dev, _)| dev);
+    }
+    if url.starts_with("https://") || url.starts_with("http://") {
+        return open_http(url, opts).map(|(dev, _)| dev);
+    }
+    let u = S3Url::parse(url)?;
+    open_s3(&u, &S3Config::from_env(), opts).map(|(dev, _)| dev)
 }

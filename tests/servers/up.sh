@@ -112,6 +112,32 @@ glance_up() {
   fi
 }
 
+# OpenStack Swift (Debian's swift-* packages, installed by scripts/test) with tempauth, SLO
+# and DLO on 127.0.0.1, for tests/remote_swift.rs.
+swift_up() {
+  [ "${DISKCONV_TEST_SERVERS:-1}" = 0 ] && return 0
+  local here root
+  here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  root=$(cd "$here/../.." && pwd)/target/test-servers
+  if ! command -v swift-proxy-server >/dev/null 2>&1 || ! command -v swift >/dev/null 2>&1; then
+    echo "scripts/test: no swift-proxy-server or swift (python3-swiftclient); the Swift tests will not run" >&2
+    return 0
+  fi
+  mkdir -p "$root"
+  [ -f "$root/swift/pids" ] && "$here/stop-swift.sh" "$root/swift" >/dev/null
+  rm -rf "$root/swift"
+  if "$here/start-swift.sh" "$root/swift" >&2; then
+    SERVERS_STOP+=("$here/stop-swift.sh $root/swift" "rm -rf $root/swift/node")
+    # shellcheck disable=SC1091
+    . "$root/swift/env"
+    export DISKCONV_TEST_SWIFT=saio DISKCONV_TEST_SWIFT_AUTH=$ST_AUTH DISKCONV_TEST_SWIFT_USER=$ST_USER \
+      DISKCONV_TEST_SWIFT_KEY=$ST_KEY
+    unset ST_AUTH ST_USER ST_KEY S3_ENDPOINT AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY SWIFT_PROXY_PORT
+  else
+    echo "scripts/test: Swift did not start (logs: $root/swift/log)" >&2
+  fi
+}
+
 servers_down() {
   local s
   for s in "${SERVERS_STOP[@]}"; do $s >&2 || true; done
@@ -125,3 +151,4 @@ trap "exit 143" TERM
 servers_up
 ceph_up
 glance_up
+swift_up
