@@ -125,7 +125,7 @@ enum Cmd {
         stdin: cli_stdin::StdinArgs,
         // Both required except with `-o help`, which qemu-img also runs without files;
         // hidden because clap would list optional positionals as [SRC] [DST].
-        /// Input image; `-` reads a raw image from stdin (with -f raw and --size).
+        /// Input image; `-` reads a raw image from stdin (with -f raw; spooled to $TMPDIR unless --size).
         #[arg(value_name = "SRC", hide = true)]
         src: Option<PathBuf>,
         /// Output image; `-` writes it to stdout (every output format streams).
@@ -592,12 +592,14 @@ fn run(cli: Cli) -> Result<()> {
                 ));
             }
             #[cfg(feature = "remote")]
-            let remote_report = (remote_dst && !cli_stdin::is_stdin(&src))
-                .then(|| cli_remote::convert(&src, &dst, &remote, &opts, json));
+            let remote_report = remote_dst.then(|| match cli_stdin::is_stdin(&src) {
+                true => cli_stdin::convert_remote(&dst, &stdin, &remote, &opts, json),
+                false => cli_remote::convert(&src, &dst, &remote, &opts, json),
+            });
             #[cfg(not(feature = "remote"))]
             let remote_report: Option<Result<(diskconv::ConvertReport, _)>> = None;
-            let report = if cli_stdin::is_stdin(&src) {
-                cli_stdin::convert(&dst, &stdin, &opts, sparsify, remote_dst)
+            let report = if cli_stdin::is_stdin(&src) && !remote_dst {
+                cli_stdin::convert(&dst, &stdin, &opts, sparsify)
             } else if sparsify {
                 sparsify_copy(&src, &dst, &opts).map(|r| {
                     let c = r.convert.clone().unwrap_or_default();
