@@ -105,6 +105,14 @@ pub fn convert_remote(
 /// Spool standard input into $TMPDIR and open it as raw: a source of exact length that
 /// can be read at any offset, gone when the process ends however it ends.
 fn spooled(opts: &ConvertOptions) -> Result<Box<dyn diskconv::BlockDevice>> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        // Spooling would wait for typing that never ends with a disk image.
+        return Err(Error::arg(
+            "standard input is a terminal, not a disk image; pipe the image in",
+        )
+        .with_path("-"));
+    }
     let file = diskconv::spool(std::io::stdin().lock(), &std::env::temp_dir(), "-")?;
     diskconv::open_file(file, "-", &opts.open)
 }
