@@ -18,7 +18,7 @@ use diskconv::{
 const FORMATS_HELP: &str = "Supported formats: raw qcow2 vpc (alias vhd) vmdk vdi";
 
 /// `convert --help`'s description of its two files, which clap cannot list as required.
-const CONVERT_ARGS_HELP: &str = "Arguments:\n  SRC  Input image\n  DST  Output image\n\nSupported formats: raw qcow2 vpc (alias vhd) vmdk vdi";
+const CONVERT_ARGS_HELP: &str = "Arguments:\n  SRC  Input image; `-`: a raw image on stdin (-f raw), spooled first to a deleted file in\n       $TMPDIR holding its non-zero 64 KiB blocks (up to its length), or read once with --size\n  DST  Output image\n\nSupported formats: raw qcow2 vpc (alias vhd) vmdk vdi";
 
 #[derive(Parser)]
 #[command(
