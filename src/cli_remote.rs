@@ -72,22 +72,33 @@ pub fn convert(
     opts: &ConvertOptions,
     json: bool,
 ) -> Result<(diskconv::ConvertReport, Option<serde_json::Value>)> {
+    let dev = diskconv::open(src, &opts.open)?;
+    convert_device(dev.as_ref(), dst, args, opts, json)
+}
+
+/// [`convert`] from an opened source (standard input spooled to a file).
+pub fn convert_device(
+    dev: &dyn diskconv::BlockDevice,
+    dst: &Path,
+    args: &RemoteArgs,
+    opts: &ConvertOptions,
+    json: bool,
+) -> Result<(diskconv::ConvertReport, Option<serde_json::Value>)> {
     let up = upload_options(args)?;
     if dst.to_string_lossy().starts_with("swift://") {
-        return crate::cli_swift::convert(src, dst, &args.swift, up.metadata, opts, json);
+        return crate::cli_swift::convert(dev, dst, &args.swift, up.metadata, opts, json);
     }
     let url = diskconv::remote::S3Url::parse(&dst.to_string_lossy())?;
     let mut cfg = diskconv::remote::S3Config::from_env();
     if let Some(e) = &args.endpoint {
         cfg.endpoint = Some(e.clone());
     }
-    let dev = diskconv::open(src, &opts.open)?;
     // A registry wants a digest with the object: sha256 unless --digest chose.
     let mut opts = opts.clone();
     if opts.digests.is_empty() {
         opts.digests = vec![diskconv::DigestAlgo::Sha256];
     }
-    let r = diskconv::remote::convert_to_s3(dev.as_ref(), &url, &cfg, &up, &opts)?;
+    let r = diskconv::remote::convert_to_s3(dev, &url, &cfg, &up, &opts)?;
     let extra = json.then(|| r.json_fields());
     Ok((r.convert, extra))
 }

@@ -1,5 +1,7 @@
-//! `convert -f raw --size N - DST`: a raw image read from standard input (`rbd export
-//! POOL/IMG - | diskconv convert ...`), through [`diskconv::PipeSource`].
+//! `convert -f raw - DST`: a raw image read from standard input (`rbd export POOL/IMG - |
+//! diskconv convert ...`). Without `--size` it is spooled to an anonymous temporary file in
+//! $TMPDIR first ([`diskconv::spool`]), which gives its exact length and random access;
+//! with `--size N` it is read once through [`diskconv::PipeSource`], with no disk used.
 
 use std::path::Path;
 
@@ -9,7 +11,10 @@ use diskconv::{ConvertOptions, Error, Format, Result};
 #[derive(clap::Args, Debug, Default)]
 pub struct StdinArgs {
     /// SRC `-` (a raw image on standard input, -f raw): its exact length in bytes
-    /// (suffixes k, M, G, ...); a stream shorter or longer fails and writes nothing.
+    /// (suffixes k, M, G, ...), read once with no temporary file; a stream shorter or
+    /// longer fails and writes nothing. Without it, stdin is first spooled to a deleted
+    /// temporary file in $TMPDIR using as much disk as the stream has non-zero 64 KiB
+    /// blocks (at most its length; memory stays bounded either way).
     #[arg(long = "size", value_name = "SIZE")]
     pub size: Option<String>,
 }
@@ -36,21 +41,17 @@ pub fn convert(
     args: &StdinArgs,
     opts: &ConvertOptions,
     sparsify: bool,
-    remote_dst: bool,
 ) -> Result<diskconv::ConvertReport> {
-    if opts.open.format != Some(Format::Raw) {
-        return Err(Error::arg(
-            "standard input can only be read as a raw image: add -f raw (a pipe cannot be \
-             probed, nor read at the random offsets other formats need)",
-        )
-        .with_path("-"));
-    }
+    check_raw(opts)?;
     let Some(size) = &args.size else {
-        return Err(Error::arg(
-            "a raw image on standard input needs its exact length: add --size BYTES (for \
-             `rbd export POOL/IMG -`, the \"size\" of `rbd info --format json POOL/IMG`)",
-        )
-        .with_path("-"));
+        if sparsify {
+            return Err(Error::arg(
+                "--sparsify cannot read standard input; save the stream to a file first",
+            )
+            .with_path("-"));
+        }
+        let dev = spooled(opts)?;
+        return to_dst(dev.as_ref(), dst, opts);
     };
     let size = diskconv::parse_size(size)
         .ok()
@@ -63,21 +64,72 @@ pub fn convert(
         )
         .with_path("-"));
     }
-    if remote_dst {
+    let dev = diskconv::PipeSource::new(std::io::stdin(), size, "-");
+    to_dst(&dev, dst, opts)
+}
+
+/// Standard input is read as raw only when asked to: a stream is never probed.
+fn check_raw(opts: &ConvertOptions) -> Result<()> {
+    if opts.open.format != Some(Format::Raw) {
         return Err(Error::arg(
-            "standard input cannot be uploaded to object storage yet; save it to a file first",
+            "standard input can only be read as a raw image: add -f raw (a pipe cannot be \
+             probed, nor read at the random offsets other formats need)",
         )
         .with_path("-"));
     }
-    let dev = diskconv::PipeSource::new(std::io::stdin(), size, "-");
+    Ok(())
+}
+
+/// `convert -f raw - s3://BUCKET/KEY`: the upload needs the exact length and a source it
+/// can read at any offset, which only the spool gives.
+#[cfg(feature = "remote")]
+pub fn convert_remote(
+    dst: &Path,
+    args: &StdinArgs,
+    remote: &crate::cli_remote::RemoteArgs,
+    opts: &ConvertOptions,
+    json: bool,
+) -> Result<(diskconv::ConvertReport, Option<serde_json::Value>)> {
+    check_raw(opts)?;
+    if args.size.is_some() {
+        return Err(Error::arg(
+            "standard input read once with --size cannot be uploaded to object storage; \
+             drop --size to spool it to a temporary file first",
+        )
+        .with_path("-"));
+    }
+    let dev = spooled(opts)?;
+    crate::cli_remote::convert_device(dev.as_ref(), dst, remote, opts, json)
+}
+
+/// Spool standard input into $TMPDIR and open it as raw: a source of exact length that
+/// can be read at any offset, gone when the process ends however it ends.
+fn spooled(opts: &ConvertOptions) -> Result<Box<dyn diskconv::BlockDevice>> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        // Spooling would wait for typing that never ends with a disk image.
+        return Err(Error::arg(
+            "standard input is a terminal, not a disk image; pipe the image in",
+        )
+        .with_path("-"));
+    }
+    let file = diskconv::spool(std::io::stdin().lock(), &std::env::temp_dir(), "-")?;
+    diskconv::open_file(file, "-", &opts.open)
+}
+
+fn to_dst(
+    dev: &dyn diskconv::BlockDevice,
+    dst: &Path,
+    opts: &ConvertOptions,
+) -> Result<diskconv::ConvertReport> {
     if dst.as_os_str() == "-" {
         use std::os::fd::AsFd;
         let out = std::io::stdout()
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| Error::io("cannot use stdout", e).with_path("-"))?;
-        diskconv::convert_to_writer(&dev, std::fs::File::from(out), opts)
+        diskconv::convert_to_writer(dev, std::fs::File::from(out), opts)
     } else {
-        diskconv::convert_to_path(&dev, dst, opts)
+        diskconv::convert_to_path(dev, dst, opts)
     }
 }

@@ -26,7 +26,7 @@ pub struct SwiftArgs {
 
 /// Convert `src` into the Swift object `dst`.
 pub fn convert(
-    src: &Path,
+    dev: &dyn diskconv::BlockDevice,
     dst: &Path,
     args: &SwiftArgs,
     metadata: Vec<(String, String)>,
@@ -54,8 +54,7 @@ pub fn convert(
     };
     let auth = diskconv::remote::SwiftAuth::from_env(args.os_storage_url.as_deref())
         .map_err(|e| e.with_path(url.to_string()))?;
-    let dev = diskconv::open(src, &opts.open)?;
-    let r = diskconv::remote::convert_to_swift(dev.as_ref(), &url, &auth, &up, opts)?;
+    let r = diskconv::remote::convert_to_swift(dev, &url, &auth, &up, opts)?;
     let extra = json.then(|| r.json_fields());
     Ok((r.convert, extra))
 }

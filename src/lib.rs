@@ -141,7 +141,7 @@ pub use ops::stream::{convert_to_writer, ConvertedReader};
 pub use options::{
     parse_bool, parse_size, CreateOptions, OpenOptions, OptionHelp, Preallocation, ResizeOptions,
 };
-pub use pipe::PipeSource;
+pub use pipe::{spool, PipeSource, SPOOL_BLOCK};
 pub use references::MAX_CHAIN_DEPTH;
 pub use writer::{
     random_uuid_v4, AtomicOutput, DigestAlgo, ImageWriter, Output, OutputKind, OutputOptions,

@@ -24,7 +24,7 @@ use diskconv::{
 const FORMATS_HELP: &str = "Supported formats: raw qcow2 vpc (alias vhd) vmdk vdi vhdx";
 
 /// `convert --help`'s description of its two files, which clap cannot list as required.
-const CONVERT_ARGS_HELP: &str = "Arguments:\n  SRC  Input image\n  DST  Output image\n\nSupported formats: raw qcow2 vpc (alias vhd) vmdk vdi vhdx";
+const CONVERT_ARGS_HELP: &str = "Arguments:\n  SRC  Input image; `-`: a raw image on stdin (-f raw), spooled first to a deleted file in\n       $TMPDIR holding its non-zero 64 KiB blocks (up to its length), or read once with --size\n  DST  Output image\n\nSupported formats: raw qcow2 vpc (alias vhd) vmdk vdi vhdx";
 
 #[derive(Parser)]
 #[command(
@@ -145,7 +145,7 @@ enum Cmd {
         glance: cli_glance::GlanceArgs,
         // Both required except with `-o help`, which qemu-img also runs without files;
         // hidden because clap would list optional positionals as [SRC] [DST].
-        /// Input image; `-` reads a raw image from stdin (with -f raw and --size).
+        /// Input image; `-` reads a raw image from stdin (with -f raw; spooled to $TMPDIR unless --size).
         #[arg(value_name = "SRC", hide = true)]
         src: Option<PathBuf>,
         /// Output image; `-` writes it to stdout (every output format streams).
@@ -638,16 +638,17 @@ fn run(cli: Cli) -> Result<()> {
                 ));
             }
             #[cfg(feature = "remote")]
-            let remote_report = (remote_dst && !cli_stdin::is_stdin(&src)).then(|| {
-                match cli_glance::is_glance(&dst) {
-                    true => cli_glance::convert(&src, &dst, &glance, &opts, json),
-                    false => cli_remote::convert(&src, &dst, &remote, &opts, json),
+            let remote_report = remote_dst.then(|| {
+                match (cli_stdin::is_stdin(&src), cli_glance::is_glance(&dst)) {
+                    (true, _) => cli_stdin::convert_remote(&dst, &stdin, &remote, &opts, json),
+                    (false, true) => cli_glance::convert(&src, &dst, &glance, &opts, json),
+                    (false, false) => cli_remote::convert(&src, &dst, &remote, &opts, json),
                 }
             });
             #[cfg(not(feature = "remote"))]
             let remote_report: Option<Result<(diskconv::ConvertReport, _)>> = None;
-            let report = if cli_stdin::is_stdin(&src) {
-                cli_stdin::convert(&dst, &stdin, &opts, sparsify, remote_dst)
+            let report = if cli_stdin::is_stdin(&src) && !remote_dst {
+                cli_stdin::convert(&dst, &stdin, &opts, sparsify)
             } else if sparsify {
                 sparsify_copy(&src, &dst, &opts).map(|r| {
                     let c = r.convert.clone().unwrap_or_default();

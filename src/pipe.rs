@@ -11,7 +11,9 @@
 //! `--target-size` check of the tail) fails with an error saying a pipe is read only once.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
 use std::io::Read;
+use std::path::Path;
 use std::sync::Mutex;
 
 use crate::device::{check_guest_range, map_end, BlockDevice, ImageInfo, Mapping, MappingKind};
@@ -235,6 +237,127 @@ impl BlockDevice for PipeSource {
     }
 }
 
+/// Block size of [`spool`]: an all-zero block of this size is skipped, not written.
+pub const SPOOL_BLOCK: usize = 64 << 10;
+
+/// Copy `reader` to its end into an anonymous temporary file in `dir` and return that
+/// file, its length the stream's exact length (`name` is what errors call the stream).
+///
+/// This is how a raw stream of unknown length (`rbd export POOL/IMG -`) becomes a source
+/// read at random offsets: memory stays one [`SPOOL_BLOCK`], while the disk holds the
+/// stream's data. All-zero blocks are seeked over rather than written, so the file is
+/// sparse and a mostly empty image needs little space. The file is made with `O_TMPFILE`,
+/// which has no name at all, so nothing is left behind on any exit, `SIGKILL` included;
+/// a filesystem without `O_TMPFILE` gets a file with a random name unlinked at once (a
+/// kill in between those two calls is the only way it could stay). A write that fails (a
+/// full disk) is an error naming `dir` and the bytes spooled so far.
+pub fn spool(reader: impl Read, dir: &Path, name: &str) -> Result<File> {
+    use std::os::unix::fs::FileExt;
+    let mut reader = reader;
+    let file = anonymous_file(dir)?;
+    let mut buf = vec![0u8; SPOOL_BLOCK];
+    let mut len = 0u64;
+    loop {
+        // A pipe hands out what it has; fill the whole block so zero runs stay aligned.
+        let mut got = 0;
+        while got < buf.len() {
+            match reader.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let at = len + got as u64;
+                    return Err(Error::io(
+                        format!("reading the raw stream failed at byte {at}; nothing was written"),
+                        e,
+                    )
+                    .with_path(name));
+                }
+            }
+        }
+        if got == 0 {
+            break;
+        }
+        if buf[..got].iter().any(|&b| b != 0) {
+            file.write_all_at(&buf[..got], len)
+                .map_err(|e| spool_error(dir, len, e))?;
+        }
+        len += got as u64;
+    }
+    // A trailing zero run was seeked over: the length makes it part of the file.
+    file.set_len(len).map_err(|e| spool_error(dir, len, e))?;
+    Ok(file)
+}
+
+fn spool_error(dir: &Path, done: u64, e: std::io::Error) -> Error {
+    Error::io(
+        format!(
+            "spooling standard input to a temporary file in {} failed after {done} bytes \
+             (the spool needs as much free space as the stream has data: point TMPDIR at a \
+             larger filesystem, or give --size to convert without one); nothing was written",
+            dir.display()
+        ),
+        e,
+    )
+}
+
+/// A read-write file in `dir` that no name refers to.
+fn anonymous_file(dir: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir);
+    match opened {
+        Ok(f) => return Ok(f),
+        // Kernels and filesystems without O_TMPFILE answer one of these.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+            ) => {}
+        Err(e) => {
+            return Err(
+                Error::io("cannot make a temporary file for standard input", e).with_path(dir),
+            )
+        }
+    }
+    for attempt in 0u32.. {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let p = dir.join(format!(
+            ".diskconv-stdin-{}-{nanos:x}-{attempt}",
+            std::process::id()
+        ));
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+        {
+            Ok(f) => {
+                std::fs::remove_file(&p).map_err(|e| {
+                    Error::io("cannot unlink the temporary file for standard input", e)
+                        .with_path(&p)
+                })?;
+                return Ok(f);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {}
+            Err(e) => {
+                return Err(
+                    Error::io("cannot make a temporary file for standard input", e).with_path(dir),
+                )
+            }
+        }
+    }
+    unreachable!("the loop returns within 100 attempts")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +404,32 @@ mod tests {
         let mut b = vec![0u8; 9_999];
         let e = long.read_at(&mut b, 0).unwrap_err();
         assert!(e.to_string().contains("longer than the 9999 bytes"), "{e}");
+    }
+
+    #[test]
+    fn a_spool_has_the_exact_length_and_the_bytes_and_skips_zero_blocks() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        // 4 MiB of zeros between two data blocks, and an odd-sized zero tail.
+        let mut d = data(SPOOL_BLOCK);
+        d.resize(SPOOL_BLOCK + (4 << 20), 0);
+        d.extend(data(SPOOL_BLOCK + 123));
+        d.resize(d.len() + 3 * SPOOL_BLOCK + 7, 0);
+        let f = spool(std::io::Cursor::new(d.clone()), dir.path(), "-").unwrap();
+        let meta = f.metadata().unwrap();
+        assert_eq!(meta.len(), d.len() as u64);
+        let mut back = vec![0u8; d.len()];
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert!(back == d);
+        // Only the data blocks (and at most a filesystem block around them) hold space.
+        assert!(
+            meta.blocks() * 512 < 4 * SPOOL_BLOCK as u64,
+            "{}",
+            meta.blocks()
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let empty = spool(std::io::empty(), dir.path(), "-").unwrap();
+        assert_eq!(empty.metadata().unwrap().len(), 0);
     }
 
     #[test]
