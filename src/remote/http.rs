@@ -1,5 +1,5 @@
 //! Plain HTTP(S) pieces shared by the Swift client and `https://` input: retries with
-//! backoff, one-line errors, and a ranged reader ([`HttpFetch`]) for [`super::range`]'s
+//! backoff, one-line errors, and a ranged reader (`HttpFetch`) for [`super::range`]'s
 //! cache.
 //!
 //! Built on reqwest, the HTTP client OpenDAL itself uses (rustls, no system OpenSSL).
