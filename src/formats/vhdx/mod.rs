@@ -29,6 +29,7 @@ use crate::writer::{AllocationPlan, ImageWriter, Sink};
 
 pub mod header;
 pub mod log;
+pub mod check;
 pub mod reader;
 pub mod writer;
 
