@@ -40,18 +40,16 @@ struct Copies<T> {
     parsed: [Result<T>; 2],
 }
 
-/// Rewrite the damaged copy `bad` from `good` (`-r all`) or count it.
+/// Rewrite the damaged copy at `b` from the one at `g` (`-r all`) or count it.
 fn fix_copy(
     t: &mut Tally,
     edit: &mut EditFile,
     repair: Repair,
     what: &str,
-    slots: [u64; 2],
+    (b, g): (u64, u64),
     raw: &[u8],
-    bad: usize,
     why: &str,
 ) -> Result<()> {
-    let (b, g) = (slots[bad], slots[1 - bad]);
     if repair.all() {
         t.findings.push(format!(
             "Repairing the {what} at {b:#x} ({why}) from the copy at {g:#x}"
@@ -89,7 +87,7 @@ struct Span {
     what: String,
 }
 
-fn overlapping<'a>(spans: &'a [Span], start: u64, end: u64) -> Option<&'a Span> {
+fn overlapping(spans: &[Span], start: u64, end: u64) -> Option<&Span> {
     spans.iter().find(|s| start < s.end && s.start < end)
 }
 
@@ -114,7 +112,13 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
     let mut t = Tally::default();
 
     // Headers: the current one first, the log before any write.
-    let h = read_copies(&host, HEADER_OFFSETS, HEADER_SIZE, "VHDX header", Header::parse)?;
+    let h = read_copies(
+        &host,
+        HEADER_OFFSETS,
+        HEADER_SIZE,
+        "VHDX header",
+        Header::parse,
+    )?;
     let (cur, header, damaged) = match &h.parsed {
         [Ok(a), Ok(b)] => {
             if a.sequence_number == b.sequence_number && a != b {
@@ -168,9 +172,8 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
             &mut edit,
             repair,
             "header",
-            h.slots,
+            (h.slots[bad], h.slots[cur]),
             &h.raw[cur][..HEADER_SIZE],
-            bad,
             &why,
         )?;
     }
@@ -195,9 +198,8 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
                     &mut edit,
                     repair,
                     "region table",
-                    rt.slots,
+                    (rt.slots[1], rt.slots[0]),
                     &rt.raw[0],
-                    1,
                     "it differs from the first",
                 )?;
             }
@@ -211,9 +213,8 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
                 &mut edit,
                 repair,
                 "region table",
-                rt.slots,
+                (rt.slots[bad], rt.slots[1 - bad]),
                 &rt.raw[1 - bad],
-                bad,
                 &why,
             )?;
             a.clone()
@@ -228,7 +229,9 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
         }
     };
 
-    let log_end = header.log_offset.saturating_add(u64::from(header.log_length));
+    let log_end = header
+        .log_offset
+        .saturating_add(u64::from(header.log_length));
     if log_end > len {
         t.corrupt(format!(
             "ERROR: the VHDX log ({:#x}..{log_end:#x}) runs past the end of the file ({len} bytes)",
@@ -409,18 +412,20 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
     }
     // Two blocks in one place: a write through one entry changes the other's data.
     blocks_at.sort_unstable();
-    let mut reach: Option<(u64, u64)> = None; // (end, entry) of the block reaching furthest
+    // (end, entry, start) of the block reaching furthest so far.
+    let mut reach: Option<(u64, u64, u64)> = None;
     for &(start, end, i) in &blocks_at {
-        if let Some((rend, j)) = reach {
-            if start < rend {
+        match reach {
+            Some((rend, j, jstart)) if start < rend => {
                 t.corrupt(format!(
-                    "ERROR: VHDX BAT entries {j} and {i} overlap: blocks at {:#x} and {start:#x}",
-                    blocks_at.iter().find(|b| b.2 == j).map_or(0, |b| b.0)
+                    "ERROR: VHDX BAT entries {j} and {i} overlap: blocks at {jstart:#x} and {start:#x}"
                 ));
+                if end > rend {
+                    reach = Some((end, i, start));
+                }
             }
-        }
-        if reach.is_none_or(|(rend, _)| end > rend) {
-            reach = Some((end, i));
+            Some((rend, _, _)) if end <= rend => {}
+            _ => reach = Some((end, i, start)),
         }
     }
     Ok(t)
