@@ -914,6 +914,7 @@ fn human_output_and_exit_codes_are_qemu_imgs() {
 fn corpus_images_check_as_qemu_says() {
     let Some(corpus) = corpus_dir() else { return };
     let tmp = tempfile::tempdir().unwrap();
+    let mut vhdx_seen = 0;
     for e in corpus_entries(&corpus) {
         let p = corpus_file(&corpus, &e.file, tmp.path());
         let fmt = match e.format.as_str() {
@@ -941,6 +942,7 @@ fn corpus_images_check_as_qemu_says() {
             let (oc, _, err) = our_check(&p, &fmt, None);
             let (qc, qj) = qemu_check(&p, &fmt, None);
             assert_eq!(oc, qc, "{}: {err}", e.file);
+            vhdx_seen += usize::from(f == Format::Vhdx && qc == 0);
             if let (Some(q), 0) = (qj, qc) {
                 assert_eq!(our_check(&p, &fmt, None).1.unwrap(), q, "{}", e.file);
             }
@@ -949,6 +951,11 @@ fn corpus_images_check_as_qemu_says() {
             std::fs::remove_file(&p).unwrap();
         }
     }
+    // The Hyper-V and Disk2VHD images: clean for qemu-img, and for us.
+    assert!(
+        !have_qemu() || vhdx_seen == 2,
+        "{vhdx_seen} clean vhdx images"
+    );
 }
 
 mod fuzz {
@@ -1130,4 +1137,293 @@ fn an_l1_table_pointing_every_entry_at_one_l2_table_is_refused_not_read_on() {
         "read {} bytes of a {len}-byte file",
         work.io.bytes_read
     );
+}
+
+// ---- VHDX ----
+
+/// A VHDX qemu-img made from 6 MiB of data, in 1 MiB blocks.
+fn qemu_vhdx(dir: &Path, name: &str, subformat: &str) -> PathBuf {
+    let raw = dir.join("vhdx-src.raw");
+    if !raw.exists() {
+        make_raw(&raw, 6 << 20, 29);
+    }
+    let p = dir.join(name);
+    let o = format!("subformat={subformat},block_size=1M");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vhdx",
+        "-o",
+        &o,
+        s(&raw),
+        s(&p),
+    ]);
+    p
+}
+
+/// The file offset of the BAT of a VHDX (from its first region table) and the indexes of
+/// its fully present entries.
+fn vhdx_bat(p: &Path) -> (u64, Vec<u64>) {
+    let b = std::fs::read(p).unwrap();
+    let rt = &b[192 << 10..256 << 10];
+    let bat_guid = [
+        0x66, 0x77, 0xc2, 0x2d, 0x23, 0xf6, 0x00, 0x42, 0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd, 0x4a,
+        0x08,
+    ];
+    let n = LittleEndian::read_u32(&rt[8..]) as usize;
+    let e = (0..n)
+        .map(|i| &rt[16 + 32 * i..48 + 32 * i])
+        .find(|e| e[..16] == bat_guid)
+        .expect("a BAT region");
+    let bat = LittleEndian::read_u64(&e[16..]);
+    let present = (0..6)
+        .filter(|&i| LittleEndian::read_u64(&b[(bat + 8 * i) as usize..]) & 7 == 6)
+        .collect();
+    (bat, present)
+}
+
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img")]
+fn clean_vhdx_images_check_as_qemu_says() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for sub in ["dynamic", "fixed"] {
+        let p = qemu_vhdx(d, &format!("q-{sub}.vhdx"), sub);
+        assert_eq!(assert_same_as_qemu(&p, "vhdx"), 0, "qemu-img {sub}");
+        assert_same_human_output(&p, "vhdx");
+    }
+    // An empty one, and one qemu-io wrote into (qemu's own block allocation).
+    let e = d.join("empty.vhdx");
+    qemu_img(&["create", "-q", "-f", "vhdx", s(&e), "64M"]);
+    assert_eq!(assert_same_as_qemu(&e, "vhdx"), 0);
+    if have_qemu_io() {
+        run(&["qemu-io", "-f", "vhdx", "-c", "write -P 7 1M 9M", s(&e)]);
+        assert_eq!(assert_same_as_qemu(&e, "vhdx"), 0);
+    }
+    // Our writers' outputs.
+    let raw = d.join("vhdx-src.raw");
+    for opts in [
+        vec![],
+        vec![("subformat", "fixed")],
+        vec![("block_size", "1M")],
+    ] {
+        let p = d.join("ours.vhdx");
+        convert(&raw, &p, Format::Vhdx, &opts, false);
+        assert_eq!(assert_same_as_qemu(&p, "vhdx"), 0, "ours {opts:?}");
+        assert_same_human_output(&p, "vhdx");
+        std::fs::remove_file(&p).unwrap();
+    }
+}
+
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img")]
+fn vhdx_bat_faults_are_exact_and_counted_as_qemu_counts_them() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let check = |p: &Path| {
+        lib_check(p, Format::Vhdx, Repair::None, None)
+            .unwrap()
+            .tally
+    };
+
+    // A fully present entry pointing past the end of the file: qemu's message and count.
+    let p = qemu_vhdx(d, "eof.vhdx", "dynamic");
+    let (bat, present) = vhdx_bat(&p);
+    let len = std::fs::metadata(&p).unwrap().len();
+    let i = present[1];
+    patch(&p, bat + 8 * i, &((100u64 << 20) | 6).to_le_bytes());
+    let t = check(&p);
+    assert_eq!(
+        t.findings,
+        [format!(
+            "VHDX BAT entry {i} start offset {} points after end of file ({len}). Image has probably been truncated.",
+            100u64 << 20
+        )]
+    );
+    assert_eq!((t.corruptions, t.leaks, t.check_errors), (1, 0, 0));
+    assert_eq!(assert_same_as_qemu(&p, "vhdx"), 2);
+    // qemu refuses to read it; -r all has no safe fix and leaves the file as it was.
+    let before = std::fs::read(&p).unwrap();
+    let (code, _, _) = our_check(&p, "vhdx", Some("all"));
+    assert_eq!(code, 2);
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+
+    // The file cut inside the last block: the end offset message, as qemu's.
+    let p = qemu_vhdx(d, "cut.vhdx", "dynamic");
+    let (bat, present) = vhdx_bat(&p);
+    let last = *present.last().unwrap();
+    let b = std::fs::read(&p).unwrap();
+    let off = LittleEndian::read_u64(&b[(bat + 8 * last) as usize..]) & !((1 << 20) - 1);
+    let cut = off + 4096;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(cut)
+        .unwrap();
+    let t = check(&p);
+    assert_eq!(
+        t.findings,
+        [format!(
+            "VHDX BAT entry {last} end offset {} points after end of file ({cut}). Image has probably been truncated.",
+            off + (1 << 20) - 1
+        )]
+    );
+    assert_eq!(assert_same_as_qemu(&p, "vhdx"), 2);
+
+    // Two entries naming one block: a corruption for us; qemu 10 does not look (exit 0).
+    let p = qemu_vhdx(d, "dup.vhdx", "dynamic");
+    let (bat, present) = vhdx_bat(&p);
+    let b = std::fs::read(&p).unwrap();
+    let (a, c) = (present[0], present[1]);
+    let ea = LittleEndian::read_u64(&b[(bat + 8 * a) as usize..]);
+    patch(&p, bat + 8 * c, &ea.to_le_bytes());
+    let t = check(&p);
+    let at = ea & !((1 << 20) - 1);
+    assert_eq!(
+        t.findings,
+        [format!(
+            "ERROR: VHDX BAT entries {a} and {c} overlap: blocks at {at:#x} and {at:#x}"
+        )]
+    );
+    assert_eq!(t.corruptions, 1);
+    assert_eq!(our_check(&p, "vhdx", None).0, 2);
+    assert_eq!(
+        qemu_check(&p, "vhdx", None).0,
+        0,
+        "qemu 10 checks no overlaps"
+    );
+
+    // A block over the BAT region itself.
+    let p = qemu_vhdx(d, "over.vhdx", "dynamic");
+    let (bat, present) = vhdx_bat(&p);
+    patch(&p, bat + 8 * present[0], &(bat | 6).to_le_bytes());
+    let t = check(&p);
+    assert_eq!(t.corruptions, 1, "{:?}", t.findings);
+    assert!(
+        t.findings[0].starts_with(&format!("VHDX BAT entry {}: block {bat}-", present[0])),
+        "{:?}",
+        t.findings
+    );
+}
+
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img")]
+fn vhdx_damaged_header_or_region_table_copy_is_found_and_rewritten() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // (slot, checksum field): the two headers, the two region tables.
+    for (n, (slot, what)) in [
+        (64u64 << 10, "header"),
+        (128 << 10, "header"),
+        (192 << 10, "region table"),
+        (256 << 10, "region table"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = qemu_vhdx(d, &format!("h{n}.vhdx"), "dynamic");
+        let before = guest(&p, "vhdx");
+        patch(&p, slot + 4, &[0xff]);
+        let t = lib_check(&p, Format::Vhdx, Repair::None, None)
+            .unwrap()
+            .tally;
+        assert_eq!((t.corruptions, t.check_errors), (1, 0), "{:?}", t.findings);
+        let other = if n % 2 == 0 {
+            slot + (64 << 10)
+        } else {
+            slot - (64 << 10)
+        };
+        assert!(
+            t.findings[0].starts_with(&format!("ERROR: the VHDX {what} at {slot:#x} is damaged (")),
+            "{:?}",
+            t.findings
+        );
+        assert!(
+            t.findings[0].contains("checksum mismatch"),
+            "{:?}",
+            t.findings
+        );
+        assert!(
+            t.findings[0].ends_with(&format!("the copy at {other:#x} is intact")),
+            "{:?}",
+            t.findings
+        );
+        assert_eq!(our_check(&p, "vhdx", None).0, 2);
+        // qemu uses the good copy silently, but cannot open the file when the first
+        // region table is the damaged one.
+        let q = qemu_check(&p, "vhdx", None).0;
+        assert_eq!(q, if slot == 192 << 10 { 1 } else { 0 });
+        // Each repair is one write and a flush; a failure at either leaves it as it was.
+        if q == 0 {
+            assert_eq!(sweep_repair(&p, Format::Vhdx, Repair::All, true), 2);
+        } else {
+            // qemu-img cannot read the image before the repair: the same sweep, judged
+            // by us until the repair is through.
+            let orig = std::fs::read(&p).unwrap();
+            for n in 1..=2 {
+                std::fs::write(&p, &orig).unwrap();
+                let e = lib_check(&p, Format::Vhdx, Repair::All, Some(n)).unwrap_err();
+                assert!(e.to_string().contains("test hook"), "{e}");
+                let now = lib_check(&p, Format::Vhdx, Repair::None, None).unwrap();
+                assert!(matches!(now.exit_code(), 0 | 2), "after failing write {n}");
+            }
+            std::fs::write(&p, &orig).unwrap();
+            let r = lib_check(&p, Format::Vhdx, Repair::All, Some(3)).unwrap();
+            assert_eq!((r.exit_code(), r.tally.corruptions_fixed), (0, 1));
+        }
+        assert_eq!(assert_same_as_qemu(&p, "vhdx"), 0);
+        assert_eq!(guest(&p, "vhdx"), before);
+        let b = std::fs::read(&p).unwrap();
+        assert_eq!(
+            b[slot as usize..slot as usize + 4096],
+            b[other as usize..other as usize + 4096]
+        );
+    }
+    // -r leaks repairs no corruption.
+    let p = qemu_vhdx(d, "leaks.vhdx", "dynamic");
+    patch(&p, (128 << 10) + 4, &[0xff]);
+    assert_eq!(our_check(&p, "vhdx", Some("leaks")).0, 2);
+}
+
+#[test]
+#[cfg_attr(no_bzip2, ignore = "needs bzip2")]
+fn vhdx_dirty_log_is_refused_as_qemu_refuses_it() {
+    let Some(corpus) = corpus_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let p = corpus_file(&corpus, "iotest-dirtylog-10G-4M.vhdx.bz2", tmp.path());
+    let before = std::fs::read(&p).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_diskconv"))
+        .args(["check", "-f", "vhdx"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("opened read-only, but contains a log that needs to be replayed"),
+        "{err}"
+    );
+    if have_qemu() {
+        assert_eq!(qemu_check(&p, "vhdx", None).0, 1);
+    }
+    // qemu's -r all replays the log into the file; we refuse, touching nothing.
+    let (code, j, err) = our_check(&p, "vhdx", Some("all"));
+    assert_eq!((code, j), (1, None), "{err}");
+    assert!(
+        err.contains("replaying it into the file is not supported"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&p).unwrap(), before);
 }

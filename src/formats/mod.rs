@@ -253,6 +253,6 @@ pub fn check_image(
         Format::Vhd => vhd::check::check(file, path, repair, fail_at),
         Format::Vmdk => vmdk::check::check(file, path, repair, fail_at),
         Format::Vdi => vdi::check::check(file, path, repair, fail_at),
-        Format::Vhdx => Err(Error::unsupported("vhdx images cannot be checked yet")),
+        Format::Vhdx => vhdx::check::check(file, path, repair, fail_at),
     }
 }

@@ -23,7 +23,8 @@ pub enum Repair {
     Leaks,
     /// `-r all`: leaks, and every corruption that can be fixed without guessing (qcow2
     /// refcounts too low and OFLAG_COPIED flags, a vmdk redundant grain directory from the
-    /// primary, a vhd footer from its copy, a vdi header's allocated-block count).
+    /// primary, a vhd footer from its copy, a vdi header's allocated-block count, a vhdx
+    /// header or region table copy from the good one).
     All,
 }
 

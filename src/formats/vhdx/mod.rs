@@ -27,6 +27,7 @@ use crate::error::Result;
 use crate::options::{CreateOptions, OpenOptions, OptionHelp};
 use crate::writer::{AllocationPlan, ImageWriter, Sink};
 
+pub mod check;
 pub mod header;
 pub mod log;
 pub mod reader;

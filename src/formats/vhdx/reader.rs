@@ -383,7 +383,7 @@ fn check_block(host: &Host, spans: &[Span], off: u64, len: u64, what: &str, at: 
 
 /// Read the metadata region: the table, then each item the reader knows; an unknown
 /// required item refuses the file.
-fn read_metadata(host: &Host, r: &Region, warnings: &mut Vec<String>) -> Result<Params> {
+pub(super) fn read_metadata(host: &Host, r: &Region, warnings: &mut Vec<String>) -> Result<Params> {
     let base = r.file_offset;
     let tbl = host.read_vec(base, METADATA_TABLE_SIZE as u64, "metadata table")?;
     let table = MetadataTable::parse(&tbl, r.length as u64).map_err(|e| e.at(base))?;
