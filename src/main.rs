@@ -11,9 +11,9 @@ mod cli_cmms;
 mod cli_glance;
 #[cfg(feature = "remote")]
 mod cli_remote;
+mod cli_stdin;
 #[cfg(feature = "remote")]
 mod cli_swift;
-mod cli_stdin;
 use diskconv::parse_size;
 use diskconv::{
     ConvertOptions, CreateOptions, Error, Format, ImageInfo, OpenOptions, Preallocation,

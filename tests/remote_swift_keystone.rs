@@ -117,16 +117,34 @@ fn password_and_application_credential_upload_and_read_back() {
             let url = format!("swift://{c}/{name}.{fmt}");
             let out = diskconv(
                 &env,
-                &["--output=json", "convert", "-O", fmt, raw.to_str().unwrap(), &url],
+                &[
+                    "--output=json",
+                    "convert",
+                    "-O",
+                    fmt,
+                    raw.to_str().unwrap(),
+                    &url,
+                ],
             );
             let text = ok(&out);
-            assert!(!text.contains(&secret) && !String::from_utf8_lossy(&out.stderr).contains(&secret));
+            assert!(
+                !text.contains(&secret) && !String::from_utf8_lossy(&out.stderr).contains(&secret)
+            );
             let back = dir.path().join(format!("{name}.{fmt}.down"));
-            swift(&["download", &c, &format!("{name}.{fmt}"), "-o", back.to_str().unwrap()]);
+            swift(&[
+                "download",
+                &c,
+                &format!("{name}.{fmt}"),
+                "-o",
+                back.to_str().unwrap(),
+            ]);
             if fmt == "raw" {
                 assert_eq!(sha256_file(&back), sha256_file(&raw));
             } else {
-                ok(&diskconv(&env, &["compare", back.to_str().unwrap(), raw.to_str().unwrap()]));
+                ok(&diskconv(
+                    &env,
+                    &["compare", back.to_str().unwrap(), raw.to_str().unwrap()],
+                ));
             }
             let out = diskconv(&env, &["compare", &url, raw.to_str().unwrap()]);
             ok(&out);
@@ -134,7 +152,7 @@ fn password_and_application_credential_upload_and_read_back() {
         }
     }
     // The account is the project's (AUTH_<project id>), the same one swiftclient sees.
-    let stat = swift(&["stat"]);
+    let stat = swift(&["stat", &c]);
     assert!(stat.contains("Account: AUTH_"), "{stat}");
     assert!(stat.contains("Objects: 4"), "{stat}");
 }
@@ -199,7 +217,13 @@ fn wrong_password_is_one_line_without_the_secret() {
     env.insert("OS_PASSWORD".into(), bad.clone());
     let out = diskconv(
         &env,
-        &["convert", "-O", "raw", raw.to_str().unwrap(), &format!("swift://{c}/x.raw")],
+        &[
+            "convert",
+            "-O",
+            "raw",
+            raw.to_str().unwrap(),
+            &format!("swift://{c}/x.raw"),
+        ],
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -224,7 +248,13 @@ fn tempauth_variables_take_precedence_over_keystone() {
         .env("ST_AUTH", "http://127.0.0.1:9/auth/v1.0")
         .env("ST_USER", "a:b")
         .env("ST_KEY", "k")
-        .args(["convert", "-O", "raw", raw.to_str().unwrap(), "swift://c/x.raw"])
+        .args([
+            "convert",
+            "-O",
+            "raw",
+            raw.to_str().unwrap(),
+            "swift://c/x.raw",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());

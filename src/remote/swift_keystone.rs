@@ -49,7 +49,10 @@ impl SwiftAuthenticate for KeystoneSwift {
         let storage_url = self.session.endpoint("object-store").map_err(|e| {
             Error::new(
                 e.kind(),
-                format!("Swift via Keystone: {}", self.session.redact(&e.to_string())),
+                format!(
+                    "Swift via Keystone: {}",
+                    self.session.redact(&e.to_string())
+                ),
             )
         })?;
         Ok(SwiftToken {
