@@ -118,8 +118,8 @@ fn password_and_application_credential_upload_and_read_back() {
             let out = diskconv(
                 &env,
                 &[
-                    "--output=json",
                     "convert",
+                    "--output=json",
                     "-O",
                     fmt,
                     raw.to_str().unwrap(),
@@ -127,6 +127,7 @@ fn password_and_application_credential_upload_and_read_back() {
                 ],
             );
             let text = ok(&out);
+            assert!(text.contains(&url), "{text}");
             assert!(
                 !text.contains(&secret) && !String::from_utf8_lossy(&out.stderr).contains(&secret)
             );
