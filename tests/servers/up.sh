@@ -132,6 +132,7 @@ swift_up() {
   rm -rf "$root/swift"
   # With glance_up's Keystone: a second proxy taking its tokens, at its catalog's object-store.
   local ks=(); [ -n "${SWIFT_KS_PORT:-}" ] && [ -f "$root/keystone/keystone.env" ] &&
+    "$(sed -n '1s/^#! *//p' "$(command -v swift-proxy-server)")" -c 'import keystonemiddleware' 2>/dev/null &&
     ks=(KEYSTONE_URL="$(sed -n 's/^OS_AUTH_URL=//p' "$root/keystone/keystone.env")" SWIFT_KEYSTONE_PORT="$SWIFT_KS_PORT"
       KEYSTONE_PASSWORD="$(sed -n 's/^OS_PASSWORD=//p' "$root/keystone/keystone.env")")
   if env "${ks[@]}" "$here/start-swift.sh" "$root/swift" >&2; then
