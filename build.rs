@@ -44,6 +44,7 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-env-changed=DISKCONV_TEST_CEPH");
+    println!("cargo:rerun-if-env-changed=DISKCONV_TEST_SWIFT_KEYSTONE");
     println!("cargo:rustc-check-cfg=cfg(no_qemu)");
     println!("cargo:rustc-check-cfg=cfg(no_bzip2)");
     println!("cargo:rustc-check-cfg=cfg(no_strace)");
@@ -59,6 +60,7 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(no_glance)");
     println!("cargo:rustc-check-cfg=cfg(no_keystone)");
     println!("cargo:rustc-check-cfg=cfg(no_swift)");
+    println!("cargo:rustc-check-cfg=cfg(no_swift_keystone)");
     let required = required();
     let have = |tool: &str| match find_on_path(tool) {
         Some(p) => {
@@ -140,6 +142,10 @@ fn main() {
         // No Swift started (tests/servers/up.sh's swift_up exports DISKCONV_TEST_SWIFT*).
         if env::var_os("DISKCONV_TEST_SWIFT").is_none() {
             println!("cargo:rustc-cfg=no_swift");
+        }
+        // No Swift proxy taking Keystone tokens (swift_up after glance_up's Keystone).
+        if env::var_os("DISKCONV_TEST_SWIFT_KEYSTONE").is_none() {
+            println!("cargo:rustc-cfg=no_swift_keystone");
         }
     }
 }

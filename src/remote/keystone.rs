@@ -243,7 +243,7 @@ impl AuthConfig {
     }
 
     /// The secret values, to strip from any message.
-    fn secrets(&self) -> Vec<String> {
+    pub(crate) fn secrets(&self) -> Vec<String> {
         let s = match &self.method {
             AuthMethod::Password { password, .. } => password,
             AuthMethod::ApplicationCredential { secret, .. } => secret,

@@ -21,6 +21,7 @@ pub mod keystone;
 pub mod range;
 pub mod s3;
 pub mod swift;
+pub mod swift_keystone;
 
 pub use glance::{
     abort_glance_uploads, convert_to_glance, register_location, GlanceOptions, GlanceReport,
@@ -38,6 +39,7 @@ pub use swift::{
     convert_to_swift, delete_orphan_segments, open_swift, SwiftAuth, SwiftAuthenticate, SwiftToken,
     SwiftUploadOptions, SwiftUploadReport, SwiftUrl,
 };
+pub use swift_keystone::KeystoneSwift;
 
 /// Whether `dest` names an object-storage location this build can read (`s3://`,
 /// `swift://`, `https://`, `http://`), rather than a local path.

@@ -183,8 +183,11 @@ impl fmt::Debug for SwiftAuth {
 }
 
 impl SwiftAuth {
-    /// From the environment as python-swiftclient reads it: `OS_STORAGE_URL` with
-    /// `OS_AUTH_TOKEN` (used as given), else `ST_AUTH`, `ST_USER`, `ST_KEY` (tempauth).
+    /// From the environment, in python-swiftclient's order: `OS_STORAGE_URL` with
+    /// `OS_AUTH_TOKEN` (used as given); else `ST_AUTH`, `ST_USER`, `ST_KEY` (tempauth);
+    /// else Keystone v3 when `OS_AUTH_URL` or `OS_CLOUD` is set (password or application
+    /// credential, [`AuthConfig::from_env`](super::AuthConfig::from_env)), the storage URL
+    /// being the catalog's `object-store` endpoint unless `OS_STORAGE_URL` names one.
     /// `storage_url` (the CLI's `--os-storage-url`) overrides `OS_STORAGE_URL`.
     pub fn from_env(storage_url: Option<&str>) -> Result<Self> {
         let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
@@ -200,12 +203,19 @@ impl SwiftAuth {
                 user,
                 key,
             }),
-            _ if var("OS_AUTH_URL").is_some() => Err(Error::arg(
-                "Swift: Keystone (OS_AUTH_URL) is not supported here yet; set ST_AUTH, ST_USER \
-                 and ST_KEY (tempauth), or OS_STORAGE_URL and OS_AUTH_TOKEN",
-            )),
+            _ if var("OS_AUTH_URL").is_some() || var("OS_CLOUD").is_some() => {
+                let mut cfg = super::AuthConfig::from_env()?;
+                if let Some(u) = storage {
+                    cfg.set_endpoint("object-store", &u);
+                }
+                let session = Arc::new(super::Session::new(cfg)?);
+                Ok(SwiftAuth::Other(Arc::new(
+                    super::swift_keystone::KeystoneSwift::new(session),
+                )))
+            }
             _ => Err(Error::arg(
-                "Swift: no credentials; set ST_AUTH, ST_USER and ST_KEY (tempauth), or \
+                "Swift: no credentials; set ST_AUTH, ST_USER and ST_KEY (tempauth), OS_AUTH_URL \
+                 (or OS_CLOUD) with a password or application credential (Keystone v3), or \
                  OS_STORAGE_URL (or --os-storage-url) and OS_AUTH_TOKEN",
             )),
         }

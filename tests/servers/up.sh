@@ -103,7 +103,10 @@ glance_up() {
   fi
   [ -f "$root/keystone/keystone.pid" ] && "$here/keystone/stop-keystone.sh" "$root/keystone" >/dev/null
   rm -rf "$root/keystone"
-  if KEYSTONE_VENV=$root/keystone-venv GLANCE_PORT=$GLANCE_PORT "$here/keystone/start-keystone.sh" "$root/keystone" >&2; then
+  # The port swift_up's Keystone-validating proxy will take, listed now as "object-store".
+  SWIFT_KS_PORT=$("$py" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+  if KEYSTONE_VENV=$root/keystone-venv GLANCE_PORT=$GLANCE_PORT SWIFT_PORT=$SWIFT_KS_PORT \
+    "$here/keystone/start-keystone.sh" "$root/keystone" >&2; then
     SERVERS_STOP+=("$here/keystone/stop-keystone.sh $root/keystone")
     export DISKCONV_TEST_KEYSTONE=1 DISKCONV_TEST_KEYSTONE_ENV=$root/keystone/keystone.env \
       DISKCONV_TEST_KEYSTONE_APPCRED=$root/keystone/appcred.env
@@ -113,7 +116,8 @@ glance_up() {
 }
 
 # OpenStack Swift (Debian's swift-* packages, installed by scripts/test) with tempauth, SLO
-# and DLO on 127.0.0.1, for tests/remote_swift.rs.
+# and DLO on 127.0.0.1, for tests/remote_swift.rs; after glance_up, also a proxy validating
+# Keystone tokens (DISKCONV_TEST_SWIFT_KEYSTONE) for tests/remote_swift_keystone.rs.
 swift_up() {
   [ "${DISKCONV_TEST_SERVERS:-1}" = 0 ] && return 0
   local here root
@@ -126,13 +130,19 @@ swift_up() {
   mkdir -p "$root"
   [ -f "$root/swift/pids" ] && "$here/stop-swift.sh" "$root/swift" >/dev/null
   rm -rf "$root/swift"
-  if "$here/start-swift.sh" "$root/swift" >&2; then
+  # With glance_up's Keystone: a second proxy taking its tokens, at its catalog's object-store.
+  local ks=(); [ -n "${SWIFT_KS_PORT:-}" ] && [ -f "$root/keystone/keystone.env" ] &&
+    "$(sed -n '1s/^#! *//p' "$(command -v swift-proxy-server)")" -c 'import keystonemiddleware' 2>/dev/null &&
+    ks=(KEYSTONE_URL="$(sed -n 's/^OS_AUTH_URL=//p' "$root/keystone/keystone.env")" SWIFT_KEYSTONE_PORT="$SWIFT_KS_PORT"
+      KEYSTONE_PASSWORD="$(sed -n 's/^OS_PASSWORD=//p' "$root/keystone/keystone.env")")
+  if env "${ks[@]}" "$here/start-swift.sh" "$root/swift" >&2; then
+    [ ${#ks[@]} = 0 ] || export DISKCONV_TEST_SWIFT_KEYSTONE=1
     SERVERS_STOP+=("$here/stop-swift.sh $root/swift" "rm -rf $root/swift/node")
     # shellcheck disable=SC1091
     . "$root/swift/env"
     export DISKCONV_TEST_SWIFT=saio DISKCONV_TEST_SWIFT_AUTH=$ST_AUTH DISKCONV_TEST_SWIFT_USER=$ST_USER \
       DISKCONV_TEST_SWIFT_KEY=$ST_KEY
-    unset ST_AUTH ST_USER ST_KEY S3_ENDPOINT AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY SWIFT_PROXY_PORT
+    unset ST_AUTH ST_USER ST_KEY S3_ENDPOINT AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY SWIFT_PROXY_PORT SWIFT_KEYSTONE_PORT
   else
     echo "scripts/test: Swift did not start (logs: $root/swift/log)" >&2
   fi
