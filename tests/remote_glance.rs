@@ -883,7 +883,11 @@ fn register_by_http_location_makes_an_active_image_glance_serves() {
     assert_eq!(rec["status"], "active", "{rec}");
     assert_eq!(rec["disk_format"], "qcow2", "{rec}");
     assert_eq!(rec["size"], len, "{rec}");
-    assert_eq!(rec["checksum"], tool_digest("md5sum", &src).as_str(), "{rec}");
+    assert_eq!(
+        rec["checksum"],
+        tool_digest("md5sum", &src).as_str(),
+        "{rec}"
+    );
     assert_eq!(rec["os_hash_algo"], "sha512", "{rec}");
     assert_eq!(
         rec["os_hash_value"],
