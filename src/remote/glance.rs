@@ -723,8 +723,10 @@ pub struct LocationInfo {
 /// `rbd://`, `http(s)://`, as Glance's stores name them), through Glance's add-location
 /// API (`POST /v2/images/{id}/locations`, Glance 29 and later) or, where that is missing,
 /// the `locations` patch of `show_multiple_locations`. The SHA-512 goes in as the
-/// location's validation data. A cloud whose policy or stores refuse the location gives a
-/// clear error and no image.
+/// location's validation data: Glance 33 with `do_secure_hash` (its default) reads the
+/// location and refuses other bytes; with it off Glance copies the digests unread, so the
+/// record's match proves nothing. diskconv never reads the location. A cloud whose policy,
+/// stores or hash check refuse the location gives a clear error and no image.
 pub fn register_location(
     session: &Session,
     name: &str,
