@@ -723,8 +723,10 @@ pub struct LocationInfo {
 /// `rbd://`, `http(s)://`, as Glance's stores name them), through Glance's add-location
 /// API (`POST /v2/images/{id}/locations`, Glance 29 and later) or, where that is missing,
 /// the `locations` patch of `show_multiple_locations`. The SHA-512 goes in as the
-/// location's validation data. A cloud whose policy or stores refuse the location gives a
-/// clear error and no image.
+/// location's validation data: Glance 33 with `do_secure_hash` (its default) reads the
+/// location and refuses other bytes; with it off Glance copies the digests unread, so the
+/// record's match proves nothing. diskconv never reads the location. A cloud whose policy,
+/// stores or hash check refuse the location gives a clear error and no image.
 pub fn register_location(
     session: &Session,
     name: &str,
@@ -818,6 +820,7 @@ fn add_location(
             return Err(Error::new(e.kind(), format!("{m}{hint}")));
         }
     }
+    wait_location_task(glance, id, location, g.wait)?;
     let rec = glance.wait_active(id, g.wait)?;
     if let (Some(s), Some(theirs)) = (info.size, rec["size"].as_u64()) {
         if s != theirs {
@@ -843,6 +846,51 @@ fn add_location(
         );
     }
     Ok(rec)
+}
+
+/// Wait for Glance's `location_import` task: a refused location (its hash differs from the
+/// validation data, it cannot be read) puts the image back to `queued`, not `killed`, so only
+/// the task tells. A cloud without the image-tasks API (before Glance 22) is not waited on.
+fn wait_location_task(glance: &Glance<'_>, id: &str, location: &str, wait: Duration) -> Result<()> {
+    let until = Instant::now() + wait;
+    // The task hashes the whole location; polling it fast only adds load (and, on a
+    // sqlite-backed Glance, "database is locked" failures of the task itself).
+    let mut delay = Duration::from_millis(500);
+    loop {
+        std::thread::sleep(delay);
+        let tasks = match glance.json(
+            reqwest::Method::GET,
+            &format!("/v2/images/{id}/tasks"),
+            None,
+            "reading the image's tasks",
+        ) {
+            Ok(t) => t,
+            Err(e) if e.message().contains("HTTP 404") => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let task = tasks["tasks"].as_array().and_then(|ts| {
+            ts.iter()
+                .find(|t| t["type"].as_str() == Some("location_import"))
+        });
+        match task.and_then(|t| t["status"].as_str()) {
+            None | Some("success") => return Ok(()),
+            Some("failure") => {
+                let msg = task.and_then(|t| t["message"].as_str()).unwrap_or("");
+                return Err(glance.err(format!("Glance refused the location (its location_import task: {msg}): Glance could not read it, or its sha512 differs from the validation data"), location));
+            }
+            Some(_) => {}
+        }
+        if Instant::now() > until {
+            return Err(glance.err(
+                format!(
+                    "Glance's location import still runs after {} s",
+                    wait.as_secs()
+                ),
+                location,
+            ));
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
 }
 
 #[cfg(test)]
