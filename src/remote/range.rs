@@ -69,6 +69,8 @@ pub struct CachedSource<F: Fetch> {
     ahead: Mutex<Option<(u64, Vec<u8>)>>,
     /// Where the last large read ended.
     last_end: AtomicU64,
+    /// Bytes fetched at once along a sequential run (0: none).
+    read_ahead: u64,
 }
 
 impl<F: Fetch> std::fmt::Debug for CachedSource<F> {
@@ -93,7 +95,15 @@ impl<F: Fetch> CachedSource<F> {
             stats,
             ahead: Mutex::new(None),
             last_end: AtomicU64::new(u64::MAX),
+            read_ahead: READ_AHEAD,
         }
+    }
+
+    /// No read-ahead: for servers whose cost per request is low (S3), where bytes read
+    /// ahead past the end of a data run would be fetched for nothing.
+    pub fn without_read_ahead(mut self) -> Self {
+        self.read_ahead = 0;
+        self
     }
 
     fn get(&self, start: u64, end: u64) -> std::io::Result<Vec<u8>> {
@@ -195,8 +205,8 @@ impl<F: Fetch> RangeSource for CachedSource<F> {
                 .as_ref()
                 .is_some_and(|(s, d)| offset == *s + d.len() as u64)
                 || self.last_end.load(Ordering::Relaxed) == offset;
-            let upto = if sequential {
-                end.max(offset + READ_AHEAD).min(self.len)
+            let upto = if sequential && self.read_ahead > 0 {
+                end.max(offset + self.read_ahead).min(self.len)
             } else {
                 end
             };
@@ -265,7 +275,7 @@ pub fn open_s3(
         etag,
         secrets,
     };
-    let src = CachedSource::new(fetch, len, stats.clone());
+    let src = CachedSource::new(fetch, len, stats.clone()).without_read_ahead();
     let dev = open_range_source(Arc::new(src), len, &name, opts)?;
     Ok((dev, stats))
 }
