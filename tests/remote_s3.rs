@@ -341,10 +341,11 @@ fn child_peak_kib(mut child: std::process::Child) -> u64 {
     }
 }
 
-/// Peak memory of an upload, 256 MiB and 1 GiB in 5 MiB parts (4 in flight): a guard
-/// against growth with the image. Measured on 2026-12-01: 66 MiB and 85 MiB; about 130 KiB
-/// per part is still retained somewhere below diskconv's part buffers (which are reused),
-/// so the bounds are the measured figures with room, not the ~35 MiB the parts alone need.
+/// Peak memory of an upload, 256 MiB and 1 GiB in 5 MiB parts (4 in flight): the same at
+/// both sizes, and within the parts in flight, the part being filled, the pool of reusable
+/// part buffers and the program itself. Measured on 2026-12-01 with OpenDAL 0.59: 54 and
+/// 55 MiB (with 0.53, whose concurrent writer kept every finished part until the upload
+/// closed, 85 and 121 MiB).
 #[test]
 #[cfg_attr(no_s3, ignore = "no S3 server: run scripts/test (it starts SeaweedFS)")]
 fn upload_peak_memory_is_bounded_by_parts_in_flight() {
@@ -374,8 +375,8 @@ fn upload_peak_memory_is_bounded_by_parts_in_flight() {
         std::fs::remove_file(&raw).unwrap();
     }
     eprintln!("peak RSS: 256 MiB {} KiB, 1 GiB {} KiB", peaks[0], peaks[1]);
-    assert!(peaks[1] <= peaks[0] + 32 * 1024, "{peaks:?} KiB");
-    assert!(peaks[1] < 112 * 1024, "{peaks:?} KiB");
+    assert!(peaks[1] <= peaks[0] + 4 * 1024, "grows with the image: {peaks:?} KiB");
+    assert!(peaks[1] < 72 * 1024, "{peaks:?} KiB");
 }
 
 /// Every output format that streams goes up and comes back as the same guest bytes

@@ -87,7 +87,11 @@ fn free_extents(img: &Path) -> Vec<(u64, u64)> {
         match g.bits {
             12 => {
                 let v = u16::from_le_bytes([fat[n * 3 / 2], fat[n * 3 / 2 + 1]]);
-                (if n % 2 == 0 { v & 0xFFF } else { v >> 4 }) as u32
+                (if n.is_multiple_of(2) {
+                    v & 0xFFF
+                } else {
+                    v >> 4
+                }) as u32
             }
             16 => u16::from_le_bytes([fat[2 * n], fat[2 * n + 1]]) as u32,
             _ => u32::from_le_bytes(fat[4 * n..4 * n + 4].try_into().unwrap()) & 0x0FFF_FFFF,

@@ -273,7 +273,7 @@ impl Super {
 }
 
 fn is_power_of(mut n: u64, base: u64) -> bool {
-    while n > 1 && n % base == 0 {
+    while n > 1 && n.is_multiple_of(base) {
         n /= base;
     }
     n == 1
@@ -823,7 +823,7 @@ pub fn scan(region: &Region<'_>, sink: &mut dyn FreeSink) -> Result<Outcome> {
 
 fn scan_groups(region: &Region<'_>, s: Super, sink: &mut dyn FreeSink) -> Step<()> {
     let fs_bytes = s.blocks_count.checked_mul(s.block_size);
-    if fs_bytes.map_or(true, |b| b > region.len()) {
+    if fs_bytes.is_none_or(|b| b > region.len()) {
         return skip(format!(
             "the filesystem ({} blocks of {}) is larger than its region ({} bytes)",
             s.blocks_count,

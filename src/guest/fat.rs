@@ -138,7 +138,7 @@ fn parse_bpb(b: &[u8], region_len: u64) -> Step<Layout> {
     if !fat32 && root_entries == 0 {
         return skip("BPB_RootEntCnt is 0 on FAT12/16");
     }
-    if (root_entries * 32) % bps != 0 {
+    if !(root_entries * 32).is_multiple_of(bps) {
         return skip(format!(
             "BPB_RootEntCnt {root_entries} does not fill whole sectors"
         ));
@@ -492,7 +492,7 @@ mod exfat {
         let heap_off = le32(b, 88) as u64;
         let clusters = le32(b, 92) as u64;
         let root = le32(b, 96) as u64;
-        if vol_len.checked_mul(bps).map_or(true, |v| v > region_len) {
+        if vol_len.checked_mul(bps).is_none_or(|v| v > region_len) {
             return skip(format!(
                 "VolumeLength {vol_len} sectors run past the region ({region_len} bytes)"
             ));

@@ -112,7 +112,7 @@ impl FreeMap {
         while i < last {
             let next = i + 1;
             // Skip whole words of the same state.
-            if next % 64 == 0 && next + 64 <= last + 1 {
+            if next.is_multiple_of(64) && next + 64 <= last + 1 {
                 let w = self.bits[(next / 64) as usize];
                 if (free && w == u64::MAX) || (!free && w == 0) {
                     i = next + 63;

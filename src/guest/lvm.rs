@@ -592,7 +592,7 @@ pub fn read_vg(root: &Value, uuid: &str, pv_len: u64) -> Result<Vg> {
                 };
                 if *on == pv_name {
                     let pe = *pe as u64;
-                    if pe.checked_add(per).map_or(true, |e| e > pe_count) {
+                    if pe.checked_add(per).is_none_or(|e| e > pe_count) {
                         return Err(Error::corrupt(format!(
                             "{name}/{lv_name}: extents {pe}+{per} run past pe_count {pe_count}"
                         )));
@@ -675,7 +675,7 @@ impl<'a> LvDevice<'a> {
     pub fn new(pv: Region<'a>, extents: Vec<Extent>) -> Result<Self> {
         let mut size = 0;
         for e in &extents {
-            if e.lv_off != size || e.pv_off.checked_add(e.len).map_or(true, |x| x > pv.len()) {
+            if e.lv_off != size || e.pv_off.checked_add(e.len).is_none_or(|x| x > pv.len()) {
                 return Err(Error::corrupt(
                     "logical volume extents are not contiguous or run past the physical volume",
                 ));

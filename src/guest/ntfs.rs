@@ -209,7 +209,7 @@ pub fn apply_fixups(buf: &mut [u8], what: &str) -> Check<()> {
             buf.len()
         ));
     }
-    if usa_ofs % 2 != 0 || usa_ofs < 8 || usa_ofs + 2 * usa_count > FIXUP_STRIDE - 2 {
+    if !usa_ofs.is_multiple_of(2) || usa_ofs < 8 || usa_ofs + 2 * usa_count > FIXUP_STRIDE - 2 {
         return Err(format!(
             "{what}: update sequence array offset {usa_ofs:#x} is misplaced"
         ));
@@ -290,7 +290,7 @@ impl MftRecord {
             return Err(format!("{what} says it is record {}", le32(&buf, 0x2c)?));
         }
         let attrs = le16(&buf, 0x14)? as usize;
-        if attrs < 0x18 || attrs >= in_use || attrs % 8 != 0 {
+        if attrs < 0x18 || attrs >= in_use || !attrs.is_multiple_of(8) {
             return Err(format!("{what}: attrs_offset {attrs:#x} is misplaced"));
         }
         buf.truncate(in_use);
@@ -307,7 +307,7 @@ impl MftRecord {
                 return Ok(out);
             }
             let len = le32(b, off + 4)? as usize;
-            if len < 0x18 || len % 8 != 0 || off + len > b.len() {
+            if len < 0x18 || !len.is_multiple_of(8) || off + len > b.len() {
                 return Err(format!(
                     "MFT record {}: attribute {ty:#x} at {off:#x} has bad length {len}",
                     self.number
@@ -457,7 +457,7 @@ fn parse_stream(a: &Attr<'_>, boot: &BootSector, whole: bool, what: &str) -> Che
         if lcn < 0
             || (lcn as u64)
                 .checked_add(len)
-                .map_or(true, |e| e > boot.clusters)
+                .is_none_or(|e| e > boot.clusters)
         {
             return Err(format!(
                 "{what}: run at VCN {vcn} ({len} clusters at LCN {lcn}) lies outside the volume's {} clusters",
@@ -659,7 +659,8 @@ fn find_entries(entries: &[u8], name: &str, out: &mut Vec<u64>) -> Check<()> {
         if flags & 2 != 0 {
             return Ok(()); // the last entry carries no key
         }
-        if len < 0x10 || len % 8 != 0 || off + len > entries.len() || 0x10 + key_len > len {
+        if len < 0x10 || !len.is_multiple_of(8) || off + len > entries.len() || 0x10 + key_len > len
+        {
             return Err(format!(
                 "root directory index entry at {off:#x} has bad length {len}"
             ));
@@ -802,13 +803,13 @@ fn check_logfile(vol: &Volume<'_, '_>) -> Check<()> {
             return Err(format!("$LogFile version {major}.{minor} is not known"));
         }
         let ra = le16(&page, 0x18)? as usize;
-        if ra % 8 != 0 || ra + 0x30 > page.len() {
+        if !ra.is_multiple_of(8) || ra + 0x30 > page.len() {
             return Err(format!("$LogFile restart_area_offset {ra:#x} is misplaced"));
         }
         let lsn = le64(&page, ra)?;
         let in_use = le16(&page, ra + 0x0c)?;
         let flags = le16(&page, ra + 0x0e)?;
-        if newest.map_or(true, |(l, _, _)| lsn > l) {
+        if newest.is_none_or(|(l, _, _)| lsn > l) {
             newest = Some((lsn, in_use, flags));
         }
         // The second copy sits one system page after the first.
@@ -1020,7 +1021,7 @@ mod tests {
         }
         a.extend_from_slice(pairs);
         a.push(0);
-        while a.len() % 8 != 0 {
+        while !a.len().is_multiple_of(8) {
             a.push(0);
         }
         let len = a.len() as u32;

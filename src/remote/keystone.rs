@@ -396,9 +396,7 @@ impl Session {
         {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(t) = st.as_ref() {
-                let fresh = t
-                    .expires_at
-                    .map_or(true, |e| e > SystemTime::now() + margin);
+                let fresh = t.expires_at.is_none_or(|e| e > SystemTime::now() + margin);
                 if fresh {
                     return Ok(t.token.0.clone());
                 }
@@ -626,7 +624,7 @@ pub fn pick_endpoint(
         .find(|e| {
             e.service_type == service_type
                 && e.interface == interface
-                && region.map_or(true, |r| e.region.as_deref() == Some(r))
+                && region.is_none_or(|r| e.region.as_deref() == Some(r))
         })
         .map(|e| e.url.clone())
         .ok_or_else(|| {

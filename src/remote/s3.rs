@@ -181,8 +181,7 @@ impl S3Config {
                     .with_min_delay(Duration::from_millis(200))
                     .with_max_delay(Duration::from_secs(5))
                     .with_jitter(),
-            )
-            .finish();
+            );
         Ok(op)
     }
 }
@@ -725,15 +724,15 @@ impl Drop for PooledPart {
 /// [`UploadOptions::corrupt_part`]: the HTTP client under OpenDAL, flipping a byte of one
 /// part's body after the part was checksummed and signed, as a network fault would.
 struct CorruptPart {
-    inner: opendal::raw::HttpClient,
+    inner: opendal::HttpTransporter,
     part: u64,
 }
 
-impl opendal::raw::HttpFetch for CorruptPart {
+impl opendal::HttpTransport for CorruptPart {
     async fn fetch(
         &self,
         req: http::Request<Buffer>,
-    ) -> opendal::Result<http::Response<opendal::raw::HttpBody>> {
+    ) -> opendal::Result<http::Response<opendal::HttpBody>> {
         let want = format!("partNumber={}", self.part);
         let hit = req
             .uri()
@@ -829,11 +828,13 @@ pub fn convert_to_s3(
     let rt = Arc::new(runtime()?);
     let op = cfg.operator(&dest.bucket).map_err(|e| e.with_path(&url))?;
     let tracked = TrackedExecutor::default();
-    let exec = tracked.clone();
-    op.update_executor(|_| opendal::Executor::with(exec));
+    let mut ctx =
+        opendal::OperationContext::new().with_executor(opendal::Executor::with(tracked.clone()));
     if let Some(part) = up.corrupt_part {
-        op.update_http_client(|inner| opendal::raw::HttpClient::with(CorruptPart { inner, part }));
+        let inner = ctx.http_transport().clone();
+        ctx = ctx.with_http_transport(opendal::HttpTransporter::new(CorruptPart { inner, part }));
     }
+    let op = op.with_context(ctx);
 
     let mut metadata = up.metadata.clone();
     let source_format = src.info().format;
@@ -960,13 +961,14 @@ pub fn abort_incomplete_uploads(bucket: &str, prefix: &str, cfg: &S3Config) -> R
         endpoint.trim_end_matches('/'),
         encode(bucket, false)
     );
-    let cred = reqsign::AwsCredential {
+    let cred = reqsign_aws_v4::Credential {
         access_key_id: ak.clone(),
         secret_access_key: sk.clone(),
         session_token: cfg.session_token.clone(),
         expires_in: None,
     };
-    let signer = reqsign::AwsV4Signer::new("s3", region);
+    let signer = reqsign_aws_v4::RequestSigner::new("s3", region);
+    let ctx = reqsign_core::Context::new();
     let client = reqwest::Client::new();
     let rt = runtime()?;
     let secrets = cfg.secret_strings();
@@ -977,15 +979,22 @@ pub fn abort_incomplete_uploads(bucket: &str, prefix: &str, cfg: &S3Config) -> R
         }
         Error::new(ErrorKind::Io, msg).with_path(&name)
     };
-    let send = |method: reqwest::Method, url: String, what: &str| -> Result<String> {
+    let send = |method: http::Method, url: String, what: &str| -> Result<String> {
+        use reqsign_core::SignRequest;
         rt.block_on(async {
-            let mut req = client
-                .request(method, &url)
-                .build()
+            let req = http::Request::builder()
+                .method(method)
+                .uri(&url)
+                .body(())
                 .map_err(|_| fail(what, "bad request URL".into()))?;
+            let (mut parts, ()) = req.into_parts();
             signer
-                .sign(&mut req, &cred)
+                .sign_request(&ctx, &mut parts, Some(&cred), None)
+                .await
                 .map_err(|_| fail(what, "cannot sign the request".into()))?;
+            let req =
+                reqwest::Request::try_from(http::Request::from_parts(parts, Vec::<u8>::new()))
+                    .map_err(|_| fail(what, "bad request URL".into()))?;
             let resp = client
                 .execute(req)
                 .await
@@ -1006,7 +1015,7 @@ pub fn abort_incomplete_uploads(bucket: &str, prefix: &str, cfg: &S3Config) -> R
     let mut marker = String::new();
     for _ in 0..1000 {
         let url = format!("{base}?uploads&prefix={}{marker}", encode(prefix, true));
-        let body = send(reqwest::Method::GET, url, "listing open uploads")?;
+        let body = send(http::Method::GET, url, "listing open uploads")?;
         let mut rest = body.as_str();
         while let Some((_, after)) = rest.split_once("<Upload>") {
             let (upload, tail) = after.split_once("</Upload>").unwrap_or((after, ""));
@@ -1019,7 +1028,7 @@ pub fn abort_incomplete_uploads(bucket: &str, prefix: &str, cfg: &S3Config) -> R
                 encode(&key, false),
                 encode(&id, true)
             );
-            send(reqwest::Method::DELETE, url, "aborting an open upload")?;
+            send(http::Method::DELETE, url, "aborting an open upload")?;
             aborted.push(key);
         }
         if tag(&body, "IsTruncated").as_deref() != Some("true") {

@@ -174,7 +174,7 @@ impl Checker<'_> {
             ))
             .with_field("nb_snapshots"));
         }
-        if h.snapshots_offset % self.cs != 0 {
+        if !h.snapshots_offset.is_multiple_of(self.cs) {
             return Err(Error::corrupt(format!(
                 "Snapshot table offset {:#x} is not cluster aligned",
                 h.snapshots_offset
@@ -368,7 +368,7 @@ impl Checker<'_> {
             }
             let l2 = e & OFFSET_MASK;
             self.inc(l2, self.cs);
-            if l2 % self.cs != 0 {
+            if !l2.is_multiple_of(self.cs) {
                 self.t.corrupt(format!(
                     "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
@@ -458,7 +458,7 @@ impl Checker<'_> {
                     "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
                 ));
             }
-            if off % self.cs != 0 {
+            if !off.is_multiple_of(self.cs) {
                 let contains_data = if ext {
                     bitmap & L2_BITMAP_ALL_ALLOC != 0
                 } else {
@@ -496,7 +496,7 @@ impl Checker<'_> {
                 self.rebuild = true;
                 continue;
             }
-            if off % self.cs != 0 {
+            if !off.is_multiple_of(self.cs) {
                 self.t.corrupt(format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 ));
@@ -539,7 +539,7 @@ impl Checker<'_> {
         if off == 0 {
             return Ok(None);
         }
-        if off % self.cs != 0 {
+        if !off.is_multiple_of(self.cs) {
             return Err(format!(
                 "Can't get refcount for cluster {k}: Input/output error"
             ));
@@ -700,7 +700,7 @@ impl Checker<'_> {
                     self.t.corruptions += 1;
                 }
             }
-            if l2_off % self.cs != 0 {
+            if !l2_off.is_multiple_of(self.cs) {
                 continue;
             }
             let inside = self.host.len().saturating_sub(l2_off).min(self.cs);

@@ -288,7 +288,7 @@ impl Discarder<'_> {
             clusters.extend(start / cs..end.div_ceil(cs));
         } else if e & OFFSET_MASK != 0 {
             let host = e & OFFSET_MASK;
-            if host % cs != 0 {
+            if !host.is_multiple_of(cs) {
                 return Err(Error::corrupt(format!(
                     "the L2 entry of guest offset {guest:#x} names host offset {host:#x}, not cluster aligned; run qemu-img check -r all"
                 ))

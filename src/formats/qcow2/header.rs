@@ -343,7 +343,7 @@ impl Header {
             .with_field("l1_size")
             .at(36));
         }
-        if self.l1_table_offset % cs != 0 {
+        if !self.l1_table_offset.is_multiple_of(cs) {
             return Err(bad(
                 format!(
                     "l1_table_offset {:#x} is not cluster aligned",

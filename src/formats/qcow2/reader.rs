@@ -250,7 +250,7 @@ impl Qcow2Image {
             }
         }
         let where_ = self.l1_offset + l1_index * 8;
-        if off % self.cs != 0 {
+        if !off.is_multiple_of(self.cs) {
             return Err(Error::corrupt(format!(
                 "L2 table offset {off:#x} (L1 entry {l1_index}) is not cluster aligned"
             ))
@@ -310,7 +310,7 @@ impl Qcow2Image {
         }
         let host = entry & OFFSET_MASK;
         let allocated = host != 0 || (self.data_file.is_some() && entry & COPIED != 0);
-        if allocated && host % cs != 0 {
+        if allocated && !host.is_multiple_of(cs) {
             return Err(Error::corrupt(format!(
                 "data cluster offset {host:#x} for guest offset {:#x} is not cluster aligned",
                 l2_pos() * cs
@@ -688,7 +688,7 @@ impl BlockDevice for Qcow2Image {
             warnings
                 .push("corrupt bit set: qemu found metadata corruption in this image".to_string());
         }
-        if h.size % 512 != 0 {
+        if !h.size.is_multiple_of(512) {
             warnings.push(format!(
                 "virtual size {} is not a multiple of 512; read as {} bytes like qemu",
                 h.size, self.size

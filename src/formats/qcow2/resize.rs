@@ -150,7 +150,7 @@ impl Refs {
             .with_field("refcount_table_clusters")
             .at(56));
         }
-        if h.refcount_table_offset % cs != 0 || h.refcount_table_offset == 0 {
+        if !h.refcount_table_offset.is_multiple_of(cs) || h.refcount_table_offset == 0 {
             return Err(Error::corrupt(format!(
                 "refcount_table_offset {:#x} is not a cluster-aligned offset past the header",
                 h.refcount_table_offset
@@ -356,7 +356,7 @@ impl Qcow2Editor {
     pub(super) fn read_l2(&self, l1_index: usize, entry: u64) -> Result<Vec<u64>> {
         let off = entry & OFFSET_MASK;
         let at = self.header.l1_table_offset + l1_index as u64 * 8;
-        if off % self.cs() != 0 {
+        if !off.is_multiple_of(self.cs()) {
             return Err(Error::corrupt(format!(
                 "L2 table offset {off:#x} (L1 entry {l1_index}) is not cluster aligned"
             ))
@@ -456,7 +456,7 @@ impl Qcow2Editor {
             new_l1[i] = 0;
             l1_changed = true;
         }
-        if keep % span != 0 {
+        if !keep.is_multiple_of(span) {
             let i = (keep / span) as usize;
             if let Some(&e) = old_l1.get(i).filter(|e| *e & OFFSET_MASK != 0) {
                 let mut l2 = self.read_l2(i, e)?;
@@ -743,7 +743,7 @@ impl Qcow2Editor {
     /// (host offset, bytes) when they are an uncompressed cluster's and not all zero.
     fn stale_tail(&self, l1: &[u64], from: u64, growing: bool) -> Result<Option<(u64, usize)>> {
         let cs = self.cs();
-        if from % cs == 0 {
+        if from.is_multiple_of(cs) {
             return Ok(None);
         }
         let Some(w) = self.entry_of(l1, from)? else {
@@ -909,7 +909,7 @@ impl ImageEditor for Qcow2Editor {
             ))
             .with_path(&self.path));
         }
-        if new_size % 512 != 0 {
+        if !new_size.is_multiple_of(512) {
             return Err(Error::arg("The new size must be a multiple of 512").with_path(&self.path));
         }
         if new_size == 0 {

@@ -41,7 +41,7 @@ pub fn read_table(file: &HostFile, h: &Header) -> Result<Vec<Snapshot>> {
         .with_field("nb_snapshots")
         .at(60));
     }
-    if h.snapshots_offset % h.cluster_size() != 0 {
+    if !h.snapshots_offset.is_multiple_of(h.cluster_size()) {
         return Err(Error::corrupt(format!(
             "snapshot table offset {:#x} is not cluster aligned",
             h.snapshots_offset

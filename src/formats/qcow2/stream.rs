@@ -107,7 +107,7 @@ impl Walk {
     fn step(&mut self, sh: &Shape, runs: &[(u64, u64)], encoded: &[(u64, u32)]) -> Option<Step> {
         let g = self.peek(runs);
         if let Some(c) = self.group {
-            if g.map_or(true, |g| g / sh.l2e != c) {
+            if g.is_none_or(|g| g / sh.l2e != c) {
                 self.group = None;
                 self.cfree = None;
                 return Some(Step::Table(c, self.refs.alloc(1) * sh.cs));
@@ -252,7 +252,7 @@ pub fn create_stream_writer(
             MAX_REFTABLE_BYTES >> 20
         )));
     }
-    if n.checked_mul(cs).map_or(true, |e| e > 1 << 56) {
+    if n.checked_mul(cs).is_none_or(|e| e > 1 << 56) {
         return Err(Error::limit(
             "qcow2 data would lie beyond 64 PiB, which L2 entries cannot address",
         ));
@@ -401,7 +401,7 @@ impl Qcow2StreamWriter {
     fn place_for(&mut self, g: Option<u64>) -> Result<Place> {
         let target = g.unwrap_or(u64::MAX);
         if let Some(g) = g {
-            if self.walk.peek(&self.runs).map_or(true, |n| n > g) {
+            if self.walk.peek(&self.runs).is_none_or(|n| n > g) {
                 return Err(self.not_planned(g));
             }
         }
@@ -444,7 +444,7 @@ impl Qcow2StreamWriter {
     fn check_order(&mut self, offset: u64, len: usize) -> Result<()> {
         let end = offset
             .checked_add(len as u64)
-            .filter(|&e| e <= self.p.size && offset >= self.written_to && offset % self.p.cs == 0)
+            .filter(|&e| e <= self.p.size && offset >= self.written_to && offset.is_multiple_of(self.p.cs))
             .ok_or_else(|| {
                 Error::arg(format!(
                     "qcow2 writer: write of {len} bytes at {offset:#x} is out of order, unaligned or past the virtual size"

@@ -344,7 +344,7 @@ impl Qcow2Writer {
     fn check_order(&mut self, offset: u64, len: u64) -> Result<()> {
         let end = offset
             .checked_add(len)
-            .filter(|&e| e <= self.size && offset >= self.written_to && offset % self.cs == 0)
+            .filter(|&e| e <= self.size && offset >= self.written_to && offset.is_multiple_of(self.cs))
             .ok_or_else(|| {
                 Error::arg(format!(
                     "qcow2 writer: write of {len} bytes at {offset:#x} is out of order, unaligned or past the virtual size"
@@ -543,7 +543,7 @@ impl ImageWriter for Qcow2Writer {
             )));
         }
         write_all_at(&self.file, &encoded, start, "compressed cluster")?;
-        self.cfree = (end % cs != 0).then_some(end);
+        self.cfree = (!end.is_multiple_of(cs)).then_some(end);
         let nsect = (end - 1) / 512 - start / 512;
         let guest = offset / cs;
         self.set_entry(guest, COMPRESSED | (nsect << shift) | start, 0);

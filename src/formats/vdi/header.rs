@@ -416,7 +416,7 @@ impl VdiHeader {
             ));
         }
         let min_bmap = PRE_HEADER_SIZE + HEADER1_SIZE;
-        if h.offset_bmap < min_bmap || h.offset_bmap % SECTOR_SIZE != 0 {
+        if h.offset_bmap < min_bmap || !h.offset_bmap.is_multiple_of(SECTOR_SIZE) {
             return Err(bad(
                 "offset_bmap",
                 0x154,
@@ -427,7 +427,7 @@ impl VdiHeader {
             ));
         }
         let bmap_end = u64::from(h.offset_bmap) + u64::from(h.blocks_in_image) * 4;
-        if u64::from(h.offset_data) < bmap_end || h.offset_data % SECTOR_SIZE != 0 {
+        if u64::from(h.offset_data) < bmap_end || !h.offset_data.is_multiple_of(SECTOR_SIZE) {
             return Err(bad(
                 "offset_data",
                 0x158,

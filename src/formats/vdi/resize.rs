@@ -231,7 +231,7 @@ impl VdiEditor {
         // Stale bytes the new size exposes (the old last block's tail, blocks a shrink left
         // counted past the guest) are zeroed in place: the old image never reads them.
         let mut zero: Vec<(u64, u64)> = Vec::new();
-        if old_size % bs != 0 {
+        if !old_size.is_multiple_of(bs) {
             let e = self.bmap[(old_needed - 1) as usize];
             if is_data(e) {
                 let tail = old_size % bs;
@@ -430,7 +430,7 @@ impl ImageEditor for VdiEditor {
 
     fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
         let old = self.virtual_size();
-        if new_size == 0 || new_size % u64::from(SECTOR_SIZE) != 0 {
+        if new_size == 0 || !new_size.is_multiple_of(u64::from(SECTOR_SIZE)) {
             return Err(Error::arg(format!(
                 "new VDI size {new_size} is not a positive multiple of {SECTOR_SIZE} bytes"
             ))

@@ -152,7 +152,7 @@ impl ImageWriter for VdiStreamWriter {
         let bs = self.block_size();
         let end = offset
             .checked_add(data.len() as u64)
-            .filter(|&e| e <= self.size && offset >= self.written_to && offset % bs == 0)
+            .filter(|&e| e <= self.size && offset >= self.written_to && offset.is_multiple_of(bs))
             .ok_or_else(|| {
                 Error::arg(format!(
                     "VDI writer: write of {} bytes at {offset:#x} is out of order, not aligned \

@@ -103,7 +103,7 @@ impl ImageWriter for VdiWriter {
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|&e| e <= self.size);
-        let Some(end) = end.filter(|_| offset % gran == 0 && offset >= self.next) else {
+        let Some(end) = end.filter(|_| offset.is_multiple_of(gran) && offset >= self.next) else {
             return Err(Error::arg(format!(
                 "VDI writer got {} bytes at {offset:#x}: not aligned to {gran}, out of order or past the size {}",
                 data.len(),

@@ -431,10 +431,7 @@ fn open_sparse(
         if e != UNALLOCATED {
             let start = e as u64 * 512;
             // Every allocated block (bitmap + data) must lie inside the file, as qemu requires.
-            if start
-                .checked_add(stride)
-                .map_or(true, |end| end > file.len())
-            {
+            if start.checked_add(stride).is_none_or(|end| end > file.len()) {
                 return Err(Error::corrupt(format!(
                     "VHD BAT entry {i} points at sector {e} (offset {start:#x}): its bitmap and block ({stride} bytes) run past the end of the file ({} bytes)",
                     file.len()
@@ -646,7 +643,7 @@ impl Sparse {
         let set = bit(&bitmap, first);
         let mut s = first + 1;
         while s < last {
-            if s % 8 == 0 && s + 8 <= last {
+            if s.is_multiple_of(8) && s + 8 <= last {
                 let byte = bitmap[s / 8];
                 if byte == if set { 0xff } else { 0 } {
                     s += 8;

@@ -317,7 +317,7 @@ impl VhdEditor {
             dirty = true;
         }
         // The bytes of a partial last block past the old size.
-        if old % bs != 0 {
+        if !old.is_multiple_of(bs) {
             let e = d.bat[(old_needed - 1) as usize];
             if e != UNALLOCATED {
                 let data = u64::from(e) * SECTOR + d.hdr.bitmap_size();
@@ -455,7 +455,7 @@ impl ImageEditor for VhdEditor {
     }
 
     fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
-        if new_size == 0 || new_size % SECTOR != 0 {
+        if new_size == 0 || !new_size.is_multiple_of(SECTOR) {
             return Err(Error::arg(format!(
                 "new VHD size {new_size} is not a positive multiple of {SECTOR} bytes"
             ))

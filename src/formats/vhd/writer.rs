@@ -86,14 +86,14 @@ pub(super) fn plan(opts: &CreateOptions) -> Result<Plan> {
     };
     let mut size = opts.size;
     let mut notes = Vec::new();
-    if size % 512 != 0 {
+    if !size.is_multiple_of(512) {
         let up = size.div_ceil(512) * 512;
         notes.push(format!(
             "VHD size {size} is not a multiple of 512; rounded up to {up} bytes"
         ));
         size = up;
     }
-    if azure && size % (1 << 20) != 0 {
+    if azure && !size.is_multiple_of(1 << 20) {
         let up = size.div_ceil(1 << 20) << 20;
         notes.push(format!(
             "Azure needs a whole number of MiB; size {size} rounded up to {up} bytes"

@@ -285,7 +285,7 @@ impl RegionTable {
                 required: LE::read_u32(&e[28..]) & 1 != 0,
             };
             let field = format!("region_table.entry[{i}]");
-            if r.file_offset % MIB != 0 || r.file_offset < HEADER_SECTION_END {
+            if !r.file_offset.is_multiple_of(MIB) || r.file_offset < HEADER_SECTION_END {
                 return Err(Error::invalid(format!(
                     "VHDX region {} starts at {:#x}, which is not a multiple of 1 MiB past the header section",
                     guid_string(&r.guid),
@@ -293,7 +293,7 @@ impl RegionTable {
                 ))
                 .with_field(format!("{field}.file_offset")));
             }
-            if r.length as u64 % MIB != 0 || r.length == 0 {
+            if !(r.length as u64).is_multiple_of(MIB) || r.length == 0 {
                 return Err(Error::invalid(format!(
                     "VHDX region {} has length {}, which is not a non-zero multiple of 1 MiB",
                     guid_string(&r.guid),
@@ -517,7 +517,7 @@ pub fn utf16le(s: &str) -> Vec<u8> {
 
 /// Decode UTF-16LE `b` (an odd length or unpaired surrogate is an error).
 pub fn from_utf16le(b: &[u8]) -> Option<String> {
-    if b.len() % 2 != 0 {
+    if !b.len().is_multiple_of(2) {
         return None;
     }
     let units: Vec<u16> = b.chunks_exact(2).map(LE::read_u16).collect();

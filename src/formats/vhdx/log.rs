@@ -209,7 +209,7 @@ impl Log<'_> {
         let length = LE::read_u32(&h[8..]) as u64;
         let seq = LE::read_u64(&h[16..]);
         let desc_count = LE::read_u32(&h[24..]) as u64;
-        if length == 0 || length % LOG_SECTOR != 0 || length > self.len() || seq == 0 {
+        if length == 0 || !length.is_multiple_of(LOG_SECTOR) || length > self.len() || seq == 0 {
             return Ok(None);
         }
         if desc_sectors(desc_count) * LOG_SECTOR > length {
@@ -248,14 +248,14 @@ fn desc_sectors(count: u64) -> u64 {
 /// None for a clean image (zero log GUID, or no valid entry). A descriptor may not write
 /// into the header section or the log itself.
 pub fn replay(file: &HostFile, h: &Header) -> Result<Option<Overlay>> {
-    if h.log_offset % MIB != 0 || h.log_offset < HEADER_SECTION_END {
+    if !h.log_offset.is_multiple_of(MIB) || h.log_offset < HEADER_SECTION_END {
         return Err(Error::invalid(format!(
             "VHDX log offset {:#x} is not a multiple of 1 MiB past the header section",
             h.log_offset
         ))
         .with_field("header.log_offset"));
     }
-    if h.log_length as u64 % MIB != 0 {
+    if !(h.log_length as u64).is_multiple_of(MIB) {
         return Err(Error::invalid(format!(
             "VHDX log length {} is not a multiple of 1 MiB",
             h.log_length
@@ -306,7 +306,7 @@ pub fn replay(file: &HostFile, h: &Header) -> Result<Option<Overlay>> {
             }
         }
         let head = seq.last().unwrap().seq;
-        if best.as_ref().map_or(true, |b| head > b.last().unwrap().seq) {
+        if best.as_ref().is_none_or(|b| head > b.last().unwrap().seq) {
             best = Some(seq);
         }
     }

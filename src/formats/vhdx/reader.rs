@@ -492,7 +492,9 @@ pub(super) fn read_metadata(host: &Host, r: &Region, warnings: &mut Vec<String>)
             );
         }
     }
-    if p.virtual_size % p.logical_sector_size as u64 != 0 || p.virtual_size > MAX_VIRTUAL_SIZE {
+    if !p.virtual_size.is_multiple_of(p.logical_sector_size as u64)
+        || p.virtual_size > MAX_VIRTUAL_SIZE
+    {
         return Err(Error::invalid(format!(
             "VHDX virtual disk size {} is not a multiple of the {}-byte logical sector or exceeds 64 TiB",
             p.virtual_size, p.logical_sector_size

@@ -81,7 +81,7 @@ pub(super) fn layout(opts: &CreateOptions) -> Result<Layout> {
     let _ = opts.bool_option("block_state_zero")?;
     let mut notes = Vec::new();
     let mut size = opts.size;
-    if size % LOGICAL_SECTOR != 0 {
+    if !size.is_multiple_of(LOGICAL_SECTOR) {
         let up = size.div_ceil(LOGICAL_SECTOR) * LOGICAL_SECTOR;
         notes.push(format!(
             "VHDX size {size} is not a multiple of 512; rounded up to {up} bytes"

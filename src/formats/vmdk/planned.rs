@@ -238,7 +238,9 @@ impl ImageWriter for PlannedSparseWriter {
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|&e| {
-                e <= self.virtual_size() && offset >= self.written_to && offset % grain == 0
+                e <= self.virtual_size()
+                    && offset >= self.written_to
+                    && offset.is_multiple_of(grain)
             })
             .ok_or_else(|| {
                 Error::arg(format!(

@@ -332,7 +332,7 @@ impl VmdkEditor {
             }
             t = (gi as u64 + 1) * per_gt;
         }
-        if old % g != 0 {
+        if !old.is_multiple_of(g) {
             let gi = ((old / g) / per_gt) as usize;
             if self.gd[gi] != 0 {
                 let gt = self.read_gt(self.gd[gi])?;
@@ -429,7 +429,7 @@ impl ImageEditor for VmdkEditor {
     }
 
     fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
-        if new_size == 0 || new_size % SECTOR != 0 {
+        if new_size == 0 || !new_size.is_multiple_of(SECTOR) {
             return Err(Error::arg(format!(
                 "new VMDK size {new_size} is not a positive multiple of {SECTOR} bytes"
             ))

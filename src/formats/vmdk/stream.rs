@@ -35,7 +35,7 @@ thread_local! {
 pub fn encode_grain(offset: u64, data: &[u8], level: u32) -> Result<Vec<u8>> {
     // A last partial grain is padded to whole sectors, as VMware's tools do.
     let padded;
-    let plain = if data.len() % SECTOR as usize != 0 {
+    let plain = if !data.len().is_multiple_of(SECTOR as usize) {
         let mut v = data.to_vec();
         v.resize(data.len().next_multiple_of(SECTOR as usize), 0);
         padded = v;
@@ -175,7 +175,7 @@ impl StreamWriter {
     }
 
     fn put_grain(&mut self, offset: u64, record: &[u8]) -> Result<()> {
-        if offset % GRAIN != 0 || offset >= self.opts.capacity * SECTOR {
+        if !offset.is_multiple_of(GRAIN) || offset >= self.opts.capacity * SECTOR {
             return Err(Error::arg(format!(
                 "streamOptimized grain at {offset:#x} is not grain-aligned or past the end"
             )));

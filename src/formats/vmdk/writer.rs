@@ -382,7 +382,7 @@ impl ImageWriter for SparseWriter {
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         let grain = GRAIN_SECTORS * SECTOR;
-        if offset % grain != 0 || offset + data.len() as u64 > self.virtual_size() {
+        if !offset.is_multiple_of(grain) || offset + data.len() as u64 > self.virtual_size() {
             return Err(Error::arg(format!(
                 "vmdk write of {} bytes at {offset:#x} is not grain-aligned or runs past the end",
                 data.len()
