@@ -317,6 +317,60 @@ fn corrupted_part_is_refused_by_the_server() {
     );
 }
 
+/// A throttled part (503 SlowDown, the answer S3 gives under load) is sent again with
+/// backoff and the upload lands whole: the test hook answers part 2's first two attempts
+/// itself, the third reaches the server.
+#[test]
+#[cfg_attr(no_s3, ignore = "no S3 server: run scripts/test (it starts SeaweedFS)")]
+fn throttled_part_is_retried_and_the_upload_lands() {
+    use diskconv::remote::{convert_to_s3, FailPart, S3Url, UploadOptions};
+    let s3 = s3();
+    let bucket = s3.bucket("retry");
+    let dir = tempfile::tempdir().unwrap();
+    let raw = sparse_raw(dir.path(), "src.raw", 24 << 20);
+    let dev = diskconv::open(&raw, &diskconv::OpenOptions::new()).unwrap();
+    let opts = diskconv::ConvertOptions::new(diskconv::Format::Raw);
+    let url = S3Url::parse(&format!("s3://{bucket}/retried.raw")).unwrap();
+    let fail = FailPart {
+        part: 2,
+        times: 2,
+        ..Default::default()
+    };
+    let up = UploadOptions {
+        part_size: Some(5 << 20),
+        fail_part: Some(fail.clone()),
+        ..Default::default()
+    };
+    let r = convert_to_s3(dev.as_ref(), &url, &config(&s3), &up, &opts).unwrap();
+    assert_eq!(fail.served.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(r.parts, 5);
+    assert_eq!(s3.head(&bucket, "retried.raw")["etag"], r.etag.unwrap().as_str());
+    assert_eq!(s3.head(&bucket, "retried.raw")["length"], 24u64 << 20);
+    assert!(s3.uploads(&bucket).is_empty());
+    // More refusals than the retries allow: a clear error, nothing left behind.
+    let fail = FailPart {
+        part: 3,
+        times: 100,
+        ..Default::default()
+    };
+    let url = S3Url::parse(&format!("s3://{bucket}/refused.raw")).unwrap();
+    let up = UploadOptions {
+        part_size: Some(5 << 20),
+        fail_part: Some(fail.clone()),
+        ..Default::default()
+    };
+    let e = convert_to_s3(dev.as_ref(), &url, &config(&s3), &up, &opts).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("SlowDown") || msg.contains("503"), "{msg}");
+    assert!(!msg.contains(&s3.secret), "{msg}");
+    // The retry layer's 4 retries after the first try; OpenDAL's part queue may send a
+    // temporary failure once more (6 measured with 0.59.5). Bounded: it gives up.
+    let tries = fail.served.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((5..=10).contains(&tries), "{tries} tries");
+    assert_eq!(s3.head(&bucket, "refused.raw")["exists"], false);
+    assert!(s3.uploads(&bucket).is_empty());
+}
+
 /// Peak RSS (VmHWM) of a diskconv child, sampled from /proc until it exits: the figure
 /// only rises, so the last sample is its peak but for the final 50 ms. (wait4's ru_maxrss
 /// would count the test binary's own RSS, whose address space a vfork'ed child starts in.)
@@ -375,7 +429,10 @@ fn upload_peak_memory_is_bounded_by_parts_in_flight() {
         std::fs::remove_file(&raw).unwrap();
     }
     eprintln!("peak RSS: 256 MiB {} KiB, 1 GiB {} KiB", peaks[0], peaks[1]);
-    assert!(peaks[1] <= peaks[0] + 4 * 1024, "grows with the image: {peaks:?} KiB");
+    assert!(
+        peaks[1] <= peaks[0] + 4 * 1024,
+        "grows with the image: {peaks:?} KiB"
+    );
     assert!(peaks[1] < 72 * 1024, "{peaks:?} KiB");
 }
 

@@ -32,8 +32,8 @@ pub use range::{open_s3, FetchStats};
 
 pub use http::open_http;
 pub use s3::{
-    abort_incomplete_uploads, choose_part_size, convert_to_s3, object_length, S3Config, S3Url,
-    UploadOptions, UploadReport, MAX_PARTS, MAX_PART_SIZE, MIN_PART_SIZE, SINGLE_PUT_LIMIT,
+    abort_incomplete_uploads, choose_part_size, convert_to_s3, object_length, FailPart, S3Config,
+    S3Url, UploadOptions, UploadReport, MAX_PARTS, MAX_PART_SIZE, MIN_PART_SIZE, SINGLE_PUT_LIMIT,
 };
 pub use swift::{
     convert_to_swift, delete_orphan_segments, open_swift, SwiftAuth, SwiftAuthenticate, SwiftToken,

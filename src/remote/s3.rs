@@ -209,6 +209,22 @@ pub struct UploadOptions {
     /// show that the server refuses it.
     #[doc(hidden)]
     pub corrupt_part: Option<u64>,
+    /// Test hook: answer the first attempts of one part with HTTP 503 SlowDown without
+    /// sending them, to show that a throttled part is retried and the upload still lands.
+    #[doc(hidden)]
+    pub fail_part: Option<FailPart>,
+}
+
+/// [`UploadOptions::fail_part`]: which part is refused, how often, and how often it was.
+#[doc(hidden)]
+#[derive(Debug, Clone, Default)]
+pub struct FailPart {
+    /// The part (1-based).
+    pub part: u64,
+    /// How many of its attempts get 503.
+    pub times: u32,
+    /// How many did.
+    pub served: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Default for UploadOptions {
@@ -219,6 +235,7 @@ impl Default for UploadOptions {
             metadata: Vec::new(),
             digest_metadata: true,
             corrupt_part: None,
+            fail_part: None,
         }
     }
 }
@@ -721,33 +738,57 @@ impl Drop for PooledPart {
     }
 }
 
-/// [`UploadOptions::corrupt_part`]: the HTTP client under OpenDAL, flipping a byte of one
-/// part's body after the part was checksummed and signed, as a network fault would.
-struct CorruptPart {
+/// [`UploadOptions::corrupt_part`] and [`UploadOptions::fail_part`]: the HTTP transport
+/// under OpenDAL, flipping a byte of one part's body after the part was checksummed and
+/// signed, as a network fault would, or answering a part's first attempts with 503.
+struct FaultyTransport {
     inner: opendal::HttpTransporter,
-    part: u64,
+    corrupt: Option<u64>,
+    fail: Option<FailPart>,
 }
 
-impl opendal::HttpTransport for CorruptPart {
+impl opendal::HttpTransport for FaultyTransport {
     async fn fetch(
         &self,
         req: http::Request<Buffer>,
     ) -> opendal::Result<http::Response<opendal::HttpBody>> {
-        let want = format!("partNumber={}", self.part);
-        let hit = req
-            .uri()
-            .query()
-            .is_some_and(|q| q.split('&').any(|kv| kv == want));
-        let req = if hit {
-            req.map(|b| {
+        let is_part = |n: u64| {
+            let want = format!("partNumber={n}");
+            req.uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv == want))
+        };
+        if let Some(f) = self.fail.as_ref().filter(|f| is_part(f.part)) {
+            let refuse = f
+                .served
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n < f.times).then_some(n + 1)
+                })
+                .is_ok();
+            if refuse {
+                let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code>\
+                           <Message>Please reduce your request rate.</Message></Error>";
+                let body = Buffer::from(xml.as_bytes().to_vec());
+                let len = body.len() as u64;
+                let stream = futures_util::stream::iter([Ok(body)]);
+                return http::Response::builder()
+                    .status(503)
+                    .header("content-type", "application/xml")
+                    .body(opendal::HttpBody::new(stream, Some(len)))
+                    .map_err(|e| {
+                        opendal::Error::new(opendal::ErrorKind::Unexpected, e.to_string())
+                    });
+            }
+        }
+        let req = match self.corrupt {
+            Some(n) if is_part(n) => req.map(|b| {
                 let mut v = b.to_vec();
                 if let Some(x) = v.last_mut() {
                     *x ^= 1;
                 }
                 Buffer::from(v)
-            })
-        } else {
-            req
+            }),
+            _ => req,
         };
         self.inner.fetch(req).await
     }
@@ -830,9 +871,13 @@ pub fn convert_to_s3(
     let tracked = TrackedExecutor::default();
     let mut ctx =
         opendal::OperationContext::new().with_executor(opendal::Executor::with(tracked.clone()));
-    if let Some(part) = up.corrupt_part {
+    if up.corrupt_part.is_some() || up.fail_part.is_some() {
         let inner = ctx.http_transport().clone();
-        ctx = ctx.with_http_transport(opendal::HttpTransporter::new(CorruptPart { inner, part }));
+        ctx = ctx.with_http_transport(opendal::HttpTransporter::new(FaultyTransport {
+            inner,
+            corrupt: up.corrupt_part,
+            fail: up.fail_part.clone(),
+        }));
     }
     let op = op.with_context(ctx);
 
