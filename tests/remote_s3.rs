@@ -344,7 +344,10 @@ fn throttled_part_is_retried_and_the_upload_lands() {
     let r = convert_to_s3(dev.as_ref(), &url, &config(&s3), &up, &opts).unwrap();
     assert_eq!(fail.served.load(std::sync::atomic::Ordering::SeqCst), 2);
     assert_eq!(r.parts, 5);
-    assert_eq!(s3.head(&bucket, "retried.raw")["etag"], r.etag.unwrap().as_str());
+    assert_eq!(
+        s3.head(&bucket, "retried.raw")["etag"],
+        r.etag.unwrap().as_str()
+    );
     assert_eq!(s3.head(&bucket, "retried.raw")["length"], 24u64 << 20);
     assert!(s3.uploads(&bucket).is_empty());
     // More refusals than the retries allow: a clear error, nothing left behind.

@@ -15,6 +15,7 @@
 //! [`convert_to_glance`] streams the converted image into an OpenStack Glance image
 //! (`glance://NAME`), authenticated by a Keystone [`Session`] (also for Swift).
 
+mod cancel;
 pub mod glance;
 pub mod http;
 pub mod keystone;
@@ -52,8 +53,7 @@ pub fn is_remote_url(dest: &str) -> bool {
 /// Abort every upload in progress in this process (S3 and Swift) and wait until each has
 /// cleaned what it wrote. For a signal handler's cleanup thread.
 pub fn abort_uploads() {
-    s3::abort_uploads();
-    swift::abort_uploads();
+    cancel::abort_all();
 }
 
 /// Open the image at `url` (`s3://`, `swift://`, `https://` or `http://`) read by ranges,

@@ -9,8 +9,8 @@
 use std::fmt;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use md5::{Digest, Md5};
@@ -22,6 +22,8 @@ use crate::device::BlockDevice;
 use crate::error::{Error, ErrorKind, Result};
 use crate::ops::convert::{prepare, run};
 use crate::writer::Output;
+
+use super::cancel::{Cancel, Registered};
 
 /// The smallest part S3 accepts (all but the last part).
 pub const MIN_PART_SIZE: u64 = 5 << 20;
@@ -330,70 +332,6 @@ fn check_metadata(meta: &[(String, String)]) -> Result<()> {
     Ok(())
 }
 
-/// One upload's cancellation: set by [`abort_uploads`], seen by the sink between parts and
-/// while a part waits for a slot; `done` is raised once the upload is aborted.
-struct Cancel {
-    flag: AtomicBool,
-    notify: tokio::sync::Notify,
-    done: Mutex<bool>,
-    cv: Condvar,
-}
-
-static ACTIVE: Mutex<Vec<Arc<Cancel>>> = Mutex::new(Vec::new());
-
-/// Abort every upload in progress in this process and wait (up to 30 s) until each has
-/// aborted its multipart upload on the server, so none is left open. For a signal handler's
-/// cleanup thread (the CLI calls it on SIGINT, SIGTERM, SIGHUP); the uploads return an error.
-pub fn abort_uploads() {
-    let active: Vec<Arc<Cancel>> = ACTIVE.lock().map(|v| v.clone()).unwrap_or_default();
-    for c in &active {
-        c.flag.store(true, Ordering::SeqCst);
-        c.notify.notify_one();
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    for c in &active {
-        let mut done = c.done.lock().unwrap_or_else(|e| e.into_inner());
-        while !*done {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            done =
-                c.cv.wait_timeout(done, left)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-        }
-    }
-}
-
-/// Registers an upload with [`abort_uploads`] for its lifetime; raises `done` when dropped.
-struct Registered(Arc<Cancel>);
-
-impl Registered {
-    fn new() -> Self {
-        let c = Arc::new(Cancel {
-            flag: AtomicBool::new(false),
-            notify: tokio::sync::Notify::new(),
-            done: Mutex::new(false),
-            cv: Condvar::new(),
-        });
-        if let Ok(mut v) = ACTIVE.lock() {
-            v.push(c.clone());
-        }
-        Registered(c)
-    }
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        if let Ok(mut v) = ACTIVE.lock() {
-            v.retain(|c| !Arc::ptr_eq(c, &self.0));
-        }
-        *self.0.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.0.cv.notify_all();
-    }
-}
-
 /// OpenDAL's executor for part uploads, keeping their handles: an abort first stops the
 /// parts still in flight, so none lands after the upload is aborted.
 #[derive(Clone, Default)]
@@ -460,7 +398,7 @@ struct Upload {
 
 impl Upload {
     fn cancelled(&self) -> bool {
-        self.cancel.flag.load(Ordering::SeqCst)
+        self.cancel.is_set()
     }
 
     fn fail(&self, what: &str, e: &opendal::Error) -> Error {
@@ -498,7 +436,7 @@ impl Upload {
             tokio::pin!(write);
             tokio::select! {
                 r = &mut write => Some(r),
-                _ = cancel.notify.notified() => {
+                _ = cancel.wait() => {
                     let _ = tokio::time::timeout(SETTLE, write).await;
                     None
                 }
@@ -832,7 +770,7 @@ impl Write for UploadSink {
 /// streams, see [`crate::formats::STREAMING_OUTPUTS`]), in one pass: no temporary file,
 /// memory bounded by [`UploadOptions::parts_in_flight`] parts whatever the image size.
 ///
-/// On any failure, and when [`abort_uploads`] is called meanwhile, the multipart upload is
+/// On any failure, and when [`abort_uploads`](super::abort_uploads) is called meanwhile, the multipart upload is
 /// aborted: no object appears and none is left half-written. The report carries the
 /// object's ETag (checked against the parts' MD5s where the server gives the usual
 /// `md5-of-md5s-N` form), version id, size and digests.

@@ -7,7 +7,7 @@
 //! bounded number in flight, each holding a small buffer, never a whole segment) into
 //! `<container>_segments` under python-swiftclient's names, each segment's ETag checked,
 //! then the manifest (`?multipart-manifest=put`); or, with [`SwiftUploadOptions::dlo`], a
-//! Dynamic Large Object (`X-Object-Manifest`). On any error and on [`abort_uploads`] the
+//! Dynamic Large Object (`X-Object-Manifest`). On any error and on [`abort_uploads`](super::abort_uploads) the
 //! segments already written are deleted and no manifest is left.
 //!
 //! Authentication is a [`SwiftAuth`]: tempauth (`ST_AUTH`/`ST_USER`/`ST_KEY`), a token and
@@ -20,8 +20,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -37,6 +37,7 @@ use crate::ops::convert::{prepare, run};
 use crate::options::OpenOptions;
 use crate::writer::Output;
 
+use super::cancel::{Cancel, Registered};
 use super::http::{
     backoff, bare_etag, client, encode, error_text, header, retryable_error, retryable_status,
     scrub, status_text, HttpFetch, ATTEMPTS,
@@ -575,84 +576,6 @@ impl SwiftUploadReport {
     }
 }
 
-/// One upload's cancellation, set by [`abort_uploads`]; `done` is raised once its cleanup
-/// has run.
-struct Cancel {
-    flag: AtomicBool,
-    notify: tokio::sync::Notify,
-    done: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Cancel {
-    fn set(&self) -> bool {
-        self.flag.load(Ordering::SeqCst)
-    }
-    async fn wait(&self) {
-        loop {
-            let n = self.notify.notified();
-            if self.set() {
-                return;
-            }
-            n.await;
-        }
-    }
-}
-
-static ACTIVE: Mutex<Vec<Arc<Cancel>>> = Mutex::new(Vec::new());
-
-/// Cancel every Swift upload in progress in this process and wait (up to 30 s) until each
-/// has deleted what it wrote. For a signal handler's cleanup thread; the uploads return
-/// an error.
-pub fn abort_uploads() {
-    let active: Vec<Arc<Cancel>> = ACTIVE.lock().map(|v| v.clone()).unwrap_or_default();
-    for c in &active {
-        c.flag.store(true, Ordering::SeqCst);
-        c.notify.notify_waiters();
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for c in &active {
-        let mut done = c.done.lock().unwrap_or_else(|e| e.into_inner());
-        while !*done {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            done =
-                c.cv.wait_timeout(done, left)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-        }
-    }
-}
-
-struct Registered(Arc<Cancel>);
-
-impl Registered {
-    fn new() -> Self {
-        let c = Arc::new(Cancel {
-            flag: AtomicBool::new(false),
-            notify: tokio::sync::Notify::new(),
-            done: Mutex::new(false),
-            cv: Condvar::new(),
-        });
-        if let Ok(mut v) = ACTIVE.lock() {
-            v.push(c.clone());
-        }
-        Registered(c)
-    }
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        if let Ok(mut v) = ACTIVE.lock() {
-            v.retain(|c| !Arc::ptr_eq(c, &self.0));
-        }
-        *self.0.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.0.cv.notify_all();
-    }
-}
-
 /// A streamed request body: chunks from the producer, the first [`REPLAY`] bytes kept so
 /// the request can be sent again from its start.
 struct BodyFeed {
@@ -834,7 +757,7 @@ impl Upload {
     }
 
     fn push(&mut self, mut data: &[u8]) -> Result<()> {
-        if self.cancel.set() {
+        if self.cancel.is_set() {
             return Err(interrupted(&self.shown));
         }
         if !self.ready {
@@ -842,7 +765,7 @@ impl Upload {
             return Ok(());
         }
         while !data.is_empty() {
-            if self.cancel.set() {
+            if self.cancel.is_set() {
                 return Err(interrupted(&self.shown));
             }
             if self.feeding.is_none() {
@@ -1021,7 +944,7 @@ impl Upload {
 
     /// The whole output is written: finish the requests, then the manifest.
     fn finish(&mut self, report: &ConvertReport, digest_metadata: bool) -> Result<Option<String>> {
-        if self.cancel.set() {
+        if self.cancel.is_set() {
             return Err(interrupted(&self.shown));
         }
         if !self.ready {
@@ -1097,7 +1020,7 @@ impl Upload {
                 None
             }
         };
-        if self.cancel.set() {
+        if self.cancel.is_set() {
             return Err(interrupted(&self.shown));
         }
         if self.layout == Layout::Single {
@@ -1271,7 +1194,7 @@ fn check_metadata(meta: &[(String, String)]) -> Result<()> {
 /// A single PUT when the output fits the cluster's `max_file_size` (and no smaller
 /// segment size is asked for), else a Static (or, with `dlo`, Dynamic) Large Object. The
 /// container must exist; `<container>_segments` is created when missing. On any failure,
-/// and when [`abort_uploads`] is called meanwhile, the segments written are deleted and no
+/// and when [`abort_uploads`](super::abort_uploads) is called meanwhile, the segments written are deleted and no
 /// manifest is left.
 pub fn convert_to_swift(
     src: &dyn BlockDevice,
