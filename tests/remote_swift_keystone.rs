@@ -202,6 +202,53 @@ fn revoked_token_is_renewed_through_keystone() {
     assert_eq!(sha256_file(&back), sha256_file(&raw));
 }
 
+/// A token about to expire is renewed before a request starts, not after Swift refuses it:
+/// with the session's refresh margin longer than the token's life every token is stale at
+/// once, so each of the SLO's requests (3 segments of 1 MiB, then the manifest) renews
+/// first, and no request is refused.
+#[test]
+#[cfg_attr(
+    no_swift_keystone,
+    ignore = "no Keystone-validated Swift: run scripts/test (it starts Keystone and Swift)"
+)]
+fn token_near_expiry_is_renewed_ahead() {
+    use diskconv::remote::{
+        AuthConfig, KeystoneSwift, Session, SwiftAuth, SwiftUploadOptions, SwiftUrl,
+    };
+    let env = password_env();
+    let cfg = AuthConfig::from_os_vars(&|n| env.get(n).cloned()).unwrap();
+    let session = Arc::new(Session::new(cfg).unwrap());
+    assert!(
+        session.token_renew_at().is_some(),
+        "Keystone gives an expiry"
+    );
+    session.set_refresh_margin(std::time::Duration::from_secs(400 * 24 * 3600));
+    let dir = tempfile::tempdir().unwrap();
+    let raw = data_raw(dir.path());
+    let c = container("ahead");
+    let auth = SwiftAuth::Other(Arc::new(KeystoneSwift::new(session.clone())));
+    let dev = diskconv::open(&raw, &diskconv::OpenOptions::default()).unwrap();
+    let up = SwiftUploadOptions {
+        segment_size: Some(1 << 20),
+        in_flight: 1,
+        ..Default::default()
+    };
+    let r = diskconv::remote::convert_to_swift(
+        dev.as_ref(),
+        &SwiftUrl::parse(&format!("swift://{c}/ahead.raw")).unwrap(),
+        &auth,
+        &up,
+        &diskconv::ConvertOptions::new(diskconv::Format::Raw),
+    )
+    .unwrap();
+    assert_eq!(r.segments, 3);
+    assert!(r.logins >= 4, "{} logins for 4 requests", r.logins);
+    assert!(session.authentications() >= r.logins);
+    let back = dir.path().join("ahead.down");
+    swift(&["download", &c, "ahead.raw", "-o", back.to_str().unwrap()]);
+    assert_eq!(sha256_file(&back), sha256_file(&raw));
+}
+
 /// A wrong password: one line, exit non-zero, the password never printed, nothing
 /// uploaded.
 #[test]

@@ -413,6 +413,19 @@ impl Session {
         Ok(st.as_ref().expect("set by authenticate").token.0.clone())
     }
 
+    /// When the current token stops being fresh: its expiry less the refresh margin (the
+    /// moment [`token`](Self::token) would authenticate again). None without a token or
+    /// when Keystone gave no expiry.
+    pub fn token_renew_at(&self) -> Option<SystemTime> {
+        let margin = *self
+            .refresh_margin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let at = st.as_ref()?.expires_at?;
+        Some(at.checked_sub(margin).unwrap_or(UNIX_EPOCH))
+    }
+
     /// Forget the current token (a service answered 401): the next [`token`](Self::token)
     /// authenticates again.
     pub fn invalidate(&self) {

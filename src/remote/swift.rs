@@ -139,6 +139,10 @@ pub trait SwiftAuthenticate: Send + Sync + fmt::Debug {
     }
 }
 
+/// How long before its expiry a Swift token is renewed, so that no request starts with a
+/// token that lapses while it streams.
+pub(crate) const SWIFT_RENEW_AHEAD: Duration = Duration::from_secs(60);
+
 /// How to authenticate to Swift.
 #[derive(Clone)]
 pub enum SwiftAuth {
@@ -386,13 +390,13 @@ impl Session {
         Ok(())
     }
 
-    /// Renew ahead of time a token about to expire (tempauth says when).
+    /// Renew ahead of time a token about to expire (tempauth and Keystone say when).
     async fn fresh(&self) -> Result<()> {
         let (token, soon) = match self.current.lock() {
             Ok(t) => (
                 t.token.clone(),
                 t.expires.is_some_and(|e| {
-                    e.saturating_duration_since(Instant::now()) < Duration::from_secs(60)
+                    e.saturating_duration_since(Instant::now()) < SWIFT_RENEW_AHEAD
                 }),
             ),
             Err(_) => return Ok(()),

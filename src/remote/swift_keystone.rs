@@ -4,15 +4,18 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use crate::error::{Error, Result};
 
 use super::keystone::Session;
-use super::swift::{SwiftAuthenticate, SwiftToken};
+use super::swift::{SwiftAuthenticate, SwiftToken, SWIFT_RENEW_AHEAD};
 
 /// A Keystone [`Session`] as a source of Swift tokens. The first token is the session's
 /// own (it authenticated when opened); each later call comes from a token Swift refused
-/// (401) or one about to expire, so it makes the session authenticate again.
+/// (401) or one about to expire, so it makes the session authenticate again. A token's
+/// expiry for Swift is the moment the session would renew it, so a long upload renews
+/// ahead of Keystone's expiry instead of waiting for a 401.
 pub struct KeystoneSwift {
     session: Arc<Session>,
     used: AtomicBool,
@@ -55,11 +58,16 @@ impl SwiftAuthenticate for KeystoneSwift {
                 ),
             )
         })?;
+        // Swift renews a token a minute before its `expires`: give it the session's renewal
+        // time plus that minute, so both renew at the same moment.
+        let expires = self.session.token_renew_at().map(|at| {
+            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+            Instant::now() + left + SWIFT_RENEW_AHEAD
+        });
         Ok(SwiftToken {
             storage_url,
             token,
-            // The session renews ahead of its own expiry; Swift asks again on a 401.
-            expires: None,
+            expires,
         })
     }
 
