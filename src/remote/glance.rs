@@ -53,6 +53,8 @@ pub fn disk_format_for(format: Format) -> &'static str {
         Format::Vmdk => "vmdk",
         Format::Vdi => "vdi",
         Format::Vhdx => "vhdx",
+        // Glance's disk_format of an appliance is its disk's; the container is `ova`.
+        Format::Ova => "vmdk",
     }
 }
 
