@@ -175,7 +175,11 @@ fn qcow2_to_ova_to_raw_round_trip() {
     assert_eq!(diskconv::probe(&ova).unwrap(), Format::Ova);
     let back = t.path().join("back.raw");
     cli_ok(&["convert", "-O", "raw", s(&ova), s(&back)]);
-    assert_eq!(sha256_file(&back), sha, "raw out of the ova differs from the source");
+    assert_eq!(
+        sha256_file(&back),
+        sha,
+        "raw out of the ova differs from the source"
+    );
     // The library sees the same guest bytes, and names the format.
     let dev = diskconv::open(&ova, &OpenOptions::new()).unwrap();
     assert_eq!(dev.format(), Format::Ova);
@@ -213,7 +217,10 @@ fn gnu_tar_and_qemu_img_judge_the_appliance() {
     assert_qemu_check_clean(&vmdk, Format::Vmdk);
     assert_qemu_identical(&vmdk, Format::Vmdk, &qcow, Format::Qcow2);
     let info = qemu_info(&vmdk, Format::Vmdk);
-    assert_eq!(info["format-specific"]["data"]["create-type"], "streamOptimized");
+    assert_eq!(
+        info["format-specific"]["data"]["create-type"],
+        "streamOptimized"
+    );
 
     // The manifest's lines are sha256sum's verdicts on the extracted members.
     let mf = std::fs::read_to_string(x.join("web.mf")).unwrap();
@@ -234,9 +241,15 @@ fn gnu_tar_and_qemu_img_judge_the_appliance() {
         Some(std::fs::metadata(&vmdk).unwrap().len().to_string().as_str())
     );
     let disk = doc.path(&["DiskSection", "Disk"])[0];
-    assert_eq!(disk.attr("ovf:capacity"), Some((20 * MIB).to_string().as_str()));
+    assert_eq!(
+        disk.attr("ovf:capacity"),
+        Some((20 * MIB).to_string().as_str())
+    );
     let populated: u64 = disk.attr("ovf:populatedSize").unwrap().parse().unwrap();
-    assert!(populated > 0 && populated <= 20 * MIB, "populatedSize {populated}");
+    assert!(
+        populated > 0 && populated <= 20 * MIB,
+        "populatedSize {populated}"
+    );
 }
 
 #[test]
@@ -257,7 +270,9 @@ fn streams_to_a_pipe_and_reports_digests() {
     assert!(child.wait().unwrap().success());
     assert!(listing.status.success());
     assert_eq!(
-        String::from_utf8_lossy(&listing.stdout).lines().collect::<Vec<_>>(),
+        String::from_utf8_lossy(&listing.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
         ["appliance.ovf", "appliance-disk1.vmdk", "appliance.mf"]
     );
 
@@ -300,12 +315,25 @@ fn streams_to_a_pipe_and_reports_digests() {
     let members = members_of(&ide);
     let doc = Node::parse(std::str::from_utf8(&members[0].1).unwrap());
     let hw = doc.path(&["VirtualSystem", "VirtualHardwareSection"])[0];
-    assert!(hw.children.iter().any(|i| i.text_of("rasd:ResourceType") == Some("5")));
+    assert!(hw
+        .children
+        .iter()
+        .any(|i| i.text_of("rasd:ResourceType") == Some("5")));
     assert_eq!(
-        hw.path(&["System", "vssd:VirtualSystemType"])[0].text.trim(),
+        hw.path(&["System", "vssd:VirtualSystemType"])[0]
+            .text
+            .trim(),
         "vmx-10"
     );
-    let e = cli_fails(&["convert", "-O", "ova", "-o", "subformat=monolithicSparse", s(&raw), s(&t.path().join("n.ova"))]);
+    let e = cli_fails(&[
+        "convert",
+        "-O",
+        "ova",
+        "-o",
+        "subformat=monolithicSparse",
+        s(&raw),
+        s(&t.path().join("n.ova")),
+    ]);
     assert!(e.contains("subformat"), "{e}");
 }
 
@@ -379,7 +407,10 @@ impl Node {
     }
 
     fn attr(&self, k: &str) -> Option<&str> {
-        self.attrs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
+        self.attrs
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
     }
 
     fn path(&self, names: &[&str]) -> Vec<&Node> {
@@ -394,7 +425,10 @@ impl Node {
     }
 
     fn text_of(&self, child: &str) -> Option<&str> {
-        self.children.iter().find(|c| c.name == child).map(|c| c.text.trim())
+        self.children
+            .iter()
+            .find(|c| c.name == child)
+            .map(|c| c.text.trim())
     }
 }
 
@@ -405,7 +439,10 @@ fn ovf_has_the_dmtf_required_elements() {
     let ova = t.path().join("vm1.ova");
     cli_ok(&["convert", "-O", "ova", s(&raw), s(&ova)]);
     let members = members_of(&ova);
-    assert_eq!(members[0].0, "vm1.ovf", "the descriptor is the first member");
+    assert_eq!(
+        members[0].0, "vm1.ovf",
+        "the descriptor is the first member"
+    );
     let doc = Node::parse(std::str::from_utf8(&members[0].1).unwrap());
 
     // DSP0243 1.0: Envelope in the envelope namespace, with the rasd and vssd ones.
@@ -424,18 +461,35 @@ fn ovf_has_the_dmtf_required_elements() {
     assert_eq!(doc.attr("ovf:version"), Some("1.0"));
     // Children in the schema's order: References, sections, the content.
     let order: Vec<&str> = doc.children.iter().map(|c| c.name.as_str()).collect();
-    assert_eq!(order, ["References", "DiskSection", "NetworkSection", "VirtualSystem"]);
+    assert_eq!(
+        order,
+        [
+            "References",
+            "DiskSection",
+            "NetworkSection",
+            "VirtualSystem"
+        ]
+    );
 
     // References/File: ovf:id and ovf:href required; the href is the disk member.
     let files = doc.path(&["References", "File"]);
     assert_eq!(files.len(), 1);
     let file = files[0];
     assert_eq!(file.attr("ovf:href"), Some(members[1].0.as_str()));
-    assert_eq!(file.attr("ovf:size"), Some(members[1].1.len().to_string().as_str()));
+    assert_eq!(
+        file.attr("ovf:size"),
+        Some(members[1].1.len().to_string().as_str())
+    );
     let file_id = file.attr("ovf:id").unwrap();
 
     // Every section starts with its Info.
-    for sec in [&["DiskSection"][..], &["NetworkSection"], &["VirtualSystem"], &["VirtualSystem", "VirtualHardwareSection"], &["VirtualSystem", "OperatingSystemSection"]] {
+    for sec in [
+        &["DiskSection"][..],
+        &["NetworkSection"],
+        &["VirtualSystem"],
+        &["VirtualSystem", "VirtualHardwareSection"],
+        &["VirtualSystem", "OperatingSystemSection"],
+    ] {
         let s = doc.path(sec);
         assert_eq!(s.len(), 1, "{sec:?}");
         assert_eq!(s[0].children[0].name, "Info", "{sec:?} starts with Info");
@@ -443,7 +497,10 @@ fn ovf_has_the_dmtf_required_elements() {
     // DiskSection/Disk: ovf:diskId, ovf:capacity, ovf:format required; fileRef to the File.
     let disk = doc.path(&["DiskSection", "Disk"])[0];
     let disk_id = disk.attr("ovf:diskId").unwrap();
-    assert_eq!(disk.attr("ovf:capacity"), Some((3 * MIB).to_string().as_str()));
+    assert_eq!(
+        disk.attr("ovf:capacity"),
+        Some((3 * MIB).to_string().as_str())
+    );
     assert_eq!(disk.attr("ovf:capacityAllocationUnits"), Some("byte"));
     assert_eq!(disk.attr("ovf:fileRef"), Some(file_id));
     assert_eq!(
@@ -457,11 +514,15 @@ fn ovf_has_the_dmtf_required_elements() {
     // VirtualSystem: ovf:id required; VirtualHardwareSection holds a System and the disk Item.
     let vs = doc.path(&["VirtualSystem"])[0];
     assert_eq!(vs.attr("ovf:id"), Some("vm1"));
-    assert!(doc.path(&["VirtualSystem", "OperatingSystemSection"])[0].attr("ovf:id").is_some());
+    assert!(doc.path(&["VirtualSystem", "OperatingSystemSection"])[0]
+        .attr("ovf:id")
+        .is_some());
     let hw = doc.path(&["VirtualSystem", "VirtualHardwareSection"])[0];
     let sys = hw.path(&["System"]);
     assert_eq!(sys.len(), 1);
-    assert!(sys[0].text_of("vssd:VirtualSystemType").is_some_and(|v| v.starts_with("vmx-")));
+    assert!(sys[0]
+        .text_of("vssd:VirtualSystemType")
+        .is_some_and(|v| v.starts_with("vmx-")));
     let items = hw.path(&["Item"]);
     for it in &items {
         // rasd:InstanceID and rasd:ResourceType are required in every Item, and the
@@ -486,7 +547,11 @@ fn ovf_has_the_dmtf_required_elements() {
         .iter()
         .find(|i| i.text_of("rasd:InstanceID") == Some(parent))
         .expect("the disk's controller");
-    assert_eq!(ctl.text_of("rasd:ResourceType"), Some("6"), "SCSI by default");
+    assert_eq!(
+        ctl.text_of("rasd:ResourceType"),
+        Some("6"),
+        "SCSI by default"
+    );
     assert_eq!(ctl.text_of("rasd:ResourceSubType"), Some("lsilogic"));
 }
 
@@ -529,23 +594,44 @@ fn hostile_appliances_are_refused() {
         ],
     );
     let e = cli_fails(&["convert", "-O", "raw", s(&p), s(&out)]);
-    assert!(e.contains("'d.vmdk'") && e.contains(&sha256(&disk)) && e.contains(&sha256(&bad)), "{e}");
+    assert!(
+        e.contains("'d.vmdk'") && e.contains(&sha256(&disk)) && e.contains(&sha256(&bad)),
+        "{e}"
+    );
     assert!(!out.exists(), "a failed convert left its output");
     assert_eq!(open_err(&p, &o).kind(), ErrorKind::Corrupt);
 
     // A `../` name.
     let p = dir.join("dotdot.ova");
-    build_tar(&p, &[M::File("a.ovf", ovf.as_bytes()), M::RawName("../d.vmdk", &disk)]);
+    build_tar(
+        &p,
+        &[
+            M::File("a.ovf", ovf.as_bytes()),
+            M::RawName("../d.vmdk", &disk),
+        ],
+    );
     let e = open_err(&p, &o);
     assert_eq!(e.kind(), ErrorKind::UnsafeReference, "{e}");
     assert!(e.to_string().contains("../d.vmdk"), "{e}");
     let p = dir.join("slash.ova");
-    build_tar(&p, &[M::File("a.ovf", ovf.as_bytes()), M::RawName("sub/d.vmdk", &disk)]);
+    build_tar(
+        &p,
+        &[
+            M::File("a.ovf", ovf.as_bytes()),
+            M::RawName("sub/d.vmdk", &disk),
+        ],
+    );
     assert_eq!(open_err(&p, &o).kind(), ErrorKind::UnsafeReference);
 
     // A symlink member (pointing at a host file that must not be read).
     let p = dir.join("link.ova");
-    build_tar(&p, &[M::File("a.ovf", ovf.as_bytes()), M::Symlink("d.vmdk", "/etc/passwd")]);
+    build_tar(
+        &p,
+        &[
+            M::File("a.ovf", ovf.as_bytes()),
+            M::Symlink("d.vmdk", "/etc/passwd"),
+        ],
+    );
     let e = open_err(&p, &o);
     assert_eq!(e.kind(), ErrorKind::UnsafeReference, "{e}");
     assert!(e.to_string().contains("symbolic link"), "{e}");
@@ -566,14 +652,20 @@ fn hostile_appliances_are_refused() {
     // The descriptor names a file the archive does not hold.
     let p = dir.join("missing.ova");
     let ovf2 = ovf_for(&[("nope.vmdk", disk.len(), 2 * MIB)]);
-    build_tar(&p, &[M::File("a.ovf", ovf2.as_bytes()), M::File("d.vmdk", &disk)]);
+    build_tar(
+        &p,
+        &[M::File("a.ovf", ovf2.as_bytes()), M::File("d.vmdk", &disk)],
+    );
     let e = open_err(&p, &o);
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains("'nope.vmdk'"), "{e}");
 
     // The descriptor is not the first member: not an OVA by probing; refused as one.
     let p = dir.join("late.ova");
-    build_tar(&p, &[M::File("d.vmdk", &disk), M::File("a.ovf", ovf.as_bytes())]);
+    build_tar(
+        &p,
+        &[M::File("d.vmdk", &disk), M::File("a.ovf", ovf.as_bytes())],
+    );
     assert_eq!(diskconv::probe(&p).unwrap(), Format::Raw);
     let e = open_err(&p, &OpenOptions::new().format(Format::Ova));
     assert_eq!(e.kind(), ErrorKind::InvalidFormat, "{e}");
@@ -584,7 +676,10 @@ fn hostile_appliances_are_refused() {
         "<?xml version=\"1.0\"?><!DOCTYPE Envelope [<!ENTITY a \"aaaa\">]>{}",
         ovf.split_once("?>").unwrap().1
     );
-    build_tar(&p, &[M::File("a.ovf", bomb.as_bytes()), M::File("d.vmdk", &disk)]);
+    build_tar(
+        &p,
+        &[M::File("a.ovf", bomb.as_bytes()), M::File("d.vmdk", &disk)],
+    );
     assert_eq!(open_err(&p, &o).kind(), ErrorKind::Unsupported);
 
     // A vmdk descriptor member naming a flat extent: the file beside the archive is
@@ -593,7 +688,13 @@ fn hostile_appliances_are_refused() {
     let text = "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\nRW 2048 FLAT \"flat.bin\" 0\n\nddb.adapterType = \"ide\"\n";
     let p = dir.join("extent.ova");
     let ovf3 = ovf_for(&[("d.vmdk", text.len(), MIB)]);
-    build_tar(&p, &[M::File("a.ovf", ovf3.as_bytes()), M::File("d.vmdk", text.as_bytes())]);
+    build_tar(
+        &p,
+        &[
+            M::File("a.ovf", ovf3.as_bytes()),
+            M::File("d.vmdk", text.as_bytes()),
+        ],
+    );
     let e = open_err(&p, &o);
     assert_eq!(e.kind(), ErrorKind::UnsafeReference, "{e}");
     let e = open_err(&p, &OpenOptions::new().allow_references(true, None));
@@ -609,7 +710,10 @@ fn two_disks_and_a_sha1_manifest() {
     let d1 = stream_vmdk(&raw1, dir, "one.vmdk");
     // The second disk is a raw member: the member's format is probed, not assumed.
     let d2 = std::fs::read(&raw2).unwrap();
-    let ovf = ovf_for(&[("one.vmdk", d1.len(), 2 * MIB), ("two.img", d2.len(), 3 * MIB)]);
+    let ovf = ovf_for(&[
+        ("one.vmdk", d1.len(), 2 * MIB),
+        ("two.img", d2.len(), 3 * MIB),
+    ]);
     let mf = format!(
         "SHA1(app.ovf)= {}\nSHA1(one.vmdk)= {}\nSHA1(two.img)= {}\n",
         sha1(ovf.as_bytes()),
@@ -627,11 +731,20 @@ fn two_disks_and_a_sha1_manifest() {
         ],
     );
     assert_eq!(guest_sha(&p, &OpenOptions::new()), sha1_guest);
-    assert_eq!(guest_sha(&p, &OpenOptions::new().option("disk", "1")), sha1_guest);
-    assert_eq!(guest_sha(&p, &OpenOptions::new().option("disk", "2")), sha2_guest);
+    assert_eq!(
+        guest_sha(&p, &OpenOptions::new().option("disk", "1")),
+        sha1_guest
+    );
+    assert_eq!(
+        guest_sha(&p, &OpenOptions::new().option("disk", "2")),
+        sha2_guest
+    );
     let e = open_err(&p, &OpenOptions::new().option("disk", "3"));
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
-    assert!(e.to_string().contains("one.vmdk") && e.to_string().contains("two.img"), "{e}");
+    assert!(
+        e.to_string().contains("one.vmdk") && e.to_string().contains("two.img"),
+        "{e}"
+    );
 
     // The CLI: --disk picks, info says which were found.
     for (n, want) in [("1", &sha1_guest), ("2", &sha2_guest)] {
@@ -640,7 +753,10 @@ fn two_disks_and_a_sha1_manifest() {
         assert_eq!(&sha256_file(&out), want, "--disk {n}");
     }
     let human = cli_ok(&["info", s(&p)]);
-    assert!(human.contains("2 disks") && human.contains("two.img"), "{human}");
+    assert!(
+        human.contains("2 disks") && human.contains("two.img"),
+        "{human}"
+    );
     let v: serde_json::Value =
         serde_json::from_str(&cli_ok(&["info", "--disk", "2", "--output=json", s(&p)])).unwrap();
     assert_eq!(v["format"], "raw");
@@ -666,7 +782,10 @@ fn two_disks_and_a_sha1_manifest() {
     assert_eq!(guest_sha(&p2, &OpenOptions::new()), sha1_guest);
     let e = open_err(&p2, &OpenOptions::new().option("disk", "2"));
     assert_eq!(e.kind(), ErrorKind::Corrupt);
-    assert!(e.to_string().contains("'two.img'") && e.to_string().contains("SHA1"), "{e}");
+    assert!(
+        e.to_string().contains("'two.img'") && e.to_string().contains("SHA1"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -676,7 +795,11 @@ fn members_of_other_formats_are_probed() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path();
     let (raw, sha) = source(dir, "src.raw", 4 * MIB, 31);
-    for (fmt, opts) in [("qcow2", ""), ("vmdk", "subformat=monolithicSparse"), ("vmdk", "subformat=streamOptimized")] {
+    for (fmt, opts) in [
+        ("qcow2", ""),
+        ("vmdk", "subformat=monolithicSparse"),
+        ("vmdk", "subformat=streamOptimized"),
+    ] {
         let img = dir.join(format!("m.{fmt}"));
         let mut args = vec!["convert", "-f", "raw", "-O", fmt];
         if !opts.is_empty() {

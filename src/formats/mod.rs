@@ -12,12 +12,12 @@ use crate::format::Format;
 use crate::options::{CreateOptions, OpenOptions, OptionHelp, ResizeOptions};
 use crate::writer::ImageWriter;
 
-pub mod qcow2;
 #[cfg(feature = "ova")]
 pub mod ova;
 #[cfg(not(feature = "ova"))]
 #[path = "ova/disabled.rs"]
 pub mod ova;
+pub mod qcow2;
 pub mod raw;
 pub mod vdi;
 pub mod vhd;

@@ -32,14 +32,14 @@ pub struct Member {
 /// Positional reads over the archive (the host file, or the probe's head bytes).
 pub trait ReadAt {
     /// The archive's length.
-    fn len(&self) -> u64;
+    fn size(&self) -> u64;
     /// Fill `buf` from `offset`; `what` names the structure for errors.
     fn read_at(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()>;
 }
 
 impl ReadAt for crate::device::HostFile {
-    fn len(&self) -> u64 {
-        crate::device::HostFile::len(self)
+    fn size(&self) -> u64 {
+        self.len()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
         self.read_exact_at(buf, offset, what)
@@ -47,8 +47,8 @@ impl ReadAt for crate::device::HostFile {
 }
 
 impl ReadAt for [u8] {
-    fn len(&self) -> u64 {
-        <[u8]>::len(self) as u64
+    fn size(&self) -> u64 {
+        self.len() as u64
     }
     fn read_at(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
         let end = offset.checked_add(buf.len() as u64);
@@ -131,7 +131,7 @@ pub fn first_member(src: &(impl ReadAt + ?Sized)) -> Result<Option<Member>> {
 }
 
 fn walk(src: &(impl ReadAt + ?Sized), want: usize) -> Result<Vec<Member>> {
-    let len = src.len();
+    let len = src.size();
     let mut out: Vec<Member> = Vec::new();
     let mut pos = 0u64;
     let mut pending = Pending::default();

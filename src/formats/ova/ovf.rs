@@ -263,7 +263,12 @@ impl Envelope<'_> {
             a => ("SCSI Controller 0", 6, Some(a)),
         };
         let subtype = subtype
-            .map(|s| format!("        <rasd:ResourceSubType>{}</rasd:ResourceSubType>\n", esc(s)))
+            .map(|s| {
+                format!(
+                    "        <rasd:ResourceSubType>{}</rasd:ResourceSubType>\n",
+                    esc(s)
+                )
+            })
             .unwrap_or_default();
         format!(
             r#"<?xml version="1.0" encoding="UTF-8"?>
@@ -346,7 +351,11 @@ impl Envelope<'_> {
             fmt = FORMAT_STREAM_OPTIMIZED,
             pop = self.populated_size,
             vst = esc(&self.system_type),
-            ctl_desc = if ctype == 5 { "IDE Controller" } else { "SCSI Controller" },
+            ctl_desc = if ctype == 5 {
+                "IDE Controller"
+            } else {
+                "SCSI Controller"
+            },
         )
     }
 }

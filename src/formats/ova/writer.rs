@@ -24,7 +24,12 @@ use super::manifest::{self, Algo, Hasher};
 use super::ovf::Envelope;
 
 /// The vmdk options an appliance passes through to its disk.
-pub const PASSED_TO_VMDK: &[&str] = &["adapter_type", "hwversion", "toolsversion", "compression_level"];
+pub const PASSED_TO_VMDK: &[&str] = &[
+    "adapter_type",
+    "hwversion",
+    "toolsversion",
+    "compression_level",
+];
 
 /// The names of an appliance's members written for `dest`.
 pub fn member_names(dest: &Path) -> (String, String, String, String) {
@@ -260,7 +265,14 @@ impl ImageWriter for OvaWriter {
         });
         let mut ovf_hash = Hasher::new(Algo::Sha256);
         ovf_hash.update(ovf.as_bytes());
-        append(&mut b, &me.ovf_name, ovf.len() as u64, mtime, ovf.as_bytes()).map_err(io)?;
+        append(
+            &mut b,
+            &me.ovf_name,
+            ovf.len() as u64,
+            mtime,
+            ovf.as_bytes(),
+        )
+        .map_err(io)?;
         let mut disk = HashingRead {
             file: &me.spool,
             pos: 0,
