@@ -288,6 +288,9 @@ enum Cmd {
         /// human or json.
         #[arg(long = "output", default_value = "human")]
         output: String,
+        /// With an OVA: which of its disks to inspect (1-based; default the first).
+        #[arg(long = "disk", value_name = "N")]
+        disk: Option<usize>,
         /// Image.
         image: PathBuf,
     },
@@ -898,10 +901,15 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Inspect {
             format,
             output,
+            disk,
             image,
         } => {
             let claim = format.as_deref().map(Format::from_name).transpose()?;
-            let insp = diskconv::inspect(&image, claim)?;
+            let limits = diskconv::InspectLimits {
+                ova_disk: disk,
+                ..Default::default()
+            };
+            let insp = diskconv::inspect_with(&image, claim, &limits)?;
             match output.as_str() {
                 "json" => println!("{}", serde_json::to_string_pretty(&insp).expect("json")),
                 "human" => print!("{}", inspection_human(&insp)),

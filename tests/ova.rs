@@ -765,6 +765,21 @@ fn two_disks_and_a_sha1_manifest() {
     assert_eq!(v["ova"]["manifest"], "SHA1");
     assert_eq!(v["ova"]["verified"], true);
     assert_eq!(v["ova"]["disks"][1]["file"], "two.img");
+    // inspect reads the chosen disk too (the appliance is safe; its size is that disk's).
+    for (n, size) in [("1", 2 * MIB), ("2", 3 * MIB)] {
+        let v: serde_json::Value = serde_json::from_str(&cli_ok(&[
+            "inspect",
+            "--disk",
+            n,
+            "--output",
+            "json",
+            s(&p),
+        ]))
+        .unwrap();
+        assert_eq!(v["detected_format"], "ova");
+        assert_eq!(v["virtual_size"], size, "inspect --disk {n}");
+        assert_eq!(v["safe"], true, "{v}");
+    }
 
     // A SHA1 line that is wrong for the second disk fails only when that disk is read.
     let mut bad_mf = mf.clone();
