@@ -660,6 +660,32 @@ fn hostile_appliances_are_refused() {
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains("'nope.vmdk'"), "{e}");
 
+    // A descriptor larger than the probe's 64 KiB head still probes.
+    let p = dir.join("big-ovf.ova");
+    let big = ovf.replace(
+        "<References>",
+        &format!("<!-- {} --><References>", "x".repeat(100_000)),
+    );
+    build_tar(
+        &p,
+        &[M::File("a.ovf", big.as_bytes()), M::File("d.vmdk", &disk)],
+    );
+    assert_eq!(diskconv::probe(&p).unwrap(), Format::Ova);
+    assert_eq!(guest_sha(&p, &o), sha256_file(&raw));
+
+    // Two manifests, neither named after the descriptor: ambiguous, refused.
+    let p = dir.join("two-mf.ova");
+    build_tar(
+        &p,
+        &[
+            M::File("a.ovf", ovf.as_bytes()),
+            M::File("d.vmdk", &disk),
+            M::File("x.mf", b""),
+            M::File("y.mf", b""),
+        ],
+    );
+    assert_eq!(open_err(&p, &o).kind(), ErrorKind::Corrupt);
+
     // The descriptor is not the first member: not an OVA by probing; refused as one.
     let p = dir.join("late.ova");
     build_tar(

@@ -36,7 +36,7 @@ impl Format {
             Format::Vmdk => vmdk::probe(head),
             Format::Vdi => vdi::probe(head),
             Format::Vhdx => vhdx::probe(head),
-            Format::Ova => ova::probe(head),
+            Format::Ova => ova::probe(head, file_len),
         }
     }
 

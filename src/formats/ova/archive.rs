@@ -46,6 +46,24 @@ impl ReadAt for crate::device::HostFile {
     }
 }
 
+/// The first bytes of a file of `len` bytes (probing): sizes are checked against the whole
+/// file, reads past the bytes at hand fail.
+pub struct Head<'a> {
+    /// The bytes read.
+    pub bytes: &'a [u8],
+    /// The file's length.
+    pub len: u64,
+}
+
+impl ReadAt for Head<'_> {
+    fn size(&self) -> u64 {
+        self.len.max(self.bytes.len() as u64)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
+        self.bytes.read_at(buf, offset, what)
+    }
+}
+
 impl ReadAt for [u8] {
     fn size(&self) -> u64 {
         self.len() as u64

@@ -13,7 +13,7 @@ fn off() -> Error {
 }
 
 /// Never matches.
-pub fn probe(_head: &[u8]) -> bool {
+pub fn probe(_head: &[u8], _file_len: u64) -> bool {
     false
 }
 

@@ -50,9 +50,10 @@ pub const CREATE_OPTIONS: &[OptionHelp] = &[
     },
 ];
 
-/// Whether the first tar member in `head` is an `.ovf` descriptor.
-pub fn probe(head: &[u8]) -> bool {
-    reader::probe(head)
+/// Whether the first tar member in `head` (the start of a file of `file_len` bytes) is an
+/// `.ovf` descriptor.
+pub fn probe(head: &[u8], file_len: u64) -> bool {
+    reader::probe(head, file_len)
 }
 
 /// Open the appliance's chosen disk (`opts.options["disk"]`, 1-based).

@@ -146,9 +146,14 @@ fn has_ext(name: &str, ext: &str) -> bool {
         && name[name.len() - ext.len() - 1..].eq_ignore_ascii_case(&format!(".{ext}"))
 }
 
-/// Whether the first tar member in `head` is an OVF descriptor.
-pub fn probe(head: &[u8]) -> bool {
-    matches!(archive::first_member(head), Ok(Some(m)) if has_ext(&m.name, "ovf"))
+/// Whether the first tar member in `head`, the start of a file of `file_len` bytes, is an
+/// OVF descriptor.
+pub fn probe(head: &[u8], file_len: u64) -> bool {
+    let src = archive::Head {
+        bytes: head,
+        len: file_len,
+    };
+    matches!(archive::first_member(&src), Ok(Some(m)) if has_ext(&m.name, "ovf"))
 }
 
 /// Open the appliance in `file` (see the module docs).
@@ -257,6 +262,14 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
         .find(|m| m.name[..m.name.len() - 3] == *stem)
         .or(if mfs.len() == 1 { mfs.first() } else { None })
         .copied();
+    if mf.is_none() && mfs.len() > 1 {
+        return Err(Error::corrupt(format!(
+            "the archive holds {} manifests and none is named after the descriptor '{}': which one to check is ambiguous",
+            mfs.len(),
+            ovf.name
+        ))
+        .with_field("manifest"));
+    }
     let mut algo = None;
     let mut verified = Vec::new();
     if let Some(mf) = mf {
