@@ -185,6 +185,23 @@ fn qcow2_to_ova_to_raw_round_trip() {
     assert_eq!(dev.format(), Format::Ova);
     assert_eq!(dev.virtual_size(), 48 * MIB + 4096);
     assert_eq!(sha256_device(dev.as_ref()), sha);
+    // A source that fails half way leaves no appliance, no temporary sibling, no spool.
+    let cut = t.path().join("cut.qcow2");
+    let bytes = std::fs::read(&qcow).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let before: Vec<_> = std::fs::read_dir(t.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let failed = t.path().join("failed.ova");
+    cli_fails(&["convert", "-O", "ova", s(&cut), s(&failed)]);
+    let after: Vec<_> = std::fs::read_dir(t.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(before.len(), after.len(), "left behind: {after:?}");
+    assert!(!failed.exists());
+
     // And into qcow2, which qemu-img finds identical to the source.
     let q2 = t.path().join("back.qcow2");
     cli_ok(&["convert", "-O", "qcow2", s(&ova), s(&q2)]);
