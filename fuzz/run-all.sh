@@ -12,7 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")"
 secs=${1:-60}
 shift || true
-if [ $# -gt 0 ]; then targets=("$@"); else targets=(probe raw qcow2 vhd vmdk vdi guest_scan); fi
+if [ $# -gt 0 ]; then targets=("$@"); else targets=(probe raw qcow2 vhd vmdk vdi ova guest_scan); fi
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O || exit 1
 mkdir -p logs

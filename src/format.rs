@@ -20,12 +20,16 @@ pub enum Format {
     Vdi,
     /// Microsoft Hyper-V virtual hard disk v2.
     Vhdx,
+    /// An OVF appliance in a tar (Glance's `container_format=ova`): read, its chosen
+    /// disk; written, a streamOptimized vmdk with its descriptor and manifest.
+    Ova,
 }
 
 impl Format {
     /// Every format, in probe order.
-    pub const ALL: [Format; 6] = [
+    pub const ALL: [Format; 7] = [
         Format::Qcow2,
+        Format::Ova,
         Format::Vhdx,
         Format::Vhd,
         Format::Vmdk,
@@ -42,6 +46,7 @@ impl Format {
             Format::Vmdk => "vmdk",
             Format::Vdi => "vdi",
             Format::Vhdx => "vhdx",
+            Format::Ova => "ova",
         }
     }
 
@@ -54,9 +59,10 @@ impl Format {
             "vmdk" => Format::Vmdk,
             "vdi" => Format::Vdi,
             "vhdx" => Format::Vhdx,
+            "ova" => Format::Ova,
             other => {
                 return Err(Error::arg(format!(
-                    "unknown format '{other}' (known: raw, qcow2, vpc, vmdk, vdi, vhdx)"
+                    "unknown format '{other}' (known: raw, qcow2, vpc, vmdk, vdi, vhdx, ova)"
                 )))
             }
         })

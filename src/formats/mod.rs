@@ -12,6 +12,11 @@ use crate::format::Format;
 use crate::options::{CreateOptions, OpenOptions, OptionHelp, ResizeOptions};
 use crate::writer::ImageWriter;
 
+#[cfg(feature = "ova")]
+pub mod ova;
+#[cfg(not(feature = "ova"))]
+#[path = "ova/disabled.rs"]
+pub mod ova;
 pub mod qcow2;
 pub mod raw;
 pub mod vdi;
@@ -31,6 +36,7 @@ impl Format {
             Format::Vmdk => vmdk::probe(head),
             Format::Vdi => vdi::probe(head),
             Format::Vhdx => vhdx::probe(head),
+            Format::Ova => ova::probe(head, file_len),
         }
     }
 
@@ -53,6 +59,7 @@ impl Format {
             Format::Vmdk => vmdk::CREATE_OPTIONS,
             Format::Vdi => vdi::CREATE_OPTIONS,
             Format::Vhdx => vhdx::CREATE_OPTIONS,
+            Format::Ova => ova::CREATE_OPTIONS,
         }
     }
 }
@@ -108,6 +115,7 @@ pub fn open_host(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevi
         Format::Vmdk => vmdk::open(file, opts),
         Format::Vdi => vdi::open(file, opts),
         Format::Vhdx => vhdx::open(file, opts),
+        Format::Ova => ova::open(file, opts),
     };
     dev.map_err(|e| e.with_path(path))
 }
@@ -115,7 +123,7 @@ pub fn open_host(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevi
 /// The outputs that can be written to a pipe or character device, for error messages
 /// (each such writer answers true to [`ImageWriter::streams`]).
 pub const STREAMING_OUTPUTS: &str =
-    "raw, qcow2, vdi, dynamic vpc and monolithicSparse vmdk and dynamic vhdx (laid out from a first pass over the source), fixed vpc and fixed vhdx, vmdk with -o subformat=streamOptimized";
+    "raw, qcow2, vdi, dynamic vpc and monolithicSparse vmdk and dynamic vhdx (laid out from a first pass over the source), fixed vpc and fixed vhdx, vmdk with -o subformat=streamOptimized, ova";
 
 /// Whether `format` can be written into an existing image in place (`-n`): only raw
 /// today, whose in-place image is the guest bytes themselves.
@@ -140,7 +148,7 @@ pub fn create_writer(
 ) -> Result<Box<dyn ImageWriter>> {
     opts.check_known(format)?;
     // qemu-img's check, per driver: only qcow2 and vmdk take compressed writes.
-    if opts.compress && !matches!(format, Format::Qcow2 | Format::Vmdk) {
+    if opts.compress && !matches!(format, Format::Qcow2 | Format::Vmdk | Format::Ova) {
         return Err(
             Error::unsupported("Compression not supported for this file format").with_path(path),
         );
@@ -153,6 +161,7 @@ pub fn create_writer(
         Format::Vmdk => vmdk::create_writer(file, path, opts),
         Format::Vdi => vdi::create_writer(file, opts),
         Format::Vhdx => vhdx::create_writer(file, opts),
+        Format::Ova => ova::create_writer(file, path, opts),
     };
     w.map_err(|e| e.with_path(path))
 }
@@ -170,7 +179,7 @@ pub fn plan_granularity(format: Format, opts: &CreateOptions) -> Result<Option<u
         Format::Vdi => Ok(Some(vdi::plan_granularity())),
         Format::Vmdk => vmdk::plan_granularity(opts),
         Format::Vhdx => vhdx::plan_granularity(opts),
-        Format::Raw => Ok(None),
+        Format::Raw | Format::Ova => Ok(None),
     }
 }
 
@@ -232,6 +241,9 @@ pub fn open_editor(
         Format::Vmdk => vmdk::open_editor(file, path, opts),
         Format::Vdi => vdi::open_editor(file, path, opts),
         Format::Vhdx => vhdx::open_editor(file, path, opts),
+        Format::Ova => Err(Error::unsupported(
+            "an OVA appliance cannot be changed in place: convert its disk instead",
+        )),
     }
 }
 
@@ -254,5 +266,8 @@ pub fn check_image(
         Format::Vmdk => vmdk::check::check(file, path, repair, fail_at),
         Format::Vdi => vdi::check::check(file, path, repair, fail_at),
         Format::Vhdx => vhdx::check::check(file, path, repair, fail_at),
+        Format::Ova => Err(Error::unsupported(
+            "check an OVA appliance's disk: extract it or convert it first",
+        )),
     }
 }
