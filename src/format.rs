@@ -20,12 +20,18 @@ pub enum Format {
     Vdi,
     /// Microsoft Hyper-V virtual hard disk v2.
     Vhdx,
+    /// QEMU copy-on-write version 1 (read only).
+    Qcow,
+    /// QEMU enhanced disk (read only).
+    Qed,
 }
 
 impl Format {
     /// Every format, in probe order.
-    pub const ALL: [Format; 6] = [
+    pub const ALL: [Format; 8] = [
         Format::Qcow2,
+        Format::Qcow,
+        Format::Qed,
         Format::Vhdx,
         Format::Vhd,
         Format::Vmdk,
@@ -42,6 +48,8 @@ impl Format {
             Format::Vmdk => "vmdk",
             Format::Vdi => "vdi",
             Format::Vhdx => "vhdx",
+            Format::Qcow => "qcow",
+            Format::Qed => "qed",
         }
     }
 
@@ -54,9 +62,11 @@ impl Format {
             "vmdk" => Format::Vmdk,
             "vdi" => Format::Vdi,
             "vhdx" => Format::Vhdx,
+            "qcow" => Format::Qcow,
+            "qed" => Format::Qed,
             other => {
                 return Err(Error::arg(format!(
-                    "unknown format '{other}' (known: raw, qcow2, vpc, vmdk, vdi, vhdx)"
+                    "unknown format '{other}' (known: raw, qcow2, vpc, vmdk, vdi, vhdx, qcow, qed)"
                 )))
             }
         })

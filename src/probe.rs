@@ -61,16 +61,6 @@ const CLOOP_MAGIC: &[u8] =
 /// does. Several of these formats can name backing files.
 const FOREIGN: &[Foreign] = &[
     Foreign {
-        name: "qcow",
-        signature: "'QFI\\xfb' version 1 at offset 0",
-        found: |h, _| h.starts_with(b"QFI\xfb") && h.get(4..8) == Some(&[0, 0, 0, 1]),
-    },
-    Foreign {
-        name: "qed",
-        signature: "'QED\\0' at offset 0",
-        found: |h, _| h.starts_with(b"QED\0"),
-    },
-    Foreign {
         name: "luks",
         signature: "'LUKS\\xba\\xbe' at offset 0",
         found: |h, _| h.starts_with(b"LUKS\xba\xbe"),
@@ -137,7 +127,7 @@ impl ProbeReport {
     pub fn from_bytes(head: &[u8], tail: &[u8], file_len: u64, file_name: Option<&str>) -> Self {
         let mut foreign = foreign_signatures(head, tail);
         let mut matches = matching_formats(head, tail, file_len);
-        if foreign.contains(&"qcow") {
+        if matches.contains(&Format::Qcow) {
             // qcow v1 carries qcow2's magic; its version says which it is.
             matches.retain(|&f| f != Format::Qcow2);
         }

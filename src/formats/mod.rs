@@ -12,7 +12,9 @@ use crate::format::Format;
 use crate::options::{CreateOptions, OpenOptions, OptionHelp, ResizeOptions};
 use crate::writer::ImageWriter;
 
+pub mod qcow1;
 pub mod qcow2;
+pub mod qed;
 pub mod raw;
 pub mod vdi;
 pub mod vhd;
@@ -31,6 +33,8 @@ impl Format {
             Format::Vmdk => vmdk::probe(head),
             Format::Vdi => vdi::probe(head),
             Format::Vhdx => vhdx::probe(head),
+            Format::Qcow => qcow1::probe(head),
+            Format::Qed => qed::probe(head),
         }
     }
 
@@ -53,6 +57,8 @@ impl Format {
             Format::Vmdk => vmdk::CREATE_OPTIONS,
             Format::Vdi => vdi::CREATE_OPTIONS,
             Format::Vhdx => vhdx::CREATE_OPTIONS,
+            Format::Qcow => qcow1::CREATE_OPTIONS,
+            Format::Qed => qed::CREATE_OPTIONS,
         }
     }
 }
@@ -108,8 +114,19 @@ pub fn open_host(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevi
         Format::Vmdk => vmdk::open(file, opts),
         Format::Vdi => vdi::open(file, opts),
         Format::Vhdx => vhdx::open(file, opts),
+        Format::Qcow => qcow1::open(file, opts),
+        Format::Qed => qed::open(file, opts),
     };
     dev.map_err(|e| e.with_path(path))
+}
+
+/// Refuse writing (or changing in place) the formats this crate only reads.
+fn read_only(format: Format) -> Result<()> {
+    match format {
+        Format::Qcow => Err(qcow1::read_only()),
+        Format::Qed => Err(qed::read_only()),
+        _ => Ok(()),
+    }
 }
 
 /// The outputs that can be written to a pipe or character device, for error messages
@@ -138,6 +155,7 @@ pub fn create_writer(
     path: &Path,
     opts: &CreateOptions,
 ) -> Result<Box<dyn ImageWriter>> {
+    read_only(format).map_err(|e| e.with_path(path))?;
     opts.check_known(format)?;
     // qemu-img's check, per driver: only qcow2 and vmdk take compressed writes.
     if opts.compress && !matches!(format, Format::Qcow2 | Format::Vmdk) {
@@ -153,6 +171,8 @@ pub fn create_writer(
         Format::Vmdk => vmdk::create_writer(file, path, opts),
         Format::Vdi => vdi::create_writer(file, opts),
         Format::Vhdx => vhdx::create_writer(file, opts),
+        Format::Qcow => qcow1::create_writer(file),
+        Format::Qed => qed::create_writer(file),
     };
     w.map_err(|e| e.with_path(path))
 }
@@ -163,6 +183,7 @@ pub fn create_writer(
 /// with these options; None when the output needs no plan (raw, fixed vpc and
 /// streamOptimized vmdk stream without one).
 pub fn plan_granularity(format: Format, opts: &CreateOptions) -> Result<Option<u64>> {
+    read_only(format)?;
     opts.check_known(format)?;
     match format {
         Format::Qcow2 => qcow2::plan_granularity(opts).map(Some),
@@ -170,7 +191,7 @@ pub fn plan_granularity(format: Format, opts: &CreateOptions) -> Result<Option<u
         Format::Vdi => Ok(Some(vdi::plan_granularity())),
         Format::Vmdk => vmdk::plan_granularity(opts),
         Format::Vhdx => vhdx::plan_granularity(opts),
-        Format::Raw => Ok(None),
+        Format::Raw | Format::Qcow | Format::Qed => Ok(None),
     }
 }
 
@@ -232,6 +253,7 @@ pub fn open_editor(
         Format::Vmdk => vmdk::open_editor(file, path, opts),
         Format::Vdi => vdi::open_editor(file, path, opts),
         Format::Vhdx => vhdx::open_editor(file, path, opts),
+        Format::Qcow | Format::Qed => Err(read_only(format).unwrap_err().with_path(path)),
     }
 }
 
@@ -254,5 +276,11 @@ pub fn check_image(
         Format::Vmdk => vmdk::check::check(file, path, repair, fail_at),
         Format::Vdi => vdi::check::check(file, path, repair, fail_at),
         Format::Vhdx => vhdx::check::check(file, path, repair, fail_at),
+        Format::Qcow => Err(Error::unsupported(
+            "This image format does not support checks",
+        )),
+        Format::Qed => Err(Error::unsupported(
+            "checking qed images is not implemented (diskconv reads them; qemu-img check -f qed checks them)",
+        )),
     }
 }

@@ -53,6 +53,8 @@ pub fn disk_format_for(format: Format) -> &'static str {
         Format::Vmdk => "vmdk",
         Format::Vdi => "vdi",
         Format::Vhdx => "vhdx",
+        // Read only here, so never an upload's format (nor one of Glance's disk formats).
+        Format::Qcow | Format::Qed => format.name(),
     }
 }
 
