@@ -120,8 +120,9 @@ pub fn open_host(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevi
     dev.map_err(|e| e.with_path(path))
 }
 
-/// Refuse writing (or changing in place) the formats this crate only reads.
-fn read_only(format: Format) -> Result<()> {
+/// Refuse writing (or changing in place) the formats this crate only reads (qcow, qed),
+/// with the reason and what to write instead.
+pub fn check_writable(format: Format) -> Result<()> {
     match format {
         Format::Qcow => Err(qcow1::read_only()),
         Format::Qed => Err(qed::read_only()),
@@ -155,7 +156,7 @@ pub fn create_writer(
     path: &Path,
     opts: &CreateOptions,
 ) -> Result<Box<dyn ImageWriter>> {
-    read_only(format).map_err(|e| e.with_path(path))?;
+    check_writable(format).map_err(|e| e.with_path(path))?;
     opts.check_known(format)?;
     // qemu-img's check, per driver: only qcow2 and vmdk take compressed writes.
     if opts.compress && !matches!(format, Format::Qcow2 | Format::Vmdk) {
@@ -183,7 +184,7 @@ pub fn create_writer(
 /// with these options; None when the output needs no plan (raw, fixed vpc and
 /// streamOptimized vmdk stream without one).
 pub fn plan_granularity(format: Format, opts: &CreateOptions) -> Result<Option<u64>> {
-    read_only(format)?;
+    check_writable(format)?;
     opts.check_known(format)?;
     match format {
         Format::Qcow2 => qcow2::plan_granularity(opts).map(Some),
@@ -253,7 +254,7 @@ pub fn open_editor(
         Format::Vmdk => vmdk::open_editor(file, path, opts),
         Format::Vdi => vdi::open_editor(file, path, opts),
         Format::Vhdx => vhdx::open_editor(file, path, opts),
-        Format::Qcow | Format::Qed => Err(read_only(format).unwrap_err().with_path(path)),
+        Format::Qcow | Format::Qed => Err(check_writable(format).unwrap_err().with_path(path)),
     }
 }
 

@@ -58,7 +58,11 @@ impl Qcow1Header {
             .with_field("header"));
         }
         if BE::read_u32(&b[0..4]) != MAGIC {
-            return Err(bad("not a qcow image (magic is not 'QFI\\xfb')", "magic", 0));
+            return Err(bad(
+                "not a qcow image (magic is not 'QFI\\xfb')",
+                "magic",
+                0,
+            ));
         }
         let version = BE::read_u32(&b[4..8]);
         if version != VERSION {

@@ -136,8 +136,7 @@ impl Qcow1Image {
             }
         }
         if let (Some(name), false) = (&img.backing_name, opts.no_backing) {
-            img.backing =
-                Some(opts.open_reference(img.file.path(), name, "backing_file", None)?);
+            img.backing = Some(opts.open_reference(img.file.path(), name, "backing_file", None)?);
             img.backing_path = Some(
                 img.file
                     .path()
@@ -158,15 +157,23 @@ impl Qcow1Image {
     /// aligned to `align`, inside the file and clear of the header, backing name and L1 table.
     fn check_host(&self, host: u64, len: u64, what: &str, entry_at: u64, align: u64) -> Result<()> {
         let fail = |why: String| {
-            Err(Error::corrupt(format!("{what} at {host:#x} ({len} bytes) {why}"))
-                .with_field(format!("{} entry", if what == "L2 table" { "L1" } else { "L2" }))
-                .at(entry_at)
-                .with_path(self.file.path()))
+            Err(
+                Error::corrupt(format!("{what} at {host:#x} ({len} bytes) {why}"))
+                    .with_field(format!(
+                        "{} entry",
+                        if what == "L2 table" { "L1" } else { "L2" }
+                    ))
+                    .at(entry_at)
+                    .with_path(self.file.path()),
+            )
         };
         if host % align != 0 {
             return fail(format!("is not aligned to {align} bytes"));
         }
-        if host.checked_add(len).map_or(true, |end| end > self.file.len()) {
+        if host
+            .checked_add(len)
+            .map_or(true, |end| end > self.file.len())
+        {
             return fail(format!(
                 "runs past the end of the file ({} bytes)",
                 self.file.len()

@@ -66,7 +66,11 @@ impl QedHeader {
             .with_field("header"));
         }
         if LE::read_u32(&b[0..4]) != MAGIC {
-            return Err(bad("image not in QED format (magic is not 'QED\\0')", "magic", 0));
+            return Err(bad(
+                "image not in QED format (magic is not 'QED\\0')",
+                "magic",
+                0,
+            ));
         }
         let h = QedHeader {
             cluster_size: LE::read_u32(&b[4..8]),
@@ -240,8 +244,16 @@ mod tests {
         let cases: Vec<(fn(&mut QedHeader), &str, K)> = vec![
             (|h| h.features = 0x8, "features", K::Unsupported),
             (|h| h.cluster_size = 2048, "cluster_size", K::InvalidFormat),
-            (|h| h.cluster_size = 128 << 20, "cluster_size", K::InvalidFormat),
-            (|h| h.cluster_size = 3 << 12, "cluster_size", K::InvalidFormat),
+            (
+                |h| h.cluster_size = 128 << 20,
+                "cluster_size",
+                K::InvalidFormat,
+            ),
+            (
+                |h| h.cluster_size = 3 << 12,
+                "cluster_size",
+                K::InvalidFormat,
+            ),
             (|h| h.table_size = 0, "table_size", K::InvalidFormat),
             (|h| h.table_size = 3, "table_size", K::InvalidFormat),
             (|h| h.table_size = 32, "table_size", K::InvalidFormat),

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
-use super::header::{QedHeader, F_BACKING_FILE, F_BACKING_FORMAT_NO_PROBE, F_NEED_CHECK, HEADER_SIZE};
+use super::header::{
+    QedHeader, F_BACKING_FILE, F_BACKING_FORMAT_NO_PROBE, F_NEED_CHECK, HEADER_SIZE,
+};
 use crate::device::{
     check_guest_range, BlockDevice, BlockStatus, HostFile, ImageInfo, Mapping, MappingKind,
 };
@@ -88,7 +90,14 @@ impl QedImage {
             header,
             file,
         };
-        img.check_host(header.l1_table_offset, header.table_bytes(), "L1 table", 40, "l1_table_offset", false)?;
+        img.check_host(
+            header.l1_table_offset,
+            header.table_bytes(),
+            "L1 table",
+            40,
+            "l1_table_offset",
+            false,
+        )?;
 
         let needed = header.image_size.div_ceil(header.l2_span());
         let l1_bytes = needed * 8;
@@ -100,7 +109,9 @@ impl QedImage {
             .at(48)
             .with_path(img.file.path()));
         }
-        let raw = img.file.read_vec(header.l1_table_offset, l1_bytes, "L1 table")?;
+        let raw = img
+            .file
+            .read_vec(header.l1_table_offset, l1_bytes, "L1 table")?;
         img.l1 = raw.chunks_exact(8).map(LE::read_u64).collect();
         for (i, &e) in img.l1.iter().enumerate() {
             if e != 0 {
@@ -126,7 +137,8 @@ impl QedImage {
             })?;
             if !opts.no_backing {
                 let fmt = (header.features & F_BACKING_FORMAT_NO_PROBE != 0).then_some(Format::Raw);
-                img.backing = Some(opts.open_reference(img.file.path(), &name, "backing_file", fmt)?);
+                img.backing =
+                    Some(opts.open_reference(img.file.path(), &name, "backing_file", fmt)?);
                 img.backing_path = Some(
                     img.file
                         .path()
@@ -158,10 +170,12 @@ impl QedImage {
         check_l1: bool,
     ) -> Result<()> {
         let fail = |why: String| {
-            Err(Error::corrupt(format!("{what} at {host:#x} ({len} bytes) {why}"))
-                .with_field(field.to_string())
-                .at(at)
-                .with_path(self.file.path()))
+            Err(
+                Error::corrupt(format!("{what} at {host:#x} ({len} bytes) {why}"))
+                    .with_field(field.to_string())
+                    .at(at)
+                    .with_path(self.file.path()),
+            )
         };
         if host % self.cs != 0 {
             return fail(format!("is not aligned to the cluster size {}", self.cs));
@@ -172,7 +186,10 @@ impl QedImage {
                 self.header.header_bytes()
             ));
         }
-        if host.checked_add(len).map_or(true, |end| end > self.file.len()) {
+        if host
+            .checked_add(len)
+            .map_or(true, |end| end > self.file.len())
+        {
             return fail(format!(
                 "runs past the end of the file ({} bytes)",
                 self.file.len()
@@ -237,7 +254,10 @@ impl QedImage {
             buf.fill(0);
             return Ok(());
         };
-        let n = b.virtual_size().saturating_sub(offset).min(buf.len() as u64) as usize;
+        let n = b
+            .virtual_size()
+            .saturating_sub(offset)
+            .min(buf.len() as u64) as usize;
         if n > 0 {
             b.read_at(&mut buf[..n], offset)?;
         }
