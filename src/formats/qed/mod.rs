@@ -15,7 +15,8 @@
 //! file. Refused beyond qemu: a header of 0 clusters, tables and clusters overlapping the
 //! L1 table. Accepted beyond qemu: tables of one cluster (the spec allows them; qemu's
 //! table offset check refuses every such image it creates). An image whose need-check
-//! flag is set (not closed cleanly) reads as it is, dirty in `info`; unknown compatible
+//! flag is set (not closed cleanly) reads as it is, with a warning (qemu-img 10 reports its
+//! dirty-flag false, and so does `info`); unknown compatible
 //! and autoclear bits are reported and ignored.
 
 use crate::device::{BlockDevice, HostFile};

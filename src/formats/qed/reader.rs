@@ -233,7 +233,8 @@ impl QedImage {
         }
         let index = (off % span) / self.cs;
         let entry_at = l2_offset + index * 8;
-        let page = entry_at - entry_at % self.page_bytes;
+        // Pages are counted from the table's start (tables are only cluster-aligned).
+        let page = l2_offset + (index * 8) / self.page_bytes * self.page_bytes;
         let e = self.l2_page(page)?[((entry_at - page) / 8) as usize];
         let in_cluster = off % self.cs;
         let len = self.cs - in_cluster;
@@ -404,7 +405,9 @@ impl BlockDevice for QedImage {
             format: "qed".into(),
             virtual_size: h.image_size,
             cluster_size: Some(self.cs),
-            dirty: Some(dirty),
+            // qemu-img 10 reports a need-check image's dirty-flag false (it checks only
+            // when opening for writing); the warning says it.
+            dirty: Some(false),
             backing_file: self.backing_name.clone(),
             backing_format: (self.backing_name.is_some()
                 && h.features & F_BACKING_FORMAT_NO_PROBE != 0)
