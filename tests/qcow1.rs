@@ -131,7 +131,7 @@ fn backing_overlays_read_through_the_gate_only() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let base = source(d);
+    source(d); // src.raw, the backing file
     let ov = d.join("ov.qcow");
     // qcow cannot store the backing format: qemu probes it, and so do we.
     qemu_img(&[
@@ -409,21 +409,21 @@ fn hostile_table_entries_are_refused_with_kind() {
             "compressed entry past the end",
             &packed,
             packed.entry,
-            u64b(1 << 63 | 100 << 51 | (len - 10)),
+            u64b((1 << 63) | (100 << 51) | (len - 10)),
             false,
         ),
         (
             "compressed entry of size 0",
             &packed,
             packed.entry,
-            u64b(1 << 63 | 4096 * 3),
+            u64b((1 << 63) | (4096 * 3)),
             false,
         ),
         (
             "compressed entry on the header",
             &packed,
             packed.entry,
-            u64b(1 << 63 | 40 << 51),
+            u64b((1 << 63) | (40 << 51)),
             false,
         ),
     ];
@@ -448,7 +448,7 @@ fn hostile_table_entries_are_refused_with_kind() {
     // compressed cluster's byte offset can, and is refused as an overlap.
     let p = d.join("bad.qcow");
     std::fs::copy(&packed.path, &p).unwrap();
-    patch(&p, packed.entry, &u64b(1 << 63 | 40 << 51 | 8));
+    patch(&p, packed.entry, &u64b((1 << 63) | (40 << 51) | 8));
     let e = read_all(&p).unwrap_err();
     assert!(e.to_string().contains("overlaps the header"), "{e}");
     // Compressed bytes that are not deflate data fail the read, naming the cluster.

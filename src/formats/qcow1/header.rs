@@ -237,7 +237,8 @@ mod tests {
     #[test]
     fn refuses_each_bad_field_with_its_name() {
         use crate::ErrorKind as K;
-        let cases: Vec<(fn(&mut Qcow1Header), &str, K)> = vec![
+        type Case = (fn(&mut Qcow1Header), &'static str, K);
+        let cases: Vec<Case> = vec![
             (|h| h.size = 1, "size", K::InvalidFormat),
             (|h| h.cluster_bits = 8, "cluster_bits", K::InvalidFormat),
             (|h| h.cluster_bits = 17, "cluster_bits", K::InvalidFormat),

@@ -241,7 +241,8 @@ mod tests {
     #[test]
     fn refuses_each_bad_field_with_its_name() {
         use crate::ErrorKind as K;
-        let cases: Vec<(fn(&mut QedHeader), &str, K)> = vec![
+        type Case = (fn(&mut QedHeader), &'static str, K);
+        let cases: Vec<Case> = vec![
             (|h| h.features = 0x8, "features", K::Unsupported),
             (|h| h.cluster_size = 2048, "cluster_size", K::InvalidFormat),
             (
