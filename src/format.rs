@@ -23,12 +23,18 @@ pub enum Format {
     /// An OVF appliance in a tar (Glance's `container_format=ova`): read, its chosen
     /// disk; written, a streamOptimized vmdk with its descriptor and manifest.
     Ova,
+    /// QEMU copy-on-write version 1 (read only).
+    Qcow,
+    /// QEMU enhanced disk (read only).
+    Qed,
 }
 
 impl Format {
     /// Every format, in probe order.
-    pub const ALL: [Format; 7] = [
+    pub const ALL: [Format; 9] = [
         Format::Qcow2,
+        Format::Qcow,
+        Format::Qed,
         Format::Ova,
         Format::Vhdx,
         Format::Vhd,
@@ -47,6 +53,8 @@ impl Format {
             Format::Vdi => "vdi",
             Format::Vhdx => "vhdx",
             Format::Ova => "ova",
+            Format::Qcow => "qcow",
+            Format::Qed => "qed",
         }
     }
 
@@ -60,9 +68,11 @@ impl Format {
             "vdi" => Format::Vdi,
             "vhdx" => Format::Vhdx,
             "ova" => Format::Ova,
+            "qcow" => Format::Qcow,
+            "qed" => Format::Qed,
             other => {
                 return Err(Error::arg(format!(
-                    "unknown format '{other}' (known: raw, qcow2, vpc, vmdk, vdi, vhdx, ova)"
+                    "unknown format '{other}' (known: raw, qcow2, vpc, vmdk, vdi, vhdx, ova, qcow, qed)"
                 )))
             }
         })

@@ -21,16 +21,17 @@ use diskconv::{
 };
 
 /// qemu-img's names, listed in `--help` so users need not guess (`vhd` is accepted for `vpc`).
-const FORMATS_HELP: &str = "Supported formats: raw qcow2 vpc (alias vhd) vmdk vdi vhdx ova";
+const FORMATS_HELP: &str =
+    "Supported formats: raw qcow2 vpc (alias vhd) vmdk vdi vhdx ova; read only: qcow qed";
 
 /// `convert --help`'s description of its two files, which clap cannot list as required.
-const CONVERT_ARGS_HELP: &str = "Arguments:\n  SRC  Input image; `-`: a raw image on stdin (-f raw), spooled first to a deleted file in\n       $TMPDIR holding its non-zero 64 KiB blocks (up to its length), or read once with --size\n  DST  Output image\n\nSupported formats: raw qcow2 vpc (alias vhd) vmdk vdi vhdx";
+const CONVERT_ARGS_HELP: &str = "Arguments:\n  SRC  Input image; `-`: a raw image on stdin (-f raw), spooled first to a deleted file in\n       $TMPDIR holding its non-zero 64 KiB blocks (up to its length), or read once with --size\n  DST  Output image\n\nSupported formats: raw qcow2 vpc (alias vhd) vmdk vdi vhdx; read only: qcow qed";
 
 #[derive(Parser)]
 #[command(
     name = "diskconv",
     version,
-    about = "Convert and inspect disk images (raw, qcow2, vpc/vhd, vmdk, vdi, vhdx, ova)",
+    about = "Convert and inspect disk images (raw, qcow2, vpc/vhd, vmdk, vdi, vhdx, ova; qcow and qed read only)",
     after_help = FORMATS_HELP
 )]
 struct Cli {
@@ -734,6 +735,7 @@ fn run(cli: Cli) -> Result<()> {
                 Error::arg("Image creation needs a size parameter").with_path(&file)
             })?;
             create.size = cvtnum("image size", &size)?;
+            diskconv::formats::check_writable(format).map_err(|e| e.with_path(&file))?;
             if !quiet {
                 println!("{}", formatting_line(&file, format, &create));
             }

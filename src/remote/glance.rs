@@ -55,6 +55,8 @@ pub fn disk_format_for(format: Format) -> &'static str {
         Format::Vhdx => "vhdx",
         // Glance's disk_format of an appliance is its disk's; the container is `ova`.
         Format::Ova => "vmdk",
+        // Read only here, so never an upload's format (nor one of Glance's disk formats).
+        Format::Qcow | Format::Qed => format.name(),
     }
 }
 
