@@ -197,6 +197,12 @@ pub trait BlockDevice: Send + Sync {
             false,
         ))
     }
+
+    /// The container the disk was read from (an OVA appliance), as its name and the
+    /// facts `info --output=json` shows under that key; None for a plain image.
+    fn container_info(&self) -> Option<(&'static str, serde_json::Value)> {
+        None
+    }
 }
 
 #[doc(hidden)] // a helper of the format readers, not a stable API

@@ -20,12 +20,22 @@ pub enum Format {
     Vdi,
     /// Microsoft Hyper-V virtual hard disk v2.
     Vhdx,
+    /// An OVF appliance in a tar (Glance's `container_format=ova`): read, its chosen
+    /// disk; written, a streamOptimized vmdk with its descriptor and manifest.
+    Ova,
+    /// QEMU copy-on-write version 1 (read only).
+    Qcow,
+    /// QEMU enhanced disk (read only).
+    Qed,
 }
 
 impl Format {
     /// Every format, in probe order.
-    pub const ALL: [Format; 6] = [
+    pub const ALL: [Format; 9] = [
         Format::Qcow2,
+        Format::Qcow,
+        Format::Qed,
+        Format::Ova,
         Format::Vhdx,
         Format::Vhd,
         Format::Vmdk,
@@ -42,6 +52,9 @@ impl Format {
             Format::Vmdk => "vmdk",
             Format::Vdi => "vdi",
             Format::Vhdx => "vhdx",
+            Format::Ova => "ova",
+            Format::Qcow => "qcow",
+            Format::Qed => "qed",
         }
     }
 
@@ -54,9 +67,12 @@ impl Format {
             "vmdk" => Format::Vmdk,
             "vdi" => Format::Vdi,
             "vhdx" => Format::Vhdx,
+            "ova" => Format::Ova,
+            "qcow" => Format::Qcow,
+            "qed" => Format::Qed,
             other => {
                 return Err(Error::arg(format!(
-                    "unknown format '{other}' (known: raw, qcow2, vpc, vmdk, vdi, vhdx)"
+                    "unknown format '{other}' (known: raw, qcow2, vpc, vmdk, vdi, vhdx, ova, qcow, qed)"
                 )))
             }
         })

@@ -66,6 +66,9 @@ pub struct InspectLimits {
     /// default: the unwalked part was not checked). Off, [`FindingKind::MapIncomplete`]
     /// is informational.
     pub incomplete_map_is_unsafe: bool,
+    /// Which disk of an OVA appliance to inspect (1-based, DiskSection order); None: the
+    /// first. Ignored for every other format.
+    pub ova_disk: Option<usize>,
 }
 
 impl Default for InspectLimits {
@@ -76,6 +79,7 @@ impl Default for InspectLimits {
             max_map_calls: 1_000_000,
             max_map_time: Duration::from_secs(20),
             incomplete_map_is_unsafe: true,
+            ova_disk: None,
         }
     }
 }
@@ -445,7 +449,7 @@ fn inspect_host(
     let mut device = None;
     if let Some(fmt) = primary {
         let mut found = Vec::new();
-        if let Some(dev) = open_and_collect(&file, fmt, &mut found)? {
+        if let Some(dev) = open_and_collect(&file, fmt, limits.ova_disk, &mut found)? {
             let size = dev.virtual_size();
             opened_as = Some(fmt);
             virtual_size = Some(size);
@@ -458,7 +462,7 @@ fn inspect_host(
     }
     for fmt in secondary {
         let mut found = Vec::new();
-        open_and_collect(&file, fmt, &mut found)?;
+        open_and_collect(&file, fmt, limits.ova_disk, &mut found)?;
         for f in &mut found {
             f.detail = format!("read as {fmt}: {}", f.detail);
         }
@@ -537,6 +541,7 @@ fn tag(found: &mut [Finding], fmt: Format) {
 fn open_and_collect(
     file: &HostFile,
     fmt: Format,
+    ova_disk: Option<usize>,
     found: &mut Vec<Finding>,
 ) -> Result<Option<Box<dyn BlockDevice>>> {
     let path = file.path();
@@ -544,19 +549,21 @@ fn open_and_collect(
         .file()
         .try_clone()
         .map_err(|e| Error::io("cannot duplicate the image's descriptor", e).with_path(path))?;
-    Ok(
-        match crate::formats::open_file(dup, path, &OpenOptions::new().format(fmt)) {
-            Ok(dev) => {
-                let own_name = path.file_name().and_then(|n| n.to_str());
-                info_findings(&dev.info(), own_name, found);
-                Some(dev)
-            }
-            Err(e) => {
-                found.extend(error_findings(&e, &format!("opening as {fmt}")));
-                None
-            }
-        },
-    )
+    let mut opts = OpenOptions::new().format(fmt);
+    if let (Format::Ova, Some(n)) = (fmt, ova_disk) {
+        opts = opts.option("disk", &n.to_string());
+    }
+    Ok(match crate::formats::open_file(dup, path, &opts) {
+        Ok(dev) => {
+            let own_name = path.file_name().and_then(|n| n.to_str());
+            info_findings(&dev.info(), own_name, found);
+            Some(dev)
+        }
+        Err(e) => {
+            found.extend(error_findings(&e, &format!("opening as {fmt}")));
+            None
+        }
+    })
 }
 
 /// Does a reader's field name say "external data file"? (`data_file`, `data-file`, ...)

@@ -1,4 +1,4 @@
-//! diskconv: read, write and convert raw, qcow2, vhd (vpc), vmdk, vdi and vhdx disk images.
+//! diskconv: read, write and convert raw, qcow2, vhd (vpc), vmdk, vdi and vhdx disk images, and read qcow (v1) and qed.
 //!
 //! Every format is a [`BlockDevice`] (read side) and an [`ImageWriter`] (write side); one
 //! engine ([`convert()`]) streams any device into any writer, reading only mapped data.

@@ -21,16 +21,17 @@ use diskconv::{
 };
 
 /// qemu-img's names, listed in `--help` so users need not guess (`vhd` is accepted for `vpc`).
-const FORMATS_HELP: &str = "Supported formats: raw qcow2 vpc (alias vhd) vmdk vdi vhdx";
+const FORMATS_HELP: &str =
+    "Supported formats: raw qcow2 vpc (alias vhd) vmdk vdi vhdx ova; read only: qcow qed";
 
 /// `convert --help`'s description of its two files, which clap cannot list as required.
-const CONVERT_ARGS_HELP: &str = "Arguments:\n  SRC  Input image; `-`: a raw image on stdin (-f raw), spooled first to a deleted file in\n       $TMPDIR holding its non-zero 64 KiB blocks (up to its length), or read once with --size\n  DST  Output image\n\nSupported formats: raw qcow2 vpc (alias vhd) vmdk vdi vhdx";
+const CONVERT_ARGS_HELP: &str = "Arguments:\n  SRC  Input image; `-`: a raw image on stdin (-f raw), spooled first to a deleted file in\n       $TMPDIR holding its non-zero 64 KiB blocks (up to its length), or read once with --size\n  DST  Output image\n\nSupported formats: raw qcow2 vpc (alias vhd) vmdk vdi vhdx; read only: qcow qed";
 
 #[derive(Parser)]
 #[command(
     name = "diskconv",
     version,
-    about = "Convert and inspect disk images (raw, qcow2, vpc/vhd, vmdk, vdi, vhdx)",
+    about = "Convert and inspect disk images (raw, qcow2, vpc/vhd, vmdk, vdi, vhdx, ova; qcow and qed read only)",
     after_help = FORMATS_HELP
 )]
 struct Cli {
@@ -116,6 +117,9 @@ enum Cmd {
         /// confined to its folder.
         #[arg(long = "allow-references", alias = "allow-backing")]
         allow_references: bool,
+        /// With an OVA input: which of its disks to read (1-based; default the first).
+        #[arg(long = "disk", value_name = "N")]
+        disk: Option<usize>,
         /// Write into the existing DST in place instead of creating it (-O raw: a file
         /// or block device at least SRC's size).
         #[arg(short = 'n')]
@@ -269,6 +273,9 @@ enum Cmd {
         /// Accepted for qemu-img compatibility: the image is opened read-only and never locked.
         #[arg(short = 'U', long = "force-share")]
         _force_share: bool,
+        /// With an OVA: which of its disks to describe (1-based; default the first).
+        #[arg(long = "disk", value_name = "N")]
+        disk: Option<usize>,
         /// Image.
         image: PathBuf,
     },
@@ -282,6 +289,9 @@ enum Cmd {
         /// human or json.
         #[arg(long = "output", default_value = "human")]
         output: String,
+        /// With an OVA: which of its disks to inspect (1-based; default the first).
+        #[arg(long = "disk", value_name = "N")]
+        disk: Option<usize>,
         /// Image.
         image: PathBuf,
     },
@@ -496,6 +506,7 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             _unordered,
             allow_references,
+            disk,
             snapshot,
             existing_target,
             target_is_zero,
@@ -550,6 +561,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             let mut opts = ConvertOptions::new(format);
             opts.open = open_options(src_format.as_deref(), allow_references)?;
+            if let Some(n) = disk {
+                opts.open = opts.open.option("disk", &n.to_string());
+            }
             if let Some(sn) = &snapshot {
                 let (k, v) = cli_cmms::snapshot_option(sn);
                 opts.open = opts.open.option(k, v);
@@ -721,6 +735,7 @@ fn run(cli: Cli) -> Result<()> {
                 Error::arg("Image creation needs a size parameter").with_path(&file)
             })?;
             create.size = cvtnum("image size", &size)?;
+            diskconv::formats::check_writable(format).map_err(|e| e.with_path(&file))?;
             if !quiet {
                 println!("{}", formatting_line(&file, format, &create));
             }
@@ -857,17 +872,25 @@ fn run(cli: Cli) -> Result<()> {
             output,
             allow_references,
             _force_share,
+            disk,
             image,
         } => {
             // Like qemu-img info: backing and parent images are named, never opened.
-            let opts = open_options(format.as_deref(), allow_references)?.without_backing();
+            let mut opts = open_options(format.as_deref(), allow_references)?.without_backing();
+            if let Some(n) = disk {
+                opts = opts.option("disk", &n.to_string());
+            }
             let dev = diskconv::open(&image, &opts)?;
             let info = dev.info();
             match output.as_str() {
-                "json" => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&info_json(&image, &info)).expect("json")
-                ),
+                "json" => {
+                    let mut v = info_json(&image, &info);
+                    // A container qemu does not know: the disk's keys, plus its own object.
+                    if let Some((k, c)) = dev.container_info() {
+                        v[k] = c;
+                    }
+                    println!("{}", serde_json::to_string_pretty(&v).expect("json"))
+                }
                 "human" => print!("{}", info_human(&image, &info)),
                 other => {
                     return Err(Error::arg(format!(
@@ -880,10 +903,15 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Inspect {
             format,
             output,
+            disk,
             image,
         } => {
             let claim = format.as_deref().map(Format::from_name).transpose()?;
-            let insp = diskconv::inspect(&image, claim)?;
+            let limits = diskconv::InspectLimits {
+                ova_disk: disk,
+                ..Default::default()
+            };
+            let insp = diskconv::inspect_with(&image, claim, &limits)?;
             match output.as_str() {
                 "json" => println!("{}", serde_json::to_string_pretty(&insp).expect("json")),
                 "human" => print!("{}", inspection_human(&insp)),

@@ -302,7 +302,7 @@ fn spool_error(dir: &Path, done: u64, e: std::io::Error) -> Error {
 }
 
 /// A read-write file in `dir` that no name refers to.
-fn anonymous_file(dir: &Path) -> Result<File> {
+pub(crate) fn anonymous_file(dir: &Path) -> Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     let opened = std::fs::OpenOptions::new()
         .read(true)

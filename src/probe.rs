@@ -2,9 +2,9 @@
 //! is never second-guessed (a raw guest disk holding a qcow2 header stays raw).
 //!
 //! Rules: every format's signature is checked, ours and those of the formats qemu-img
-//! reads and we do not (qcow v1, qed, luks, parallels, dmg, bochs, cloop). Exactly
+//! reads and we do not (luks, parallels, dmg, bochs, cloop). Exactly
 //! one of ours is that format; exactly one foreign one is refused with an error naming it
-//! (converting a qed container's own bytes as the guest disk would be silent garbage);
+//! (converting a luks container's own bytes as the guest disk would be silent garbage);
 //! none is raw; several is an error (a polyglot: a file that one tool reads as qcow2 and
 //! another as vmdk is how format-confusion attacks work).
 //!
@@ -53,23 +53,14 @@ struct Foreign {
 const CLOOP_MAGIC: &[u8] =
     b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n";
 
-/// The magics of qemu's `*_probe` functions (block/qcow.c, qed.c, crypto.c,
+/// The magics of qemu's `*_probe` functions (block/crypto.c,
 /// parallels.c, dmg.c, bochs.c, cloop.c). We match the magic alone where qemu also checks a
 /// version field (luks version 1, parallels version 2, bochs type and version): a file
 /// carrying the magic with another version is no more a plain disk, and refusing it only
-/// costs `-f raw`. qcow v1 shares qcow2's magic and is told apart by its version, as qemu
-/// does. Several of these formats can name backing files.
+/// costs `-f raw`. Several of these formats can name backing files. (qcow v1 and qed are
+/// formats of this crate now; qcow v1 shares qcow2's magic and is told apart by its
+/// version, as qemu does.)
 const FOREIGN: &[Foreign] = &[
-    Foreign {
-        name: "qcow",
-        signature: "'QFI\\xfb' version 1 at offset 0",
-        found: |h, _| h.starts_with(b"QFI\xfb") && h.get(4..8) == Some(&[0, 0, 0, 1]),
-    },
-    Foreign {
-        name: "qed",
-        signature: "'QED\\0' at offset 0",
-        found: |h, _| h.starts_with(b"QED\0"),
-    },
     Foreign {
         name: "luks",
         signature: "'LUKS\\xba\\xbe' at offset 0",
@@ -137,7 +128,7 @@ impl ProbeReport {
     pub fn from_bytes(head: &[u8], tail: &[u8], file_len: u64, file_name: Option<&str>) -> Self {
         let mut foreign = foreign_signatures(head, tail);
         let mut matches = matching_formats(head, tail, file_len);
-        if foreign.contains(&"qcow") {
+        if matches.contains(&Format::Qcow) {
             // qcow v1 carries qcow2's magic; its version says which it is.
             matches.retain(|&f| f != Format::Qcow2);
         }
@@ -343,8 +334,17 @@ mod tests {
         let mut tail = b"koly".to_vec();
         tail.resize(512, 0);
         assert_eq!(foreign_signatures(&[0u8; 16], &tail), vec!["dmg"]);
-        assert!(foreign_signatures(b"QED", &[]).is_empty());
-        assert_eq!(foreign_signatures(b"QED\0xyz", &[]), vec!["qed"]);
+        // qcow v1 and qed are read now: theirs are our signatures, not foreign ones.
+        assert!(foreign_signatures(b"QED\0xyz", &[]).is_empty());
+        assert_eq!(
+            matching_formats(b"QED\0xyz", &[], 1 << 20),
+            vec![Format::Qed]
+        );
+        assert!(foreign_signatures(b"QFI\xfb\0\0\0\x01", &[]).is_empty());
+        let v1 = ProbeReport::from_bytes(b"QFI\xfb\0\0\0\x01", &[], 1 << 20, None);
+        assert_eq!(v1.detected(), Some(Format::Qcow));
+        let v2 = ProbeReport::from_bytes(b"QFI\xfb\0\0\0\x02", &[], 1 << 20, None);
+        assert_eq!(v2.detected(), Some(Format::Qcow2));
     }
 
     /// Every signature qemu-img probes and we do not read is refused by name; the same
@@ -357,8 +357,6 @@ mod tests {
             h.resize(4096, 0);
             h
         };
-        cases.push(("qcow", head(b"QFI\xfb\0\0\0\x01"), vec![]));
-        cases.push(("qed", head(b"QED\0"), vec![]));
         cases.push(("luks", head(b"LUKS\xba\xbe\0\x01"), vec![]));
         cases.push(("luks", head(b"LUKS\xba\xbe\0\x02"), vec![]));
         cases.push(("parallels", head(b"WithoutFreeSpace\x02\0\0\0"), vec![]));

@@ -1,7 +1,7 @@
 //! Replays every fuzz corpus seed (fuzz/corpus/<target>/) and every crash regression
 //! (fuzz/artifacts/<target>/) through the fuzz targets' own entry point, so CI guards
 //! them without a fuzzer. The folder name picks the target: probe, raw, qcow2, vhd, vmdk,
-//! vdi, vhdx, and guest_scan (the partition table and filesystem scanners).
+//! vdi, vhdx, qcow, qed, and guest_scan (the partition table and filesystem scanners).
 
 use std::path::{Path, PathBuf};
 

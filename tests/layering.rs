@@ -26,7 +26,7 @@ const ABOVE_CORE: &[&str] = &[
     "crate::create",
 ];
 
-const FORMATS: &[&str] = &["qcow2", "raw", "vdi", "vhd", "vmdk"];
+const FORMATS: &[&str] = &["qcow2", "raw", "vdi", "vhd", "vmdk", "ova"];
 
 fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")

@@ -12,7 +12,14 @@ use crate::format::Format;
 use crate::options::{CreateOptions, OpenOptions, OptionHelp, ResizeOptions};
 use crate::writer::ImageWriter;
 
+#[cfg(feature = "ova")]
+pub mod ova;
+#[cfg(not(feature = "ova"))]
+#[path = "ova/disabled.rs"]
+pub mod ova;
+pub mod qcow1;
 pub mod qcow2;
+pub mod qed;
 pub mod raw;
 pub mod vdi;
 pub mod vhd;
@@ -31,6 +38,9 @@ impl Format {
             Format::Vmdk => vmdk::probe(head),
             Format::Vdi => vdi::probe(head),
             Format::Vhdx => vhdx::probe(head),
+            Format::Ova => ova::probe(head, file_len),
+            Format::Qcow => qcow1::probe(head),
+            Format::Qed => qed::probe(head),
         }
     }
 
@@ -53,6 +63,9 @@ impl Format {
             Format::Vmdk => vmdk::CREATE_OPTIONS,
             Format::Vdi => vdi::CREATE_OPTIONS,
             Format::Vhdx => vhdx::CREATE_OPTIONS,
+            Format::Ova => ova::CREATE_OPTIONS,
+            Format::Qcow => qcow1::CREATE_OPTIONS,
+            Format::Qed => qed::CREATE_OPTIONS,
         }
     }
 }
@@ -108,14 +121,27 @@ pub fn open_host(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevi
         Format::Vmdk => vmdk::open(file, opts),
         Format::Vdi => vdi::open(file, opts),
         Format::Vhdx => vhdx::open(file, opts),
+        Format::Ova => ova::open(file, opts),
+        Format::Qcow => qcow1::open(file, opts),
+        Format::Qed => qed::open(file, opts),
     };
     dev.map_err(|e| e.with_path(path))
+}
+
+/// Refuse writing (or changing in place) the formats this crate only reads (qcow, qed),
+/// with the reason and what to write instead.
+pub fn check_writable(format: Format) -> Result<()> {
+    match format {
+        Format::Qcow => Err(qcow1::read_only()),
+        Format::Qed => Err(qed::read_only()),
+        _ => Ok(()),
+    }
 }
 
 /// The outputs that can be written to a pipe or character device, for error messages
 /// (each such writer answers true to [`ImageWriter::streams`]).
 pub const STREAMING_OUTPUTS: &str =
-    "raw, qcow2, vdi, dynamic vpc and monolithicSparse vmdk and dynamic vhdx (laid out from a first pass over the source), fixed vpc and fixed vhdx, vmdk with -o subformat=streamOptimized";
+    "raw, qcow2, vdi, dynamic vpc and monolithicSparse vmdk and dynamic vhdx (laid out from a first pass over the source), fixed vpc and fixed vhdx, vmdk with -o subformat=streamOptimized, ova";
 
 /// Whether `format` can be written into an existing image in place (`-n`): only raw
 /// today, whose in-place image is the guest bytes themselves.
@@ -138,9 +164,10 @@ pub fn create_writer(
     path: &Path,
     opts: &CreateOptions,
 ) -> Result<Box<dyn ImageWriter>> {
+    check_writable(format).map_err(|e| e.with_path(path))?;
     opts.check_known(format)?;
     // qemu-img's check, per driver: only qcow2 and vmdk take compressed writes.
-    if opts.compress && !matches!(format, Format::Qcow2 | Format::Vmdk) {
+    if opts.compress && !matches!(format, Format::Qcow2 | Format::Vmdk | Format::Ova) {
         return Err(
             Error::unsupported("Compression not supported for this file format").with_path(path),
         );
@@ -153,6 +180,9 @@ pub fn create_writer(
         Format::Vmdk => vmdk::create_writer(file, path, opts),
         Format::Vdi => vdi::create_writer(file, opts),
         Format::Vhdx => vhdx::create_writer(file, opts),
+        Format::Ova => ova::create_writer(file, path, opts),
+        Format::Qcow => qcow1::create_writer(file),
+        Format::Qed => qed::create_writer(file),
     };
     w.map_err(|e| e.with_path(path))
 }
@@ -163,6 +193,7 @@ pub fn create_writer(
 /// with these options; None when the output needs no plan (raw, fixed vpc and
 /// streamOptimized vmdk stream without one).
 pub fn plan_granularity(format: Format, opts: &CreateOptions) -> Result<Option<u64>> {
+    check_writable(format)?;
     opts.check_known(format)?;
     match format {
         Format::Qcow2 => qcow2::plan_granularity(opts).map(Some),
@@ -170,7 +201,7 @@ pub fn plan_granularity(format: Format, opts: &CreateOptions) -> Result<Option<u
         Format::Vdi => Ok(Some(vdi::plan_granularity())),
         Format::Vmdk => vmdk::plan_granularity(opts),
         Format::Vhdx => vhdx::plan_granularity(opts),
-        Format::Raw => Ok(None),
+        Format::Raw | Format::Ova | Format::Qcow | Format::Qed => Ok(None),
     }
 }
 
@@ -232,6 +263,10 @@ pub fn open_editor(
         Format::Vmdk => vmdk::open_editor(file, path, opts),
         Format::Vdi => vdi::open_editor(file, path, opts),
         Format::Vhdx => vhdx::open_editor(file, path, opts),
+        Format::Ova => Err(Error::unsupported(
+            "an OVA appliance cannot be changed in place: convert its disk instead",
+        )),
+        Format::Qcow | Format::Qed => Err(check_writable(format).unwrap_err().with_path(path)),
     }
 }
 
@@ -254,5 +289,13 @@ pub fn check_image(
         Format::Vmdk => vmdk::check::check(file, path, repair, fail_at),
         Format::Vdi => vdi::check::check(file, path, repair, fail_at),
         Format::Vhdx => vhdx::check::check(file, path, repair, fail_at),
+        Format::Ova => Err(Error::unsupported(
+            "check an OVA appliance's disk: extract it or convert it first",
+        Format::Qcow => Err(Error::unsupported(
+            "This image format does not support checks",
+        )),
+        Format::Qed => Err(Error::unsupported(
+            "checking qed images is not implemented (diskconv reads them; qemu-img check -f qed checks them)",
+        )),
     }
 }

@@ -115,6 +115,12 @@ pub fn measure_device(
         fully_allocated_is_bound: false,
     };
     match format {
+        Format::Ova => {
+            return Err(Error::unsupported(
+                "measure -O ova: an appliance is its streamOptimized vmdk plus a few KiB of tar \
+                 headers, descriptor and manifest; measure -O vmdk -o subformat=streamOptimized",
+            ))
+        }
         Format::Raw => {
             let n = size.next_multiple_of(512);
             (m.required, m.fully_allocated) = (n, n);

@@ -53,6 +53,10 @@ pub fn disk_format_for(format: Format) -> &'static str {
         Format::Vmdk => "vmdk",
         Format::Vdi => "vdi",
         Format::Vhdx => "vhdx",
+        // Glance's disk_format of an appliance is its disk's; the container is `ova`.
+        Format::Ova => "vmdk",
+        // Read only here, so never an upload's format (nor one of Glance's disk formats).
+        Format::Qcow | Format::Qed => format.name(),
     }
 }
 
@@ -504,6 +508,18 @@ pub fn convert_to_glance(
         .unwrap_or_else(|| disk_format_for(opts.format).to_string());
     refused_by_inspector(opts, &disk_format)?;
     let virtual_size = opts.target_size.unwrap_or(src.virtual_size());
+    // An appliance is Glance's `ova` container around its disk's format.
+    let ova;
+    let g = match (opts.format, &g.container_format) {
+        (Format::Ova, None) => {
+            ova = GlanceOptions {
+                container_format: Some("ova".into()),
+                ..g.clone()
+            };
+            &ova
+        }
+        _ => g,
+    };
     let body = record_body(name, &disk_format, virtual_size, g)?;
     // Options and source are checked (the writer is made, a planned layout's first pass
     // runs) before the record exists.

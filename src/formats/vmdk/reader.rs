@@ -343,17 +343,26 @@ impl SparseExtent {
             if let Grain::Compressed(h) = self.grain_at(pos)? {
                 let a = (pos % self.grain) as usize;
                 let n = (self.grain as usize - a).min(buf.len() - done);
-                self.inflate_grain(h, &mut scratch)?;
-                let Some(src) = scratch.get(a..a + n) else {
-                    return Err(Error::corrupt(format!(
-                        "compressed grain at {h:#x} inflates to {} bytes, fewer than the {} needed",
-                        scratch.len(),
+                let short = |got: usize| {
+                    Error::corrupt(format!(
+                        "compressed grain at {h:#x} inflates to {got} bytes, fewer than the {} needed",
                         a + n
                     ))
                     .at(h)
-                    .with_path(self.file.path()));
+                    .with_path(self.file.path())
                 };
-                buf[done..done + n].copy_from_slice(src);
+                if a == 0 && n == self.grain as usize {
+                    // A whole grain inflates straight into the caller's buffer.
+                    let got = self.inflate_grain(h, &mut buf[done..done + n])?;
+                    if got < n {
+                        return Err(short(got));
+                    }
+                } else {
+                    scratch.resize(self.grain as usize, 0);
+                    let got = self.inflate_grain(h, &mut scratch)?;
+                    let src = scratch.get(a..a + n).filter(|_| got >= a + n);
+                    buf[done..done + n].copy_from_slice(src.ok_or_else(|| short(got))?);
+                }
                 done += n;
                 continue;
             }
@@ -389,8 +398,15 @@ impl SparseExtent {
         Ok(())
     }
 
-    /// Inflate the compressed grain whose header is at `host` into `out`.
-    fn inflate_grain(&self, host: u64, out: &mut Vec<u8>) -> Result<()> {
+    /// Inflate the compressed grain whose header is at `host` into `out` (one grain
+    /// long); returns the bytes produced.
+    fn inflate_grain(&self, host: u64, out: &mut [u8]) -> Result<usize> {
+        thread_local! {
+            /// Reused per reading thread: a fresh inflater and input buffer per grain
+            /// cost allocations and page faults on every grain.
+            static INFLATE: std::cell::RefCell<(flate2::Decompress, Vec<u8>)> =
+                std::cell::RefCell::new((flate2::Decompress::new(true), Vec::new()));
+        }
         let flen = self.file.len();
         let (data_off, data_len) = if self.markers {
             let mut hdr = [0u8; 12];
@@ -411,26 +427,30 @@ impl SparseExtent {
         } else {
             (host, (2 * self.grain).min(flen.saturating_sub(host)))
         };
-        let data = self.file.read_vec(data_off, data_len, "compressed grain")?;
-        out.clear();
-        out.resize(self.grain as usize, 0);
-        let mut z = flate2::Decompress::new(true);
-        let st = z
-            .decompress(&data, out, flate2::FlushDecompress::Finish)
-            .map_err(|e| {
-                Error::corrupt(format!("compressed grain does not inflate: {e}"))
-                    .at(host)
-                    .with_path(self.file.path())
-            })?;
-        if st != flate2::Status::StreamEnd {
-            return Err(Error::corrupt(
-                "compressed grain is truncated or inflates past the grain size",
-            )
-            .at(host)
-            .with_path(self.file.path()));
-        }
-        out.truncate(z.total_out() as usize);
-        Ok(())
+        self.file
+            .check_range(data_off, data_len, "compressed grain")?;
+        INFLATE.with(|cell| {
+            let (z, data) = &mut *cell.borrow_mut();
+            data.resize(data_len as usize, 0);
+            self.file
+                .read_exact_at(data, data_off, "compressed grain")?;
+            z.reset(true);
+            let st = z
+                .decompress(data, out, flate2::FlushDecompress::Finish)
+                .map_err(|e| {
+                    Error::corrupt(format!("compressed grain does not inflate: {e}"))
+                        .at(host)
+                        .with_path(self.file.path())
+                })?;
+            if st != flate2::Status::StreamEnd {
+                return Err(Error::corrupt(
+                    "compressed grain is truncated or inflates past the grain size",
+                )
+                .at(host)
+                .with_path(self.file.path()));
+            }
+            Ok(z.total_out() as usize)
+        })
     }
 }
 

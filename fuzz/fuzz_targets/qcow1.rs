@@ -1,0 +1,9 @@
+//! Fuzz target "qcow": see diskconv::fuzzing::exercise (shared with tests/fuzz_corpus.rs).
+#![no_main]
+#[allow(unused_imports)]
+use diskconv::Format;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    diskconv::fuzzing::exercise(data, Some(Format::Qcow));
+});
