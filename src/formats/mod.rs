@@ -291,6 +291,7 @@ pub fn check_image(
         Format::Vhdx => vhdx::check::check(file, path, repair, fail_at),
         Format::Ova => Err(Error::unsupported(
             "check an OVA appliance's disk: extract it or convert it first",
+        )),
         Format::Qcow => Err(Error::unsupported(
             "This image format does not support checks",
         )),

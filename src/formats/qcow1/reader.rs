@@ -167,12 +167,12 @@ impl Qcow1Image {
                     .with_path(self.file.path()),
             )
         };
-        if host % align != 0 {
+        if !host.is_multiple_of(align) {
             return fail(format!("is not aligned to {align} bytes"));
         }
         if host
             .checked_add(len)
-            .map_or(true, |end| end > self.file.len())
+            .is_none_or(|end| end > self.file.len())
         {
             return fail(format!(
                 "runs past the end of the file ({} bytes)",
@@ -423,7 +423,7 @@ impl BlockDevice for Qcow1Image {
 
     fn info(&self) -> ImageInfo {
         let mut warnings = Vec::new();
-        if self.header.size % 512 != 0 {
+        if !self.header.size.is_multiple_of(512) {
             warnings.push(format!(
                 "virtual size {} is not a multiple of 512; read as {} bytes like qemu",
                 self.header.size, self.size

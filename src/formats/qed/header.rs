@@ -110,7 +110,7 @@ impl QedHeader {
                 8,
             ));
         }
-        if h.image_size % 512 != 0 {
+        if !h.image_size.is_multiple_of(512) {
             return Err(bad(
                 format!("QED image size {} is not a multiple of 512", h.image_size),
                 "image_size",

@@ -177,7 +177,7 @@ impl QedImage {
                     .with_path(self.file.path()),
             )
         };
-        if host % self.cs != 0 {
+        if !host.is_multiple_of(self.cs) {
             return fail(format!("is not aligned to the cluster size {}", self.cs));
         }
         if host < self.header.header_bytes() {
@@ -188,7 +188,7 @@ impl QedImage {
         }
         if host
             .checked_add(len)
-            .map_or(true, |end| end > self.file.len())
+            .is_none_or(|end| end > self.file.len())
         {
             return fail(format!(
                 "runs past the end of the file ({} bytes)",
