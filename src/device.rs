@@ -230,6 +230,55 @@ pub fn map_end(size: u64, offset: u64, max_len: u64) -> Result<u64> {
 }
 
 #[doc(hidden)] // a helper of the format readers, not a stable API
+/// Fill `buf` with what an unallocated range at guest `offset` holds in a copy-on-write
+/// image: its backing image's bytes where the backing reaches, zeros past its end or
+/// without one (a backing image may be shorter than its overlay).
+pub fn read_unallocated(
+    backing: Option<&dyn BlockDevice>,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<()> {
+    let Some(b) = backing else {
+        buf.fill(0);
+        return Ok(());
+    };
+    let n = b
+        .virtual_size()
+        .saturating_sub(offset)
+        .min(buf.len() as u64) as usize;
+    if n > 0 {
+        b.read_at(&mut buf[..n], offset)?;
+    }
+    buf[n..].fill(0);
+    Ok(())
+}
+
+#[doc(hidden)] // a helper of the format readers, not a stable API
+/// What an unallocated range of `len` bytes at guest `off` of a copy-on-write image is, as
+/// qemu reports it: data (without a host offset) where the backing image holds data, so a
+/// conversion reads it; unallocated where the backing is zero, ends, or is absent. The
+/// answer may cover less than `len` (at least one byte).
+pub fn unallocated_kind(
+    backing: Option<&dyn BlockDevice>,
+    off: u64,
+    len: u64,
+) -> Result<(u64, MappingKind)> {
+    match backing {
+        Some(b) if off < b.virtual_size() => {
+            let n = len.min(b.virtual_size() - off);
+            let m = b.map(off, n)?;
+            let n = m.len.clamp(1, n);
+            Ok(if m.is_zero() {
+                (n, MappingKind::Unallocated)
+            } else {
+                (n, MappingKind::Data { host: None })
+            })
+        }
+        _ => Ok((len, MappingKind::Unallocated)),
+    }
+}
+
+#[doc(hidden)] // a helper of the format readers, not a stable API
 /// Read the whole guest range `[offset, offset+buf.len())` by walking `map` and reading
 /// only data ranges; zero and unallocated ranges are filled with zeros. Formats whose
 /// `read_at` is naturally expressed through `map` use this.

@@ -283,38 +283,6 @@ impl Qcow1Image {
         *self.inflated.lock().expect("inflate cache lock") = Some((coffset, out.clone()));
         Ok(out)
     }
-
-    fn read_unallocated(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let Some(b) = &self.backing else {
-            buf.fill(0);
-            return Ok(());
-        };
-        let bsize = b.virtual_size();
-        let n = bsize.saturating_sub(offset).min(buf.len() as u64) as usize;
-        if n > 0 {
-            b.read_at(&mut buf[..n], offset)?;
-        }
-        buf[n..].fill(0);
-        Ok(())
-    }
-
-    /// What an unallocated range of `len` bytes at `off` is for a reader: data where the
-    /// backing image holds data (so a conversion reads it), possibly shorter.
-    fn unallocated_kind(&self, off: u64, len: u64) -> Result<(u64, MappingKind)> {
-        match &self.backing {
-            Some(b) if off < b.virtual_size() => {
-                let n = len.min(b.virtual_size() - off);
-                let m = b.map(off, n)?;
-                let n = m.len.clamp(1, n);
-                Ok(if m.is_zero() {
-                    (n, MappingKind::Unallocated)
-                } else {
-                    (n, MappingKind::Data { host: None })
-                })
-            }
-            _ => Ok((len, MappingKind::Unallocated)),
-        }
-    }
 }
 
 impl BlockDevice for Qcow1Image {
@@ -373,7 +341,9 @@ impl BlockDevice for Qcow1Image {
             let (len, k) = match piece {
                 Piece::Data(h) => (len, MappingKind::Data { host: Some(h) }),
                 Piece::Compressed { .. } => (len, MappingKind::Data { host: None }),
-                Piece::Unallocated => self.unallocated_kind(cur, len)?,
+                Piece::Unallocated => {
+                    crate::device::unallocated_kind(self.backing.as_deref(), cur, len)?
+                }
             };
             match kind {
                 None => kind = Some(k),
@@ -408,7 +378,9 @@ impl BlockDevice for Qcow1Image {
             let n = len.min((buf.len() - done) as u64) as usize;
             let part = &mut buf[done..done + n];
             match piece {
-                Piece::Unallocated => self.read_unallocated(part, cur)?,
+                Piece::Unallocated => {
+                    crate::device::read_unallocated(self.backing.as_deref(), part, cur)?
+                }
                 Piece::Data(h) => self.file.read_exact_at(part, h, "data cluster")?,
                 Piece::Compressed { coffset, csize } => {
                     let c = self.inflate(coffset, csize)?;

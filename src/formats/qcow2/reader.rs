@@ -459,24 +459,6 @@ impl Qcow2Image {
         })
     }
 
-    fn read_unallocated(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let Some(b) = &self.backing else {
-            buf.fill(0);
-            return Ok(());
-        };
-        let bsize = b.virtual_size();
-        let n = if offset >= bsize {
-            0
-        } else {
-            (bsize - offset).min(buf.len() as u64) as usize
-        };
-        if n > 0 {
-            b.read_at(&mut buf[..n], offset)?;
-        }
-        buf[n..].fill(0);
-        Ok(())
-    }
-
     /// Public kind of a piece at guest `off` of `len` bytes; an unallocated range over a
     /// backing image reports Data where the backing image holds data (so a conversion
     /// reads it) and may come back shorter.
@@ -487,19 +469,9 @@ impl Qcow2Image {
                 (len, MappingKind::Data { host: Some(h) })
             }
             Piece::Data(_) | Piece::Compressed { .. } => (len, MappingKind::Data { host: None }),
-            Piece::Unallocated => match &self.backing {
-                Some(b) if off < b.virtual_size() => {
-                    let n = len.min(b.virtual_size() - off);
-                    let m = b.map(off, n)?;
-                    let n = m.len.clamp(1, n);
-                    if m.is_zero() {
-                        (n, MappingKind::Unallocated)
-                    } else {
-                        (n, MappingKind::Data { host: None })
-                    }
-                }
-                _ => (len, MappingKind::Unallocated),
-            },
+            Piece::Unallocated => {
+                crate::device::unallocated_kind(self.backing.as_deref(), off, len)?
+            }
         })
     }
 }
@@ -638,7 +610,9 @@ impl BlockDevice for Qcow2Image {
             let part = &mut buf[done..done + n];
             match piece {
                 Piece::Zero => part.fill(0),
-                Piece::Unallocated => self.read_unallocated(part, cur)?,
+                Piece::Unallocated => {
+                    crate::device::read_unallocated(self.backing.as_deref(), part, cur)?
+                }
                 Piece::Compressed { coffset, csize } => {
                     self.read_compressed(part, coffset, csize, cur % self.cs)?
                 }

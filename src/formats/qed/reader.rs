@@ -249,38 +249,6 @@ impl QedImage {
             }
         }
     }
-
-    fn read_unallocated(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let Some(b) = &self.backing else {
-            buf.fill(0);
-            return Ok(());
-        };
-        let n = b
-            .virtual_size()
-            .saturating_sub(offset)
-            .min(buf.len() as u64) as usize;
-        if n > 0 {
-            b.read_at(&mut buf[..n], offset)?;
-        }
-        buf[n..].fill(0);
-        Ok(())
-    }
-
-    fn unallocated_kind(&self, off: u64, len: u64) -> Result<(u64, MappingKind)> {
-        match &self.backing {
-            Some(b) if off < b.virtual_size() => {
-                let n = len.min(b.virtual_size() - off);
-                let m = b.map(off, n)?;
-                let n = m.len.clamp(1, n);
-                Ok(if m.is_zero() {
-                    (n, MappingKind::Unallocated)
-                } else {
-                    (n, MappingKind::Data { host: None })
-                })
-            }
-            _ => Ok((len, MappingKind::Unallocated)),
-        }
-    }
 }
 
 impl BlockDevice for QedImage {
@@ -338,7 +306,9 @@ impl BlockDevice for QedImage {
             let (len, k) = match piece {
                 Piece::Data(h) => (len, MappingKind::Data { host: Some(h) }),
                 Piece::Zero => (len, MappingKind::Zero),
-                Piece::Unallocated => self.unallocated_kind(cur, len)?,
+                Piece::Unallocated => {
+                    crate::device::unallocated_kind(self.backing.as_deref(), cur, len)?
+                }
             };
             match kind {
                 None => kind = Some(k),
@@ -373,7 +343,9 @@ impl BlockDevice for QedImage {
             let n = len.min((buf.len() - done) as u64) as usize;
             let part = &mut buf[done..done + n];
             match piece {
-                Piece::Unallocated => self.read_unallocated(part, cur)?,
+                Piece::Unallocated => {
+                    crate::device::read_unallocated(self.backing.as_deref(), part, cur)?
+                }
                 Piece::Zero => part.fill(0),
                 Piece::Data(h) => self.file.read_exact_at(part, h, "data cluster")?,
             }
