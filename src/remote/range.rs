@@ -26,6 +26,34 @@ pub const BLOCK: u64 = 256 << 10;
 const CACHE_BLOCKS: usize = 64;
 /// Bytes fetched at once along a sequential run of large reads.
 const READ_AHEAD: u64 = 8 << 20;
+/// Read-ahead buffers kept while their bytes are unread. The converter's workers read
+/// units slightly out of order, so the unit before a new read-ahead may still be unread
+/// when it is fetched: dropping the older buffer then would fetch those bytes twice.
+const AHEAD_BUFS: usize = 2;
+
+/// One read-ahead GET while some of its bytes are unread.
+struct Ahead {
+    start: u64,
+    data: Vec<u8>,
+    /// Bytes of `data` not yet handed to a reader; the buffer is dropped at 0.
+    unread: u64,
+}
+
+/// A sequential run of large reads: its read-ahead buffers and how far it has fetched.
+struct Run {
+    /// The latest read-ahead GETs (at most [`AHEAD_BUFS`]), while bytes of them are unread.
+    bufs: Vec<Ahead>,
+    /// Where the run's last GET ended: a read starting here (or a little past) continues
+    /// it. A read a little behind it is a straggler (a worker that fell behind), read
+    /// alone so nothing is fetched twice; a read anywhere else starts a new run.
+    frontier: u64,
+}
+
+impl Ahead {
+    fn end(&self) -> u64 {
+        self.start + self.data.len() as u64
+    }
+}
 
 /// What an [`open_s3`] device has fetched so far, for callers that account for traffic.
 #[derive(Debug, Default)]
@@ -65,10 +93,8 @@ pub struct CachedSource<F: Fetch> {
     len: u64,
     cache: Mutex<Cache>,
     stats: Arc<FetchStats>,
-    /// The last read-ahead GET (its start and bytes), while its tail is unread.
-    ahead: Mutex<Option<(u64, Vec<u8>)>>,
-    /// Where the last large read ended.
-    last_end: AtomicU64,
+    /// The sequential run of large reads being served.
+    ahead: Mutex<Run>,
     /// Bytes fetched at once along a sequential run (0: none).
     read_ahead: u64,
 }
@@ -93,8 +119,10 @@ impl<F: Fetch> CachedSource<F> {
                 order: VecDeque::new(),
             }),
             stats,
-            ahead: Mutex::new(None),
-            last_end: AtomicU64::new(u64::MAX),
+            ahead: Mutex::new(Run {
+                bufs: Vec::new(),
+                frontier: u64::MAX,
+            }),
             read_ahead: READ_AHEAD,
         }
     }
@@ -181,41 +209,82 @@ impl Fetch for S3Fetch {
 
 impl<F: Fetch> RangeSource for CachedSource<F> {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let end = offset + buf.len() as u64;
-        if buf.len() as u64 >= 2 * BLOCK {
-            // Guest data in a large run: not cached (it is read once). A run that starts
-            // where the last one ended is read ahead, READ_AHEAD bytes per GET: on a
-            // server with a high cost per request (Swift's proxy) that is what makes
-            // sequential reading fast; a run elsewhere is one GET of its own size.
-            let mut ra = self
-                .ahead
-                .lock()
-                .map_err(|_| std::io::Error::other("poisoned"))?;
-            if let Some((start, data)) = ra.as_ref() {
-                if offset >= *start && end <= *start + data.len() as u64 {
-                    let from = (offset - start) as usize;
-                    buf.copy_from_slice(&data[from..from + buf.len()]);
-                    if end == *start + data.len() as u64 {
-                        *ra = None;
-                    }
-                    return Ok(());
-                }
-            }
-            let sequential = ra
-                .as_ref()
-                .is_some_and(|(s, d)| offset == *s + d.len() as u64)
-                || self.last_end.load(Ordering::Relaxed) == offset;
-            let upto = if sequential && self.read_ahead > 0 {
-                end.max(offset + self.read_ahead).min(self.len)
-            } else {
-                end
+        let large = buf.len() as u64 >= 2 * BLOCK;
+        let mut ra = self
+            .ahead
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
+        // Bytes a read-ahead already holds are served from it, whatever the read's size
+        // (the end of a data run is often read in a small piece, or by a read that runs
+        // past the buffer's end): only the rest is fetched.
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let Some(i) = ra.bufs.iter().position(|a| at >= a.start && at < a.end()) else {
+                break;
             };
-            let v = self.get(offset, upto)?;
-            buf.copy_from_slice(&v[..buf.len()]);
-            *ra = (upto > end).then_some((offset, v));
-            self.last_end.store(end, Ordering::Relaxed);
-            return Ok(());
+            let a = &mut ra.bufs[i];
+            let from = (at - a.start) as usize;
+            let n = (a.data.len() - from).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&a.data[from..from + n]);
+            a.unread = a.unread.saturating_sub(n as u64);
+            if a.unread == 0 {
+                ra.bufs.remove(i);
+            }
+            done += n;
         }
+        let (buf, offset) = (&mut buf[done..], offset + done as u64);
+        if buf.is_empty() {
+            Ok(())
+        } else if large {
+            self.read_run(&mut ra, buf, offset)
+        } else {
+            drop(ra);
+            self.read_blocks(buf, offset)
+        }
+    }
+}
+
+impl<F: Fetch> CachedSource<F> {
+    /// Guest data in a large run: not cached (it is read once). A run that starts where
+    /// the last one ended is read ahead, READ_AHEAD bytes per GET: on a server with a high
+    /// cost per request (Swift's proxy) that is what makes sequential reading fast; a run
+    /// elsewhere is one GET of its own size.
+    fn read_run(&self, ra: &mut Run, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let end = offset + buf.len() as u64;
+        // A read at or a little past the frontier continues the run (the bytes between
+        // are a unit another worker is reading now); one a little behind it is that
+        // straggler, served alone.
+        let f = ra.frontier;
+        let straggler = offset < f && f - offset <= READ_AHEAD;
+        let continues = offset >= f && offset - f <= READ_AHEAD;
+        let upto = if continues && self.read_ahead > 0 {
+            end.max(offset + self.read_ahead).min(self.len)
+        } else {
+            end
+        };
+        let v = self.get(offset, upto)?;
+        buf.copy_from_slice(&v[..buf.len()]);
+        if !straggler {
+            ra.frontier = upto;
+        }
+        if upto > end {
+            if ra.bufs.len() == AHEAD_BUFS {
+                ra.bufs.remove(0);
+            }
+            ra.bufs.push(Ahead {
+                start: offset,
+                unread: upto - end,
+                data: v,
+            });
+        }
+        Ok(())
+    }
+
+    /// Headers and tables: whole [`BLOCK`]s from the cache, the missing ones fetched
+    /// (consecutive ones in one request).
+    fn read_blocks(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let end = offset + buf.len() as u64;
         let first = offset / BLOCK;
         let last = (end - 1) / BLOCK;
         let mut idx = first;
@@ -223,7 +292,6 @@ impl<F: Fetch> RangeSource for CachedSource<F> {
             let b = match self.block(idx) {
                 Some(b) => b,
                 None => {
-                    // Fetch this block and the following missing ones in one request.
                     let mut upto = idx;
                     while upto < last && self.block(upto + 1).is_none() {
                         upto += 1;
@@ -298,4 +366,85 @@ pub(crate) fn open_range_source(
             e.with_path(name)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An in-memory object: what the cache logic fetches, without a server.
+    #[derive(Debug)]
+    struct Bytes(Vec<u8>);
+
+    impl Fetch for Bytes {
+        fn fetch(&self, start: u64, end: u64) -> std::io::Result<Vec<u8>> {
+            Ok(self.0[start as usize..end as usize].to_vec())
+        }
+    }
+
+    fn object(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 4093) as u8).collect()
+    }
+
+    /// Reads `units` 1 MiB units of an object in `order`: (bytes fetched, requests, len).
+    fn read_in(order: impl Fn(&mut Vec<usize>)) -> (u64, u64, u64) {
+        const UNIT: usize = 1 << 20;
+        let len = 40 * UNIT + 12345;
+        let data = object(len);
+        let stats = Arc::new(FetchStats::default());
+        let src = CachedSource::new(Bytes(data.clone()), len as u64, stats.clone());
+        let mut units: Vec<usize> = (0..len.div_ceil(UNIT)).collect();
+        order(&mut units);
+        let mut seen = vec![0u8; len];
+        for u in units {
+            let a = u * UNIT;
+            let b = (a + UNIT).min(len);
+            src.read_exact_at(&mut seen[a..b], a as u64).unwrap();
+        }
+        assert!(seen == data, "content differs");
+        let left: Vec<(u64, u64, u64)> = src
+            .ahead
+            .lock()
+            .unwrap()
+            .bufs
+            .iter()
+            .map(|a| (a.start, a.end(), a.unread))
+            .collect();
+        assert!(left.is_empty(), "buffers left {left:?}");
+        (stats.bytes(), stats.requests(), len as u64)
+    }
+
+    /// Units read in the order two workers finish them are each fetched once, and a
+    /// sequential run is still fetched READ_AHEAD bytes per request.
+    #[test]
+    fn out_of_order_sequential_reads_fetch_each_byte_once() {
+        // In order but for a unit now and then read two places late.
+        let (bytes, requests, len) = read_in(|o| {
+            for k in (5..o.len() - 3).step_by(9) {
+                o.swap(k, k + 2);
+            }
+        });
+        assert_eq!(bytes, len);
+        assert!(requests <= 12, "{requests} requests");
+        // Each pair swapped: every second unit is a straggler, the others continue.
+        let (bytes, requests, len) = read_in(|o| o.chunks_mut(2).for_each(|p| p.reverse()));
+        assert_eq!(bytes, len);
+        assert!(requests <= 12, "{requests} requests");
+        // Strictly in order.
+        let (bytes, requests, len) = read_in(|_| {});
+        assert_eq!((bytes, requests), (len, 6));
+    }
+
+    /// Without read-ahead, every large read is one GET of its own size.
+    #[test]
+    fn without_read_ahead_fetches_only_what_is_read() {
+        let len = 9 << 20;
+        let stats = Arc::new(FetchStats::default());
+        let src =
+            CachedSource::new(Bytes(object(len)), len as u64, stats.clone()).without_read_ahead();
+        let mut buf = vec![0u8; 1 << 20];
+        src.read_exact_at(&mut buf, 0).unwrap();
+        src.read_exact_at(&mut buf, 1 << 20).unwrap();
+        assert_eq!((stats.bytes(), stats.requests()), (2 << 20, 2));
+    }
 }
