@@ -302,7 +302,15 @@ pub struct Sink {
     /// Digests of a fresh file hashed on the way while its writes move forward (see
     /// [`Output::request_digests`]).
     follow: Option<Arc<Mutex<Follow>>>,
+    /// Bytes written to `file` since its writeback was last started (see [`WRITEBACK`]).
+    dirty: std::sync::atomic::AtomicU64,
 }
+
+/// Dirty bytes after which a file output's writeback is started. Without it a machine
+/// with plenty of memory keeps the whole output in its page cache until the final
+/// `sync` (or the caller's), which then waits for all of it; started as the bytes come,
+/// the disk writes while the converter still reads and decodes.
+const WRITEBACK: u64 = 32 << 20;
 
 /// On-the-way digests of a fresh file: valid while every write starts at or past the end
 /// of the previous one (the bytes between are holes, hashed as zeros); dropped at the
@@ -385,6 +393,7 @@ impl From<File> for Sink {
             file: Some(file),
             track: None,
             follow: None,
+            dirty: Default::default(),
         }
     }
 }
@@ -575,10 +584,31 @@ impl Sink {
             .ok_or_else(|| std::io::Error::other("a stream output has no file"))
     }
 
+    /// Start writing back the file's dirty pages once [`WRITEBACK`] bytes were written
+    /// since the last start. Only starts it (the call does not wait for the disk), and a
+    /// failure to start is no error: the final flush still writes everything.
+    fn wrote_to_file(&self, file: &File, n: usize) {
+        use std::sync::atomic::Ordering;
+        let before = self.dirty.fetch_add(n as u64, Ordering::Relaxed);
+        if before + n as u64 >= WRITEBACK {
+            self.dirty.store(0, Ordering::Relaxed);
+            #[cfg(target_os = "linux")]
+            // SAFETY: a plain syscall on a descriptor this sink owns; no memory is passed.
+            unsafe {
+                use std::os::fd::AsRawFd;
+                libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = file;
+        }
+    }
+
     /// Write all of `data` at `offset`.
     pub fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
         let Some(track) = &self.track else {
-            self.file()?.write_all_at(data, offset)?;
+            let file = self.file()?;
+            file.write_all_at(data, offset)?;
+            self.wrote_to_file(file, data.len());
             if let Some(f) = &self.follow {
                 f.lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -599,7 +629,9 @@ impl Sink {
                         return Err(too_small(cap, end));
                     }
                 }
-                self.file()?.write_all_at(data, offset)?;
+                let file = self.file()?;
+                file.write_all_at(data, offset)?;
+                self.wrote_to_file(file, data.len());
                 record(written, offset, end);
                 Ok(())
             }
@@ -917,6 +949,7 @@ impl Output {
             file,
             track: Some(track.clone()),
             follow: None,
+            dirty: Default::default(),
         };
         Ok((out(kind, None, handle, Some(track), existing_len), sink))
     }
@@ -945,6 +978,7 @@ impl Output {
             file: None,
             track: Some(track),
             follow: None,
+            dirty: Default::default(),
         };
         (out, sink)
     }
