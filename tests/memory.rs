@@ -55,3 +55,96 @@ fn converting_a_100_gib_mostly_empty_image_stays_under_64_mib() {
         std::fs::remove_file(&dst).unwrap();
     }
 }
+
+/// Every compressed pair (zlib and zstd qcow2, streamOptimized vmdk, both directions, and
+/// inputs qemu-img compressed) stays under 64 MiB, at the default thread count and at 8
+/// workers, whose units in flight are the memory that grows with the pool.
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img (apt-get install qemu-utils)")]
+fn compressed_pairs_stay_under_64_mib() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("mixed.raw");
+    // 96 MiB of text-like runs (compressible), random runs (stored as they are) and holes.
+    make_raw(&src, 96 << 20, 19);
+    let p = |n: &str| dir.path().join(n);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-c",
+        s(&src),
+        s(&p("q-zlib.qcow2")),
+    ]);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-c",
+        "-o",
+        "compression_type=zstd",
+        s(&src),
+        s(&p("q-zstd.qcow2")),
+    ]);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        s(&src),
+        s(&p("q-stream.vmdk")),
+    ]);
+    let bin = env!("CARGO_BIN_EXE_diskconv");
+    let src_sha = sha256_file(&src);
+    let pairs: &[(&str, &[&str], &str)] = &[
+        ("mixed.raw", &["-O", "qcow2", "-c"], "zlib.qcow2"),
+        (
+            "mixed.raw",
+            &["-O", "qcow2", "-c", "-o", "compression_type=zstd"],
+            "zstd.qcow2",
+        ),
+        (
+            "mixed.raw",
+            &["-O", "vmdk", "-o", "subformat=streamOptimized"],
+            "stream.vmdk",
+        ),
+        ("q-zlib.qcow2", &["-O", "raw"], "zlib.raw"),
+        ("q-zstd.qcow2", &["-O", "raw"], "zstd.raw"),
+        ("q-stream.vmdk", &["-O", "raw"], "stream.raw"),
+        ("q-stream.vmdk", &["-O", "qcow2", "-c"], "restream.qcow2"),
+    ];
+    for threads in ["0", "8"] {
+        for (input, args, output) in pairs {
+            let dst = p(output);
+            let out = Command::new(bin)
+                .args(["convert", "-m", threads])
+                .args(*args)
+                .args([s(&p(input)), s(&dst)])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{input} {args:?}: {out:?}");
+            let peak = child_peak_rss_kib();
+            eprintln!("{input} {args:?} -m {threads}: peak so far {peak} KiB");
+            assert!(
+                peak < 64 * 1024,
+                "peak RSS {peak} KiB after {input} {args:?} -m {threads}"
+            );
+            let back = p("back.raw");
+            qemu_img(&["convert", "-O", "raw", s(&dst), s(&back)]);
+            assert_eq!(sha256_file(&back), src_sha, "{input} {args:?}: content");
+            if output.ends_with(".qcow2") || output.ends_with(".vmdk") {
+                qemu_img(&["check", s(&dst)]);
+            }
+            std::fs::remove_file(&dst).unwrap();
+        }
+    }
+}
