@@ -624,4 +624,51 @@ mod tests {
             assert!(r.unwrap_err().to_string().contains("window"));
         }
     }
+
+    /// Images whose clusters libzstd compressed pass `qemu-img check` and hold what
+    /// their source holds, as qemu-img reads them (each backend is checked by the tool
+    /// that must accept its output; the default backend's images are in tests/matrix.rs).
+    #[cfg(feature = "zstd-c")]
+    #[test]
+    #[cfg_attr(no_qemu, ignore = "needs qemu-img (apt-get install qemu-utils)")]
+    fn libzstd_images_pass_qemu_img_check() {
+        use std::process::Command;
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("src.raw");
+        let mut data = Vec::new();
+        for (k, c) in sample_clusters(65536).into_iter().enumerate() {
+            data.extend_from_slice(&c);
+            data.resize(data.len() + (k % 3) * 65536, 0);
+        }
+        data.resize(data.len().next_multiple_of(1 << 20), 0);
+        std::fs::write(&raw, &data).unwrap();
+        for cs in ["4096", "65536", "2097152"] {
+            let out = dir.path().join(format!("z{cs}.qcow2"));
+            let mut o = crate::ConvertOptions::new(crate::Format::Qcow2);
+            o.create.compress = true;
+            o.create
+                .options
+                .insert("compression_type".into(), "zstd".into());
+            o.create.options.insert("cluster_size".into(), cs.into());
+            crate::convert(&raw, &out, &o).unwrap();
+            let qemu = |args: &[&str]| {
+                let r = Command::new("qemu-img").args(args).output().unwrap();
+                assert!(r.status.success(), "qemu-img {args:?}: {r:?}");
+                String::from_utf8_lossy(&r.stdout).into_owned()
+            };
+            let o = out.to_str().unwrap();
+            qemu(&["check", "-f", "qcow2", o]);
+            let info = qemu(&["info", "-f", "qcow2", o]);
+            assert!(info.contains("compression type: zstd"), "{info}");
+            qemu(&[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "qcow2",
+                raw.to_str().unwrap(),
+                o,
+            ]);
+        }
+    }
 }
