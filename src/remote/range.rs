@@ -27,9 +27,14 @@ const CACHE_BLOCKS: usize = 64;
 /// Bytes fetched at once along a sequential run of large reads.
 const READ_AHEAD: u64 = 8 << 20;
 /// Read-ahead buffers kept while their bytes are unread. The converter's workers read
-/// units slightly out of order, so the unit before a new read-ahead may still be unread
-/// when it is fetched: dropping the older buffer then would fetch those bytes twice.
-const AHEAD_BUFS: usize = 2;
+/// units out of order (as far as its units in flight allow), so units before a new
+/// read-ahead may still be unread when it is fetched: dropping the older buffers then
+/// would fetch those bytes twice.
+const AHEAD_BUFS: usize = 3;
+/// How far out of order the converter's workers may read (its units in flight, 16 MiB,
+/// and one read-ahead, with room to spare): a read this far behind the frontier is a
+/// straggler, this far past it still continues the run.
+const OUT_OF_ORDER: u64 = 32 << 20;
 
 /// One read-ahead GET while some of its bytes are unread.
 struct Ahead {
@@ -252,12 +257,12 @@ impl<F: Fetch> CachedSource<F> {
     /// elsewhere is one GET of its own size.
     fn read_run(&self, ra: &mut Run, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let end = offset + buf.len() as u64;
-        // A read at or a little past the frontier continues the run (the bytes between
-        // are a unit another worker is reading now); one a little behind it is that
+        // A read at or up to OUT_OF_ORDER past the frontier continues the run (the bytes between
+        // are units other workers are reading now); one up to OUT_OF_ORDER behind it is a
         // straggler, served alone.
         let f = ra.frontier;
-        let straggler = offset < f && f - offset <= READ_AHEAD;
-        let continues = offset >= f && offset - f <= READ_AHEAD;
+        let straggler = offset < f && f - offset <= OUT_OF_ORDER;
+        let continues = offset >= f && offset - f <= OUT_OF_ORDER;
         let upto = if continues && self.read_ahead > 0 {
             end.max(offset + self.read_ahead).min(self.len)
         } else {
@@ -430,6 +435,16 @@ mod tests {
         let (bytes, requests, len) = read_in(|o| o.chunks_mut(2).for_each(|p| p.reverse()));
         assert_eq!(bytes, len);
         assert!(requests <= 12, "{requests} requests");
+        // Six workers with 16 units in flight: any order within windows of 12 units.
+        let (bytes, requests, len) = read_in(|o| {
+            for w in o.chunks_mut(12) {
+                let n = w.len();
+                for i in 0..n {
+                    w.swap(i, (i * 7 + 5) % n);
+                }
+            }
+        });
+        assert_eq!(bytes, len, "{requests} requests");
         // Strictly in order.
         let (bytes, requests, len) = read_in(|_| {});
         assert_eq!((bytes, requests), (len, 6));
