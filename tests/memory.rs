@@ -70,39 +70,24 @@ fn compressed_pairs_stay_under_64_mib() {
     // 96 MiB of text-like runs (compressible), random runs (stored as they are) and holes.
     make_raw(&src, 96 << 20, 19);
     let p = |n: &str| dir.path().join(n);
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-c",
-        s(&src),
-        s(&p("q-zlib.qcow2")),
-    ]);
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-c",
-        "-o",
-        "compression_type=zstd",
-        s(&src),
-        s(&p("q-zstd.qcow2")),
-    ]);
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "vmdk",
-        "-o",
-        "subformat=streamOptimized",
-        s(&src),
-        s(&p("q-stream.vmdk")),
-    ]);
+    let made_by_qemu: [(&[&str], &str); 3] = [
+        (&["-O", "qcow2", "-c"], "q-zlib.qcow2"),
+        (
+            &["-O", "qcow2", "-c", "-o", "compression_type=zstd"],
+            "q-zstd.qcow2",
+        ),
+        (
+            &["-O", "vmdk", "-o", "subformat=streamOptimized"],
+            "q-stream.vmdk",
+        ),
+    ];
+    for (args, name) in made_by_qemu {
+        let out = p(name);
+        let mut a = vec!["convert", "-f", "raw"];
+        a.extend_from_slice(args);
+        a.extend([s(&src), s(&out)]);
+        qemu_img(&a);
+    }
     let bin = env!("CARGO_BIN_EXE_diskconv");
     let src_sha = sha256_file(&src);
     let pairs: &[(&str, &[&str], &str)] = &[

@@ -171,6 +171,75 @@ impl<F: Fetch> CachedSource<F> {
             }
         }
     }
+
+    /// Guest data in a large run: not cached (it is read once). A run that starts where
+    /// the last one ended is read ahead, READ_AHEAD bytes per GET: on a server with a high
+    /// cost per request (Swift's proxy) that is what makes sequential reading fast; a run
+    /// elsewhere is one GET of its own size.
+    fn read_run(&self, ra: &mut Run, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let end = offset + buf.len() as u64;
+        // A read at or up to OUT_OF_ORDER past the frontier continues the run (the bytes between
+        // are units other workers are reading now); one up to OUT_OF_ORDER behind it is a
+        // straggler, served alone.
+        let f = ra.frontier;
+        let straggler = offset < f && f - offset <= OUT_OF_ORDER;
+        let continues = offset >= f && offset - f <= OUT_OF_ORDER;
+        let upto = if continues && self.read_ahead > 0 {
+            end.max(offset + self.read_ahead).min(self.len)
+        } else {
+            end
+        };
+        let v = self.get(offset, upto)?;
+        buf.copy_from_slice(&v[..buf.len()]);
+        if !straggler {
+            ra.frontier = upto;
+        }
+        if upto > end {
+            if ra.bufs.len() == AHEAD_BUFS {
+                ra.bufs.remove(0);
+            }
+            ra.bufs.push(Ahead {
+                start: offset,
+                unread: upto - end,
+                data: v,
+            });
+        }
+        Ok(())
+    }
+
+    /// Headers and tables: whole [`BLOCK`]s from the cache, the missing ones fetched
+    /// (consecutive ones in one request).
+    fn read_blocks(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let first = offset / BLOCK;
+        let last = (end - 1) / BLOCK;
+        let mut idx = first;
+        while idx <= last {
+            let b = match self.block(idx) {
+                Some(b) => b,
+                None => {
+                    let mut upto = idx;
+                    while upto < last && self.block(upto + 1).is_none() {
+                        upto += 1;
+                    }
+                    let s = idx * BLOCK;
+                    let e = ((upto + 1) * BLOCK).min(self.len);
+                    let v = self.get(s, e)?;
+                    for (i, chunk) in v.chunks(BLOCK as usize).enumerate() {
+                        self.insert(idx + i as u64, Arc::new(chunk.to_vec()));
+                    }
+                    Arc::new(v[..(BLOCK as usize).min(v.len())].to_vec())
+                }
+            };
+            let bs = idx * BLOCK;
+            let from = offset.max(bs);
+            let to = end.min(bs + b.len() as u64);
+            buf[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&b[(from - bs) as usize..(to - bs) as usize]);
+            idx += 1;
+        }
+        Ok(())
+    }
 }
 
 /// An S3 object as a [`Fetch`] backend.
@@ -247,77 +316,6 @@ impl<F: Fetch> RangeSource for CachedSource<F> {
             drop(ra);
             self.read_blocks(buf, offset)
         }
-    }
-}
-
-impl<F: Fetch> CachedSource<F> {
-    /// Guest data in a large run: not cached (it is read once). A run that starts where
-    /// the last one ended is read ahead, READ_AHEAD bytes per GET: on a server with a high
-    /// cost per request (Swift's proxy) that is what makes sequential reading fast; a run
-    /// elsewhere is one GET of its own size.
-    fn read_run(&self, ra: &mut Run, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let end = offset + buf.len() as u64;
-        // A read at or up to OUT_OF_ORDER past the frontier continues the run (the bytes between
-        // are units other workers are reading now); one up to OUT_OF_ORDER behind it is a
-        // straggler, served alone.
-        let f = ra.frontier;
-        let straggler = offset < f && f - offset <= OUT_OF_ORDER;
-        let continues = offset >= f && offset - f <= OUT_OF_ORDER;
-        let upto = if continues && self.read_ahead > 0 {
-            end.max(offset + self.read_ahead).min(self.len)
-        } else {
-            end
-        };
-        let v = self.get(offset, upto)?;
-        buf.copy_from_slice(&v[..buf.len()]);
-        if !straggler {
-            ra.frontier = upto;
-        }
-        if upto > end {
-            if ra.bufs.len() == AHEAD_BUFS {
-                ra.bufs.remove(0);
-            }
-            ra.bufs.push(Ahead {
-                start: offset,
-                unread: upto - end,
-                data: v,
-            });
-        }
-        Ok(())
-    }
-
-    /// Headers and tables: whole [`BLOCK`]s from the cache, the missing ones fetched
-    /// (consecutive ones in one request).
-    fn read_blocks(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let end = offset + buf.len() as u64;
-        let first = offset / BLOCK;
-        let last = (end - 1) / BLOCK;
-        let mut idx = first;
-        while idx <= last {
-            let b = match self.block(idx) {
-                Some(b) => b,
-                None => {
-                    let mut upto = idx;
-                    while upto < last && self.block(upto + 1).is_none() {
-                        upto += 1;
-                    }
-                    let s = idx * BLOCK;
-                    let e = ((upto + 1) * BLOCK).min(self.len);
-                    let v = self.get(s, e)?;
-                    for (i, chunk) in v.chunks(BLOCK as usize).enumerate() {
-                        self.insert(idx + i as u64, Arc::new(chunk.to_vec()));
-                    }
-                    Arc::new(v[..(BLOCK as usize).min(v.len())].to_vec())
-                }
-            };
-            let bs = idx * BLOCK;
-            let from = offset.max(bs);
-            let to = end.min(bs + b.len() as u64);
-            buf[(from - offset) as usize..(to - offset) as usize]
-                .copy_from_slice(&b[(from - bs) as usize..(to - bs) as usize]);
-            idx += 1;
-        }
-        Ok(())
     }
 }
 
