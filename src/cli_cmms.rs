@@ -72,7 +72,7 @@ pub fn compare(a: &CompareArgs) -> i32 {
     let (o1, o2) = match opts {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("diskconv: {e}");
+            eprintln!("diskconv: {}", crate::cli_message(&e));
             return 2;
         }
     };
@@ -86,8 +86,14 @@ pub fn compare(a: &CompareArgs) -> i32 {
             i32::from(r.exit_code())
         }
         Err(e) => {
-            let name = if e.image == 1 { &a.img1 } else { &a.img2 };
-            eprintln!("diskconv: {}: {e}", name.display());
+            // An image that does not open names itself (its path leads the error); a
+            // failure later on says which image and where.
+            if e.stage == diskconv::CompareStage::Open && e.error.path().is_some() {
+                eprintln!("diskconv: {}", crate::cli_message(&e.error));
+            } else {
+                let name = if e.image == 1 { &a.img1 } else { &a.img2 };
+                eprintln!("diskconv: {}: {e}", name.display());
+            }
             i32::from(e.exit_code())
         }
     }

@@ -28,7 +28,7 @@ pub struct GlanceArgs {
     /// glance:// DST: a tag, repeatable.
     #[arg(long = "tag")]
     pub tag: Vec<String>,
-    /// glance:// DST: claim this disk_format instead of -O's.
+    /// glance:// DST: claim this disk_format instead of the image's own format.
     #[arg(long = "disk-format")]
     pub disk_format: Option<String>,
     /// glance:// DST: container_format (default bare).

@@ -25,7 +25,10 @@ const FORMATS_HELP: &str =
     "Supported formats: raw qcow2 vpc (alias vhd) vmdk vdi vhdx ova; read only: qcow qed";
 
 /// `convert --help`'s description of its two files, which clap cannot list as required.
-const CONVERT_ARGS_HELP: &str = "Arguments:\n  SRC  Input image; `-`: a raw image on stdin (-f raw), spooled first to a deleted file in\n       $TMPDIR holding its non-zero 64 KiB blocks (up to its length), or read once with --size\n  DST  Output image\n\nSupported formats: raw qcow2 vpc (alias vhd) vmdk vdi vhdx; read only: qcow qed";
+const CONVERT_ARGS_HELP: &str = concat!(
+    "Arguments:\n  SRC  Input image; `-`: a raw image on stdin (-f raw), spooled first to a deleted file in\n       $TMPDIR holding its non-zero 64 KiB blocks (up to its length), or read once with --size\n  DST  Output image\n\n",
+    "Supported formats: raw qcow2 vpc (alias vhd) vmdk vdi vhdx ova; read only: qcow qed"
+);
 
 #[derive(Parser)]
 #[command(
@@ -60,7 +63,7 @@ enum Cmd {
         /// Input format (never probed when given).
         #[arg(short = 'f')]
         src_format: Option<String>,
-        /// Output format (default raw).
+        /// Output format.
         #[arg(short = 'O', default_value = "raw")]
         out_format: String,
         /// Output options, key=value[,key=value...]; `-o help` lists them (no SRC or DST needed).
@@ -69,7 +72,8 @@ enum Cmd {
         /// Compress the output (qcow2, streamOptimized vmdk; an error for raw, vpc, vdi).
         #[arg(short = 'c')]
         compress: bool,
-        /// Show progress on stdout, like qemu-img.
+        /// Show progress: a bar when stdout (stderr with DST `-`) is a terminal, otherwise
+        /// qemu-img's `(x.xx/100%)` lines.
         #[arg(short = 'p')]
         progress: bool,
         /// Quiet: no progress and no notes (errors are still printed).
@@ -106,7 +110,8 @@ enum Cmd {
         /// Worker threads (0: one per core).
         #[arg(short = 'm', long = "threads", default_value_t = 0)]
         threads: usize,
-        /// Accepted for qemu-img compatibility (writes are already out of order-safe).
+        /// Accepted for qemu-img compatibility; no effect: writes reach the output in
+        /// ascending order, which streamed outputs need.
         #[arg(short = 'W')]
         _unordered: bool,
         /// Convert an internal snapshot (qcow2) instead of the active image:
@@ -163,7 +168,7 @@ enum Cmd {
         args_override_self = true
     )]
     Create {
-        /// Image format (default raw).
+        /// Image format.
         #[arg(short = 'f', default_value = "raw")]
         format: String,
         /// Format options, key=value[,key=value...]; `-o help` lists them.
@@ -173,10 +178,10 @@ enum Cmd {
         #[arg(short = 'q')]
         quiet: bool,
         /// Image to create (replaced if it exists).
-        #[arg(value_name = "FILE", hide = true)]
+        #[arg(value_name = "FILE")]
         file: Option<PathBuf>,
-        /// Guest size.
-        #[arg(value_name = "SIZE", hide = true)]
+        /// Guest size (suffixes k, M, G, T, ...).
+        #[arg(value_name = "SIZE")]
         size: Option<String>,
     },
     /// Change an image's virtual size in place, like qemu-img resize: SIZE is absolute or
@@ -327,36 +332,51 @@ fn main() -> ExitCode {
             std::thread::park();
         },
         Err(e) => {
-            eprintln!("diskconv: {e}");
-            if let Some(hint) = flag_hint(&e) {
-                eprintln!("diskconv: hint: {hint}");
-            }
+            eprintln!("diskconv: {}", cli_message(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-/// The command line's spelling of the library option an error names (the library's
-/// messages name `Type::field`, never a flag).
-fn flag_hint(e: &Error) -> Option<String> {
-    const FLAGS: &[(&str, &str)] = &[
-        ("OpenOptions::allow_references", "--allow-references"),
-        ("ResizeOptions::shrink", "--shrink"),
-        ("ConvertOptions::shrink", "--shrink"),
-        (
-            "ConvertOptions::target_size",
-            "diskconv convert --target-size SIZE",
-        ),
-        ("ConvertOptions::target_is_zero", "--target-is-zero"),
-        ("ConvertOptions::existing_target", "-n"),
-    ];
-    let msg = e.message();
-    let hints: Vec<String> = FLAGS
-        .iter()
-        .filter(|(opt, _)| e.option() == Some(*opt) || msg.contains(opt))
-        .map(|(opt, flag)| format!("{opt} is {flag} on the command line"))
-        .collect();
-    (!hints.is_empty()).then(|| hints.join("; "))
+/// The library's option names (`Type::field`, which its messages use) spelled as this
+/// command line's flags, longest first so no name is a prefix of a later one.
+const FLAGS: &[(&str, &str)] = &[
+    ("ConvertOptions::existing_target", "-n"),
+    ("ConvertOptions::target_is_zero", "--target-is-zero"),
+    ("OpenOptions::allow_references", "--allow-references"),
+    ("ConvertOptions::target_size", "diskconv convert --target-size SIZE"),
+    ("ConvertOptions::shrink", "--shrink"),
+    ("ResizeOptions::shrink", "--shrink"),
+];
+
+/// An error as the command line says it: in one line, with its flags where the library
+/// names its options ("set ConvertOptions::shrink" reads "set --shrink").
+fn cli_message(e: &Error) -> String {
+    let mut msg = e.to_string();
+    for (opt, flag) in FLAGS {
+        msg = msg.replace(opt, flag);
+    }
+    msg
+}
+
+/// A library report as the command line's JSON: qemu's key style, kebab-case
+/// (`virtual-size`, `free-bytes`), as `info`, `measure`, `check` and `map` print theirs; the
+/// library's own serde names (snake_case) stay as they are for Rust users.
+fn kebab_json(report: &impl serde::Serialize) -> serde_json::Value {
+    fn kebab(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => serde_json::Value::Object(
+                m.into_iter()
+                    .map(|(k, v)| (k.replace('_', "-"), kebab(v)))
+                    .collect(),
+            ),
+            serde_json::Value::Array(a) => {
+                serde_json::Value::Array(a.into_iter().map(kebab).collect())
+            }
+            other => other,
+        }
+    }
+    kebab(serde_json::to_value(report).expect("a report serializes"))
 }
 
 fn open_options(format: Option<&str>, allow: bool) -> Result<OpenOptions> {
@@ -702,7 +722,7 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 let mut v = convert_json(format, (!to_stdout).then_some(dst.as_path()), &report);
                 if let Some(r) = &sparsified {
-                    v["sparsify"] = serde_json::to_value(r).expect("json");
+                    v["sparsify"] = kebab_json(r);
                 }
                 if let (Some(o), Some(serde_json::Value::Object(u))) =
                     (v.as_object_mut(), upload_json)
@@ -855,7 +875,7 @@ fn run(cli: Cli) -> Result<()> {
                 (sparsify_copy(&src, &dst, &opts)?, to_stdout)
             };
             if json {
-                let text = serde_json::to_string_pretty(&report).expect("json");
+                let text = serde_json::to_string_pretty(&kebab_json(&report)).expect("json");
                 side_println(to_stderr, &text);
             } else if !quiet {
                 let text = sparsify_human(&report);
@@ -913,7 +933,10 @@ fn run(cli: Cli) -> Result<()> {
             };
             let insp = diskconv::inspect_with(&image, claim, &limits)?;
             match output.as_str() {
-                "json" => println!("{}", serde_json::to_string_pretty(&insp).expect("json")),
+                "json" => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&kebab_json(&insp)).expect("json")
+                ),
                 "human" => print!("{}", inspection_human(&insp)),
                 other => {
                     return Err(Error::arg(format!(
@@ -1193,6 +1216,7 @@ fn actual_size(path: &Path) -> u64 {
 /// says 0 bytes, so it is sized by opening it.
 fn host_file(path: &Path) -> (u64, &'static str) {
     use std::os::unix::fs::FileTypeExt;
+    #[cfg(feature = "remote")]
     if let Some(object) = cli_remote::host_object(path) {
         return object;
     }

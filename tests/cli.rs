@@ -192,3 +192,119 @@ fn info_names_backing_files_without_opening_them() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("unsafe reference"));
     assert!(!out.exists());
 }
+
+/// Errors speak the command line's language: its flags, in one line, each thing said once.
+#[test]
+fn errors_name_flags_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("a.raw");
+    make_raw(&src, 1 << 20, 1);
+    let dst = dir.path().join("b.raw");
+    let missing = dir.path().join("nonexist");
+    for (args, needle) in [
+        (
+            vec!["convert", "-O", "raw", "--target-size", "64k", s(&src), s(&dst)],
+            "set --shrink",
+        ),
+        (
+            vec!["convert", "-O", "raw", "--target-is-zero", s(&src), s(&dst)],
+            "--target-is-zero requires use of -n flag",
+        ),
+        (
+            vec!["resize", "-f", "raw", s(&src), "64k"],
+            "set --shrink",
+        ),
+    ] {
+        let o = dc(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("Options::"), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    }
+    // A missing image is named once, with the reason once.
+    let o = dc(&["compare", s(&src), s(&missing)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.matches("nonexist").count(), 1, "{err}");
+    assert_eq!(err.matches("cannot open").count(), 1, "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+}
+
+/// The command line's JSON has one key style, qemu's kebab-case, whichever command prints it.
+#[test]
+fn json_keys_are_kebab_case_everywhere() {
+    fn snake_keys(v: &serde_json::Value, at: &str, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    if k.contains('_') {
+                        out.push(format!("{at}.{k}"));
+                    }
+                    snake_keys(v, &format!("{at}.{k}"), out);
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| snake_keys(v, at, out)),
+            _ => {}
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("a.raw");
+    make_raw(&src, 1 << 20, 1);
+    let q = dir.path().join("a.qcow2");
+    let sp = dir.path().join("sp.raw");
+    for args in [
+        vec!["info", "--output=json", s(&src)],
+        vec!["inspect", "--output=json", s(&src)],
+        vec!["measure", "--output=json", "-O", "qcow2", s(&src)],
+        vec!["convert", "--output=json", "-O", "qcow2", s(&src), s(&q)],
+        vec!["check", "--output=json", s(&q)],
+        vec!["map", "--output=json", s(&q)],
+        vec!["sparsify", "--output=json", s(&src), s(&sp)],
+    ] {
+        let o = dc(&args);
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        // A report goes to stderr only when stdout carries the image.
+        let text = if o.stdout.is_empty() { &o.stderr } else { &o.stdout };
+        let v: serde_json::Value = serde_json::from_slice(text)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(text)));
+        let mut bad = Vec::new();
+        snake_keys(&v, args[0], &mut bad);
+        assert!(bad.is_empty(), "{args:?}: snake_case keys {bad:?}");
+    }
+}
+
+/// Creating a format diskconv only reads says so, and names the format to create instead.
+#[test]
+fn create_of_a_read_only_format_names_what_to_create() {
+    let dir = tempfile::tempdir().unwrap();
+    for fmt in ["qcow", "qed"] {
+        let img = dir.path().join(format!("x.{fmt}"));
+        let o = dc(&["create", "-f", fmt, s(&img), "1M"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("does not write {fmt}")), "{err}");
+        assert!(err.contains("write qcow2 instead"), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(!img.exists());
+    }
+}
+
+/// Help says what the commands take and do, once each.
+#[test]
+fn help_texts_are_accurate() {
+    let help = |args: &[&str]| {
+        let o = dc(args);
+        assert!(o.status.success(), "{args:?}");
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let convert = help(&["convert", "--help"]);
+    assert!(convert.contains("raw qcow2 vpc (alias vhd) vmdk vdi vhdx ova"), "{convert}");
+    assert!(!convert.contains("(default raw) [default: raw]"), "{convert}");
+    assert!(!convert.contains("order-safe"), "{convert}");
+    let create = help(&["create", "--help"]);
+    assert!(create.contains("[FILE]") && create.contains("[SIZE]"), "{create}");
+    assert!(!create.contains("(default raw) [default: raw]"), "{create}");
+    let register = help(&["register", "--help"]);
+    assert!(!register.contains("-O"), "{register}");
+}

@@ -1336,7 +1336,7 @@ fn inspect_cli_exit_codes() {
     assert_eq!(run.code, Some(2));
     let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(v["safe"], false);
-    assert_eq!(v["format_matches_claim"], false);
+    assert_eq!(v["format-matches-claim"], false);
     let run = run_bounded(&["inspect", sb.root.join("missing").to_str().unwrap()]);
     assert_eq!(run.code, Some(1));
 }

@@ -148,3 +148,40 @@ fn guest_floor_imports_only_the_core() {
         bad.join("\n")
     );
 }
+
+/// Every public enum decides whether it may grow: `#[non_exhaustive]` (users matching on it
+/// keep a wildcard arm, so a new variant is not a breaking change), or a doc comment line
+/// starting `Closed:` that says why its variants are fixed.
+#[test]
+fn every_public_enum_says_whether_it_grows() {
+    let mut files = Vec::new();
+    rs_files(&src(), &mut files);
+    let mut bad = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            if !l.starts_with("pub enum ") {
+                continue;
+            }
+            // The attribute and doc lines right above the enum.
+            let above: Vec<&str> = lines[..i]
+                .iter()
+                .rev()
+                .take_while(|a| a.starts_with("///") || a.starts_with("#["))
+                .copied()
+                .collect();
+            let open = above.iter().any(|a| a.trim() == "#[non_exhaustive]");
+            let closed = above.iter().any(|a| a.starts_with("/// Closed: "));
+            if open == closed {
+                bad.push(format!("{}:{}: {l}", f.display(), i + 1));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "public enums that are neither #[non_exhaustive] nor documented `/// Closed: why` \
+         (or are both):\n{}",
+        bad.join("\n")
+    );
+}

@@ -819,8 +819,8 @@ fn two_disks_and_a_sha1_manifest() {
             s(&p),
         ]))
         .unwrap();
-        assert_eq!(v["detected_format"], "ova");
-        assert_eq!(v["virtual_size"], size, "inspect --disk {n}");
+        assert_eq!(v["detected-format"], "ova");
+        assert_eq!(v["virtual-size"], size, "inspect --disk {n}");
         assert_eq!(v["safe"], true, "{v}");
     }
 

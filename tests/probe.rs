@@ -215,7 +215,7 @@ fn assert_refused(p: &Path, name: &str) {
     assert_eq!(run.code, Some(2), "{what}: {}", run.stderr);
     let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(v["safe"], false);
-    assert_eq!(v["unsupported_format"], name);
+    assert_eq!(v["unsupported-format"], name);
     let run = cli(&["inspect", s(p)]);
     assert!(
         run.stdout

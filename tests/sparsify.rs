@@ -460,9 +460,9 @@ fn cli_reports_streams_and_converts_with_sparsify() {
     assert_eq!(j["table"], "mbr");
     assert_eq!(j["partitions"][1]["location"], "mbr 5");
     assert_eq!(j["partitions"][1]["filesystem"], "swap");
-    assert_eq!(j["partitions"][1]["free_bytes"], free[1].1);
+    assert_eq!(j["partitions"][1]["free-bytes"], free[1].1);
     assert_eq!(j["partitions"][3]["skipped"], "no filesystem recognised");
-    assert_eq!(j["dropped_bytes"], free.iter().map(|f| f.1).sum::<u64>());
+    assert_eq!(j["dropped-bytes"], free.iter().map(|f| f.1).sum::<u64>());
     assert_sparsified(&disk, &out, &free, granule(Format::Qcow2), dir.path());
 
     // Human lines, one per partition.
@@ -517,7 +517,7 @@ fn cli_reports_streams_and_converts_with_sparsify() {
     assert_eq!(j["format"], "qcow2");
     assert_eq!(j["sparsify"]["table"], "mbr");
     assert_eq!(
-        j["sparsify"]["dropped_bytes"],
+        j["sparsify"]["dropped-bytes"],
         free.iter().map(|f| f.1).sum::<u64>()
     );
     // Without it, convert keeps the junk.
@@ -562,7 +562,7 @@ fn in_place_gives_space_back_or_refuses_untouched() {
         let j: serde_json::Value = serde_json::from_str(&stdout).unwrap();
         assert_eq!(j["table"], "mbr");
         assert!(
-            j["dropped_bytes"].as_u64().unwrap()
+            j["dropped-bytes"].as_u64().unwrap()
                 >= whole_granules(&free, 4096).iter().map(|f| f.1).sum::<u64>()
         );
         assert!(std::fs::metadata(&disk).unwrap().blocks() < blocks);

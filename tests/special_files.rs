@@ -139,7 +139,7 @@ fn block_device_source_reads_with_its_real_size() {
 
     let o = dc(&["inspect", "--output=json", s(lo.path())]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["virtual_size"], size, "{v}");
+    assert_eq!(v["virtual-size"], size, "{v}");
 }
 
 #[test]

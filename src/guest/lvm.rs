@@ -56,6 +56,8 @@ pub fn lvm_crc(parts: &[&[u8]]) -> u32 {
 }
 
 /// A value of the metadata text.
+///
+/// Closed: LVM2's metadata text grammar has exactly these value kinds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Value {
     /// "quoted"

@@ -109,6 +109,8 @@ impl BootRecord {
 }
 
 /// What sector 0 holds.
+///
+/// Closed: sector 0 either holds no table, a protective MBR or an msdos table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mbr {
     /// No partition table (no signature, or a filesystem's boot sector).

@@ -141,6 +141,7 @@ pub trait FreeSink {
 
 /// What one filesystem scanner made of a region.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Outcome {
     /// Not this filesystem (its magic is absent): the driver tries the next scanner.
     NotMine,

@@ -34,6 +34,9 @@ pub struct Header {
 }
 
 /// What the page at the start of a region is.
+///
+/// Closed: a swap signature is absent, unsafe to read, or version 1 (the only version
+/// Linux has written since 2.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Found {
     /// No swap magic at any page size.

@@ -13,6 +13,9 @@ use crate::error::{Error, Result};
 use crate::format::Format;
 
 /// What a check may repair, as qemu-img's `-r`.
+///
+/// Closed: qemu-img's `-r` has exactly these modes (none, `leaks`, `all`); a new kind of
+/// repair is a new meaning of `All`, not a new variant.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Repair {
     /// Only look (the default).

@@ -139,7 +139,20 @@ pub fn sparsify_in_place(path: &Path, opts: &SparsifyOptions) -> Result<Sparsify
         format: Some(format),
         ..Default::default()
     };
-    let mut editor = open_editor(format, file, path, &ropts)?;
+    // A format that cannot be edited in place at all answers with its editor's refusal,
+    // which speaks of resizing too: say what sparsify cannot do and what to run instead.
+    let mut editor = open_editor(format, file, path, &ropts).map_err(|e| {
+        if e.kind() != crate::ErrorKind::Unsupported {
+            return e;
+        }
+        Error::unsupported(format!(
+            "cannot sparsify a {format} image in place (diskconv does not change {format} \
+             images in place); write a sparsified copy instead: diskconv sparsify {} NEW \
+             (then replace the image with NEW)",
+            path.display()
+        ))
+        .with_path(path)
+    })?;
     editor.discard(&[]).map_err(|e| {
         Error::new(
             e.kind(),

@@ -62,6 +62,7 @@ pub fn disk_format_for(format: Format) -> &'static str {
 
 /// How the bytes reach Glance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum UploadMethod {
     /// `glance-direct` when `/v2/info/import` offers it (interoperable import), else
     /// [`Direct`](Self::Direct).

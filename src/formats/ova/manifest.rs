@@ -11,6 +11,7 @@ pub const MAX_MANIFEST: u64 = 1 << 20;
 
 /// A manifest digest algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Algo {
     /// SHA-1 (OVF 1.x).
     Sha1,
@@ -49,6 +50,7 @@ impl Algo {
 }
 
 /// A running digest of one algorithm.
+#[non_exhaustive]
 pub enum Hasher {
     /// SHA-1.
     Sha1(sha1::Sha1),

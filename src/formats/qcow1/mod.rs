@@ -43,7 +43,7 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
 /// The error every write path gives: this format is read only.
 pub fn read_only() -> Error {
     Error::unsupported(
-        "qcow (version 1) is read only in diskconv: convert it to another format (-O qcow2, raw, vpc, vmdk, vdi, vhdx)",
+        "diskconv does not write qcow images (qcow version 1 is read only here): write qcow2 instead (or raw, vpc, vmdk, vdi, vhdx); an existing qcow image converts with diskconv convert -O qcow2 IN OUT",
     )
 }
 

@@ -58,6 +58,7 @@ pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 /// How compressed clusters are encoded (header byte 104).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CompressionType {
     /// Raw deflate (qemu uses a 4 KiB window).
     Zlib,

@@ -57,6 +57,8 @@ pub const BLOCK_UNALLOCATED: u32 = 0xffff_ffff;
 pub const BLOCK_DISCARDED: u32 = 0xffff_fffe;
 
 /// VDI image types.
+///
+/// Closed: the VDI header's image-type field defines exactly these four values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageType {
     /// Blocks allocated on first write (type 1, VirtualBox's "normal").

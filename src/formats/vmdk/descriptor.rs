@@ -17,6 +17,8 @@ const MAX_NAME: usize = 4096;
 pub const MAX_EXTENTS: usize = 8192;
 
 /// Access mode of an extent.
+///
+/// Closed: the VMDK descriptor's access field has exactly these three modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     /// Read-write.
@@ -29,6 +31,7 @@ pub enum Access {
 
 /// Extent type as written in the descriptor.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ExtentType {
     /// Hosted sparse extent file (`KDMV`).
     Sparse,

@@ -59,6 +59,7 @@ pub(super) const DESC_SECTORS: u64 = 20;
 
 /// Which kind of file to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Subformat {
     /// Hosted sparse extent with embedded descriptor and redundant grain directory.
     MonolithicSparse,
