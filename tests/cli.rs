@@ -203,16 +203,20 @@ fn errors_name_flags_in_one_line() {
     let missing = dir.path().join("nonexist");
     for (args, needle) in [
         (
-            vec!["convert", "-O", "raw", "--target-size", "64k", s(&src), s(&dst)],
+            vec![
+                "convert",
+                "-O",
+                "raw",
+                "--target-size",
+                "64k",
+                s(&src),
+                s(&dst),
+            ],
             "set --shrink",
         ),
         (
             vec!["convert", "-O", "raw", "--target-is-zero", s(&src), s(&dst)],
             "--target-is-zero requires use of -n flag",
-        ),
-        (
-            vec!["resize", "-f", "raw", s(&src), "64k"],
-            "set --shrink",
         ),
     ] {
         let o = dc(&args);
@@ -220,6 +224,28 @@ fn errors_name_flags_in_one_line() {
         assert!(!o.status.success(), "{args:?} should fail");
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("Options::"), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    }
+    // An image naming a host file: the flag that opts in, not the library's option.
+    if have_qemu() {
+        let q = dir.path().join("b.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "/etc/passwd",
+            "-F",
+            "raw",
+            s(&q),
+            "1M",
+        ]);
+        let o = dc(&["convert", "-O", "raw", s(&q), s(&dst)]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(err.contains("(opt in with --allow-references)"), "{err}");
+        assert!(!err.contains("Options::"), "{err}");
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
     }
     // A missing image is named once, with the reason once.
@@ -263,9 +289,17 @@ fn json_keys_are_kebab_case_everywhere() {
         vec!["sparsify", "--output=json", s(&src), s(&sp)],
     ] {
         let o = dc(&args);
-        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         // A report goes to stderr only when stdout carries the image.
-        let text = if o.stdout.is_empty() { &o.stderr } else { &o.stdout };
+        let text = if o.stdout.is_empty() {
+            &o.stderr
+        } else {
+            &o.stdout
+        };
         let v: serde_json::Value = serde_json::from_slice(text)
             .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(text)));
         let mut bad = Vec::new();
@@ -299,12 +333,49 @@ fn help_texts_are_accurate() {
         String::from_utf8(o.stdout).unwrap()
     };
     let convert = help(&["convert", "--help"]);
-    assert!(convert.contains("raw qcow2 vpc (alias vhd) vmdk vdi vhdx ova"), "{convert}");
-    assert!(!convert.contains("(default raw) [default: raw]"), "{convert}");
+    assert!(
+        convert.contains("raw qcow2 vpc (alias vhd) vmdk vdi vhdx ova"),
+        "{convert}"
+    );
+    assert!(
+        !convert.contains("(default raw) [default: raw]"),
+        "{convert}"
+    );
     assert!(!convert.contains("order-safe"), "{convert}");
     let create = help(&["create", "--help"]);
-    assert!(create.contains("[FILE]") && create.contains("[SIZE]"), "{create}");
+    assert!(
+        create.contains("[FILE]") && create.contains("[SIZE]"),
+        "{create}"
+    );
     assert!(!create.contains("(default raw) [default: raw]"), "{create}");
     let register = help(&["register", "--help"]);
     assert!(!register.contains("-O"), "{register}");
+}
+
+/// `sparsify --in-place` on a format diskconv does not change in place says what sparsify
+/// cannot do and what to run instead, not a resize error, and leaves the image as it was.
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
+fn sparsify_in_place_refusal_says_what_to_run() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let v = dir.path().join("v.vhdx");
+    qemu_img(&["create", "-q", "-f", "vhdx", s(&v), "16M"]);
+    let before = sha256_file(&v);
+    let o = dc(&["sparsify", "--in-place", s(&v)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot sparsify a vhdx image in place"),
+        "{err}"
+    );
+    assert!(err.contains("diskconv sparsify"), "{err}");
+    assert!(
+        !err.contains("resiz") && !err.contains("target-size"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert_eq!(sha256_file(&v), before);
 }
