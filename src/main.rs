@@ -46,7 +46,7 @@ enum Cmd {
     /// Check an image's metadata like qemu-img check (exit 0 clean, 1 not completed,
     /// 2 corruptions, 3 leaks only, 63 no checks for the format); -r repairs in place.
     #[command(
-        override_usage = "diskconv check [-f FMT] [--output=human|json] [-r leaks|all] [-q] IMG",
+        override_usage = "diskconv check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [--allow-references] IMG",
         args_override_self = true
     )]
     Check(cli_check::CheckArgs),
@@ -338,7 +338,7 @@ fn main() -> ExitCode {
 
 /// The command line's spelling of the library option an error names (the library's
 /// messages name `Type::field`, never a flag).
-fn flag_hint(e: &Error) -> Option<String> {
+pub(crate) fn flag_hint(e: &Error) -> Option<String> {
     const FLAGS: &[(&str, &str)] = &[
         ("OpenOptions::allow_references", "--allow-references"),
         ("ResizeOptions::shrink", "--shrink"),
