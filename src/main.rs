@@ -49,7 +49,7 @@ enum Cmd {
     /// Check an image's metadata like qemu-img check (exit 0 clean, 1 not completed,
     /// 2 corruptions, 3 leaks only, 63 no checks for the format); -r repairs in place.
     #[command(
-        override_usage = "diskconv check [-f FMT] [--output=human|json] [-r leaks|all] [-q] IMG",
+        override_usage = "diskconv check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [--allow-references] IMG",
         args_override_self = true
     )]
     Check(cli_check::CheckArgs),
