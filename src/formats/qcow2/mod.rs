@@ -19,6 +19,7 @@ pub mod compress;
 pub mod discard;
 pub mod header;
 pub mod measure;
+mod prealloc;
 pub mod reader;
 pub mod resize;
 pub mod snapshot;
