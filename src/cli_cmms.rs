@@ -201,8 +201,8 @@ pub struct MeasureArgs {
     /// Input format (never probed when given).
     #[arg(short = 'f')]
     format: Option<String>,
-    /// Output format.
-    #[arg(short = 'O')]
+    /// Output format (raw when not given, as qemu-img measure).
+    #[arg(short = 'O', default_value = "raw")]
     out_format: String,
     /// Output options, key=value[,key=value...].
     #[arg(short = 'o')]

@@ -215,8 +215,8 @@ pub trait BlockDevice: Send + Sync {
     /// The persistent dirty bitmaps the image holds, as (name, granularity in bytes), which
     /// qemu-img measure counts; None when the format cannot store them (qemu's
     /// `bdrv_supports_persistent_dirty_bitmap`: qcow2 v3 only).
-    fn persistent_bitmaps(&self) -> Option<Vec<(String, u64)>> {
-        None
+    fn persistent_bitmaps(&self) -> Result<Option<Vec<(String, u64)>>> {
+        Ok(None)
     }
 }
 

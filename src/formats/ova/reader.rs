@@ -88,7 +88,7 @@ impl BlockDevice for OvaDevice {
     fn qemu_status_opaque(&self) -> bool {
         self.inner.qemu_status_opaque()
     }
-    fn persistent_bitmaps(&self) -> Option<Vec<(String, u64)>> {
+    fn persistent_bitmaps(&self) -> Result<Option<Vec<(String, u64)>>> {
         self.inner.persistent_bitmaps()
     }
     fn format(&self) -> Format {

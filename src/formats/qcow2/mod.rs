@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::options::{CreateOptions, OpenOptions, OptionHelp, ResizeOptions};
 use crate::writer::ImageWriter;
 
+mod bitmaps;
 pub mod check;
 pub mod compress;
 pub mod discard;

@@ -542,6 +542,15 @@ impl BlockDevice for Qcow2Image {
         Ok(st)
     }
 
+    /// A v3 image can hold persistent bitmaps (qemu's
+    /// `qcow2_supports_persistent_dirty_bitmap`); a v2 image cannot.
+    fn persistent_bitmaps(&self) -> Result<Option<Vec<(String, u64)>>> {
+        if self.header.version < 3 {
+            return Ok(None);
+        }
+        super::bitmaps::list(&self.file, &self.header, &self.ext).map(Some)
+    }
+
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
         let size = self.size;
         let end = crate::device::map_end(size, offset, max_len)?;
