@@ -244,13 +244,14 @@ pub fn measure(a: &MeasureArgs) -> Result<()> {
         }
     };
     if json {
+        // qemu's schema types these as signed 64-bit: a size of 2^63 prints negative.
         let mut s = String::from("{\n");
         if let Some(b) = m.bitmaps {
-            s += &format!("    \"bitmaps\": {b},\n");
+            s += &format!("    \"bitmaps\": {},\n", b as i64);
         }
         s += &format!(
             "    \"required\": {},\n    \"fully-allocated\": {}\n}}\n",
-            m.required, m.fully_allocated
+            m.required as i64, m.fully_allocated as i64
         );
         print!("{s}");
     } else {

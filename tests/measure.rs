@@ -266,7 +266,16 @@ fn equals_qemu_img_for_every_source_and_option() {
         &["measure", "--output=json", "-O", "qcow2", "w.v2.qcow2"],
     );
     assert!(json(&j).get("bitmaps").is_none(), "{j}");
-    for size in ["0", "511", "100M", "12345k", "3T", "1E"] {
+    for size in [
+        "0",
+        "511",
+        "100M",
+        "12345k",
+        "3T",
+        "1E",
+        "8E",
+        "9223372036854775807",
+    ] {
         for out in short.iter().chain(long) {
             for output in ["--output=json", "--output=human"] {
                 let mut a = vec!["measure", output, "--size", size];

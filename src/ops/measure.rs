@@ -115,6 +115,14 @@ pub fn measure_device(
     opts: &CreateOptions,
     convert: &ConvertOptions,
 ) -> Result<Measurement> {
+    if src.is_none() && opts.size > i64::MAX as u64 {
+        // qemu's sizes are signed 64-bit.
+        return Err(Error::arg(format!(
+            "invalid size {}: must be between 0 and {}",
+            opts.size,
+            i64::MAX
+        )));
+    }
     let mut opts = opts.clone();
     // The size the options name: qemu's qcow2 formula checks its L1 limit against it.
     let named_size = match src {

@@ -138,7 +138,7 @@ pub fn measure(
     let cs = p.cs;
     let l2e = if p.extended_l2 { 16 } else { 8 };
     // qemu's check: one 8-byte L1 entry per L2 table.
-    let l2_tables = (size.next_multiple_of(cs) / cs).div_ceil(cs / l2e);
+    let l2_tables = size.div_ceil(cs).div_ceil(cs / l2e);
     if l2_tables * 8 > MAX_L1_BYTES {
         return Err(Error::arg(
             "The image size is too large (try using a larger cluster size)",

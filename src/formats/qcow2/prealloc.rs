@@ -34,7 +34,7 @@ pub fn metadata_preallocated(file: &HostFile, h: &Header) -> bool {
 fn count_in_use(file: &HostFile, h: &Header, end_cluster: u64, stop: u64) -> Option<u64> {
     let cs = h.cluster_size();
     // Refcount entries per block: a cluster of (1 << refcount_order)-bit entries.
-    let per_block = cs * 8 >> h.refcount_order;
+    let per_block = (cs * 8) >> h.refcount_order;
     let table_len = u64::from(h.refcount_table_clusters) * cs;
     let table = file
         .read_vec(h.refcount_table_offset, table_len, "refcount table")
@@ -52,7 +52,7 @@ fn count_in_use(file: &HostFile, h: &Header, end_cluster: u64, stop: u64) -> Opt
             i = in_block_end;
             continue;
         }
-        if block_off % cs != 0 {
+        if !block_off.is_multiple_of(cs) {
             return None;
         }
         let block = file.read_vec(block_off, cs, "refcount block").ok()?;
