@@ -124,11 +124,6 @@ pub fn measure_device(
         )));
     }
     let mut opts = opts.clone();
-    // The size the options name: qemu's qcow2 formula checks its L1 limit against it.
-    let named_size = match src {
-        Some(_) => opts.size_option("size")?.unwrap_or(0),
-        None => opts.size,
-    };
     if let Some(d) = src {
         opts.size = d.virtual_size();
     }
@@ -160,7 +155,12 @@ pub fn measure_device(
             (m.required, m.fully_allocated) = (n, n);
         }
         Format::Qcow2 => {
-            let (r, f, b) = crate::formats::qcow2::measure::measure(src, named_size, &opts)?;
+            // The size the options name: qemu's formula checks its L1 limit against it.
+            let named = match src {
+                Some(_) => opts.size_option("size")?.unwrap_or(0),
+                None => size,
+            };
+            let (r, f, b) = crate::formats::qcow2::measure::measure(src, named, &opts)?;
             (m.required, m.fully_allocated, m.bitmaps) = (r, f, b);
         }
         _ => match crate::formats::plan_granularity(format, &opts)? {
