@@ -261,7 +261,7 @@ enum Cmd {
     Map(cli_cmms::MapArgs),
     /// List an image's internal snapshots (qcow2), like qemu-img snapshot -l.
     Snapshot(cli_cmms::SnapshotArgs),
-    /// How many bytes an output of format -O would take, like qemu-img measure.
+    /// How many bytes an output of format -O (default raw) would take, like qemu-img measure.
     Measure(cli_cmms::MeasureArgs),
     /// Show facts about an image.
     #[command(args_override_self = true)]
