@@ -143,16 +143,41 @@ pub fn check_writable(format: Format) -> Result<()> {
 pub const STREAMING_OUTPUTS: &str =
     "raw, qcow2, vdi, dynamic vpc and monolithicSparse vmdk and dynamic vhdx (laid out from a first pass over the source), fixed vpc and fixed vhdx, vmdk with -o subformat=streamOptimized, ova";
 
-/// Whether `format` can be written into an existing image in place (`-n`): only raw
-/// today, whose in-place image is the guest bytes themselves.
+/// Whether `format` can be written into an existing image in place (`-n`): every format
+/// this crate writes except an OVA appliance (its disk is a member of a tar archive).
 pub fn check_in_place(format: Format) -> Result<()> {
+    check_writable(format)?;
     match format {
-        Format::Raw => Ok(()),
-        other => Err(Error::unsupported(format!(
-            "writing into an existing image (ConvertOptions::existing_target) is supported for \
-             raw only (files and block devices), not {other}"
-        ))),
+        Format::Ova => Err(Error::unsupported(
+            "an OVA appliance cannot be written into in place: convert into its disk image instead",
+        )),
+        _ => Ok(()),
     }
+}
+
+/// Open the existing image in `file` (at `path`, of `format`, not raw: raw is written
+/// through [`Output`](crate::writer::Output)) for a conversion to write into in place;
+/// each format refuses, before any write, an image it cannot write into (with the reason)
+/// or one smaller than `opts.size`.
+pub fn open_in_place_writer(
+    format: Format,
+    file: File,
+    path: &Path,
+    opts: &crate::inplace::InPlaceOptions,
+) -> Result<Box<dyn ImageWriter>> {
+    check_in_place(format).map_err(|e| e.with_path(path))?;
+    crate::writer::lock_exclusive(&file, path)?;
+    let w = match format {
+        Format::Qcow2 => qcow2::open_in_place(file, path, opts),
+        Format::Vhd => vhd::open_in_place(file, path, opts),
+        Format::Vmdk => vmdk::open_in_place(file, path, opts),
+        Format::Vdi => vdi::open_in_place(file, path, opts),
+        Format::Vhdx => vhdx::open_in_place(file, path, opts),
+        other => Err(Error::unsupported(format!(
+            "{other} has no in-place image writer"
+        ))),
+    };
+    w.map_err(|e| e.with_path(path))
 }
 
 /// Make a writer of `format` over the output `file` (a fresh file, or a

@@ -16,6 +16,7 @@ use crate::writer::ImageWriter;
 pub mod check;
 pub mod descriptor;
 pub mod discard;
+pub mod inplace;
 pub mod planned;
 pub mod reader;
 pub mod resize;
@@ -23,6 +24,7 @@ pub mod sparse;
 pub mod stream;
 pub mod writer;
 
+pub use inplace::open_in_place;
 pub use resize::open_editor;
 use writer::{Subformat, VmdkOptions};
 
