@@ -44,10 +44,7 @@ pub fn open_in_place(
     opts: &InPlaceOptions,
 ) -> Result<Box<dyn ImageWriter>> {
     let ed = open_vdi(file, path, opts.fail_at_write)?;
-    if !matches!(
-        ed.header.image_type,
-        ImageType::Dynamic | ImageType::Static
-    ) {
+    if !matches!(ed.header.image_type, ImageType::Dynamic | ImageType::Static) {
         return Err(Error::unsupported(format!(
             "a VDI of type {:?} cannot be written into in place (only dynamic and static ones)",
             ed.header.image_type
@@ -116,7 +113,9 @@ impl BlockMap for VdiMap {
         // Every new block whole in the file, its data flushed, before the map names it.
         let end = self.ed.host(self.data(), u64::from(self.allocated));
         if self.file_len < end {
-            self.ed.file.set_len(end, "extending the VDI to its new blocks")?;
+            self.ed
+                .file
+                .set_len(end, "extending the VDI to its new blocks")?;
             self.file_len = end;
         }
         self.ed.file.sync("flushing the new VDI blocks")?;

@@ -87,7 +87,11 @@ pub fn open_in_place(
         bitmap: None,
         fresh_from: tail_at,
     };
-    Ok(Box::new(BlockWriter::new(map, opts, block_size.min(64 << 10))))
+    Ok(Box::new(BlockWriter::new(
+        map,
+        opts,
+        block_size.min(64 << 10),
+    )))
 }
 
 impl VhdMap {
@@ -156,11 +160,15 @@ impl BlockMap for VhdMap {
         if self.bitmap.as_ref().map(|(k, _)| *k) != Some(b) {
             let at = u64::from(self.bat[b as usize]) * SECTOR;
             let mut bits = vec![0u8; self.bitmap_size as usize];
-            self.ed.file.file().read_exact_at(&mut bits, at).map_err(|e| {
-                Error::io("reading a VHD block's sector bitmap", e)
-                    .at(at)
-                    .with_path(&self.ed.path)
-            })?;
+            self.ed
+                .file
+                .file()
+                .read_exact_at(&mut bits, at)
+                .map_err(|e| {
+                    Error::io("reading a VHD block's sector bitmap", e)
+                        .at(at)
+                        .with_path(&self.ed.path)
+                })?;
             self.bitmap = Some((b, bits));
         }
         let (_, bits) = self.bitmap.as_mut().expect("just loaded");

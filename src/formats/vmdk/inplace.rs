@@ -244,9 +244,19 @@ impl BlockMap for VmdkMap {
             let h = self.ed.header.clone();
             for gi in fresh {
                 let (g, r) = (self.ed.gd[gi], self.ed.rgd.get(gi).copied());
-                self.write_words(h.gd_offset as u32, gi, &[g], "writing a VMDK grain directory entry")?;
+                self.write_words(
+                    h.gd_offset as u32,
+                    gi,
+                    &[g],
+                    "writing a VMDK grain directory entry",
+                )?;
                 if let Some(r) = r {
-                    self.write_words(h.rgd_offset as u32, gi, &[r], "writing a VMDK grain directory entry")?;
+                    self.write_words(
+                        h.rgd_offset as u32,
+                        gi,
+                        &[r],
+                        "writing a VMDK grain directory entry",
+                    )?;
                 }
             }
             self.ed.file.sync("flushing the VMDK grain directories")?;
