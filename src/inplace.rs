@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::writer::{EditFile, ImageWriter};
 
 /// How an in-place writer writes into an existing image.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct InPlaceOptions {
     /// Guest bytes the conversion covers from offset 0 (the source's size, or its target
     /// size): the image must hold at least this many; bytes past it keep their content.
@@ -28,6 +28,10 @@ pub struct InPlaceOptions {
     /// The image already reads as zeros, so ranges the engine leaves unwritten are not
     /// zeroed (qemu-img's `--target-is-zero`).
     pub target_is_zero: bool,
+    /// How the image's own references (a qcow2 backing file) may be opened, for the one
+    /// case that reads them: a last cluster the conversion fills only in part, whose rest
+    /// the backing file supplies. Refused unless `allow_references` is set.
+    pub open: crate::options::OpenOptions,
     /// Test hook: make the Nth mutation (write, length change, flush) fail with EIO, to
     /// prove that a failure at any point leaves an image its checker accepts.
     #[doc(hidden)]

@@ -158,9 +158,13 @@ fn convert_in_place(
     let handle = file
         .try_clone()
         .map_err(|e| Error::io("cannot duplicate the output's descriptor", e).with_path(path))?;
+    // The image's backing file goes through the same gate as the source's references.
+    let mut open = OpenOptions::new().allow_references(opts.open.allow_references, None);
+    open.opener = Some(crate::formats::open_with);
     let in_place = InPlaceOptions {
         size,
         target_is_zero: opts.target_is_zero,
+        open,
         fail_at_write: opts.fail_at_write,
     };
     let writer = open_in_place_writer(opts.format, file, path, &in_place)

@@ -27,8 +27,9 @@
 //! Refused before any write: images marked dirty or corrupt (their refcounts cannot be
 //! trusted), internal snapshots (their clusters would need copying), persistent dirty
 //! bitmaps (the writes would bypass them), encryption, an external data file, an image
-//! smaller than the conversion, and a backing file that would supply the bytes of a last
-//! cluster the conversion fills only in part.
+//! smaller than the conversion, and a last cluster the conversion fills only in part whose
+//! rest comes from the backing file, unless referenced files may be opened (the source's
+//! `allow_references`: the backing file is then read through the reference gate).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -110,7 +111,7 @@ pub fn open_in_place(
     }
     let cs = ed.cs();
     let backing = h.backing_file_offset != 0 && h.backing_file_size != 0;
-    let tail = read_tail(&ed, opts.size, backing)?;
+    let tail = read_tail(&ed, opts, backing)?;
     let l1 = ed.read_l1()?;
     let refs = Refs::load(&ed.host, &h)?;
     let meta = metadata_clusters(&h, &l1, &refs.table);
@@ -161,9 +162,12 @@ fn refuse(ed: &Qcow2Editor) -> Result<()> {
     Err(Error::unsupported(why).with_path(&ed.path))
 }
 
-/// The image's bytes from `size` to the end of its cluster, read before any write.
-fn read_tail(ed: &Qcow2Editor, size: u64, backing: bool) -> Result<Vec<u8>> {
+/// The image's bytes from `size` to the end of its cluster, read before any write; from
+/// the backing file where it supplies them, which is opened only through the reference
+/// gate (`opts.open`).
+fn read_tail(ed: &Qcow2Editor, opts: &InPlaceOptions, backing: bool) -> Result<Vec<u8>> {
     let cs = ed.cs();
+    let size = opts.size;
     if size.is_multiple_of(cs) {
         return Ok(Vec::new());
     }
@@ -173,28 +177,36 @@ fn read_tail(ed: &Qcow2Editor, size: u64, backing: bool) -> Result<Vec<u8>> {
     if upto <= size {
         return Ok(tail);
     }
-    let dup = ed
-        .file
-        .file()
-        .try_clone()
-        .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?;
-    let dev = reader::open(
-        HostFile::from_file(dup, &ed.path)?,
-        &OpenOptions::new().without_backing(),
-    )?;
+    let host = || -> Result<HostFile> {
+        let dup = ed
+            .file
+            .file()
+            .try_clone()
+            .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?;
+        HostFile::from_file(dup, &ed.path)
+    };
+    let dev = reader::open(host()?, &OpenOptions::new().without_backing())?;
     let mut off = size;
+    let mut needs_backing = false;
     while backing && off < upto {
         let m = dev.map(off, upto - off)?;
-        if m.kind == MappingKind::Unallocated {
-            return Err(Error::unsupported(format!(
-                "the conversion fills the image's cluster at guest offset {:#x} only up to {size:#x} (the source's size), and the rest of that cluster comes from the backing file, which is not opened; convert into an image without a backing file, or with a target size that is a multiple of the cluster size ({cs})",
-                end - cs
-            ))
-            .with_path(&ed.path));
-        }
+        needs_backing |= m.kind == MappingKind::Unallocated;
         off = m.offset + m.len;
     }
-    dev.read_at(&mut tail[..(upto - size) as usize], size)?;
+    if needs_backing && !opts.open.allow_references {
+        return Err(Error::unsupported(format!(
+            "the conversion fills the image's cluster at guest offset {:#x} only up to {size:#x} (the source's size), and the backing file supplies the rest of it, which is read only when referenced files may be opened (OpenOptions::allow_references); or convert with a target size that is a multiple of the cluster size ({cs})",
+            end - cs
+        ))
+        .with_option("OpenOptions::allow_references")
+        .with_path(&ed.path));
+    }
+    let n = (upto - size) as usize;
+    if needs_backing {
+        reader::open(host()?, &opts.open)?.read_at(&mut tail[..n], size)?;
+    } else {
+        dev.read_at(&mut tail[..n], size)?;
+    }
     Ok(tail)
 }
 
