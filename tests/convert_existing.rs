@@ -476,6 +476,20 @@ fn stream_optimized_is_refused_untouched() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no effect"), "{err}");
     assert_eq!(sha256_file(&img), sum);
+    // -O names the existing image's format: another format is refused, as qemu-img does.
+    for fmt in ["vpc", "vmdk", "vhdx", "qcow2"] {
+        let img = d.join("other.vdi");
+        let _ = std::fs::remove_file(&img);
+        create("vdi", "", &img, BIG);
+        let sum = sha256_file(&img);
+        let (code, err) = diskconv(&["convert", "-n", "-O", fmt, s(&src), s(&img)]);
+        assert_eq!(code, 1, "{fmt}: {err}");
+        assert!(
+            err.contains(&format!("Image is not in {fmt} format")),
+            "{err}"
+        );
+        assert_eq!(sha256_file(&img), sum, "{fmt}");
+    }
 }
 
 /// With --target-is-zero the ranges zero in the source are not written: over a fresh

@@ -158,6 +158,24 @@ fn convert_in_place(
     let handle = file
         .try_clone()
         .map_err(|e| Error::io("cannot duplicate the output's descriptor", e).with_path(path))?;
+    // -O names the format of the image written into: a file of another format is refused
+    // as qemu-img refuses it, before its format's editor reads anything else.
+    let dup = handle
+        .try_clone()
+        .map_err(|e| Error::io("cannot duplicate the output's descriptor", e).with_path(path))?;
+    let found = crate::probe::probe_file(&crate::device::HostFile::from_file(dup, path)?)
+        .map_err(|e| e.on_side(Side::Destination))?;
+    if found != opts.format {
+        let what = match found {
+            Format::Raw => format!("it carries no {} signature", opts.format),
+            other => format!("it is a {other} image"),
+        };
+        return Err(Error::invalid(format!(
+            "Image is not in {} format: {what} (-O names the format of the existing image, ConvertOptions::format)",
+            opts.format
+        ))
+        .with_path(path));
+    }
     // The image's backing file goes through the same gate as the source's references.
     let mut open = OpenOptions::new().allow_references(opts.open.allow_references, None);
     open.opener = Some(crate::formats::open_with);
