@@ -357,7 +357,7 @@ fn an_overlay_keeps_its_backing_file_and_hides_its_data() {
             let sum = sha256_file(&img);
             // The last cluster is filled only in part and the backing file supplies the
             // rest: read only when referenced files may be opened.
-            if SRC_SIZE % cs.parse::<u64>().unwrap() != 0 {
+            if !SRC_SIZE.is_multiple_of(cs.parse::<u64>().unwrap()) {
                 let (code, err) = diskconv(&["convert", "-n", "-O", "qcow2", s(&src), s(&img)]);
                 assert_eq!(code, 1, "compat {compat} cluster {cs}: {err}");
                 assert!(err.contains("--allow-references"), "{err}");

@@ -241,7 +241,7 @@ impl BlockMap for VmdkMap {
         }
         self.ed.file.sync("flushing the VMDK grain tables")?;
         if !fresh.is_empty() {
-            let h = self.ed.header.clone();
+            let h = self.ed.header;
             for gi in fresh {
                 let (g, r) = (self.ed.gd[gi], self.ed.rgd.get(gi).copied());
                 self.write_words(
