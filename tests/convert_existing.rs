@@ -313,6 +313,52 @@ fn a_target_of_the_same_size_compares_identical() {
     }
 }
 
+/// A monolithicFlat VMDK: the flat extent its descriptor names is written, through the
+/// reference gate (refused without --allow-references, untouched), the descriptor kept.
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
+fn a_monolithic_flat_vmdk_is_written_through_the_reference_gate() {
+    if !have_qemu() || !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = source(d);
+    let want = std::fs::read(&src).unwrap();
+    let img = d.join("flat.vmdk");
+    let extent = d.join("flat-flat.vmdk");
+    create("vmdk", "subformat=monolithicFlat", &img, BIG);
+    junk("vmdk", &img, BIG);
+    let (desc, data) = (sha256_file(&img), sha256_file(&extent));
+    let (code, err) = diskconv(&["convert", "-n", "-O", "vmdk", s(&src), s(&img)]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--allow-references"), "{err}");
+    assert_eq!(
+        (sha256_file(&img), sha256_file(&extent)),
+        (desc.clone(), data)
+    );
+    let opts_before = options("vmdk", &img);
+    let (code, err) = diskconv(&[
+        "convert",
+        "-n",
+        "--allow-references",
+        "-O",
+        "vmdk",
+        s(&src),
+        s(&img),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(sha256_file(&img), desc, "the descriptor changed");
+    assert_eq!(qemu_check(&img, "vmdk"), (0, 0));
+    let after = guest("vmdk", &img, d);
+    assert_bytes(&after[..SRC_SIZE as usize], &want, "flat prefix");
+    assert!(
+        after[SRC_SIZE as usize..].iter().all(|&b| b == JUNK),
+        "flat tail"
+    );
+    assert_eq!(options("vmdk", &img), opts_before);
+}
+
 /// A qcow2 overlay: ranges zero in the source must hide the backing file's data (zero
 /// flags in v3, stored zeros in v2), and the backing file name stays.
 #[test]

@@ -147,12 +147,10 @@ pub const STREAMING_OUTPUTS: &str =
 /// this crate writes except an OVA appliance (its disk is a member of a tar archive).
 pub fn check_in_place(format: Format) -> Result<()> {
     check_writable(format)?;
-    match format {
-        Format::Ova => Err(Error::unsupported(
-            "an OVA appliance cannot be written into in place: convert into its disk image instead",
-        )),
-        _ => Ok(()),
-    }
+    let why = "an OVA appliance cannot be written into in place: convert into its disk instead";
+    (format != Format::Ova)
+        .then_some(())
+        .ok_or_else(|| Error::unsupported(why))
 }
 
 /// Open the existing image in `file` (at `path`, of `format`, not raw: raw is written
@@ -173,9 +171,9 @@ pub fn open_in_place_writer(
         Format::Vmdk => vmdk::open_in_place(file, path, opts),
         Format::Vdi => vdi::open_in_place(file, path, opts),
         Format::Vhdx => vhdx::open_in_place(file, path, opts),
-        other => Err(Error::unsupported(format!(
-            "{other} has no in-place image writer"
-        ))),
+        _ => Err(Error::unsupported(
+            "only qcow2, vpc, vmdk, vdi and vhdx have in-place writers",
+        )),
     };
     w.map_err(|e| e.with_path(path))
 }
@@ -306,9 +304,9 @@ pub fn check_image(
     fail_at: Option<u64>,
 ) -> Result<crate::ops::check::Tally> {
     match format {
-        Format::Raw => Err(Error::unsupported(
-            "This image format does not support checks",
-        )),
+        Format::Raw | Format::Qcow => {
+            Err(Error::unsupported("This image format does not support checks"))
+        }
         Format::Qcow2 => qcow2::check::check(file, path, repair, fail_at),
         Format::Vhd => vhd::check::check(file, path, repair, fail_at),
         Format::Vmdk => vmdk::check::check(file, path, repair, fail_at),
@@ -316,9 +314,6 @@ pub fn check_image(
         Format::Vhdx => vhdx::check::check(file, path, repair, fail_at),
         Format::Ova => Err(Error::unsupported(
             "check an OVA appliance's disk: extract it or convert it first",
-        )),
-        Format::Qcow => Err(Error::unsupported(
-            "This image format does not support checks",
         )),
         Format::Qed => Err(Error::unsupported(
             "checking qed images is not implemented (diskconv reads them; qemu-img check -f qed checks them)",

@@ -44,7 +44,7 @@ struct VhdMap {
     tail_at: u64,
     /// BAT indices allocated by this batch.
     pending: Vec<usize>,
-    /// The bitmap of the stored block last written into: (block, bytes, changed).
+    /// The sector bitmap of the stored block last written into: (block, bytes).
     bitmap: Option<(u64, Vec<u8>)>,
     /// Blocks this conversion allocated (their bitmaps are already all present).
     fresh_from: u64,

@@ -14,8 +14,9 @@
 //! Refused before any write, with the reason: streamOptimized images (compressed grains
 //! packed back to back and written once in order: none can be overwritten, which qemu-img
 //! finds out only at the first allocated grain, after writing the ones before it),
-//! descriptor files with flat or split extents, delta disks (their unallocated grains read
-//! the parent), and an image smaller than the conversion.
+//! descriptor files with split extents (monolithicFlat ones go to
+//! [`super::inplace_flat`]), delta disks (their unallocated grains read the parent), and an
+//! image smaller than the conversion.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -54,13 +55,45 @@ struct VmdkMap {
     pending: u64,
 }
 
-/// Open the VMDK in `file` for a conversion to write into (see the module comment).
+/// Open the VMDK in `file` for a conversion to write into (see the module comment; a
+/// monolithicFlat descriptor goes to [`super::inplace_flat`]).
 pub fn open_in_place(
     file: File,
     path: &Path,
     opts: &InPlaceOptions,
 ) -> Result<Box<dyn ImageWriter>> {
-    refuse(&file, path)?;
+    let mut head = vec![0u8; 64 << 10];
+    let mut n = 0;
+    while n < head.len() {
+        match file.read_at(&mut head[n..], n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) => return Err(Error::io("reading the VMDK header", e).with_path(path)),
+        }
+    }
+    head.truncate(n);
+    if n >= 512 && LE::read_u32(&head) == KDMV_MAGIC {
+        let h = SparseHeader::parse(&head[..512]).map_err(|e| e.with_path(path))?;
+        if h.compressed() || h.flags & FLAG_MARKERS != 0 || h.gd_offset == GD_AT_END {
+            return Err(Error::unsupported(
+                "a streamOptimized VMDK cannot be written into in place: its grains are compressed and packed back to back, written once in order, so none can be overwritten or added between them; convert into a new streamOptimized image instead",
+            )
+            .with_path(path));
+        }
+    } else if let Ok(d) = Descriptor::parse(&head) {
+        match d.create_type.as_deref() {
+            Some("monolithicFlat") => {
+                return super::inplace_flat::open_in_place(file, path, &head, opts);
+            }
+            Some(t) => {
+                return Err(Error::unsupported(format!(
+                    "a {t} VMDK cannot be written into in place: only monolithicSparse and monolithicFlat ones can (convert into a new image instead)"
+                ))
+                .with_path(path))
+            }
+            None => {}
+        }
+    }
     let ed = open_vmdk(file, path, opts.fail_at_write)?;
     let size = ed.virtual_size();
     if size < opts.size {
@@ -76,30 +109,6 @@ pub fn open_in_place(
         pending: 0,
     };
     Ok(Box::new(BlockWriter::new(map, opts, gran)))
-}
-
-/// The subformats that cannot be written into, named with the reason (the resize editor
-/// refuses them too, in its own words).
-fn refuse(file: &File, path: &Path) -> Result<()> {
-    let mut head = [0u8; 512];
-    let n = file.read_at(&mut head, 0).unwrap_or(0);
-    let why = if n == head.len() && LE::read_u32(&head) == KDMV_MAGIC {
-        match SparseHeader::parse(&head) {
-            Ok(h) if h.compressed() || h.flags & FLAG_MARKERS != 0 || h.gd_offset == GD_AT_END => {
-                "a streamOptimized VMDK cannot be written into in place: its grains are compressed and packed back to back, written once in order, so none can be overwritten or added between them; convert into a new streamOptimized image instead".to_string()
-            }
-            _ => return Ok(()),
-        }
-    } else {
-        match Descriptor::parse(&head[..n]) {
-            Ok(d) if d.create_type.is_some() => format!(
-                "a {} VMDK keeps its data in the extent files its descriptor names; writing into it in place is supported for monolithicSparse VMDKs only (convert into a new image instead)",
-                d.create_type.unwrap_or_default()
-            ),
-            _ => return Ok(()),
-        }
-    };
-    Err(Error::unsupported(why).with_path(path))
 }
 
 impl VmdkMap {

@@ -17,6 +17,7 @@ pub mod check;
 pub mod descriptor;
 pub mod discard;
 pub mod inplace;
+pub mod inplace_flat;
 pub mod planned;
 pub mod reader;
 pub mod resize;
