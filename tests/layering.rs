@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 const CORE: &[&str] = &[
     "error.rs",
     "format.rs",
+    "inplace.rs",
     "options.rs",
     "references.rs",
     "device.rs",
