@@ -121,7 +121,7 @@ pub use device::{
 };
 pub use error::{Error, ErrorKind, Result, Side};
 pub use format::Format;
-pub use formats::{create_writer, STREAMING_OUTPUTS};
+pub use formats::create_writer;
 pub use inspect::{
     inspect, inspect_file, inspect_with, Finding, FindingKind, InspectLimits, Inspection,
 };
@@ -130,7 +130,7 @@ pub use ops::compare::{
     compare, compare_devices, CompareError, CompareOptions, CompareOutcome, CompareReport,
     CompareStage,
 };
-pub use ops::convert::{convert, convert_to_path};
+pub use ops::convert::{convert, convert_to_path, STREAMING_OUTPUTS};
 pub use ops::map::{map, map_device, map_human, map_human_partial, map_json, MapEntry, MapRange};
 pub use ops::measure::{measure, measure_device, Measurement};
 pub use ops::resize::resize;
@@ -180,7 +180,7 @@ pub fn create(path: impl AsRef<Path>, format: Format, opts: &CreateOptions) -> R
     if out.kind() == OutputKind::Stream && !writer.streams() {
         return Err(Error::arg(format!(
             "this {format} image cannot be written to a pipe or character device; outputs that can: {}",
-            formats::STREAMING_OUTPUTS
+            ops::convert::STREAMING_OUTPUTS
         ))
         .with_path(path));
     }
