@@ -3,10 +3,15 @@
 
 use std::path::PathBuf;
 
-use diskconv::{CheckOptions, Error, Format, Repair, Result};
+use diskconv::{CheckOptions, Format, Repair, Result};
 
-/// The flags of `check`.
+/// Check an image's metadata like qemu-img check (exit 0 clean, 1 not completed,
+/// 2 corruptions, 3 leaks only, 63 no checks for the format); -r repairs in place.
 #[derive(clap::Args, Debug)]
+#[command(
+    override_usage = "diskconv check [-f FMT] [--output=human|json] [-r leaks|all] [-q] IMG",
+    args_override_self = true
+)]
 pub struct CheckArgs {
     /// Image format (never probed when given).
     #[arg(short = 'f')]
@@ -27,16 +32,8 @@ pub struct CheckArgs {
 
 /// Run `check`; never returns on success (exits with qemu-img's code: 0 clean, 1 check
 /// not completed, 2 corruptions, 3 leaks only, 63 no checks for this format).
-pub fn run(args: CheckArgs) -> Result<()> {
-    let json = match args.output.as_str() {
-        "human" => false,
-        "json" => true,
-        other => {
-            return Err(Error::arg(format!(
-                "--output must be human or json, not '{other}'"
-            )))
-        }
-    };
+pub fn exec(args: CheckArgs) -> Result<()> {
+    let json = crate::flags::output_is_json(&args.output)?;
     let opts = CheckOptions {
         format: args.format.as_deref().map(Format::from_name).transpose()?,
         repair: args
