@@ -26,11 +26,11 @@ mod remote;
 #[cfg(feature = "remote")]
 mod swift;
 
+#[cfg(feature = "remote")]
+use commands::{abort_uploads, register};
 use commands::{
     check, compare, convert, create, info, inspect, map, measure, resize, snapshot, sparsify,
 };
-#[cfg(feature = "remote")]
-use commands::{abort_uploads, register};
 
 /// qemu-img's names, listed in `--help` so users need not guess (`vhd` is accepted for `vpc`).
 const FORMATS_HELP: &str =

@@ -30,9 +30,7 @@ pub fn reporter(tty: bool, to_stderr: bool) -> Box<dyn Fn(u64, u64) + Sync> {
                 .checked_div(total)
                 .unwrap_or(10_000);
             let prev = last.load(Ordering::Relaxed);
-            if prev == u64::MAX
-                || hundredths >= prev + 100
-                || (done == total && hundredths != prev)
+            if prev == u64::MAX || hundredths >= prev + 100 || (done == total && hundredths != prev)
             {
                 last.store(hundredths, Ordering::Relaxed);
                 print_progress(done, total, to_stderr);

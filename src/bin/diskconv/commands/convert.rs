@@ -357,8 +357,7 @@ fn print_report(a: &ConvertArgs, plan: &Plan, w: Written) {
         if let Some(r) = &w.sparsified {
             v["sparsify"] = crate::json::kebab_json(r);
         }
-        if let (Some(o), Some(serde_json::Value::Object(u))) = (v.as_object_mut(), w.upload_json)
-        {
+        if let (Some(o), Some(serde_json::Value::Object(u))) = (v.as_object_mut(), w.upload_json) {
             o.extend(u);
         }
         let text = serde_json::to_string_pretty(&v).expect("json");
