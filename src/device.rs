@@ -279,6 +279,63 @@ pub fn unallocated_kind(
 }
 
 #[doc(hidden)] // a helper of the format readers, not a stable API
+/// A `map` answer built from consecutive pieces of a table walk (clusters of a
+/// copy-on-write image): pieces join the run while they are of the same kind, and data
+/// pieces only while they also continue in the host file, so one [`Mapping`] never claims
+/// a host range the image does not store in one piece.
+#[derive(Debug)]
+pub struct MapRun {
+    offset: u64,
+    end: u64,
+    kind: Option<MappingKind>,
+}
+
+impl MapRun {
+    /// An empty run starting at guest `offset`.
+    pub fn new(offset: u64) -> Self {
+        MapRun {
+            offset,
+            end: offset,
+            kind: None,
+        }
+    }
+
+    /// The guest offset the next piece must start at.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Add the piece of `len` bytes at [`end`](Self::end) of kind `kind`; false, leaving
+    /// the run as it was, when the piece does not continue it.
+    pub fn push(&mut self, len: u64, kind: MappingKind) -> bool {
+        if let Some(prev) = self.kind {
+            let continues = match (prev, kind) {
+                (MappingKind::Data { host: Some(a) }, MappingKind::Data { host: Some(b) }) => {
+                    b == a + (self.end - self.offset)
+                }
+                (a, b) => a == b,
+            };
+            if !continues {
+                return false;
+            }
+        } else {
+            self.kind = Some(kind);
+        }
+        self.end += len;
+        true
+    }
+
+    /// The run as one mapping (unallocated when empty).
+    pub fn finish(self) -> Mapping {
+        Mapping {
+            offset: self.offset,
+            len: self.end - self.offset,
+            kind: self.kind.unwrap_or(MappingKind::Unallocated),
+        }
+    }
+}
+
+#[doc(hidden)] // a helper of the format readers, not a stable API
 /// Read the whole guest range `[offset, offset+buf.len())` by walking `map` and reading
 /// only data ranges; zero and unallocated ranges are filled with zeros. Formats whose
 /// `read_at` is naturally expressed through `map` use this.

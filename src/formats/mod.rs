@@ -272,13 +272,15 @@ pub fn open_editor(
 
 /// Check (and with `repair`, repair in place) the image in `file` (opened read-write when
 /// repairing) at `path` with its format's checker; `fail_at` is the repair's test hook.
-/// Raw has no checker (the caller reports it as qemu-img does).
+/// Raw has no checker (the caller reports it as qemu-img does). `refs` is the reference
+/// gate for the files a vmdk descriptor lists as its extents.
 pub fn check_image(
     format: Format,
     file: File,
     path: &Path,
     repair: crate::ops::check::Repair,
     fail_at: Option<u64>,
+    refs: &OpenOptions,
 ) -> Result<crate::ops::check::Tally> {
     match format {
         Format::Raw => Err(Error::unsupported(
@@ -286,7 +288,7 @@ pub fn check_image(
         )),
         Format::Qcow2 => qcow2::check::check(file, path, repair, fail_at),
         Format::Vhd => vhd::check::check(file, path, repair, fail_at),
-        Format::Vmdk => vmdk::check::check(file, path, repair, fail_at),
+        Format::Vmdk => vmdk::check::check(file, path, repair, fail_at, refs),
         Format::Vdi => vdi::check::check(file, path, repair, fail_at),
         Format::Vhdx => vhdx::check::check(file, path, repair, fail_at),
         Format::Ova => Err(Error::unsupported(

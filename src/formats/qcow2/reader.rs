@@ -532,11 +532,11 @@ impl BlockDevice for Qcow2Image {
         let size = self.size;
         let end = crate::device::map_end(size, offset, max_len)?;
         let span = self.cs * self.l2_entries;
-        let mut cur = offset;
-        let mut kind: Option<MappingKind> = None;
+        let mut run = crate::device::MapRun::new(offset);
         let mut tables = 0;
         let mut last_table = None;
-        while cur < end {
+        while run.end() < end {
+            let cur = run.end();
             // Each L2 table walked costs a cluster read; stop after a bounded number.
             let l1_index = cur / span;
             let has_table = self
@@ -557,28 +557,11 @@ impl BlockDevice for Qcow2Image {
                     .map_err(|e| e.with_field(format!("L2 entry for guest offset {cur:#x}")))?;
             }
             let (len, k) = self.public_kind(piece, cur, len)?;
-            match kind {
-                None => kind = Some(k),
-                Some(prev) => {
-                    let same = match (prev, k) {
-                        (
-                            MappingKind::Data { host: Some(a) },
-                            MappingKind::Data { host: Some(b) },
-                        ) => b == a + (cur - offset),
-                        (a, b) => a == b,
-                    };
-                    if !same {
-                        break;
-                    }
-                }
+            if !run.push(len, k) {
+                break;
             }
-            cur += len;
         }
-        Ok(Mapping {
-            offset,
-            len: cur - offset,
-            kind: kind.unwrap_or(MappingKind::Unallocated),
-        })
+        Ok(run.finish())
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {

@@ -14,6 +14,7 @@ use crate::options::{CreateOptions, OpenOptions, OptionHelp};
 use crate::writer::ImageWriter;
 
 pub mod check;
+pub mod check_extents;
 pub mod descriptor;
 pub mod discard;
 pub mod planned;

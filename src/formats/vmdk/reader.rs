@@ -715,7 +715,7 @@ const DESCRIPTOR_CREATE_TYPES: &[&str] = &[
     "twoGbMaxExtentFlat",
 ];
 
-fn check_descriptor_create_type(create_type: Option<&str>) -> Result<()> {
+pub(super) fn check_descriptor_create_type(create_type: Option<&str>) -> Result<()> {
     match create_type {
         None => Err(Error::invalid(
             "the VMDK descriptor has no createType line (invalid VMDK image descriptor)",
