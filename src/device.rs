@@ -203,6 +203,43 @@ pub trait BlockDevice: Send + Sync {
     fn container_info(&self) -> Option<(&'static str, serde_json::Value)> {
         None
     }
+
+    /// True when qemu's driver for this format answers no block status (vhdx): qemu
+    /// then reports every range as allocated data without a host offset, and `map` and
+    /// `measure` follow it (see [`qemu_block_status`]). [`block_status`](Self::block_status)
+    /// still tells the truth, so `compare` skips what is unallocated.
+    fn qemu_status_opaque(&self) -> bool {
+        false
+    }
+
+    /// The persistent dirty bitmaps the image holds, as (name, granularity in bytes), which
+    /// qemu-img measure counts; None when the format cannot store them (qemu's
+    /// `bdrv_supports_persistent_dirty_bitmap`: qcow2 v3 only).
+    fn persistent_bitmaps(&self) -> Result<Option<Vec<(String, u64)>>> {
+        Ok(None)
+    }
+}
+
+/// What qemu's block layer answers for `dev` at `offset`: its
+/// [`block_status`](BlockDevice::block_status), except for formats whose qemu driver has
+/// none ([`qemu_status_opaque`](BlockDevice::qemu_status_opaque)), where qemu reports the
+/// whole range as allocated data without a host offset.
+pub fn qemu_block_status(dev: &dyn BlockDevice, offset: u64, max_len: u64) -> Result<BlockStatus> {
+    if !dev.qemu_status_opaque() {
+        return dev.block_status(offset, max_len);
+    }
+    let end = map_end(dev.virtual_size(), offset, max_len)?;
+    Ok(BlockStatus {
+        offset,
+        len: end - offset,
+        depth: 0,
+        present: true,
+        zero: false,
+        data: true,
+        compressed: false,
+        host: None,
+        file: None,
+    })
 }
 
 #[doc(hidden)] // a helper of the format readers, not a stable API

@@ -136,7 +136,7 @@ pub use ops::compare::{
     CompareStage,
 };
 pub use ops::convert::{convert, convert_to_path};
-pub use ops::map::{map, map_device, map_human, map_json, MapEntry, MapRange};
+pub use ops::map::{map, map_device, map_human, map_human_partial, map_json, MapEntry, MapRange};
 pub use ops::measure::{measure, measure_device, Measurement};
 pub use ops::resize::resize;
 pub use ops::snapshot::{snapshot_table, snapshots, snapshots_json};

@@ -14,11 +14,13 @@ use crate::error::Result;
 use crate::options::{CreateOptions, OpenOptions, OptionHelp, ResizeOptions};
 use crate::writer::ImageWriter;
 
+mod bitmaps;
 pub mod check;
 pub mod compress;
 pub mod discard;
 pub mod header;
 pub mod measure;
+mod prealloc;
 pub mod reader;
 pub mod resize;
 pub mod snapshot;

@@ -749,6 +749,12 @@ impl BlockDevice for VhdxImage {
         self.params.virtual_size
     }
 
+    /// qemu's vhdx driver has no block status: qemu-img map reports one allocated data
+    /// range without a host offset, and measure counts every cluster.
+    fn qemu_status_opaque(&self) -> bool {
+        true
+    }
+
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
         let end = crate::device::map_end(self.params.virtual_size, offset, max_len)?;
         let (len, local) = self.map_local(offset, end)?;

@@ -55,7 +55,12 @@ pub fn exec(a: MapArgs) -> Result<()> {
     if json {
         print!("{}", diskconv::map_json(&entries));
     } else {
-        print!("{}", diskconv::map_human(&entries)?);
+        // qemu-img prints the lines before a range it cannot show, then fails.
+        let (text, err) = diskconv::map_human_partial(&entries);
+        print!("{text}");
+        if let Some(e) = err {
+            return Err(e);
+        }
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use diskconv::{Error, Format, Result};
 use crate::flags::{open_options, output_is_json};
 use crate::sizes::size_arg;
 
-/// How many bytes an output of format -O would take, like qemu-img measure.
+/// How many bytes an output of format -O (default raw) would take, like qemu-img measure.
 #[derive(clap::Args, Debug)]
 pub struct MeasureArgs {
     /// human or json.
@@ -20,8 +20,8 @@ pub struct MeasureArgs {
     /// Input format (never probed when given).
     #[arg(short = 'f')]
     format: Option<String>,
-    /// Output format.
-    #[arg(short = 'O')]
+    /// Output format (raw when not given, as qemu-img measure).
+    #[arg(short = 'O', default_value = "raw")]
     out_format: String,
     /// Output options, key=value[,key=value...].
     #[arg(short = 'o')]
@@ -63,13 +63,14 @@ pub fn exec(a: MeasureArgs) -> Result<()> {
         }
     };
     if json {
+        // qemu's schema types these as signed 64-bit: a size of 2^63 prints negative.
         let mut s = String::from("{\n");
         if let Some(b) = m.bitmaps {
-            s += &format!("    \"bitmaps\": {b},\n");
+            s += &format!("    \"bitmaps\": {},\n", b as i64);
         }
         s += &format!(
             "    \"required\": {},\n    \"fully-allocated\": {}\n}}\n",
-            m.required, m.fully_allocated
+            m.required as i64, m.fully_allocated as i64
         );
         print!("{s}");
     } else {
