@@ -93,6 +93,7 @@ pub mod convert;
 pub mod device;
 pub mod error;
 pub mod format;
+pub mod inplace;
 pub mod options;
 pub mod references;
 pub mod writer;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 const CORE: &[&str] = &[
     "error.rs",
     "format.rs",
+    "inplace.rs",
     "options.rs",
     "references.rs",
     "device.rs",
@@ -238,7 +239,7 @@ const LONG_FNS: &[&str] = &[
     "src/formats/qcow2/resize.rs::plan",
     "src/formats/vhd/check.rs::check",
     "src/formats/vhdx/check.rs::check",
-    "src/formats/vhdx/reader.rs::open",
+    "src/formats/vhdx/reader.rs::open_image",
     "src/guest/ext.rs::parse_super",
     "src/remote/swift.rs::convert_to_swift",
 ];

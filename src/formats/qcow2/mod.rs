@@ -19,6 +19,7 @@ pub mod check;
 pub mod compress;
 pub mod discard;
 pub mod header;
+pub mod inplace;
 pub mod measure;
 mod prealloc;
 pub mod reader;
@@ -76,6 +77,15 @@ pub fn plan_encoder(
             cluster_size: p.cs as usize,
         }) as std::sync::Arc<dyn crate::writer::Encoder>
     }))
+}
+
+/// Open a qcow2 image for a conversion to write into in place (see [`inplace`]).
+pub fn open_in_place(
+    file: File,
+    path: &std::path::Path,
+    opts: &crate::inplace::InPlaceOptions,
+) -> Result<Box<dyn ImageWriter>> {
+    inplace::open_in_place(file, path, opts)
 }
 
 /// Open a qcow2 image for in-place resizing (see [`resize`]).

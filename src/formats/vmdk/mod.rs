@@ -17,6 +17,8 @@ pub mod check;
 pub mod check_extents;
 pub mod descriptor;
 pub mod discard;
+pub mod inplace;
+pub mod inplace_flat;
 pub mod planned;
 pub mod reader;
 pub mod resize;
@@ -24,6 +26,7 @@ pub mod sparse;
 pub mod stream;
 pub mod writer;
 
+pub use inplace::open_in_place;
 pub use resize::open_editor;
 use writer::{Subformat, VmdkOptions};
 

@@ -90,8 +90,9 @@ pub struct ConvertArgs {
     /// With an OVA input: which of its disks to read (1-based; default the first).
     #[arg(long = "disk", value_name = "N")]
     disk: Option<usize>,
-    /// Write into the existing DST in place instead of creating it (-O raw: a file
-    /// or block device at least SRC's size).
+    /// Write into the existing DST in place instead of creating it: a raw file or
+    /// block device, or an image of the -O format (qcow2, vpc, vdi, vmdk, vhdx) that
+    /// keeps its options; at least SRC's size.
     #[arg(short = 'n')]
     existing_target: bool,
     /// With -n: DST already reads as zeros, so zero ranges are not written.
