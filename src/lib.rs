@@ -23,6 +23,12 @@
 //! - [`ops`]: the commands as functions over files ([`convert()`], [`resize()`]), which the
 //!   CLI calls, and over streams ([`convert_to_writer`], [`ConvertedReader`]).
 //!
+//! The `diskconv` command is not in this crate's modules: it is the binary in
+//! `src/bin/diskconv/` (feature `cli`), built on this public API only. Its `main.rs` parses
+//! and dispatches; `commands/` holds one file per subcommand (its flags and its `exec`);
+//! the files beside them hold what several commands share (progress, signals, sizes, JSON,
+//! the stdin and object-storage destinations).
+//!
 //! ```no_run
 //! use diskconv::{open, OpenOptions, DeviceReader};
 //! let dev = open("disk.qcow2", &OpenOptions::new())?;
