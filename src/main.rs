@@ -254,7 +254,8 @@ enum Cmd {
     Compare(cli_cmms::CompareArgs),
     /// Show where an image's guest ranges are allocated, like qemu-img map.
     Map(cli_cmms::MapArgs),
-    /// List an image's internal snapshots (qcow2), like qemu-img snapshot -l.
+    /// List (-l), create (-c), delete (-d) or apply (-a) an image's internal snapshots
+    /// (qcow2), like qemu-img snapshot.
     Snapshot(cli_cmms::SnapshotArgs),
     /// How many bytes an output of format -O would take, like qemu-img measure.
     Measure(cli_cmms::MeasureArgs),

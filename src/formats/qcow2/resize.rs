@@ -187,7 +187,7 @@ impl Refs {
         })
     }
 
-    fn max(&self) -> u64 {
+    pub(super) fn max(&self) -> u64 {
         if self.order == 6 {
             u64::MAX
         } else {
@@ -208,13 +208,22 @@ impl Refs {
     }
 
     /// The refcount of cluster `c` in the image as it is on disk.
-    fn get_old(&mut self, host: &HostFile, c: u64) -> Result<u64> {
+    pub(super) fn get_old(&mut self, host: &HostFile, c: u64) -> Result<u64> {
         let (i, j) = (c / self.rb_entries, c % self.rb_entries);
         let order = self.order;
         let Some(b) = self.old_block(host, i)? else {
             return Ok(0);
         };
         Ok(decode(order, b, j))
+    }
+
+    /// The refcount of cluster `c` in the state this transaction builds.
+    pub(super) fn get_new(&mut self, host: &HostFile, c: u64) -> Result<u64> {
+        let (i, j) = (c / self.rb_entries, c % self.rb_entries);
+        if let Some(b) = self.new.get(&i) {
+            return Ok(decode(self.order, b, j));
+        }
+        self.get_old(host, c)
     }
 
     /// Copy block `i` into the new state unchanged (so it gets a new place).
@@ -230,7 +239,7 @@ impl Refs {
     }
 
     /// Change cluster `c`'s refcount by `delta` in the new state.
-    fn add(&mut self, host: &HostFile, c: u64, delta: i64) -> Result<()> {
+    pub(super) fn add(&mut self, host: &HostFile, c: u64, delta: i64) -> Result<()> {
         let (i, j) = (c / self.rb_entries, c % self.rb_entries);
         if !self.new.contains_key(&i) {
             let b = match self.old_block(host, i)? {
@@ -296,13 +305,22 @@ pub(super) fn encode(order: u32, b: &mut [u8], j: u64, v: u64) {
 
 /// Where new clusters go: the first run that is free in the old image (refcount 0) and
 /// not yet taken by this transaction, searching from `start`.
-struct Alloc {
+pub(super) struct Alloc {
     start: u64,
     taken: BTreeSet<u64>,
 }
 
 impl Alloc {
-    fn run(&mut self, refs: &mut Refs, host: &HostFile, n: u64) -> Result<u64> {
+    /// Search from cluster `start` (the first free cluster of the file at 1).
+    pub(super) fn from(start: u64) -> Alloc {
+        Alloc {
+            start,
+            taken: BTreeSet::new(),
+        }
+    }
+
+    /// `n` contiguous clusters free in the old image and not yet taken.
+    pub(super) fn run(&mut self, refs: &mut Refs, host: &HostFile, n: u64) -> Result<u64> {
         let mut c = self.start.max(1);
         'search: loop {
             for k in 0..n {
@@ -321,7 +339,7 @@ impl Alloc {
 }
 
 /// Bytes to write at a host offset.
-type Write = (u64, Vec<u8>);
+pub(super) type Write = (u64, Vec<u8>);
 
 /// What one resize writes: new tables and where.
 struct Plan {
@@ -617,7 +635,7 @@ impl Qcow2Editor {
     /// Place the changed refcount blocks and a new refcount table in free clusters and
     /// count those clusters too (a fixed point: a new block's own cluster may fall in a
     /// block not yet changed). The old table and the replaced blocks are freed.
-    fn finish_refcounts(
+    pub(super) fn finish_refcounts(
         &self,
         refs: &mut Refs,
         alloc: &mut Alloc,
@@ -876,7 +894,7 @@ impl Qcow2Editor {
 
 /// Merge writes that touch back to back, so the whole new metadata usually goes out in
 /// a few large writes.
-fn coalesce(mut writes: Vec<(u64, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> {
+pub(super) fn coalesce(mut writes: Vec<(u64, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> {
     writes.sort_by_key(|w| w.0);
     let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
     for (off, data) in writes {
@@ -898,6 +916,10 @@ impl ImageEditor for Qcow2Editor {
 
     fn discard(&mut self, runs: &[(u64, u64)]) -> Result<u64> {
         super::discard::discard(self, runs)
+    }
+
+    fn snapshot(&mut self, op: &crate::device::SnapshotOp<'_>) -> Result<()> {
+        super::snapshot_edit::run(self, op)
     }
 
     fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
