@@ -1,14 +1,18 @@
 //! qcow2 internal snapshots: `snapshot -l` and `info` list them as qemu-img does, and
 //! `convert -l` gives the same bytes as `qemu-img convert -l` for every snapshot, on
 //! images whose snapshots were made by `qemu-img snapshot -c` between qemu-io writes.
+//! `snapshot -c/-d/-a` change an image as qemu-img's do (same list, same contents, a clean
+//! `qemu-img check`), in either tool's turn, with qemu-img's messages and exit codes, and
+//! leave the image as before or as after when any of their writes fails.
 mod common;
 use common::cmms::*;
+use common::snapshot::*;
 use common::*;
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use diskconv::{Format, OpenOptions};
+use diskconv::{Format, OpenOptions, SnapshotOp, SnapshotSel};
 
 /// An image with three snapshots of different contents and a changed active state.
 fn make(dir: &Path) -> std::path::PathBuf {
@@ -166,4 +170,317 @@ fn hostile_snapshot_tables_are_refused() {
         .expect("refused")
         .to_string();
     assert!(e.contains("L1 table"), "{e}");
+}
+
+/// One step of a scenario: a `snapshot` operation (its flags) or guest writes (qemu-io).
+enum Step {
+    Op(&'static [&'static str]),
+    Io(&'static [&'static str]),
+}
+
+/// Run `snapshot ARGS IMG` with our binary: silent, exit 0.
+fn ours(img: &Path, args: &[&str]) {
+    let o = std::process::Command::new(diskconv())
+        .arg("snapshot")
+        .args(args)
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && o.stdout.is_empty() && o.stderr.is_empty(),
+        "diskconv snapshot {args:?} {}: {:?} {}{}",
+        img.display(),
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn theirs(img: &Path, args: &[&str]) {
+    let mut a = vec!["snapshot"];
+    a.extend(args);
+    a.push(s(img));
+    qemu_img(&a);
+}
+
+/// Every operation and its cases (duplicate names, apply by ID and by name, deleting the
+/// first of two equal names, back to no snapshots) on every kind of image, by qemu-img
+/// alone, by us alone, and by the two taking turns both ways: after each step every image
+/// is clean by `qemu-img check` and lists and holds what qemu-img's own does.
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io")]
+fn create_delete_apply_equal_qemu_img_in_either_turn() {
+    if !have_qemu() || !have_qemu_io() {
+        return;
+    }
+    let steps = [
+        Step::Op(&["-c", "one"]),
+        Step::Io(&["write -P 21 16k 8k", "write -P 22 900k 8k"]),
+        Step::Op(&["-c", "two"]),
+        Step::Io(&["write -z 0 8k", "discard 512k 64k"]),
+        Step::Op(&["-c", "one"]),
+        Step::Op(&["-a", "one"]),
+        Step::Io(&["write -P 23 24k 4k"]),
+        Step::Op(&["-d", "two"]),
+        Step::Op(&["-a", "3"]),
+        Step::Op(&["-d", "one"]),
+        Step::Op(&["-c", "four"]),
+        Step::Op(&["-d", "one"]),
+        Step::Op(&["-a", "four"]),
+        Step::Op(&["-d", "four"]),
+    ];
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let dir = tempfile::tempdir().unwrap();
+    for (label, img) in variants(dir.path()) {
+        // q: qemu-img alone; d: us alone; m0/m1: ours on even/odd operations.
+        let copy = |n: &str| {
+            let p = img.with_file_name(format!("{n}-{}", img.file_name().unwrap().to_str().unwrap()));
+            std::fs::copy(&img, &p).unwrap();
+            p
+        };
+        let (q, d, m0, m1) = (copy("q"), copy("d"), copy("m0"), copy("m1"));
+        let mut k = 0;
+        for (i, step) in steps.iter().enumerate() {
+            match step {
+                Step::Io(cmds) => {
+                    for p in [&q, &d, &m0, &m1] {
+                        qemu_io("qcow2", p, cmds);
+                    }
+                    continue;
+                }
+                Step::Op(args) => {
+                    theirs(&q, args);
+                    ours(&d, args);
+                    if k % 2 == 0 {
+                        ours(&m0, args);
+                        theirs(&m1, args);
+                    } else {
+                        theirs(&m0, args);
+                        ours(&m1, args);
+                    }
+                    k += 1;
+                }
+            }
+            let want = State::of(&q);
+            for p in [&d, &m0, &m1] {
+                let what = format!("{label}, step {i} on {}", p.display());
+                assert_eq!(check_counts(p), (0, 0, 0), "{what}");
+                assert_eq!(State::of(p), want, "{what}");
+            }
+            // Our dates are the clock's, as qemu-img's.
+            let v = qemu_info(&d, Format::Qcow2);
+            for sn in v["snapshots"].as_array().into_iter().flatten() {
+                let t = sn["date-sec"].as_u64().unwrap();
+                assert!(t + 5 >= t0 && t <= t0 + 3600, "{label}: date {t}");
+            }
+        }
+        assert!(listing(&d).1.is_empty(), "{label}");
+    }
+}
+
+/// A freshly made snapshot lists as qemu-img's (ID, name cut to 255 bytes as qemu's,
+/// VM state, clock, icount) and `convert -l` gives the content at its creation.
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io")]
+fn created_snapshots_list_and_convert_as_qemu_img_s() {
+    if !have_qemu() || !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = make(dir.path());
+    let q = dir.path().join("q.qcow2");
+    std::fs::copy(&img, &q).unwrap();
+    let long = "n".repeat(300);
+    let before = content(&img, None);
+    for p in [&img, &q] {
+        qemu_io("qcow2", p, &["write -P 9 4M 64k"]);
+    }
+    let at_creation = content(&img, None);
+    assert_ne!(before, at_creation);
+    ours(&img, &["-c", &long]);
+    theirs(&q, &["-c", &long]);
+    for p in [&img, &q] {
+        qemu_io("qcow2", p, &["write -P 10 4M 64k"]);
+    }
+    assert_eq!(listing(&img), listing(&q));
+    assert_eq!(listing(&img).1[3]["name"].as_str().unwrap().len(), 255);
+    assert_eq!(content(&img, Some("4")), at_creation);
+    let (_, l, _) = utc(dir.path(), "qemu-img", &["snapshot", "-l", "s.qcow2"]);
+    let (_, ql, _) = utc(dir.path(), "qemu-img", &["snapshot", "-l", "q.qcow2"]);
+    // The text too, but the date column.
+    let cut = |t: &str| -> Vec<String> {
+        t.lines()
+            .map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                if w.len() >= 7 {
+                    format!("{} {} {} {} {} {}", w[0], w[1], w[2], w[3], w[6], w[7])
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect()
+    };
+    assert_eq!(cut(&l), cut(&ql));
+    assert_eq!(check_counts(&img), (0, 0, 0));
+}
+
+/// Refusals and misses: the same exit code as qemu-img and its words in the message, and
+/// the image not touched.
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io")]
+fn errors_and_exit_codes_are_qemu_img_s() {
+    if !have_qemu() || !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = make(d);
+    let mut cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["-d", "nope"], "s.qcow2"),
+        (vec!["-a", "nope"], "s.qcow2"),
+        // qemu-img deletes by name only: "1" is an ID here, not a name.
+        (vec!["-d", "1"], "s.qcow2"),
+        (vec!["-l", "-c", "x"], "s.qcow2"),
+        (vec!["-d", "x", "-a", "y"], "s.qcow2"),
+        (vec!["-U", "-c", "x"], "s.qcow2"),
+    ];
+    for fmt in ["raw", "vmdk", "vdi", "vpc"] {
+        let f = format!("i.{fmt}");
+        qemu_img(&["create", "-q", "-f", fmt, s(&d.join(&f)), "1M"]);
+        let f: &'static str = Box::leak(f.into_boxed_str());
+        let fmt: &'static str = Box::leak(fmt.to_string().into_boxed_str());
+        for op in ["-c", "-a", "-d"] {
+            cases.push((vec!["-f", fmt, op, "x"], f));
+        }
+    }
+    for (args, file) in cases {
+        let p = d.join(file);
+        let orig = std::fs::read(&p).unwrap();
+        let mut a = vec!["snapshot"];
+        a.extend(&args);
+        a.push(file);
+        let (qc, _, qe) = run_in(d, "qemu-img", &a);
+        // qemu-img's failures change nothing either; ours must not.
+        std::fs::write(&p, &orig).unwrap();
+        let (dc, dout, de) = run_in(d, diskconv(), &a);
+        assert_eq!((qc, dc), (1, 1), "{a:?}: {qe} / {de}");
+        assert!(dout.is_empty(), "{a:?}: {dout}");
+        let words = qe.lines().next().unwrap().trim_start_matches("qemu-img: ");
+        assert!(de.contains(words), "{a:?}: qemu-img says {words:?}, we {de:?}");
+        assert!(std::fs::read(&p).unwrap() == orig, "{a:?} changed {file}");
+    }
+    // What qemu-img cannot do: delete by ID, with the keys convert -l takes.
+    let (c, _, e) = run_in(d, diskconv(), &["snapshot", "-d", "snapshot.id=1", "s.qcow2"]);
+    assert_eq!(c, 0, "{e}");
+    let ids: Vec<String> = listing(&img)
+        .1
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["2", "3"]);
+    assert_eq!(check_counts(&img), (0, 0, 0));
+}
+
+/// Where qemu-img fails half way (1-bit refcounts cannot count a shared cluster; it
+/// leaks one), we refuse before writing; applying with persistent bitmaps is refused as
+/// by qemu-img, while creating and deleting keep the bitmaps whole.
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io")]
+fn what_cannot_be_done_is_refused_before_any_write() {
+    if !have_qemu() || !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let one = d.join("r1.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "refcount_bits=1", s(&one), "1M"]);
+    qemu_io("qcow2", &one, &["write -P 1 0 64k"]);
+    let orig = std::fs::read(&one).unwrap();
+    let (c, _, e) = run_in(d, diskconv(), &["snapshot", "-c", "x", "r1.qcow2"]);
+    assert_eq!(c, 1);
+    assert!(e.contains("Could not create snapshot 'x': Invalid argument"), "{e}");
+    assert!(e.contains("1-bit refcounts"), "{e}");
+    assert!(std::fs::read(&one).unwrap() == orig);
+    assert_eq!(check_counts(&one), (0, 0, 0));
+
+    let bm = d.join("bm.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&bm), "1M"]);
+    qemu_io("qcow2", &bm, &["write -P 2 0 64k"]);
+    qemu_img(&["bitmap", "--add", s(&bm), "b0"]);
+    ours(&bm, &["-c", "s"]);
+    qemu_io("qcow2", &bm, &["write -P 3 0 64k"]);
+    let (qc, _, qe) = run_in(d, "qemu-img", &["snapshot", "-a", "s", "bm.qcow2"]);
+    // (qemu-img's open and close rewrite the bitmap directory: compare from here.)
+    let orig = std::fs::read(&bm).unwrap();
+    let (dc, _, de) = run_in(d, diskconv(), &["snapshot", "-a", "s", "bm.qcow2"]);
+    assert_eq!((qc, dc), (1, 1));
+    assert!(qe.contains("Device has active dirty bitmaps"), "{qe}");
+    assert!(de.contains("Could not apply snapshot 's': Device has active dirty bitmaps"), "{de}");
+    assert!(std::fs::read(&bm).unwrap() == orig);
+    ours(&bm, &["-d", "s"]);
+    assert_eq!(check_counts(&bm), (0, 0, 0));
+    let v = qemu_info(&bm, Format::Qcow2);
+    assert_eq!(v["format-specific"]["data"]["bitmaps"][0]["name"], "b0", "{v}");
+}
+
+/// The library's fault hook fails each write of each operation in turn, on several kinds
+/// of image: every time the image is clean by `qemu-img check` (not even a leak) and is
+/// wholly as before or wholly as after — guest, size, snapshot list and each snapshot's
+/// content.
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io")]
+fn a_failure_at_any_write_leaves_the_image_before_or_after() {
+    if !have_qemu() || !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let all = variants(dir.path());
+    for (label, img) in all
+        .into_iter()
+        .filter(|(l, _)| matches!(*l, "v2 512" | "compressed 4k" | "extended L2 128k" | "v3 64k"))
+    {
+        // Two snapshots, different from each other and from the active content.
+        theirs(&img, &["-c", "one"]);
+        qemu_io("qcow2", &img, &["write -P 31 0 8k"]);
+        ours(&img, &["-c", "two"]);
+        qemu_io("qcow2", &img, &["write -P 32 4k 8k"]);
+        let before = State::of(&img);
+        for op in [
+            SnapshotOp::Create("three"),
+            SnapshotOp::Delete(SnapshotSel::Name("one")),
+            SnapshotOp::Apply(SnapshotSel::IdOrName("one")),
+        ] {
+            let work = img.with_file_name("work.qcow2");
+            std::fs::copy(&img, &work).unwrap();
+            diskconv::snapshot_edit(&work, Some(Format::Qcow2), &op, None).unwrap();
+            let after = State::of(&work);
+            let mut n = 1;
+            loop {
+                std::fs::copy(&img, &work).unwrap();
+                let r = diskconv::snapshot_edit(&work, Some(Format::Qcow2), &op, Some(n));
+                let what = format!("{label}: {op:?} failing write {n}");
+                assert_eq!(check_counts(&work), (0, 0, 0), "{what}");
+                // (The states leave dates out: they differ run to run.)
+                let got = State::of(&work);
+                assert!(got == before || got == after, "{what}: {got:?}");
+                match r {
+                    Ok(()) => {
+                        assert_eq!(got, after, "{what}");
+                        break;
+                    }
+                    Err(e) => {
+                        assert!(e.to_string().contains("test hook"), "{what}: {e}");
+                        assert!(e.to_string().contains("snapshot"), "{what}: {e}");
+                    }
+                }
+                n += 1;
+                assert!(n < 100, "{what}: the hook never stopped failing");
+            }
+            // Tables, flush, header, flush at the least.
+            assert!(n >= 4, "{label}: {op:?} made only {n} writes");
+        }
+    }
 }
