@@ -187,7 +187,12 @@ pub struct SnapshotArgs {
 /// `-c/-d/-a` change the image in place and print nothing.
 pub fn snapshot(a: &SnapshotArgs) -> Result<()> {
     use diskconv::{SnapshotOp, SnapshotSel};
-    let given = [a.create.is_some(), a.delete.is_some(), a.apply.is_some(), a.list];
+    let given = [
+        a.create.is_some(),
+        a.delete.is_some(),
+        a.apply.is_some(),
+        a.list,
+    ];
     if given.iter().filter(|&&g| g).count() > 1 {
         return Err(Error::arg("Cannot mix '-l', '-a', '-c', '-d'"));
     }

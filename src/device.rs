@@ -633,9 +633,7 @@ pub trait ImageEditor: Send {
     fn snapshot(&mut self, op: &SnapshotOp<'_>) -> Result<()> {
         Err(match op {
             SnapshotOp::Create(_) => Error::unsupported("Operation not supported"),
-            SnapshotOp::Apply(_) => {
-                Error::unsupported("Block driver does not support snapshots")
-            }
+            SnapshotOp::Apply(_) => Error::unsupported("Block driver does not support snapshots"),
             SnapshotOp::Delete(_) => Error::unsupported("snapshot not found"),
         })
     }

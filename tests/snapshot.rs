@@ -237,7 +237,10 @@ fn create_delete_apply_equal_qemu_img_in_either_turn() {
     for (label, img) in variants(dir.path()) {
         // q: qemu-img alone; d: us alone; m0/m1: ours on even/odd operations.
         let copy = |n: &str| {
-            let p = img.with_file_name(format!("{n}-{}", img.file_name().unwrap().to_str().unwrap()));
+            let p = img.with_file_name(format!(
+                "{n}-{}",
+                img.file_name().unwrap().to_str().unwrap()
+            ));
             std::fs::copy(&img, &p).unwrap();
             p
         };
@@ -369,11 +372,18 @@ fn errors_and_exit_codes_are_qemu_img_s() {
         assert_eq!((qc, dc), (1, 1), "{a:?}: {qe} / {de}");
         assert!(dout.is_empty(), "{a:?}: {dout}");
         let words = qe.lines().next().unwrap().trim_start_matches("qemu-img: ");
-        assert!(de.contains(words), "{a:?}: qemu-img says {words:?}, we {de:?}");
+        assert!(
+            de.contains(words),
+            "{a:?}: qemu-img says {words:?}, we {de:?}"
+        );
         assert!(std::fs::read(&p).unwrap() == orig, "{a:?} changed {file}");
     }
     // What qemu-img cannot do: delete by ID, with the keys convert -l takes.
-    let (c, _, e) = run_in(d, diskconv(), &["snapshot", "-d", "snapshot.id=1", "s.qcow2"]);
+    let (c, _, e) = run_in(
+        d,
+        diskconv(),
+        &["snapshot", "-d", "snapshot.id=1", "s.qcow2"],
+    );
     assert_eq!(c, 0, "{e}");
     let ids: Vec<String> = listing(&img)
         .1
@@ -396,12 +406,24 @@ fn what_cannot_be_done_is_refused_before_any_write() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let one = d.join("r1.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "refcount_bits=1", s(&one), "1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "refcount_bits=1",
+        s(&one),
+        "1M",
+    ]);
     qemu_io("qcow2", &one, &["write -P 1 0 64k"]);
     let orig = std::fs::read(&one).unwrap();
     let (c, _, e) = run_in(d, diskconv(), &["snapshot", "-c", "x", "r1.qcow2"]);
     assert_eq!(c, 1);
-    assert!(e.contains("Could not create snapshot 'x': Invalid argument"), "{e}");
+    assert!(
+        e.contains("Could not create snapshot 'x': Invalid argument"),
+        "{e}"
+    );
     assert!(e.contains("1-bit refcounts"), "{e}");
     assert!(std::fs::read(&one).unwrap() == orig);
     assert_eq!(check_counts(&one), (0, 0, 0));
@@ -418,12 +440,18 @@ fn what_cannot_be_done_is_refused_before_any_write() {
     let (dc, _, de) = run_in(d, diskconv(), &["snapshot", "-a", "s", "bm.qcow2"]);
     assert_eq!((qc, dc), (1, 1));
     assert!(qe.contains("Device has active dirty bitmaps"), "{qe}");
-    assert!(de.contains("Could not apply snapshot 's': Device has active dirty bitmaps"), "{de}");
+    assert!(
+        de.contains("Could not apply snapshot 's': Device has active dirty bitmaps"),
+        "{de}"
+    );
     assert!(std::fs::read(&bm).unwrap() == orig);
     ours(&bm, &["-d", "s"]);
     assert_eq!(check_counts(&bm), (0, 0, 0));
     let v = qemu_info(&bm, Format::Qcow2);
-    assert_eq!(v["format-specific"]["data"]["bitmaps"][0]["name"], "b0", "{v}");
+    assert_eq!(
+        v["format-specific"]["data"]["bitmaps"][0]["name"], "b0",
+        "{v}"
+    );
 }
 
 /// The library's fault hook fails each write of each operation in turn, on several kinds
@@ -438,10 +466,12 @@ fn a_failure_at_any_write_leaves_the_image_before_or_after() {
     }
     let dir = tempfile::tempdir().unwrap();
     let all = variants(dir.path());
-    for (label, img) in all
-        .into_iter()
-        .filter(|(l, _)| matches!(*l, "v2 512" | "compressed 4k" | "extended L2 128k" | "v3 64k"))
-    {
+    for (label, img) in all.into_iter().filter(|(l, _)| {
+        matches!(
+            *l,
+            "v2 512" | "compressed 4k" | "extended L2 128k" | "v3 64k"
+        )
+    }) {
         // Two snapshots, different from each other and from the active content.
         theirs(&img, &["-c", "one"]);
         qemu_io("qcow2", &img, &["write -P 31 0 8k"]);

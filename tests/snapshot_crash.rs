@@ -46,7 +46,10 @@ fn sweep(orig: &Path, args: &[&str], dir: &Path) -> usize {
     for call in ["pwrite64", "ftruncate", "fsync"] {
         for fault in ["signal=KILL", "error=ENOSPC", "error=EIO"] {
             for n in 1.. {
-                assert!(n < 100, "{call}: more calls than any snapshot operation makes");
+                assert!(
+                    n < 100,
+                    "{call}: more calls than any snapshot operation makes"
+                );
                 std::fs::copy(orig, &work).unwrap();
                 let o = Command::new("strace")
                     .args(["-f", "-qq", "-o", "/dev/null", "-e"])

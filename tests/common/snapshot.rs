@@ -19,14 +19,8 @@ pub struct State {
 
 /// `qemu-img info`'s snapshot list with the dates removed.
 pub fn listing(img: &Path) -> (u64, Vec<serde_json::Value>) {
-    let v: serde_json::Value = serde_json::from_str(&qemu_img(&[
-        "info",
-        "-f",
-        "qcow2",
-        "--output=json",
-        s(img),
-    ]))
-    .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["info", "-f", "qcow2", "--output=json", s(img)])).unwrap();
     let mut list = v["snapshots"].as_array().cloned().unwrap_or_default();
     for sn in &mut list {
         let m = sn.as_object_mut().unwrap();

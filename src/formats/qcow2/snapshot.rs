@@ -159,10 +159,7 @@ pub fn table_bytes(table: &[Snapshot], size: u64) -> Vec<u8> {
         BigEndian::write_u64(&mut h[24..], i.vm_clock_nsec);
         // A state too large for 32 bits reads as none to older readers, not truncated.
         BigEndian::write_u32(&mut h[32..], u32::try_from(i.vm_state_size).unwrap_or(0));
-        BigEndian::write_u32(
-            &mut h[36..],
-            KNOWN_EXTRA + sn.unknown_extra.len() as u32,
-        );
+        BigEndian::write_u32(&mut h[36..], KNOWN_EXTRA + sn.unknown_extra.len() as u32);
         b.extend_from_slice(&h);
         let mut x = [0u8; KNOWN_EXTRA as usize];
         BigEndian::write_u64(&mut x[0..], i.vm_state_size);

@@ -125,8 +125,14 @@ fn strtoul(s: &[u8]) -> u64 {
         _ => false,
     };
     let mut v: u64 = 0;
-    for &c in s[i.min(s.len())..].iter().take_while(|c| c.is_ascii_digit()) {
-        match v.checked_mul(10).and_then(|v| v.checked_add(u64::from(c - b'0'))) {
+    for &c in s[i.min(s.len())..]
+        .iter()
+        .take_while(|c| c.is_ascii_digit())
+    {
+        match v
+            .checked_mul(10)
+            .and_then(|v| v.checked_add(u64::from(c - b'0')))
+        {
             Some(n) => v = n,
             None => return u64::MAX,
         }
@@ -261,7 +267,10 @@ impl<'a> Planner<'a> {
     fn bump(&mut self, c: u64, delta: i64) -> Result<()> {
         if delta > 0 {
             let cur = self.refs.get_new(self.host, c)?;
-            if cur.checked_add(delta as u64).is_none_or(|n| n > self.refs.max()) {
+            if cur
+                .checked_add(delta as u64)
+                .is_none_or(|n| n > self.refs.max())
+            {
                 return Err(Error::arg(format!(
                     "Invalid argument (the refcount of the cluster at {:#x} would pass {}, the most {}-bit refcounts hold)",
                     c * self.cs,
