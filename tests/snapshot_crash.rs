@@ -110,6 +110,10 @@ fn a_snapshot_operation_killed_or_failed_at_any_write_leaves_before_or_after() {
         qemu_io("qcow2", &orig, &["write -P 1 0 64k", "write -P 2 512k 8k"]);
         // One snapshot by qemu-img, one by us, and a changed active content.
         qemu_img(&["snapshot", "-c", "one", s(&orig)]);
+        if !opts.contains("compat=0.10") {
+            // Applying "one" then also changes the guest size back.
+            qemu_img(&["resize", "-q", s(&orig), "2M"]);
+        }
         qemu_io("qcow2", &orig, &["write -P 3 4k 8k"]);
         let o = Command::new(env!("CARGO_BIN_EXE_diskconv"))
             .args(["snapshot", "-c", "two", s(&orig)])

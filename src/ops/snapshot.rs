@@ -41,7 +41,7 @@ pub fn snapshot_edit(
         fail_at_write,
         ..Default::default()
     };
-    let mut editor = open_editor(format, file, path, &opts)?;
+    let mut editor = open_editor(format, file, path, &opts).map_err(|e| e.context(&what))?;
     editor.snapshot(op).map_err(|e| {
         // A format without internal snapshots: qemu-img's words, then which format.
         let e = if format != Format::Qcow2 && e.kind() == crate::ErrorKind::Unsupported {

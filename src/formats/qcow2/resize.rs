@@ -77,7 +77,7 @@ pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<
     // Refused before the reader would try to open the data file.
     if header.incompatible_features & INCOMPAT_DATA_FILE != 0 {
         return Err(Error::unsupported(
-            "the image keeps its data in an external data file; changing it in place (resize, discard) is not supported",
+            "the image keeps its data in an external data file; changing it in place (resize, discard, internal snapshots) is not supported",
         )
         .with_path(path));
     }
