@@ -321,7 +321,14 @@ impl Alloc {
 
     /// `n` contiguous clusters free in the old image and not yet taken.
     pub(super) fn run(&mut self, refs: &mut Refs, host: &HostFile, n: u64) -> Result<u64> {
-        let mut c = self.start.max(1);
+        // A cluster in use in the old image or taken stays so: the search need never
+        // look below the first one that is neither again (many single-cluster
+        // allocations would otherwise rescan the whole file each time).
+        self.start = self.start.max(1);
+        while self.taken.contains(&self.start) || refs.get_old(host, self.start)? != 0 {
+            self.start += 1;
+        }
+        let mut c = self.start;
         'search: loop {
             for k in 0..n {
                 let x = c + k;

@@ -66,10 +66,14 @@ pub fn read_table_len(file: &HostFile, h: &Header) -> Result<(Vec<Snapshot>, u64
         .at(64));
     }
     let avail = file.len().saturating_sub(h.snapshots_offset);
-    let len = avail.min(MAX_TABLE_BYTES);
     file.check_range(h.snapshots_offset, 1, "snapshot table")
         .map_err(|e| e.with_field("snapshots_offset").at(64))?;
-    let raw = file.read_vec(h.snapshots_offset, len, "snapshot table")?;
+    let mut raw = Window {
+        file,
+        start: h.snapshots_offset,
+        cap: avail.min(MAX_TABLE_BYTES) as usize,
+        buf: Vec::new(),
+    };
     let mut out = Vec::with_capacity(h.nb_snapshots as usize);
     let mut pos = 0usize;
     let mut end = 0usize;
@@ -82,7 +86,7 @@ pub fn read_table_len(file: &HostFile, h: &Header) -> Result<(Vec<Snapshot>, u64
             .with_field("snapshot table")
             .at(at)
         };
-        let fixed = raw.get(pos..pos + ENTRY_FIXED).ok_or_else(short)?;
+        let fixed = raw.get(pos, ENTRY_FIXED)?.ok_or_else(short)?.to_vec();
         let l1_table_offset = BigEndian::read_u64(&fixed[0..]);
         let l1_size = BigEndian::read_u32(&fixed[8..]);
         let id_len = BigEndian::read_u16(&fixed[12..]) as usize;
@@ -100,15 +104,15 @@ pub fn read_table_len(file: &HostFile, h: &Header) -> Result<(Vec<Snapshot>, u64
             .at(at + 36));
         }
         let mut p = pos + ENTRY_FIXED;
-        let extra = raw.get(p..p + extra_len as usize).ok_or_else(short)?;
+        let extra = raw.get(p, extra_len as usize)?.ok_or_else(short)?.to_vec();
         let ext_u64 = |o: usize| (extra.len() >= o + 8).then(|| BigEndian::read_u64(&extra[o..]));
         let vm_state_size = ext_u64(0).unwrap_or(u64::from(vm_state_size32));
         let disk_size = ext_u64(8);
         let icount = ext_u64(16).filter(|&c| c != u64::MAX);
         p += extra_len as usize;
-        let id = raw.get(p..p + id_len).ok_or_else(short)?;
+        let id = raw.get(p, id_len)?.ok_or_else(short)?.to_vec();
         p += id_len;
-        let name = raw.get(p..p + name_len).ok_or_else(short)?;
+        let name = raw.get(p, name_len)?.ok_or_else(short)?.to_vec();
         p += name_len;
         end = p;
         pos = p.next_multiple_of(8);
@@ -121,8 +125,8 @@ pub fn read_table_len(file: &HostFile, h: &Header) -> Result<(Vec<Snapshot>, u64
         }
         out.push(Snapshot {
             info: SnapshotInfo {
-                id: String::from_utf8_lossy(id).into_owned(),
-                name: String::from_utf8_lossy(name).into_owned(),
+                id: String::from_utf8_lossy(&id).into_owned(),
+                name: String::from_utf8_lossy(&name).into_owned(),
                 vm_state_size,
                 date_sec,
                 date_nsec,
@@ -132,13 +136,43 @@ pub fn read_table_len(file: &HostFile, h: &Header) -> Result<(Vec<Snapshot>, u64
             },
             l1_table_offset,
             l1_size,
-            raw_id: id.to_vec(),
-            raw_name: name.to_vec(),
+            raw_id: id,
+            raw_name: name,
             unknown_extra: extra.get(KNOWN_EXTRA as usize..).unwrap_or(&[]).to_vec(),
             extra_size: extra_len,
         });
     }
     Ok((out, end as u64))
+}
+
+/// The table's bytes, read as far as its entries reach (a table of a few entries costs a
+/// few KiB, not qemu's 64 MiB limit).
+struct Window<'a> {
+    file: &'a HostFile,
+    start: u64,
+    /// Bytes that may be read: to the end of the file, at most qemu's limit.
+    cap: usize,
+    buf: Vec<u8>,
+}
+
+impl Window<'_> {
+    /// `len` bytes at `pos`, None when they pass the end of what may be read.
+    fn get(&mut self, pos: usize, len: usize) -> Result<Option<&[u8]>> {
+        let end = pos + len;
+        if end > self.cap {
+            return Ok(None);
+        }
+        if end > self.buf.len() {
+            let want = end.max(self.buf.len() * 2).max(64 << 10).min(self.cap);
+            let more = self.file.read_vec(
+                self.start + self.buf.len() as u64,
+                (want - self.buf.len()) as u64,
+                "snapshot table",
+            )?;
+            self.buf.extend_from_slice(&more);
+        }
+        Ok(Some(&self.buf[pos..end]))
+    }
 }
 
 /// The table as qemu's `qcow2_write_snapshots` lays it out: every entry with at least the
