@@ -713,3 +713,39 @@ fn the_table_is_read_as_far_as_its_entries_reach() {
     assert_eq!(list.len(), 1);
     assert_work_within("snapshot list", &w, 4 << 20, 4 << 20);
 }
+
+/// Deleting a snapshot (or applying one) gives the space of the clusters it freed back
+/// to the filesystem, as qemu-img does.
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io")]
+fn freed_clusters_give_their_space_back_as_qemu_img_s_do() {
+    if !have_qemu() || !have_qemu_io() {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("d.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&d), "16M"]);
+    qemu_io("qcow2", &d, &["write -P 1 0 8M"]);
+    theirs(&d, &["-c", "s"]);
+    qemu_io("qcow2", &d, &["write -P 2 0 8M"]);
+    theirs(&d, &["-c", "t"]);
+    qemu_io("qcow2", &d, &["write -P 3 0 8M"]);
+    let q = dir.path().join("q.qcow2");
+    std::fs::copy(&d, &q).unwrap();
+    let stored = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+    let full = stored(&d);
+    for args in [&["-d", "s"][..], &["-a", "t"]] {
+        ours(&d, args);
+        theirs(&q, args);
+        assert_eq!(State::of(&d), State::of(&q));
+        assert_eq!(check_counts(&d), (0, 0, 0));
+    }
+    // Two of the three 8 MiB versions are gone.
+    assert!(
+        stored(&d) <= stored(&q) + (1 << 20) && stored(&d) + (15 << 20) < full,
+        "{} bytes stored, qemu-img's {}, before {full}",
+        stored(&d),
+        stored(&q)
+    );
+}

@@ -217,6 +217,21 @@ impl Refs {
         Ok(decode(order, b, j))
     }
 
+    /// The clusters in use now that the state this transaction builds frees, ascending.
+    pub(super) fn freed(&mut self, host: &HostFile) -> Result<Vec<u64>> {
+        let blocks: Vec<u64> = self.new.keys().copied().collect();
+        let mut out = Vec::new();
+        for i in blocks {
+            for j in 0..self.rb_entries {
+                let c = i * self.rb_entries + j;
+                if decode(self.order, &self.new[&i], j) == 0 && self.get_old(host, c)? != 0 {
+                    out.push(c);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The refcount of cluster `c` in the state this transaction builds.
     pub(super) fn get_new(&mut self, host: &HostFile, c: u64) -> Result<u64> {
         let (i, j) = (c / self.rb_entries, c % self.rb_entries);

@@ -48,7 +48,7 @@ const MAX_NAME: usize = 255;
 pub fn run(ed: &mut Qcow2Editor, op: &SnapshotOp<'_>) -> Result<()> {
     refuse(ed, op)?;
     let (table, table_len) = snapshot::read_table_len(&ed.host, &ed.header)?;
-    let (header, writes) = {
+    let (header, writes, freed) = {
         let mut p = Planner::new(ed)?;
         match *op {
             SnapshotOp::Create(name) => p.create(table, table_len, name)?,
@@ -67,9 +67,40 @@ pub fn run(ed: &mut Qcow2Editor, op: &SnapshotOp<'_>) -> Result<()> {
         p.header.refcount_table_offset = rt;
         p.header.refcount_table_clusters = rt_clusters;
         p.writes.append(&mut w);
-        (p.header, std::mem::take(&mut p.writes))
+        let freed = p.refs.freed(p.host)?;
+        (p.header, std::mem::take(&mut p.writes), freed)
     };
-    commit(ed, header, writes)
+    commit(ed, header, writes)?;
+    give_back(ed, &freed);
+    Ok(())
+}
+
+/// Give the space of the clusters the new state freed back to the filesystem, as qemu
+/// does when it deletes a snapshot (`pass-discard-snapshot`). Nothing names them any
+/// more, so this is only a saving: a failure leaves them allocated, and is not one of the
+/// operation's (qemu ignores its discard errors too).
+fn give_back(ed: &mut Qcow2Editor, freed: &[u64]) {
+    let cs = ed.cs();
+    let len = ed.host.len();
+    let mut k = 0;
+    while k < freed.len() {
+        let mut n = 1;
+        while k + n < freed.len() && freed[k + n] == freed[k] + n as u64 {
+            n += 1;
+        }
+        let a = freed[k] * cs;
+        let end = ((freed[k] + n as u64) * cs).min(len);
+        if a < end
+            && !matches!(
+                ed.file
+                    .punch_hole(a, end - a, "punching freed qcow2 clusters"),
+                Ok(true)
+            )
+        {
+            return;
+        }
+        k += n;
+    }
 }
 
 fn refuse(ed: &Qcow2Editor, op: &SnapshotOp<'_>) -> Result<()> {
