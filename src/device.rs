@@ -597,8 +597,8 @@ impl<'a, D: AsRef<dyn BlockDevice + 'a>> Seek for DeviceReader<D> {
 }
 
 /// The in-place side of a format, beside [`BlockDevice`]: operations that change an image
-/// that already holds data (resize, and discard for in-place sparsify, today;
-/// check-and-repair to come). Each format implements it in its own folder, reached through
+/// that already holds data (resize, discard for in-place sparsify, and internal
+/// snapshots, today; check-and-repair to come). Each format implements it in its own folder, reached through
 /// [`crate::formats::open_editor`].
 ///
 /// Contract: an implementation validates everything before its first write, and orders

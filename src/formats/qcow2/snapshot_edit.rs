@@ -10,7 +10,8 @@
 //! is written over, and what the new state no longer uses has refcount 0 in the new
 //! refcounts. So a failure or a kill at any write leaves the image as before or as after,
 //! which `qemu-img check` finds clean: no leaks either (qemu itself writes refcounts in
-//! place first and leaks clusters when stopped half way).
+//! place first and leaks clusters when stopped half way). Once the switch is flushed,
+//! the clusters the new state freed get holes punched, as qemu's discards give them back.
 //!
 //! Refcounts count paths: every L1 table (the active one and each snapshot's) adds one to
 //! each L2 table it names and, through it, one to each data cluster (every cluster a
