@@ -471,17 +471,24 @@ fn what_cannot_be_done_is_refused_before_any_write() {
     );
 
     // An external data file, an encrypted image, one marked dirty: refused, untouched.
+    // (Made in its folder: qemu-img puts a relative data file in the working directory.)
     let df = d.join("df.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "data_file=df.raw",
-        s(&df),
-        "1M",
-    ]);
+    let (c, _, e) = run_in(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=df.raw",
+            "df.qcow2",
+            "1M",
+        ],
+    );
+    assert_eq!(c, 0, "{e}");
+    assert!(d.join("df.raw").exists());
     // (qemu-img's LUKS set-up takes seconds: the old AES method in the header will do.)
     let enc = d.join("enc.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&enc), "1M"]);
