@@ -691,8 +691,8 @@ impl<'a, D: AsRef<dyn BlockDevice + 'a>> Seek for DeviceReader<D> {
 }
 
 /// The in-place side of a format, beside [`BlockDevice`]: operations that change an image
-/// that already holds data (resize, and discard for in-place sparsify, today;
-/// check-and-repair to come). Each format implements it in its own folder, reached through
+/// that already holds data (resize, discard for in-place sparsify, and internal
+/// snapshots, today; check-and-repair to come). Each format implements it in its own folder, reached through
 /// [`crate::formats::open_editor`].
 ///
 /// Contract: an implementation validates everything before its first write, and orders
@@ -721,6 +721,52 @@ pub trait ImageEditor: Send {
             "this image format cannot give back space in place",
         ))
     }
+
+    /// Create, delete or apply an internal snapshot (`qemu-img snapshot -c/-d/-a`). A
+    /// format without internal snapshots refuses with qemu-img's words for each.
+    fn snapshot(&mut self, op: &SnapshotOp<'_>) -> Result<()> {
+        Err(match op {
+            SnapshotOp::Create(_) => Error::unsupported("Operation not supported"),
+            SnapshotOp::Apply(_) => Error::unsupported("Block driver does not support snapshots"),
+            SnapshotOp::Delete(_) => Error::unsupported("snapshot not found"),
+        })
+    }
+}
+
+/// Which internal snapshot an operation names.
+///
+/// Closed: a qcow2 snapshot table entry has exactly two keys, its ID and its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotSel<'a> {
+    /// The first snapshot with this name (qemu-img's `snapshot -d`).
+    Name(&'a str),
+    /// The snapshot with this ID.
+    Id(&'a str),
+    /// The snapshot with this ID, else the first with this name (qemu-img's
+    /// `snapshot -a`).
+    IdOrName(&'a str),
+}
+
+impl<'a> SnapshotSel<'a> {
+    /// The text the caller gave (for messages).
+    pub fn text(&self) -> &'a str {
+        match *self {
+            SnapshotSel::Name(s) | SnapshotSel::Id(s) | SnapshotSel::IdOrName(s) => s,
+        }
+    }
+}
+
+/// An internal snapshot operation, see [`ImageEditor::snapshot`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SnapshotOp<'a> {
+    /// Snapshot the current guest content under this name (with the next free ID; names
+    /// need not be unique, as in qemu).
+    Create(&'a str),
+    /// Delete a snapshot.
+    Delete(SnapshotSel<'a>),
+    /// Make a snapshot's content (and guest size) the current one; the snapshot stays.
+    Apply(SnapshotSel<'a>),
 }
 
 /// Check the runs given to [`ImageEditor::discard`]: each non-empty, ascending, disjoint

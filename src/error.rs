@@ -159,6 +159,12 @@ impl Error {
         }
         self
     }
+    /// Put what was being done before the message (`"{what}: {message}"`), keeping the
+    /// kind and the context.
+    pub fn context(mut self, what: impl fmt::Display) -> Self {
+        self.message = format!("{what}: {}", self.message);
+        self
+    }
     /// Attach the on-disk field name that is wrong.
     pub fn with_field(mut self, field: impl Into<String>) -> Self {
         self.field = Some(field.into());

@@ -123,7 +123,7 @@ pub use convert::{
 };
 pub use device::{
     BlockDevice, BlockStatus, DeviceReader, ImageEditor, ImageInfo, Mapping, MappingKind,
-    SnapshotInfo,
+    SnapshotInfo, SnapshotOp, SnapshotSel,
 };
 pub use error::{Error, ErrorKind, Result, Side};
 pub use format::Format;
@@ -140,7 +140,7 @@ pub use ops::convert::{convert, convert_to_path, STREAMING_OUTPUTS};
 pub use ops::map::{map, map_device, map_human, map_human_partial, map_json, MapEntry, MapRange};
 pub use ops::measure::{measure, measure_device, Measurement};
 pub use ops::resize::resize;
-pub use ops::snapshot::{snapshot_table, snapshots, snapshots_json};
+pub use ops::snapshot::{snapshot_edit, snapshot_table, snapshots, snapshots_json};
 pub use ops::sparsify::{
     sparsify, sparsify_in_place, sparsify_to_writer, SparsifyOptions, SparsifyReport,
 };

@@ -1,12 +1,61 @@
 //! `snapshot -l` and the snapshot lists of `info`: an image's internal snapshots as
-//! qemu-img prints them. Converting a snapshot's contents is `convert` with the open
-//! option `snapshot.id` or `snapshot.name` (see [`crate::OpenOptions::option`]).
+//! qemu-img prints them; `snapshot -c/-d/-a`: making, deleting and applying them in place.
+//! Converting a snapshot's contents is `convert` with the open option `snapshot.id` or
+//! `snapshot.name` (see [`crate::OpenOptions::option`]).
 
 use std::path::Path;
 
-use crate::device::SnapshotInfo;
-use crate::error::Result;
-use crate::options::OpenOptions;
+use crate::device::{HostFile, SnapshotInfo, SnapshotOp};
+use crate::error::{Error, Result};
+use crate::format::Format;
+use crate::formats::open_editor;
+use crate::options::{OpenOptions, ResizeOptions};
+
+/// Create, delete or apply an internal snapshot of the image at `path`, of `format`
+/// (probed when None), in place, as `qemu-img snapshot -c/-d/-a` does; errors carry
+/// qemu-img's words ("Could not delete snapshot 'x': snapshot not found"). The image reads
+/// as before or as after whatever write fails. `fail_at_write` is the test hook of
+/// [`ResizeOptions::fail_at_write`].
+pub fn snapshot_edit(
+    path: &Path,
+    format: Option<Format>,
+    op: &SnapshotOp<'_>,
+    fail_at_write: Option<u64>,
+) -> Result<()> {
+    let what = match op {
+        SnapshotOp::Create(n) => format!("Could not create snapshot '{n}'"),
+        SnapshotOp::Delete(s) => format!("Could not delete snapshot '{}'", s.text()),
+        SnapshotOp::Apply(s) => format!("Could not apply snapshot '{}'", s.text()),
+    };
+    let format = match format {
+        Some(f) => f,
+        None => crate::probe::probe_file(&HostFile::open(path)?)?,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io("cannot open the image for writing", e).with_path(path))?;
+    let opts = ResizeOptions {
+        format: Some(format),
+        fail_at_write,
+        ..Default::default()
+    };
+    let mut editor = open_editor(format, file, path, &opts).map_err(|e| e.context(&what))?;
+    editor.snapshot(op).map_err(|e| {
+        // A format without internal snapshots: qemu-img's words, then which format.
+        let e = if format != Format::Qcow2 && e.kind() == crate::ErrorKind::Unsupported {
+            Error::unsupported(format!(
+                "{what}: {} ({} images have no internal snapshots; qcow2 images do)",
+                e.message(),
+                format.name()
+            ))
+        } else {
+            e.context(what)
+        };
+        e.with_path(path)
+    })
+}
 
 /// The internal snapshots of the image at `path` (none for formats without them).
 /// Backing images are not opened: the list is the image's own.

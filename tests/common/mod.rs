@@ -6,6 +6,7 @@
 pub mod cmms;
 pub mod discard;
 pub mod resize;
+pub mod snapshot;
 pub mod sparsify;
 pub mod stream;
 pub mod variants;

@@ -5,7 +5,7 @@
 //! `header.rs` holds the on-disk header and extensions, `reader.rs` the L1/L2 walk,
 //! `writer.rs` the file writer, `stream.rs` the
 //! sequential writer laid out from an allocation plan, `compress.rs` the per-cluster codecs, `resize.rs` the
-//! in-place resize.
+//! in-place resize, `snapshot_edit.rs` internal snapshots made, deleted and applied in place.
 
 use std::fs::File;
 
@@ -25,6 +25,7 @@ mod prealloc;
 pub mod reader;
 pub mod resize;
 pub mod snapshot;
+pub mod snapshot_edit;
 pub mod stream;
 pub mod writer;
 

@@ -82,7 +82,7 @@ pub(super) fn open_qcow2(file: File, path: &Path, fail_at: Option<u64>) -> Resul
     // Refused before the reader would try to open the data file.
     if header.incompatible_features & INCOMPAT_DATA_FILE != 0 {
         return Err(Error::unsupported(
-            "the image keeps its data in an external data file; changing it in place (resize, discard) is not supported",
+            "the image keeps its data in an external data file; changing it in place (resize, discard, internal snapshots) is not supported",
         )
         .with_path(path));
     }
@@ -192,7 +192,7 @@ impl Refs {
         })
     }
 
-    fn max(&self) -> u64 {
+    pub(super) fn max(&self) -> u64 {
         if self.order == 6 {
             u64::MAX
         } else {
@@ -220,6 +220,30 @@ impl Refs {
             return Ok(0);
         };
         Ok(decode(order, b, j))
+    }
+
+    /// The clusters in use now that the state this transaction builds frees, ascending.
+    pub(super) fn freed(&mut self, host: &HostFile) -> Result<Vec<u64>> {
+        let blocks: Vec<u64> = self.new.keys().copied().collect();
+        let mut out = Vec::new();
+        for i in blocks {
+            for j in 0..self.rb_entries {
+                let c = i * self.rb_entries + j;
+                if decode(self.order, &self.new[&i], j) == 0 && self.get_old(host, c)? != 0 {
+                    out.push(c);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The refcount of cluster `c` in the state this transaction builds.
+    pub(super) fn get_new(&mut self, host: &HostFile, c: u64) -> Result<u64> {
+        let (i, j) = (c / self.rb_entries, c % self.rb_entries);
+        if let Some(b) = self.new.get(&i) {
+            return Ok(decode(self.order, b, j));
+        }
+        self.get_old(host, c)
     }
 
     /// Copy block `i` into the new state unchanged (so it gets a new place).
@@ -307,8 +331,24 @@ pub(super) struct Alloc {
 }
 
 impl Alloc {
+    /// Search from cluster `start` (the first free cluster of the file at 1).
+    pub(super) fn from(start: u64) -> Alloc {
+        Alloc {
+            start,
+            taken: BTreeSet::new(),
+        }
+    }
+
+    /// `n` contiguous clusters free in the old image and not yet taken.
     pub(super) fn run(&mut self, refs: &mut Refs, host: &HostFile, n: u64) -> Result<u64> {
-        let mut c = self.start.max(1);
+        // A cluster in use in the old image or taken stays so: the search need never
+        // look below the first one that is neither again (many single-cluster
+        // allocations would otherwise rescan the whole file each time).
+        self.start = self.start.max(1);
+        while self.taken.contains(&self.start) || refs.get_old(host, self.start)? != 0 {
+            self.start += 1;
+        }
+        let mut c = self.start;
         'search: loop {
             for k in 0..n {
                 let x = c + k;
@@ -326,7 +366,7 @@ impl Alloc {
 }
 
 /// Bytes to write at a host offset.
-type Write = (u64, Vec<u8>);
+pub(super) type Write = (u64, Vec<u8>);
 
 /// What one resize writes: new tables and where.
 pub(super) struct Plan {
@@ -881,7 +921,7 @@ impl Qcow2Editor {
 
 /// Merge writes that touch back to back, so the whole new metadata usually goes out in
 /// a few large writes.
-fn coalesce(mut writes: Vec<(u64, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> {
+pub(super) fn coalesce(mut writes: Vec<(u64, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> {
     writes.sort_by_key(|w| w.0);
     let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
     for (off, data) in writes {
@@ -903,6 +943,10 @@ impl ImageEditor for Qcow2Editor {
 
     fn discard(&mut self, runs: &[(u64, u64)]) -> Result<u64> {
         super::discard::discard(self, runs)
+    }
+
+    fn snapshot(&mut self, op: &crate::device::SnapshotOp<'_>) -> Result<()> {
+        super::snapshot_edit::run(self, op)
     }
 
     fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {

@@ -266,7 +266,7 @@ fn check_cache_mode(mode: &str, what: &str) -> Result<()> {
 
 /// `-l`'s value as an open option: `snapshot.id=ID`, `snapshot.name=NAME`, or a bare
 /// ID-or-name (qemu-img's `-s`).
-fn snapshot_option(v: &str) -> (&str, &str) {
+pub(crate) fn snapshot_option(v: &str) -> (&str, &str) {
     match v.split_once('=') {
         Some((k @ ("snapshot.id" | "snapshot.name"), val)) => (k, val),
         _ => ("snapshot", v),
