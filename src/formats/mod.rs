@@ -277,9 +277,9 @@ pub fn check_image(
     format: Format,
     file: File,
     path: &Path,
-    repair: crate::ops::check::Repair,
+    repair: crate::check::Repair,
     fail_at: Option<u64>,
-) -> Result<crate::ops::check::Tally> {
+) -> Result<crate::check::Tally> {
     match format {
         Format::Raw => Err(Error::unsupported(
             "This image format does not support checks",

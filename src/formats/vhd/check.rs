@@ -25,7 +25,7 @@ use super::footer::{
 };
 use crate::device::HostFile;
 use crate::error::{Error, Result};
-use crate::ops::check::{read_padded, Repair, Tally};
+use crate::check::{read_padded, Repair, Tally};
 use crate::writer::EditFile;
 
 const UNALLOCATED: u32 = u32::MAX;

@@ -30,7 +30,7 @@ use super::log::{self, Host};
 use super::reader::{read_metadata, MAX_BAT_BYTES};
 use crate::device::HostFile;
 use crate::error::{Error, ErrorKind, Result};
-use crate::ops::check::{read_padded, Repair, Tally};
+use crate::check::{read_padded, Repair, Tally};
 use crate::writer::EditFile;
 
 /// The two copies of a redundant structure: which one readers use, and the other.

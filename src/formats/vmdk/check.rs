@@ -25,7 +25,7 @@ use super::reader::read_kdmv_header;
 use super::sparse::*;
 use crate::device::HostFile;
 use crate::error::{Error, Result};
-use crate::ops::check::{read_padded, Repair, Tally};
+use crate::check::{read_padded, Repair, Tally};
 use crate::writer::EditFile;
 
 /// Check the VMDK image in `file`; with `-r all`, restore the redundant grain tables.
