@@ -344,7 +344,10 @@ const FLAGS: &[(&str, &str)] = &[
     ("ConvertOptions::existing_target", "-n"),
     ("ConvertOptions::target_is_zero", "--target-is-zero"),
     ("OpenOptions::allow_references", "--allow-references"),
-    ("ConvertOptions::target_size", "diskconv convert --target-size SIZE"),
+    (
+        "ConvertOptions::target_size",
+        "diskconv convert --target-size SIZE",
+    ),
     ("ConvertOptions::shrink", "--shrink"),
     ("ResizeOptions::shrink", "--shrink"),
 ];

@@ -203,17 +203,22 @@ fn errors_name_flags_in_one_line() {
     let missing = dir.path().join("nonexist");
     for (args, needle) in [
         (
-            vec!["convert", "-O", "raw", "--target-size", "64k", s(&src), s(&dst)],
+            vec![
+                "convert",
+                "-O",
+                "raw",
+                "--target-size",
+                "64k",
+                s(&src),
+                s(&dst),
+            ],
             "set --shrink",
         ),
         (
             vec!["convert", "-O", "raw", "--target-is-zero", s(&src), s(&dst)],
             "--target-is-zero requires use of -n flag",
         ),
-        (
-            vec!["resize", "-f", "raw", s(&src), "64k"],
-            "set --shrink",
-        ),
+        (vec!["resize", "-f", "raw", s(&src), "64k"], "set --shrink"),
     ] {
         let o = dc(&args);
         let err = String::from_utf8_lossy(&o.stderr);
@@ -263,9 +268,17 @@ fn json_keys_are_kebab_case_everywhere() {
         vec!["sparsify", "--output=json", s(&src), s(&sp)],
     ] {
         let o = dc(&args);
-        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         // A report goes to stderr only when stdout carries the image.
-        let text = if o.stdout.is_empty() { &o.stderr } else { &o.stdout };
+        let text = if o.stdout.is_empty() {
+            &o.stderr
+        } else {
+            &o.stdout
+        };
         let v: serde_json::Value = serde_json::from_slice(text)
             .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(text)));
         let mut bad = Vec::new();
@@ -299,11 +312,20 @@ fn help_texts_are_accurate() {
         String::from_utf8(o.stdout).unwrap()
     };
     let convert = help(&["convert", "--help"]);
-    assert!(convert.contains("raw qcow2 vpc (alias vhd) vmdk vdi vhdx ova"), "{convert}");
-    assert!(!convert.contains("(default raw) [default: raw]"), "{convert}");
+    assert!(
+        convert.contains("raw qcow2 vpc (alias vhd) vmdk vdi vhdx ova"),
+        "{convert}"
+    );
+    assert!(
+        !convert.contains("(default raw) [default: raw]"),
+        "{convert}"
+    );
     assert!(!convert.contains("order-safe"), "{convert}");
     let create = help(&["create", "--help"]);
-    assert!(create.contains("[FILE]") && create.contains("[SIZE]"), "{create}");
+    assert!(
+        create.contains("[FILE]") && create.contains("[SIZE]"),
+        "{create}"
+    );
     assert!(!create.contains("(default raw) [default: raw]"), "{create}");
     let register = help(&["register", "--help"]);
     assert!(!register.contains("-O"), "{register}");

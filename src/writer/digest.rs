@@ -143,4 +143,3 @@ impl Digester {
         Ok(d)
     }
 }
-

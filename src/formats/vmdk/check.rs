@@ -23,9 +23,9 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 
 use super::reader::read_kdmv_header;
 use super::sparse::*;
+use crate::check::{read_padded, Repair, Tally};
 use crate::device::HostFile;
 use crate::error::{Error, Result};
-use crate::check::{read_padded, Repair, Tally};
 use crate::writer::EditFile;
 
 /// Check the VMDK image in `file`; with `-r all`, restore the redundant grain tables.
