@@ -49,7 +49,7 @@ fn forget_temporary(tmp: &Path) {
 impl AtomicOutput {
     /// Create the temporary sibling of `dest` and return it with its open file. The
     /// folder `dest` names must exist; `dest` itself is not looked at (see
-    /// [`Output::open`] for symlinks, devices and existing files).
+    /// [`Output::open`](super::Output::open) for symlinks, devices and existing files).
     pub fn create(dest: &Path) -> Result<(Self, File)> {
         Self::create_with_mode(dest, dest, 0o666)
     }

@@ -41,10 +41,11 @@ pub fn zero_fill_at(file: &Sink, from: u64, to: u64, what: &str) -> Result<()> {
 ///
 /// Writers see one file API (positional writes, `set_len`, `sync_all`) whatever the
 /// destination. A fresh file passes straight through. In place, the sink records which
-/// ranges were written so that [`Output::finish`] can zero the rest: a writer may rely on
-/// unwritten ranges reading as zeros, as they do in a new file, but a block device holds
-/// old data there. A stream turns forward positional writes into sequential ones, filling
-/// gaps with zeros, and refuses a write behind what it has already sent.
+/// ranges were written so that [`Output::finish`](super::Output::finish) can zero the
+/// rest: a writer may rely on unwritten ranges reading as zeros, as they do in a new file,
+/// but a block device holds old data there. A stream turns forward positional writes into
+/// sequential ones, filling gaps with zeros, and refuses a write behind what it has already
+/// sent.
 #[derive(Debug)]
 pub struct Sink {
     /// The file, for a fresh or in-place output; None on a stream, whose bytes go through
