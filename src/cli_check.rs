@@ -1,4 +1,4 @@
-//! `check [-f FMT] [--output=human|json] [-r leaks|all] [-q] IMG`: the CLI's side of
+//! `check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [--allow-references] IMG`: the CLI's side of
 //! [`diskconv::check`] (flags, what is printed, the exit code qemu-img gives).
 
 use std::path::PathBuf;
@@ -21,6 +21,10 @@ pub struct CheckArgs {
     /// Quiet: print nothing on stdout (the exit code still says what was found).
     #[arg(short = 'q')]
     pub quiet: bool,
+    /// Allow opening the extent files a vmdk descriptor names (monolithicFlat,
+    /// twoGbMaxExtent*), confined to its folder.
+    #[arg(long = "allow-references", alias = "allow-backing")]
+    pub allow_references: bool,
     /// Image.
     pub image: PathBuf,
 }
@@ -45,13 +49,14 @@ pub fn run(args: CheckArgs) -> Result<()> {
             .map(Repair::parse)
             .transpose()?
             .unwrap_or_default(),
+        allow_references: args.allow_references,
         ..Default::default()
     };
     let report = match diskconv::check(&args.image, &opts) {
         Ok(r) => r,
         Err(e) => {
             // The check could not be completed (the image does not open, an I/O error).
-            eprintln!("diskconv: Check failed: {e}");
+            eprintln!("diskconv: Check failed: {}", crate::cli_message(&e));
             std::process::exit(1);
         }
     };

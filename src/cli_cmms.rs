@@ -146,7 +146,12 @@ pub fn map(a: &MapArgs) -> Result<()> {
     if json {
         print!("{}", diskconv::map_json(&entries));
     } else {
-        print!("{}", diskconv::map_human(&entries)?);
+        // qemu-img prints the lines before a range it cannot show, then fails.
+        let (text, err) = diskconv::map_human_partial(&entries);
+        print!("{text}");
+        if let Some(e) = err {
+            return Err(e);
+        }
     }
     Ok(())
 }
@@ -202,8 +207,8 @@ pub struct MeasureArgs {
     /// Input format (never probed when given).
     #[arg(short = 'f')]
     format: Option<String>,
-    /// Output format.
-    #[arg(short = 'O')]
+    /// Output format (raw when not given, as qemu-img measure).
+    #[arg(short = 'O', default_value = "raw")]
     out_format: String,
     /// Output options, key=value[,key=value...].
     #[arg(short = 'o')]
@@ -245,13 +250,14 @@ pub fn measure(a: &MeasureArgs) -> Result<()> {
         }
     };
     if json {
+        // qemu's schema types these as signed 64-bit: a size of 2^63 prints negative.
         let mut s = String::from("{\n");
         if let Some(b) = m.bitmaps {
-            s += &format!("    \"bitmaps\": {b},\n");
+            s += &format!("    \"bitmaps\": {},\n", b as i64);
         }
         s += &format!(
             "    \"required\": {},\n    \"fully-allocated\": {}\n}}\n",
-            m.required, m.fully_allocated
+            m.required as i64, m.fully_allocated as i64
         );
         print!("{s}");
     } else {

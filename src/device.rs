@@ -203,6 +203,43 @@ pub trait BlockDevice: Send + Sync {
     fn container_info(&self) -> Option<(&'static str, serde_json::Value)> {
         None
     }
+
+    /// True when qemu's driver for this format answers no block status (vhdx): qemu
+    /// then reports every range as allocated data without a host offset, and `map` and
+    /// `measure` follow it (see [`qemu_block_status`]). [`block_status`](Self::block_status)
+    /// still tells the truth, so `compare` skips what is unallocated.
+    fn qemu_status_opaque(&self) -> bool {
+        false
+    }
+
+    /// The persistent dirty bitmaps the image holds, as (name, granularity in bytes), which
+    /// qemu-img measure counts; None when the format cannot store them (qemu's
+    /// `bdrv_supports_persistent_dirty_bitmap`: qcow2 v3 only).
+    fn persistent_bitmaps(&self) -> Result<Option<Vec<(String, u64)>>> {
+        Ok(None)
+    }
+}
+
+/// What qemu's block layer answers for `dev` at `offset`: its
+/// [`block_status`](BlockDevice::block_status), except for formats whose qemu driver has
+/// none ([`qemu_status_opaque`](BlockDevice::qemu_status_opaque)), where qemu reports the
+/// whole range as allocated data without a host offset.
+pub fn qemu_block_status(dev: &dyn BlockDevice, offset: u64, max_len: u64) -> Result<BlockStatus> {
+    if !dev.qemu_status_opaque() {
+        return dev.block_status(offset, max_len);
+    }
+    let end = map_end(dev.virtual_size(), offset, max_len)?;
+    Ok(BlockStatus {
+        offset,
+        len: end - offset,
+        depth: 0,
+        present: true,
+        zero: false,
+        data: true,
+        compressed: false,
+        host: None,
+        file: None,
+    })
 }
 
 #[doc(hidden)] // a helper of the format readers, not a stable API
@@ -275,6 +312,63 @@ pub fn unallocated_kind(
             })
         }
         _ => Ok((len, MappingKind::Unallocated)),
+    }
+}
+
+#[doc(hidden)] // a helper of the format readers, not a stable API
+/// A `map` answer built from consecutive pieces of a table walk (clusters of a
+/// copy-on-write image): pieces join the run while they are of the same kind, and data
+/// pieces only while they also continue in the host file, so one [`Mapping`] never claims
+/// a host range the image does not store in one piece.
+#[derive(Debug)]
+pub struct MapRun {
+    offset: u64,
+    end: u64,
+    kind: Option<MappingKind>,
+}
+
+impl MapRun {
+    /// An empty run starting at guest `offset`.
+    pub fn new(offset: u64) -> Self {
+        MapRun {
+            offset,
+            end: offset,
+            kind: None,
+        }
+    }
+
+    /// The guest offset the next piece must start at.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Add the piece of `len` bytes at [`end`](Self::end) of kind `kind`; false, leaving
+    /// the run as it was, when the piece does not continue it.
+    pub fn push(&mut self, len: u64, kind: MappingKind) -> bool {
+        if let Some(prev) = self.kind {
+            let continues = match (prev, kind) {
+                (MappingKind::Data { host: Some(a) }, MappingKind::Data { host: Some(b) }) => {
+                    b == a + (self.end - self.offset)
+                }
+                (a, b) => a == b,
+            };
+            if !continues {
+                return false;
+            }
+        } else {
+            self.kind = Some(kind);
+        }
+        self.end += len;
+        true
+    }
+
+    /// The run as one mapping (unallocated when empty).
+    pub fn finish(self) -> Mapping {
+        Mapping {
+            offset: self.offset,
+            len: self.end - self.offset,
+            kind: self.kind.unwrap_or(MappingKind::Unallocated),
+        }
     }
 }
 

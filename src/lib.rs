@@ -95,6 +95,7 @@ pub mod convert;
 pub mod device;
 pub mod error;
 pub mod format;
+pub mod inplace;
 pub mod options;
 pub mod references;
 pub mod writer;
@@ -138,7 +139,7 @@ pub use ops::compare::{
     CompareStage,
 };
 pub use ops::convert::{convert, convert_to_path};
-pub use ops::map::{map, map_device, map_human, map_json, MapEntry, MapRange};
+pub use ops::map::{map, map_device, map_human, map_human_partial, map_json, MapEntry, MapRange};
 pub use ops::measure::{measure, measure_device, Measurement};
 pub use ops::resize::resize;
 pub use ops::snapshot::{snapshot_table, snapshots, snapshots_json};

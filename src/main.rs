@@ -49,7 +49,7 @@ enum Cmd {
     /// Check an image's metadata like qemu-img check (exit 0 clean, 1 not completed,
     /// 2 corruptions, 3 leaks only, 63 no checks for the format); -r repairs in place.
     #[command(
-        override_usage = "diskconv check [-f FMT] [--output=human|json] [-r leaks|all] [-q] IMG",
+        override_usage = "diskconv check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [--allow-references] IMG",
         args_override_self = true
     )]
     Check(cli_check::CheckArgs),
@@ -125,8 +125,9 @@ enum Cmd {
         /// With an OVA input: which of its disks to read (1-based; default the first).
         #[arg(long = "disk", value_name = "N")]
         disk: Option<usize>,
-        /// Write into the existing DST in place instead of creating it (-O raw: a file
-        /// or block device at least SRC's size).
+        /// Write into the existing DST in place instead of creating it: a raw file or
+        /// block device, or an image of the -O format (qcow2, vpc, vdi, vmdk, vhdx) that
+        /// keeps its options; at least SRC's size.
         #[arg(short = 'n')]
         existing_target: bool,
         /// With -n: DST already reads as zeros, so zero ranges are not written.
@@ -261,7 +262,7 @@ enum Cmd {
     Map(cli_cmms::MapArgs),
     /// List an image's internal snapshots (qcow2), like qemu-img snapshot -l.
     Snapshot(cli_cmms::SnapshotArgs),
-    /// How many bytes an output of format -O would take, like qemu-img measure.
+    /// How many bytes an output of format -O (default raw) would take, like qemu-img measure.
     Measure(cli_cmms::MeasureArgs),
     /// Show facts about an image.
     #[command(args_override_self = true)]

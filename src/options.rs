@@ -167,6 +167,67 @@ impl CreateOptions {
     pub fn str_option(&self, key: &str) -> Option<&str> {
         self.options.get(key).map(String::as_str)
     }
+
+    /// Check the options as qemu-img's option parser does before a driver sees them
+    /// (`qemu_opts_do_parse`): every key must be in `known`, every value of its kind.
+    pub(crate) fn check_qemu_kinds(
+        &self,
+        format: &str,
+        known: &[(&str, QemuOptKind)],
+    ) -> Result<()> {
+        for (k, v) in &self.options {
+            let Some((_, kind)) = known.iter().find(|(n, _)| n == k) else {
+                return Err(Error::arg(format!(
+                    "invalid parameter '{k}': format '{format}' has no such option"
+                )));
+            };
+            match kind {
+                QemuOptKind::Str => {}
+                QemuOptKind::Bool => {
+                    parse_bool(k, v)?;
+                }
+                QemuOptKind::Number => {
+                    self.number_option(k)?;
+                }
+                QemuOptKind::Size => {
+                    self.size_option(k)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A number option as qemu reads one (`strtoull` base 0: decimal, `0x` hex, `0` octal).
+    pub(crate) fn number_option(&self, key: &str) -> Result<Option<u64>> {
+        let Some(v) = self.options.get(key) else {
+            return Ok(None);
+        };
+        let t = v.trim();
+        let parsed = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+            u64::from_str_radix(h, 16)
+        } else if t.len() > 1 && t.starts_with('0') {
+            u64::from_str_radix(&t[1..], 8)
+        } else {
+            t.parse()
+        };
+        parsed
+            .map(Some)
+            .map_err(|_| Error::arg(format!("option {key}: '{v}' is not a number")))
+    }
+}
+
+/// The kind of a qemu create option's value, which qemu-img checks before the driver
+/// reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QemuOptKind {
+    /// Any text.
+    Str,
+    /// on/off.
+    Bool,
+    /// An unsigned number.
+    Number,
+    /// A size with an optional unit suffix.
+    Size,
 }
 
 /// How `resize` preallocates space it adds (qemu-img's `--preallocation`).

@@ -218,13 +218,34 @@ fn errors_name_flags_in_one_line() {
             vec!["convert", "-O", "raw", "--target-is-zero", s(&src), s(&dst)],
             "--target-is-zero requires use of -n flag",
         ),
-        (vec!["resize", "-f", "raw", s(&src), "64k"], "set --shrink"),
     ] {
         let o = dc(&args);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{args:?} should fail");
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("Options::"), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    }
+    // An image naming a host file: the flag that opts in, not the library's option.
+    if have_qemu() {
+        let q = dir.path().join("b.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "/etc/passwd",
+            "-F",
+            "raw",
+            s(&q),
+            "1M",
+        ]);
+        let o = dc(&["convert", "-O", "raw", s(&q), s(&dst)]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(err.contains("(opt in with --allow-references)"), "{err}");
+        assert!(!err.contains("Options::"), "{err}");
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
     }
     // A missing image is named once, with the reason once.
@@ -329,4 +350,32 @@ fn help_texts_are_accurate() {
     assert!(!create.contains("(default raw) [default: raw]"), "{create}");
     let register = help(&["register", "--help"]);
     assert!(!register.contains("-O"), "{register}");
+}
+
+/// `sparsify --in-place` on a format diskconv does not change in place says what sparsify
+/// cannot do and what to run instead, not a resize error, and leaves the image as it was.
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
+fn sparsify_in_place_refusal_says_what_to_run() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let v = dir.path().join("v.vhdx");
+    qemu_img(&["create", "-q", "-f", "vhdx", s(&v), "16M"]);
+    let before = sha256_file(&v);
+    let o = dc(&["sparsify", "--in-place", s(&v)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot sparsify a vhdx image in place"),
+        "{err}"
+    );
+    assert!(err.contains("diskconv sparsify"), "{err}");
+    assert!(
+        !err.contains("resiz") && !err.contains("target-size"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert_eq!(sha256_file(&v), before);
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 const CORE: &[&str] = &[
     "error.rs",
     "format.rs",
+    "inplace.rs",
     "options.rs",
     "references.rs",
     "device.rs",

@@ -159,3 +159,132 @@ fn our_writers_are_exact() {
         "{h}"
     );
 }
+
+/// Our measure equals qemu-img's (exit code and stdout, JSON and human) for raw and qcow2
+/// outputs of every variant source, with -O left out (raw), qemu's -o options (compat
+/// 0.10 and 1.1: the bitmaps key depends on the output's version and on whether the
+/// source can hold bitmaps; preallocation; backing_file; options that change no number;
+/// values qemu refuses) and with --size.
+#[test]
+#[cfg_attr(no_qemu, ignore = "needs qemu-img and qemu-io")]
+fn equals_qemu_img_for_every_source_and_option() {
+    if !have_qemu() || !have_qemu_io() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let images = common::variants::make_variants(dir.path());
+    // Every source gets these; a few get the long list.
+    let short: &[&[&str]] = &[
+        &[],
+        &["-O", "raw"],
+        &["-O", "qcow2"],
+        &["-O", "qcow2", "-o", "compat=0.10"],
+        &["-O", "qcow2", "-o", "cluster_size=4k"],
+    ];
+    let long: &[&[&str]] = &[
+        &["-O", "qcow2", "-o", "compat=1.1"],
+        &["-O", "qcow2", "-o", "cluster_size=512,refcount_bits=1"],
+        &["-O", "qcow2", "-o", "extended_l2=on,cluster_size=2M"],
+        &["-O", "qcow2", "-o", "extended_l2=on,cluster_size=8k"],
+        &["-O", "qcow2", "-o", "preallocation=metadata"],
+        &["-O", "qcow2", "-o", "preallocation=falloc"],
+        &["-O", "qcow2", "-o", "preallocation=full,compat=0.10"],
+        &["-O", "qcow2", "-o", "preallocation=bogus"],
+        &[
+            "-O",
+            "qcow2",
+            "-o",
+            "backing_file=other.qcow2,backing_fmt=qcow2",
+        ],
+        &["-O", "qcow2", "-o", "compat=0.10,lazy_refcounts=on"],
+        &["-O", "qcow2", "-o", "compat=0.10,refcount_bits=8"],
+        &["-O", "qcow2", "-o", "compat=v3"],
+        &[
+            "-O",
+            "qcow2",
+            "-o",
+            "refcount_bits=0x20,compression_type=zstd",
+        ],
+        &["-O", "qcow2", "-o", "refcount_bits=3"],
+        &["-O", "qcow2", "-o", "cluster_size=4M"],
+        &[
+            "-O",
+            "qcow2",
+            "-o",
+            "nocow=on,extent_size_hint=1M,data_file=x,encryption=off",
+        ],
+        &["-O", "qcow2", "-o", "nocow=maybe"],
+        &["-O", "qcow2", "-o", "size=1T,cluster_size=512"],
+        &["-O", "qcow2", "-o", "bogus=1"],
+        &["-O", "raw", "-o", "preallocation=full,nocow=on"],
+        &["-O", "raw", "-o", "cluster_size=64k"],
+    ];
+    let is_long = |n: &str| {
+        [
+            "w.qcow2",
+            "w.v2.qcow2",
+            "bm.qcow2",
+            "hw.vdi",
+            "w.vhdx",
+            "top8.qcow2",
+            "w.raw",
+        ]
+        .contains(&n)
+    };
+    let mut compared = 0;
+    for (img, fmt) in &images {
+        let name = img.file_name().unwrap().to_str().unwrap();
+        let outs = short.iter().chain(long.iter().filter(|_| is_long(name)));
+        for out in outs {
+            for output in ["--output=json", "--output=human"] {
+                let mut a = vec!["measure", output, "-f", fmt];
+                a.extend_from_slice(out);
+                a.push(name);
+                let (qc, q, qe) = run_in(dir.path(), "qemu-img", &a);
+                a.insert(1, "--allow-references");
+                let (dc, d, de) = run_in(dir.path(), diskconv(), &a);
+                assert_eq!(qc, dc, "exit code of {a:?}: {qe} / {de}");
+                assert_eq!(q, d, "{a:?}");
+                compared += usize::from(qc == 0);
+            }
+        }
+    }
+    assert!(
+        compared >= images.len() * short.len() * 2,
+        "compared {compared}"
+    );
+    // The bitmaps key: present for v3 outputs of a v3 qcow2, nonzero with bitmaps.
+    let (_, j, _) = run_in(
+        dir.path(),
+        diskconv(),
+        &["measure", "--output=json", "-O", "qcow2", "bm.qcow2"],
+    );
+    assert!(json(&j)["bitmaps"].as_u64().unwrap() > 0, "{j}");
+    let (_, j, _) = run_in(
+        dir.path(),
+        diskconv(),
+        &["measure", "--output=json", "-O", "qcow2", "w.v2.qcow2"],
+    );
+    assert!(json(&j).get("bitmaps").is_none(), "{j}");
+    for size in [
+        "0",
+        "511",
+        "100M",
+        "12345k",
+        "3T",
+        "1E",
+        "8E",
+        "9223372036854775807",
+    ] {
+        for out in short.iter().chain(long) {
+            for output in ["--output=json", "--output=human"] {
+                let mut a = vec!["measure", output, "--size", size];
+                a.extend_from_slice(out);
+                let (qc, q, qe) = run_in(dir.path(), "qemu-img", &a);
+                let (dc, d, de) = run_in(dir.path(), diskconv(), &a);
+                assert_eq!(qc, dc, "exit code of {a:?}: {qe} / {de}");
+                assert_eq!(q, d, "{a:?}");
+            }
+        }
+    }
+}

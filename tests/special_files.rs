@@ -549,7 +549,7 @@ fn n_writes_into_an_existing_raw_target() {
         ),
         (
             vec!["convert", "-n", "-O", "qcow2", s(&q), s(&t)],
-            vec!["-n", "raw only"],
+            vec!["Image is not in qcow2 format", "target.raw"],
         ),
         (
             vec!["convert", "--target-is-zero", "-O", "raw", s(&q), s(&t)],

@@ -96,8 +96,11 @@ pub struct ConvertOptions<'a> {
     pub progress: Option<ProgressFn<'a>>,
     /// Flush the output to stable storage before renaming it into place.
     pub sync: bool,
-    /// Write into the existing destination (qemu-img's `-n`): a raw file or block device
-    /// that must already be at least the source's size, written in place.
+    /// Write into the existing destination (qemu-img's `-n`), which must already hold at
+    /// least the source's size: a raw file or block device, or an image of the output
+    /// format (qcow2, vpc, vmdk, vdi, vhdx), whose own options (cluster size, subformat,
+    /// backing file, preallocation) stay as they are. Its bytes past the source's size
+    /// keep their content.
     pub existing_target: bool,
     /// With `existing_target`: the destination already reads as zeros, so ranges that
     /// are zero in the source are not written (qemu-img's `--target-is-zero`).
@@ -120,6 +123,11 @@ pub struct ConvertOptions<'a> {
     pub digests: Vec<crate::writer::DigestAlgo>,
     /// Stops the conversion when cancelled (see [`CancelToken`]).
     pub cancel: CancelToken,
+    /// Test hook for `existing_target` into a non-raw image: make the Nth mutation of the
+    /// image fail with EIO, to prove a failure at any point leaves an image its checker
+    /// accepts.
+    #[doc(hidden)]
+    pub fail_at_write: Option<u64>,
 }
 
 impl std::fmt::Debug for ConvertOptions<'_> {
@@ -140,6 +148,7 @@ impl std::fmt::Debug for ConvertOptions<'_> {
             .field("shrink", &self.shrink)
             .field("digests", &self.digests)
             .field("cancel", &self.cancel.is_cancelled())
+            .field("fail_at_write", &self.fail_at_write)
             .finish()
     }
 }
@@ -163,6 +172,7 @@ impl<'a> ConvertOptions<'a> {
             shrink: false,
             digests: Vec::new(),
             cancel: CancelToken::new(),
+            fail_at_write: None,
         }
     }
 }

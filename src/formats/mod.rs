@@ -143,16 +143,39 @@ pub fn check_writable(format: Format) -> Result<()> {
 pub const STREAMING_OUTPUTS: &str =
     "raw, qcow2, vdi, dynamic vpc and monolithicSparse vmdk and dynamic vhdx (laid out from a first pass over the source), fixed vpc and fixed vhdx, vmdk with -o subformat=streamOptimized, ova";
 
-/// Whether `format` can be written into an existing image in place (`-n`): only raw
-/// today, whose in-place image is the guest bytes themselves.
+/// Whether `format` can be written into an existing image in place (`-n`): every format
+/// this crate writes except an OVA appliance (its disk is a member of a tar archive).
 pub fn check_in_place(format: Format) -> Result<()> {
-    match format {
-        Format::Raw => Ok(()),
-        other => Err(Error::unsupported(format!(
-            "writing into an existing image (ConvertOptions::existing_target) is supported for \
-             raw only (files and block devices), not {other}"
-        ))),
-    }
+    check_writable(format)?;
+    let why = "an OVA appliance cannot be written into in place: convert into its disk instead";
+    (format != Format::Ova)
+        .then_some(())
+        .ok_or_else(|| Error::unsupported(why))
+}
+
+/// Open the existing image in `file` (at `path`, of `format`, not raw: raw is written
+/// through [`Output`](crate::writer::Output)) for a conversion to write into in place;
+/// each format refuses, before any write, an image it cannot write into (with the reason)
+/// or one smaller than `opts.size`.
+pub fn open_in_place_writer(
+    format: Format,
+    file: File,
+    path: &Path,
+    opts: &crate::inplace::InPlaceOptions,
+) -> Result<Box<dyn ImageWriter>> {
+    check_in_place(format).map_err(|e| e.with_path(path))?;
+    crate::writer::lock_exclusive(&file, path)?;
+    let w = match format {
+        Format::Qcow2 => qcow2::open_in_place(file, path, opts),
+        Format::Vhd => vhd::open_in_place(file, path, opts),
+        Format::Vmdk => vmdk::open_in_place(file, path, opts),
+        Format::Vdi => vdi::open_in_place(file, path, opts),
+        Format::Vhdx => vhdx::open_in_place(file, path, opts),
+        _ => Err(Error::unsupported(
+            "only qcow2, vpc, vmdk, vdi and vhdx have in-place writers",
+        )),
+    };
+    w.map_err(|e| e.with_path(path))
 }
 
 /// Make a writer of `format` over the output `file` (a fresh file, or a
@@ -272,28 +295,27 @@ pub fn open_editor(
 
 /// Check (and with `repair`, repair in place) the image in `file` (opened read-write when
 /// repairing) at `path` with its format's checker; `fail_at` is the repair's test hook.
-/// Raw has no checker (the caller reports it as qemu-img does).
+/// Raw has no checker (the caller reports it as qemu-img does). `refs` is the reference
+/// gate for the files a vmdk descriptor lists as its extents.
 pub fn check_image(
     format: Format,
     file: File,
     path: &Path,
     repair: crate::check::Repair,
     fail_at: Option<u64>,
+    refs: &OpenOptions,
 ) -> Result<crate::check::Tally> {
     match format {
-        Format::Raw => Err(Error::unsupported(
-            "This image format does not support checks",
-        )),
+        Format::Raw | Format::Qcow => {
+            Err(Error::unsupported("This image format does not support checks"))
+        }
         Format::Qcow2 => qcow2::check::check(file, path, repair, fail_at),
         Format::Vhd => vhd::check::check(file, path, repair, fail_at),
-        Format::Vmdk => vmdk::check::check(file, path, repair, fail_at),
+        Format::Vmdk => vmdk::check::check(file, path, repair, fail_at, refs),
         Format::Vdi => vdi::check::check(file, path, repair, fail_at),
         Format::Vhdx => vhdx::check::check(file, path, repair, fail_at),
         Format::Ova => Err(Error::unsupported(
             "check an OVA appliance's disk: extract it or convert it first",
-        )),
-        Format::Qcow => Err(Error::unsupported(
-            "This image format does not support checks",
         )),
         Format::Qed => Err(Error::unsupported(
             "checking qed images is not implemented (diskconv reads them; qemu-img check -f qed checks them)",

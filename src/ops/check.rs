@@ -20,6 +20,11 @@ pub struct CheckOptions {
     pub format: Option<Format>,
     /// What to repair.
     pub repair: Repair,
+    /// Open the files a vmdk descriptor lists as its extents (monolithicFlat,
+    /// twoGbMaxExtent*), through the reference gate as [`crate::OpenOptions::allow_references`]
+    /// does: only relative names inside the image's folder. Off, checking such an image
+    /// fails (exit 1) naming the option.
+    pub allow_references: bool,
     /// Test hook: make the Nth write (1-based) of a repair fail with EIO, to prove that a
     /// failure at any write leaves an image qemu-img accepts with its data intact.
     #[doc(hidden)]
@@ -175,20 +180,23 @@ pub fn check(path: &Path, opts: &CheckOptions) -> Result<CheckReport> {
         }
         Ok(f)
     };
+    let refs = crate::options::OpenOptions::new().allow_references(opts.allow_references, None);
     let first = crate::formats::check_image(
         format,
         open(opts.repair != Repair::None)?,
         path,
         opts.repair,
         opts.fail_at_write,
+        &refs,
     )
     .map_err(|e| e.with_path(path))?;
     if first.corruptions_fixed == 0 && first.leaks_fixed == 0 {
         report.tally = first;
         return Ok(report);
     }
-    let mut second = crate::formats::check_image(format, open(false)?, path, Repair::None, None)
-        .map_err(|e| e.with_path(path))?;
+    let mut second =
+        crate::formats::check_image(format, open(false)?, path, Repair::None, None, &refs)
+            .map_err(|e| e.with_path(path))?;
     second.corruptions_fixed = first.corruptions_fixed;
     second.leaks_fixed = first.leaks_fixed;
     report.repaired_findings = first.findings;

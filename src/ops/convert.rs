@@ -6,11 +6,14 @@ use std::path::Path;
 use crate::convert::{convert_device, plan_allocation_with, ConvertOptions, ConvertReport};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result, Side};
+use crate::format::Format;
 use crate::formats::{
-    check_in_place, create_planned_writer, create_writer, plan_encoder, plan_granularity,
-    STREAMING_OUTPUTS,
+    check_in_place, create_planned_writer, create_writer, open_in_place_writer, plan_encoder,
+    plan_granularity, STREAMING_OUTPUTS,
 };
-use crate::writer::{ImageWriter, Output, OutputKind, OutputOptions, Sink};
+use crate::inplace::InPlaceOptions;
+use crate::options::OpenOptions;
+use crate::writer::{Digester, ImageWriter, Output, OutputKind, OutputOptions, Sink};
 
 /// Convert the image at `src` into the image `dst`; `src` is only ever opened read-only.
 ///
@@ -22,9 +25,9 @@ use crate::writer::{ImageWriter, Output, OutputKind, OutputOptions, Sink};
 /// written sequentially, for output formats that stream. See [`Output`].
 pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
     refuse_same_file(src, dst)?;
-    let (out, sink) = open_output(dst, opts)?;
+    let dest = open_output(dst, opts)?;
     let dev = super::open_source(src, &opts.open).map_err(|e| e.on_side(Side::Source))?;
-    convert_into(dev.as_ref(), out, sink, opts)
+    convert_into(dev.as_ref(), dest, opts)
 }
 
 /// [`convert`] from an already opened device into the image `dst`.
@@ -33,11 +36,20 @@ pub fn convert_to_path(
     dst: &Path,
     opts: &ConvertOptions,
 ) -> Result<ConvertReport> {
-    let (out, sink) = open_output(dst, opts)?;
-    convert_into(src, out, sink, opts)
+    let dest = open_output(dst, opts)?;
+    convert_into(src, dest, opts)
 }
 
-pub(crate) fn open_output(dst: &Path, opts: &ConvertOptions) -> Result<(Output, Sink)> {
+/// Where a conversion writes, opened before the source.
+pub(crate) enum Dest {
+    /// A new or replaced file, a raw file or block device written in place, a stream.
+    Output(Output, Sink),
+    /// An existing image of the output format (not raw), written in place by its format's
+    /// in-place writer: the file, opened read-write, and its path.
+    Image(std::fs::File, std::path::PathBuf),
+}
+
+pub(crate) fn open_output(dst: &Path, opts: &ConvertOptions) -> Result<Dest> {
     if opts.target_is_zero && !opts.existing_target {
         return Err(Error::arg(
             "target_is_zero needs existing_target: only an existing image can already read as zeros",
@@ -46,6 +58,18 @@ pub(crate) fn open_output(dst: &Path, opts: &ConvertOptions) -> Result<(Output, 
     }
     if opts.existing_target {
         check_in_place(opts.format).map_err(|e| e.with_path(dst))?;
+        // qemu-img refuses -o with -n too: the image's own options stay.
+        if let Some(k) = opts.create.options.keys().next() {
+            return Err(Error::arg(format!(
+                "creation option '{k}' has no effect when writing into an existing image (ConvertOptions::existing_target): the image keeps its own options"
+            ))
+            .with_path(dst));
+        }
+        if opts.format != Format::Raw {
+            return open_image(dst)
+                .map(|(f, p)| Dest::Image(f, p))
+                .map_err(|e| e.on_side(Side::Destination));
+        }
     }
     Output::open(
         dst,
@@ -54,7 +78,40 @@ pub(crate) fn open_output(dst: &Path, opts: &ConvertOptions) -> Result<(Output, 
             target_is_zero: opts.target_is_zero,
         },
     )
+    .map(|(o, s)| Dest::Output(o, s))
     .map_err(|e| e.on_side(Side::Destination))
+}
+
+/// Open the existing image `dst` (a regular file or a block device) read-write.
+fn open_image(dst: &Path) -> Result<(std::fs::File, std::path::PathBuf)> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let meta = match std::fs::metadata(dst) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(
+                Error::arg("-n: the output does not exist (it must be created beforehand)")
+                    .with_path(dst),
+            )
+        }
+        Err(e) => return Err(Error::io("cannot open the output", e).with_path(dst)),
+    };
+    let ft = meta.file_type();
+    if !ft.is_file() && !ft.is_block_device() {
+        return Err(Error::arg(
+            "writing into an existing image needs a regular file or a block device holding it",
+        )
+        .with_path(dst));
+    }
+    let mut oo = std::fs::OpenOptions::new();
+    oo.read(true).write(true).custom_flags(libc::O_NOCTTY);
+    if ft.is_block_device() {
+        // Refuse a block device that is mounted or otherwise held.
+        oo.custom_flags(libc::O_NOCTTY | libc::O_EXCL);
+    }
+    let f = oo
+        .open(dst)
+        .map_err(|e| Error::io("cannot open the output for writing", e).with_path(dst))?;
+    Ok((f, dst.to_path_buf()))
 }
 
 /// Put the destination's path on an error of the conversion, unless the source failed
@@ -68,12 +125,87 @@ fn at_dst(e: Error, dst: &Path) -> Error {
 
 pub(crate) fn convert_into(
     dev: &dyn BlockDevice,
-    out: Output,
-    sink: Sink,
+    dest: Dest,
     opts: &ConvertOptions,
 ) -> Result<ConvertReport> {
-    let (out, writer) = prepare(dev, out, sink, opts)?;
-    run(dev, out, writer, opts)
+    match dest {
+        Dest::Output(out, sink) => {
+            let (out, writer) = prepare(dev, out, sink, opts)?;
+            run(dev, out, writer, opts)
+        }
+        Dest::Image(file, path) => convert_in_place(dev, file, &path, opts),
+    }
+}
+
+/// Convert into the existing image `file` at `path` with its format's in-place writer.
+fn convert_in_place(
+    dev: &dyn BlockDevice,
+    file: std::fs::File,
+    path: &Path,
+    opts: &ConvertOptions,
+) -> Result<ConvertReport> {
+    let mut size = dev.virtual_size();
+    if let Some(target) = opts.target_size {
+        check_target_size(dev, target, opts.shrink).map_err(|e| at_dst(e, path))?;
+        size = target;
+    }
+    if opts.create.compress {
+        return Err(Error::unsupported(
+            "compressed writes into an existing image (ConvertOptions::existing_target) are not supported: write a new compressed image instead",
+        )
+        .with_path(path));
+    }
+    let handle = file
+        .try_clone()
+        .map_err(|e| Error::io("cannot duplicate the output's descriptor", e).with_path(path))?;
+    // -O names the format of the image written into: a file of another format is refused
+    // as qemu-img refuses it, before its format's editor reads anything else.
+    let dup = handle
+        .try_clone()
+        .map_err(|e| Error::io("cannot duplicate the output's descriptor", e).with_path(path))?;
+    let found = crate::probe::probe_file(&crate::device::HostFile::from_file(dup, path)?)
+        .map_err(|e| e.on_side(Side::Destination))?;
+    if found != opts.format {
+        let what = match found {
+            Format::Raw => format!("it carries no {} signature", opts.format),
+            other => format!("it is a {other} image"),
+        };
+        return Err(Error::invalid(format!(
+            "Image is not in {} format: {what} (-O names the format of the existing image, ConvertOptions::format)",
+            opts.format
+        ))
+        .with_path(path));
+    }
+    // The image's backing file goes through the same gate as the source's references.
+    let mut open = OpenOptions::new().allow_references(opts.open.allow_references, None);
+    open.opener = Some(crate::formats::open_with);
+    let in_place = InPlaceOptions {
+        size,
+        target_is_zero: opts.target_is_zero,
+        open,
+        fail_at_write: opts.fail_at_write,
+    };
+    let writer = open_in_place_writer(opts.format, file, path, &in_place)
+        .map_err(|e| e.on_side(Side::Destination))?;
+    let mut report = convert_device(dev, writer, opts).map_err(|e| at_dst(e, path))?;
+    let io = |what: &'static str| move |e| Error::io(what, e).with_path(path);
+    if opts.sync {
+        handle.sync_all().map_err(io("flushing the output"))?;
+    }
+    // The report gives the image's own size, which may exceed the source's.
+    let open = OpenOptions::new().format(opts.format).without_backing();
+    report.virtual_size = crate::formats::open_with(path, &open)
+        .map_err(|e| e.on_side(Side::Destination))?
+        .virtual_size();
+    // Seeking to the end sizes a block device as well as a file.
+    report.size = std::io::Seek::seek(&mut &handle, std::io::SeekFrom::End(0))
+        .map_err(io("cannot size the output"))?;
+    if !opts.digests.is_empty() {
+        report.digests = Digester::of_file(&handle, report.size, &opts.digests)
+            .map_err(io("reading the finished output"))?
+            .finish();
+    }
+    Ok(report)
 }
 
 /// Everything before the first guest byte is read: the target size checked, the writer

@@ -73,7 +73,7 @@ pub fn map_device(dev: &dyn BlockDevice, image: &Path, range: MapRange) -> Resul
     let mut out: Vec<MapEntry> = Vec::new();
     let mut off = range.start;
     while off < end {
-        let st: BlockStatus = dev.block_status(off, end - off)?;
+        let st: BlockStatus = crate::device::qemu_block_status(dev, off, end - off)?;
         if st.len == 0 || st.offset != off {
             return Err(Error::corrupt(format!(
                 "block status at {off:#x} answered an empty or misplaced range"
@@ -158,33 +158,35 @@ fn c_hex(v: u64) -> String {
 
 /// The entries as `qemu-img map` (human) prints them: data ranges only, with the host
 /// offset and file. Like qemu-img it refuses an image whose data has no host offset
-/// (compressed clusters), since the table could not say where it is.
+/// (compressed clusters, a vhdx), since the table could not say where it is; see
+/// [`map_human_partial`] for the lines qemu-img prints before it stops.
 pub fn map_human(entries: &[MapEntry]) -> Result<String> {
+    match map_human_partial(entries) {
+        (s, None) => Ok(s),
+        (_, Some(e)) => Err(e),
+    }
+}
+
+/// What `qemu-img map` (human) prints on stdout, and the error it stops at, if any: the
+/// header and the data ranges before the first range it cannot show.
+///
+/// qemu-img walks the same merged ranges as the JSON output and prints those that are
+/// data and not zero. It refuses a range that is data without a host offset; a range that
+/// reads as zero escapes that check unless it comes first, since qemu-img marks every
+/// later zero range as not data before it looks at it.
+pub fn map_human_partial(entries: &[MapEntry]) -> (String, Option<Error>) {
     let mut s = format!(
         "{:<16}{:<16}{:<16}{}\n",
         "Offset", "Length", "Mapped to", "File"
     );
-    // Human output does not tell zero from unallocated, so those merge (as in qemu-img).
-    let mut merged: Vec<MapEntry> = Vec::new();
-    for e in entries {
-        let mut e = e.clone();
-        if !e.data || e.zero {
-            (e.data, e.zero, e.offset, e.filename, e.depth, e.present) =
-                (false, true, None, None, 0, false);
-            e.compressed = false;
+    for (i, e) in entries.iter().enumerate() {
+        let data = e.data && (i == 0 || !e.zero);
+        if data && e.offset.is_none() {
+            let err =
+                Error::unsupported("File contains external, encrypted or compressed clusters.");
+            return (s, Some(err));
         }
-        match merged.last_mut() {
-            Some(p) if p.mergeable(&e) => p.length += e.length,
-            _ => merged.push(e),
-        }
-    }
-    for e in &merged {
-        if e.data && e.offset.is_none() {
-            return Err(Error::unsupported(
-                "File contains external, encrypted or compressed clusters.",
-            ));
-        }
-        if e.data && !e.zero {
+        if data && !e.zero {
             let name = e.filename.as_deref().map(|p| p.display().to_string());
             s += &format!(
                 "{:<16}{:<16}{:<16}{}\n",
@@ -195,5 +197,5 @@ pub fn map_human(entries: &[MapEntry]) -> Result<String> {
             );
         }
     }
-    Ok(s)
+    (s, None)
 }

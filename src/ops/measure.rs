@@ -17,7 +17,7 @@ use crate::convert::{plan_allocation_with, ConvertOptions};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::Format;
-use crate::options::CreateOptions;
+use crate::options::{CreateOptions, QemuOptKind};
 use crate::writer::{AllocationPlan, Output};
 
 /// What `measure` found, as qemu-img measure reports it.
@@ -27,12 +27,25 @@ pub struct Measurement {
     pub required: u64,
     /// Bytes the output needs when every guest block is written ("fully allocated size").
     pub fully_allocated: u64,
-    /// Bytes for persistent bitmaps (qcow2 v3 outputs of qcow2 sources, like qemu; we
-    /// copy none, so 0).
+    /// Bytes the source's persistent bitmaps would take in the output, as qemu-img
+    /// reports them: for qcow2 v3 outputs of sources that can hold bitmaps (qcow2 v3),
+    /// None otherwise. (`convert` copies no bitmaps; qemu-img's does only with --bitmaps.)
     pub bitmaps: Option<u64>,
     /// Whether `fully_allocated` is an upper bound rather than exact (compressed outputs).
     pub fully_allocated_is_bound: bool,
 }
+
+/// The options qemu's file protocol declares for creation: qemu-img measure takes them
+/// with every output format (they change no number).
+const FILE_OPTIONS: &[(&str, QemuOptKind)] = &[
+    ("size", QemuOptKind::Size),
+    ("preallocation", QemuOptKind::Str),
+    ("nocow", QemuOptKind::Bool),
+    ("extent_size_hint", QemuOptKind::Size),
+];
+
+/// The options qemu's raw driver declares for creation.
+const RAW_OPTIONS: &[(&str, QemuOptKind)] = &[("size", QemuOptKind::Size)];
 
 /// A guest of this many bytes, all unallocated: what `--size` measures.
 struct Empty(u64);
@@ -102,12 +115,28 @@ pub fn measure_device(
     opts: &CreateOptions,
     convert: &ConvertOptions,
 ) -> Result<Measurement> {
+    if src.is_none() && opts.size > i64::MAX as u64 {
+        // qemu's sizes are signed 64-bit.
+        return Err(Error::arg(format!(
+            "invalid size {}: must be between 0 and {}",
+            opts.size,
+            i64::MAX
+        )));
+    }
     let mut opts = opts.clone();
     if let Some(d) = src {
         opts.size = d.virtual_size();
     }
     let size = opts.size;
-    opts.check_known(format)?;
+    match format {
+        // qemu-img's own: every option its driver and the file protocol declare is taken.
+        Format::Raw => opts.check_qemu_kinds("raw", &[FILE_OPTIONS, RAW_OPTIONS].concat())?,
+        Format::Qcow2 => opts.check_qemu_kinds(
+            "qcow2",
+            &[FILE_OPTIONS, crate::formats::qcow2::measure::QEMU_OPTIONS].concat(),
+        )?,
+        _ => opts.check_known(format)?,
+    }
     let mut m = Measurement {
         required: 0,
         fully_allocated: 0,
@@ -126,7 +155,12 @@ pub fn measure_device(
             (m.required, m.fully_allocated) = (n, n);
         }
         Format::Qcow2 => {
-            let (r, f, b) = crate::formats::qcow2::measure::measure(src, size, &opts)?;
+            // The size the options name: qemu's formula checks its L1 limit against it.
+            let named = match src {
+                Some(_) => opts.size_option("size")?.unwrap_or(0),
+                None => size,
+            };
+            let (r, f, b) = crate::formats::qcow2::measure::measure(src, named, &opts)?;
             (m.required, m.fully_allocated, m.bitmaps) = (r, f, b);
         }
         _ => match crate::formats::plan_granularity(format, &opts)? {

@@ -88,9 +88,9 @@ fn scanned(
 /// opened first and written atomically, as by convert.
 pub fn sparsify(src: &Path, dst: &Path, opts: &SparsifyOptions) -> Result<SparsifyReport> {
     crate::ops::convert::refuse_same_file(src, dst)?;
-    let (out, sink) = crate::ops::convert::open_output(dst, &opts.convert)?;
+    let dest = crate::ops::convert::open_output(dst, &opts.convert)?;
     let (dev, mut report) = scanned(src, opts)?;
-    let r = crate::ops::convert::convert_into(&dev, out, sink, &opts.convert)?;
+    let r = crate::ops::convert::convert_into(&dev, dest, &opts.convert)?;
     report.output_size = r.size;
     report.convert = Some(r);
     Ok(report)

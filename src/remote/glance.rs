@@ -471,6 +471,7 @@ fn static_opts(o: &ConvertOptions<'_>) -> ConvertOptions<'static> {
         shrink: o.shrink,
         digests: o.digests.clone(),
         cancel: o.cancel.clone(),
+        fail_at_write: o.fail_at_write,
     }
 }
 

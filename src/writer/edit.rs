@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use super::zeros::write_zeros_at;
 use crate::error::{Error, Result};
 
 #[doc(hidden)] // a helper of the format writers and editors, not a stable API
@@ -126,6 +127,29 @@ impl EditFile {
                 .at(offset)
                 .with_path(&self.path)),
         }
+    }
+
+    /// Make `[offset, offset+len)` read as zeros and keep it allocated (fallocate
+    /// ZERO_RANGE, which may also extend the file; written zeros where the filesystem or
+    /// device cannot), so a preallocated image stays preallocated.
+    pub fn zero_range(&mut self, offset: u64, len: u64, what: &str) -> Result<()> {
+        self.step(what)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if let (Ok(s), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) {
+            // SAFETY: fallocate on a valid descriptor.
+            let r =
+                unsafe { libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, s, l) };
+            if r == 0 {
+                return Ok(());
+            }
+        }
+        write_zeros_at(&self.file, offset, offset + len).map_err(|e| {
+            Error::io(what.to_string(), e)
+                .at(offset)
+                .with_path(&self.path)
+        })
     }
 
     /// Bytes of `[a, b)` the filesystem stores (not holes), by SEEK_DATA/SEEK_HOLE; all of

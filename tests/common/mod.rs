@@ -8,6 +8,7 @@ pub mod discard;
 pub mod resize;
 pub mod sparsify;
 pub mod stream;
+pub mod variants;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

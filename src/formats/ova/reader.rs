@@ -85,6 +85,12 @@ impl BlockDevice for OvaDevice {
     fn block_status(&self, offset: u64, max_len: u64) -> Result<BlockStatus> {
         self.inner.block_status(offset, max_len)
     }
+    fn qemu_status_opaque(&self) -> bool {
+        self.inner.qemu_status_opaque()
+    }
+    fn persistent_bitmaps(&self) -> Result<Option<Vec<(String, u64)>>> {
+        self.inner.persistent_bitmaps()
+    }
     fn format(&self) -> Format {
         Format::Ova
     }

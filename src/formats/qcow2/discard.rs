@@ -169,7 +169,7 @@ fn refuse(ed: &Qcow2Editor) -> Result<()> {
 
 /// Every cluster holding metadata, sorted: a data entry naming one is corruption that a
 /// discard must never turn into a freed (and punched) table.
-fn metadata_clusters(h: &Header, l1: &[u64], reftable: &[u64]) -> Vec<u64> {
+pub(super) fn metadata_clusters(h: &Header, l1: &[u64], reftable: &[u64]) -> Vec<u64> {
     let cs = h.cluster_size();
     let mut v = vec![0u64];
     let l1c = h.l1_table_offset / cs;

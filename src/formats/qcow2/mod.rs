@@ -14,11 +14,14 @@ use crate::error::Result;
 use crate::options::{CreateOptions, OpenOptions, OptionHelp, ResizeOptions};
 use crate::writer::ImageWriter;
 
+mod bitmaps;
 pub mod check;
 pub mod compress;
 pub mod discard;
 pub mod header;
+pub mod inplace;
 pub mod measure;
+mod prealloc;
 pub mod reader;
 pub mod resize;
 pub mod snapshot;
@@ -74,6 +77,15 @@ pub fn plan_encoder(
             cluster_size: p.cs as usize,
         }) as std::sync::Arc<dyn crate::writer::Encoder>
     }))
+}
+
+/// Open a qcow2 image for a conversion to write into in place (see [`inplace`]).
+pub fn open_in_place(
+    file: File,
+    path: &std::path::Path,
+    opts: &crate::inplace::InPlaceOptions,
+) -> Result<Box<dyn ImageWriter>> {
+    inplace::open_in_place(file, path, opts)
 }
 
 /// Open a qcow2 image for in-place resizing (see [`resize`]).

@@ -36,15 +36,16 @@ const MAP_MAX_TABLES: u64 = 64;
 /// What one guest run is, as the reader sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Piece {
-    Unallocated,
-    Zero,
+    /// Not allocated here (the backing image's, or zeros); with the host offset of the
+    /// preallocated cluster it lies in, if any (qemu's UNALLOCATED_ALLOC subcluster).
+    Unallocated(Option<u64>),
+    /// Reads as zeros; with the host offset of its preallocated cluster, if any (qemu's
+    /// ZERO_ALLOC, which `map` shows with its offset).
+    Zero(Option<u64>),
     /// Uncompressed data at this host offset (of the image or the external data file).
     Data(u64),
     /// A compressed cluster: host offset and byte count of its stream.
-    Compressed {
-        coffset: u64,
-        csize: u64,
-    },
+    Compressed { coffset: u64, csize: u64 },
 }
 
 struct L2Cache {
@@ -74,6 +75,8 @@ pub struct Qcow2Image {
     csize_shift: u32,
     /// Guest size: the header's size rounded down to whole sectors, as qemu reads it.
     size: u64,
+    /// qemu's metadata-preallocation guess, made on the first block status.
+    metadata_prealloc: std::sync::OnceLock<bool>,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -200,6 +203,7 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Qcow2Image> {
     Ok(Qcow2Image {
         csize_shift: 62 - (header.cluster_bits - 8),
         size: header.size & !511,
+        metadata_prealloc: std::sync::OnceLock::new(),
         file,
         data_file,
         ext,
@@ -317,12 +321,13 @@ impl Qcow2Image {
             )));
         }
         if !ext {
+            // qemu's ZERO_ALLOC needs a host offset even with a data file.
             let p = if entry & ZERO != 0 {
-                Piece::Zero
+                Piece::Zero((host != 0).then_some(host + in_cluster))
             } else if allocated {
                 Piece::Data(host + in_cluster)
             } else {
-                Piece::Unallocated
+                Piece::Unallocated(None)
             };
             return Ok((limit, p));
         }
@@ -352,10 +357,11 @@ impl Qcow2Image {
             next += 1;
         }
         let end = (cluster_start + next * sc_size).min(limit);
+        let at = allocated.then_some(host + in_cluster);
         let p = match k {
             0 => Piece::Data(host + in_cluster),
-            1 => Piece::Zero,
-            _ => Piece::Unallocated,
+            1 => Piece::Zero(at),
+            _ => Piece::Unallocated(at),
         };
         Ok((end, p))
     }
@@ -378,7 +384,7 @@ impl Qcow2Image {
             {
                 next += 1;
             }
-            return Ok((end.min(next * span) - off, Piece::Unallocated));
+            return Ok((end.min(next * span) - off, Piece::Unallocated(None)));
         };
         let cluster_end = |p: u64| (p / cs + 1) * cs;
         let (mut e, first) = self.classify(&table, off, span_end.min(cluster_end(off)))?;
@@ -387,8 +393,14 @@ impl Qcow2Image {
         }
         while e < span_end {
             let (e2, p) = self.classify(&table, e, span_end.min(cluster_end(e)))?;
+            // A run keeps to one kind and, where it has host offsets, to one
+            // contiguous host range (qemu's count_contiguous_subclusters).
             let same = match (first, p) {
-                (Piece::Data(h), Piece::Data(h2)) => h2 == h + (e - off),
+                (Piece::Data(h), Piece::Data(h2))
+                | (Piece::Zero(Some(h)), Piece::Zero(Some(h2)))
+                | (Piece::Unallocated(Some(h)), Piece::Unallocated(Some(h2))) => {
+                    h2 == h + (e - off)
+                }
                 (a, b) => a == b,
             };
             if !same {
@@ -399,21 +411,12 @@ impl Qcow2Image {
         Ok((e - off, first))
     }
 
-    /// qemu's guess that the image was made with preallocation=metadata (its
-    /// `qcow2_detect_metadata_preallocation`): far more clusters in use than the file has
-    /// blocks on disk. The clusters in use are counted as the file's length in clusters
-    /// (what the refcounts cover in an image without leaks).
+    /// qemu's guess that the image was made with preallocation=metadata, made once (as
+    /// qemu does on its first block status).
     fn metadata_preallocated(&self) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        let Ok(meta) = self.file.file().metadata() else {
-            return false;
-        };
-        if self.file.is_remote() {
-            return false;
-        }
-        let real = meta.blocks() * 512 / self.cs;
-        let threshold = (real * 10 / 9).max(real + 2);
-        self.file.len().div_ceil(self.cs) >= threshold
+        *self
+            .metadata_prealloc
+            .get_or_init(|| super::prealloc::metadata_preallocated(&self.file, &self.header))
     }
 
     fn data_source(&self) -> &HostFile {
@@ -464,12 +467,12 @@ impl Qcow2Image {
     /// reads it) and may come back shorter.
     fn public_kind(&self, p: Piece, off: u64, len: u64) -> Result<(u64, MappingKind)> {
         Ok(match p {
-            Piece::Zero => (len, MappingKind::Zero),
+            Piece::Zero(_) => (len, MappingKind::Zero),
             Piece::Data(h) if self.data_file.is_none() => {
                 (len, MappingKind::Data { host: Some(h) })
             }
             Piece::Data(_) | Piece::Compressed { .. } => (len, MappingKind::Data { host: None }),
-            Piece::Unallocated => {
+            Piece::Unallocated(_) => {
                 crate::device::unallocated_kind(self.backing.as_deref(), off, len)?
             }
         })
@@ -497,10 +500,11 @@ impl BlockDevice for Qcow2Image {
             host: None,
             file: None,
         };
+        let data_file = || self.data_file.as_ref().map(|f| f.path().to_path_buf());
         match piece {
             Piece::Data(h) => {
                 st.host = Some(h);
-                st.file = self.data_file.as_ref().map(|f| f.path().to_path_buf());
+                st.file = data_file();
                 // qemu looks into the file only for images it thinks were preallocated
                 // with preallocation=metadata (their data clusters may be holes).
                 if self.metadata_preallocated() {
@@ -508,8 +512,14 @@ impl BlockDevice for Qcow2Image {
                 }
             }
             Piece::Compressed { .. } => st.compressed = true,
-            Piece::Zero => (st.zero, st.data) = (true, false),
-            Piece::Unallocated => {
+            Piece::Zero(h) => {
+                (st.zero, st.data) = (true, false);
+                // A preallocated zero cluster keeps its offset in qemu's answer.
+                if h.is_some() {
+                    (st.host, st.file) = (h, data_file());
+                }
+            }
+            Piece::Unallocated(h) => {
                 (st.present, st.zero, st.data) = (false, true, false);
                 if let Some(b) = &self.backing {
                     if offset < b.virtual_size() {
@@ -520,23 +530,36 @@ impl BlockDevice for Qcow2Image {
                         bs.depth += 1;
                         return Ok(bs);
                     }
-                    // Past the backing image's end qemu reads zeros at this level.
-                    st.depth = 1;
+                }
+                // No backing image answers here (none, or past its end): qemu's block
+                // layer calls the range zero at this level, depth 0, keeping the offset
+                // of a preallocated cluster.
+                if h.is_some() {
+                    (st.host, st.file) = (h, data_file());
                 }
             }
         }
         Ok(st)
     }
 
+    /// A v3 image can hold persistent bitmaps (qemu's
+    /// `qcow2_supports_persistent_dirty_bitmap`); a v2 image cannot.
+    fn persistent_bitmaps(&self) -> Result<Option<Vec<(String, u64)>>> {
+        if self.header.version < 3 {
+            return Ok(None);
+        }
+        super::bitmaps::list(&self.file, &self.header, &self.ext).map(Some)
+    }
+
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
         let size = self.size;
         let end = crate::device::map_end(size, offset, max_len)?;
         let span = self.cs * self.l2_entries;
-        let mut cur = offset;
-        let mut kind: Option<MappingKind> = None;
+        let mut run = crate::device::MapRun::new(offset);
         let mut tables = 0;
         let mut last_table = None;
-        while cur < end {
+        while run.end() < end {
+            let cur = run.end();
             // Each L2 table walked costs a cluster read; stop after a bounded number.
             let l1_index = cur / span;
             let has_table = self
@@ -557,28 +580,11 @@ impl BlockDevice for Qcow2Image {
                     .map_err(|e| e.with_field(format!("L2 entry for guest offset {cur:#x}")))?;
             }
             let (len, k) = self.public_kind(piece, cur, len)?;
-            match kind {
-                None => kind = Some(k),
-                Some(prev) => {
-                    let same = match (prev, k) {
-                        (
-                            MappingKind::Data { host: Some(a) },
-                            MappingKind::Data { host: Some(b) },
-                        ) => b == a + (cur - offset),
-                        (a, b) => a == b,
-                    };
-                    if !same {
-                        break;
-                    }
-                }
+            if !run.push(len, k) {
+                break;
             }
-            cur += len;
         }
-        Ok(Mapping {
-            offset,
-            len: cur - offset,
-            kind: kind.unwrap_or(MappingKind::Unallocated),
-        })
+        Ok(run.finish())
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -609,8 +615,8 @@ impl BlockDevice for Qcow2Image {
             }
             let part = &mut buf[done..done + n];
             match piece {
-                Piece::Zero => part.fill(0),
-                Piece::Unallocated => {
+                Piece::Zero(_) => part.fill(0),
+                Piece::Unallocated(_) => {
                     crate::device::read_unallocated(self.backing.as_deref(), part, cur)?
                 }
                 Piece::Compressed { coffset, csize } => {

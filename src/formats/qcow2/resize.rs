@@ -62,6 +62,11 @@ pub struct Qcow2Editor {
 /// `resize`, what a discard cannot by `discard` (their limits differ: a discard keeps a
 /// backing file's overlay consistent with the zero flag).
 pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<dyn ImageEditor>> {
+    Ok(Box::new(open_qcow2(file, path, opts.fail_at_write)?))
+}
+
+/// [`open_editor`]'s editor itself, with `fail_at` as its test hook.
+pub(super) fn open_qcow2(file: File, path: &Path, fail_at: Option<u64>) -> Result<Qcow2Editor> {
     let clone = file
         .try_clone()
         .map_err(|e| Error::io("cannot duplicate the image's descriptor", e).with_path(path))?;
@@ -88,13 +93,13 @@ pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<
         .as_ref()
         .map_or(0, |b| b.nb_bitmaps);
     drop(image);
-    Ok(Box::new(Qcow2Editor {
-        file: EditFile::new(file, path, opts.fail_at_write),
+    Ok(Qcow2Editor {
+        file: EditFile::new(file, path, fail_at),
         host,
         path: path.to_path_buf(),
         header,
         nb_bitmaps,
-    }))
+    })
 }
 
 fn refuse_unsupported(h: &Header, path: &Path) -> Result<()> {
@@ -134,7 +139,7 @@ pub(super) struct Refs {
     table_offset: u64,
     table_clusters: u64,
     old: HashMap<u64, Vec<u8>>,
-    new: BTreeMap<u64, Vec<u8>>,
+    pub(super) new: BTreeMap<u64, Vec<u8>>,
 }
 
 impl Refs {
@@ -208,7 +213,7 @@ impl Refs {
     }
 
     /// The refcount of cluster `c` in the image as it is on disk.
-    fn get_old(&mut self, host: &HostFile, c: u64) -> Result<u64> {
+    pub(super) fn get_old(&mut self, host: &HostFile, c: u64) -> Result<u64> {
         let (i, j) = (c / self.rb_entries, c % self.rb_entries);
         let order = self.order;
         let Some(b) = self.old_block(host, i)? else {
@@ -230,7 +235,7 @@ impl Refs {
     }
 
     /// Change cluster `c`'s refcount by `delta` in the new state.
-    fn add(&mut self, host: &HostFile, c: u64, delta: i64) -> Result<()> {
+    pub(super) fn add(&mut self, host: &HostFile, c: u64, delta: i64) -> Result<()> {
         let (i, j) = (c / self.rb_entries, c % self.rb_entries);
         if !self.new.contains_key(&i) {
             let b = match self.old_block(host, i)? {
@@ -296,13 +301,13 @@ pub(super) fn encode(order: u32, b: &mut [u8], j: u64, v: u64) {
 
 /// Where new clusters go: the first run that is free in the old image (refcount 0) and
 /// not yet taken by this transaction, searching from `start`.
-struct Alloc {
-    start: u64,
-    taken: BTreeSet<u64>,
+pub(super) struct Alloc {
+    pub(super) start: u64,
+    pub(super) taken: BTreeSet<u64>,
 }
 
 impl Alloc {
-    fn run(&mut self, refs: &mut Refs, host: &HostFile, n: u64) -> Result<u64> {
+    pub(super) fn run(&mut self, refs: &mut Refs, host: &HostFile, n: u64) -> Result<u64> {
         let mut c = self.start.max(1);
         'search: loop {
             for k in 0..n {
@@ -324,11 +329,11 @@ impl Alloc {
 type Write = (u64, Vec<u8>);
 
 /// What one resize writes: new tables and where.
-struct Plan {
-    writes: Vec<(u64, Vec<u8>)>,
+pub(super) struct Plan {
+    pub(super) writes: Vec<(u64, Vec<u8>)>,
     /// Host ranges to fill with zeros (preallocated data clusters).
-    zeros: Vec<(u64, u64)>,
-    header: Header,
+    pub(super) zeros: Vec<(u64, u64)>,
+    pub(super) header: Header,
 }
 
 impl Qcow2Editor {
@@ -617,7 +622,7 @@ impl Qcow2Editor {
     /// Place the changed refcount blocks and a new refcount table in free clusters and
     /// count those clusters too (a fixed point: a new block's own cluster may fall in a
     /// block not yet changed). The old table and the replaced blocks are freed.
-    fn finish_refcounts(
+    pub(super) fn finish_refcounts(
         &self,
         refs: &mut Refs,
         alloc: &mut Alloc,
@@ -822,7 +827,7 @@ impl Qcow2Editor {
 
     /// Write a plan's tables, flush, switch the header, flush. A failure before the
     /// switch gives the file its old length back (nothing refers to what was written).
-    fn commit(&mut self, plan: Plan, grow_tail: Option<(u64, usize)>) -> Result<()> {
+    pub(super) fn commit(&mut self, plan: Plan, grow_tail: Option<(u64, usize)>) -> Result<()> {
         let old_len = self.host.len();
         let writes = coalesce(plan.writes);
         let before = (|| -> Result<()> {

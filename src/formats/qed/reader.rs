@@ -296,11 +296,11 @@ impl BlockDevice for QedImage {
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
         let end = crate::device::map_end(self.header.image_size, offset, max_len)?;
-        let mut cur = offset;
-        let mut kind: Option<MappingKind> = None;
+        let mut run = crate::device::MapRun::new(offset);
         let mut steps = 0;
-        while cur < end && steps < MAP_MAX_STEPS {
+        while run.end() < end && steps < MAP_MAX_STEPS {
             steps += 1;
+            let cur = run.end();
             let (len, piece) = self.lookup(cur)?;
             let len = len.min(end - cur);
             let (len, k) = match piece {
@@ -310,28 +310,11 @@ impl BlockDevice for QedImage {
                     crate::device::unallocated_kind(self.backing.as_deref(), cur, len)?
                 }
             };
-            match kind {
-                None => kind = Some(k),
-                Some(prev) => {
-                    let same = match (prev, k) {
-                        (
-                            MappingKind::Data { host: Some(a) },
-                            MappingKind::Data { host: Some(b) },
-                        ) => b == a + (cur - offset),
-                        (a, b) => a == b,
-                    };
-                    if !same {
-                        break;
-                    }
-                }
+            if !run.push(len, k) {
+                break;
             }
-            cur += len;
         }
-        Ok(Mapping {
-            offset,
-            len: cur - offset,
-            kind: kind.unwrap_or(MappingKind::Unallocated),
-        })
+        Ok(run.finish())
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {

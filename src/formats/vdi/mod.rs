@@ -16,11 +16,13 @@ use crate::writer::ImageWriter;
 pub mod check;
 pub mod discard;
 pub mod header;
+pub mod inplace;
 pub mod reader;
 pub mod resize;
 pub mod stream;
 pub mod writer;
 
+pub use inplace::open_in_place;
 pub use reader::VdiImage;
 pub use resize::open_editor;
 pub use writer::VdiWriter;

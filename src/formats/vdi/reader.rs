@@ -3,7 +3,7 @@
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
-use super::header::{VdiHeader, BLOCK_DISCARDED, BLOCK_UNALLOCATED, HEADER_BLOCK};
+use super::header::{ImageType, VdiHeader, BLOCK_DISCARDED, BLOCK_UNALLOCATED, HEADER_BLOCK};
 use crate::device::{read_via_map, BlockDevice, HostFile, ImageInfo, Mapping, MappingKind};
 use crate::error::{Error, Result};
 use crate::format::Format;
@@ -132,12 +132,18 @@ impl BlockDevice for VdiImage {
         self.size
     }
 
-    /// qemu reports this format's unallocated blocks as allocated zeros.
+    /// qemu reports this format's unallocated blocks as allocated zeros, and looks into
+    /// the file under the data (holes: zero data) of a static image only (block/vdi.c sets
+    /// BDRV_BLOCK_RECURSE for VDI_TYPE_STATIC): a dynamic image's blocks are whole data.
     fn block_status(&self, offset: u64, max_len: u64) -> Result<crate::device::BlockStatus> {
         let m = self.map(offset, max_len)?;
-        Ok(crate::device::BlockStatus::from_mapping(&m, true)
-            .refine_by_host(&self.file)
-            .end_in_units(self.size, self.block_size()))
+        let st = crate::device::BlockStatus::from_mapping(&m, true);
+        let st = if self.header.image_type == ImageType::Static {
+            st.refine_by_host(&self.file)
+        } else {
+            st
+        };
+        Ok(st.end_in_units(self.size, self.block_size()))
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {

@@ -57,6 +57,11 @@ pub(super) fn is_data(e: u32) -> bool {
 /// Open a VDI for resizing: the reader's checks run first, then the whole block map is
 /// checked to be the permutation qemu-img check expects, all before any write.
 pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<dyn ImageEditor>> {
+    Ok(Box::new(open_vdi(file, path, opts.fail_at_write)?))
+}
+
+/// [`open_editor`]'s editor itself, with `fail_at` as its test hook.
+pub(super) fn open_vdi(file: File, path: &Path, fail_at: Option<u64>) -> Result<VdiEditor> {
     let clone = file
         .try_clone()
         .map_err(|e| Error::io("cannot duplicate the image's descriptor", e).with_path(path))?;
@@ -109,12 +114,12 @@ pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<
         .at(0x184)
         .with_path(path));
     }
-    Ok(Box::new(VdiEditor {
-        file: EditFile::new(file, path, opts.fail_at_write),
+    Ok(VdiEditor {
+        file: EditFile::new(file, path, fail_at),
         path: path.to_path_buf(),
         header,
         bmap,
-    }))
+    })
 }
 
 impl VdiEditor {

@@ -14,11 +14,13 @@ pub mod discard;
 pub mod dynheader;
 pub mod footer;
 pub mod geometry;
+pub mod inplace;
 pub mod reader;
 pub mod resize;
 pub mod stream;
 pub mod writer;
 
+pub use inplace::open_in_place;
 pub use resize::open_editor;
 
 /// Options `-O vpc` accepts.

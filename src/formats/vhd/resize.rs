@@ -95,6 +95,11 @@ impl Dynamic {
 /// the layout the editor relies on: a whole footer at the end, blocks that overlap neither
 /// each other nor the headers and BAT.
 pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<dyn ImageEditor>> {
+    Ok(Box::new(open_vhd(file, path, opts.fail_at_write)?))
+}
+
+/// [`open_editor`]'s editor itself, with `fail_at` as its test hook.
+pub(super) fn open_vhd(file: File, path: &Path, fail_at: Option<u64>) -> Result<VhdEditor> {
     let dup = || {
         file.try_clone()
             .map_err(|e| Error::io("cannot duplicate the image's descriptor", e).with_path(path))
@@ -165,13 +170,13 @@ pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<
         check_layout(&d, path)?;
         Layout::Dynamic(Box::new(d))
     };
-    Ok(Box::new(VhdEditor {
-        file: EditFile::new(file, path, opts.fail_at_write),
+    Ok(VhdEditor {
+        file: EditFile::new(file, path, fail_at),
         path: path.to_path_buf(),
         size,
         footer_raw,
         layout,
-    }))
+    })
 }
 
 /// Blocks must not overlap each other, the footer copy, the dynamic header, the BAT or

@@ -29,9 +29,12 @@ use crate::writer::{AllocationPlan, ImageWriter, Sink};
 
 pub mod check;
 pub mod header;
+pub mod inplace;
 pub mod log;
 pub mod reader;
 pub mod writer;
+
+pub use inplace::open_in_place;
 
 /// Options `-O vhdx` accepts (qemu-img's names).
 pub const CREATE_OPTIONS: &[OptionHelp] = &[

@@ -56,17 +56,22 @@ pub struct Params {
 /// An opened VHDX.
 pub struct VhdxImage {
     host: Host,
-    header: Header,
-    params: Params,
+    pub(super) header: Header,
+    pub(super) params: Params,
     /// One entry per payload block.
-    payload: Vec<u64>,
+    pub(super) payload: Vec<u64>,
     /// One entry per chunk (differencing disks only).
     bitmaps: Vec<u64>,
-    chunk_ratio: u64,
+    pub(super) chunk_ratio: u64,
     bitmap_cache: Mutex<HashMap<u64, Arc<[u8]>>>,
     parent: Option<Box<dyn BlockDevice>>,
     creator: String,
     warnings: Vec<String>,
+    /// Where the BAT region starts, which header is current (0 or 1), and whether a log
+    /// was replayed in memory: what an in-place writer needs beyond the reader's view.
+    pub(super) bat_offset: u64,
+    pub(super) current: usize,
+    pub(super) replayed: bool,
 }
 
 /// Which header is current, from the two parse results.
@@ -133,6 +138,11 @@ fn check_no_overlap(spans: &[Span], start: u64, end: u64, what: &str, at: u64) -
 
 /// Open a VHDX of any type.
 pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
+    Ok(Box::new(open_image(file, opts)?))
+}
+
+/// [`open`]'s image itself.
+pub(super) fn open_image(file: HostFile, opts: &OpenOptions) -> Result<VhdxImage> {
     if let Some((k, _)) = opts.options.iter().next() {
         return Err(Error::arg(format!(
             "format 'vhdx' has no open option '{k}' (options: none)"
@@ -168,7 +178,7 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
         file.read_exact_at(&mut b, at, "header")?;
         Header::parse(&b).map_err(|e| e.at(at))
     });
-    let (_, header) = current_header(headers, &mut warnings)?;
+    let (current, header) = current_header(headers, &mut warnings)?;
     let overlay = log::replay(&file, &header)?;
     if let Some(o) = &overlay {
         warnings.push(format!(
@@ -176,6 +186,7 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
             o.entries
         ));
     }
+    let replayed = overlay.is_some();
     let host = Host { file, overlay };
     let log_span = Span {
         start: header.log_offset,
@@ -359,11 +370,14 @@ pub fn open(file: HostFile, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> 
         parent: None,
         creator,
         warnings,
+        bat_offset: bat_r.file_offset,
+        current,
+        replayed,
     };
     if img.params.has_parent {
         img.parent = Some(open_parent(&img, opts)?);
     }
-    Ok(Box::new(img))
+    Ok(img)
 }
 
 /// Check a block at `off` of `len` bytes: past the header section, 1 MiB aligned, inside
@@ -747,6 +761,12 @@ impl VhdxImage {
 impl BlockDevice for VhdxImage {
     fn virtual_size(&self) -> u64 {
         self.params.virtual_size
+    }
+
+    /// qemu's vhdx driver has no block status: qemu-img map reports one allocated data
+    /// range without a host offset, and measure counts every cluster.
+    fn qemu_status_opaque(&self) -> bool {
+        true
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {

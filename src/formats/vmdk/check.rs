@@ -1,4 +1,5 @@
-//! Checking VMDK sparse extents (monolithicSparse, streamOptimized: a `KDMV` file).
+//! Checking VMDK sparse extents (monolithicSparse, streamOptimized: a `KDMV` file; the
+//! extents a descriptor file lists are in [`super::check_extents`]).
 //!
 //! qemu's `vmdk_co_check` only asks that every allocated grain start inside the file (and
 //! fails the whole check when one does not). Here, beyond that:
@@ -7,9 +8,11 @@
 //!   other, a grain table, a grain directory or the header;
 //! - the redundant grain directory and its tables equal to the primary ones (qemu writes
 //!   both; a reader uses the primary);
-//! - streamOptimized: the marker stream from `overHead` to the end is well formed (grains,
-//!   grain table / grain directory / footer markers, up to an end-of-stream marker), and every grain
-//!   table entry points at a grain whose header names that entry's guest sector.
+//! - streamOptimized: every grain table entry points at a grain whose header names that
+//!   entry's guest sector; in VMware's layout (the grain directory found through the
+//!   footer) the marker stream from `overHead` is well formed too (grains, grain table /
+//!   grain directory / footer markers, up to an end-of-stream marker). qemu's layout (the
+//!   tables up front, grains appended, no end-of-stream marker) has no stream to walk.
 //!
 //! Repair (`-r all`) rewrites the redundant grain tables from the primary ones (and the
 //! redundant directory entries that are missing their table are reported, not
@@ -26,29 +29,66 @@ use super::sparse::*;
 use crate::check::{read_padded, Repair, Tally};
 use crate::device::HostFile;
 use crate::error::{Error, Result};
+use crate::options::OpenOptions;
 use crate::writer::EditFile;
 
-/// Check the VMDK image in `file`; with `-r all`, restore the redundant grain tables.
-pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> Result<Tally> {
+/// Check the VMDK image in `file`; with `-r all`, restore the redundant grain tables. A
+/// descriptor file's extents are opened through `refs` (the reference gate) and checked
+/// without repair.
+pub fn check(
+    file: File,
+    path: &Path,
+    repair: Repair,
+    fail_at: Option<u64>,
+    refs: &OpenOptions,
+) -> Result<Tally> {
     let write = file
         .try_clone()
         .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?;
     let host = HostFile::from_file(file, path)?;
-    let len = host.len();
     let magic = read_padded(&host, 0, 4, "VMDK magic")?;
     if LE::read_u32(&magic) != KDMV_MAGIC {
+        if super::check_extents::is_descriptor_file(&host)? {
+            return super::check_extents::check(&host, path, repair, refs);
+        }
         return Err(Error::unsupported(
-            "checking a VMDK whose extents are separate files (a descriptor file) or a legacy COWD extent is not supported: only monolithicSparse and streamOptimized single-file images",
+            "checking a legacy COWD (vmfsSparse) or seSparse VMDK extent is not supported: only monolithicSparse, streamOptimized and descriptor files listing FLAT, SPARSE and ZERO extents",
         ));
     }
-    let h = read_kdmv_header(&host)?;
-    h.validate(len)?;
     let mut t = Tally::default();
+    check_sparse(
+        &host,
+        Some(EditFile::new(write, path, fail_at)),
+        repair,
+        &mut t,
+    )?;
+    Ok(t)
+}
+
+/// Check one `KDMV` sparse extent into `t`; `edit` (the extent opened for writing) is
+/// needed only to repair the redundant grain tables with `-r all`.
+pub(super) fn check_sparse(
+    host: &HostFile,
+    edit: Option<EditFile>,
+    repair: Repair,
+    t: &mut Tally,
+) -> Result<()> {
+    let len = host.len();
+    let lead = SparseHeader::parse(&read_padded(host, 0, SECTOR, "header")?)?;
+    let h = read_kdmv_header(host)?;
+    h.validate(len)?;
     let n = h.gd_entries()?;
     let gt_bytes = u64::from(h.num_gtes_per_gt) * 4;
     let grain = h.grain_size * SECTOR;
     let stream = h.compressed() || h.flags & FLAG_MARKERS != 0;
-    let gd = read_padded(&host, h.gd_offset * SECTOR, n * 4, "grain directory")?;
+    // Only VMware's layout (the directory at the end, found through the footer) is a
+    // marker stream from `overHead` to an end-of-stream marker. qemu's streamOptimized
+    // keeps its tables up front like monolithicSparse and appends grains as they are
+    // written, with no other marker and no end-of-stream marker; a failed partial write
+    // leaves a cluster of zeros (or of the backing file's bytes) among them. There only
+    // the grains the tables name are looked at, as qemu's reader does.
+    let walk = stream && lead.gd_offset == GD_AT_END;
+    let gd = read_padded(host, h.gd_offset * SECTOR, n * 4, "grain directory")?;
     // Metadata ranges: header sector, GD, RGD, GTs (bytes); grains.
     let mut meta: Vec<(u64, u64, String)> = vec![(0, SECTOR, "the header".into())];
     meta.push((
@@ -64,9 +104,9 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
             "the redundant grain directory".into(),
         ));
     }
-    // streamOptimized: the grains the marker stream holds, by sector, with their LBA.
-    let stream_grains = if stream {
-        walk_stream(&host, &h, &mut t)
+    // VMware's streamOptimized: the grains the marker stream holds, by offset, with their LBA.
+    let stream_grains = if walk {
+        walk_stream(host, &h, t)
     } else {
         Default::default()
     };
@@ -106,10 +146,17 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
                 continue;
             }
             let stop = if h.compressed() {
-                let hdr = read_padded(&host, start, 12, "grain header")?;
+                let hdr = read_padded(host, start, 12, "grain header")?;
                 let lba = LE::read_u64(&hdr);
                 let size = u64::from(LE::read_u32(&hdr[8..]));
-                if stream && stream_grains.get(&start) != Some(&lba) {
+                let a_grain = if walk {
+                    stream_grains.get(&start) == Some(&lba)
+                } else {
+                    // qemu writes a grain after the tables, its deflate output at most
+                    // twice the grain (its buffer's size).
+                    start >= h.overhead * SECTOR && size != 0 && size <= 2 * grain
+                };
+                if !a_grain {
                     t.corrupt(format!(
                         "ERROR: grain table {i} entry {j} (sector {guest}) points at {start:#x}, which is not a grain of the marker stream"
                     ));
@@ -152,17 +199,9 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
         }
     }
     if rgd_on {
-        check_redundant(
-            &host,
-            &h,
-            n,
-            &gts,
-            repair,
-            EditFile::new(write, path, fail_at),
-            &mut t,
-        )?;
+        check_redundant(host, &h, n, &gts, repair, edit, t)?;
     }
-    Ok(t)
+    Ok(())
 }
 
 /// Compare the redundant directory's tables with the primary's; with `-r all` copy the
@@ -173,7 +212,7 @@ fn check_redundant(
     n: u64,
     gts: &[Option<Vec<u8>>],
     repair: Repair,
-    mut edit: EditFile,
+    mut edit: Option<EditFile>,
     t: &mut Tally,
 ) -> Result<()> {
     let len = host.len();
@@ -207,7 +246,7 @@ fn check_redundant(
             .clone()
             .unwrap_or_else(|| vec![0; gt_bytes as usize]);
         if red != want {
-            if repair.all() {
+            if let (true, Some(edit)) = (repair.all(), edit.as_mut()) {
                 t.findings.push(format!(
                     "Repairing redundant grain table {i} at {roff:#x} from the primary"
                 ));
@@ -221,7 +260,7 @@ fn check_redundant(
             }
         }
     }
-    if fixed {
+    if let (true, Some(edit)) = (fixed, edit.as_mut()) {
         edit.sync("flushing the redundant grain tables")?;
     }
     Ok(())

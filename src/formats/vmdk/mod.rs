@@ -14,8 +14,11 @@ use crate::options::{CreateOptions, OpenOptions, OptionHelp};
 use crate::writer::ImageWriter;
 
 pub mod check;
+pub mod check_extents;
 pub mod descriptor;
 pub mod discard;
+pub mod inplace;
+pub mod inplace_flat;
 pub mod planned;
 pub mod reader;
 pub mod resize;
@@ -23,6 +26,7 @@ pub mod sparse;
 pub mod stream;
 pub mod writer;
 
+pub use inplace::open_in_place;
 pub use resize::open_editor;
 use writer::{Subformat, VmdkOptions};
 

@@ -514,6 +514,8 @@ pub struct VmdkImage {
     info: ImageInfo,
     /// The parent of a delta disk (unallocated grains read from it).
     parent: Option<Box<dyn BlockDevice>>,
+    /// Where the parent was opened from (named in `map`'s human output).
+    parent_path: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for VmdkImage {
@@ -715,7 +717,7 @@ const DESCRIPTOR_CREATE_TYPES: &[&str] = &[
     "twoGbMaxExtentFlat",
 ];
 
-fn check_descriptor_create_type(create_type: Option<&str>) -> Result<()> {
+pub(super) fn check_descriptor_create_type(create_type: Option<&str>) -> Result<()> {
     match create_type {
         None => Err(Error::invalid(
             "the VMDK descriptor has no createType line (invalid VMDK image descriptor)",
@@ -959,11 +961,17 @@ fn finish(
         format_specific: Some(serde_json::json!({"type": "vmdk", "data": data})),
         ..Default::default()
     };
+    let parent_path = d
+        .parent_hint
+        .as_ref()
+        .filter(|_| parent.is_some())
+        .map(|n| image.parent().unwrap_or(Path::new("")).join(n));
     Ok(VmdkImage {
         size,
         extents,
         info,
         parent,
+        parent_path,
     })
 }
 
@@ -1125,11 +1133,15 @@ impl BlockDevice for VmdkImage {
                             if offset < p.virtual_size() {
                                 let n = st.len.min(p.virtual_size() - offset);
                                 let mut ps = p.block_status(offset, n)?;
+                                if ps.file.is_none() && ps.host.is_some() {
+                                    ps.file = self.parent_path.clone();
+                                }
                                 ps.depth += 1;
                                 return Ok(ps);
                             }
-                            st.depth = 1;
                         }
+                        // Past the parent's end (or without one) qemu's block layer calls
+                        // the range zero at this level: depth 0.
                         return Ok(st);
                     }
                 }

@@ -68,6 +68,11 @@ fn refuse(what: &str, path: &Path) -> Error {
 /// The reader's checks run first, then every directory entry is checked to name a whole
 /// grain table inside the file, before any write.
 pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<dyn ImageEditor>> {
+    Ok(Box::new(open_vmdk(file, path, opts.fail_at_write)?))
+}
+
+/// [`open_editor`]'s editor itself, with `fail_at` as its test hook.
+pub(super) fn open_vmdk(file: File, path: &Path, fail_at: Option<u64>) -> Result<VmdkEditor> {
     let dup = || {
         file.try_clone()
             .map_err(|e| Error::io("cannot duplicate the image's descriptor", e).with_path(path))
@@ -173,14 +178,14 @@ pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<
         Vec::new()
     };
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    Ok(Box::new(VmdkEditor {
-        file: EditFile::new(file, path, opts.fail_at_write),
+    Ok(VmdkEditor {
+        file: EditFile::new(file, path, fail_at),
         path: path.to_path_buf(),
         header,
         desc: String::from_utf8_lossy(&raw[..end]).into_owned(),
         gd,
         rgd,
-    }))
+    })
 }
 
 /// `text` with the extent line's size and `ddb.geometry.cylinders` made to describe
