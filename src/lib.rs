@@ -11,7 +11,9 @@
 //! - the core: [`error`] (one [`Error`]), [`format`](mod@format) ([`Format`] and its qemu-img names),
 //!   [`options`] ([`OpenOptions`], [`CreateOptions`], [`ResizeOptions`], [`parse_size`]),
 //!   [`references`] (the gate deciding which files named inside an image may be opened),
-//!   [`device`] ([`BlockDevice`], the read side, and [`ImageEditor`], the in-place side),
+//!   [`device`] ([`BlockDevice`], the read side, and [`ImageEditor`], the in-place side;
+//!   `src/device/host.rs`, the bounds-checked image file), [`inplace`] (`convert -n` into
+//!   an existing image),
 //!   [`writer`] ([`ImageWriter`] and, one file each under `src/writer/`: the allocation
 //!   plan, [`AtomicOutput`], the sink, the [`DigestAlgo`] digests, [`Output`], UUIDs and
 //!   the in-place `EditFile` with its lock), the check vocabulary ([`Tally`], [`Repair`]:

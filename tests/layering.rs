@@ -13,7 +13,8 @@ const CORE: &[&str] = &[
     "inplace.rs",
     "options.rs",
     "references.rs",
-    "device.rs",
+    "device/host.rs",
+    "device/mod.rs",
     "check.rs",
     "writer/mod.rs",
     "writer/plan.rs",
@@ -40,6 +41,7 @@ const FOLDER_FLOORS: &[(&str, &[&str])] = &[
         ],
     ),
     ("convert", &["pace", "salvage", "mod", "tests"]),
+    ("device", &["host", "mod"]),
 ];
 
 /// What the core may not name: the crate-root modules and functions above it.
@@ -274,10 +276,10 @@ fn core_files_are_short() {
 #[test]
 fn every_file_of_a_core_folder_is_core() {
     let mut bad = Vec::new();
-    for dir in ["writer", "convert"] {
+    for dir in ["writer", "convert", "device"] {
         let mut files = Vec::new();
         rs_files(&src().join(dir), &mut files);
-        assert!(files.len() > 2, "src/{dir}/ is gone: did it move?");
+        assert!(files.len() >= 2, "src/{dir}/ is gone: did it move?");
         for p in files {
             let r = rel(&p);
             if !CORE.contains(&r.as_str()) {

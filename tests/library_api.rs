@@ -645,6 +645,7 @@ fn moved_items_keep_their_public_paths() {
         TypeId::of::<diskconv::writer::EditFile>(),
         TypeId::of::<dyn diskconv::writer::Encoder>(),
         TypeId::of::<dyn diskconv::writer::ImageWriter>(),
+        TypeId::of::<dyn diskconv::device::RangeSource>(),
     );
     let _: fn() = diskconv::writer::remove_temporaries;
     let _: fn(&std::fs::File, &Path) -> diskconv::Result<()> = diskconv::writer::lock_exclusive;
