@@ -30,6 +30,12 @@
 //! - [`ops`]: the commands as functions over files ([`convert()`], [`resize()`]), which the
 //!   CLI calls, and over streams ([`convert_to_writer`], [`ConvertedReader`]).
 //!
+//! The `diskconv` command is not in this crate's modules: it is the binary in
+//! `src/bin/diskconv/` (feature `cli`), built on this public API only. Its `main.rs` parses
+//! and dispatches; `commands/` holds one file per subcommand (its flags and its `exec`);
+//! the files beside them hold what several commands share (progress, signals, sizes, JSON,
+//! the stdin and object-storage destinations).
+//!
 //! ```no_run
 //! use diskconv::{open, OpenOptions, DeviceReader};
 //! let dev = open("disk.qcow2", &OpenOptions::new())?;
@@ -131,7 +137,7 @@ pub use device::{
 };
 pub use error::{Error, ErrorKind, Result, Side};
 pub use format::Format;
-pub use formats::{create_writer, STREAMING_OUTPUTS};
+pub use formats::create_writer;
 pub use inspect::{
     inspect, inspect_file, inspect_with, Finding, FindingKind, InspectLimits, Inspection,
 };
@@ -140,7 +146,7 @@ pub use ops::compare::{
     compare, compare_devices, CompareError, CompareOptions, CompareOutcome, CompareReport,
     CompareStage,
 };
-pub use ops::convert::{convert, convert_to_path};
+pub use ops::convert::{convert, convert_to_path, STREAMING_OUTPUTS};
 pub use ops::map::{map, map_device, map_human, map_human_partial, map_json, MapEntry, MapRange};
 pub use ops::measure::{measure, measure_device, Measurement};
 pub use ops::resize::resize;
@@ -190,7 +196,7 @@ pub fn create(path: impl AsRef<Path>, format: Format, opts: &CreateOptions) -> R
     if out.kind() == OutputKind::Stream && !writer.streams() {
         return Err(Error::arg(format!(
             "this {format} image cannot be written to a pipe or character device; outputs that can: {}",
-            formats::STREAMING_OUTPUTS
+            ops::convert::STREAMING_OUTPUTS
         ))
         .with_path(path));
     }

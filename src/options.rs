@@ -305,6 +305,27 @@ pub fn parse_bool(key: &str, v: &str) -> Result<bool> {
     }
 }
 
+impl CreateOptions {
+    /// Check every option key is one of `known` (the options of `format`), so typos are
+    /// errors, not silence.
+    pub fn check_keys(&self, format: crate::format::Format, known: &[OptionHelp]) -> Result<()> {
+        for k in self.options.keys() {
+            if !known.iter().any(|o| o.name == k) {
+                let names: Vec<&str> = known.iter().map(|o| o.name).collect();
+                return Err(Error::arg(format!(
+                    "format '{format}' has no option '{k}' (options: {})",
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

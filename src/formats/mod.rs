@@ -6,17 +6,19 @@
 use std::fs::File;
 use std::path::Path;
 
-use crate::device::{BlockDevice, HostFile, ImageEditor};
+use crate::device::{BlockDevice, HostFile};
 use crate::error::{Error, Result};
 use crate::format::Format;
-use crate::options::{CreateOptions, OpenOptions, OptionHelp, ResizeOptions};
+use crate::options::{CreateOptions, OpenOptions, OptionHelp};
 use crate::writer::ImageWriter;
 
+mod edit;
 #[cfg(feature = "ova")]
 pub mod ova;
 #[cfg(not(feature = "ova"))]
 #[path = "ova/disabled.rs"]
 pub mod ova;
+pub use edit::{check_image, check_in_place, open_editor, open_in_place_writer};
 pub mod qcow1;
 pub mod qcow2;
 pub mod qed;
@@ -73,21 +75,7 @@ impl Format {
 impl CreateOptions {
     /// Check every option key is one of `format`'s, so typos are errors, not silence.
     pub fn check_known(&self, format: Format) -> Result<()> {
-        let known = format.create_options();
-        for k in self.options.keys() {
-            if !known.iter().any(|o| o.name == k) {
-                let names: Vec<&str> = known.iter().map(|o| o.name).collect();
-                return Err(Error::arg(format!(
-                    "format '{format}' has no option '{k}' (options: {})",
-                    if names.is_empty() {
-                        "none".to_string()
-                    } else {
-                        names.join(", ")
-                    }
-                )));
-            }
-        }
-        Ok(())
+        self.check_keys(format, format.create_options())
     }
 }
 
@@ -136,46 +124,6 @@ pub fn check_writable(format: Format) -> Result<()> {
         Format::Qed => Err(qed::read_only()),
         _ => Ok(()),
     }
-}
-
-/// The outputs that can be written to a pipe or character device, for error messages
-/// (each such writer answers true to [`ImageWriter::streams`]).
-pub const STREAMING_OUTPUTS: &str =
-    "raw, qcow2, vdi, dynamic vpc and monolithicSparse vmdk and dynamic vhdx (laid out from a first pass over the source), fixed vpc and fixed vhdx, vmdk with -o subformat=streamOptimized, ova";
-
-/// Whether `format` can be written into an existing image in place (`-n`): every format
-/// this crate writes except an OVA appliance (its disk is a member of a tar archive).
-pub fn check_in_place(format: Format) -> Result<()> {
-    check_writable(format)?;
-    let why = "an OVA appliance cannot be written into in place: convert into its disk instead";
-    (format != Format::Ova)
-        .then_some(())
-        .ok_or_else(|| Error::unsupported(why))
-}
-
-/// Open the existing image in `file` (at `path`, of `format`, not raw: raw is written
-/// through [`Output`](crate::writer::Output)) for a conversion to write into in place;
-/// each format refuses, before any write, an image it cannot write into (with the reason)
-/// or one smaller than `opts.size`.
-pub fn open_in_place_writer(
-    format: Format,
-    file: File,
-    path: &Path,
-    opts: &crate::inplace::InPlaceOptions,
-) -> Result<Box<dyn ImageWriter>> {
-    check_in_place(format).map_err(|e| e.with_path(path))?;
-    crate::writer::lock_exclusive(&file, path)?;
-    let w = match format {
-        Format::Qcow2 => qcow2::open_in_place(file, path, opts),
-        Format::Vhd => vhd::open_in_place(file, path, opts),
-        Format::Vmdk => vmdk::open_in_place(file, path, opts),
-        Format::Vdi => vdi::open_in_place(file, path, opts),
-        Format::Vhdx => vhdx::open_in_place(file, path, opts),
-        _ => Err(Error::unsupported(
-            "only qcow2, vpc, vmdk, vdi and vhdx have in-place writers",
-        )),
-    };
-    w.map_err(|e| e.with_path(path))
 }
 
 /// Make a writer of `format` over the output `file` (a fresh file, or a
@@ -268,57 +216,4 @@ pub fn create_planned_writer(
         _ => qcow2::create_stream_writer(file.into(), opts, plan),
     };
     w.map_err(|e| e.with_path(path))
-}
-
-/// Open the image in `file` (at `path`, of `format`) for in-place changes; each format's
-/// editor refuses the subformats it cannot change (with the reason and what to do instead).
-pub fn open_editor(
-    format: Format,
-    file: File,
-    path: &Path,
-    opts: &ResizeOptions,
-) -> Result<Box<dyn ImageEditor>> {
-    crate::writer::lock_exclusive(&file, path)?;
-    match format {
-        Format::Raw => raw::open_editor(file, path, opts),
-        Format::Qcow2 => qcow2::open_editor(file, path, opts),
-        Format::Vhd => vhd::open_editor(file, path, opts),
-        Format::Vmdk => vmdk::open_editor(file, path, opts),
-        Format::Vdi => vdi::open_editor(file, path, opts),
-        Format::Vhdx => vhdx::open_editor(file, path, opts),
-        Format::Ova => Err(Error::unsupported(
-            "an OVA appliance cannot be changed in place: convert its disk instead",
-        )),
-        Format::Qcow | Format::Qed => Err(check_writable(format).unwrap_err().with_path(path)),
-    }
-}
-
-/// Check (and with `repair`, repair in place) the image in `file` (opened read-write when
-/// repairing) at `path` with its format's checker; `fail_at` is the repair's test hook.
-/// Raw has no checker (the caller reports it as qemu-img does). `refs` is the reference
-/// gate for the files a vmdk descriptor lists as its extents.
-pub fn check_image(
-    format: Format,
-    file: File,
-    path: &Path,
-    repair: crate::check::Repair,
-    fail_at: Option<u64>,
-    refs: &OpenOptions,
-) -> Result<crate::check::Tally> {
-    match format {
-        Format::Raw | Format::Qcow => {
-            Err(Error::unsupported("This image format does not support checks"))
-        }
-        Format::Qcow2 => qcow2::check::check(file, path, repair, fail_at),
-        Format::Vhd => vhd::check::check(file, path, repair, fail_at),
-        Format::Vmdk => vmdk::check::check(file, path, repair, fail_at, refs),
-        Format::Vdi => vdi::check::check(file, path, repair, fail_at),
-        Format::Vhdx => vhdx::check::check(file, path, repair, fail_at),
-        Format::Ova => Err(Error::unsupported(
-            "check an OVA appliance's disk: extract it or convert it first",
-        )),
-        Format::Qed => Err(Error::unsupported(
-            "checking qed images is not implemented (diskconv reads them; qemu-img check -f qed checks them)",
-        )),
-    }
 }

@@ -9,11 +9,16 @@ use crate::error::{Error, Result, Side};
 use crate::format::Format;
 use crate::formats::{
     check_in_place, create_planned_writer, create_writer, open_in_place_writer, plan_encoder,
-    plan_granularity, STREAMING_OUTPUTS,
+    plan_granularity,
 };
 use crate::inplace::InPlaceOptions;
 use crate::options::OpenOptions;
 use crate::writer::{Digester, ImageWriter, Output, OutputKind, OutputOptions, Sink};
+
+/// The outputs that can be written to a pipe or character device, for error messages
+/// (each such writer answers true to [`ImageWriter::streams`]).
+pub const STREAMING_OUTPUTS: &str =
+    "raw, qcow2, vdi, dynamic vpc and monolithicSparse vmdk and dynamic vhdx (laid out from a first pass over the source), fixed vpc and fixed vhdx, vmdk with -o subformat=streamOptimized, ova";
 
 /// Convert the image at `src` into the image `dst`; `src` is only ever opened read-only.
 ///

@@ -27,7 +27,7 @@ const STREAM_NAME: &str = "-";
 /// Convert `src` into `sink`, written strictly in order (the output bytes exactly as the
 /// file conversion would lay them out, apart from the fields each new image gets fresh).
 ///
-/// Every output format streams (see [`crate::formats::STREAMING_OUTPUTS`]; those that
+/// Every output format streams (see [`crate::ops::convert::STREAMING_OUTPUTS`]; those that
 /// place tables before their data are laid out from a first pass over the source). A failing `sink` (a closed pipe, a full disk)
 /// stops the conversion at its next write with an error naming the output as `-`. With
 /// [`ConvertOptions::digests`], the digests are computed over the bytes as they are sent,

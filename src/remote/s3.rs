@@ -767,7 +767,7 @@ impl Write for UploadSink {
 }
 
 /// Convert `src` straight into the object `dest`, as `opts` says (any output format that
-/// streams, see [`crate::formats::STREAMING_OUTPUTS`]), in one pass: no temporary file,
+/// streams, see [`crate::ops::convert::STREAMING_OUTPUTS`]), in one pass: no temporary file,
 /// memory bounded by [`UploadOptions::parts_in_flight`] parts whatever the image size.
 ///
 /// On any failure, and when [`abort_uploads`](super::abort_uploads) is called meanwhile, the multipart upload is

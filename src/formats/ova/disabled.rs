@@ -30,3 +30,14 @@ pub fn create_writer(
 ) -> Result<Box<dyn ImageWriter>> {
     Err(off())
 }
+
+/// Why an appliance is not written into or changed in place: its disk is a member of a
+/// tar archive, whose length the archive's headers and manifest fix.
+pub fn in_place_refused() -> Error {
+    Error::unsupported("an OVA appliance cannot be changed in place: convert its disk instead")
+}
+
+/// Why `check` does not check an appliance: its disk is checked as the image it is.
+pub fn check_refused() -> Error {
+    Error::unsupported("check an OVA appliance's disk: extract it or convert it first")
+}

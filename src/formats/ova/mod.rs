@@ -21,7 +21,7 @@ pub mod reader;
 pub mod writer;
 
 use crate::device::{BlockDevice, HostFile};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::options::{CreateOptions, OpenOptions, OptionHelp};
 use crate::writer::ImageWriter;
 
@@ -68,4 +68,15 @@ pub fn create_writer(
     opts: &CreateOptions,
 ) -> Result<Box<dyn ImageWriter>> {
     Ok(Box::new(writer::OvaWriter::new(file, dest, opts)?))
+}
+
+/// Why an appliance is not written into or changed in place: its disk is a member of a
+/// tar archive, whose length the archive's headers and manifest fix.
+pub fn in_place_refused() -> Error {
+    Error::unsupported("an OVA appliance cannot be changed in place: convert its disk instead")
+}
+
+/// Why `check` does not check an appliance: its disk is checked as the image it is.
+pub fn check_refused() -> Error {
+    Error::unsupported("check an OVA appliance's disk: extract it or convert it first")
 }

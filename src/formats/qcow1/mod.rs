@@ -52,6 +52,11 @@ pub fn create_writer(_file: crate::writer::Sink) -> Result<Box<dyn ImageWriter>>
     Err(read_only())
 }
 
+/// qemu-img's answer for a format it has no checks for.
+pub fn check_refused() -> crate::error::Error {
+    crate::error::Error::unsupported("This image format does not support checks")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,3 +53,10 @@ pub fn read_only() -> Error {
 pub fn create_writer(_file: crate::writer::Sink) -> Result<Box<dyn ImageWriter>> {
     Err(read_only())
 }
+
+/// Why `check` does not check QED: not implemented (qemu-img checks it).
+pub fn check_refused() -> Error {
+    Error::unsupported(
+        "checking qed images is not implemented (diskconv reads them; qemu-img check -f qed checks them)",
+    )
+}

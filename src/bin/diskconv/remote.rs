@@ -1,5 +1,6 @@
-//! `convert SRC s3://bucket/key`: the CLI's side of [`diskconv::remote`] (flags, the
-//! environment, what is printed). The upload itself is the library's.
+//! The object-storage destinations of `convert` (s3://, and swift:// through
+//! [`crate::swift`]): the CLI's side of [`diskconv::remote`] (flags, the environment, what
+//! is printed). The upload itself is the library's.
 
 use std::path::Path;
 
@@ -24,7 +25,7 @@ pub struct RemoteArgs {
     #[arg(long = "endpoint", value_name = "URL")]
     pub endpoint: Option<String>,
     #[command(flatten)]
-    pub swift: crate::cli_swift::SwiftArgs,
+    pub swift: crate::swift::SwiftArgs,
 }
 
 /// Whether `dst` is an object-storage URL rather than a path.
@@ -86,7 +87,7 @@ pub fn convert_device(
 ) -> Result<(diskconv::ConvertReport, Option<serde_json::Value>)> {
     let up = upload_options(args)?;
     if dst.to_string_lossy().starts_with("swift://") {
-        return crate::cli_swift::convert(dev, dst, &args.swift, up.metadata, opts, json);
+        return crate::swift::convert(dev, dst, &args.swift, up.metadata, opts, json);
     }
     let url = diskconv::remote::S3Url::parse(&dst.to_string_lossy())?;
     let mut cfg = diskconv::remote::S3Config::from_env();
@@ -112,23 +113,4 @@ pub fn host_object(path: &Path) -> Option<(u64, &'static str)> {
         diskconv::remote::object_length(&url, &cfg).unwrap_or(0),
         "s3",
     ))
-}
-
-/// `abort-uploads s3://BUCKET/PREFIX`: abort what a killed upload left open.
-pub fn abort_uploads(url: &str) -> Result<()> {
-    if url.starts_with("swift://") {
-        return crate::cli_swift::abort_uploads(url);
-    }
-    let rest = url
-        .strip_prefix("s3://")
-        .filter(|r| !r.is_empty() && !r.starts_with('/'))
-        .ok_or_else(|| {
-            Error::arg("expected s3://BUCKET/ or s3://BUCKET/KEY-PREFIX").with_path(url)
-        })?;
-    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    let cfg = diskconv::remote::S3Config::from_env();
-    for key in diskconv::remote::abort_incomplete_uploads(bucket, prefix, &cfg)? {
-        println!("aborted s3://{bucket}/{key}");
-    }
-    Ok(())
 }

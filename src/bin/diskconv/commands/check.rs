@@ -1,12 +1,17 @@
-//! `check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [--allow-references] IMG`: the CLI's side of
-//! [`diskconv::check`] (flags, what is printed, the exit code qemu-img gives).
+//! `check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [--allow-references] IMG`: the
+//! CLI's side of [`diskconv::check`] (flags, what is printed, the exit code qemu-img gives).
 
 use std::path::PathBuf;
 
-use diskconv::{CheckOptions, Error, Format, Repair, Result};
+use diskconv::{CheckOptions, Format, Repair, Result};
 
-/// The flags of `check`.
+/// Check an image's metadata like qemu-img check (exit 0 clean, 1 not completed,
+/// 2 corruptions, 3 leaks only, 63 no checks for the format); -r repairs in place.
 #[derive(clap::Args, Debug)]
+#[command(
+    override_usage = "diskconv check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [--allow-references] IMG",
+    args_override_self = true
+)]
 pub struct CheckArgs {
     /// Image format (never probed when given).
     #[arg(short = 'f')]
@@ -31,16 +36,8 @@ pub struct CheckArgs {
 
 /// Run `check`; never returns on success (exits with qemu-img's code: 0 clean, 1 check
 /// not completed, 2 corruptions, 3 leaks only, 63 no checks for this format).
-pub fn run(args: CheckArgs) -> Result<()> {
-    let json = match args.output.as_str() {
-        "human" => false,
-        "json" => true,
-        other => {
-            return Err(Error::arg(format!(
-                "--output must be human or json, not '{other}'"
-            )))
-        }
-    };
+pub fn exec(args: CheckArgs) -> Result<()> {
+    let json = crate::flags::output_is_json(&args.output)?;
     let opts = CheckOptions {
         format: args.format.as_deref().map(Format::from_name).transpose()?,
         repair: args
@@ -56,7 +53,7 @@ pub fn run(args: CheckArgs) -> Result<()> {
         Ok(r) => r,
         Err(e) => {
             // The check could not be completed (the image does not open, an I/O error).
-            eprintln!("diskconv: Check failed: {}", crate::cli_message(&e));
+            eprintln!("diskconv: Check failed: {}", crate::errors::cli_message(&e));
             std::process::exit(1);
         }
     };

@@ -86,7 +86,7 @@ fn check_raw(opts: &ConvertOptions) -> Result<()> {
 pub fn convert_remote(
     dst: &Path,
     args: &StdinArgs,
-    remote: &crate::cli_remote::RemoteArgs,
+    remote: &crate::remote::RemoteArgs,
     opts: &ConvertOptions,
     json: bool,
 ) -> Result<(diskconv::ConvertReport, Option<serde_json::Value>)> {
@@ -99,7 +99,7 @@ pub fn convert_remote(
         .with_path("-"));
     }
     let dev = spooled(opts)?;
-    crate::cli_remote::convert_device(dev.as_ref(), dst, remote, opts, json)
+    crate::remote::convert_device(dev.as_ref(), dst, remote, opts, json)
 }
 
 /// Spool standard input into $TMPDIR and open it as raw: a source of exact length that
@@ -123,12 +123,7 @@ fn to_dst(
     opts: &ConvertOptions,
 ) -> Result<diskconv::ConvertReport> {
     if dst.as_os_str() == "-" {
-        use std::os::fd::AsFd;
-        let out = std::io::stdout()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| Error::io("cannot use stdout", e).with_path("-"))?;
-        diskconv::convert_to_writer(dev, std::fs::File::from(out), opts)
+        diskconv::convert_to_writer(dev, crate::stdout::file()?, opts)
     } else {
         diskconv::convert_to_path(dev, dst, opts)
     }

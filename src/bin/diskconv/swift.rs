@@ -1,5 +1,5 @@
-//! `convert SRC swift://container/object` and `abort-uploads swift://...`: the CLI's side
-//! of [`diskconv::remote::swift`] (flags, the environment, what is printed).
+//! The swift:// destination of `convert`: the CLI's side of [`diskconv::remote::swift`]
+//! (flags, the environment, what is printed).
 
 use std::path::Path;
 
@@ -57,21 +57,4 @@ pub fn convert(
     let r = diskconv::remote::convert_to_swift(dev, &url, &auth, &up, opts)?;
     let extra = json.then(|| r.json_fields());
     Ok((r.convert, extra))
-}
-
-/// `abort-uploads swift://CONTAINER/PREFIX`: delete the segments no manifest uses.
-pub fn abort_uploads(url: &str) -> Result<()> {
-    let rest = url
-        .strip_prefix("swift://")
-        .filter(|r| !r.is_empty() && !r.starts_with('/'))
-        .ok_or_else(|| {
-            Error::arg("expected swift://CONTAINER/ or swift://CONTAINER/OBJECT-PREFIX")
-                .with_path(url)
-        })?;
-    let (container, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    let auth = diskconv::remote::SwiftAuth::from_env(None).map_err(|e| e.with_path(url))?;
-    for name in diskconv::remote::delete_orphan_segments(container, prefix, &auth)? {
-        println!("deleted swift://{container}_segments/{name}");
-    }
-    Ok(())
 }
