@@ -611,3 +611,58 @@ fn the_cli_turns_the_option_an_error_names_into_its_flag() {
     assert!(!err.contains("OpenOptions"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
 }
+
+/// The items the writer, engine and check splits moved into files of their own (issue 26)
+/// keep every public path they had: the module's and the crate root's name one type.
+#[test]
+fn moved_items_keep_their_public_paths() {
+    use std::any::TypeId;
+    fn same<A: 'static, B: 'static>() -> bool {
+        TypeId::of::<A>() == TypeId::of::<B>()
+    }
+    assert!(same::<diskconv::Tally, diskconv::ops::check::Tally>());
+    assert!(same::<diskconv::Repair, diskconv::ops::check::Repair>());
+    assert_eq!(
+        diskconv::ops::check::Repair::parse("leaks").unwrap(),
+        diskconv::Repair::Leaks
+    );
+    let _: fn(&diskconv::device::HostFile, u64, u64, &str) -> diskconv::Result<Vec<u8>> =
+        diskconv::ops::check::read_padded;
+    assert!(same::<diskconv::AtomicOutput, diskconv::writer::AtomicOutput>());
+    assert!(same::<diskconv::DigestAlgo, diskconv::writer::DigestAlgo>());
+    assert!(same::<diskconv::Output, diskconv::writer::Output>());
+    assert!(same::<diskconv::OutputKind, diskconv::writer::OutputKind>());
+    assert!(same::<
+        diskconv::OutputOptions,
+        diskconv::writer::OutputOptions,
+    >());
+    let _: [fn() -> [u8; 16]; 2] = [diskconv::random_uuid_v4, diskconv::writer::random_uuid_v4];
+    let _ = (
+        TypeId::of::<diskconv::writer::AllocationPlan>(),
+        TypeId::of::<diskconv::writer::Sink>(),
+        TypeId::of::<diskconv::writer::Digester>(),
+        TypeId::of::<diskconv::writer::Finished>(),
+        TypeId::of::<diskconv::writer::EditFile>(),
+        TypeId::of::<dyn diskconv::writer::Encoder>(),
+        TypeId::of::<dyn diskconv::writer::ImageWriter>(),
+        TypeId::of::<dyn diskconv::device::RangeSource>(),
+    );
+    let _: fn() = diskconv::writer::remove_temporaries;
+    let _: fn(&std::fs::File, &Path) -> diskconv::Result<()> = diskconv::writer::lock_exclusive;
+    let _: fn(&diskconv::writer::Sink, &[u8], u64, &str) -> diskconv::Result<()> =
+        diskconv::writer::write_all_at;
+    let _: fn(&diskconv::writer::Sink, u64, u64, &str) -> diskconv::Result<()> =
+        diskconv::writer::zero_fill_at;
+    assert!(same::<
+        diskconv::UnreadableRange,
+        diskconv::convert::UnreadableRange,
+    >());
+    assert!(same::<
+        diskconv::ConvertOptions<'static>,
+        diskconv::convert::ConvertOptions<'static>,
+    >());
+    assert!(diskconv::convert::default_threads() >= 1);
+    assert!(diskconv::convert::is_zero(&[0u8; 64]) && !diskconv::convert::is_zero(&[1u8; 64]));
+    let _ = diskconv::convert::plan_allocation;
+    let _ = diskconv::convert::plan_allocation_with;
+}

@@ -75,10 +75,10 @@ pub fn check_image(
     format: Format,
     file: File,
     path: &Path,
-    repair: crate::ops::check::Repair,
+    repair: crate::check::Repair,
     fail_at: Option<u64>,
     refs: &OpenOptions,
-) -> Result<crate::ops::check::Tally> {
+) -> Result<crate::check::Tally> {
     match format {
         Format::Raw => Err(raw::check_refused()),
         Format::Qcow => Err(qcow1::check_refused()),

@@ -29,9 +29,9 @@ use byteorder::{BigEndian, ByteOrder};
 
 use super::header::*;
 use super::reader::{COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use crate::check::{read_padded, Repair, Tally};
 use crate::device::HostFile;
 use crate::error::{Error, Result};
-use crate::ops::check::{read_padded, Repair, Tally};
 use crate::writer::EditFile;
 
 const L1E_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;

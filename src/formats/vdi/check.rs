@@ -14,9 +14,9 @@ use std::path::Path;
 use byteorder::{ByteOrder, LittleEndian as LE};
 
 use super::header::{VdiHeader, HEADER_BLOCK};
+use crate::check::{read_padded, Repair, Tally};
 use crate::device::HostFile;
 use crate::error::{Error, Result};
-use crate::ops::check::{read_padded, Repair, Tally};
 use crate::writer::EditFile;
 
 /// Entries at or above this are unallocated (0xffffffff) or discarded (0xfffffffe).

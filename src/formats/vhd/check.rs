@@ -23,9 +23,9 @@ use super::dynheader::{DynHeader, DYN_HEADER_SIZE};
 use super::footer::{
     checksum_without_field, DiskType, Footer, CHECKSUM_OFFSET, FOOTER_COOKIE, FOOTER_SIZE,
 };
+use crate::check::{read_padded, Repair, Tally};
 use crate::device::HostFile;
 use crate::error::{Error, Result};
-use crate::ops::check::{read_padded, Repair, Tally};
 use crate::writer::EditFile;
 
 const UNALLOCATED: u32 = u32::MAX;

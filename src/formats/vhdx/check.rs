@@ -28,9 +28,9 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 use super::header::*;
 use super::log::{self, Host};
 use super::reader::{read_metadata, MAX_BAT_BYTES};
+use crate::check::{read_padded, Repair, Tally};
 use crate::device::HostFile;
 use crate::error::{Error, ErrorKind, Result};
-use crate::ops::check::{read_padded, Repair, Tally};
 use crate::writer::EditFile;
 
 /// The two copies of a redundant structure: which one readers use, and the other.

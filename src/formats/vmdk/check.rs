@@ -26,9 +26,9 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 
 use super::reader::read_kdmv_header;
 use super::sparse::*;
+use crate::check::{read_padded, Repair, Tally};
 use crate::device::HostFile;
 use crate::error::{Error, Result};
-use crate::ops::check::{read_padded, Repair, Tally};
 use crate::options::OpenOptions;
 use crate::writer::EditFile;
 

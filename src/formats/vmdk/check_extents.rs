@@ -16,9 +16,9 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 use super::descriptor::{looks_like_descriptor, Access, Descriptor, ExtentType};
 use super::reader::check_descriptor_create_type;
 use super::sparse::{KDMV_MAGIC, MAX_DESCRIPTOR_BYTES, SECTOR};
+use crate::check::{read_padded, Repair, Tally};
 use crate::device::HostFile;
 use crate::error::{Error, Result};
-use crate::ops::check::{read_padded, Repair, Tally};
 use crate::options::OpenOptions;
 
 /// Whether `host` (not a `KDMV` file) holds descriptor text, as qemu probes it.

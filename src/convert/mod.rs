@@ -9,6 +9,10 @@
 //! A fixed number of units is in flight at once, so memory stays bounded whatever the
 //! image size. With `salvage`, ranges that cannot be read become zeros and are reported;
 //! with a rate limit, the writer side sleeps between units.
+//!
+//! Here the options, the report and the engine; beside it `pace.rs` (how many workers,
+//! the rate limit) and `salvage.rs` (unreadable ranges), which know nothing of this file,
+//! and `tests.rs`.
 
 use std::collections::BTreeMap;
 
@@ -17,6 +21,14 @@ use crate::error::{Error, Result, Side};
 use crate::format::Format;
 use crate::options::{CreateOptions, OpenOptions};
 use crate::writer::{AllocationPlan, Encoder, ImageWriter};
+
+mod pace;
+mod salvage;
+
+pub use pace::default_threads;
+use pace::RateLimiter;
+pub use salvage::UnreadableRange;
+use salvage::{coalesce, read_range, record, Unreadable, SALVAGE_SECTOR};
 
 /// Progress callback: (guest bytes done, total guest bytes).
 pub type ProgressFn<'a> = &'a (dyn Fn(u64, u64) + Sync);
@@ -184,26 +196,6 @@ pub struct ConvertReport {
     /// The digests asked in [`ConvertOptions::digests`], lowercase hex.
     pub digests: Vec<(crate::writer::DigestAlgo, String)>,
 }
-
-/// A source range [`ConvertOptions::salvage`] replaced with zeros.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct UnreadableRange {
-    /// Guest offset of the first byte.
-    pub offset: u64,
-    /// Length in bytes.
-    pub len: u64,
-    /// The first error met in the range.
-    pub error: String,
-}
-
-/// Sectors are the smallest unit `--salvage` retries and gives up on, as in qemu-img.
-const SALVAGE_SECTOR: u64 = 512;
-/// Reads that fail are retried in pieces this long before going down to sectors, so a
-/// few bad sectors inside a 1 MiB unit cost a few dozen reads, not two thousand.
-const SALVAGE_STEP: u64 = 64 << 10;
-
-/// Ranges recorded by the dispatcher and the workers, coalesced at the end.
-type Unreadable = std::sync::Mutex<Vec<UnreadableRange>>;
 
 /// Size of a work unit when the writer's granule is smaller.
 const UNIT: u64 = 1 << 20;
@@ -406,34 +398,6 @@ pub fn convert_device_into<W: ImageWriter + ?Sized>(
         ..Default::default()
     };
     Ok(report)
-}
-
-/// Workers when the caller leaves it to us: one per core we may run on, plus one per
-/// other task running on the machine right now (the `R/T` field of /proc/loadavg, less
-/// ourselves), up to three times the cores. With every core free that is one per core;
-/// with two busy loops on two cores it is four, because the scheduler shares a core
-/// between runnable threads, not processes: one worker per core would leave us a third of
-/// the machine beside them, while qemu-img's pool of up to 8 threads takes most of it.
-/// Measured on 2 cores with two busy loops running, decompressing pure-Rust zstd: 2.4-2.9 s
-/// with 2 workers, 2.1-2.2 s with 4 (qemu-img: 1.9-2.2 s); quiet, 4 workers cost 5% on
-/// `-c`, so the extra workers come only with the load.
-pub fn default_threads() -> usize {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    let busy = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| others_running(&s))
-        .unwrap_or(0);
-    cores + busy.min(2 * cores)
-}
-
-/// Other running tasks in a /proc/loadavg line (`0.52 0.58 0.59 3/467 12345`: 3 runnable,
-/// one of them the reader).
-fn others_running(loadavg: &str) -> Option<usize> {
-    let field = loadavg.split_whitespace().nth(3)?;
-    let running: usize = field.split('/').next()?.parse().ok()?;
-    Some(running.saturating_sub(1))
 }
 
 /// Find the exact guest ranges [`convert_device`] will write for `src` into a writer of
@@ -683,100 +647,6 @@ fn work(
     })
 }
 
-/// Read `buf.len()` guest bytes at `off`. With `salvage`, a failed read is retried in
-/// smaller pieces down to single sectors; sectors that still fail read as zeros and are
-/// recorded.
-fn read_range(
-    src: &dyn BlockDevice,
-    buf: &mut [u8],
-    off: u64,
-    salvage: bool,
-    unreadable: &Unreadable,
-) -> Result<()> {
-    let e = match src.read_at(buf, off) {
-        Ok(()) => return Ok(()),
-        Err(e) if !salvage => return Err(e),
-        Err(e) => e,
-    };
-    let step = if buf.len() as u64 > SALVAGE_STEP {
-        SALVAGE_STEP
-    } else if buf.len() as u64 > SALVAGE_SECTOR {
-        SALVAGE_SECTOR
-    } else {
-        buf.fill(0);
-        record(unreadable, off, buf.len() as u64, &e);
-        return Ok(());
-    };
-    // Pieces end on multiples of `step` in guest offsets, like the sectors they cover.
-    let mut p = 0usize;
-    while p < buf.len() {
-        let at = off + p as u64;
-        let q = (((at / step + 1) * step - off) as usize).min(buf.len());
-        read_range(src, &mut buf[p..q], at, true, unreadable)?;
-        p = q;
-    }
-    Ok(())
-}
-
-fn record(unreadable: &Unreadable, offset: u64, len: u64, e: &Error) {
-    let mut v = unreadable.lock().unwrap_or_else(|p| p.into_inner());
-    v.push(UnreadableRange {
-        offset,
-        len,
-        error: e.to_string(),
-    });
-}
-
-/// Sort ranges and merge touching or overlapping ones (keeping the first error).
-fn coalesce(mut v: Vec<UnreadableRange>) -> Vec<UnreadableRange> {
-    v.sort_by_key(|r| r.offset);
-    let mut out: Vec<UnreadableRange> = Vec::with_capacity(v.len());
-    for r in v {
-        match out.last_mut() {
-            Some(last) if last.offset + last.len >= r.offset => {
-                last.len = last.len.max(r.offset + r.len - last.offset);
-            }
-            _ => out.push(r),
-        }
-    }
-    out
-}
-
-/// Keeps the average write rate at or under a limit by sleeping between units.
-struct RateLimiter {
-    rate: u64,
-    start: std::time::Instant,
-    bytes: u64,
-}
-
-impl RateLimiter {
-    fn new(rate: u64) -> Self {
-        RateLimiter {
-            rate,
-            start: std::time::Instant::now(),
-            bytes: 0,
-        }
-    }
-
-    fn wrote(&mut self, n: u64) {
-        if self.rate == 0 || n == 0 {
-            return;
-        }
-        self.bytes += n;
-        let wait = rate_delay(self.bytes, self.rate, self.start.elapsed());
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
-        }
-    }
-}
-
-/// How long to wait after `bytes` written in `elapsed` so the average stays at or
-/// under `rate` bytes per second.
-fn rate_delay(bytes: u64, rate: u64, elapsed: std::time::Duration) -> std::time::Duration {
-    let due = std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
-    due.saturating_sub(elapsed)
-}
-
 /// True when every byte is zero; word-at-a-time so it runs near memory speed.
 pub fn is_zero(buf: &[u8]) -> bool {
     let (pre, mid, post) = unsafe { buf.align_to::<u128>() };
@@ -784,255 +654,4 @@ pub fn is_zero(buf: &[u8]) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::device::Mapping;
-    use std::sync::{Arc, Mutex};
-
-    /// The runnable count of /proc/loadavg, less the reader; anything else is no count.
-    #[test]
-    fn loadavg_running_field() {
-        assert_eq!(others_running("0.52 0.58 0.59 3/467 12345\n"), Some(2));
-        assert_eq!(others_running("0.00 0.01 0.05 1/80 999"), Some(0));
-        assert_eq!(others_running("0.00 0.01 0.05 0/80 999"), Some(0));
-        assert_eq!(others_running("0.00 0.01"), None);
-        assert_eq!(others_running("0.00 0.01 0.05 x/80 999"), None);
-        let n = default_threads();
-        let cores = std::thread::available_parallelism().unwrap().get();
-        assert!(
-            (cores..=3 * cores).contains(&n),
-            "{n} workers on {cores} cores"
-        );
-    }
-
-    /// A source of `size` bytes whose map is `ranges` (offset, len, is_data) and whose
-    /// data reads from `bytes`; reads touching `bad` fail.
-    struct Mem {
-        bytes: Vec<u8>,
-        ranges: Vec<(u64, u64, bool)>,
-        bad: Option<(u64, u64)>,
-        bad_map: Option<u64>,
-    }
-
-    impl BlockDevice for Mem {
-        fn virtual_size(&self) -> u64 {
-            self.bytes.len() as u64
-        }
-        fn map(&self, offset: u64, max_len: u64) -> Result<Mapping> {
-            if self.bad_map == Some(offset) {
-                return Err(Error::corrupt("bad table"));
-            }
-            let &(o, l, d) = self
-                .ranges
-                .iter()
-                .find(|(o, l, _)| offset >= *o && offset < o + l)
-                .expect("covered");
-            Ok(Mapping {
-                offset,
-                len: (o + l - offset).min(max_len),
-                kind: if d {
-                    MappingKind::Data { host: None }
-                } else {
-                    MappingKind::Unallocated
-                },
-            })
-        }
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-            if let Some((b, l)) = self.bad {
-                if offset < b + l && b < offset + buf.len() as u64 {
-                    return Err(Error::corrupt("bad sector").at(offset));
-                }
-            }
-            let o = offset as usize;
-            buf.copy_from_slice(&self.bytes[o..o + buf.len()]);
-            Ok(())
-        }
-        fn info(&self) -> crate::device::ImageInfo {
-            crate::device::ImageInfo::default()
-        }
-        fn format(&self) -> Format {
-            Format::Raw
-        }
-    }
-
-    /// Every (offset, data) a writer received, in order.
-    type Writes = Vec<(u64, Vec<u8>)>;
-
-    /// Records every write.
-    struct Rec {
-        gran: u64,
-        size: u64,
-        writes: Arc<Mutex<Writes>>,
-    }
-
-    impl ImageWriter for Rec {
-        fn granularity(&self) -> u64 {
-            self.gran
-        }
-        fn virtual_size(&self) -> u64 {
-            self.size
-        }
-        fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-            self.writes.lock().unwrap().push((offset, data.to_vec()));
-            Ok(())
-        }
-        fn finish(self: Box<Self>) -> Result<()> {
-            Ok(())
-        }
-    }
-
-    fn run(src: &Mem, gran: u64, opts: &ConvertOptions) -> Result<(Writes, ConvertReport)> {
-        let writes = Arc::new(Mutex::new(Vec::new()));
-        let w = Rec {
-            gran,
-            size: src.virtual_size(),
-            writes: writes.clone(),
-        };
-        let r = convert_device(src, Box::new(w), opts)?;
-        let v = writes.lock().unwrap().clone();
-        Ok((v, r))
-    }
-
-    fn written(w: &[(u64, Vec<u8>)]) -> u64 {
-        w.iter().map(|(_, d)| d.len() as u64).sum()
-    }
-
-    /// 4 KiB of data every 256 KiB over 4 MiB, the rest unallocated.
-    fn holey() -> Mem {
-        let size = 4u64 << 20;
-        let mut bytes = vec![0u8; size as usize];
-        let mut ranges = Vec::new();
-        for o in (0..size).step_by(256 << 10) {
-            bytes[o as usize..o as usize + 4096].fill(0xab);
-            ranges.push((o, 4096, true));
-            ranges.push((o + 4096, (256 << 10) - 4096, false));
-        }
-        Mem {
-            bytes,
-            ranges,
-            bad: None,
-            bad_map: None,
-        }
-    }
-
-    #[test]
-    fn large_sparse_size_never_writes_source_holes() {
-        let src = holey();
-        for s in [4096u64, 64 << 10, 1 << 20, 16 << 20] {
-            let mut o = ConvertOptions::new(Format::Raw);
-            o.min_sparse = s;
-            let (w, _) = run(&src, 512, &o).unwrap();
-            assert_eq!(written(&w), 16 * 4096, "-S {s}");
-            for (off, d) in &w {
-                assert_eq!(off % (256 << 10), 0, "-S {s}");
-                assert!(d.iter().all(|&b| b == 0xab));
-            }
-        }
-        // A granule larger than the data is written whole, holes inside it as zeros.
-        let mut o = ConvertOptions::new(Format::Raw);
-        o.min_sparse = 1 << 20;
-        let (w, _) = run(&src, 64 << 10, &o).unwrap();
-        assert_eq!(written(&w), 16 * (64 << 10));
-        // -S 0 writes everything.
-        o.min_sparse = 0;
-        let (w, _) = run(&src, 512, &o).unwrap();
-        assert_eq!(written(&w), 4 << 20);
-    }
-
-    #[test]
-    fn zero_runs_inside_data_follow_sparse_size() {
-        // One data range of 1 MiB: 64 KiB of data, 128 KiB of zeros, data to the end.
-        let size = 1u64 << 20;
-        let mut bytes = vec![1u8; size as usize];
-        bytes[64 << 10..192 << 10].fill(0);
-        let src = Mem {
-            bytes,
-            ranges: vec![(0, size, true)],
-            bad: None,
-            bad_map: None,
-        };
-        let mut o = ConvertOptions::new(Format::Raw);
-        o.min_sparse = 64 << 10;
-        let (w, _) = run(&src, 512, &o).unwrap();
-        assert_eq!(written(&w), size - (128 << 10));
-        o.min_sparse = 256 << 10;
-        let (w, _) = run(&src, 512, &o).unwrap();
-        assert_eq!(written(&w), size);
-    }
-
-    #[test]
-    fn salvage_writes_zeros_for_unreadable_sectors_and_reports_them() {
-        let size = 2u64 << 20;
-        let src = Mem {
-            bytes: vec![7u8; size as usize],
-            ranges: vec![(0, size, true)],
-            bad: Some((0x10_0200, 1024)),
-            bad_map: None,
-        };
-        let mut o = ConvertOptions::new(Format::Raw);
-        let e = run(&src, 512, &o).unwrap_err();
-        assert_eq!(e.kind(), crate::ErrorKind::Corrupt);
-        o.salvage = true;
-        let (w, r) = run(&src, 512, &o).unwrap();
-        assert_eq!(
-            r.unreadable
-                .iter()
-                .map(|u| (u.offset, u.len))
-                .collect::<Vec<_>>(),
-            vec![(0x10_0200, 1024)]
-        );
-        // Everything is written (the zeros are shorter than -S), the bad sectors as zeros.
-        assert_eq!(written(&w), size);
-        for (off, d) in &w {
-            for (i, &b) in d.iter().enumerate() {
-                let at = off + i as u64;
-                let bad = (0x10_0200..0x10_0600).contains(&at);
-                assert_eq!(b, if bad { 0 } else { 7 }, "byte {at:#x}");
-            }
-        }
-    }
-
-    #[test]
-    fn salvage_reads_past_a_failing_map() {
-        let size = 1u64 << 20;
-        let src = Mem {
-            bytes: vec![3u8; size as usize],
-            ranges: vec![(0, 4096, true), (4096, size - 4096, true)],
-            bad: None,
-            bad_map: Some(4096),
-        };
-        let mut o = ConvertOptions::new(Format::Raw);
-        assert!(run(&src, 512, &o).is_err());
-        o.salvage = true;
-        let (w, r) = run(&src, 512, &o).unwrap();
-        assert_eq!(written(&w), size);
-        assert_eq!(r.unreadable.len(), 1);
-        assert_eq!((r.unreadable[0].offset, r.unreadable[0].len), (4096, 512));
-    }
-
-    #[test]
-    fn coalesce_merges_touching_ranges() {
-        let r = |offset, len| UnreadableRange {
-            offset,
-            len,
-            error: String::new(),
-        };
-        assert_eq!(
-            coalesce(vec![r(1024, 512), r(0, 512), r(512, 512), r(4096, 512)]),
-            vec![r(0, 1536), r(4096, 512)]
-        );
-    }
-
-    #[test]
-    fn rate_delay_keeps_the_average_under_the_limit() {
-        use std::time::Duration;
-        assert_eq!(
-            rate_delay(2 << 20, 1 << 20, Duration::from_millis(500)),
-            Duration::from_millis(1500)
-        );
-        assert_eq!(
-            rate_delay(1 << 20, 1 << 20, Duration::from_secs(3)),
-            Duration::ZERO
-        );
-    }
-}
+mod tests;
