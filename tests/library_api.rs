@@ -398,9 +398,11 @@ fn cancelling_stops_within_one_unit_and_leaves_no_output() {
     let e = convert_device_into(&dev, &mut w, &opts).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
     assert_eq!(w.bytes, stop_at, "written past the unit that cancelled");
-    // Reads stop too: at most the units in flight (2 x threads + 2) past that point.
+    // Reads stop too: at most the units in flight past that point (the engine keeps
+    // max(2 x threads + 2, 16) units of 1 MiB in flight, so 16 here), plus the one being
+    // read when the token was cancelled.
     let read = dev.read.load(Ordering::SeqCst);
-    assert!(read <= stop_at + 7 * MIB, "read {read} bytes");
+    assert!(read <= stop_at + 17 * MIB, "read {read} bytes");
 
     // Into a file: the conversion fails and the destination is not there.
     let dir = tempfile::tempdir().unwrap();
