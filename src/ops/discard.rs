@@ -7,38 +7,23 @@
 
 use std::path::Path;
 
-use crate::device::HostFile;
 use crate::error::{Error, Result};
 use crate::format::Format;
 use crate::formats::open_editor;
-use crate::options::ResizeOptions;
 
 /// Discard the guest ranges `runs` (ascending, disjoint `(offset, len)` pairs) of the
 /// image at `path`, of `format` (probed when None), in place: whole allocation units
 /// inside a run are unallocated or marked zero where the format allows, partial ones
 /// are left. Returns the bytes of guest data no longer stored. A format (or subformat)
 /// that cannot give space back in place is refused, named, with the reason.
-/// `fail_at_write` is the test hook of [`ResizeOptions::fail_at_write`].
+/// `fail_at_write` is the test hook of [`ResizeOptions::fail_at_write`](crate::options::ResizeOptions::fail_at_write).
 pub fn discard_in_place(
     path: &Path,
     format: Option<Format>,
     runs: &[(u64, u64)],
     fail_at_write: Option<u64>,
 ) -> Result<u64> {
-    let format = match format {
-        Some(f) => f,
-        None => crate::probe::probe_file(&HostFile::open(path)?)?,
-    };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io("cannot open the image for writing", e).with_path(path))?;
-    let opts = ResizeOptions {
-        format: Some(format),
-        fail_at_write,
-        ..Default::default()
-    };
+    let (format, file, opts) = super::open_for_edit(path, format, fail_at_write)?;
     let mut editor = open_editor(format, file, path, &opts).map_err(|e| name(e, format))?;
     editor
         .discard(runs)

@@ -28,3 +28,34 @@ pub fn open_source(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockDevic
     }
     crate::formats::open_with(path, opts)
 }
+
+/// The image at `path` (of `format`, probed when None) opened read-write for an in-place
+/// change, with the editor options that carry the format and the test hook
+/// (`fail_at_write`, see [`crate::options::ResizeOptions::fail_at_write`]).
+pub(crate) fn open_for_edit(
+    path: &Path,
+    format: Option<crate::format::Format>,
+    fail_at_write: Option<u64>,
+) -> Result<(
+    crate::format::Format,
+    std::fs::File,
+    crate::options::ResizeOptions,
+)> {
+    let format = match format {
+        Some(f) => f,
+        None => crate::probe::probe_file(&crate::device::HostFile::open(path)?)?,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| {
+            crate::error::Error::io("cannot open the image for writing", e).with_path(path)
+        })?;
+    let opts = crate::options::ResizeOptions {
+        format: Some(format),
+        fail_at_write,
+        ..Default::default()
+    };
+    Ok((format, file, opts))
+}

@@ -5,17 +5,17 @@
 
 use std::path::Path;
 
-use crate::device::{HostFile, SnapshotInfo, SnapshotOp};
+use crate::device::{SnapshotInfo, SnapshotOp};
 use crate::error::{Error, Result};
 use crate::format::Format;
 use crate::formats::open_editor;
-use crate::options::{OpenOptions, ResizeOptions};
+use crate::options::OpenOptions;
 
 /// Create, delete or apply an internal snapshot of the image at `path`, of `format`
 /// (probed when None), in place, as `qemu-img snapshot -c/-d/-a` does; errors carry
 /// qemu-img's words ("Could not delete snapshot 'x': snapshot not found"). The image reads
 /// as before or as after whatever write fails. `fail_at_write` is the test hook of
-/// [`ResizeOptions::fail_at_write`].
+/// [`ResizeOptions::fail_at_write`](crate::options::ResizeOptions::fail_at_write).
 pub fn snapshot_edit(
     path: &Path,
     format: Option<Format>,
@@ -27,20 +27,7 @@ pub fn snapshot_edit(
         SnapshotOp::Delete(s) => format!("Could not delete snapshot '{}'", s.text()),
         SnapshotOp::Apply(s) => format!("Could not apply snapshot '{}'", s.text()),
     };
-    let format = match format {
-        Some(f) => f,
-        None => crate::probe::probe_file(&HostFile::open(path)?)?,
-    };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io("cannot open the image for writing", e).with_path(path))?;
-    let opts = ResizeOptions {
-        format: Some(format),
-        fail_at_write,
-        ..Default::default()
-    };
+    let (format, file, opts) = super::open_for_edit(path, format, fail_at_write)?;
     let mut editor = open_editor(format, file, path, &opts).map_err(|e| e.context(&what))?;
     editor.snapshot(op).map_err(|e| {
         // A format without internal snapshots: qemu-img's words, then which format.
