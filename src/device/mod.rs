@@ -80,6 +80,22 @@ pub struct BlockStatus {
 }
 
 impl BlockStatus {
+    /// `len` bytes at `offset` allocated in this image as data, with no host offset yet:
+    /// where a table walk starts before it knows how the range is stored.
+    pub fn data(offset: u64, len: u64) -> Self {
+        BlockStatus {
+            offset,
+            len,
+            depth: 0,
+            present: true,
+            zero: false,
+            data: true,
+            compressed: false,
+            host: None,
+            file: None,
+        }
+    }
+
     /// qemu's look into the file under data stored at `host`: where the file has a hole
     /// the range reads as zeros (still data), and the range ends where that changes.
     pub fn refine_by_host(mut self, file: &HostFile) -> Self {
@@ -234,17 +250,7 @@ pub fn qemu_block_status(dev: &dyn BlockDevice, offset: u64, max_len: u64) -> Re
         return dev.block_status(offset, max_len);
     }
     let end = map_end(dev.virtual_size(), offset, max_len)?;
-    Ok(BlockStatus {
-        offset,
-        len: end - offset,
-        depth: 0,
-        present: true,
-        zero: false,
-        data: true,
-        compressed: false,
-        host: None,
-        file: None,
-    })
+    Ok(BlockStatus::data(offset, end - offset))
 }
 
 #[doc(hidden)] // a helper of the format readers, not a stable API

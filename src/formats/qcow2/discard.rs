@@ -435,13 +435,7 @@ fn truncate_tail(ed: &mut Qcow2Editor) -> Result<()> {
     if keep < ed.host.len() {
         ed.file
             .set_len(keep, "truncating the freed tail of the qcow2 image")?;
-        ed.host = HostFile::from_file(
-            ed.file
-                .file()
-                .try_clone()
-                .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?,
-            &ed.path,
-        )?;
+        ed.host = ed.reopen_host()?;
     }
     Ok(())
 }

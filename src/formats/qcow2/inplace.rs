@@ -41,7 +41,7 @@ use super::discard::metadata_clusters;
 use super::header::*;
 use super::reader::{self, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use super::resize::{open_qcow2, Alloc, Plan, Qcow2Editor, Refs};
-use crate::device::{BlockDevice, HostFile, MappingKind};
+use crate::device::{BlockDevice, MappingKind};
 use crate::error::{Error, Result};
 use crate::inplace::{target_too_small, Gaps, InPlaceOptions};
 use crate::options::OpenOptions;
@@ -177,15 +177,7 @@ fn read_tail(ed: &Qcow2Editor, opts: &InPlaceOptions, backing: bool) -> Result<V
     if upto <= size {
         return Ok(tail);
     }
-    let host = || -> Result<HostFile> {
-        let dup = ed
-            .file
-            .file()
-            .try_clone()
-            .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?;
-        HostFile::from_file(dup, &ed.path)
-    };
-    let dev = reader::open(host()?, &OpenOptions::new().without_backing())?;
+    let dev = reader::open(ed.reopen_host()?, &OpenOptions::new().without_backing())?;
     let mut off = size;
     let mut needs_backing = false;
     while backing && off < upto {
@@ -203,7 +195,7 @@ fn read_tail(ed: &Qcow2Editor, opts: &InPlaceOptions, backing: bool) -> Result<V
     }
     let n = (upto - size) as usize;
     if needs_backing {
-        reader::open(host()?, &opts.open)?.read_at(&mut tail[..n], size)?;
+        reader::open(ed.reopen_host()?, &opts.open)?.read_at(&mut tail[..n], size)?;
     } else {
         dev.read_at(&mut tail[..n], size)?;
     }

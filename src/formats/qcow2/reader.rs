@@ -489,17 +489,7 @@ impl BlockDevice for Qcow2Image {
     fn block_status(&self, offset: u64, max_len: u64) -> Result<BlockStatus> {
         let end = crate::device::map_end(self.size, offset, max_len)?;
         let (len, piece) = self.lookup(offset, end)?;
-        let mut st = BlockStatus {
-            offset,
-            len,
-            depth: 0,
-            present: true,
-            zero: false,
-            data: true,
-            compressed: false,
-            host: None,
-            file: None,
-        };
+        let mut st = BlockStatus::data(offset, len);
         let data_file = || self.data_file.as_ref().map(|f| f.path().to_path_buf());
         match piece {
             Piece::Data(h) => {

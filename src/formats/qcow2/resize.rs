@@ -377,6 +377,17 @@ pub(super) struct Plan {
 }
 
 impl Qcow2Editor {
+    /// A read handle over the image at its current length: the editor's own `host` is
+    /// sized when opened, so after a write that grew or cut the file it is made anew.
+    pub(super) fn reopen_host(&self) -> Result<HostFile> {
+        let dup = self
+            .file
+            .file()
+            .try_clone()
+            .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?;
+        HostFile::from_file(dup, &self.path)
+    }
+
     pub(super) fn cs(&self) -> u64 {
         self.header.cluster_size()
     }
@@ -899,13 +910,7 @@ impl Qcow2Editor {
         }
         self.header = plan.header;
         // The file grew by the new tables: read it at its new length from here on.
-        self.host = HostFile::from_file(
-            self.file
-                .file()
-                .try_clone()
-                .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?,
-            &self.path,
-        )?;
+        self.host = self.reopen_host()?;
         self.file.sync("flushing the qcow2 header")
     }
 

@@ -552,13 +552,7 @@ fn commit(ed: &mut Qcow2Editor, header: Header, writes: Vec<Write>) -> Result<()
         "writing the qcow2 header (L1, refcount and snapshot tables)",
     )?;
     ed.header = header;
-    ed.host = HostFile::from_file(
-        ed.file
-            .file()
-            .try_clone()
-            .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?,
-        &ed.path,
-    )?;
+    ed.host = ed.reopen_host()?;
     ed.file.sync("flushing the qcow2 header")
 }
 

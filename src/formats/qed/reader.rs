@@ -262,17 +262,7 @@ impl BlockDevice for QedImage {
         let end = crate::device::map_end(self.header.image_size, offset, max_len)?;
         let (len, piece) = self.lookup(offset)?;
         let len = len.min(end - offset);
-        let mut st = BlockStatus {
-            offset,
-            len,
-            depth: 0,
-            present: true,
-            zero: false,
-            data: true,
-            compressed: false,
-            host: None,
-            file: None,
-        };
+        let mut st = BlockStatus::data(offset, len);
         match piece {
             Piece::Data(h) => st.host = Some(h),
             Piece::Zero => (st.zero, st.data) = (true, false),

@@ -1083,17 +1083,7 @@ impl BlockDevice for VmdkImage {
         let e = &self.extents[self.extent_index(offset)];
         let rel = offset - e.start;
         let max = (end - offset).min(e.size - rel);
-        let mut st = BlockStatus {
-            offset,
-            len: max,
-            depth: 0,
-            present: true,
-            zero: false,
-            data: true,
-            compressed: false,
-            host: None,
-            file: None,
-        };
+        let mut st = BlockStatus::data(offset, max);
         let (host, file) = match &e.data {
             ExtentData::Zero => {
                 (st.zero, st.data) = (true, false);
