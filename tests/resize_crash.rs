@@ -10,20 +10,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::crash::{self, have_strace};
 use common::*;
 use diskconv::Format;
-
-#[track_caller]
-fn have_strace() -> bool {
-    let ok = Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok && oracles_required() {
-        panic!("strace is required for the crash tests: apt-get install strace");
-    }
-    ok
-}
 
 /// The image's guest bytes and size, as qemu-img reads them.
 fn guest(img: &Path, fmt: &str, to: &Path) -> (u64, Vec<u8>) {
@@ -72,66 +61,50 @@ fn sweep(case: &Case, dir: &Path) -> usize {
     let after = guest(&work, case.fmt, &scratch);
     assert_ne!(before.0, after.0);
 
-    let mut runs = 0;
-    for call in ["pwrite64", "ftruncate", "fsync"] {
-        for fault in ["signal=KILL", "error=ENOSPC", "error=EIO"] {
-            for n in 1.. {
-                assert!(n < 500, "{call}: more calls than any resize should make");
-                std::fs::copy(&orig, &work).unwrap();
-                let o = Command::new("strace")
-                    .args(["-f", "-qq", "-o", "/dev/null", "-e"])
-                    .arg(format!("trace={call}"))
-                    .arg("-e")
-                    .arg(format!("inject={call}:{fault}:when={n}"))
-                    .arg(env!("CARGO_BIN_EXE_diskconv"))
-                    .args(resize_args(&work))
-                    .output()
-                    .unwrap();
-                runs += 1;
-                let what = format!(
-                    "{} {}: {fault} at {call} #{n}",
-                    case.fmt,
-                    case.create.join(" ")
-                );
-                let stderr = String::from_utf8_lossy(&o.stderr);
-                let stopped = !o.status.success();
-                if stopped {
-                    use std::os::unix::process::ExitStatusExt;
-                    if fault == "signal=KILL" {
-                        assert_eq!(o.status.signal(), Some(9), "{what}: {stderr}");
-                    } else {
-                        // A failed call is reported, naming the image.
-                        assert_eq!(o.status.code(), Some(1), "{what}: {stderr}");
-                        assert!(stderr.contains("work."), "{what}: {stderr}");
-                    }
-                }
-                if matches!(case.fmt, "qcow2" | "vdi" | "vmdk") {
-                    assert_qemu_check_clean(&work, f);
-                }
-                let got = guest(&work, case.fmt, &scratch);
-                assert!(
-                    got == before || got == after,
-                    "{what}: the image reads as neither before ({} bytes) nor after ({} bytes) but {} bytes",
-                    before.0,
-                    after.0,
-                    got.0
-                );
-                // Our own reader agrees with qemu-img's.
-                assert_eq!(open_as(&work, f).virtual_size(), got.0, "{what}");
-                if !stopped {
-                    // The Nth call never came: every call of the run has been tried.
-                    assert!(got == after, "{what}");
-                    break;
-                }
-            }
+    let reset = || {
+        std::fs::copy(&orig, &work).unwrap();
+    };
+    let calls = ["pwrite64", "ftruncate", "fsync"];
+    crash::sweep(&calls, 500, &resize_args(&work), reset, |fl, o, stopped| {
+        let what = format!(
+            "{} {}: {} at {} #{}",
+            case.fmt,
+            case.create.join(" "),
+            fl.fault,
+            fl.call,
+            fl.n
+        );
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        if stopped && fl.fault != "signal=KILL" {
+            // A failed call is reported, naming the image.
+            assert!(stderr.contains("work."), "{what}: {stderr}");
         }
-    }
-    runs
+        if matches!(case.fmt, "qcow2" | "vdi" | "vmdk") {
+            assert_qemu_check_clean(&work, f);
+        }
+        let got = guest(&work, case.fmt, &scratch);
+        assert!(
+            got == before || got == after,
+            "{what}: the image reads as neither before ({} bytes) nor after ({} bytes) but {} bytes",
+            before.0,
+            after.0,
+            got.0
+        );
+        // Our own reader agrees with qemu-img's.
+        assert_eq!(open_as(&work, f).virtual_size(), got.0, "{what}");
+        if !stopped {
+            // The Nth call never came: every call of the run has been tried.
+            assert!(got == after, "{what}");
+        }
+    })
 }
 
 #[test]
 #[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
-#[cfg_attr(no_strace, ignore = "needs strace: apt-get install strace")]
+#[cfg_attr(
+    all(no_strace, not(no_qemu)),
+    ignore = "needs strace: apt-get install strace"
+)]
 fn a_resize_killed_or_failed_at_any_write_leaves_before_or_after() {
     if !have_qemu() || !have_strace() {
         return;

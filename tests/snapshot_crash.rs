@@ -14,20 +14,9 @@ use std::path::Path;
 use std::process::Command;
 
 use common::cmms::qemu_io;
+use common::crash::{self, have_strace};
 use common::snapshot::{check_counts, State};
 use common::*;
-
-#[track_caller]
-fn have_strace() -> bool {
-    let ok = Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok && oracles_required() {
-        panic!("strace is required for the crash tests: apt-get install strace");
-    }
-    ok
-}
 
 /// Sweep every call of `snapshot ARGS` on a copy of `orig`; returns the faulted runs.
 fn sweep(orig: &Path, args: &[&str], dir: &Path) -> usize {
@@ -43,61 +32,46 @@ fn sweep(orig: &Path, args: &[&str], dir: &Path) -> usize {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let after = State::of(&work);
     assert_ne!(before, after, "{args:?}");
-    let mut runs = 0;
-    for call in ["pwrite64", "ftruncate", "fallocate", "fsync"] {
-        for fault in ["signal=KILL", "error=ENOSPC", "error=EIO"] {
-            for n in 1.. {
-                assert!(
-                    n < 100,
-                    "{call}: more calls than any snapshot operation makes"
-                );
-                std::fs::copy(orig, &work).unwrap();
-                let o = Command::new("strace")
-                    .args(["-f", "-qq", "-o", "/dev/null", "-e"])
-                    .arg(format!("trace={call}"))
-                    .arg("-e")
-                    .arg(format!("inject={call}:{fault}:when={n}"))
-                    .arg(env!("CARGO_BIN_EXE_diskconv"))
-                    .arg("snapshot")
-                    .args(args)
-                    .arg(&work)
-                    .output()
-                    .unwrap();
-                runs += 1;
-                let what = format!("{} {args:?}: {fault} at {call} #{n}", orig.display());
-                let stderr = String::from_utf8_lossy(&o.stderr);
-                let stopped = !o.status.success();
-                if stopped {
-                    use std::os::unix::process::ExitStatusExt;
-                    if fault == "signal=KILL" {
-                        assert_eq!(o.status.signal(), Some(9), "{what}: {stderr}");
-                    } else {
-                        // A failed call is reported, naming the image and the operation.
-                        assert_eq!(o.status.code(), Some(1), "{what}: {stderr}");
-                        assert!(stderr.contains("work.qcow2"), "{what}: {stderr}");
-                        assert!(stderr.contains("Could not"), "{what}: {stderr}");
-                    }
-                }
-                assert_eq!(check_counts(&work), (0, 0, 0), "{what}");
-                let got = State::of(&work);
-                assert!(
-                    got == before || got == after,
-                    "{what}: the image is neither as before nor as after: {got:?}"
-                );
-                if !stopped {
-                    // The Nth call never came: every call of the run has been tried.
-                    assert!(got == after, "{what}");
-                    break;
-                }
-            }
+    let mut cmd = vec!["snapshot".to_string()];
+    cmd.extend(args.iter().map(|a| a.to_string()));
+    cmd.push(s(&work).to_string());
+    let calls = ["pwrite64", "ftruncate", "fallocate", "fsync"];
+    let reset = || {
+        std::fs::copy(orig, &work).unwrap();
+    };
+    crash::sweep(&calls, 100, &cmd, reset, |f, o, stopped| {
+        let what = format!(
+            "{} {args:?}: {} at {} #{}",
+            orig.display(),
+            f.fault,
+            f.call,
+            f.n
+        );
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        if stopped && f.fault != "signal=KILL" {
+            // A failed call is reported, naming the image and the operation.
+            assert!(stderr.contains("work.qcow2"), "{what}: {stderr}");
+            assert!(stderr.contains("Could not"), "{what}: {stderr}");
         }
-    }
-    runs
+        assert_eq!(check_counts(&work), (0, 0, 0), "{what}");
+        let got = State::of(&work);
+        assert!(
+            got == before || got == after,
+            "{what}: the image is neither as before nor as after: {got:?}"
+        );
+        if !stopped {
+            // The Nth call never came: every call of the run has been tried.
+            assert!(got == after, "{what}");
+        }
+    })
 }
 
 #[test]
 #[cfg_attr(no_qemu, ignore = "needs qemu-img: apt-get install qemu-utils")]
-#[cfg_attr(no_strace, ignore = "needs strace: apt-get install strace")]
+#[cfg_attr(
+    all(no_strace, not(no_qemu)),
+    ignore = "needs strace: apt-get install strace"
+)]
 fn a_snapshot_operation_killed_or_failed_at_any_write_leaves_before_or_after() {
     if !have_qemu() || !have_qemu_io() || !have_strace() {
         return;

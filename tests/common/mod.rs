@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cmms;
+pub mod crash;
 pub mod discard;
 pub mod resize;
 pub mod snapshot;
