@@ -84,7 +84,7 @@ pub fn check_image(
         Format::Qcow => Err(qcow1::check_refused()),
         Format::Qcow2 => qcow2::check::check(file, path, repair, fail_at),
         Format::Vhd => vhd::check::check(file, path, repair, fail_at),
-        Format::Vmdk => vmdk::check::check(file, path, repair, fail_at, refs),
+        Format::Vmdk => vmdk::check(file, path, repair, fail_at, refs),
         Format::Vdi => vdi::check::check(file, path, repair, fail_at),
         Format::Vhdx => vhdx::check::check(file, path, repair, fail_at),
         Format::Ova => Err(ova::check_refused()),

@@ -38,9 +38,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use byteorder::{BigEndian, ByteOrder};
 
+use super::editor::{Qcow2Editor, Refs};
 use super::header::*;
 use super::reader::{COMPRESSED, OFFSET_MASK, ZERO};
-use super::resize::{decode, encode, Qcow2Editor, Refs};
 use crate::device::{check_discard_runs, HostFile};
 use crate::error::{Error, Result};
 
@@ -218,7 +218,7 @@ impl RefCounts {
             let b = host.read_vec(off, self.refs.cs, "refcount block")?;
             self.cache.insert(i, b);
         }
-        Ok(decode(self.refs.order, &self.cache[&i], j))
+        Ok(get_refcount(&self.cache[&i], j as usize, self.refs.order))
     }
 }
 
@@ -384,7 +384,7 @@ impl Discarder<'_> {
                 }
                 it.next();
                 let j = c % per;
-                let cur = decode(order, &b, j);
+                let cur = get_refcount(&b, j as usize, order);
                 let Some(next) = cur.checked_sub(n) else {
                     return Err(Error::corrupt(format!(
                         "the refcount of the cluster at {:#x} changed under the discard ({cur}, freeing {n})",
@@ -392,7 +392,7 @@ impl Discarder<'_> {
                     ))
                     .with_path(&ed.path));
                 };
-                encode(order, &mut b, j, next);
+                set_refcount(&mut b, j as usize, order, next);
                 if next == 0 {
                     freed.push(c);
                 }

@@ -17,7 +17,7 @@
 //! 1. data, into the clusters it overwrites and the new clusters at the end of the file;
 //! 2. new L2 tables, and the refcounts counting every new cluster (changed refcount blocks
 //!    and a refcount table in clusters free in the image), flushed, then one header write
-//!    switching to them, as a resize does ([`super::resize`]): before it the new clusters
+//!    switching to them, as every change does ([`super::editor`]): before it the new clusters
 //!    are unreferenced with refcount 0 (a failure gives the file its old length back);
 //! 3. the changed entries of the existing L2 tables and the L1 entries of the new ones,
 //!    then a flush: only now do tables name the new clusters, all counted already;
@@ -38,9 +38,9 @@ use std::path::Path;
 use byteorder::{BigEndian, ByteOrder};
 
 use super::discard::metadata_clusters;
+use super::editor::{open_qcow2, Alloc, Plan, Qcow2Editor, Refs};
 use super::header::*;
 use super::reader::{self, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
-use super::resize::{open_qcow2, Alloc, Plan, Qcow2Editor, Refs};
 use crate::device::{BlockDevice, MappingKind};
 use crate::error::{Error, Result};
 use crate::inplace::{target_too_small, Gaps, InPlaceOptions};

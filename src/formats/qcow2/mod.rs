@@ -18,6 +18,7 @@ mod bitmaps;
 pub mod check;
 pub mod compress;
 pub mod discard;
+pub mod editor;
 pub mod header;
 pub mod inplace;
 pub mod measure;
@@ -89,11 +90,30 @@ pub fn open_in_place(
     inplace::open_in_place(file, path, opts)
 }
 
-/// Open a qcow2 image for in-place resizing (see [`resize`]).
+/// Open a qcow2 image for in-place changes: resize, discard, snapshot (see [`editor`]).
 pub fn open_editor(
     file: File,
     path: &std::path::Path,
     opts: &ResizeOptions,
 ) -> Result<Box<dyn ImageEditor>> {
-    resize::open_editor(file, path, opts)
+    editor::open_editor(file, path, opts)
+}
+
+/// The folder's changes in place, each in its own file over the one editor type.
+impl ImageEditor for editor::Qcow2Editor {
+    fn virtual_size(&self) -> u64 {
+        self.header.size & !511
+    }
+
+    fn discard(&mut self, runs: &[(u64, u64)]) -> Result<u64> {
+        discard::discard(self, runs)
+    }
+
+    fn snapshot(&mut self, op: &crate::device::SnapshotOp<'_>) -> Result<()> {
+        snapshot_edit::run(self, op)
+    }
+
+    fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
+        resize::resize(self, new_size, opts)
+    }
 }

@@ -4,8 +4,7 @@
 
 use byteorder::{BigEndian, ByteOrder};
 
-use super::check::get_refcount;
-use super::header::Header;
+use super::header::{get_refcount, Header};
 use crate::device::HostFile;
 
 /// Refcount table entries: the refcount block's offset in these bits.

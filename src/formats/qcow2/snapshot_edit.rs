@@ -31,9 +31,9 @@
 
 use byteorder::{BigEndian, ByteOrder};
 
+use super::editor::{coalesce, Alloc, Qcow2Editor, Refs, Write};
 use super::header::*;
 use super::reader::{COMPRESSED, COPIED, OFFSET_MASK};
-use super::resize::{coalesce, Alloc, Qcow2Editor, Refs, Write};
 use super::snapshot::{self, Snapshot, KNOWN_EXTRA, MAX_SNAPSHOTS, MAX_TABLE_BYTES};
 use crate::device::{HostFile, SnapshotInfo, SnapshotOp, SnapshotSel};
 use crate::error::{Error, Result};

@@ -19,8 +19,8 @@
 //!   unchanged (the data area starts at a sector, so the filesystem may zero a unit's
 //!   edges instead of freeing them).
 
+use super::editor::{is_data, VdiEditor};
 use super::header::{ImageType, BLOCK_DISCARDED, HEADER_BLOCK};
-use super::resize::{is_data, VdiEditor};
 use crate::device::{check_discard_runs, whole_units, ImageEditor};
 use crate::error::{Error, Result};
 

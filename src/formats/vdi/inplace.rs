@@ -15,8 +15,8 @@
 use std::fs::File;
 use std::path::Path;
 
+use super::editor::{is_data, open_vdi, VdiEditor};
 use super::header::{ImageType, HEADER_BLOCK};
-use super::resize::{is_data, open_vdi, VdiEditor};
 use crate::error::{Error, Result};
 use crate::inplace::{target_too_small, BlockMap, BlockWriter, InPlaceOptions};
 use crate::writer::{EditFile, ImageWriter};

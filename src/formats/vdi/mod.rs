@@ -15,6 +15,7 @@ use crate::writer::ImageWriter;
 
 pub mod check;
 pub mod discard;
+pub mod editor;
 pub mod header;
 pub mod inplace;
 pub mod reader;
@@ -22,9 +23,9 @@ pub mod resize;
 pub mod stream;
 pub mod writer;
 
+pub use editor::open_editor;
 pub use inplace::open_in_place;
 pub use reader::VdiImage;
-pub use resize::open_editor;
 pub use writer::VdiWriter;
 
 /// Options `-O vdi` accepts.
@@ -76,6 +77,25 @@ pub fn create_stream_writer(
 /// The granule an allocation plan for this output must use: the block size.
 pub fn plan_granularity() -> u64 {
     stream::plan_granularity()
+}
+
+/// The folder's changes in place, each in its own file over the one editor type.
+impl crate::device::ImageEditor for editor::VdiEditor {
+    fn virtual_size(&self) -> u64 {
+        self.header.virtual_size()
+    }
+
+    fn discard(&mut self, runs: &[(u64, u64)]) -> crate::error::Result<u64> {
+        discard::discard(self, runs)
+    }
+
+    fn resize(
+        &mut self,
+        new_size: u64,
+        opts: &crate::options::ResizeOptions,
+    ) -> crate::error::Result<()> {
+        resize::resize(self, new_size, opts)
+    }
 }
 
 #[cfg(test)]

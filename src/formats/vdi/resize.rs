@@ -22,119 +22,24 @@
 //! The header and the map are contiguous from offset 0, so the switching write is a single
 //! positional write: the fault hook, which fails whole writes, proves every prefix valid.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
-use super::header::{
-    ImageType, VdiHeader, BLOCK_DISCARDED, BLOCK_UNALLOCATED, HEADER_BLOCK, SECTOR_SIZE,
-};
-use super::reader::{VdiImage, MAX_BMAP_BYTES};
-use crate::device::{HostFile, ImageEditor};
+use super::editor::{is_data, VdiEditor};
+use super::header::{ImageType, VdiHeader, BLOCK_UNALLOCATED, SECTOR_SIZE};
+use super::reader::MAX_BMAP_BYTES;
+use crate::device::ImageEditor;
 use crate::error::{Error, Result};
 use crate::options::{Preallocation, ResizeOptions};
-use crate::writer::EditFile;
 
 /// qemu's `VDI_BLOCKS_IN_IMAGE_MAX`: the most blocks qemu opens.
 const QEMU_MAX_BLOCKS: u64 = 0x3fff_ffff;
 
-/// An opened VDI, ready to change size.
-#[derive(Debug)]
-pub struct VdiEditor {
-    pub(super) file: EditFile,
-    pub(super) path: PathBuf,
-    pub(super) header: VdiHeader,
-    /// All `blocks_in_image` entries.
-    pub(super) bmap: Vec<u32>,
-}
-
-pub(super) fn is_data(e: u32) -> bool {
-    e != BLOCK_UNALLOCATED && e != BLOCK_DISCARDED
-}
-
-/// Open a VDI for resizing: the reader's checks run first, then the whole block map is
-/// checked to be the permutation qemu-img check expects, all before any write.
-pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<dyn ImageEditor>> {
-    Ok(Box::new(open_vdi(file, path, opts.fail_at_write)?))
-}
-
-/// [`open_editor`]'s editor itself, with `fail_at` as its test hook.
-pub(super) fn open_vdi(file: File, path: &Path, fail_at: Option<u64>) -> Result<VdiEditor> {
-    let clone = file
-        .try_clone()
-        .map_err(|e| Error::io("cannot duplicate the image's descriptor", e).with_path(path))?;
-    let host = HostFile::from_file(clone, path)?;
-    let img = VdiImage::open(host)?;
-    let header = img.header().clone();
-    drop(img);
-    let host = HostFile::from_file(
-        file.try_clone()
-            .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?,
-        path,
-    )?;
-    let raw = host.read_vec(
-        u64::from(header.offset_bmap),
-        header.bmap_len(),
-        "VDI block map",
-    )?;
-    let bmap: Vec<u32> = raw.chunks_exact(4).map(LE::read_u32).collect();
-    let mut seen = vec![false; header.blocks_allocated as usize];
-    let mut count = 0u64;
-    for (i, &e) in bmap.iter().enumerate() {
-        if !is_data(e) {
-            continue;
-        }
-        let at = u64::from(header.offset_bmap) + i as u64 * 4;
-        let bad = |msg: String| {
-            Error::corrupt(format!("{msg}; run qemu-img check before resizing"))
-                .with_field("block map entry")
-                .at(at)
-                .with_path(path)
-        };
-        match seen.get_mut(e as usize) {
-            None => {
-                return Err(bad(format!(
-                    "VDI block {i} points at data block {e}, past blocks_allocated {}",
-                    header.blocks_allocated
-                )))
-            }
-            Some(true) => return Err(bad(format!("VDI data block {e} is used twice"))),
-            Some(s) => *s = true,
-        }
-        count += 1;
-    }
-    if count != u64::from(header.blocks_allocated) {
-        return Err(Error::corrupt(format!(
-            "VDI block map holds {count} allocated blocks but blocks_allocated says {}; run qemu-img check before resizing",
-            header.blocks_allocated
-        ))
-        .with_field("blocks_allocated")
-        .at(0x184)
-        .with_path(path));
-    }
-    Ok(VdiEditor {
-        file: EditFile::new(file, path, fail_at),
-        path: path.to_path_buf(),
-        header,
-        bmap,
-    })
-}
-
 impl VdiEditor {
-    pub(super) fn bs(&self) -> u64 {
-        u64::from(self.header.block_size)
-    }
-
     /// The largest guest size: our reader's block map cap and qemu's block count limit.
     fn max_size(&self) -> u64 {
         (MAX_BMAP_BYTES / 4).min(QEMU_MAX_BLOCKS) * self.bs()
-    }
-
-    /// Host offset of data block `idx` when the data area starts at `data`.
-    pub(super) fn host(&self, data: u64, idx: u64) -> u64 {
-        data + idx * self.bs()
     }
 
     /// Read one whole block at `off`; bytes past the end of the file read as zeros (a last
@@ -156,33 +61,6 @@ impl VdiEditor {
                 break;
             }
             done += n;
-        }
-        Ok(buf)
-    }
-
-    pub(super) fn file_len(&self) -> Result<u64> {
-        Ok(self
-            .file
-            .file()
-            .metadata()
-            .map_err(|e| Error::io("cannot stat the image", e).with_path(&self.path))?
-            .len())
-    }
-
-    /// The bytes `[0, offset_bmap + entries*4)`: `header`, whatever lies between it and the
-    /// map (kept as it is), then `map`.
-    pub(super) fn head_and_map(&self, header: &VdiHeader, map: &[u32]) -> Result<Vec<u8>> {
-        let bmap_off = header.offset_bmap as usize;
-        let mut buf = vec![0u8; bmap_off + map.len() * 4];
-        buf[..HEADER_BLOCK].copy_from_slice(&header.to_bytes());
-        if bmap_off > HEADER_BLOCK {
-            self.file
-                .file()
-                .read_exact_at(&mut buf[HEADER_BLOCK..bmap_off], HEADER_BLOCK as u64)
-                .map_err(|e| Error::io("reading the VDI header area", e).with_path(&self.path))?;
-        }
-        for (c, &e) in buf[bmap_off..].chunks_exact_mut(4).zip(map) {
-            LE::write_u32(c, e);
         }
         Ok(buf)
     }
@@ -424,50 +302,41 @@ impl VdiEditor {
     }
 }
 
-impl ImageEditor for VdiEditor {
-    fn virtual_size(&self) -> u64 {
-        self.header.virtual_size()
+/// Resize the image to `new_size` in place (see the module doc).
+pub(super) fn resize(ed: &mut VdiEditor, new_size: u64, opts: &ResizeOptions) -> Result<()> {
+    let old = ed.virtual_size();
+    if new_size == 0 || !new_size.is_multiple_of(u64::from(SECTOR_SIZE)) {
+        return Err(Error::arg(format!(
+            "new VDI size {new_size} is not a positive multiple of {SECTOR_SIZE} bytes"
+        ))
+        .with_path(&ed.path));
     }
-
-    fn discard(&mut self, runs: &[(u64, u64)]) -> Result<u64> {
-        super::discard::discard(self, runs)
+    let max = ed.max_size();
+    if new_size > max {
+        return Err(Error::limit(format!(
+            "new VDI size {new_size} exceeds the maximum of {max} bytes ({} blocks of {} bytes)",
+            max / ed.bs(),
+            ed.bs()
+        ))
+        .with_path(&ed.path));
     }
-
-    fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
-        let old = self.virtual_size();
-        if new_size == 0 || !new_size.is_multiple_of(u64::from(SECTOR_SIZE)) {
-            return Err(Error::arg(format!(
-                "new VDI size {new_size} is not a positive multiple of {SECTOR_SIZE} bytes"
-            ))
-            .with_path(&self.path));
-        }
-        let max = self.max_size();
-        if new_size > max {
-            return Err(Error::limit(format!(
-                "new VDI size {new_size} exceeds the maximum of {max} bytes ({} blocks of {} bytes)",
-                max / self.bs(),
-                self.bs()
-            ))
-            .with_path(&self.path));
-        }
-        if new_size == old {
-            return Ok(());
-        }
-        if new_size < old {
-            if !opts.shrink {
-                return Err(
-                    Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink")
-                );
-            }
-            return self.shrink(new_size);
-        }
-        let full = opts.preallocation == Preallocation::Full;
-        if full && self.header.image_type != ImageType::Static {
-            return Err(Error::unsupported(
-                "preallocation=full is not supported for dynamic VDIs (blocks are allocated as the guest writes them; a static VDI preallocates)",
-            )
-            .with_path(&self.path));
-        }
-        self.grow(new_size, full)
+    if new_size == old {
+        return Ok(());
     }
+    if new_size < old {
+        if !opts.shrink {
+            return Err(
+                Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink")
+            );
+        }
+        return ed.shrink(new_size);
+    }
+    let full = opts.preallocation == Preallocation::Full;
+    if full && ed.header.image_type != ImageType::Static {
+        return Err(Error::unsupported(
+            "preallocation=full is not supported for dynamic VDIs (blocks are allocated as the guest writes them; a static VDI preallocates)",
+        )
+        .with_path(&ed.path));
+    }
+    ed.grow(new_size, full)
 }

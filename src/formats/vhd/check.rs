@@ -171,34 +171,15 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
     }
     let last_block_end = blocks.iter().map(|b| b.1).max().unwrap_or(0).max(data_end);
 
-    // Leaked blocks: BAT entries past the guest's end.
-    if !leaked.is_empty() {
-        if repair.leaks() {
-            let d = dh.as_ref().expect("blocks come from the BAT");
-            let mut sectors: std::collections::BTreeSet<usize> = Default::default();
-            for &i in &leaked {
-                t.findings.push(format!(
-                    "Repairing leaked block: BAT entry {i} is past the disk's end"
-                ));
-                BigEndian::write_u32(&mut bat[i * 4..], UNALLOCATED);
-                sectors.insert(i * 4 / 512);
-                t.leaks_fixed += 1;
-            }
-            for s in sectors {
-                let a = s * 512;
-                let b = (a + 512).min(bat.len());
-                edit.write_at(&bat[a..b], d.table_offset + a as u64, "writing the VHD BAT")?;
-            }
-            edit.sync("flushing the VHD BAT")?;
-        } else {
-            for &i in &leaked {
-                t.leak(format!(
-                    "Leaked block: BAT entry {i} is past the disk's end ({} bytes)",
-                    footer.current_size
-                ));
-            }
-        }
-    }
+    leaked_blocks(
+        &leaked,
+        &mut bat,
+        dh.as_ref(),
+        footer.current_size,
+        repair,
+        &mut edit,
+        &mut t,
+    )?;
 
     // The footer and its copy.
     match (&end, &copy) {
@@ -250,4 +231,46 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
         (Err(_), Err(_)) => unreachable!("returned above"),
     }
     Ok(t)
+}
+
+/// BAT entries past the guest's end: reported as leaks, or with `-r leaks` unmapped (each
+/// BAT sector that changed written once, then flushed).
+fn leaked_blocks(
+    leaked: &[usize],
+    bat: &mut [u8],
+    dh: Option<&DynHeader>,
+    current_size: u64,
+    repair: Repair,
+    edit: &mut EditFile,
+    t: &mut Tally,
+) -> Result<()> {
+    if leaked.is_empty() {
+        return Ok(());
+    }
+    if repair.leaks() {
+        let d = dh.expect("blocks come from the BAT");
+        let mut sectors: std::collections::BTreeSet<usize> = Default::default();
+        for &i in leaked {
+            t.findings.push(format!(
+                "Repairing leaked block: BAT entry {i} is past the disk's end"
+            ));
+            BigEndian::write_u32(&mut bat[i * 4..], UNALLOCATED);
+            sectors.insert(i * 4 / 512);
+            t.leaks_fixed += 1;
+        }
+        for s in sectors {
+            let a = s * 512;
+            let b = (a + 512).min(bat.len());
+            edit.write_at(&bat[a..b], d.table_offset + a as u64, "writing the VHD BAT")?;
+        }
+        edit.sync("flushing the VHD BAT")?;
+    } else {
+        for &i in leaked {
+            t.leak(format!(
+                "Leaked block: BAT entry {i} is past the disk's end ({} bytes)",
+                current_size
+            ));
+        }
+    }
+    Ok(())
 }

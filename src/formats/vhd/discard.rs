@@ -16,7 +16,7 @@
 //! * Differencing disks are refused when opened (an unallocated block would read the
 //!   parent's data, and VHD has no zero marker).
 
-use super::resize::{Layout, VhdEditor, SECTOR, UNALLOCATED};
+use super::editor::{Layout, VhdEditor, SECTOR, UNALLOCATED};
 use crate::device::{check_discard_runs, whole_units};
 use crate::error::{Error, Result};
 
@@ -88,7 +88,7 @@ fn discard_dynamic(ed: &mut VhdEditor, runs: &[(u64, u64)]) -> Result<u64> {
 
 fn discard_blocks(
     ed: &mut VhdEditor,
-    d: &mut super::resize::Dynamic,
+    d: &mut super::editor::Dynamic,
     blocks: &[usize],
     stride: u64,
 ) -> Result<()> {

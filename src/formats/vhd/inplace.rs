@@ -23,7 +23,7 @@ use std::path::Path;
 
 use byteorder::{BigEndian, ByteOrder};
 
-use super::resize::{open_vhd, Layout, VhdEditor, SECTOR, UNALLOCATED};
+use super::editor::{open_vhd, Layout, VhdEditor, SECTOR, UNALLOCATED};
 use crate::error::{Error, Result};
 use crate::inplace::{target_too_small, BlockMap, BlockWriter, InPlaceOptions};
 use crate::writer::{EditFile, ImageWriter};

@@ -12,6 +12,7 @@ use crate::writer::ImageWriter;
 pub mod check;
 pub mod discard;
 pub mod dynheader;
+pub mod editor;
 pub mod footer;
 pub mod geometry;
 pub mod inplace;
@@ -20,8 +21,8 @@ pub mod resize;
 pub mod stream;
 pub mod writer;
 
+pub use editor::open_editor;
 pub use inplace::open_in_place;
-pub use resize::open_editor;
 
 /// Options `-O vpc` accepts.
 pub const CREATE_OPTIONS: &[OptionHelp] = &[
@@ -92,4 +93,23 @@ pub fn create_stream_writer(
     plan: &crate::writer::AllocationPlan,
 ) -> Result<Box<dyn ImageWriter>> {
     Ok(Box::new(stream::create_stream_writer(file, opts, plan)?))
+}
+
+/// The folder's changes in place, each in its own file over the one editor type.
+impl crate::device::ImageEditor for editor::VhdEditor {
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn discard(&mut self, runs: &[(u64, u64)]) -> crate::error::Result<u64> {
+        discard::discard(self, runs)
+    }
+
+    fn resize(
+        &mut self,
+        new_size: u64,
+        opts: &crate::options::ResizeOptions,
+    ) -> crate::error::Result<()> {
+        resize::resize(self, new_size, opts)
+    }
 }

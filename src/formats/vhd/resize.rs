@@ -20,206 +20,18 @@
 //! * Dynamic shrink: the footers first, then the dropped blocks are unmapped, then the file
 //!   is truncated behind a footer written at the new end when the tail held only them.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-
-use byteorder::{BigEndian, ByteOrder};
 
 use super::dynheader::{DynHeader, DYN_HEADER_SIZE};
-use super::footer::{DiskType, Footer, FOOTER_SIZE};
+use super::editor::{Dynamic, Layout, VhdEditor, SECTOR, UNALLOCATED};
+use super::footer::{Footer, FOOTER_SIZE};
 use super::geometry::{Chs, MAX_SIZE};
 use super::reader::MAX_BAT_BYTES;
-use crate::device::{HostFile, ImageEditor};
 use crate::error::{Error, Result};
-use crate::options::{OpenOptions, Preallocation, ResizeOptions};
-use crate::writer::EditFile;
+use crate::options::{Preallocation, ResizeOptions};
 
-/// BAT value of an unallocated block.
-pub(super) const UNALLOCATED: u32 = u32::MAX;
 /// Bytes of zeros written per call.
 const ZERO_CHUNK: u64 = 1 << 20;
-pub(super) const SECTOR: u64 = 512;
-
-/// An opened VHD, ready to change size.
-#[derive(Debug)]
-pub struct VhdEditor {
-    pub(super) file: EditFile,
-    pub(super) path: PathBuf,
-    pub(super) size: u64,
-    /// The footer the image is read by, as stored (the head copy of a dynamic disk).
-    pub(super) footer_raw: [u8; FOOTER_SIZE],
-    pub(super) layout: Layout,
-}
-
-#[derive(Debug)]
-pub(super) enum Layout {
-    Fixed { footer_at: u64 },
-    Dynamic(Box<Dynamic>),
-}
-
-#[derive(Debug)]
-pub(super) struct Dynamic {
-    hdr_at: u64,
-    hdr_raw: [u8; DYN_HEADER_SIZE],
-    pub(super) hdr: DynHeader,
-    /// All `max_table_entries` entries.
-    pub(super) bat: Vec<u32>,
-    /// Where the tail footer is.
-    pub(super) tail_at: u64,
-}
-
-impl Dynamic {
-    pub(super) fn stride(&self) -> u64 {
-        self.hdr.bitmap_size() + u64::from(self.hdr.block_size)
-    }
-    fn bat_end(&self, entries: u64) -> u64 {
-        self.hdr.table_offset + (entries * 4).next_multiple_of(SECTOR)
-    }
-    /// End of the last structure or block before the tail footer.
-    pub(super) fn data_end(&self) -> u64 {
-        let blocks = self
-            .bat
-            .iter()
-            .filter(|&&e| e != UNALLOCATED)
-            .map(|&e| u64::from(e) * SECTOR + self.stride())
-            .max()
-            .unwrap_or(0);
-        blocks
-            .max(self.hdr_at + DYN_HEADER_SIZE as u64)
-            .max(self.bat_end(self.bat.len() as u64))
-    }
-}
-
-/// Open a VHD for resizing: the reader's checks first (without opening any parent), then
-/// the layout the editor relies on: a whole footer at the end, blocks that overlap neither
-/// each other nor the headers and BAT.
-pub fn open_editor(file: File, path: &Path, opts: &ResizeOptions) -> Result<Box<dyn ImageEditor>> {
-    Ok(Box::new(open_vhd(file, path, opts.fail_at_write)?))
-}
-
-/// [`open_editor`]'s editor itself, with `fail_at` as its test hook.
-pub(super) fn open_vhd(file: File, path: &Path, fail_at: Option<u64>) -> Result<VhdEditor> {
-    let dup = || {
-        file.try_clone()
-            .map_err(|e| Error::io("cannot duplicate the image's descriptor", e).with_path(path))
-    };
-    let host = HostFile::from_file(dup()?, path)?;
-    let len = host.len();
-    if len < FOOTER_SIZE as u64 {
-        return Err(Error::invalid(format!(
-            "file of {len} bytes is too small for a VHD footer ({FOOTER_SIZE} bytes)"
-        ))
-        .with_path(path));
-    }
-    let mut tail = [0u8; FOOTER_SIZE];
-    host.read_exact_at(&mut tail, len - FOOTER_SIZE as u64, "VHD footer")?;
-    let mut head = [0u8; FOOTER_SIZE];
-    host.read_exact_at(&mut head, 0, "VHD footer copy")?;
-    let no_tail = || {
-        Error::unsupported(
-            "the VHD has no whole 512-byte footer in its last sector; convert it (diskconv convert) to rewrite it",
-        )
-        .with_field("footer")
-        .at(len - FOOTER_SIZE as u64)
-        .with_path(path)
-    };
-    let tail_footer = Footer::parse(&tail);
-    let (footer_raw, footer) = match &tail_footer {
-        Ok(f) if f.disk_type == DiskType::Fixed => (tail, f.clone()),
-        _ => match Footer::parse(&head) {
-            Ok(f) if f.disk_type != DiskType::Fixed => (head, f),
-            _ => return Err(no_tail()),
-        },
-    };
-    if footer.disk_type == DiskType::Differencing {
-        return Err(Error::unsupported(
-            "differencing VHDs cannot be changed in place: their size is their parent's and their unallocated blocks read from it (a grown child would read new space from a parent that has none, a discarded block would show the parent's data); resize or sparsify the parent, or make a standalone copy by converting with a target size (ConvertOptions::target_size)",
-        )
-        .with_field("footer.disk_type")
-        .with_path(path));
-    }
-    // Only now the reader's checks (parents are never opened: differencing was refused).
-    let size = super::reader::open(
-        HostFile::from_file(dup()?, path)?,
-        &OpenOptions::new().without_backing(),
-    )?
-    .virtual_size();
-    let layout = if footer.disk_type == DiskType::Fixed {
-        Layout::Fixed {
-            footer_at: len - FOOTER_SIZE as u64,
-        }
-    } else {
-        if tail_footer.is_err() {
-            return Err(no_tail());
-        }
-        let hdr_at = footer.data_offset;
-        let mut hdr_raw = [0u8; DYN_HEADER_SIZE];
-        host.read_exact_at(&mut hdr_raw, hdr_at, "VHD dynamic header")?;
-        let hdr = DynHeader::parse(&hdr_raw).map_err(|e| e.at(hdr_at).with_path(path))?;
-        let entries = u64::from(hdr.max_table_entries);
-        let raw = host.read_vec(hdr.table_offset, entries * 4, "VHD BAT")?;
-        let bat: Vec<u32> = raw.chunks_exact(4).map(BigEndian::read_u32).collect();
-        let d = Dynamic {
-            hdr_at,
-            hdr_raw,
-            hdr,
-            bat,
-            tail_at: len - FOOTER_SIZE as u64,
-        };
-        check_layout(&d, path)?;
-        Layout::Dynamic(Box::new(d))
-    };
-    Ok(VhdEditor {
-        file: EditFile::new(file, path, fail_at),
-        path: path.to_path_buf(),
-        size,
-        footer_raw,
-        layout,
-    })
-}
-
-/// Blocks must not overlap each other, the footer copy, the dynamic header, the BAT or
-/// the tail footer: moving one must never clobber another.
-fn check_layout(d: &Dynamic, path: &Path) -> Result<()> {
-    let mut spans: Vec<(u64, u64, String)> = vec![
-        (0, FOOTER_SIZE as u64, "the footer copy".into()),
-        (
-            d.hdr_at,
-            d.hdr_at + DYN_HEADER_SIZE as u64,
-            "the dynamic header".into(),
-        ),
-        (
-            d.hdr.table_offset,
-            d.hdr.table_offset + d.bat.len() as u64 * 4,
-            "the BAT".into(),
-        ),
-        (
-            d.tail_at,
-            d.tail_at + FOOTER_SIZE as u64,
-            "the tail footer".into(),
-        ),
-    ];
-    for (i, &e) in d.bat.iter().enumerate() {
-        if e != UNALLOCATED {
-            let s = u64::from(e) * SECTOR;
-            spans.push((s, s + d.stride(), format!("block {i}")));
-        }
-    }
-    spans.sort();
-    for w in spans.windows(2) {
-        if w[1].0 < w[0].1 {
-            return Err(Error::corrupt(format!(
-                "VHD {} (at {:#x}) overlaps {} (at {:#x}); resizing would damage it",
-                w[1].2, w[1].0, w[0].2, w[0].0
-            ))
-            .with_field("BAT")
-            .at(w[1].0)
-            .with_path(path));
-        }
-    }
-    Ok(())
-}
 
 impl VhdEditor {
     fn new_footer(&self, size: u64) -> [u8; FOOTER_SIZE] {
@@ -280,20 +92,6 @@ impl VhdEditor {
             footer_at: new_size,
         };
         Ok(())
-    }
-
-    pub(super) fn write_entries(
-        &mut self,
-        d: &Dynamic,
-        first: u64,
-        entries: &[u32],
-        what: &str,
-    ) -> Result<()> {
-        let mut b = vec![0u8; entries.len() * 4];
-        for (c, &e) in b.chunks_exact_mut(4).zip(entries) {
-            BigEndian::write_u32(c, e);
-        }
-        self.file.write_at(&b, d.hdr.table_offset + first * 4, what)
     }
 
     fn switch_footers(&mut self, tail_at: u64, new: &[u8; FOOTER_SIZE]) -> Result<()> {
@@ -450,73 +248,62 @@ impl VhdEditor {
     }
 }
 
-impl ImageEditor for VhdEditor {
-    fn virtual_size(&self) -> u64 {
-        self.size
+/// Resize the image to `new_size` in place (see the module doc).
+pub(super) fn resize(ed: &mut VhdEditor, new_size: u64, opts: &ResizeOptions) -> Result<()> {
+    if new_size == 0 || !new_size.is_multiple_of(SECTOR) {
+        return Err(Error::arg(format!(
+            "new VHD size {new_size} is not a positive multiple of {SECTOR} bytes"
+        ))
+        .with_path(&ed.path));
     }
-
-    fn discard(&mut self, runs: &[(u64, u64)]) -> Result<u64> {
-        super::discard::discard(self, runs)
+    if new_size > MAX_SIZE {
+        return Err(Error::limit(format!(
+            "new VHD size {new_size} exceeds the format's maximum of {MAX_SIZE} bytes (2040 GiB)"
+        ))
+        .with_path(&ed.path));
     }
-
-    fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
-        if new_size == 0 || !new_size.is_multiple_of(SECTOR) {
-            return Err(Error::arg(format!(
-                "new VHD size {new_size} is not a positive multiple of {SECTOR} bytes"
-            ))
-            .with_path(&self.path));
-        }
-        if new_size > MAX_SIZE {
+    if let Layout::Dynamic(d) = &ed.layout {
+        let entries = new_size.div_ceil(u64::from(d.hdr.block_size));
+        if entries * 4 > MAX_BAT_BYTES {
             return Err(Error::limit(format!(
-                "new VHD size {new_size} exceeds the format's maximum of {MAX_SIZE} bytes (2040 GiB)"
+                "new VHD size {new_size} in blocks of {} bytes needs a BAT of {} bytes, over the {MAX_BAT_BYTES}-byte limit",
+                d.hdr.block_size,
+                entries * 4
             ))
-            .with_path(&self.path));
+            .with_path(&ed.path));
         }
-        if let Layout::Dynamic(d) = &self.layout {
-            let entries = new_size.div_ceil(u64::from(d.hdr.block_size));
-            if entries * 4 > MAX_BAT_BYTES {
-                return Err(Error::limit(format!(
-                    "new VHD size {new_size} in blocks of {} bytes needs a BAT of {} bytes, over the {MAX_BAT_BYTES}-byte limit",
-                    d.hdr.block_size,
-                    entries * 4
-                ))
-                .with_path(&self.path));
-            }
-            if opts.preallocation == Preallocation::Full {
-                return Err(Error::unsupported(
-                    "preallocation=full is not supported for dynamic VHDs (new blocks are allocated as the guest writes them)",
-                )
-                .with_path(&self.path));
-            }
+        if opts.preallocation == Preallocation::Full {
+            return Err(Error::unsupported(
+                "preallocation=full is not supported for dynamic VHDs (new blocks are allocated as the guest writes them)",
+            )
+            .with_path(&ed.path));
         }
-        let old = self.size;
-        if new_size == old {
-            return Ok(());
-        }
-        if new_size < old && !opts.shrink {
-            return Err(
-                Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink")
-            );
-        }
-        let layout = std::mem::replace(&mut self.layout, Layout::Fixed { footer_at: 0 });
-        let r = match layout {
-            Layout::Fixed { footer_at } => {
-                self.layout = Layout::Fixed { footer_at };
-                self.resize_fixed(new_size, footer_at, opts.preallocation)
-            }
-            Layout::Dynamic(d) => {
-                // On failure the editor is spent: its view of the file may be stale.
-                let r = if new_size > old {
-                    self.grow_dynamic(new_size, d)
-                } else {
-                    self.shrink_dynamic(new_size, d)
-                };
-                r.map(|d| self.layout = Layout::Dynamic(d))
-            }
-        };
-        if r.is_ok() {
-            self.size = new_size;
-        }
-        r
     }
+    let old = ed.size;
+    if new_size == old {
+        return Ok(());
+    }
+    if new_size < old && !opts.shrink {
+        return Err(Error::arg(crate::options::SHRINK_REFUSED).with_option("ResizeOptions::shrink"));
+    }
+    let layout = std::mem::replace(&mut ed.layout, Layout::Fixed { footer_at: 0 });
+    let r = match layout {
+        Layout::Fixed { footer_at } => {
+            ed.layout = Layout::Fixed { footer_at };
+            ed.resize_fixed(new_size, footer_at, opts.preallocation)
+        }
+        Layout::Dynamic(d) => {
+            // On failure the editor is spent: its view of the file may be stale.
+            let r = if new_size > old {
+                ed.grow_dynamic(new_size, d)
+            } else {
+                ed.shrink_dynamic(new_size, d)
+            };
+            r.map(|d| ed.layout = Layout::Dynamic(d))
+        }
+    };
+    if r.is_ok() {
+        ed.size = new_size;
+    }
+    r
 }

@@ -19,51 +19,14 @@
 //! allocated). No reader uses the redundant copy, so a failure at any write leaves the
 //! guest data and the primary metadata as they were.
 
-use std::fs::File;
-use std::path::Path;
-
 use byteorder::{ByteOrder, LittleEndian as LE};
 
 use super::reader::read_kdmv_header;
 use super::sparse::*;
 use crate::check::{read_padded, Repair, Tally};
 use crate::device::HostFile;
-use crate::error::{Error, Result};
-use crate::options::OpenOptions;
+use crate::error::Result;
 use crate::writer::EditFile;
-
-/// Check the VMDK image in `file`; with `-r all`, restore the redundant grain tables. A
-/// descriptor file's extents are opened through `refs` (the reference gate) and checked
-/// without repair.
-pub fn check(
-    file: File,
-    path: &Path,
-    repair: Repair,
-    fail_at: Option<u64>,
-    refs: &OpenOptions,
-) -> Result<Tally> {
-    let write = file
-        .try_clone()
-        .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?;
-    let host = HostFile::from_file(file, path)?;
-    let magic = read_padded(&host, 0, 4, "VMDK magic")?;
-    if LE::read_u32(&magic) != KDMV_MAGIC {
-        if super::check_extents::is_descriptor_file(&host)? {
-            return super::check_extents::check(&host, path, repair, refs);
-        }
-        return Err(Error::unsupported(
-            "checking a legacy COWD (vmfsSparse) or seSparse VMDK extent is not supported: only monolithicSparse, streamOptimized and descriptor files listing FLAT, SPARSE and ZERO extents",
-        ));
-    }
-    let mut t = Tally::default();
-    check_sparse(
-        &host,
-        Some(EditFile::new(write, path, fail_at)),
-        repair,
-        &mut t,
-    )?;
-    Ok(t)
-}
 
 /// Check one `KDMV` sparse extent into `t`; `edit` (the extent opened for writing) is
 /// needed only to repair the redundant grain tables with `-r all`.

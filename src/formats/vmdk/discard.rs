@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
-use super::resize::VmdkEditor;
+use super::editor::VmdkEditor;
 use super::sparse::SECTOR;
 use crate::device::{check_discard_runs, whole_units, ImageEditor};
 use crate::error::{Error, Result};

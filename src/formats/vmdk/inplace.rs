@@ -26,7 +26,7 @@ use std::path::Path;
 use byteorder::{ByteOrder, LittleEndian as LE};
 
 use super::descriptor::Descriptor;
-use super::resize::{open_vmdk, VmdkEditor};
+use super::editor::{open_vmdk, VmdkEditor};
 use super::sparse::{SparseHeader, FLAG_MARKERS, GD_AT_END, KDMV_MAGIC, SECTOR};
 use crate::device::ImageEditor;
 use crate::error::{Error, Result};

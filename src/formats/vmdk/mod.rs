@@ -17,6 +17,7 @@ pub mod check;
 pub mod check_extents;
 pub mod descriptor;
 pub mod discard;
+pub mod editor;
 pub mod inplace;
 pub mod inplace_flat;
 pub mod planned;
@@ -26,8 +27,8 @@ pub mod sparse;
 pub mod stream;
 pub mod writer;
 
+pub use editor::open_editor;
 pub use inplace::open_in_place;
-pub use resize::open_editor;
 use writer::{Subformat, VmdkOptions};
 
 /// Options `-O vmdk` accepts.
@@ -80,4 +81,57 @@ pub fn create_stream_writer(
         Subformat::MonolithicSparse => Box::new(planned::create(file, o, plan)?),
         Subformat::StreamOptimized => Box::new(stream::StreamWriter::new(file, o)?),
     })
+}
+
+/// Check the VMDK image in `file` (a `KDMV` sparse file, or a descriptor file whose extents
+/// [`check_extents`] checks); with `-r all`, restore the redundant grain tables. A
+/// descriptor file's extents are opened through `refs` (the reference gate) and checked
+/// without repair.
+pub fn check(
+    file: std::fs::File,
+    path: &std::path::Path,
+    repair: crate::check::Repair,
+    fail_at: Option<u64>,
+    refs: &OpenOptions,
+) -> Result<crate::check::Tally> {
+    let write = file
+        .try_clone()
+        .map_err(|e| crate::error::Error::io("cannot duplicate the image's descriptor", e))?;
+    let host = HostFile::from_file(file, path)?;
+    let magic = crate::check::read_padded(&host, 0, 4, "VMDK magic")?;
+    if <byteorder::LittleEndian as byteorder::ByteOrder>::read_u32(&magic) != sparse::KDMV_MAGIC {
+        if check_extents::is_descriptor_file(&host)? {
+            return check_extents::check(&host, path, repair, refs);
+        }
+        return Err(crate::error::Error::unsupported(
+            "checking a legacy COWD (vmfsSparse) or seSparse VMDK extent is not supported: only monolithicSparse, streamOptimized and descriptor files listing FLAT, SPARSE and ZERO extents",
+        ));
+    }
+    let mut t = crate::check::Tally::default();
+    check::check_sparse(
+        &host,
+        Some(crate::writer::EditFile::new(write, path, fail_at)),
+        repair,
+        &mut t,
+    )?;
+    Ok(t)
+}
+
+/// The folder's changes in place, each in its own file over the one editor type.
+impl crate::device::ImageEditor for editor::VmdkEditor {
+    fn virtual_size(&self) -> u64 {
+        self.header.capacity * sparse::SECTOR
+    }
+
+    fn discard(&mut self, runs: &[(u64, u64)]) -> crate::error::Result<u64> {
+        discard::discard(self, runs)
+    }
+
+    fn resize(
+        &mut self,
+        new_size: u64,
+        opts: &crate::options::ResizeOptions,
+    ) -> crate::error::Result<()> {
+        resize::resize(self, new_size, opts)
+    }
 }
