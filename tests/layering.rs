@@ -537,16 +537,6 @@ fn the_binary_lives_in_src_bin_diskconv() {
 /// Longest a function may be, in lines from its `fn` to its closing brace.
 const MAX_FN_LINES: usize = 200;
 
-/// Library functions longer than [`MAX_FN_LINES`] when the limit came in (issue 26).
-// TODO: split each one and remove it from this list; the test fails once one is short
-// enough, so the list only shrinks.
-const LONG_FNS: &[&str] = &[
-    "src/formats/vhdx/check.rs::check",
-    "src/formats/vhdx/reader.rs::open_image",
-    "src/guest/ext.rs::parse_super",
-    "src/remote/swift.rs::convert_to_swift",
-];
-
 /// `text` with comments, string and char literals blanked (newlines kept), so that braces
 /// and `fn` are only counted where they are code.
 fn code_only(text: &str) -> Vec<u8> {
@@ -703,7 +693,7 @@ fn functions(text: &str) -> Vec<(String, usize, usize)> {
 }
 
 /// No function anywhere in src/ (library and binary) runs past [`MAX_FN_LINES`] lines:
-/// a newcomer reads one whole. The library's older long ones are listed in [`LONG_FNS`].
+/// a newcomer reads one whole.
 #[test]
 fn no_function_is_longer_than_200_lines() {
     let mut files = Vec::new();
@@ -725,21 +715,12 @@ fn no_function_is_longer_than_200_lines() {
     assert!(counted > 1000, "only {counted} functions found in src/");
     let bad: Vec<String> = long
         .iter()
-        .filter(|(id, _, _)| !LONG_FNS.contains(&id.as_str()))
         .map(|(id, line, n)| format!("{id} (line {line}): {n} lines"))
         .collect();
     assert!(
         bad.is_empty(),
         "functions longer than {MAX_FN_LINES} lines (split them):\n{}",
         bad.join("\n")
-    );
-    let fixed: Vec<&&str> = LONG_FNS
-        .iter()
-        .filter(|k| !long.iter().any(|(id, _, _)| id == **k))
-        .collect();
-    assert!(
-        fixed.is_empty(),
-        "no longer over {MAX_FN_LINES} lines (or gone): remove from LONG_FNS: {fixed:?}"
     );
 }
 

@@ -279,8 +279,10 @@ fn is_power_of(mut n: u64, base: u64) -> bool {
     n == 1
 }
 
-/// Parse and validate a superblock (1024 bytes). `Err` names what is wrong or unsafe.
-fn parse_super(sb: &[u8]) -> Step<Super> {
+/// The superblock's revision and feature words `(rev, incompat, ro_compat, compat)`, after
+/// the checks that decide whether the filesystem may be read at all: magic, features we
+/// know, the superblock checksum, and a clean state.
+fn parse_features(sb: &[u8]) -> Step<(u32, u32, u32, u32)> {
     if le16(sb, 0x38) != MAGIC {
         return skip("bad magic");
     }
@@ -344,7 +346,12 @@ fn parse_super(sb: &[u8]) -> Step<Super> {
     if state & STATE_ORPHAN != 0 {
         return skip(format!("s_state {state:#x}: orphans being recovered"));
     }
+    Ok((rev, incompat, ro_compat, compat))
+}
 
+/// Parse and validate a superblock (1024 bytes). `Err` names what is wrong or unsafe.
+fn parse_super(sb: &[u8]) -> Step<Super> {
+    let (rev, incompat, ro_compat, compat) = parse_features(sb)?;
     let log_bs = le32(sb, 0x18);
     if log_bs > 6 {
         return skip(format!(

@@ -1235,29 +1235,7 @@ pub fn convert_to_swift(
     }
     let limits = rt.block_on(limits(&session));
 
-    let mut headers: Vec<(String, String)> = Vec::new();
-    for (k, v) in &up.metadata {
-        headers.push((format!("X-Object-Meta-{k}"), v.clone()));
-    }
-    let source_format = src.info().format;
-    if !up
-        .metadata
-        .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case("source-format"))
-        && !source_format.is_empty()
-    {
-        headers.push(("X-Object-Meta-Source-Format".into(), source_format));
-    }
-    if !up
-        .metadata
-        .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case("format"))
-    {
-        headers.push((
-            "X-Object-Meta-Format".into(),
-            opts.format.name().to_string(),
-        ));
-    }
+    let mut headers = object_headers(&up.metadata, src.info().format, opts.format.name());
     let mtime = timestamp();
     headers.push(("X-Object-Meta-Mtime".into(), mtime.clone()));
     let seg_container = format!("{}_segments", dest.container);
@@ -1306,34 +1284,7 @@ pub fn convert_to_swift(
         (true, false) => Layout::Slo,
     };
     if layout != Layout::Single {
-        let seg_err =
-            |why: String| Err(Error::arg(why).with_field("segment-size").with_path(&shown));
-        if seg == 0 || seg > limits.max_file_size {
-            return seg_err(format!(
-                "--segment-size {seg} must lie in 1..={} (the cluster's max_file_size)",
-                limits.max_file_size
-            ));
-        }
-        if layout == Layout::Slo {
-            if !limits.slo {
-                return seg_err("the cluster has no Static Large Object support: use --dlo".into());
-            }
-            if seg < limits.min_segment_size {
-                return seg_err(format!(
-                    "--segment-size {seg} is under the cluster's SLO min_segment_size {}",
-                    limits.min_segment_size
-                ));
-            }
-            let n = bound.div_ceil(seg);
-            if n > limits.max_manifest_segments {
-                return seg_err(format!(
-                    "--segment-size {seg} cuts the output ({}{bound} bytes) into {n} segments, more than the cluster's {} per manifest; use at least {}",
-                    if len.is_some() { "" } else { "up to " },
-                    limits.max_manifest_segments,
-                    bound.div_ceil(limits.max_manifest_segments)
-                ));
-            }
-        }
+        check_segment_size(layout, seg, bound, len, &limits).map_err(|e| e.with_path(&shown))?;
         // python-swiftclient's names, so its tools (and ours) recognise the segments.
         let slo = if layout == Layout::Slo { "slo/" } else { "" };
         let prefix = match len {
@@ -1413,6 +1364,72 @@ pub fn convert_to_swift(
     drop(st);
     drop(registered);
     result
+}
+
+/// The object's metadata headers: the user's, then `source-format` and `format` unless
+/// the user gave them.
+fn object_headers(
+    metadata: &[(String, String)],
+    source_format: String,
+    format: &str,
+) -> Vec<(String, String)> {
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for (k, v) in metadata {
+        headers.push((format!("X-Object-Meta-{k}"), v.clone()));
+    }
+    if !metadata
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("source-format"))
+        && !source_format.is_empty()
+    {
+        headers.push(("X-Object-Meta-Source-Format".into(), source_format));
+    }
+    if !metadata
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("format"))
+    {
+        headers.push(("X-Object-Meta-Format".into(), format.to_string()));
+    }
+    headers
+}
+
+/// A segmented upload's `--segment-size` against the cluster's limits (`bound`: the
+/// output's length, or its upper bound when `len` is unknown).
+fn check_segment_size(
+    layout: Layout,
+    seg: u64,
+    bound: u64,
+    len: Option<u64>,
+    limits: &Limits,
+) -> Result<()> {
+    let seg_err = |why: String| Err(Error::arg(why).with_field("segment-size"));
+    if seg == 0 || seg > limits.max_file_size {
+        return seg_err(format!(
+            "--segment-size {seg} must lie in 1..={} (the cluster's max_file_size)",
+            limits.max_file_size
+        ));
+    }
+    if layout == Layout::Slo {
+        if !limits.slo {
+            return seg_err("the cluster has no Static Large Object support: use --dlo".into());
+        }
+        if seg < limits.min_segment_size {
+            return seg_err(format!(
+                "--segment-size {seg} is under the cluster's SLO min_segment_size {}",
+                limits.min_segment_size
+            ));
+        }
+        let n = bound.div_ceil(seg);
+        if n > limits.max_manifest_segments {
+            return seg_err(format!(
+                "--segment-size {seg} cuts the output ({}{bound} bytes) into {n} segments, more than the cluster's {} per manifest; use at least {}",
+                if len.is_some() { "" } else { "up to " },
+                limits.max_manifest_segments,
+                bound.div_ceil(limits.max_manifest_segments)
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Open the Swift object `url` as an image (probed, or of `opts.format`), read by ranged

@@ -27,7 +27,7 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 
 use super::header::*;
 use super::log::{self, Host};
-use super::reader::{read_metadata, MAX_BAT_BYTES};
+use super::reader::{read_metadata, Params, MAX_BAT_BYTES};
 use crate::check::{read_padded, Repair, Tally};
 use crate::device::HostFile;
 use crate::error::{Error, ErrorKind, Result};
@@ -92,28 +92,17 @@ fn overlapping(spans: &[Span], start: u64, end: u64) -> Option<&Span> {
 }
 
 /// Check the VHDX image in `file`; see the module documentation for what `repair` does.
-pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> Result<Tally> {
-    let write = file
-        .try_clone()
-        .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?;
-    let host = HostFile::from_file(file, path)?;
-    let len = host.len();
-    if len < HEADER_SECTION_END {
-        return Err(Error::invalid(format!(
-            "file of {len} bytes is shorter than a VHDX header section (1 MiB)"
-        )));
-    }
-    if &host.read_vec(0, 8, "file_identifier")?[..] != FILE_SIGNATURE {
-        return Err(Error::invalid(
-            "not a VHDX: no \"vhdxfile\" signature at offset 0",
-        ));
-    }
-    let mut edit = EditFile::new(write, path, fail_at);
-    let mut t = Tally::default();
-
-    // Headers: the current one first, the log before any write.
+/// The current VHDX header, after the log is found clean and a damaged copy is rewritten
+/// (`-r all`) or counted; `None` when no header can be used (the finding is in `t`).
+fn current_header(
+    host: &HostFile,
+    path: &Path,
+    repair: Repair,
+    edit: &mut EditFile,
+    t: &mut Tally,
+) -> Result<Option<Header>> {
     let h = read_copies(
-        &host,
+        host,
         HEADER_OFFSETS,
         HEADER_SIZE,
         "VHDX header",
@@ -126,7 +115,7 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
                     "ERROR: both VHDX headers have sequence number {} but differ, so neither is current",
                     a.sequence_number
                 ));
-                return Ok(t);
+                return Ok(None);
             }
             let cur = usize::from(b.sequence_number > a.sequence_number);
             (cur, if cur == 0 { a.clone() } else { b.clone() }, None)
@@ -139,10 +128,10 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
                 a.message(),
                 b.message()
             ));
-            return Ok(t);
+            return Ok(None);
         }
     };
-    match log::replay(&host, &header) {
+    match log::replay(host, &header) {
         Ok(None) => {}
         Ok(Some(_)) => {
             let mut msg = format!(
@@ -163,13 +152,13 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
         }
         Err(e) => {
             t.corrupt(format!("ERROR: VHDX log: {}", e.message()));
-            return Ok(t);
+            return Ok(None);
         }
     }
     if let Some((bad, why)) = damaged {
         fix_copy(
-            &mut t,
-            &mut edit,
+            t,
+            edit,
             repair,
             "header",
             (h.slots[bad], h.slots[cur]),
@@ -177,6 +166,32 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
             &why,
         )?;
     }
+    Ok(Some(header))
+}
+
+pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> Result<Tally> {
+    let write = file
+        .try_clone()
+        .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?;
+    let host = HostFile::from_file(file, path)?;
+    let len = host.len();
+    if len < HEADER_SECTION_END {
+        return Err(Error::invalid(format!(
+            "file of {len} bytes is shorter than a VHDX header section (1 MiB)"
+        )));
+    }
+    if &host.read_vec(0, 8, "file_identifier")?[..] != FILE_SIGNATURE {
+        return Err(Error::invalid(
+            "not a VHDX: no \"vhdxfile\" signature at offset 0",
+        ));
+    }
+    let mut edit = EditFile::new(write, path, fail_at);
+    let mut t = Tally::default();
+
+    // Headers: the current one first, the log before any write.
+    let Some(header) = current_header(&host, path, repair, &mut edit, &mut t)? else {
+        return Ok(t);
+    };
     let host = Host {
         file: host,
         overlay: None,
@@ -316,6 +331,20 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
         }
     };
 
+    check_bat(&host, &bat_r, &params, &spans, &mut t)?;
+    Ok(t)
+}
+
+/// Every BAT entry (see the module doc): its state, its block inside the file and
+/// overlapping no region (`spans`) and no other block.
+fn check_bat(
+    host: &Host,
+    bat_r: &Region,
+    params: &Params,
+    spans: &[Span],
+    t: &mut Tally,
+) -> Result<()> {
+    let len = host.file.len();
     let bs = params.block_size;
     let vs = params.virtual_size;
     let blocks = vs.div_ceil(bs);
@@ -326,7 +355,7 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
             "ERROR: the VHDX BAT region holds {} entries but {blocks} payload blocks of {bs} bytes need {entries}",
             bat_r.length / 8
         ));
-        return Ok(t);
+        return Ok(());
     }
     if entries * 8 > MAX_BAT_BYTES {
         return Err(Error::limit(format!(
@@ -401,7 +430,7 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
         }
         let span_len = if is_bitmap { MIB } else { bs };
         let end = off.saturating_add(span_len);
-        if let Some(s) = overlapping(&spans, off, end) {
+        if let Some(s) = overlapping(spans, off, end) {
             t.corrupt(format!(
                 "VHDX BAT entry {i}: block {off}-{end} overlaps with region {}-{} ({})",
                 s.start, s.end, s.what
@@ -428,5 +457,5 @@ pub fn check(file: File, path: &Path, repair: Repair, fail_at: Option<u64>) -> R
             _ => reach = Some((end, i, start)),
         }
     }
-    Ok(t)
+    Ok(())
 }

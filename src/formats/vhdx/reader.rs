@@ -275,7 +275,37 @@ pub(super) fn open_image(file: HostFile, opts: &OpenOptions) -> Result<VhdxImage
     };
     let params = read_metadata(&host, &meta_r, &mut warnings)?;
 
-    // The BAT.
+    let (payload, bitmaps, cr) = read_bat(&host, &bat_r, &params, &spans)?;
+    let mut img = VhdxImage {
+        host,
+        header,
+        params,
+        payload,
+        bitmaps,
+        chunk_ratio: cr,
+        bitmap_cache: Mutex::new(HashMap::new()),
+        parent: None,
+        creator,
+        warnings,
+        bat_offset: bat_r.file_offset,
+        current,
+        replayed,
+    };
+    if img.params.has_parent {
+        img.parent = Some(open_parent(&img, opts)?);
+    }
+    Ok(img)
+}
+
+/// The BAT of `bat_r`, every entry checked (state, block inside the file and clear of
+/// `spans`): the payload blocks' entries, the sector bitmaps' (a differencing disk's, one
+/// per chunk), and the chunk ratio.
+fn read_bat(
+    host: &Host,
+    bat_r: &Region,
+    params: &Params,
+    spans: &[Span],
+) -> Result<(Vec<u64>, Vec<u64>, u64)> {
     let bs = params.block_size;
     let blocks = params.virtual_size.div_ceil(bs);
     let cr = chunk_ratio(params.logical_sector_size as u64, bs);
@@ -312,7 +342,7 @@ pub(super) fn open_image(file: HostFile, opts: &OpenOptions) -> Result<VhdxImage
             match state {
                 BITMAP_NOT_PRESENT => {}
                 BITMAP_PRESENT => {
-                    check_block(&host, &spans, off, MIB, "sector bitmap block", at)?;
+                    check_block(host, spans, off, MIB, "sector bitmap block", at)?;
                 }
                 s => {
                     return Err(Error::corrupt(format!(
@@ -342,7 +372,7 @@ pub(super) fn open_image(file: HostFile, opts: &OpenOptions) -> Result<VhdxImage
                 // Only the part of the last block inside the virtual size must be in the
                 // file (qemu's fixed images end there).
                 let need = bs.min(params.virtual_size - blk * bs);
-                check_block(&host, &spans, off, need, "payload block", at)?;
+                check_block(host, spans, off, need, "payload block", at)?;
             }
             s => {
                 return Err(Error::corrupt(format!(
@@ -359,25 +389,7 @@ pub(super) fn open_image(file: HostFile, opts: &OpenOptions) -> Result<VhdxImage
             bitmaps.push(0);
         }
     }
-    let mut img = VhdxImage {
-        host,
-        header,
-        params,
-        payload,
-        bitmaps,
-        chunk_ratio: cr,
-        bitmap_cache: Mutex::new(HashMap::new()),
-        parent: None,
-        creator,
-        warnings,
-        bat_offset: bat_r.file_offset,
-        current,
-        replayed,
-    };
-    if img.params.has_parent {
-        img.parent = Some(open_parent(&img, opts)?);
-    }
-    Ok(img)
+    Ok((payload, bitmaps, cr))
 }
 
 /// Check a block at `off` of `len` bytes: past the header section, 1 MiB aligned, inside
