@@ -5,7 +5,7 @@
 #
 # Seeds come from fuzz/corpus/<target>/ (read only); inputs the fuzzer finds go to
 # fuzz/work/<target>/ (ignored by git). Crashes land in fuzz/artifacts/<target>/: fix the
-# bug, keep the file (minimise it with `cargo fuzz tmin`), and tests/fuzz_corpus.rs replays
+# bug, keep the file (minimise it with `cargo fuzz tmin`), and tests/pure/fuzz_corpus.rs replays
 # it from then on. Needs cargo-fuzz (`cargo install cargo-fuzz`); works on stable through
 # RUSTC_BOOTSTRAP=1.
 set -uo pipefail

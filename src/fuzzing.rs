@@ -1,5 +1,5 @@
 //! The fuzz targets' shared entry point, public so `cargo test` replays the fuzz corpora
-//! through exactly the code the fuzzer runs (tests/fuzz_corpus.rs). Not a stable API.
+//! through exactly the code the fuzzer runs (tests/pure/fuzz_corpus.rs). Not a stable API.
 //!
 //! [`exercise`] treats its input as an image file and does everything a consumer would:
 //! probe, open (references refused), `info()`, walk the whole map, read every data range

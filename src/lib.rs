@@ -7,7 +7,7 @@
 //!
 //! # Where things live
 //! Everything below is re-exported at the crate root; the modules are floors, each
-//! importing only from the floors under it (`tests/layering.rs` keeps it so):
+//! importing only from the floors under it (`tests/pure/layering.rs` keeps it so):
 //! - the core: [`error`] (one [`Error`]), [`format`](mod@format) ([`Format`] and its qemu-img names),
 //!   [`options`] ([`OpenOptions`], [`CreateOptions`], [`ResizeOptions`], [`parse_size`]),
 //!   [`references`] (the gate deciding which files named inside an image may be opened),
@@ -20,7 +20,9 @@
 //!   `src/check.rs`, shared by every format's checker and [`ops::check`], which re-exports
 //!   it) and [`convert`](mod@convert) (the engine, [`convert_device`], which knows no
 //!   format and no path; `src/convert/`); no core file is over 700 lines;
-//! - `formats`: one folder per format, none importing another nor [`ops`], and the
+//! - `formats`: one folder per format, none importing another nor [`ops`], with no circle
+//!   of imports inside a folder (the in-place side: `editor.rs` under `resize.rs`,
+//!   `discard.rs` and `inplace.rs`), and the
 //!   dispatch from a [`Format`] to it (hidden: its on-disk structures are public for the
 //!   crate's tests and fuzzers only, with no stability promise; [`create_writer`] is the
 //!   dispatch a user needs);

@@ -1,6 +1,6 @@
 //! Fuzz target "guest_scan": the input as a raw disk through the partition table and
 //! filesystem scanners; see diskconv::fuzzing::exercise_guest_scan (shared with
-//! tests/fuzz_corpus.rs).
+//! tests/pure/fuzz_corpus.rs).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

@@ -1,4 +1,4 @@
-//! Fuzz target "vhdx": see diskconv::fuzzing::exercise (shared with tests/fuzz_corpus.rs).
+//! Fuzz target "vhdx": see diskconv::fuzzing::exercise (shared with tests/pure/fuzz_corpus.rs).
 #![no_main]
 #[allow(unused_imports)]
 use diskconv::Format;

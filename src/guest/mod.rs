@@ -14,7 +14,7 @@
 //! reports free granules as [`MappingKind::Zero`](crate::MappingKind::Zero) in `map`, so the convert engine and
 //! every writer drop them without knowing filesystems.
 //!
-//! This floor imports only the core (`tests/layering.rs` keeps it so).
+//! This floor imports only the core (`tests/pure/layering.rs` keeps it so).
 
 pub mod ext;
 pub mod fat;

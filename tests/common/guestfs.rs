@@ -9,10 +9,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-#[path = "mounts.rs"]
-mod mounts;
-pub use mounts::umount_retry;
-
 use diskconv::guest::{self, GuestFree, PartitionReport};
 use diskconv::{convert_to_path, BlockDevice, ConvertOptions, Format, OpenOptions};
 

@@ -7,10 +7,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-#[path = "mounts.rs"]
-mod mounts;
-pub use mounts::umount_retry;
-
 use diskconv::guest::{GuestFree, GuestScan};
 use diskconv::{ConvertOptions, Format, MappingKind, OpenOptions};
 

@@ -6,6 +6,10 @@
 pub mod cmms;
 pub mod crash;
 pub mod discard;
+pub mod guestfs;
+pub mod guestfs_nx;
+pub mod mounts;
+pub mod readonly;
 pub mod resize;
 pub mod snapshot;
 pub mod sparsify;

