@@ -11,6 +11,7 @@ mod compare;
 mod convert_existing;
 mod discard;
 mod hostile;
+mod inplace_crash;
 mod map;
 mod matrix;
 mod measure;

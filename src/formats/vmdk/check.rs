@@ -209,13 +209,31 @@ fn check_redundant(
             .clone()
             .unwrap_or_else(|| vec![0; gt_bytes as usize]);
         if red != want {
-            if let (true, Some(edit)) = (repair.all(), edit.as_mut()) {
+            // With the header's uncleanShutdown set, a change was cut off between a table
+            // and its copy: readers use the primary and nothing is lost, so the stale copy
+            // counts as a leak (as qemu-img counts what an interrupted write leaves),
+            // mended by `-r leaks`. Without it, the copy is damaged.
+            let cut_off = h.unclean_shutdown;
+            let mend = if cut_off {
+                repair.leaks()
+            } else {
+                repair.all()
+            };
+            if let (true, Some(edit)) = (mend, edit.as_mut()) {
                 t.findings.push(format!(
                     "Repairing redundant grain table {i} at {roff:#x} from the primary"
                 ));
                 edit.write_at(&want, roff, "writing a redundant grain table")?;
-                t.corruptions_fixed += 1;
+                if cut_off {
+                    t.leaks_fixed += 1;
+                } else {
+                    t.corruptions_fixed += 1;
+                }
                 fixed = true;
+            } else if cut_off {
+                t.leak(format!(
+                    "Leaked change: redundant grain table {i} at {roff:#x} is behind the primary (the image was not closed cleanly)"
+                ));
             } else {
                 t.corrupt(format!(
                     "ERROR: redundant grain table {i} at {roff:#x} differs from the primary"
@@ -225,6 +243,15 @@ fn check_redundant(
     }
     if let (true, Some(edit)) = (fixed, edit.as_mut()) {
         edit.sync("flushing the redundant grain tables")?;
+        if h.unclean_shutdown {
+            // The copies agree again: the image is closed cleanly.
+            edit.write_at(
+                &[0],
+                UNCLEAN_SHUTDOWN_AT,
+                "clearing the VMDK header's uncleanShutdown",
+            )?;
+            edit.sync("flushing the VMDK header")?;
+        }
     }
     Ok(())
 }

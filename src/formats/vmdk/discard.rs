@@ -80,6 +80,7 @@ pub fn discard(ed: &mut VmdkEditor, runs: &[(u64, u64)]) -> Result<u64> {
     if tail_freed {
         truncate_tail(ed, &meta)?;
     }
+    ed.unmark_changing()?;
     Ok(freed)
 }
 
@@ -156,6 +157,7 @@ fn commit(
     if plan.is_empty() {
         return Ok((0, false));
     }
+    ed.mark_changing()?;
     for (gi, new, lo, hi) in &plan {
         let mut b = vec![0u8; (hi - lo) * 4];
         for (c, e) in b.chunks_exact_mut(4).zip(&new[*lo..*hi]) {

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use byteorder::{ByteOrder, LittleEndian as LE};
 
 use super::descriptor::{Descriptor, ExtentType};
-use super::sparse::{SparseHeader, FLAG_MARKERS, FLAG_RGD, GD_AT_END, KDMV_MAGIC, SECTOR};
+use super::sparse::{
+    SparseHeader, FLAG_MARKERS, FLAG_RGD, GD_AT_END, KDMV_MAGIC, SECTOR, UNCLEAN_SHUTDOWN_AT,
+};
 use crate::device::{HostFile, ImageEditor};
 use crate::error::{Error, Result};
 use crate::options::{OpenOptions, ResizeOptions};
@@ -31,6 +33,8 @@ pub struct VmdkEditor {
     /// Grain directory and redundant directory (empty when there is none).
     pub(super) gd: Vec<u32>,
     pub(super) rgd: Vec<u32>,
+    /// This editor set the header's uncleanShutdown flag ([`VmdkEditor::mark_changing`]).
+    marked: bool,
 }
 
 fn refuse(what: &str, path: &Path) -> Error {
@@ -161,10 +165,45 @@ pub(super) fn open_vmdk(file: File, path: &Path, fail_at: Option<u64>) -> Result
         desc: String::from_utf8_lossy(&raw[..end]).into_owned(),
         gd,
         rgd,
+        marked: false,
     })
 }
 
 impl VmdkEditor {
+    /// Before a change's first table write: the header's uncleanShutdown byte set and
+    /// flushed, as VMware marks an image it has open. A change cut off between a grain
+    /// table and its redundant copy is then told from damage (`check` counts the stale
+    /// copy as a leak, which `-r leaks` mends, not as a corruption). An image that came
+    /// marked is left marked.
+    pub(super) fn mark_changing(&mut self) -> Result<()> {
+        if self.marked || self.header.unclean_shutdown {
+            return Ok(());
+        }
+        self.file.write_at(
+            &[1],
+            UNCLEAN_SHUTDOWN_AT,
+            "marking the VMDK header (uncleanShutdown)",
+        )?;
+        self.file.sync("flushing the VMDK header")?;
+        self.marked = true;
+        Ok(())
+    }
+
+    /// After a change's last flush: the flag [`Self::mark_changing`] set, cleared.
+    pub(super) fn unmark_changing(&mut self) -> Result<()> {
+        if !self.marked {
+            return Ok(());
+        }
+        self.file.write_at(
+            &[0],
+            UNCLEAN_SHUTDOWN_AT,
+            "clearing the VMDK header's uncleanShutdown",
+        )?;
+        self.file.sync("flushing the VMDK header")?;
+        self.marked = false;
+        Ok(())
+    }
+
     pub(super) fn grain_bytes(&self) -> u64 {
         self.header.grain_size * SECTOR
     }

@@ -222,6 +222,9 @@ impl BlockMap for VmdkMap {
 
     fn commit(&mut self, finish: bool) -> Result<()> {
         if self.pending == 0 || (!finish && self.pending < BATCH_GRAINS) {
+            if finish {
+                self.ed.unmark_changing()?;
+            }
             return Ok(());
         }
         if self.file_len < self.end {
@@ -231,6 +234,7 @@ impl BlockMap for VmdkMap {
             self.file_len = self.end;
         }
         self.ed.file.sync("flushing the new VMDK grains")?;
+        self.ed.mark_changing()?;
         let tables = std::mem::take(&mut self.tables);
         let mut fresh = Vec::new();
         for (&gi, t) in &tables {
@@ -271,6 +275,9 @@ impl BlockMap for VmdkMap {
             self.ed.file.sync("flushing the VMDK grain directories")?;
         }
         self.pending = 0;
+        if finish {
+            self.ed.unmark_changing()?;
+        }
         Ok(())
     }
 }

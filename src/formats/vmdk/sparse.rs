@@ -9,6 +9,8 @@ use crate::error::{Error, Result};
 
 /// Sector size every VMDK offset is counted in.
 pub const SECTOR: u64 = 512;
+/// Offset of the header's uncleanShutdown byte.
+pub const UNCLEAN_SHUTDOWN_AT: u64 = 72;
 /// `KDMV` read as a little-endian u32.
 pub const KDMV_MAGIC: u32 = 0x564d_444b;
 /// `COWD` read as a little-endian u32.
@@ -110,7 +112,7 @@ impl SparseHeader {
             rgd_offset: LE::read_u64(&b[48..56]),
             gd_offset: LE::read_u64(&b[56..64]),
             overhead: LE::read_u64(&b[64..72]),
-            unclean_shutdown: b[72] != 0,
+            unclean_shutdown: b[UNCLEAN_SHUTDOWN_AT as usize] != 0,
             check_bytes: [b[73], b[74], b[75], b[76]],
             compress_algorithm: LE::read_u16(&b[77..79]),
         })
@@ -130,7 +132,7 @@ impl SparseHeader {
         LE::write_u64(&mut b[48..56], self.rgd_offset);
         LE::write_u64(&mut b[56..64], self.gd_offset);
         LE::write_u64(&mut b[64..72], self.overhead);
-        b[72] = self.unclean_shutdown as u8;
+        b[UNCLEAN_SHUTDOWN_AT as usize] = self.unclean_shutdown as u8;
         b[73..77].copy_from_slice(&self.check_bytes);
         LE::write_u16(&mut b[77..79], self.compress_algorithm);
         b
