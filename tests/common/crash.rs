@@ -40,37 +40,14 @@ pub fn sweep(
     calls: &[&str],
     limit: usize,
     args: &[String],
-    reset: impl FnMut(),
-    judge: impl FnMut(&Fault, &Output, bool),
-) -> usize {
-    sweep_sampled(calls, limit, 1, args, reset, judge)
-}
-
-/// [`sweep`], trying the first three occurrences of each call and then every `step`th
-/// (the last one included: the sweep still ends at the run that completes). With
-/// `DISKCONV_FULL_SWEEP=1` every occurrence is tried, as `sweep` does: CI runs the sample,
-/// `DISKCONV_FULL_SWEEP=1 cargo test --test qemu crash` the whole.
-pub fn sweep_sampled(
-    calls: &[&str],
-    limit: usize,
-    step: usize,
-    args: &[String],
     mut reset: impl FnMut(),
     mut judge: impl FnMut(&Fault, &Output, bool),
 ) -> usize {
-    let step = if std::env::var_os("DISKCONV_FULL_SWEEP").is_some() {
-        1
-    } else {
-        step.max(1)
-    };
     let mut runs = 0;
     for &call in calls {
         for fault in ["signal=KILL", "error=ENOSPC", "error=EIO"] {
             for n in 1.. {
                 assert!(n < limit, "{call}: more than {limit} calls");
-                if n > 3 && n % step != 0 {
-                    continue;
-                }
                 reset();
                 let o = Command::new("strace")
                     .args(["-f", "-qq", "-o", "/dev/null", "-e"])

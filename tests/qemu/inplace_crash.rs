@@ -15,9 +15,7 @@
 //! - the same command run again completes, the image then reads exactly as after, and
 //!   `check -r leaks` leaves it clean by both checkers.
 //!
-//! CI runs a sample of the fault points (the first three of each call, then every
-//! seventh, and the last); `DISKCONV_FULL_SWEEP=1 cargo test --test qemu inplace_crash`
-//! runs every one.
+//! Every fault point is tried: 447 faulted runs, about 40 s (2026-12-07).
 
 use crate::common;
 
@@ -107,7 +105,7 @@ fn sweep_case(orig: &Path, fmt: &str, args: &[&str], dir: &Path) -> usize {
     let reset = || {
         std::fs::copy(orig, &work).unwrap();
     };
-    crash::sweep_sampled(&CALLS, 2000, 7, &cmd, reset, |f, o, stopped| {
+    crash::sweep(&CALLS, 2000, &cmd, reset, |f, o, stopped| {
         let what = format!("{fmt} {args:?}: {} at {} #{}", f.fault, f.call, f.n);
         if checkable {
             let (corrupt, leaks) = qemu_check(&work, fmt);
