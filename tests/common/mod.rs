@@ -628,3 +628,27 @@ mod alloc_counter {
         })
     }
 }
+
+/// Peak RSS (VmHWM, KiB) of a child, sampled from /proc until it exits, and its exit
+/// status: the figure only rises, so the last sample is its peak but for the final 50 ms.
+/// Not wait4's ru_maxrss: it counts the test process's own RSS, whose address space a
+/// vfork'ed child starts in, and a test binary holding many modules is large.
+pub fn peak_rss_kib(mut child: std::process::Child) -> (std::process::ExitStatus, u64) {
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&status) {
+            if let Some(kib) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            {
+                peak = peak.max(kib);
+            }
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            return (st, peak);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

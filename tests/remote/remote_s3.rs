@@ -374,30 +374,6 @@ fn throttled_part_is_retried_and_the_upload_lands() {
     assert!(s3.uploads(&bucket).is_empty());
 }
 
-/// Peak RSS (VmHWM) of a diskconv child, sampled from /proc until it exits: the figure
-/// only rises, so the last sample is its peak but for the final 50 ms. (wait4's ru_maxrss
-/// would count the test binary's own RSS, whose address space a vfork'ed child starts in.)
-fn child_peak_kib(mut child: std::process::Child) -> u64 {
-    let status = format!("/proc/{}/status", child.id());
-    let mut peak = 0;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&status) {
-            if let Some(kib) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-            {
-                peak = peak.max(kib);
-            }
-        }
-        if let Some(st) = child.try_wait().unwrap() {
-            assert!(st.success(), "diskconv failed: {st}");
-            return peak;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Peak memory of an upload, 256 MiB and 1 GiB in 5 MiB parts (4 in flight): the same at
 /// both sizes, and within the parts in flight, the part being filled, the pool of reusable
 /// part buffers and the program itself. Measured on 2026-12-01 with OpenDAL 0.59: 54 and
@@ -427,7 +403,9 @@ fn upload_peak_memory_is_bounded_by_parts_in_flight() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        peaks.push(child_peak_kib(child));
+        let (st, peak) = crate::common::peak_rss_kib(child);
+        assert!(st.success(), "diskconv failed: {st}");
+        peaks.push(peak);
         assert_eq!(s3.head(&bucket, name)["length"], size);
         std::fs::remove_file(&raw).unwrap();
     }
