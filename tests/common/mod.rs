@@ -652,3 +652,22 @@ pub fn peak_rss_kib(mut child: std::process::Child) -> (std::process::ExitStatus
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// `diskconv check -f FMT --output=json EXTRA IMG` (extra: `-r all`, `--allow-references`,
+/// ...): the exit code, the JSON report (None when it printed none) and stderr.
+pub fn our_check_with(
+    img: &Path,
+    fmt: &str,
+    extra: &[&str],
+) -> (i32, Option<serde_json::Value>, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_diskconv"));
+    c.args(["check", "-f", fmt, "--output=json"]);
+    c.args(extra);
+    let o = c.arg(img).output().unwrap();
+    let v = serde_json::from_slice(&o.stdout).ok();
+    (
+        o.status.code().unwrap(),
+        v,
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}

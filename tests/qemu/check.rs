@@ -37,24 +37,6 @@ fn our_check(
     }
 }
 
-/// [`our_check`] with extra flags (`-r all`, `--allow-references`).
-fn our_check_with(
-    img: &Path,
-    fmt: &str,
-    extra: &[&str],
-) -> (i32, Option<serde_json::Value>, String) {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_diskconv"));
-    c.args(["check", "-f", fmt, "--output=json"]);
-    c.args(extra);
-    let o = c.arg(img).output().unwrap();
-    let v = serde_json::from_slice(&o.stdout).ok();
-    (
-        o.status.code().unwrap(),
-        v,
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
 /// Ours equals qemu-img's: exit code and, when qemu-img printed one, the whole report.
 #[track_caller]
 fn assert_same_as_qemu(img: &Path, fmt: &str) -> i32 {

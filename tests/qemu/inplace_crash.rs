@@ -21,12 +21,13 @@
 use crate::common;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::crash::{self, have_strace};
-use common::discard::qemu_check;
+use common::discard::{make, qemu_check};
 use common::*;
+use diskconv::Format;
 
 const SECTOR: usize = 512;
 const CALLS: [&str; 4] = ["pwrite64", "ftruncate", "fallocate", "fsync"];
@@ -46,18 +47,6 @@ fn guest_both(img: &Path, fmt: &str, scratch: &Path) -> Vec<u8> {
         img.display()
     );
     theirs
-}
-
-/// Our `check`'s exit code (with `repair`: `-r leaks`): 0 clean, 3 leaks only (qemu-img's
-/// codes); formats qemu-img cannot check are left out by the caller.
-fn our_check(img: &Path, fmt: &str, repair: &[&str]) -> i32 {
-    let o = Command::new(env!("CARGO_BIN_EXE_diskconv"))
-        .args(["check", "-f", fmt])
-        .args(repair)
-        .arg(img)
-        .output()
-        .unwrap();
-    o.status.code().unwrap_or(-1)
 }
 
 /// The sector indexes where `got` is neither `before` nor `after`.
@@ -110,7 +99,7 @@ fn sweep_case(orig: &Path, fmt: &str, args: &[&str], dir: &Path) -> usize {
         let what = format!("{fmt} {args:?}: {} at {} #{}", f.fault, f.call, f.n);
         if !checkable {
             // Ours alone (qemu-img has no vpc check): no corruption.
-            let ours = our_check(&work, fmt, &[]);
+            let ours = our_check_with(&work, fmt, &[]).0;
             assert!(matches!(ours, 0 | 3), "{what}: our check exits {ours}");
         }
         if checkable {
@@ -120,7 +109,7 @@ fn sweep_case(orig: &Path, fmt: &str, args: &[&str], dir: &Path) -> usize {
             // count one qemu-img does not look for (a vmdk's redundant grain table left
             // behind by a cut-off change, told from damage by the header's
             // uncleanShutdown flag the change set).
-            let ours = our_check(&work, fmt, &[]);
+            let ours = our_check_with(&work, fmt, &[]).0;
             assert!(
                 ours == 3 || (ours == 0 && leaks == 0),
                 "{what}: our check exits {ours}, qemu-img counts {leaks} leaks"
@@ -141,11 +130,11 @@ fn sweep_case(orig: &Path, fmt: &str, args: &[&str], dir: &Path) -> usize {
             assert!(guest_both(&work, fmt, &scratch) == after, "{what}: rerun");
             if !checkable {
                 assert!(
-                    matches!(our_check(&work, fmt, &["-r", "leaks"]), 0 | 3),
+                    matches!(our_check_with(&work, fmt, &["-r", "leaks"]).0, 0 | 3),
                     "{what}"
                 );
                 assert_eq!(
-                    our_check(&work, fmt, &[]),
+                    our_check_with(&work, fmt, &[]).0,
                     0,
                     "{what}: after check -r leaks"
                 );
@@ -153,11 +142,11 @@ fn sweep_case(orig: &Path, fmt: &str, args: &[&str], dir: &Path) -> usize {
             if checkable {
                 assert_eq!(qemu_check(&work, fmt).0, 0, "{what}: rerun");
                 assert!(
-                    matches!(our_check(&work, fmt, &["-r", "leaks"]), 0 | 3),
+                    matches!(our_check_with(&work, fmt, &["-r", "leaks"]).0, 0 | 3),
                     "{what}"
                 );
                 assert_eq!(
-                    our_check(&work, fmt, &[]),
+                    our_check_with(&work, fmt, &[]).0,
                     0,
                     "{what}: after check -r leaks"
                 );
@@ -175,32 +164,6 @@ fn sweep_case(orig: &Path, fmt: &str, args: &[&str], dir: &Path) -> usize {
             assert!(got == after, "{what}");
         }
     })
-}
-
-/// A `fmt` image made by qemu-img with `opts`, of `size` bytes, holding `data` written
-/// through qemu-io in 64 KiB runs every 192 KiB (so some clusters stay unallocated).
-fn image(dir: &Path, name: &str, fmt: &str, opts: &str, size: u64, seed: u64) -> PathBuf {
-    let p = dir.join(name);
-    let mut args = vec!["create", "-q", "-f", fmt];
-    if !opts.is_empty() {
-        args.extend(["-o", opts]);
-    }
-    let size_s = size.to_string();
-    args.extend([s(&p), size_s.as_str()]);
-    qemu_img(&args);
-    let writes: Vec<String> = (0..size / (192 << 10))
-        .map(|i| format!("write -P {} {} 64k", (seed + i) % 250 + 1, i * (192 << 10)))
-        .collect();
-    let refs: Vec<&str> = writes.iter().map(String::as_str).collect();
-    common::cmms::qemu_io(fmt, &p, &refs);
-    p
-}
-
-/// The qemu-img virtual size of `img`.
-fn virtual_size(img: &Path) -> u64 {
-    let j: serde_json::Value =
-        serde_json::from_str(&qemu_img(&["info", "--output=json", s(img)])).unwrap();
-    j["virtual-size"].as_u64().unwrap()
 }
 
 const TARGETS: [(&str, &str); 4] = [
@@ -224,9 +187,23 @@ fn convert_n_killed_or_failed_at_any_write_leaves_each_sector_before_or_after() 
     let mut runs = 0;
     for (fmt, opts) in TARGETS {
         let dir = tempfile::tempdir().unwrap();
-        let target = image(dir.path(), &format!("target.{fmt}"), fmt, opts, 3 << 20, 7);
+        // The target: 64 KiB written every 192 KiB (some clusters stay unallocated).
+        let writes: Vec<(u8, u64, u64)> = (0..16u64)
+            .map(|i| (((7 + i) % 250 + 1) as u8, i * (192 << 10), 64 << 10))
+            .collect();
+        let o: &[&str] = if opts.is_empty() { &[] } else { &["-o", opts] };
+        let target = make(
+            dir.path(),
+            &format!("target.{fmt}"),
+            fmt,
+            o,
+            3 << 20,
+            &writes,
+        );
         // The source: other data over the target's whole size, a zero run in between.
-        let size = virtual_size(&target);
+        let size = qemu_info(&target, Format::from_name(fmt).unwrap())["virtual-size"]
+            .as_u64()
+            .unwrap();
         let src = dir.path().join("src.raw");
         let mut data = vec![0u8; size as usize];
         Rng(11).fill(&mut data);

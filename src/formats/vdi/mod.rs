@@ -8,9 +8,9 @@
 //! (as qemu does for images VBoxManage convertfromraw made) and when writing (as qemu-img
 //! does), so we and qemu always agree on the virtual size.
 
-use crate::device::{BlockDevice, HostFile};
+use crate::device::{BlockDevice, HostFile, ImageEditor};
 use crate::error::{Error, Result};
-use crate::options::{CreateOptions, OpenOptions, OptionHelp};
+use crate::options::{CreateOptions, OpenOptions, OptionHelp, ResizeOptions};
 use crate::writer::ImageWriter;
 
 pub mod check;
@@ -80,20 +80,16 @@ pub fn plan_granularity() -> u64 {
 }
 
 /// The folder's changes in place, each in its own file over the one editor type.
-impl crate::device::ImageEditor for editor::VdiEditor {
+impl ImageEditor for editor::VdiEditor {
     fn virtual_size(&self) -> u64 {
         self.header.virtual_size()
     }
 
-    fn discard(&mut self, runs: &[(u64, u64)]) -> crate::error::Result<u64> {
+    fn discard(&mut self, runs: &[(u64, u64)]) -> Result<u64> {
         discard::discard(self, runs)
     }
 
-    fn resize(
-        &mut self,
-        new_size: u64,
-        opts: &crate::options::ResizeOptions,
-    ) -> crate::error::Result<()> {
+    fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
         resize::resize(self, new_size, opts)
     }
 }

@@ -4,9 +4,9 @@
 //! Read: fixed, dynamic and differencing images (the parent only through the reference
 //! gate). Write: fixed and dynamic at the exact size asked (see [`writer`]).
 
-use crate::device::{BlockDevice, HostFile};
+use crate::device::{BlockDevice, HostFile, ImageEditor};
 use crate::error::Result;
-use crate::options::{CreateOptions, OpenOptions, OptionHelp};
+use crate::options::{CreateOptions, OpenOptions, OptionHelp, ResizeOptions};
 use crate::writer::ImageWriter;
 
 pub mod check;
@@ -96,20 +96,16 @@ pub fn create_stream_writer(
 }
 
 /// The folder's changes in place, each in its own file over the one editor type.
-impl crate::device::ImageEditor for editor::VhdEditor {
+impl ImageEditor for editor::VhdEditor {
     fn virtual_size(&self) -> u64 {
         self.size
     }
 
-    fn discard(&mut self, runs: &[(u64, u64)]) -> crate::error::Result<u64> {
+    fn discard(&mut self, runs: &[(u64, u64)]) -> Result<u64> {
         discard::discard(self, runs)
     }
 
-    fn resize(
-        &mut self,
-        new_size: u64,
-        opts: &crate::options::ResizeOptions,
-    ) -> crate::error::Result<()> {
+    fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
         resize::resize(self, new_size, opts)
     }
 }

@@ -245,12 +245,7 @@ fn check_redundant(
         edit.sync("flushing the redundant grain tables")?;
         if h.unclean_shutdown {
             // The copies agree again: the image is closed cleanly.
-            edit.write_at(
-                &[0],
-                UNCLEAN_SHUTDOWN_AT,
-                "clearing the VMDK header's uncleanShutdown",
-            )?;
-            edit.sync("flushing the VMDK header")?;
+            write_unclean_shutdown(edit, false)?;
         }
     }
     Ok(())

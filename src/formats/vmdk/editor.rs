@@ -11,7 +11,7 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 
 use super::descriptor::{Descriptor, ExtentType};
 use super::sparse::{
-    SparseHeader, FLAG_MARKERS, FLAG_RGD, GD_AT_END, KDMV_MAGIC, SECTOR, UNCLEAN_SHUTDOWN_AT,
+    write_unclean_shutdown, SparseHeader, FLAG_MARKERS, FLAG_RGD, GD_AT_END, KDMV_MAGIC, SECTOR,
 };
 use crate::device::{HostFile, ImageEditor};
 use crate::error::{Error, Result};
@@ -179,12 +179,7 @@ impl VmdkEditor {
         if self.marked || self.header.unclean_shutdown {
             return Ok(());
         }
-        self.file.write_at(
-            &[1],
-            UNCLEAN_SHUTDOWN_AT,
-            "marking the VMDK header (uncleanShutdown)",
-        )?;
-        self.file.sync("flushing the VMDK header")?;
+        write_unclean_shutdown(&mut self.file, true)?;
         self.marked = true;
         Ok(())
     }
@@ -194,12 +189,7 @@ impl VmdkEditor {
         if !self.marked {
             return Ok(());
         }
-        self.file.write_at(
-            &[0],
-            UNCLEAN_SHUTDOWN_AT,
-            "clearing the VMDK header's uncleanShutdown",
-        )?;
-        self.file.sync("flushing the VMDK header")?;
+        write_unclean_shutdown(&mut self.file, false)?;
         self.marked = false;
         Ok(())
     }

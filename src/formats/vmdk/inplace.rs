@@ -161,6 +161,60 @@ impl VmdkMap {
             .file
             .write_at(&b, u64::from(sector) * SECTOR + first as u64 * 4, what)
     }
+
+    /// The pending grains' table entries (and new tables' directory entries), in both
+    /// directories, after the grains themselves are flushed.
+    fn write_tables(&mut self) -> Result<()> {
+        if self.file_len < self.end {
+            self.ed
+                .file
+                .set_len(self.end, "extending the VMDK to its new grains")?;
+            self.file_len = self.end;
+        }
+        self.ed.file.sync("flushing the new VMDK grains")?;
+        self.ed.mark_changing()?;
+        let tables = std::mem::take(&mut self.tables);
+        let mut fresh = Vec::new();
+        for (&gi, t) in &tables {
+            let dirs = [Some(self.ed.gd[gi]), self.ed.rgd.get(gi).copied()];
+            let (lo, hi) = if t.fresh {
+                fresh.push(gi);
+                (0, t.words.len())
+            } else {
+                (t.lo, t.hi)
+            };
+            if lo >= hi {
+                continue;
+            }
+            for s in dirs.into_iter().flatten() {
+                self.write_words(s, lo, &t.words[lo..hi], "writing VMDK grain table entries")?;
+            }
+        }
+        self.ed.file.sync("flushing the VMDK grain tables")?;
+        if !fresh.is_empty() {
+            let h = self.ed.header;
+            for gi in fresh {
+                let (g, r) = (self.ed.gd[gi], self.ed.rgd.get(gi).copied());
+                self.write_words(
+                    h.gd_offset as u32,
+                    gi,
+                    &[g],
+                    "writing a VMDK grain directory entry",
+                )?;
+                if let Some(r) = r {
+                    self.write_words(
+                        h.rgd_offset as u32,
+                        gi,
+                        &[r],
+                        "writing a VMDK grain directory entry",
+                    )?;
+                }
+            }
+            self.ed.file.sync("flushing the VMDK grain directories")?;
+        }
+        self.pending = 0;
+        Ok(())
+    }
 }
 
 impl BlockMap for VmdkMap {
@@ -221,60 +275,9 @@ impl BlockMap for VmdkMap {
     }
 
     fn commit(&mut self, finish: bool) -> Result<()> {
-        if self.pending == 0 || (!finish && self.pending < BATCH_GRAINS) {
-            if finish {
-                self.ed.unmark_changing()?;
-            }
-            return Ok(());
+        if self.pending > 0 && (finish || self.pending >= BATCH_GRAINS) {
+            self.write_tables()?;
         }
-        if self.file_len < self.end {
-            self.ed
-                .file
-                .set_len(self.end, "extending the VMDK to its new grains")?;
-            self.file_len = self.end;
-        }
-        self.ed.file.sync("flushing the new VMDK grains")?;
-        self.ed.mark_changing()?;
-        let tables = std::mem::take(&mut self.tables);
-        let mut fresh = Vec::new();
-        for (&gi, t) in &tables {
-            let dirs = [Some(self.ed.gd[gi]), self.ed.rgd.get(gi).copied()];
-            let (lo, hi) = if t.fresh {
-                fresh.push(gi);
-                (0, t.words.len())
-            } else {
-                (t.lo, t.hi)
-            };
-            if lo >= hi {
-                continue;
-            }
-            for s in dirs.into_iter().flatten() {
-                self.write_words(s, lo, &t.words[lo..hi], "writing VMDK grain table entries")?;
-            }
-        }
-        self.ed.file.sync("flushing the VMDK grain tables")?;
-        if !fresh.is_empty() {
-            let h = self.ed.header;
-            for gi in fresh {
-                let (g, r) = (self.ed.gd[gi], self.ed.rgd.get(gi).copied());
-                self.write_words(
-                    h.gd_offset as u32,
-                    gi,
-                    &[g],
-                    "writing a VMDK grain directory entry",
-                )?;
-                if let Some(r) = r {
-                    self.write_words(
-                        h.rgd_offset as u32,
-                        gi,
-                        &[r],
-                        "writing a VMDK grain directory entry",
-                    )?;
-                }
-            }
-            self.ed.file.sync("flushing the VMDK grain directories")?;
-        }
-        self.pending = 0;
         if finish {
             self.ed.unmark_changing()?;
         }

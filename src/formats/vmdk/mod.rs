@@ -8,10 +8,16 @@
 //! [`OpenOptions`] reference gate. Writes monolithicSparse (default; to a stream laid out
 //! from a first pass, [`planned`]) and streamOptimized as VMware writes it.
 
-use crate::device::{BlockDevice, HostFile};
-use crate::error::Result;
-use crate::options::{CreateOptions, OpenOptions, OptionHelp};
-use crate::writer::ImageWriter;
+use std::fs::File;
+use std::path::Path;
+
+use byteorder::{ByteOrder, LittleEndian as LE};
+
+use crate::check::{read_padded, Repair, Tally};
+use crate::device::{BlockDevice, HostFile, ImageEditor};
+use crate::error::{Error, Result};
+use crate::options::{CreateOptions, OpenOptions, OptionHelp, ResizeOptions};
+use crate::writer::{EditFile, ImageWriter};
 
 pub mod check;
 pub mod check_extents;
@@ -88,29 +94,29 @@ pub fn create_stream_writer(
 /// descriptor file's extents are opened through `refs` (the reference gate) and checked
 /// without repair.
 pub fn check(
-    file: std::fs::File,
-    path: &std::path::Path,
-    repair: crate::check::Repair,
+    file: File,
+    path: &Path,
+    repair: Repair,
     fail_at: Option<u64>,
     refs: &OpenOptions,
-) -> Result<crate::check::Tally> {
+) -> Result<Tally> {
     let write = file
         .try_clone()
-        .map_err(|e| crate::error::Error::io("cannot duplicate the image's descriptor", e))?;
+        .map_err(|e| Error::io("cannot duplicate the image's descriptor", e))?;
     let host = HostFile::from_file(file, path)?;
-    let magic = crate::check::read_padded(&host, 0, 4, "VMDK magic")?;
-    if <byteorder::LittleEndian as byteorder::ByteOrder>::read_u32(&magic) != sparse::KDMV_MAGIC {
+    let magic = read_padded(&host, 0, 4, "VMDK magic")?;
+    if LE::read_u32(&magic) != sparse::KDMV_MAGIC {
         if check_extents::is_descriptor_file(&host)? {
             return check_extents::check(&host, path, repair, refs);
         }
-        return Err(crate::error::Error::unsupported(
+        return Err(Error::unsupported(
             "checking a legacy COWD (vmfsSparse) or seSparse VMDK extent is not supported: only monolithicSparse, streamOptimized and descriptor files listing FLAT, SPARSE and ZERO extents",
         ));
     }
-    let mut t = crate::check::Tally::default();
+    let mut t = Tally::default();
     check::check_sparse(
         &host,
-        Some(crate::writer::EditFile::new(write, path, fail_at)),
+        Some(EditFile::new(write, path, fail_at)),
         repair,
         &mut t,
     )?;
@@ -118,20 +124,16 @@ pub fn check(
 }
 
 /// The folder's changes in place, each in its own file over the one editor type.
-impl crate::device::ImageEditor for editor::VmdkEditor {
+impl ImageEditor for editor::VmdkEditor {
     fn virtual_size(&self) -> u64 {
         self.header.capacity * sparse::SECTOR
     }
 
-    fn discard(&mut self, runs: &[(u64, u64)]) -> crate::error::Result<u64> {
+    fn discard(&mut self, runs: &[(u64, u64)]) -> Result<u64> {
         discard::discard(self, runs)
     }
 
-    fn resize(
-        &mut self,
-        new_size: u64,
-        opts: &crate::options::ResizeOptions,
-    ) -> crate::error::Result<()> {
+    fn resize(&mut self, new_size: u64, opts: &ResizeOptions) -> Result<()> {
         resize::resize(self, new_size, opts)
     }
 }

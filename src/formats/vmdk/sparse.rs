@@ -6,11 +6,24 @@
 use byteorder::{ByteOrder, LittleEndian as LE};
 
 use crate::error::{Error, Result};
+use crate::writer::EditFile;
 
 /// Sector size every VMDK offset is counted in.
 pub const SECTOR: u64 = 512;
 /// Offset of the header's uncleanShutdown byte.
 pub const UNCLEAN_SHUTDOWN_AT: u64 = 72;
+
+/// Set or clear the uncleanShutdown byte of the sparse header in `file`, flushed (one
+/// sector's byte: the write is atomic).
+pub fn write_unclean_shutdown(file: &mut EditFile, on: bool) -> Result<()> {
+    let what = if on {
+        "marking the VMDK header (uncleanShutdown)"
+    } else {
+        "clearing the VMDK header's uncleanShutdown"
+    };
+    file.write_at(&[u8::from(on)], UNCLEAN_SHUTDOWN_AT, what)?;
+    file.sync("flushing the VMDK header")
+}
 /// `KDMV` read as a little-endian u32.
 pub const KDMV_MAGIC: u32 = 0x564d_444b;
 /// `COWD` read as a little-endian u32.
