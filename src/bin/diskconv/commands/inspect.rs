@@ -22,6 +22,10 @@ pub struct InspectArgs {
     /// With an OVA: which of its disks to inspect (1-based; default the first).
     #[arg(long = "disk", value_name = "N")]
     disk: Option<usize>,
+    /// Largest virtual size accepted, with an optional k/M/G/T/P suffix (default 64T):
+    /// a larger disk is a finding that makes the image unsafe.
+    #[arg(long = "max-virtual-size", value_name = "SIZE")]
+    max_virtual_size: Option<String>,
     /// Image.
     image: PathBuf,
 }
@@ -29,10 +33,13 @@ pub struct InspectArgs {
 /// Run `inspect`; exits 2 after printing when the image is unsafe.
 pub fn exec(args: InspectArgs) -> Result<()> {
     let claim = args.format.as_deref().map(Format::from_name).transpose()?;
-    let limits = diskconv::InspectLimits {
+    let mut limits = diskconv::InspectLimits {
         ova_disk: args.disk,
         ..Default::default()
     };
+    if let Some(v) = &args.max_virtual_size {
+        limits.max_virtual_size = crate::sizes::size_arg("--max-virtual-size", v)?;
+    }
     let insp = diskconv::inspect_with(&args.image, claim, &limits)?;
     // Checked once inspected: an image that cannot be read is the first error.
     if output_is_json(&args.output)? {

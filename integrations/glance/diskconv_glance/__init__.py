@@ -1,0 +1,1 @@
+"""diskconv for OpenStack Glance: the `diskconv_conversion` image-import plugin."""
