@@ -213,6 +213,11 @@ def cluster():
             "rbd_store_chunk_size = 4"])))
         c.stores.append("rbd")
     c.ports = [free_port(), free_port()]
+    # GLANCE_PAIR_PLUGINS=image_conversion,diskconv_conversion: each node its own plugin
+    # (the benchmark's stock-against-ours on one Glance, one store).
+    plugins = os.environ.get("GLANCE_PAIR_PLUGINS",
+                             "diskconv_conversion,diskconv_conversion").split(",")
+    c.plugins = plugins
     for i, name in enumerate(("node-a", "node-b")):
         node = Node(name, c.ports[i], {"venv": venv})
         node.write_extra_conf(_store_conf(stores) + """
@@ -226,12 +231,18 @@ default_backend = fs
 [keystone_authtoken]
 # Read when a node proxies an import to another; the saio filter takes any token.
 auth_url = http://127.0.0.1:1/v3
+[wsgi]
+# The stock plugin runs qemu-img under oslo's prlimit wrapper with this interpreter.
+python_interpreter = {venv}/bin/python
 [image_import_opts]
-image_import_plugins = ['diskconv_conversion']
+image_import_plugins = ['{plugin}']
+[image_conversion]
+output_format = raw
 [diskconv_conversion]
 binary = {binary}
 output_format = raw
-""".format(url=node.url, db=pg["PG_URL"], binary=binary))
+""".format(url=node.url, db=pg["PG_URL"], binary=binary, plugin=plugins[i],
+           venv=venv))
         c.nodes.append(node)
     try:
         for node in c.nodes:

@@ -155,13 +155,16 @@ def test_each_store_holds_the_raw_image(cluster, sources, store):
     assert_imported(cluster, node, img, want["vhdx"])
 
 
-def hostile_images(cluster, sources):
+def hostile_images():
     """(name, disk_format, path, what the failure message must say)."""
-    paths, _ = sources
     d = os.path.join(WORK, "hostile")
     os.makedirs(d, exist_ok=True)
     q = lambda *a: subprocess.run(["qemu-img"] + list(a), check=True,
                                   stdout=subprocess.DEVNULL)
+    guest = os.path.join(d, "guest.raw")
+    with open(guest, "wb") as f:
+        f.write(hashlib.sha512(b"guest").digest() * (1 << 14))
+    q("convert", "-f", "raw", "-O", "qcow2", guest, os.path.join(d, "guest.qcow2"))
     out = []
     p = os.path.join(d, "backing.qcow2")
     q("create", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", p, "1M")
@@ -175,7 +178,7 @@ def hostile_images(cluster, sources):
                 'createType="monolithicFlat"\nRW 2048 FLAT "/etc/shadow" 0\n')
     out.append(("vmdk-host-extent", "vmdk", p, "NamesOtherFiles"))
     p = os.path.join(d, "qcow2-in-raw.img")
-    shutil.copy(paths["qcow2"], p)
+    shutil.copy(os.path.join(d, "guest.qcow2"), p)
     out.append(("qcow2-claimed-raw", "raw", p, "claimed raw but the data is qcow2"))
     p = os.path.join(d, "luks.qcow2")
     q("create", "-f", "qcow2", "--object", "secret,id=s0,data=x", "-o",
@@ -185,16 +188,14 @@ def hostile_images(cluster, sources):
     q("create", "-f", "qcow2", p, "1P")
     out.append(("1-PiB", "qcow2", p, "ExceedsLimit"))
     p = os.path.join(d, "features.qcow2")
-    shutil.copy(paths["qcow2"], p)
+    shutil.copy(os.path.join(d, "guest.qcow2"), p)
     with open(p, "r+b") as f:   # incompatible_features (offset 72): an unknown bit
         f.seek(72)
         f.write((1 << 40).to_bytes(8, "big"))
-    out.append(("UnknownFeatures", "qcow2", p, "UnknownFeatures"))
+    out.append(("unknown-features", "qcow2", p, "UnknownFeatures"))
     p = os.path.join(d, "footer-in-raw.img")
-    shutil.copy(os.path.join(WORK, "sources", "guest.raw"), p)
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o",
-                    "subformat=fixed", os.path.join(WORK, "sources", "guest.raw"),
-                    p + ".vhd"], check=True)
+    shutil.copy(guest, p)
+    q("convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed", guest, p + ".vhd")
     with open(p, "ab") as f:   # a raw guest whose last sector is a VHD footer
         f.write(open(p + ".vhd", "rb").read()[-512:])
     out.append(("vhd-footer-in-raw", "raw", p, "Polyglot"))
@@ -204,7 +205,7 @@ def hostile_images(cluster, sources):
 def test_hostile_images_fail_the_import_cleanly(cluster, sources):
     node = cluster.node(0)
     failures = {}
-    for name, disk_format, path, says in hostile_images(cluster, sources):
+    for name, disk_format, path, says in hostile_images():
         iid = cluster.create(node, "hostile-" + name, disk_format)
         cluster.stage(node, iid, path)
         assert cluster.import_(node, iid).status_code == 202
