@@ -1339,6 +1339,17 @@ fn inspect_cli_exit_codes() {
     assert_eq!(v["format-matches-claim"], false);
     let run = run_bounded(&["inspect", sb.root.join("missing").to_str().unwrap()]);
     assert_eq!(run.code, Some(1));
+    // --max-virtual-size: a 1 MiB disk past a 512 KiB limit is unsafe, and says so; a bad
+    // size is an error naming the flag.
+    let path = p.to_str().unwrap();
+    let run = run_bounded(&["inspect", "-f", "raw", "--max-virtual-size", "512K", path]);
+    assert_eq!(run.code, Some(2), "{}{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("ExceedsLimit"), "{}", run.stdout);
+    let run = run_bounded(&["inspect", "-f", "raw", "--max-virtual-size", "1M", path]);
+    assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+    let run = run_bounded(&["inspect", "--max-virtual-size", "lots", path]);
+    assert_eq!(run.code, Some(1));
+    assert!(run.stderr.contains("--max-virtual-size"), "{}", run.stderr);
 }
 
 // ---------------------------------------------------------------------------------------
