@@ -31,6 +31,14 @@ command -v setpriv >/dev/null && command -v prlimit >/dev/null ||
   { echo "run-tests.sh: setpriv and prlimit (util-linux) are needed" >&2; exit 1; }
 export DISKCONV_BIN=${DISKCONV_BIN:-$ROOT/target/release/diskconv}
 [ -x "$DISKCONV_BIN" ] || (cd "$ROOT" && cargo build --release --quiet)
+# The wheel scripts/test-wheel built, when there is one, installed as the README tells a
+# user: into Glance's venv, the plugin configured with `binary = diskconv`.
+wheel=$(ls "$ROOT"/target/test-wheel/wheels/diskconv-*.whl 2>/dev/null | head -1 || true)
+if [ -n "$wheel" ]; then
+  "$PY" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$wheel"
+  export GLANCE_PLUGIN_BINARY=diskconv
+  echo "run-tests.sh: the plugin runs $VENV/bin/diskconv from $(basename "$wheel")" >&2
+fi
 export GLANCE_VENV=$VENV
 cd "$HERE/tests"
 exec "$PY" -m pytest -q -rs -p no:cacheprovider "$@"

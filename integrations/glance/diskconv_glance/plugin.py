@@ -104,7 +104,7 @@ class _DiskconvConvert(task.Task):
 
     def _execute(self, action, file_path):
         conf = CONF.diskconv_conversion
-        binary, limits = conf.binary, _limits()
+        binary, limits = run.resolve_binary(conf.binary), _limits()
         self.src_path = file_path.split("file://")[-1]
         staging = os.path.dirname(self.src_path)
         leftovers = run.remove_residue(staging, self.image_id, keep=(self.src_path,))

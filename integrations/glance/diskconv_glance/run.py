@@ -6,8 +6,10 @@ real binary. The plugin (plugin.py) is the thin part that talks to Glance's impo
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 
 # Glance's disk_format names that diskconv reads, and diskconv's name for each (qemu's
 # "vpc" is Glance's "vhd"). Everything else (iso, ami, ploop, ...) is refused by name.
@@ -52,6 +54,24 @@ class Limits:
         self.convert_cpu_time = convert_cpu_time
         self.timeout = timeout
         self.max_virtual_size = max_virtual_size
+
+
+def resolve_binary(name):
+    """The diskconv executable for a configured `binary`: a path as it is; a bare name
+    looked up on PATH, then in the bin/ of the Python environment Glance runs in, where
+    `pip install diskconv` puts it (a glance-api under uWSGI or systemd seldom has its
+    venv's bin/ on PATH)."""
+    if os.sep in name:
+        return name
+    found = shutil.which(name)
+    if found:
+        return found
+    beside = os.path.join(sys.prefix, "bin", name)
+    if os.access(beside, os.X_OK):
+        return beside
+    raise ImageRefused("the diskconv binary %r is neither on PATH nor in %s "
+                       "([diskconv_conversion] binary; pip install diskconv)"
+                       % (name, os.path.join(sys.prefix, "bin")))
 
 
 def _limited(cmd, cpu_time, limits):

@@ -241,7 +241,8 @@ output_format = raw
 [diskconv_conversion]
 binary = {binary}
 output_format = raw
-""".format(url=node.url, db=pg["PG_URL"], binary=binary, plugin=plugins[i],
+""".format(url=node.url, db=pg["PG_URL"], plugin=plugins[i],
+           binary=os.environ.get("GLANCE_PLUGIN_BINARY", binary),
            venv=venv))
         c.nodes.append(node)
     try:

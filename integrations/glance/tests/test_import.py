@@ -258,6 +258,10 @@ def test_killed_node_fails_its_import_and_another_node_redoes_it(cluster, source
     cluster.stage(a, iid, big)
     assert cluster.import_(a, iid).status_code == 202
     dc = wait_for_diskconv(iid)
+    if os.environ.get("GLANCE_PLUGIN_BINARY") == "diskconv":
+        # `binary = diskconv`: the one `pip install diskconv` put in Glance's venv.
+        venv = os.environ["GLANCE_VENV"]
+        assert os.readlink("/proc/%d/exe" % dc) == os.path.join(venv, "bin", "diskconv")
     # Frozen first, so that the node dies while the conversion is under way, always.
     os.kill(dc, signal.SIGSTOP)
     a.kill()

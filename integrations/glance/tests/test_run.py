@@ -121,3 +121,15 @@ def test_residue_of_a_killed_run_is_found_by_image_id(tmp_path):
     removed = run.remove_residue(str(tmp_path), image, keep=(str(tmp_path / image),))
     assert sorted(removed) == sorted(names[1:3])
     assert sorted(os.listdir(tmp_path)) == sorted([names[0], names[3]])
+
+
+def test_binary_by_name_is_found_beside_python(tmp_path, monkeypatch):
+    # Under uWSGI the venv's bin/ is seldom on PATH: a bare name is looked up there too.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(run.sys, "prefix", str(tmp_path))
+    with pytest.raises(run.ImageRefused, match="neither on PATH nor in"):
+        run.resolve_binary("diskconv")
+    (tmp_path / "bin").mkdir()
+    os.symlink(diskconv_bin(), str(tmp_path / "bin" / "diskconv"))
+    assert run.resolve_binary("diskconv") == str(tmp_path / "bin" / "diskconv")
+    assert run.resolve_binary("/opt/x/diskconv") == "/opt/x/diskconv"
