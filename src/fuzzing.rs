@@ -326,6 +326,58 @@ pub fn exercise_guest_scan(data: &[u8]) {
     exercise_device(&wrapped);
 }
 
+/// The `guest_files` target: `data` as a raw disk, through OS inspection
+/// ([`crate::guest::inspect::Guest`]) and a bounded walk of every filesystem it opens:
+/// list each directory, stat and read each file (up to 1 MiB) and link. Beyond not
+/// panicking, a file read never yields more bytes than its metadata claims.
+pub fn exercise_guest_files(data: &[u8]) {
+    use crate::guest::files::{FileKind, FileSystem};
+    fn walk(fs: &dyn FileSystem, dir: &str, depth: u32, budget: &mut u32) {
+        let Ok(entries) = fs.read_dir(dir) else {
+            return;
+        };
+        for e in entries {
+            if *budget == 0 {
+                return;
+            }
+            *budget -= 1;
+            let path = format!("{}/{}", dir.trim_end_matches('/'), e.name);
+            let _ = fs.metadata(&path);
+            match e.meta.kind {
+                FileKind::Dir if depth < 8 && !e.lossy => walk(fs, &path, depth + 1, budget),
+                FileKind::Symlink => {
+                    let _ = fs.read_link(&path);
+                }
+                FileKind::File => {
+                    if let Ok(b) = fs.read_file(&path, 1 << 20) {
+                        assert!(b.len() as u64 <= e.meta.size, "{path} read past its size");
+                    }
+                    let _ = fs.read_prefix(&path, 64);
+                }
+                _ => {}
+            }
+        }
+    }
+    let dev: std::sync::Arc<dyn BlockDevice> = std::sync::Arc::new(MemDisk(data.to_vec()));
+    let Ok(mut guest) = crate::guest::inspect::Guest::open(dev) else {
+        return;
+    };
+    let insp = guest.inspect();
+    serde_json::to_string(&insp).expect("inspection serializes");
+    let _ = crate::guest::inspect::glance::properties(&insp);
+    let mut budget = 2000;
+    for v in &insp.volumes {
+        if let Ok(fs) = guest.filesystem(&v.location) {
+            walk(&*fs, "/", 0, &mut budget);
+        }
+    }
+    for os in &insp.operating_systems {
+        if let Ok(m) = guest.mounts(os) {
+            let _ = m.resolve("/../etc/../../fstab");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -261,10 +261,31 @@ fn read_at_lba(
             location: format!("gpt {}", i + 1),
             start: first * ss,
             len: (last_lba - first + 1) * ss,
+            type_id: guid_string(&e[0..16]),
         });
     }
     Ok((partitions, (array_at, array_len)))
 }
+
+/// A GPT GUID in its usual text form (the first three fields little-endian), upper case
+/// as sgdisk and the UEFI specification print it.
+pub fn guid_string(b: &[u8]) -> String {
+    format!(
+        "{:08X}-{:04X}-{:04X}-{:02X}{:02X}-{}",
+        LE::read_u32(&b[0..4]),
+        LE::read_u16(&b[4..6]),
+        LE::read_u16(&b[6..8]),
+        b[8],
+        b[9],
+        b[10..16]
+            .iter()
+            .map(|x| format!("{x:02X}"))
+            .collect::<String>()
+    )
+}
+
+/// The type GUID of an EFI system partition.
+pub const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 
 #[cfg(test)]
 pub(crate) mod tests {

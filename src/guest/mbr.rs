@@ -172,6 +172,7 @@ pub fn read(disk: &Region<'_>) -> Result<Mbr> {
                 location: format!("mbr {}", i + 1),
                 start,
                 len,
+                type_id: format!("{:#04x}", e.kind),
             });
         }
     }
@@ -246,6 +247,7 @@ fn read_chain(
                 location: format!("mbr {number}"),
                 start,
                 len,
+                type_id: format!("{:#04x}", data.kind),
             });
             number += 1;
         }

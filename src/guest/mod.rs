@@ -18,8 +18,10 @@
 
 pub mod ext;
 pub mod fat;
+pub mod files;
 pub mod freemap;
 pub mod gpt;
+pub mod inspect;
 pub mod lvm;
 pub mod mbr;
 pub mod ntfs;

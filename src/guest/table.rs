@@ -13,6 +13,8 @@ pub struct Partition {
     pub start: u64,
     /// Length in bytes.
     pub len: u64,
+    /// The partition type: a GPT type GUID ("C12A7328-...") or an MBR type byte ("0x83").
+    pub type_id: String,
 }
 
 impl Partition {
@@ -185,6 +187,7 @@ pub(crate) mod tests {
             location: format!("mbr {n}"),
             start,
             len,
+            type_id: "0x83".to_string(),
         }
     }
 

@@ -1,7 +1,8 @@
 //! Replays every fuzz corpus seed (fuzz/corpus/<target>/) and every crash regression
 //! (fuzz/artifacts/<target>/) through the fuzz targets' own entry point, so CI guards
 //! them without a fuzzer. The folder name picks the target: probe, raw, qcow2, vhd, vmdk,
-//! vdi, vhdx, qcow, qed, and guest_scan (the partition table and filesystem scanners).
+//! vdi, vhdx, qcow, qed, guest_scan (the partition table and filesystem scanners) and
+//! guest_files (OS inspection and file access).
 
 use std::path::{Path, PathBuf};
 
@@ -96,6 +97,49 @@ fn every_guest_scan_input_replays_without_panicking() {
                 }
             }
             if std::panic::catch_unwind(|| diskconv::fuzzing::exercise_guest_scan(&m)).is_err() {
+                failed.push(format!("{} mutation {round}", path.display()));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "panicked on: {failed:#?}");
+}
+
+#[test]
+fn every_guest_files_input_replays_without_panicking() {
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut all = Vec::new();
+    for dir in ["corpus", "artifacts"] {
+        let d = fuzz.join(dir).join("guest_files");
+        for f in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if f.file_type().is_ok_and(|t| t.is_file()) {
+                all.push(f.path());
+            }
+        }
+    }
+    all.sort();
+    assert!(all.len() >= 3, "guest_files seeds missing: {all:?}");
+    let mut failed = Vec::new();
+    for path in &all {
+        let data = std::fs::read(path).unwrap();
+        if std::panic::catch_unwind(|| diskconv::fuzzing::exercise_guest_files(&data)).is_err() {
+            failed.push(path.display().to_string());
+        }
+        // Deterministic mutations in the metadata of a small ext filesystem (superblock,
+        // group descriptors, bitmaps, inode table, first directory blocks: the first
+        // 48 KiB, after a partition table's first 32 KiB when there is one).
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ data.len() as u64;
+        for round in 0..150 {
+            let mut m = data.clone();
+            for _ in 0..1 + round % 3 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let span = m.len().clamp(1, 80 * 1024);
+                if let Some(b) = m.get_mut((x % span as u64) as usize) {
+                    *b ^= (x >> 32) as u8 | 1;
+                }
+            }
+            if std::panic::catch_unwind(|| diskconv::fuzzing::exercise_guest_files(&m)).is_err() {
                 failed.push(format!("{} mutation {round}", path.display()));
             }
         }

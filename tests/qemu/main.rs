@@ -10,6 +10,7 @@ mod cli;
 mod compare;
 mod convert_existing;
 mod discard;
+mod guest_inspect;
 mod hostile;
 mod inplace_crash;
 mod map;

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod commands;
 mod errors;
 mod flags;
+mod guest;
 mod json;
 mod option_help;
 mod progress;
@@ -29,7 +30,8 @@ mod swift;
 #[cfg(feature = "remote")]
 use commands::{abort_uploads, register};
 use commands::{
-    check, compare, convert, create, info, inspect, map, measure, resize, snapshot, sparsify,
+    cat, check, compare, convert, copy_out, create, info, inspect, ls, map, measure, resize,
+    snapshot, sparsify,
 };
 
 /// qemu-img's names, listed in `--help` so users need not guess (`vhd` is accepted for `vpc`).
@@ -65,6 +67,9 @@ enum Cmd {
     Measure(measure::MeasureArgs),
     Info(info::InfoArgs),
     Inspect(inspect::InspectArgs),
+    Ls(ls::LsArgs),
+    Cat(cat::CatArgs),
+    CopyOut(copy_out::CopyOutArgs),
     #[cfg(feature = "remote")]
     Register(register::RegisterArgs),
     #[cfg(feature = "remote")]
@@ -93,6 +98,9 @@ fn main() -> ExitCode {
         Cmd::Measure(args) => measure::exec(args),
         Cmd::Info(args) => info::exec(args),
         Cmd::Inspect(args) => inspect::exec(args),
+        Cmd::Ls(args) => ls::exec(args),
+        Cmd::Cat(args) => cat::exec(args),
+        Cmd::CopyOut(args) => copy_out::exec(args),
         #[cfg(feature = "remote")]
         Cmd::Register(args) => register::exec(args),
         #[cfg(feature = "remote")]

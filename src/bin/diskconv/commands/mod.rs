@@ -3,12 +3,15 @@
 
 #[cfg(feature = "remote")]
 pub mod abort_uploads;
+pub mod cat;
 pub mod check;
 pub mod compare;
 pub mod convert;
+pub mod copy_out;
 pub mod create;
 pub mod info;
 pub mod inspect;
+pub mod ls;
 pub mod map;
 pub mod measure;
 #[cfg(feature = "remote")]
