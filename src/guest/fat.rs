@@ -97,8 +97,31 @@ fn looks_like_fat(b: &[u8]) -> bool {
         && (media == 0xF0 || media >= 0xF8)
 }
 
-/// Validate the BPB of `b` (the boot sector) for a region of `region_len` bytes.
+/// Validate the BPB of `b` (the boot sector) for a region of `region_len` bytes, and
+/// that the volume was cleanly unmounted (what the free-space scan needs).
 fn parse_bpb(b: &[u8], region_len: u64) -> Step<Layout> {
+    let l = parse_layout(b, region_len)?;
+    let kind = l.kind;
+    // The kernel's "dirty" bit in the boot sector (BS_Reserved1 / FAT32's at 0x41).
+    let state = if kind == Kind::Fat32 {
+        b[0x41]
+    } else {
+        b[0x25]
+    };
+    let boot_sig = if kind == Kind::Fat32 {
+        b[0x42]
+    } else {
+        b[0x26]
+    };
+    if matches!(boot_sig, 0x28 | 0x29) && state & 1 != 0 {
+        return skip("the boot sector's dirty flag is set: not cleanly unmounted");
+    }
+    Ok(l)
+}
+
+/// Validate the BPB of `b` (the boot sector) for a region of `region_len` bytes: the
+/// layout only (a reader may read a volume that was not cleanly unmounted).
+fn parse_layout(b: &[u8], region_len: u64) -> Step<Layout> {
     if le16(b, 0x1FE) != 0xAA55 {
         return skip("boot sector signature (0x55AA at offset 510) is missing");
     }
@@ -203,20 +226,6 @@ fn parse_bpb(b: &[u8], region_len: u64) -> Step<Layout> {
             ));
         }
     }
-    // The kernel's "dirty" bit in the boot sector (BS_Reserved1 / FAT32's at 0x41).
-    let state = if kind == Kind::Fat32 {
-        b[0x41]
-    } else {
-        b[0x25]
-    };
-    let boot_sig = if kind == Kind::Fat32 {
-        b[0x42]
-    } else {
-        b[0x26]
-    };
-    if matches!(boot_sig, 0x28 | 0x29) && state & 1 != 0 {
-        return skip("the boot sector's dirty flag is set: not cleanly unmounted");
-    }
     Ok(Layout {
         kind,
         cluster_bytes,
@@ -226,6 +235,62 @@ fn parse_bpb(b: &[u8], region_len: u64) -> Step<Layout> {
         root_cluster,
         media: b[0x15],
     })
+}
+
+/// The layout of a FAT12/16/32 volume as the file reader (`files::fat`) needs it, from
+/// the validated BPB.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FatLayout {
+    /// 12, 16 or 32: bits per FAT entry.
+    pub bits: u32,
+    /// Bytes per cluster.
+    pub cluster_bytes: u64,
+    /// Byte offset of the FAT used (the active one when mirroring is off).
+    pub fat: u64,
+    /// Bytes in one FAT.
+    pub fat_bytes: u64,
+    /// FAT12/16: byte offset and length of the fixed root directory.
+    pub root_dir: (u64, u64),
+    /// FAT32: the root directory's first cluster.
+    pub root_cluster: u64,
+    /// Byte offset of cluster 2.
+    pub data: u64,
+    /// Clusters in the data region (numbered 2..clusters+2).
+    pub clusters: u64,
+}
+
+/// The layout of the FAT volume whose boot sector is `b` (512 bytes) in a region of
+/// `region_len` bytes: `None` when it is not FAT (exFAT included), an error naming the
+/// BPB field that does not validate. A volume not cleanly unmounted is still read.
+pub fn layout(b: &[u8], region_len: u64) -> Option<Result<FatLayout>> {
+    if b.len() < 512 || !looks_like_fat(b) {
+        return None;
+    }
+    let l = match parse_layout(b, region_len) {
+        Ok(l) => l,
+        Err(Skip(why)) => return Some(Err(Error::corrupt(format!("FAT boot sector: {why}")))),
+    };
+    let bps = le16(b, 0x0B) as u64;
+    let fatsz = if le16(b, 0x16) == 0 {
+        le32(b, 0x24) as u64
+    } else {
+        le16(b, 0x16) as u64
+    };
+    let root_len = le16(b, 0x11) as u64 * 32;
+    Some(Ok(FatLayout {
+        bits: match l.kind {
+            Kind::Fat12 => 12,
+            Kind::Fat16 => 16,
+            Kind::Fat32 => 32,
+        },
+        cluster_bytes: l.cluster_bytes,
+        fat: l.fats[0],
+        fat_bytes: fatsz * bps,
+        root_dir: (l.data - root_len, root_len),
+        root_cluster: l.root_cluster,
+        data: l.data,
+        clusters: l.clusters,
+    }))
 }
 
 /// Decode entries `[first, first+n)` of a FAT16/32 table from `bytes` (which start at

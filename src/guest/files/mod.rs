@@ -7,6 +7,7 @@
 //! stops at the caller's limit, symlink chains and path lengths are capped by the reader.
 
 pub mod ext4;
+pub mod fat;
 mod volume;
 
 pub use volume::Volume;
@@ -125,6 +126,9 @@ pub trait FileSystem {
 /// recognises it; an error when one recognises it but cannot read it.
 pub fn open(vol: &Volume) -> Result<Option<Box<dyn FileSystem>>> {
     if let Some(fs) = ext4::open(vol)? {
+        return Ok(Some(Box::new(fs)));
+    }
+    if let Some(fs) = fat::open(vol)? {
         return Ok(Some(Box::new(fs)));
     }
     Ok(None)
