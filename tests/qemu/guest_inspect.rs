@@ -131,6 +131,10 @@ fn tools() -> bool {
     )
 }
 
+fn fat_tools() -> bool {
+    have(&["mkfs.fat", "mcopy"], !cfg!(no_dosfs))
+}
+
 fn write(root: &Path, rel: &str, text: &str) {
     let p = root.join(rel);
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -248,16 +252,37 @@ fn debian_gpt(dir: &Path) -> PathBuf {
     let fs = dir.join("debian-root.ext4");
     mkfs("ext4", &tree, &fs, parts[1].len, "debroot", ROOT_UUID);
     place(&fs, &disk, parts[1].start);
+    // The ESP: FAT16 with a long name, filled by mtools (no mount).
+    let esp = dir.join("esp.fat");
+    run(&[
+        "mkfs.fat",
+        "-C",
+        "-n",
+        "EFI",
+        "-i",
+        "2468ACE0",
+        s(&esp),
+        &(parts[0].len / 1024).to_string(),
+    ]);
+    let efi = dir.join("efi");
+    write(
+        &efi,
+        "EFI/debian/grub.cfg",
+        "search.fs_uuid 6f1c1a52 root\n",
+    );
+    write(&efi, "EFI/debian/A Long Name.efi", &"z".repeat(70_000));
+    run(&["mcopy", "-s", "-i", s(&esp), s(&efi.join("EFI")), "::/"]);
+    place(&esp, &disk, parts[0].start);
     disk
 }
 
 #[test]
 #[cfg_attr(
-    any(no_qemu, no_e2fsprogs, no_parttools),
-    ignore = "needs qemu-img, mkfs.ext4, sgdisk"
+    any(no_qemu, no_e2fsprogs, no_parttools, no_dosfs),
+    ignore = "needs qemu-img, mkfs.ext4, sgdisk, mkfs.fat, mtools"
 )]
 fn debian_on_gpt_inspects_alike_in_every_format() {
-    if !tools() || !have_parttools() {
+    if !tools() || !have_parttools() || !fat_tools() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -272,6 +297,15 @@ fn debian_on_gpt_inspects_alike_in_every_format() {
     assert_eq!(
         raw.volumes[0].partition_type.as_deref(),
         Some("C12A7328-F81F-11D2-BA4B-00A0C93EC93B")
+    );
+    let esp = &raw.volumes[0];
+    assert_eq!(
+        (
+            esp.filesystem.as_deref(),
+            esp.label.as_deref(),
+            esp.uuid.as_deref()
+        ),
+        (Some("vfat"), Some("EFI"), Some("2468-ACE0"))
     );
     // used from the superblock, as dumpe2fs counts it.
     let text = run(&["dumpe2fs", "-h", s(&dir.path().join("debian-root.ext4"))]);
@@ -334,6 +368,27 @@ fn debian_on_gpt_inspects_alike_in_every_format() {
         assert_eq!(got.operating_systems, raw.operating_systems, "{fmt:?}");
         assert_eq!(got.volumes, raw.volumes, "{fmt:?}");
     }
+    // The ESP through the fstab's /boot/efi: FAT, long names, case-insensitive.
+    let (code, out, err) = cli(&["cat", s(&disk), "/boot/efi/efi/DEBIAN/grub.cfg"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "search.fs_uuid 6f1c1a52 root\n"),
+        "{err}"
+    );
+    let (code, out, _) = cli(&["ls", "-l", s(&disk), "/boot/efi/EFI/debian"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(" 70000 ") && out.contains("A Long Name.efi"),
+        "{out}"
+    );
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let (code, _, err) = cli(&["copy-out", s(&disk), "/boot/efi/EFI", s(&out_dir)]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read(out_dir.join("EFI/debian/A Long Name.efi")).unwrap(),
+        "z".repeat(70_000).as_bytes()
+    );
 }
 
 #[test]
@@ -741,6 +796,49 @@ fn hostile_ext_trees_give_errors_not_hangs() {
         }
         serde_json::to_string(&insp).unwrap();
     }
+}
+
+/// A FAT cluster chain that loops back on itself, and one that runs into a free
+/// cluster: errors naming them, no hang.
+#[test]
+#[cfg_attr(no_dosfs, ignore = "needs mkfs.fat, mtools")]
+fn hostile_fat_chains_give_errors() {
+    if !fat_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("f.fat");
+    run(&["mkfs.fat", "-C", "-s", "1", s(&img), "1024"]);
+    let data = dir.path().join("BIG.BIN");
+    std::fs::write(&data, vec![7u8; 5000]).unwrap();
+    run(&["mcopy", "-i", s(&img), s(&data), "::/BIG.BIN"]);
+    let (code, out, _) = cli(&["cat", s(&img), "/big.bin"]);
+    assert_eq!((code, out.len()), (0, 5000));
+    // FAT12, 1 reserved sector: the FAT at 512. BIG.BIN is clusters 2..=11; make
+    // cluster 5 point back at 3.
+    let good = std::fs::read(&img).unwrap();
+    let set12 = |b: &mut Vec<u8>, c: usize, v: u16| {
+        let o = 512 + c * 3 / 2;
+        let cur = u16::from_le_bytes([b[o], b[o + 1]]);
+        let new = if c % 2 == 0 {
+            (cur & 0xF000) | v
+        } else {
+            (cur & 0x000F) | (v << 4)
+        };
+        b[o..o + 2].copy_from_slice(&new.to_le_bytes());
+    };
+    let mut bad = good.clone();
+    set12(&mut bad, 5, 3);
+    std::fs::write(&img, &bad).unwrap();
+    let (code, _, err) = cli(&["cat", s(&img), "/BIG.BIN"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("twice (a cycle)"), "{err}");
+    let mut bad = good;
+    set12(&mut bad, 5, 0x700);
+    std::fs::write(&img, &bad).unwrap();
+    let (code, _, err) = cli(&["cat", s(&img), "/BIG.BIN"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("outside"), "{err}");
 }
 
 /// A disk in memory (the corrupted copies above).

@@ -257,13 +257,16 @@ impl FatFs {
                     self.l.clusters + 2
                 )));
             }
-            if out.len() as u64 > self.l.clusters {
-                return Err(Error::corrupt(format!(
-                    "{what}: cluster chain is longer than the volume (a cycle)"
-                )));
-            }
             out.push(c);
             c = self.entry(c);
+        }
+        let mut seen = out.clone();
+        seen.sort_unstable();
+        if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::corrupt(format!(
+                "{what}: cluster chain passes cluster {:#x} twice (a cycle)",
+                w[0]
+            )));
         }
         Ok(out)
     }
