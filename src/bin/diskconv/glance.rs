@@ -45,6 +45,11 @@ pub struct GlanceArgs {
     /// glance:// DST: the cloud of clouds.yaml (default OS_CLOUD).
     #[arg(long = "os-cloud", value_name = "NAME")]
     pub os_cloud: Option<String>,
+    /// glance:// DST: do not inspect the guest for os_type, os_distro, os_version,
+    /// architecture and hw_firmware_type (by default each one not given with --property
+    /// is set from what `inspect --guest` finds).
+    #[arg(long = "no-guest-properties")]
+    pub no_guest_properties: bool,
 }
 
 /// Whether `dst` is a glance:// URL.
@@ -114,9 +119,19 @@ pub fn convert(
     json: bool,
 ) -> Result<(diskconv::ConvertReport, Option<serde_json::Value>)> {
     let name = diskconv::remote::glance::parse_glance_url(&dst.to_string_lossy())?;
-    let g = options(args)?;
+    let mut g = options(args)?;
     let session = session(args)?;
     let dev: Arc<dyn diskconv::BlockDevice> = Arc::from(diskconv::open(src, &opts.open)?);
+    if !args.no_guest_properties {
+        // Reads only metadata and a few small files; a guest it cannot read gets no
+        // properties, never guessed ones.
+        match diskconv::guest::inspect::inspect(dev.clone()) {
+            Ok(insp) => {
+                g.properties = diskconv::guest::inspect::glance::merge(&g.properties, &insp)
+            }
+            Err(e) => eprintln!("diskconv: note: guest not inspected, no OS properties set: {e}"),
+        }
+    }
     let r = diskconv::remote::convert_to_glance(dev, &name, &session, opts, &g)?;
     if !json {
         human(&r.id, &r.record);

@@ -77,6 +77,18 @@ pub fn properties(insp: &GuestInspection) -> Vec<(&'static str, String)> {
     p
 }
 
+/// `given` (the user's `--property` pairs) with each inspected property the user did not
+/// set appended: the user's value always wins.
+pub fn merge(given: &[(String, String)], insp: &GuestInspection) -> Vec<(String, String)> {
+    let mut out = given.to_vec();
+    for (k, v) in properties(insp) {
+        if !given.iter().any(|(g, _)| g == k) {
+            out.push((k.to_string(), v));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +121,11 @@ mod tests {
                 ("hw_firmware_type", "uefi".to_string()),
             ]
         );
+        let user = vec![("os_distro".to_string(), "mine".to_string())];
+        let merged = merge(&user, &insp);
+        assert_eq!(merged[0], ("os_distro".to_string(), "mine".to_string()));
+        assert_eq!(merged.len(), 5);
+        assert!(!merged[1..].iter().any(|(k, _)| k == "os_distro"));
         os.distro = "alpinelinux".into();
         os.major_version = 3;
         os.minor_version = 19;
