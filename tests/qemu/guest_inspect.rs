@@ -841,6 +841,83 @@ fn hostile_fat_chains_give_errors() {
     assert!(err.contains("outside"), "{err}");
 }
 
+/// NTFS made by mkntfs in an MBR partition, files put in by ntfscp (no mount), read
+/// through qcow2: label and serial as blkid prints them, names case-insensitive, data
+/// byte for byte; then random damage to its MFT records, 40 rounds, without a panic.
+#[test]
+#[cfg_attr(
+    any(no_qemu, no_ntfs, no_parttools),
+    ignore = "needs qemu-img, mkntfs, ntfscp, sfdisk"
+)]
+fn ntfs_volume_files_through_qcow2() {
+    if !have(&["mkntfs", "ntfscp", "qemu-img", "blkid"], !cfg!(no_ntfs) && !cfg!(no_qemu))
+        || !have_parttools()
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let disk = d.join("win.raw");
+    std::fs::File::create(&disk).unwrap().set_len(40 * MIB).unwrap();
+    let parts = sfdisk(&disk, "label: dos\n,,7\n");
+    let vol = d.join("vol.ntfs");
+    std::fs::File::create(&vol).unwrap().set_len(parts[0].len).unwrap();
+    run(&["mkntfs", "-q", "-F", "-f", "-L", "Windows", s(&vol)]);
+    let small = d.join("small.txt");
+    std::fs::write(&small, "resident data\n").unwrap();
+    let big = d.join("big.bin");
+    let data: Vec<u8> = (0..700_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&big, &data).unwrap();
+    run(&["ntfscp", "-f", s(&vol), s(&small), "Notes Small.txt"]);
+    run(&["ntfscp", "-f", s(&vol), s(&big), "big.bin"]);
+    let blkid = run(&["blkid", "-o", "export", s(&vol)]);
+    let serial = blkid.lines().find_map(|l| l.strip_prefix("UUID=")).unwrap().to_string();
+    place(&vol, &disk, parts[0].start);
+    let img = d.join("win.qcow2");
+    run(&["qemu-img", "convert", "-O", "qcow2", s(&disk), s(&img)]);
+    let i = inspect_path(&img);
+    let v = &i.volumes[0];
+    assert_eq!(
+        (v.filesystem.as_deref(), v.label.as_deref(), v.uuid.as_deref()),
+        (Some("ntfs"), Some("Windows"), Some(serial.as_str()))
+    );
+    assert!(i.operating_systems.is_empty());
+    let (code, out, err) = cli(&["cat", s(&img), "/NOTES small.TXT"]);
+    assert_eq!((code, out.as_str()), (0, "resident data\n"), "{err}");
+    let o = bin().args(["cat", s(&img), "/big.bin"]).output().unwrap();
+    assert!(o.stdout == data, "big.bin differs");
+    let (code, out, _) = cli(&["ls", "-l", s(&img), "/"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(" 700000 ") && out.contains("Notes Small.txt"), "{out}");
+    assert!(!out.contains("$MFT"), "{out}");
+
+    let good = std::fs::read(&vol).unwrap();
+    let cluster = u64::from(u16::from_le_bytes([good[0x0B], good[0x0C]])) * u64::from(good[0x0D]);
+    let mft = u64::from_le_bytes(good[0x30..0x38].try_into().unwrap()) * cluster;
+    let mut x = 0x0dd_ba11_cafe_f00du64;
+    for round in 0..40 {
+        let mut m = good.clone();
+        for _ in 0..1 + round % 4 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let at = (mft + x % (64 * 1024)) as usize;
+            m[at] ^= (x >> 40) as u8 | 1;
+        }
+        let dev: Arc<dyn BlockDevice> = Arc::new(Mem(m));
+        let mut g = diskconv::guest::inspect::Guest::open(dev).unwrap();
+        let insp = g.inspect();
+        if let Ok(fs) = g.filesystem("disk") {
+            if let Ok(list) = fs.read_dir("/") {
+                for e in list {
+                    let _ = fs.read_file(&format!("/{}", e.name), 1 << 20);
+                }
+            }
+        }
+        serde_json::to_string(&insp).unwrap();
+    }
+}
+
 /// A disk in memory (the corrupted copies above).
 struct Mem(Vec<u8>);
 

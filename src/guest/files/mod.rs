@@ -8,6 +8,7 @@
 
 pub mod ext4;
 pub mod fat;
+pub mod ntfs;
 mod volume;
 
 pub use volume::Volume;
@@ -129,6 +130,9 @@ pub fn open(vol: &Volume) -> Result<Option<Box<dyn FileSystem>>> {
         return Ok(Some(Box::new(fs)));
     }
     if let Some(fs) = fat::open(vol)? {
+        return Ok(Some(Box::new(fs)));
+    }
+    if let Some(fs) = ntfs::open(vol)? {
         return Ok(Some(Box::new(fs)));
     }
     Ok(None)

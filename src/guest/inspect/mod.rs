@@ -271,7 +271,7 @@ impl Guest {
         })?;
         files::open(vol)?.ok_or_else(|| {
             Error::unsupported(format!(
-                "{location}: no filesystem this reader can open (ext2/3/4, FAT12/16/32)"
+                "{location}: no filesystem this reader can open (ext2/3/4, FAT12/16/32, NTFS)"
             ))
         })
     }
