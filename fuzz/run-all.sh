@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fuzz every target for N seconds each and print execs and coverage per target.
 #
-#   fuzz/run-all.sh [SECONDS] [TARGET...]      (default: 60 s; probe raw qcow2 vhd vmdk vdi qcow qed guest_scan guest_files)
+#   fuzz/run-all.sh [SECONDS] [TARGET...]      (default: 60 s; probe raw qcow2 vhd vmdk vdi qcow qed guest_scan guest_files guest_hive)
 #
 # Seeds come from fuzz/corpus/<target>/ (read only); inputs the fuzzer finds go to
 # fuzz/work/<target>/ (ignored by git). Crashes land in fuzz/artifacts/<target>/: fix the
@@ -12,7 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")"
 secs=${1:-60}
 shift || true
-if [ $# -gt 0 ]; then targets=("$@"); else targets=(probe raw qcow2 vhd vmdk vdi vhdx ova qcow qed guest_scan guest_files); fi
+if [ $# -gt 0 ]; then targets=("$@"); else targets=(probe raw qcow2 vhd vmdk vdi vhdx ova qcow qed guest_scan guest_files guest_hive); fi
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O || exit 1
 mkdir -p logs

@@ -378,6 +378,35 @@ pub fn exercise_guest_files(data: &[u8]) {
     }
 }
 
+/// The `guest_hive` target: `data` as a Windows registry hive, through the lookups
+/// Windows inspection makes (nested keys, strings, DWORDs, the current control set).
+pub fn exercise_hive(data: &[u8]) {
+    use crate::guest::inspect::hive::Hive;
+    let Ok(h) = Hive::parse(data.to_vec()) else {
+        return;
+    };
+    let cv: &[&str] = &["Microsoft", "Windows NT", "CurrentVersion"];
+    for name in [
+        "ProductName",
+        "CurrentBuild",
+        "CurrentMajorVersionNumber",
+        "SystemRoot",
+    ] {
+        let _ = h.value(cv, name);
+    }
+    let _ = h.dword(&["Select"], "Current");
+    for set in ["ControlSet001", "ControlSet002"] {
+        let _ = h.string(
+            &[set, "Control", "ComputerName", "ComputerName"],
+            "ComputerName",
+        );
+        let _ = h.string(
+            &[set, "Control", "Session Manager", "Environment"],
+            "PROCESSOR_ARCHITECTURE",
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

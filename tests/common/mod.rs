@@ -8,6 +8,7 @@ pub mod crash;
 pub mod discard;
 pub mod guestfs;
 pub mod guestfs_nx;
+pub mod hive;
 pub mod mounts;
 pub mod readonly;
 pub mod resize;

@@ -2,7 +2,7 @@
 //! (fuzz/artifacts/<target>/) through the fuzz targets' own entry point, so CI guards
 //! them without a fuzzer. The folder name picks the target: probe, raw, qcow2, vhd, vmdk,
 //! vdi, vhdx, qcow, qed, guest_scan (the partition table and filesystem scanners) and
-//! guest_files (OS inspection and file access).
+//! guest_files (OS inspection and file access) and guest_hive (registry hives).
 
 use std::path::{Path, PathBuf};
 
@@ -140,6 +140,47 @@ fn every_guest_files_input_replays_without_panicking() {
                 }
             }
             if std::panic::catch_unwind(|| diskconv::fuzzing::exercise_guest_files(&m)).is_err() {
+                failed.push(format!("{} mutation {round}", path.display()));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "panicked on: {failed:#?}");
+}
+
+#[test]
+fn every_guest_hive_input_replays_without_panicking() {
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut all = Vec::new();
+    for dir in ["corpus", "artifacts"] {
+        let d = fuzz.join(dir).join("guest_hive");
+        for f in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if f.file_type().is_ok_and(|t| t.is_file()) {
+                all.push(f.path());
+            }
+        }
+    }
+    all.sort();
+    assert!(all.len() >= 2, "guest_hive seeds missing: {all:?}");
+    let mut failed = Vec::new();
+    for path in &all {
+        let data = std::fs::read(path).unwrap();
+        if std::panic::catch_unwind(|| diskconv::fuzzing::exercise_hive(&data)).is_err() {
+            failed.push(path.display().to_string());
+        }
+        // Mutations in the cells (past the base block, whose checksum would refuse them).
+        let mut x = 0x5851_f42d_4c95_7f2du64 ^ data.len() as u64;
+        for round in 0..300 {
+            let mut m = data.clone();
+            for _ in 0..1 + round % 3 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let span = m.len().saturating_sub(4096).max(1);
+                if let Some(b) = m.get_mut(4096 + (x % span as u64) as usize) {
+                    *b ^= (x >> 32) as u8 | 1;
+                }
+            }
+            if std::panic::catch_unwind(|| diskconv::fuzzing::exercise_hive(&m)).is_err() {
                 failed.push(format!("{} mutation {round}", path.display()));
             }
         }

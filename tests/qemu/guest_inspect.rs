@@ -850,18 +850,26 @@ fn hostile_fat_chains_give_errors() {
     ignore = "needs qemu-img, mkntfs, ntfscp, sfdisk"
 )]
 fn ntfs_volume_files_through_qcow2() {
-    if !have(&["mkntfs", "ntfscp", "qemu-img", "blkid"], !cfg!(no_ntfs) && !cfg!(no_qemu))
-        || !have_parttools()
+    if !have(
+        &["mkntfs", "ntfscp", "qemu-img", "blkid"],
+        !cfg!(no_ntfs) && !cfg!(no_qemu),
+    ) || !have_parttools()
     {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let disk = d.join("win.raw");
-    std::fs::File::create(&disk).unwrap().set_len(40 * MIB).unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(40 * MIB)
+        .unwrap();
     let parts = sfdisk(&disk, "label: dos\n,,7\n");
     let vol = d.join("vol.ntfs");
-    std::fs::File::create(&vol).unwrap().set_len(parts[0].len).unwrap();
+    std::fs::File::create(&vol)
+        .unwrap()
+        .set_len(parts[0].len)
+        .unwrap();
     run(&["mkntfs", "-q", "-F", "-f", "-L", "Windows", s(&vol)]);
     let small = d.join("small.txt");
     std::fs::write(&small, "resident data\n").unwrap();
@@ -871,14 +879,22 @@ fn ntfs_volume_files_through_qcow2() {
     run(&["ntfscp", "-f", s(&vol), s(&small), "Notes Small.txt"]);
     run(&["ntfscp", "-f", s(&vol), s(&big), "big.bin"]);
     let blkid = run(&["blkid", "-o", "export", s(&vol)]);
-    let serial = blkid.lines().find_map(|l| l.strip_prefix("UUID=")).unwrap().to_string();
+    let serial = blkid
+        .lines()
+        .find_map(|l| l.strip_prefix("UUID="))
+        .unwrap()
+        .to_string();
     place(&vol, &disk, parts[0].start);
     let img = d.join("win.qcow2");
     run(&["qemu-img", "convert", "-O", "qcow2", s(&disk), s(&img)]);
     let i = inspect_path(&img);
     let v = &i.volumes[0];
     assert_eq!(
-        (v.filesystem.as_deref(), v.label.as_deref(), v.uuid.as_deref()),
+        (
+            v.filesystem.as_deref(),
+            v.label.as_deref(),
+            v.uuid.as_deref()
+        ),
         (Some("ntfs"), Some("Windows"), Some(serial.as_str()))
     );
     assert!(i.operating_systems.is_empty());
@@ -888,7 +904,10 @@ fn ntfs_volume_files_through_qcow2() {
     assert!(o.stdout == data, "big.bin differs");
     let (code, out, _) = cli(&["ls", "-l", s(&img), "/"]);
     assert_eq!(code, 0);
-    assert!(out.contains(" 700000 ") && out.contains("Notes Small.txt"), "{out}");
+    assert!(
+        out.contains(" 700000 ") && out.contains("Notes Small.txt"),
+        "{out}"
+    );
     assert!(!out.contains("$MFT"), "{out}");
 
     let good = std::fs::read(&vol).unwrap();
@@ -916,6 +935,116 @@ fn ntfs_volume_files_through_qcow2() {
         }
         serde_json::to_string(&insp).unwrap();
     }
+}
+
+/// Windows Server 2022 on NTFS in a GPT with an ESP: SOFTWARE and SYSTEM hives (written
+/// by tests/common/hive.rs) put at \\Windows\\System32\\config through an ntfs-3g mount,
+/// read back through vhd. The hives are also written to fuzz/corpus/guest_hive when
+/// DISKCONV_WRITE_SEEDS=1.
+#[test]
+#[cfg_attr(
+    any(no_qemu, no_ntfs, no_parttools),
+    ignore = "needs qemu-img, mkntfs, ntfs-3g, sgdisk"
+)]
+fn windows_on_ntfs_from_its_registry() {
+    use crate::common::hive;
+    let (software, system) = (hive::software_2022(), hive::system("WIN-2K22-TEST"));
+    if std::env::var("DISKCONV_WRITE_SEEDS").is_ok_and(|v| v == "1") {
+        let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/guest_hive");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("software-2022.hive"), &software).unwrap();
+        std::fs::write(d.join("system.hive"), &system).unwrap();
+    }
+    if !have(
+        &["mkntfs", "ntfs-3g", "qemu-img"],
+        !cfg!(no_ntfs) && !cfg!(no_qemu),
+    ) || !have_parttools()
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let vol = d.join("c.ntfs");
+    std::fs::File::create(&vol)
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    run(&["mkntfs", "-q", "-F", "-f", "-L", "System", s(&vol)]);
+    let mnt = d.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let (code, out) = run_status(&["ntfs-3g", s(&vol), s(&mnt)]);
+    if code != 0 {
+        assert!(
+            !crate::common::oracles_required(),
+            "ntfs-3g cannot mount here: {out}"
+        );
+        eprintln!("ntfs-3g cannot mount here (no FUSE?): skipped: {out}");
+        return;
+    }
+    let config = mnt.join("Windows/System32/config");
+    let wrote = std::fs::create_dir_all(&config)
+        .and_then(|()| std::fs::write(config.join("SOFTWARE"), &software))
+        .and_then(|()| std::fs::write(config.join("SYSTEM"), &system));
+    let _ = Command::new("umount").arg(&mnt).status();
+    wrote.unwrap();
+    let disk = d.join("win.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(48 * MIB)
+        .unwrap();
+    let parts = sgdisk(
+        &disk,
+        &[
+            "-n",
+            "1:2048:+8M",
+            "-t",
+            "1:EF00",
+            "-n",
+            "2:0:0",
+            "-t",
+            "2:0700",
+        ],
+    );
+    assert!(parts[1].len >= 32 * MIB);
+    place(&vol, &disk, parts[1].start);
+    let img = d.join("win.vhd");
+    run(&["qemu-img", "convert", "-O", "vpc", s(&disk), s(&img)]);
+    let i = inspect_path(&img);
+    assert_eq!(i.operating_systems.len(), 1, "{i:#?}");
+    let os = &i.operating_systems[0];
+    assert_eq!(
+        (os.os_type.as_str(), os.distro.as_str()),
+        ("windows", "windows")
+    );
+    assert_eq!(
+        os.product_name.as_deref(),
+        Some("Windows Server 2022 Datacenter")
+    );
+    assert_eq!((os.major_version, os.minor_version), (10, 0));
+    assert_eq!(os.build.as_deref(), Some("20348"));
+    assert_eq!(os.edition.as_deref(), Some("ServerDatacenter"));
+    assert_eq!(os.system_root.as_deref(), Some("C:\\Windows"));
+    assert_eq!(os.hostname.as_deref(), Some("WIN-2K22-TEST"));
+    assert_eq!(os.arch.as_deref(), Some("x86_64"));
+    assert_eq!(os.osinfo.as_deref(), Some("win2k22"));
+    assert_eq!(os.firmware, "uefi");
+    assert!(os.notes.is_empty(), "{:?}", os.notes);
+    let (code, out, _) = cli(&["inspect", "--guest", "--output=glance-properties", s(&img)]);
+    assert_eq!(code, 0);
+    let p: BTreeMap<String, String> = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (
+            p["os_type"].as_str(),
+            p["os_distro"].as_str(),
+            p["os_version"].as_str()
+        ),
+        ("windows", "windows", "10.0")
+    );
+    // A hive that does not validate: a note naming it, the rest still reported.
+    let mut bad = software.clone();
+    bad[508] ^= 1;
+    let h = diskconv::guest::inspect::hive::Hive::parse(bad);
+    assert!(h.err().unwrap().to_string().contains("checksum"));
 }
 
 /// A disk in memory (the corrupted copies above).

@@ -32,6 +32,9 @@ fn osinfo_distro(distro: &str) -> Option<&'static str> {
 /// "fedora39", "alpinelinux3.19", "almalinux9"), where libosinfo's naming for the distro
 /// is known here.
 pub fn osinfo_id(os: &OsReport) -> Option<String> {
+    if os.os_type == "windows" {
+        return os.osinfo.clone();
+    }
     let (a, b) = (os.major_version, os.minor_version);
     if a == 0 {
         return None;

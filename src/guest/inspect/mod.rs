@@ -9,8 +9,10 @@
 
 mod elf;
 pub mod glance;
+pub mod hive;
 mod linux;
 mod mounts;
+mod windows;
 
 pub use mounts::{normalize, Mounts};
 
@@ -62,7 +64,14 @@ pub struct OsReport {
     pub minor_version: u32,
     /// The version as the distro writes it ("22.04", "3.19.1", "12").
     pub version: Option<String>,
-    /// "x86_64", "aarch64", "i686", ... from the ELF header of a system binary.
+    /// Windows: the build number ("19045").
+    pub build: Option<String>,
+    /// Windows: the edition ("Professional", "ServerStandard").
+    pub edition: Option<String>,
+    /// Windows: the system root ("C:\\Windows").
+    pub system_root: Option<String>,
+    /// "x86_64", "aarch64", "i686", ... from the ELF header of a system binary, or
+    /// Windows's PROCESSOR_ARCHITECTURE.
     pub arch: Option<String>,
     /// The guest's hostname.
     pub hostname: Option<String>,
@@ -299,7 +308,7 @@ impl Guest {
                     r.label = fs.label();
                     r.uuid = fs.uuid();
                     r.used = fs.usage().map(|(_, used)| used);
-                    if linux::is_root(&*fs) {
+                    if linux::is_root(&*fs) || windows::is_root(&*fs) {
                         roots.push((r.location.clone(), fs));
                     }
                 }
@@ -314,7 +323,11 @@ impl Guest {
         let operating_systems = roots
             .iter()
             .map(|(loc, fs)| {
-                let mut os = linux::inspect(&**fs);
+                let mut os = if windows::is_root(&**fs) {
+                    windows::inspect(&**fs)
+                } else {
+                    linux::inspect(&**fs)
+                };
                 os.root = loc.clone();
                 os.firmware = firmware.to_string();
                 for m in &mut os.mountpoints {
