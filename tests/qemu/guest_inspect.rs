@@ -820,7 +820,7 @@ fn hostile_fat_chains_give_errors() {
     let set12 = |b: &mut Vec<u8>, c: usize, v: u16| {
         let o = 512 + c * 3 / 2;
         let cur = u16::from_le_bytes([b[o], b[o + 1]]);
-        let new = if c % 2 == 0 {
+        let new = if c.is_multiple_of(2) {
             (cur & 0xF000) | v
         } else {
             (cur & 0x000F) | (v << 4)

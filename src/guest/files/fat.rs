@@ -235,7 +235,11 @@ impl FatFs {
             _ => {
                 let o = (c * 3 / 2) as usize;
                 let v = u16::from_le_bytes([self.fat[o], self.fat[o + 1]]);
-                u64::from(if c % 2 == 0 { v & 0xFFF } else { v >> 4 })
+                u64::from(if c.is_multiple_of(2) {
+                    v & 0xFFF
+                } else {
+                    v >> 4
+                })
             }
         }
     }

@@ -84,7 +84,7 @@ impl Guest {
                 )),
             }
         }
-        m.mounts.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        m.mounts.sort_by_key(|m| std::cmp::Reverse(m.0.len()));
         Ok(m)
     }
 }
