@@ -1047,6 +1047,48 @@ fn windows_on_ntfs_from_its_registry() {
     assert!(h.err().unwrap().to_string().contains("checksum"));
 }
 
+/// The held-out real images that hold filesystems: dfvfs's ext2 in a vmdk made by
+/// qemu-img in 2014, and its LVM test disk (two ext2 logical volumes) in qcow2.
+#[test]
+fn real_corpus_images_with_filesystems() {
+    let Some(dir) = crate::common::corpus_dir() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let vmdk = crate::common::corpus_file(&dir, "dfvfs-image.vmdk", tmp.path());
+    let i = inspect_path(&vmdk);
+    assert_eq!(i.volumes[0].filesystem.as_deref(), Some("ext2"));
+    assert_eq!(
+        i.volumes[0].uuid.as_deref(),
+        Some("f1f8dab8-57ef-49db-9cf5-b409570736ed")
+    );
+    let (code, out, _) = cli(&["ls", "-R", s(&vmdk), "/"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines().any(|l| l == "/a_directory/another_file"),
+        "{out}"
+    );
+    let (code, out, _) = cli(&["cat", s(&vmdk), "/a_link"]);
+    let (code2, target, _) = cli(&["cat", s(&vmdk), "/a_directory/another_file"]);
+    assert_eq!((code, code2), (0, 0));
+    assert_eq!(out, target, "the symlink reads as its target");
+    let lvm = crate::common::corpus_file(&dir, "dfvfs-lvmtest.qcow2", tmp.path());
+    let i = inspect_path(&lvm);
+    let v: Vec<_> = i
+        .volumes
+        .iter()
+        .map(|v| (v.location.as_str(), v.filesystem.as_deref()))
+        .collect();
+    assert_eq!(
+        v,
+        [
+            ("disk", Some("LVM2_member")),
+            ("lvm vg_test/lv_test1", Some("ext2")),
+            ("lvm vg_test/lv_test2", Some("ext2"))
+        ]
+    );
+}
+
 /// A disk in memory (the corrupted copies above).
 struct Mem(Vec<u8>);
 

@@ -334,8 +334,15 @@ impl FatFs {
         }
     }
 
-    /// The entry at `path` (`None` for the root).
+    /// The entry at `path` (`None` for the root); an error naming it when missing.
     fn lookup(&self, path: &str) -> Result<Option<Dirent>> {
+        self.find(path)?
+            .ok_or_else(|| Error::arg(format!("{path}: no such file or directory")))
+    }
+
+    /// `Some(entry)` at `path` (`Some(None)` for the root), `None` when a component is
+    /// missing.
+    fn find(&self, path: &str) -> Result<Option<Option<Dirent>>> {
         check_path(path)?;
         let mut cur: Option<Dirent> = None;
         for comp in path.split('/').filter(|c| !c.is_empty() && *c != ".") {
@@ -348,14 +355,15 @@ impl FatFs {
                 return Err(Error::arg(format!("{path}: not a directory")));
             }
             let entries = parse_dir(&self.dir_bytes(cur.as_ref(), path)?);
-            cur = Some(
-                entries
-                    .into_iter()
-                    .find(|e| e.name.eq_ignore_ascii_case(comp))
-                    .ok_or_else(|| Error::arg(format!("{path}: no such file or directory")))?,
-            );
+            match entries
+                .into_iter()
+                .find(|e| e.name.eq_ignore_ascii_case(comp))
+            {
+                Some(e) => cur = Some(e),
+                None => return Ok(None),
+            }
         }
-        Ok(cur)
+        Ok(Some(cur))
     }
 }
 
@@ -428,11 +436,7 @@ impl FileSystem for FatFs {
         Ok(v)
     }
     fn exists(&self, path: &str) -> Result<bool> {
-        match self.lookup(path) {
-            Ok(_) => Ok(true),
-            Err(e) if e.to_string().contains("no such file") => Ok(false),
-            Err(e) => Err(e),
-        }
+        Ok(self.find(path)?.is_some())
     }
     fn copy_to(&self, path: &str, out: &mut dyn Write, limit: u64) -> Result<u64> {
         let d = self.file(path)?;

@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 pub const MAX_DIR_ENTRIES: usize = 1 << 20;
 
 /// What an inode is.
+/// Closed: the seven POSIX file types, which every filesystem read here maps onto.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FileKind {

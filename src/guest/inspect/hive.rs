@@ -14,6 +14,7 @@ const BASE: usize = 4096;
 const MAX_LIST: usize = 1 << 16;
 
 /// A registry value, as far as inspection reads it.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Value {
     /// REG_SZ or REG_EXPAND_SZ, without its terminating NUL.
