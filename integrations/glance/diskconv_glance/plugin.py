@@ -47,6 +47,11 @@ diskconv_opts = [
     cfg.IntOpt("timeout", default=7200, min=1,
                help="Wall seconds after which a diskconv run is killed and the import "
                     "fails."),
+    cfg.BoolOpt("guest_properties", default=True,
+                help="Set Glance's os_type, os_distro, os_version, architecture and "
+                     "hw_firmware_type from the system found inside the image "
+                     "(diskconv inspect --guest, without booting it), each unless the "
+                     "image already has it."),
     cfg.BoolOpt("record_digests", default=True,
                 help="Set diskconv_md5 and diskconv_sha512 on the image: the digests of "
                      "the converted data, computed by diskconv in the conversion. Glance's "
@@ -122,6 +127,7 @@ class _DiskconvConvert(task.Task):
         if fmt == target:
             LOG.info("diskconv_conversion: image %s is already %s; stored as it is",
                      self.image_id, target)
+            self._guest_properties(action, binary, self.src_path, fmt, limits)
             return file_path
         self.tmp_path = run.temp_path(staging, self.image_id)
         self.dest_path = "%s.%s" % (self.src_path, target)
@@ -136,8 +142,25 @@ class _DiskconvConvert(task.Task):
             })
         LOG.info("diskconv_conversion: image %s %s -> %s, %d bytes, md5 %s",
                  self.image_id, fmt, target, out["size"], out["digests"]["md5"])
+        self._guest_properties(action, binary, self.dest_path, target, limits)
         os.remove(self.src_path)
         return "file://%s" % self.dest_path
+
+    def _guest_properties(self, action, binary, path, fmt, limits):
+        """What system the image holds, as Glance's common properties; the user's own
+        values stay."""
+        if not CONF.diskconv_conversion.guest_properties:
+            return
+        found = run.guest_properties(binary, path, fmt, limits)
+        if "" in found:
+            LOG.warning("diskconv_conversion: image %s: guest not inspected: %s",
+                        self.image_id, found.pop(""))
+        have = action.image_extra_properties
+        new = {k: v for k, v in found.items() if k not in have}
+        if new:
+            action.set_image_extra_properties(new)
+            LOG.info("diskconv_conversion: image %s holds %s", self.image_id,
+                     ", ".join("%s=%s" % kv for kv in sorted(new.items())))
 
     def _keep_iso(self, binary, limits, file_path):
         """An ISO is stored as it is, if no disk-image format hides in it."""

@@ -197,6 +197,25 @@ def convert(binary, src, src_fmt, dst, out_fmt, limits):
     return json.loads(out)
 
 
+def guest_properties(binary, path, fmt, limits):
+    """Glance's os_type, os_distro, os_version, architecture and hw_firmware_type of the
+    system inside the image (`diskconv inspect --guest`, read without booting it); {}
+    when no system is recognised. An error reading the guest is not the image's fault:
+    it is returned as {"": message} for the plugin to log, never raised."""
+    cmd = [binary, "inspect", "--guest", "--output=glance-properties", "-f", fmt, path]
+    try:
+        status, out, err = _run(cmd, limits.inspect_cpu_time, limits)
+    except ImageRefused as e:
+        return {"": str(e)}
+    if status != 0:
+        return {"": _first_error(err)}
+    try:
+        props = json.loads(out)
+    except ValueError:
+        return {"": "no JSON from diskconv inspect --guest"}
+    return {k: str(v) for k, v in props.items() if isinstance(k, str) and k}
+
+
 def remove_quietly(path):
     """Remove a file that may not exist."""
     try:

@@ -111,10 +111,10 @@ class Cluster:
         return self.nodes[i]
 
     # -- the image API -------------------------------------------------------------
-    def create(self, node, name, disk_format, container_format="bare"):
-        r = requests.post(node.url + "/v2/images", headers=self.HEADERS, json={
-            "name": name, "disk_format": disk_format,
-            "container_format": container_format})
+    def create(self, node, name, disk_format, container_format="bare", **props):
+        r = requests.post(node.url + "/v2/images", headers=self.HEADERS, json=dict(
+            props, name=name, disk_format=disk_format,
+            container_format=container_format))
         r.raise_for_status()
         return r.json()["id"]
 

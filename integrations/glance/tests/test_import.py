@@ -155,6 +155,46 @@ def test_each_store_holds_the_raw_image(cluster, sources, store):
     assert_imported(cluster, node, img, want["vhdx"])
 
 
+OS_RELEASE = """PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"
+NAME="Debian GNU/Linux"
+VERSION_ID="12"
+VERSION="12 (bookworm)"
+VERSION_CODENAME=bookworm
+ID=debian
+"""
+
+
+def test_guest_system_is_recorded_unless_the_user_said(cluster):
+    need(shutil.which("mkfs.ext4"), "mkfs.ext4 (apt-get install e2fsprogs)")
+    d = os.path.join(WORK, "guest-os")
+    shutil.rmtree(d, ignore_errors=True)
+    for sub in ("root/etc", "root/bin"):
+        os.makedirs(os.path.join(d, sub))
+    with open(os.path.join(d, "root/etc/os-release"), "w") as f:
+        f.write(OS_RELEASE)
+    with open(os.path.join(d, "root/etc/hostname"), "w") as f:
+        f.write("web1\n")
+    shutil.copy("/bin/true", os.path.join(d, "root/bin/true"))
+    raw = os.path.join(d, "disk.raw")
+    subprocess.run(["mkfs.ext4", "-q", "-d", os.path.join(d, "root"), raw, "64M"], check=True)
+    img = os.path.join(d, "disk.qcow2")
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, img], check=True)
+    node = cluster.node(0)
+    found = {}
+    for case, props in (("found", {}), ("given", {"os_distro": "mine"})):
+        iid = cluster.create(node, "guest-" + case, "qcow2", **props)
+        cluster.stage(node, iid, img)
+        assert cluster.import_(node, iid).status_code == 202
+        found[case] = cluster.wait(node, iid)
+        assert found[case]["status"] == "active", found[case]
+    got = found["found"]
+    assert (got["os_type"], got["os_distro"], got["os_version"], got["architecture"],
+            got["hw_firmware_type"]) == ("linux", "debian", "12", "x86_64", "bios"), got
+    # The user's own value stays; the rest is filled in.
+    assert found["given"]["os_distro"] == "mine"
+    assert found["given"]["os_version"] == "12"
+
+
 def hostile_images():
     """(name, disk_format, path, what the failure message must say)."""
     d = os.path.join(WORK, "hostile")
