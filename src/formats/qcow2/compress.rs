@@ -555,8 +555,11 @@ mod tests {
                     padded.extend_from_slice(&[0x5a; 511]);
                     let out = decode_alike(&padded, cs, &what);
                     assert!(out.as_deref() == Some(&c[..]), "{what}: not the cluster");
+                    // Below half: a cluster the first of two frames alone fills reads as
+                    // that frame, as qemu does.
+                    let small = cs / 2 - 1;
                     assert!(
-                        decode_alike(&z, cs / 2, &what).is_none(),
+                        decode_alike(&z, small, &what).is_none(),
                         "{what}: too small"
                     );
                     frames += 1;
