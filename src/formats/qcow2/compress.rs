@@ -107,63 +107,64 @@ fn zstd_decompress(input: &[u8], out: &mut [u8]) -> Result<()> {
     zstd_decompress_pure(input, out)
 }
 
-/// The pure-Rust (ruzstd) decoder: frames one after the other until the cluster is full.
-/// Kept in the `zstd-c` build, where tests check that both paths read each other's output.
+/// The pure-Rust decoder (structured-zstd): frames one after the other until the cluster
+/// is full. Kept in the `zstd-c` build, where tests check that both paths read each
+/// other's output and decode every frame alike.
 #[cfg_attr(feature = "zstd-c", allow(dead_code))]
 fn zstd_decompress_pure(input: &[u8], out: &mut [u8]) -> Result<()> {
     let mut src = input;
     let mut done = 0usize;
     while done < out.len() {
         check_zstd_window(src)?;
-        DEC.with(|d| -> Result<()> {
-            let mut dec = d.borrow_mut();
-            decode_frame(&mut dec, &mut src, out, &mut done)
-        })?;
+        let n = DEC.with(|d| decode_frame(&mut d.borrow_mut(), &mut src, &mut out[done..]))?;
+        done += n;
     }
     Ok(())
 }
 
 thread_local! {
     /// Reused per thread: a fresh decoder allocates its tables for every cluster.
-    static DEC: RefCell<ruzstd::decoding::FrameDecoder> =
-        RefCell::new(ruzstd::decoding::FrameDecoder::new());
+    static DEC: RefCell<structured_zstd::decoding::FrameDecoder> = RefCell::new(new_decoder());
 }
 
-/// Decode one zstd frame from `src` into `out[*done..]`.
+/// A decoder held to the same limits as the frame header check, and that verifies a
+/// frame's content checksum when it carries one (as libzstd does; qemu writes none).
+fn new_decoder() -> structured_zstd::decoding::FrameDecoder {
+    use structured_zstd::decoding::{ContentChecksum, FrameDecoder};
+    let mut d = FrameDecoder::new();
+    // Defence in depth: the frame header check already refuses larger windows.
+    d.set_max_window_size(MAX_ZSTD_WINDOW)
+        .expect("8 MiB lies within the decoder's window range");
+    d.set_content_checksum(ContentChecksum::Verify);
+    d
+}
+
+/// Decode the zstd frame at the start of `src` into `out`, straight into the slice (no
+/// window buffer), and move `src` past it; returns the bytes it produced. A frame that
+/// would produce more than `out` holds is an error, never a partial cluster.
 fn decode_frame(
-    dec: &mut ruzstd::decoding::FrameDecoder,
+    dec: &mut structured_zstd::decoding::FrameDecoder,
     src: &mut &[u8],
     out: &mut [u8],
-    done: &mut usize,
-) -> Result<()> {
-    use ruzstd::decoding::BlockDecodingStrategy;
-    use std::io::Read;
+) -> Result<usize> {
+    use structured_zstd::decoding::errors::FrameDecoderError;
     let err = |e: &dyn std::fmt::Display| {
         Error::corrupt(format!("compressed cluster is not valid zstd data: {e}"))
     };
-    dec.init(&mut *src).map_err(|e| err(&e))?;
-    loop {
-        let finished = dec
-            .decode_blocks(&mut *src, BlockDecodingStrategy::UptoBlocks(1))
-            .map_err(|e| err(&e))?;
-        loop {
-            let n = dec.read(&mut out[*done..]).map_err(|e| err(&e))?;
-            *done += n;
-            if n == 0 {
-                break;
-            }
-        }
-        if dec.can_collect() > 0 {
-            return Err(Error::corrupt(format!(
-                "compressed cluster decompresses to more than {} bytes",
-                out.len()
-            )));
-        }
-        if finished {
-            break;
-        }
-    }
-    Ok(())
+    // Exactly one frame: the rest of the cluster's last sector is not zstd data, and
+    // `decode_all` would read it as the next frame.
+    let flen = structured_zstd::decoding::find_frame_compressed_size(src)
+        .map_err(|e| err(&format!("{e:?}")))?;
+    let (frame, rest) = src.split_at(flen);
+    let n = dec.decode_all(frame, out).map_err(|e| match e {
+        FrameDecoderError::TargetTooSmall => Error::corrupt(format!(
+            "compressed cluster decompresses to more than {} bytes",
+            out.len()
+        )),
+        e => err(&e),
+    })?;
+    *src = rest;
+    Ok(n)
 }
 
 /// Compress one cluster (`data` padded with zeros to `cluster_size`); None when the
@@ -213,33 +214,26 @@ pub fn compress(
     }
 }
 
-/// The pure-Rust (ruzstd) compressor with [`ClusterMatcher`]; None when the frame
-/// would be longer than `limit`.
+/// The pure-Rust compressor (structured-zstd at level 1: clusters the size of libzstd level
+/// 1's, on the standard workload, for 1.1x its CPU time); None when the frame would be
+/// longer than `limit`.
 #[cfg_attr(feature = "zstd-c", allow(dead_code))]
 fn zstd_compress_pure(input: &[u8], limit: usize) -> Result<Option<Vec<u8>>> {
-    use ruzstd::encoding::{CompressionLevel, FrameCompressor};
-    type Zc = FrameCompressor<std::io::Cursor<Vec<u8>>, Vec<u8>, ClusterMatcher>;
+    use structured_zstd::encoding::{CompressionLevel, FrameCompressor};
     thread_local! {
-        // Reused per worker thread: building the compressor costs as much as a cluster.
-        static ENC: RefCell<Zc> = RefCell::new(Zc::new_with_matcher(
-            ClusterMatcher::default(),
-            CompressionLevel::Fastest,
+        // Reused per worker thread: building the compressor's tables costs more than a
+        // cluster; the frame is built in `scratch` and copied out.
+        static ENC: RefCell<(FrameCompressor, Vec<u8>)> = RefCell::new((
+            FrameCompressor::new(CompressionLevel::from_level(1)),
+            Vec::new(),
         ));
     }
     ENC.with(|c| {
-        let mut c = c.borrow_mut();
-        let src = c
-            .take_source()
-            .map(|cur| cur.into_inner())
-            .unwrap_or_default();
-        let mut src = src;
-        src.clear();
-        src.extend_from_slice(input);
-        c.set_source(std::io::Cursor::new(src));
-        c.set_drain(Vec::with_capacity(limit));
-        c.compress();
-        let out = c.take_drain().unwrap_or_default();
-        Ok((out.len() <= limit).then_some(out))
+        let (c, scratch) = &mut *c.borrow_mut();
+        c.compress_independent_frame_into(input, scratch);
+        // Copied out so a stored cluster holds no slack capacity while it waits in the
+        // writer's queue.
+        Ok((scratch.len() <= limit).then(|| scratch.to_vec()))
     })
 }
 
@@ -332,143 +326,6 @@ mod zstd_c {
     }
 }
 
-/// Largest offset a match may use: a frame holds one cluster (at most 2 MiB).
-const ZSTD_WINDOW: u64 = 2 << 20;
-/// Hash table size (log2) of [`ClusterMatcher`].
-const HASH_BITS: u32 = 15;
-/// Shortest match worth a sequence.
-const MIN_MATCH: usize = 4;
-/// Longest match handed to ruzstd: its encoder (0.8.3) writes match lengths from 65539 up
-/// with the baseline of the code below (32771), which libzstd (qemu) then decodes as
-/// 32768 bytes longer, and ruzstd's own decoder too: a long match is cut into several.
-const MAX_MATCH: usize = 65538;
-/// Largest block ruzstd's frame compressor hands to a matcher.
-const BLOCK: usize = 128 << 10;
-
-/// A greedy single-probe hash matcher (LZ4-like) for ruzstd's encoder. ruzstd's own
-/// matcher clears a 1 MiB table per frame and probes every position, which made zstd
-/// clusters about four times slower than qemu's libzstd; here the whole frame (one
-/// cluster) is the window and stale table entries are told apart by a running base, so
-/// nothing is cleared between clusters.
-#[derive(Default)]
-pub struct ClusterMatcher {
-    /// Everything committed in the current frame.
-    data: Vec<u8>,
-    /// Start of the last committed block in `data`.
-    last: usize,
-    /// hash -> `base` + position + 1; entries at or below `base` belong to older frames.
-    table: Vec<u32>,
-    base: u32,
-    spare: Vec<u8>,
-}
-
-fn read_u32(d: &[u8], i: usize) -> u32 {
-    u32::from_le_bytes([d[i], d[i + 1], d[i + 2], d[i + 3]])
-}
-
-fn read_u64(d: &[u8], i: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&d[i..i + 8]);
-    u64::from_le_bytes(b)
-}
-
-impl ruzstd::encoding::Matcher for ClusterMatcher {
-    fn get_next_space(&mut self) -> Vec<u8> {
-        let mut v = std::mem::take(&mut self.spare);
-        v.clear();
-        v.resize(BLOCK, 0);
-        v
-    }
-
-    fn get_last_space(&mut self) -> &[u8] {
-        &self.data[self.last..]
-    }
-
-    fn commit_space(&mut self, space: Vec<u8>) {
-        self.last = self.data.len();
-        self.data.extend_from_slice(&space);
-        self.spare = space;
-    }
-
-    fn skip_matching(&mut self) {
-        // An RLE block: leaving its positions out of the table only costs matches.
-    }
-
-    fn start_matching(&mut self, mut handle: impl for<'a> FnMut(ruzstd::encoding::Sequence<'a>)) {
-        use ruzstd::encoding::Sequence;
-        if self.table.is_empty() {
-            self.table = vec![0; 1 << HASH_BITS];
-        }
-        let d = &self.data;
-        let table = &mut self.table;
-        let base = self.base as usize;
-        let end = d.len();
-        let mut anchor = self.last;
-        // The first sequence of a block always carries a literal: ruzstd's encoder
-        // panics building its literal-length table when every sequence of a block has
-        // none (a table of the single symbol 0; found on runs in 2 MiB clusters).
-        let mut i = self.last + 1;
-        while i + MIN_MATCH <= end {
-            let v = read_u32(d, i);
-            let h = (v.wrapping_mul(2_654_435_761) >> (32 - HASH_BITS)) as usize;
-            let cand = table[h] as usize;
-            table[h] = (base + i + 1) as u32;
-            if cand > base {
-                let c = cand - base - 1;
-                if read_u32(d, c) == v {
-                    let mut len = MIN_MATCH;
-                    while i + len + 8 <= end {
-                        let x = read_u64(d, c + len) ^ read_u64(d, i + len);
-                        if x != 0 {
-                            len += (x.trailing_zeros() / 8) as usize;
-                            break;
-                        }
-                        len += 8;
-                    }
-                    if i + len + 8 > end {
-                        while i + len < end && d[c + len] == d[i + len] {
-                            len += 1;
-                        }
-                    }
-                    let len = len.min(MAX_MATCH);
-                    handle(Sequence::Triple {
-                        literals: &d[anchor..i],
-                        offset: i - c,
-                        match_len: len,
-                    });
-                    i += len;
-                    anchor = i;
-                    continue;
-                }
-            }
-            // Skip faster through data that does not match (incompressible clusters).
-            i += 1 + ((i - anchor) >> 6);
-        }
-        if anchor < end {
-            handle(Sequence::Literals {
-                literals: &d[anchor..end],
-            });
-        }
-    }
-
-    fn reset(&mut self, _level: ruzstd::encoding::CompressionLevel) {
-        // Move the base past every position of the finished frame instead of clearing.
-        let next = u64::from(self.base) + self.data.len() as u64 + 1;
-        if next + ZSTD_WINDOW + BLOCK as u64 >= u64::from(u32::MAX) {
-            self.table.fill(0);
-            self.base = 0;
-        } else {
-            self.base = next as u32;
-        }
-        self.data.clear();
-        self.last = 0;
-    }
-
-    fn window_size(&self) -> u64 {
-        ZSTD_WINDOW
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,8 +353,8 @@ mod tests {
             );
             assert!(decompress(t, &[1, 2, 3], &mut out).is_err());
         }
-        // Many frames through the same per-thread compressor (stale hash entries must
-        // never produce a match), at every cluster size, with mixed content.
+        // Many frames through the same per-thread compressor (nothing of one frame may
+        // leak into the next), at every cluster size, with mixed content.
         let mut x = 7u64;
         for round in 0..40usize {
             let cs = 512usize << (round % 13);
@@ -570,7 +427,8 @@ mod tests {
     #[test]
     fn every_sample_round_trips_at_every_cluster_size() {
         // Both codecs once panicked here: zlib-rs's quick strategy (level 1) when its
-        // output room is short, ruzstd's encoder on blocks of literal-free sequences.
+        // output room is short, ruzstd's encoder (before structured-zstd's) on blocks of
+        // literal-free sequences.
         for shift in 9..=21 {
             let cs = 1usize << shift;
             for (k, c) in sample_clusters(cs).into_iter().enumerate() {
@@ -593,13 +451,16 @@ mod tests {
     /// Both zstd paths read each other's clusters, and both refuse oversized windows.
     #[cfg(feature = "zstd-c")]
     #[test]
-    fn libzstd_and_ruzstd_read_each_other() {
+    fn libzstd_and_pure_rust_read_each_other() {
         for cs in [512usize, 4096, 65536, 2 << 20] {
             for (k, c) in sample_clusters(cs).into_iter().enumerate() {
                 let limit = cs - 1;
                 let from_c = zstd_c::compress(&c, limit).unwrap();
                 let from_rust = zstd_compress_pure(&c, limit).unwrap();
-                for (who, z) in [("libzstd", from_c), ("ruzstd", from_rust)] {
+                for (who, z) in [
+                    ("libzstd", from_c),
+                    ("structured-zstd's encoder", from_rust),
+                ] {
                     let Some(z) = z else { continue };
                     let what = format!("{who}'s cluster, size {cs}, sample {k}");
                     let mut a = vec![1u8; cs];
@@ -623,6 +484,211 @@ mod tests {
         ] {
             assert!(r.unwrap_err().to_string().contains("window"));
         }
+    }
+
+    /// A libzstd frame of `data` at `level`; `fcs`: the header carries the content size
+    /// (qemu's frames do), `checksum`: the frame ends with a content checksum.
+    #[cfg(feature = "zstd-c")]
+    fn libzstd_frame(data: &[u8], level: i32, fcs: bool, checksum: bool) -> Vec<u8> {
+        use zstd::zstd_safe::{CCtx, CParameter};
+        let mut c = CCtx::create();
+        c.set_parameter(CParameter::CompressionLevel(level))
+            .unwrap();
+        c.set_parameter(CParameter::ContentSizeFlag(fcs)).unwrap();
+        c.set_parameter(CParameter::ChecksumFlag(checksum)).unwrap();
+        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+        c.compress2(&mut out, data).unwrap();
+        out
+    }
+
+    /// Decode `z` into a cluster of `cs` bytes with both decoders: they must agree on
+    /// success and on every byte (a frame that decodes differently is a blocker).
+    #[cfg(feature = "zstd-c")]
+    fn decode_alike(z: &[u8], cs: usize, what: &str) -> Option<Vec<u8>> {
+        let mut a = vec![1u8; cs];
+        let mut b = vec![2u8; cs];
+        let ra = zstd_c::decompress(z, &mut a);
+        let rb = zstd_decompress_pure(z, &mut b);
+        match (ra, rb) {
+            (Ok(()), Ok(())) => {
+                assert!(a == b, "{what}: libzstd and the pure decoder differ");
+                Some(a)
+            }
+            (Err(_), Err(_)) => None,
+            (ra, rb) => panic!("{what}: libzstd {ra:?}, pure decoder {rb:?}"),
+        }
+    }
+
+    /// The pure decoder against libzstd on every cluster size qemu writes (512 B to 2 MiB),
+    /// on frames from libzstd at qemu's level (3) and others, with and without a content
+    /// size and a checksum, from our own encoder, and clusters of two frames: both decode
+    /// each to the cluster it came from, and both refuse it in a cluster too small.
+    #[cfg(feature = "zstd-c")]
+    #[test]
+    fn pure_decoder_matches_libzstd_on_every_size_and_level() {
+        let mut frames = 0;
+        for shift in 9..=21 {
+            let cs = 1usize << shift;
+            for (k, c) in sample_clusters(cs).into_iter().enumerate() {
+                let mut made: Vec<(String, Vec<u8>)> = Vec::new();
+                for level in [-5, 1, 3, 9, 19] {
+                    // Level 19 on megabyte clusters costs seconds and tests nothing new.
+                    if level == 19 && cs > 64 << 10 {
+                        continue;
+                    }
+                    for (fcs, sum) in [(true, false), (false, false), (true, true)] {
+                        let z = libzstd_frame(&c, level, fcs, sum);
+                        made.push((format!("libzstd level {level} fcs {fcs} checksum {sum}"), z));
+                    }
+                }
+                if let Some(z) = zstd_compress_pure(&c, cs - 1).unwrap() {
+                    made.push(("structured-zstd's encoder".into(), z));
+                }
+                let half = cs / 2;
+                let mut two = libzstd_frame(&c[..half], 3, true, false);
+                two.extend_from_slice(&libzstd_frame(&c[half..], 3, false, false));
+                made.push(("two frames".into(), two));
+                for (who, z) in made {
+                    let what = format!("{who}, cluster size {cs}, sample {k}");
+                    // The rest of the last sector follows a frame in an image.
+                    let mut padded = z.clone();
+                    padded.extend_from_slice(&[0x5a; 511]);
+                    let out = decode_alike(&padded, cs, &what);
+                    assert!(out.as_deref() == Some(&c[..]), "{what}: not the cluster");
+                    // Below half: a cluster the first of two frames alone fills reads as
+                    // that frame, as qemu does.
+                    let small = cs / 2 - 1;
+                    assert!(
+                        decode_alike(&z, small, &what).is_none(),
+                        "{what}: too small"
+                    );
+                    frames += 1;
+                }
+            }
+        }
+        assert!(frames > 1000, "{frames} frames");
+    }
+
+    /// Damaged frames (bits flipped, bytes replaced, frames cut short): neither decoder
+    /// panics, and when both accept a frame they produce the same bytes. Neither decoder
+    /// finds every damage (qemu writes no checksum): libzstd refuses a few frames the pure
+    /// decoder reads (and ruzstd did), the pure decoder refuses more that libzstd reads.
+    #[cfg(feature = "zstd-c")]
+    #[test]
+    fn pure_decoder_agrees_with_libzstd_on_damaged_frames() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut frames = Vec::new();
+        for cs in [512usize, 4096, 65536] {
+            for c in sample_clusters(cs) {
+                for (level, sum) in [(3, false), (1, true)] {
+                    frames.push((cs, libzstd_frame(&c, level, true, sum)));
+                }
+            }
+        }
+        let (mut same, mut only_c, mut only_pure, mut neither) = (0, 0, 0, 0);
+        for _ in 0..20_000 {
+            let (cs, z) = &frames[rnd() as usize % frames.len()];
+            let mut z = z.clone();
+            for _ in 0..1 + rnd() % 3 {
+                // Half the damage in the first 64 bytes, where the headers are.
+                let span = if rnd() % 2 == 0 {
+                    z.len().min(64)
+                } else {
+                    z.len()
+                };
+                let at = rnd() as usize % span;
+                match rnd() % 3 {
+                    0 => z[at] ^= 1 << (rnd() % 8),
+                    1 => z[at] = rnd() as u8,
+                    _ => z.truncate(at.max(6)),
+                }
+            }
+            let mut a = vec![0u8; *cs];
+            let mut b = vec![0u8; *cs];
+            match (
+                zstd_c::decompress(&z, &mut a).is_ok(),
+                zstd_decompress_pure(&z, &mut b).is_ok(),
+            ) {
+                (true, true) => {
+                    assert!(a == b, "a damaged frame decodes differently: {z:02x?}");
+                    same += 1;
+                }
+                (true, false) => only_c += 1,
+                (false, true) => only_pure += 1,
+                (false, false) => neither += 1,
+            }
+        }
+        eprintln!("damaged frames: both read alike {same}, both refuse {neither}, only libzstd reads {only_c}, only the pure decoder reads {only_pure}");
+        assert!(same > 1000 && neither > 1000);
+    }
+
+    /// Every compressed cluster of images qemu-img writes, at every cluster size, decodes
+    /// alike with both decoders and to the source's bytes.
+    #[cfg(feature = "zstd-c")]
+    #[test]
+    #[cfg_attr(no_qemu, ignore = "needs qemu-img (apt-get install qemu-utils)")]
+    fn qemu_img_zstd_clusters_decode_alike() {
+        use std::process::Command;
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("src.raw");
+        // The standard workload's kinds of 64 KiB: words, random, a 4 KiB random block in
+        // zeros, and the samples, 4 MiB in all.
+        let mut data = Vec::new();
+        for c in sample_clusters(1 << 20) {
+            data.extend_from_slice(&c[..512 << 10]);
+        }
+        let random = sample_clusters(4096).swap_remove(1);
+        for i in 0..16 {
+            data.extend_from_slice(&random);
+            data.resize(data.len() + 60 * 1024 + i * 512, 0);
+        }
+        data.resize(4 << 20, 0);
+        std::fs::write(&raw, &data).unwrap();
+        let mut clusters = 0;
+        for shift in 9..=21 {
+            let cs = 1usize << shift;
+            let img = dir.path().join(format!("z{cs}.qcow2"));
+            let r = Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "qcow2", "-c", "-o"])
+                .arg(format!("compression_type=zstd,cluster_size={cs}"))
+                .args([&raw, &img])
+                .output()
+                .unwrap();
+            assert!(r.status.success(), "qemu-img convert: {r:?}");
+            let f = std::fs::read(&img).unwrap();
+            let be = |at: usize| u64::from_be_bytes(f[at..at + 8].try_into().unwrap());
+            let l1_size = u32::from_be_bytes(f[36..40].try_into().unwrap()) as usize;
+            let l1 = be(40) as usize;
+            let x = 62 - (shift - 8);
+            for i in 0..l1_size {
+                let l2 = (be(l1 + 8 * i) & 0x00ff_ffff_ffff_fe00) as usize;
+                if l2 == 0 {
+                    continue;
+                }
+                for j in 0..cs / 8 {
+                    let e = be(l2 + 8 * j);
+                    if e >> 62 & 1 == 0 {
+                        continue;
+                    }
+                    let off = (e & ((1 << x) - 1)) as usize;
+                    let sectors = ((e >> x) & ((1 << (shift - 8)) - 1)) as usize + 1;
+                    let end = (off & !511) + sectors * 512;
+                    let z = &f[off..end.min(f.len())];
+                    let guest = (i * cs / 8 + j) * cs;
+                    let what = format!("qemu-img's cluster at guest {guest:#x}, size {cs}");
+                    let out = decode_alike(z, cs, &what).expect(&what);
+                    assert!(out == data[guest..guest + cs], "{what}: not the source");
+                    clusters += 1;
+                }
+            }
+        }
+        assert!(clusters > 5000, "{clusters} compressed clusters");
     }
 
     /// Images whose clusters libzstd compressed pass `qemu-img check` and hold what
