@@ -50,21 +50,21 @@ const INCOMPAT_NEEDSREPAIR: u32 = 0x10;
 /// finobt, rmapbt, reflink, inobtcount.
 const RO_COMPAT_KNOWN: u32 = 0xf;
 
-fn be16(b: &[u8], off: usize) -> u16 {
+pub(crate) fn be16(b: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([b[off], b[off + 1]])
 }
 
-fn be32(b: &[u8], off: usize) -> u32 {
+pub(crate) fn be32(b: &[u8], off: usize) -> u32 {
     u32::from_be_bytes(b[off..off + 4].try_into().unwrap())
 }
 
-fn be64(b: &[u8], off: usize) -> u64 {
+pub(crate) fn be64(b: &[u8], off: usize) -> u64 {
     u64::from_be_bytes(b[off..off + 8].try_into().unwrap())
 }
 
 /// XFS metadata CRC: CRC32C of the block with its checksum field taken as zero, stored
 /// little-endian.
-fn crc_ok(buf: &[u8], crc_off: usize) -> bool {
+pub(crate) fn crc_ok(buf: &[u8], crc_off: usize) -> bool {
     let stored = u32::from_le_bytes(buf[crc_off..crc_off + 4].try_into().unwrap());
     let crc = crc32c::crc32c(&buf[..crc_off]);
     let crc = crc32c::crc32c_append(crc, &[0; 4]);
@@ -97,6 +97,20 @@ pub struct Superblock {
     pub meta_uuid: [u8; 16],
     /// `sb_uuid`, which stamps log records.
     pub uuid: [u8; 16],
+    /// The root directory's inode number.
+    pub root_ino: u64,
+    /// Bytes per inode (256..=2048).
+    pub inode_size: u16,
+    /// log2 of inodes per block.
+    pub inopblog: u8,
+    /// log2 of filesystem blocks per directory block.
+    pub dirblklog: u8,
+    /// Directory entries carry a file-type byte (v5 incompat ftype, v4 features2 bit).
+    pub ftype: bool,
+    /// `sb_fname`, the label (up to 12 bytes, NUL padded).
+    pub label: [u8; 12],
+    /// Free data blocks.
+    pub fdblocks: u64,
 }
 
 impl Superblock {
@@ -189,6 +203,22 @@ impl Superblock {
                 ));
             }
         }
+        let inode_size = be16(b, 0x68);
+        let inopblog = b[0x7b];
+        if !inode_size.is_power_of_two()
+            || !(256..=2048).contains(&inode_size)
+            || u32::from(inode_size) << inopblog.min(16) != block_size
+        {
+            return Err(format!(
+                "superblock inodesize {inode_size} (inopblog {inopblog}) does not fit the block size"
+            ));
+        }
+        let dirblklog = b[0xc0];
+        if u32::from(blocklog) + u32::from(dirblklog) > 16 {
+            return Err(format!(
+                "superblock dirblklog {dirblklog} makes directory blocks over 64 KiB"
+            ));
+        }
         let uuid: [u8; 16] = b[0x20..0x30].try_into().unwrap();
         let meta_uuid = if version == 5 && be32(b, 0xd8) & INCOMPAT_META_UUID != 0 {
             b[0xf8..0x108].try_into().unwrap()
@@ -207,6 +237,17 @@ impl Superblock {
             logblocks: be32(b, 0x60),
             meta_uuid,
             uuid,
+            root_ino: be64(b, 0x38),
+            inode_size,
+            inopblog,
+            dirblklog,
+            ftype: if version == 5 {
+                be32(b, 0xd8) & 0x1 != 0
+            } else {
+                be32(b, 0xc8) & 0x200 != 0
+            },
+            label: b[0x6c..0x78].try_into().unwrap(),
+            fdblocks: be64(b, 0x90),
         })
     }
 
@@ -218,7 +259,7 @@ impl Superblock {
         }
     }
 
-    fn ag_byte(&self, agno: u32, agbno: u32) -> u64 {
+    pub(crate) fn ag_byte(&self, agno: u32, agbno: u32) -> u64 {
         (u64::from(agno) * u64::from(self.agblocks) + u64::from(agbno)) * u64::from(self.block_size)
     }
 }
@@ -778,8 +819,10 @@ mod tests {
         b[0x58..0x5c].copy_from_slice(&4u32.to_be_bytes());
         b[0x64..0x66].copy_from_slice(&0xb4b5u16.to_be_bytes());
         b[0x66..0x68].copy_from_slice(&512u16.to_be_bytes());
+        b[0x68..0x6a].copy_from_slice(&512u16.to_be_bytes());
         b[0x78] = 12;
         b[0x79] = 9;
+        b[0x7b] = 3;
         b[0x7c] = 15;
         seal(&mut b);
         b

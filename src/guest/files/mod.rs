@@ -10,6 +10,7 @@ pub mod ext4;
 pub mod fat;
 pub mod ntfs;
 mod volume;
+pub mod xfs;
 
 pub use volume::Volume;
 
@@ -134,6 +135,9 @@ pub fn open(vol: &Volume) -> Result<Option<Box<dyn FileSystem>>> {
         return Ok(Some(Box::new(fs)));
     }
     if let Some(fs) = ntfs::open(vol)? {
+        return Ok(Some(Box::new(fs)));
+    }
+    if let Some(fs) = xfs::open(vol)? {
         return Ok(Some(Box::new(fs)));
     }
     Ok(None)
