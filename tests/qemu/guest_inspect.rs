@@ -44,7 +44,7 @@ PRIVACY_POLICY_URL="https://www.ubuntu.com/legal/terms-and-policies/privacy-poli
 UBUNTU_CODENAME=jammy
 "#;
 
-const ROCKY_93: &str = r#"NAME="Rocky Linux"
+pub(crate) const ROCKY_93: &str = r#"NAME="Rocky Linux"
 VERSION="9.3 (Blue Onyx)"
 ID="rocky"
 ID_LIKE="rhel centos fedora"
@@ -150,7 +150,7 @@ fn link(root: &Path, rel: &str, target: &str) {
 /// A merged-/usr root (bin -> usr/bin) as Debian, Ubuntu, Fedora and Rocky ship: the
 /// os-release under /usr/lib with /etc/os-release a relative symlink to it, /bin/sh a
 /// symlink to the host's /bin/true (a real x86_64 ELF) copied as usr/bin/dash.
-fn merged_usr_root(root: &Path, os_release: &str, hostname: &str, fstab: &str) {
+pub(crate) fn merged_usr_root(root: &Path, os_release: &str, hostname: &str, fstab: &str) {
     write(root, "usr/lib/os-release", os_release);
     link(root, "etc/os-release", "../usr/lib/os-release");
     write(root, "etc/hostname", &format!("{hostname}\n"));
@@ -195,7 +195,7 @@ fn place(fs: &Path, disk: &Path, at: u64) {
     d.write_all_at(&data, at).unwrap();
 }
 
-fn inspect_path(img: &Path) -> GuestInspection {
+pub(crate) fn inspect_path(img: &Path) -> GuestInspection {
     let dev: Arc<dyn BlockDevice> = Arc::from(diskconv::open(img, &OpenOptions::new()).unwrap());
     diskconv::guest::inspect::inspect(dev).unwrap()
 }
@@ -205,7 +205,7 @@ fn bin() -> Command {
 }
 
 /// Run the binary; (exit code, stdout, stderr).
-fn cli(args: &[&str]) -> (i32, String, String) {
+pub(crate) fn cli(args: &[&str]) -> (i32, String, String) {
     let o = bin().args(args).output().unwrap();
     (
         o.status.code().unwrap_or(-1),

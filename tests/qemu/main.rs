@@ -11,6 +11,7 @@ mod compare;
 mod convert_existing;
 mod discard;
 mod guest_inspect;
+mod guest_xfs;
 mod hostile;
 mod inplace_crash;
 mod map;
