@@ -448,7 +448,7 @@ impl XfsFs {
                     break;
                 }
                 if block.is_empty() {
-                    if off % dbs != 0 {
+                    if !off.is_multiple_of(dbs) {
                         return Err(corrupt(format!(
                             "directory inode {}: block at offset {off} is not at a directory \
                              block boundary",
@@ -521,7 +521,7 @@ impl XfsFs {
             }
             if be16(b, p) == 0xffff {
                 let len = usize::from(be16(b, p + 2));
-                if len < 8 || len % 8 != 0 || len > end - p {
+                if len < 8 || !len.is_multiple_of(8) || len > end - p {
                     return Err(corrupt(format!(
                         "{}: free space length {len} at {p}",
                         what()
